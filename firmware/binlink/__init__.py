@@ -1,0 +1,1 @@
+# binlink firmware package: shared by the ESP32 firmware (MicroPython) and the gateway (CPython).

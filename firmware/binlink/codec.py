@@ -1,0 +1,267 @@
+# binlink wire codec: one source for MicroPython (firmware) and CPython (gateway).
+# Every byte is documented in docs/protocol.md; tests/vectors/frames.json pins it.
+import struct
+import hashlib
+
+try:  # CPython: C implementation; MicroPython has no hmac module.
+    import hmac as _hmac
+except ImportError:
+    _hmac = None
+
+VERSION = 1
+T_READING = 1
+T_BACKLOG = 2
+T_HELLO = 3
+TYPE_NAMES = {T_READING: "reading", T_BACKLOG: "backlog", T_HELLO: "hello"}
+
+TAG_LEN = 4
+HEADER_LEN = 6  # version/type, device id (3), fcnt low 16 bits (2)
+READING_LEN = 6  # distance (2), temperature, battery, flags, quality
+ENTRY_LEN = 9  # fcnt back (1), age minutes (2), reading body (6)
+HELLO_LEN = 8  # fw version (3), reset cause, config hash (4)
+MAX_DEVICE_ID = 0xFFFFFF
+MAX_FCNT = 0xFFFFFFFF
+MAX_FCNT_GAP = 0x4000  # larger jumps than this are refused, as LoRaWAN does
+NO_DISTANCE = 0xFFFF
+NO_TEMPERATURE = -128
+
+# status flags (one byte)
+F_SENSOR_FAULT = 0x01
+F_TILT = 0x02
+F_LOW_BATTERY = 0x04
+F_FIRE = 0x08
+F_BLIND_ZONE = 0x10  # echo closer than the sensor's blind zone: bin is full to the lid
+F_ALARM_WAKE = 0x20  # sent early because of an alarm input
+F_BACKLOG = 0x40  # unsent readings are waiting on the device
+FLAG_NAMES = (
+    (F_SENSOR_FAULT, "sensor_fault"),
+    (F_TILT, "tilt"),
+    (F_LOW_BATTERY, "low_battery"),
+    (F_FIRE, "fire"),
+    (F_BLIND_ZONE, "blind_zone"),
+    (F_ALARM_WAKE, "alarm_wake"),
+    (F_BACKLOG, "backlog"),
+)
+
+RESET_CAUSES = ("unknown", "power_on", "hard", "watchdog", "deepsleep", "soft", "brownout")
+
+
+class ProtocolError(Exception):
+    """A frame was rejected; `reason` is a stable code (docs/protocol.md lists them)."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _sha256(data):
+    return hashlib.sha256(data).digest()
+
+
+def hmac_sha256(key, msg):
+    if _hmac is not None:
+        return _hmac.digest(key, msg, "sha256")
+    if len(key) > 64:
+        key = _sha256(key)
+    key = key + bytes(64 - len(key))
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    inner.update(msg)
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def tag(key, fcnt, body):
+    """4-byte tag over the full 32-bit counter followed by every frame byte before the tag."""
+    return hmac_sha256(key, struct.pack(">I", fcnt) + body)[:TAG_LEN]
+
+
+def _check_key(key):
+    if len(key) != 16:
+        raise ValueError("device key must be 16 bytes")
+
+
+def _header(ftype, device_id, fcnt):
+    if not 0 <= device_id <= MAX_DEVICE_ID:
+        raise ValueError("device id out of range")
+    if not 0 <= fcnt <= MAX_FCNT:
+        raise ValueError("frame counter out of range")
+    return struct.pack(">BBHH", (VERSION << 4) | ftype, device_id >> 16, device_id & 0xFFFF, fcnt & 0xFFFF)
+
+
+def _clamp(v, lo, hi):
+    return lo if v < lo else hi if v > hi else v
+
+
+def _pack_reading(distance_mm, temperature_c, battery_mv, flags, valid_pings, pings):
+    d = NO_DISTANCE if distance_mm is None else _clamp(int(distance_mm), 0, NO_DISTANCE - 1)
+    t = NO_TEMPERATURE if temperature_c is None else _clamp(int(round(temperature_c)), -127, 127)
+    b = _clamp((int(battery_mv) - 2000 + 5) // 10, 0, 255)
+    q = (_clamp(valid_pings, 0, 15) << 4) | _clamp(pings, 0, 15)
+    return struct.pack(">HbBBB", d, t, b, flags & 0xFF, q)
+
+
+def _sign(key, fcnt, body):
+    _check_key(key)
+    return body + tag(key, fcnt, body)
+
+
+def encode_reading(key, device_id, fcnt, distance_mm, temperature_c, battery_mv, flags=0, valid_pings=0, pings=0):
+    body = _header(T_READING, device_id, fcnt) + _pack_reading(
+        distance_mm, temperature_c, battery_mv, flags, valid_pings, pings
+    )
+    return _sign(key, fcnt, body)
+
+
+def encode_backlog(key, device_id, fcnt, entries):
+    """entries: list of (fcnt, age_minutes, distance_mm, temperature_c, battery_mv, flags, valid, pings)."""
+    if not 1 <= len(entries) <= 255:
+        raise ValueError("a backlog batch holds 1..255 readings")
+    parts = [_header(T_BACKLOG, device_id, fcnt), bytes([len(entries)])]
+    for e in entries:
+        back = fcnt - e[0]
+        if not 1 <= back <= 255:
+            raise ValueError("backlog reading counter must be 1..255 below the batch counter")
+        parts.append(struct.pack(">BH", back, _clamp(int(e[1]), 0, 0xFFFF)))
+        parts.append(_pack_reading(e[2], e[3], e[4], e[5], e[6], e[7]))
+    return _sign(key, fcnt, b"".join(parts))
+
+
+def encode_hello(key, device_id, fcnt, fw_version, reset_cause, config_hash):
+    """fw_version: (major, minor, patch); reset_cause: index into RESET_CAUSES; config_hash: 4 bytes."""
+    if len(config_hash) != 4:
+        raise ValueError("config hash must be 4 bytes")
+    body = _header(T_HELLO, device_id, fcnt) + bytes(
+        [fw_version[0] & 0xFF, fw_version[1] & 0xFF, fw_version[2] & 0xFF, reset_cause & 0xFF]
+    ) + bytes(config_hash)
+    return _sign(key, fcnt, body)
+
+
+def expected_length(ftype, frame):
+    if ftype == T_READING:
+        return HEADER_LEN + READING_LEN + TAG_LEN
+    if ftype == T_HELLO:
+        return HEADER_LEN + HELLO_LEN + TAG_LEN
+    if len(frame) < HEADER_LEN + 1:
+        return HEADER_LEN + 1 + ENTRY_LEN + TAG_LEN
+    return HEADER_LEN + 1 + ENTRY_LEN * frame[HEADER_LEN] + TAG_LEN
+
+
+def parse_header(frame):
+    """Returns (frame type, device id, fcnt low 16 bits); checks version, type and length."""
+    if len(frame) < HEADER_LEN + TAG_LEN:
+        raise ProtocolError("truncated", "%d bytes" % len(frame))
+    version = frame[0] >> 4
+    ftype = frame[0] & 0x0F
+    if version != VERSION:
+        raise ProtocolError("bad_version", "version %d, this side speaks %d" % (version, VERSION))
+    if ftype not in TYPE_NAMES:
+        raise ProtocolError("bad_type", "type %d" % ftype)
+    if ftype == T_BACKLOG and len(frame) > HEADER_LEN and frame[HEADER_LEN] == 0:
+        raise ProtocolError("bad_length", "empty backlog batch")
+    want = expected_length(ftype, frame)
+    if len(frame) < want:
+        raise ProtocolError("truncated", "%d of %d bytes" % (len(frame), want))
+    if len(frame) > want:
+        raise ProtocolError("bad_length", "%d bytes, expected %d" % (len(frame), want))
+    device_id = (frame[1] << 16) | (frame[2] << 8) | frame[3]
+    return ftype, device_id, (frame[4] << 8) | frame[5]
+
+
+def candidate_fcnt(fcnt_low, last_fcnt):
+    """Full 32-bit counter for 16 received bits, the first value above last_fcnt (None: never seen)."""
+    if last_fcnt is None:
+        return fcnt_low
+    full = (last_fcnt & 0xFFFF0000) | fcnt_low
+    if full <= last_fcnt:
+        full += 0x10000
+    return full
+
+
+def _tag_ok(key, fcnt, frame):
+    if fcnt > MAX_FCNT:
+        return False
+    want = tag(key, fcnt, frame[:-TAG_LEN])
+    got = frame[-TAG_LEN:]
+    diff = 0
+    for i in range(TAG_LEN):  # constant time: no early exit on the first differing byte
+        diff |= want[i] ^ got[i]
+    return diff == 0
+
+
+def verify(frame, key, last_fcnt=None):
+    """Checks the tag and the counter; returns the full 32-bit frame counter.
+
+    Raises ProtocolError: bad_tag (wrong key, forged or corrupted), replay (counter not above
+    last_fcnt), fcnt_gap (counter jumped further than MAX_FCNT_GAP)."""
+    _check_key(key)
+    fcnt_low = parse_header(frame)[2]
+    full = candidate_fcnt(fcnt_low, last_fcnt)
+    if _tag_ok(key, full, frame):
+        if last_fcnt is not None and full - last_fcnt > MAX_FCNT_GAP:
+            raise ProtocolError("fcnt_gap", "counter jumped from %d to %d" % (last_fcnt, full))
+        return full
+    if last_fcnt is not None:
+        # Same 16 bits in the current epoch at or below the last accepted counter: a replay.
+        old = (last_fcnt & 0xFFFF0000) | fcnt_low
+        if old <= last_fcnt and _tag_ok(key, old, frame):
+            raise ProtocolError("replay", "counter %d, last accepted %d" % (old, last_fcnt))
+    raise ProtocolError("bad_tag")
+
+
+def _unpack_reading(frame, i):
+    d, t, b, flags, q = struct.unpack_from(">HbBBB", frame, i)
+    out = {
+        "distance_mm": None if d == NO_DISTANCE else d,
+        "temperature_c": None if t == NO_TEMPERATURE else t,
+        "battery_mv": 2000 + 10 * b,
+        "flags": flag_names(flags),
+        "valid_pings": q >> 4,
+        "pings": q & 0x0F,
+    }
+    return out
+
+
+def flag_names(flags):
+    return [name for bit, name in FLAG_NAMES if flags & bit]
+
+
+def flag_bits(names):
+    bits = 0
+    for bit, name in FLAG_NAMES:
+        if name in names:
+            bits |= bit
+    return bits
+
+
+def decode_body(frame, fcnt):
+    """Decodes a frame already verified (tag and counter) into a dict."""
+    ftype, device_id, _ = parse_header(frame)
+    out = {"type": TYPE_NAMES[ftype], "version": VERSION, "device_id": device_id, "fcnt": fcnt}
+    if ftype == T_READING:
+        out.update(_unpack_reading(frame, HEADER_LEN))
+    elif ftype == T_HELLO:
+        p = HEADER_LEN
+        cause = frame[p + 3]
+        out["fw_version"] = "%d.%d.%d" % (frame[p], frame[p + 1], frame[p + 2])
+        out["reset_cause"] = RESET_CAUSES[cause] if cause < len(RESET_CAUSES) else "unknown"
+        out["config_hash"] = bytes(frame[p + 4 : p + 8]).hex()
+    else:
+        readings = []
+        p = HEADER_LEN + 1
+        for _ in range(frame[HEADER_LEN]):
+            back, age = struct.unpack_from(">BH", frame, p)
+            if back == 0 or back > fcnt:
+                raise ProtocolError("bad_field", "backlog entry counter offset %d" % back)
+            r = {"fcnt": fcnt - back, "age_min": age}
+            r.update(_unpack_reading(frame, p + 3))
+            readings.append(r)
+            p += ENTRY_LEN
+        out["readings"] = readings
+    return out
+
+
+def decode(frame, key, last_fcnt=None):
+    """Verify and decode in one call (the `binlink decode` command and the tests use it)."""
+    return decode_body(frame, verify(frame, key, last_fcnt))

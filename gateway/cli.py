@@ -1,0 +1,60 @@
+"""`binlink` command line: decode, gateway, sim, demo, provision."""
+import argparse
+import json
+import sys
+
+from binlink import codec
+
+
+def _hex(text):
+    try:
+        return bytes.fromhex(text.strip().replace(" ", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError("not hex: %r" % text) from None
+
+
+def cmd_decode(args):
+    frame = args.frame
+    try:
+        if args.key is None:
+            ftype, device_id, fcnt_low = codec.parse_header(frame)
+            print("warning: no --key given, tag not verified", file=sys.stderr)
+            out = codec.decode_body(frame, fcnt_low)
+            out["verified"] = False
+        else:
+            out = codec.decode(frame, args.key, args.last_fcnt)
+    except codec.ProtocolError as e:
+        print("rejected: %s%s" % (e.reason, " (%s)" % e.detail if e.detail else ""), file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="binlink", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("decode", help="verify and decode one frame given in hex")
+    d.add_argument("frame", type=_hex, metavar="FRAME_HEX")
+    d.add_argument("--key", type=_hex, help="device key, 32 hex digits")
+    d.add_argument("--last-fcnt", type=int, default=None, help="last accepted frame counter")
+    d.set_defaults(func=cmd_decode)
+
+    for register in _EXTENSIONS:
+        register(sub)
+    return p
+
+
+_EXTENSIONS = []
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

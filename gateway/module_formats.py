@@ -1,0 +1,126 @@
+"""Radio module formats: one decoder per serial format behind one interface (as rtl_433 does).
+
+Each decoder turns a byte stream, fed in any chunking, into Receptions: a protocol frame with
+the signal figures the module reported, or a rejection with its reason code."""
+from dataclasses import dataclass
+
+from binlink.framing import Deframer
+
+
+@dataclass(frozen=True)
+class Reception:
+    frame: bytes | None  # protocol frame (None for a rejection or a status line)
+    reason: str | None = None  # rejection reason or status ("crc", "oversize", "bad_line", "module_error")
+    rssi: int | None = None  # dBm
+    snr: float | None = None  # dB
+    detail: str = ""
+
+
+class RawFormat:
+    """Wired ESP32 or an EBYTE E22/E32 in transparent mode: COBS + CRC frames on the byte stream."""
+
+    name = "raw"
+    trailer = False
+
+    def __init__(self):
+        self._deframer = Deframer(trailer=self.trailer)
+
+    def feed(self, data):
+        out = []
+        for kind, body, extra in self._deframer.feed(data):
+            if kind == "frame":
+                out.append(Reception(body, rssi=self._rssi(extra)))
+            else:
+                out.append(Reception(None, kind, detail=body[:16].hex()))
+        return out
+
+    def _rssi(self, extra):
+        return None
+
+
+class RawRssiFormat(RawFormat):
+    """EBYTE E22 with REG3 bit 7 set: one RSSI byte after each packet, dBm = -(256 - value)."""
+
+    name = "raw+rssi"
+    trailer = True
+
+    def _rssi(self, extra):
+        return None if extra is None else -(256 - extra)
+
+
+class Rylr998Format:
+    """REYAX RYLR896/RYLR998: `+RCV=<addr>,<len>,<data>,<rssi>,<snr>` lines, data as ASCII hex."""
+
+    name = "rylr998"
+    MAX_LINE = 600  # 240 data characters plus the envelope, with room to spare
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._overflow = False
+
+    def feed(self, data):
+        out = []
+        self._buf.extend(data)
+        while True:
+            i = self._buf.find(b"\n")
+            if i < 0:
+                if len(self._buf) > self.MAX_LINE:
+                    out.append(Reception(None, "oversize", detail=bytes(self._buf[:32]).hex()))
+                    self._buf.clear()
+                    self._overflow = True
+                return out
+            line = bytes(self._buf[:i]).strip(b"\r \t")
+            del self._buf[: i + 1]
+            if self._overflow:  # tail of an over-long line: already reported
+                self._overflow = False
+                continue
+            if line:
+                out.append(self._line(line))
+
+    def _line(self, raw):
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return Reception(None, "bad_line", detail=raw[:32].hex())
+        if line in ("+OK", "+READY"):
+            return Reception(None, "status", detail=line)
+        if line.startswith("+ERR="):
+            return Reception(None, "module_error", detail=line)
+        if not line.startswith("+RCV="):
+            return Reception(None, "bad_line", detail=line[:64])
+        head = line[5:].split(",", 2)
+        tail = head[-1].rsplit(",", 2) if len(head) == 3 else []
+        if len(tail) != 3:
+            return Reception(None, "bad_line", detail=line[:64])
+        addr, length = head[0], head[1]
+        payload, rssi, snr = tail
+        try:
+            int(addr)
+            n = int(length)
+            rssi_dbm = int(rssi)
+            snr_db = float(snr)
+        except ValueError:
+            return Reception(None, "bad_line", detail=line[:64])
+        if n != len(payload):
+            return Reception(None, "truncated", detail="length %d, %d data characters" % (n, len(payload)))
+        try:
+            frame = bytes.fromhex(payload)
+        except ValueError:
+            return Reception(None, "bad_line", detail="data is not hex")
+        return Reception(frame, rssi=rssi_dbm, snr=snr_db)
+
+
+FORMATS = {f.name: f for f in (RawFormat, RawRssiFormat, Rylr998Format)}
+
+
+def make(name):
+    try:
+        return FORMATS[name]()
+    except KeyError:
+        raise ValueError("unknown module format %r (known: %s)" % (name, ", ".join(sorted(FORMATS)))) from None
+
+
+def rylr998_line(frame, addr=1, rssi=-80, snr=9.5):
+    """What a RYLR998 prints for a received frame (the simulator writes this; tests parse it)."""
+    data = frame.hex().upper()
+    return ("+RCV=%d,%d,%s,%d,%s\r\n" % (addr, len(data), data, rssi, snr)).encode()
