@@ -43,12 +43,41 @@ def build_parser():
     d.add_argument("--last-fcnt", type=int, default=None, help="last accepted frame counter")
     d.set_defaults(func=cmd_decode)
 
-    for register in _EXTENSIONS:
-        register(sub)
+    g = sub.add_parser("gateway", help="run the gateway service, or check its config")
+    g.add_argument("--config", default="/etc/binlink/gateway.toml", help="TOML config (default: %(default)s)")
+    g.set_defaults(func=cmd_gateway)
+    gsub = g.add_subparsers(dest="gateway_command")
+    cc = gsub.add_parser("check-config", help="validate a config and its device registry, naming every problem")
+    cc.add_argument("path")
+    cc.set_defaults(func=cmd_check_config)
     return p
 
 
-_EXTENSIONS = []
+def _config_errors(problems):
+    for problem in problems:
+        print("config error: %s" % problem, file=sys.stderr)
+    return 2
+
+
+def cmd_check_config(args):
+    from gateway import config, registry
+
+    try:
+        cfg = config.load(args.path)
+        devices = registry.load(cfg.registry)
+    except config.ConfigError as e:
+        return _config_errors(e.problems)
+    print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
+    return 0
+
+
+def cmd_gateway(args):
+    from gateway import config, service
+
+    try:
+        return service.run(args.config)
+    except config.ConfigError as e:
+        return _config_errors(e.problems)
 
 
 def main(argv=None):

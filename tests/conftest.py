@@ -23,3 +23,30 @@ def mpy_session():
     s.run("import sys\nsys.path.insert(0, '/input')")
     yield s
     s.close()
+
+
+@pytest.fixture
+def broker():
+    from simulator.broker import Mosquitto
+
+    b = Mosquitto().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def subscriber(broker):
+    from tests.harness import Subscriber
+
+    s = Subscriber(broker.port)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pty(tmp_path):
+    from simulator.serial_link import PtyLink
+
+    link = PtyLink(str(tmp_path / "by-id-radio0"))
+    yield link
+    link.close()

@@ -49,10 +49,11 @@ RESET_CAUSES = ("unknown", "power_on", "hard", "watchdog", "deepsleep", "soft", 
 class ProtocolError(Exception):
     """A frame was rejected; `reason` is a stable code (docs/protocol.md lists them)."""
 
-    def __init__(self, reason, detail=""):
+    def __init__(self, reason, detail="", fcnt=None):
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
+        self.fcnt = fcnt  # the full counter the frame carried, when known (replay)
 
 
 def _sha256(data):
@@ -206,7 +207,7 @@ def verify(frame, key, last_fcnt=None):
         # Same 16 bits in the current epoch at or below the last accepted counter: a replay.
         old = (last_fcnt & 0xFFFF0000) | fcnt_low
         if old <= last_fcnt and _tag_ok(key, old, frame):
-            raise ProtocolError("replay", "counter %d, last accepted %d" % (old, last_fcnt))
+            raise ProtocolError("replay", "counter %d, last accepted %d" % (old, last_fcnt), old)
     raise ProtocolError("bad_tag")
 
 

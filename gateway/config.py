@@ -1,0 +1,197 @@
+"""Gateway configuration (TOML): load, apply defaults, and name every problem by its key path."""
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from gateway.module_formats import FORMATS
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, each naming its key path."""
+
+    def __init__(self, problems):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Source:
+    name: str
+    port: str
+    baud: int = 115200
+    format: str = "raw"
+
+
+@dataclass
+class Mqtt:
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str = ""
+    base_topic: str = ""
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive: int = 30
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    max_inflight: int = 200
+
+
+@dataclass
+class Events:
+    full_pct: float = 90.0
+    emptied_drop_pct: float = 30.0
+    low_battery_mv: int = 3300
+
+
+@dataclass
+class Config:
+    gateway_id: str
+    site: str
+    registry: str
+    state_dir: str
+    sources: list = field(default_factory=list)
+    mqtt: Mqtt = field(default_factory=Mqtt)
+    events: Events = field(default_factory=Events)
+    dedup_window_s: float = 30.0
+    status_interval_s: float = 60.0
+    metrics_listen: str = ""
+    log_level: str = "info"
+
+    @property
+    def base_topic(self):
+        return self.mqtt.base_topic or "binlink/%s" % self.site
+
+    @property
+    def client_id(self):
+        return self.mqtt.client_id or "binlink-%s" % self.gateway_id
+
+
+# key -> (type, required) for each table; the schema is the documentation of the file.
+_GATEWAY = {
+    "id": (str, True), "site": (str, True), "registry": (str, True), "state_dir": (str, True),
+    "dedup_window_s": ((int, float), False), "status_interval_s": ((int, float), False),
+    "log_level": (str, False),
+}
+_SOURCE = {"name": (str, False), "port": (str, True), "baud": (int, False), "format": (str, False)}
+_MQTT = {name: (t, False) for name, t in Mqtt.__annotations__.items()}
+_EVENTS = {"full_pct": ((int, float), False), "emptied_drop_pct": ((int, float), False), "low_battery_mv": (int, False)}
+_METRICS = {"listen": (str, False)}
+_TOP = {"gateway": True, "source": True, "mqtt": False, "events": False, "metrics": False}
+_BAUDS = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
+_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _check_table(table, schema, path, problems):
+    for key in table:
+        if key not in schema:
+            problems.append("%s.%s: unknown key" % (path, key))
+    for key, (typ, required) in schema.items():
+        if key not in table:
+            if required:
+                problems.append("%s.%s: missing" % (path, key))
+            continue
+        v = table[key]
+        if isinstance(v, bool) and typ is not bool:
+            problems.append("%s.%s: expected %s, got a boolean" % (path, key, _tname(typ)))
+        elif not isinstance(v, typ):
+            problems.append("%s.%s: expected %s, got %r" % (path, key, _tname(typ), v))
+
+
+def _tname(typ):
+    if isinstance(typ, tuple):
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "true or false"}[typ]
+
+
+def parse(data):
+    """Validated Config from a parsed TOML dict; raises ConfigError listing every problem."""
+    problems = []
+    for key in data:
+        if key not in _TOP:
+            problems.append("%s: unknown table" % key)
+    for key, required in _TOP.items():
+        if required and key not in data:
+            problems.append("%s: missing" % ("[[source]]" if key == "source" else "[%s]" % key))
+    gw = data.get("gateway", {})
+    if not isinstance(gw, dict):
+        problems.append("gateway: must be a table")
+        gw = {}
+    _check_table(gw, _GATEWAY, "gateway", problems)
+    if gw.get("log_level", "info") not in _LEVELS:
+        problems.append("gateway.log_level: one of %s" % ", ".join(sorted(_LEVELS)))
+    raw_sources = data.get("source", [])
+    if not isinstance(raw_sources, list):
+        problems.append("source: must be an array of tables ([[source]])")
+        raw_sources = []
+    sources = []
+    for i, s in enumerate(raw_sources):
+        path = "source[%d]" % i
+        if not isinstance(s, dict):
+            problems.append("%s: must be a table" % path)
+            continue
+        _check_table(s, _SOURCE, path, problems)
+        fmt = s.get("format", "raw")
+        if fmt not in FORMATS:
+            problems.append("%s.format: %r is not one of %s" % (path, fmt, ", ".join(sorted(FORMATS))))
+        if "baud" in s and s["baud"] not in _BAUDS:
+            problems.append("%s.baud: %r is not a standard rate" % (path, s["baud"]))
+        sources.append(Source(name=s.get("name", "source%d" % i), port=s.get("port", ""), baud=s.get("baud", 115200), format=fmt))
+    names = [s.name for s in sources]
+    for n in set(names):
+        if names.count(n) > 1:
+            problems.append("source: name %r used twice" % n)
+    mq = data.get("mqtt", {})
+    _check_table(mq, _MQTT, "mqtt", problems)
+    if isinstance(mq.get("port"), int) and not 0 < mq["port"] < 65536:
+        problems.append("mqtt.port: %d is not a TCP port" % mq["port"])
+    if mq.get("password") and mq.get("password_file"):
+        problems.append("mqtt.password_file: give password or password_file, not both")
+    if (mq.get("cert_file") or mq.get("key_file")) and not mq.get("tls"):
+        problems.append("mqtt.tls: cert_file/key_file need tls = true")
+    ev = data.get("events", {})
+    _check_table(ev, _EVENTS, "events", problems)
+    if isinstance(ev.get("full_pct"), (int, float)) and not 0 < ev["full_pct"] <= 100:
+        problems.append("events.full_pct: must be in (0, 100]")
+    met = data.get("metrics", {})
+    _check_table(met, _METRICS, "metrics", problems)
+    listen = met.get("listen", "")
+    if isinstance(listen, str) and listen and not _host_port(listen):
+        problems.append("metrics.listen: expected HOST:PORT, got %r" % listen)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        gateway_id=gw["id"], site=gw["site"], registry=gw["registry"], state_dir=gw["state_dir"],
+        sources=sources, mqtt=Mqtt(**mq), events=Events(**ev),
+        dedup_window_s=float(gw.get("dedup_window_s", 30.0)), status_interval_s=float(gw.get("status_interval_s", 60.0)),
+        metrics_listen=listen, log_level=gw.get("log_level", "info"),
+    )
+
+
+def _host_port(text):
+    host, _, port = text.rpartition(":")
+    return host and port.isdigit() and 0 < int(port) < 65536
+
+
+def load(path):
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(["%s: no such file" % path]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(["%s: not valid TOML: %s" % (path, e)]) from None
+    cfg = parse(data)
+    base = os.path.dirname(os.path.abspath(path))  # relative paths are relative to the config file
+    cfg.registry = os.path.join(base, cfg.registry)
+    cfg.state_dir = os.path.join(base, cfg.state_dir)
+    return cfg
+
+
+def metrics_address(cfg):
+    host, _, port = cfg.metrics_listen.rpartition(":")
+    return host, int(port)

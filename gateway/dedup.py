@@ -1,0 +1,23 @@
+"""Deduplication: the same frame heard again, by one radio (a repeat) or several, within a window.
+
+The counter check already refuses any frame not newer than the last accepted one; this stage
+tells a *duplicate* (the identical bytes of a frame accepted moments ago) from a *replay*."""
+import hashlib
+
+
+class Dedup:
+    def __init__(self, window_s):
+        self.window_s = window_s
+        self._seen = {}  # (device_id, fcnt) -> (frame digest, first seen at)
+
+    def remember(self, device_id, fcnt, frame, now):
+        self._seen[(device_id, fcnt)] = (hashlib.blake2s(frame, digest_size=8).digest(), now)
+
+    def is_duplicate(self, device_id, fcnt, frame, now):
+        hit = self._seen.get((device_id, fcnt))
+        return hit is not None and now - hit[1] <= self.window_s and hit[0] == hashlib.blake2s(frame, digest_size=8).digest()
+
+    def expire(self, now):
+        old = [k for k, (_, t) in self._seen.items() if now - t > self.window_s]
+        for k in old:
+            del self._seen[k]

@@ -1,0 +1,82 @@
+"""MQTT messages for an accepted reading: retained bin state and the event stream.
+
+Topic layout under the base topic (default binlink/<site>):
+  bin/<bin_id>/state     retained JSON, the latest reading
+  bin/<bin_id>/event     one message per uplink (message_id "<device>:<fcnt>") and per alarm
+                         ("<device>:<fcnt>:<event>"); consumers deduplicate across gateways by it
+  gateway/<gw_id>/status retained "online" / "offline" (last will)
+  gateway/<gw_id>/stats  periodic counters (JSON)"""
+import json
+from datetime import datetime, timezone
+
+PROBLEM_FLAGS = ("fire", "tilt", "sensor_fault", "low_battery")
+
+
+def iso(ts):
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def state_topic(base, bin_id):
+    return "%s/bin/%s/state" % (base, bin_id)
+
+
+def event_topic(base, bin_id):
+    return "%s/bin/%s/event" % (base, bin_id)
+
+
+def status_topic(base, gw_id):
+    return "%s/gateway/%s/status" % (base, gw_id)
+
+
+def stats_topic(base, gw_id):
+    return "%s/gateway/%s/stats" % (base, gw_id)
+
+
+def reading_fields(device, reading, fill, fcnt, rx, measured_at):
+    """The fields state and uplink events share. rx: dict(gateway, source, rssi, snr, received_at, time_synced)."""
+    flags = reading["flags"]
+    return {
+        "device": device.dev,
+        "bin_id": device.bin_id,
+        "fcnt": fcnt,
+        "fill_pct": fill,
+        "distance_mm": reading["distance_mm"],
+        "temperature_c": reading["temperature_c"],
+        "battery_v": round(reading["battery_mv"] / 1000.0, 2),
+        "flags": flags,
+        "problem": any(f in flags for f in PROBLEM_FLAGS),
+        "valid_pings": reading["valid_pings"],
+        "pings": reading["pings"],
+        "rssi": rx["rssi"],
+        "snr": rx["snr"],
+        "gateway": rx["gateway"],
+        "source": rx["source"],
+        "received_at": iso(rx["received_at"]),
+        "measured_at": iso(measured_at),
+        "time_synced": rx["time_synced"],
+    }
+
+
+def dumps(obj):
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+def state_message(base, device, fields):
+    return ("%s:%d:state" % (device.dev, fields["fcnt"]), state_topic(base, device.bin_id), dumps(fields), True)
+
+
+def event_message(base, device, fields, event, backlog=False):
+    mid = "%s:%d" % (device.dev, fields["fcnt"]) if event == "uplink" else "%s:%d:%s" % (device.dev, fields["fcnt"], event)
+    body = dict(fields, event=event, message_id=mid, backlog=backlog)
+    return (mid, event_topic(base, device.bin_id), dumps(body), False)
+
+
+def hello_message(base, device, hello, rx):
+    mid = "%s:%d" % (device.dev, hello["fcnt"])
+    body = {
+        "event": "hello", "message_id": mid, "device": device.dev, "bin_id": device.bin_id, "fcnt": hello["fcnt"],
+        "fw_version": hello["fw_version"], "reset_cause": hello["reset_cause"], "config_hash": hello["config_hash"],
+        "rssi": rx["rssi"], "snr": rx["snr"], "gateway": rx["gateway"], "source": rx["source"],
+        "received_at": iso(rx["received_at"]), "time_synced": rx["time_synced"],
+    }
+    return (mid, event_topic(base, device.bin_id), dumps(body), False)

@@ -1,0 +1,111 @@
+"""Durable outbox: SQLite (WAL) holding every accepted reading's MQTT messages until the broker's
+QoS 1 acknowledgement, with the per-device counters and per-bin state committed in the same
+transaction — so a counter never advances for a reading that is not on disk, and vice versa.
+
+One Outbox object per thread (SQLite connections are not shared across threads)."""
+import os
+import sqlite3
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_key TEXT NOT NULL UNIQUE,   -- <device>:<fcnt>[:<kind>]: a reading is stored once
+    topic TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    retain INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    acked_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE acked_at IS NULL;
+CREATE TABLE IF NOT EXISTS counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS bins (
+    bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receptions (
+    device_id INTEGER NOT NULL, fcnt INTEGER NOT NULL, source TEXT NOT NULL, rssi INTEGER, snr REAL,
+    received_at REAL NOT NULL, duplicate INTEGER NOT NULL
+);
+"""
+KEEP_ACKED_S = 7 * 24 * 3600  # acked keys kept this long so a late copy is not published again
+
+
+class Batch:
+    """What one group commit writes."""
+
+    def __init__(self):
+        self.messages = []  # (message_key, topic, payload, retain, received_at)
+        self.counters = {}  # device_id -> last_fcnt
+        self.bins = {}  # bin_id -> (fcnt, fill_pct, flags, updated_at)
+        self.receptions = []  # (device_id, fcnt, source, rssi, snr, received_at, duplicate)
+        self.accepted = 0  # frames accepted into this batch
+
+    def __bool__(self):
+        return bool(self.messages or self.counters or self.receptions)
+
+
+class Outbox:
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut
+        self.db.executescript(SCHEMA)
+
+    def close(self):
+        self.db.close()
+
+    def commit(self, batch):
+        """Writes a batch in one transaction; returns how many messages were new."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)",
+                batch.messages,
+            )
+            new = db.total_changes - before
+            db.executemany(
+                "INSERT INTO counters(device_id, last_fcnt) VALUES (?,?) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt WHERE excluded.last_fcnt > last_fcnt",
+                batch.counters.items(),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
+                [(b,) + v for b, v in batch.bins.items()],
+            )
+            db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return new
+
+    def counters(self):
+        return dict(self.db.execute("SELECT device_id, last_fcnt FROM counters"))
+
+    def bins(self):
+        return {r[0]: r[1:] for r in self.db.execute("SELECT bin_id, fcnt, fill_pct, flags, updated_at FROM bins")}
+
+    def pending(self, after_id, limit):
+        """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
+        return self.db.execute(
+            "SELECT id, topic, payload, retain, received_at FROM outbox WHERE acked_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+
+    def ack(self, ids, now=None):
+        now = time.time() if now is None else now
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("UPDATE outbox SET acked_at=? WHERE id=?", [(now, i) for i in ids])
+        self.db.execute("COMMIT")
+
+    def depth(self):
+        return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
+
+    def prune(self, now=None):
+        now = time.time() if now is None else now
+        self.db.execute("DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ?", (now - KEEP_ACKED_S,))
+        self.db.execute("DELETE FROM receptions WHERE received_at < ?", (now - KEEP_ACKED_S,))

@@ -1,0 +1,70 @@
+"""Read stage: one thread per serial source, pyserial, reopening with backoff after an unplug.
+
+The port is opened by the path in the config (a stable /dev/serial/by-id/... symlink), resolved
+again on every open, so a radio that comes back under another ttyUSBn is found. Each chunk read
+goes through the source's module format; receptions go to the pipeline's queue."""
+import logging
+import threading
+import time
+
+import serial
+
+from gateway import logs, module_formats
+
+log = logs.get("serial")
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 10.0
+
+
+class SerialSource(threading.Thread):
+    def __init__(self, source, out_queue, metrics, stop_event):
+        super().__init__(name="serial-%s" % source.name, daemon=True)
+        self.source = source
+        self.queue = out_queue
+        self.metrics = metrics
+        self.stop_event = stop_event
+        self.connected = threading.Event()
+
+    def run(self):
+        backoff = BACKOFF_MIN_S
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                port = serial.Serial(self.source.port, self.source.baud, timeout=0.05, exclusive=True)
+            except (serial.SerialException, OSError, ValueError) as e:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:  # log the first failure, then now and then
+                    logs.event(log, logging.WARNING, "cannot open serial port", source=self.source.name,
+                               port=self.source.port, error=_short(e), retry_s=round(backoff, 1))
+                self.stop_event.wait(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                continue
+            self.metrics.serial_reopens.labels(self.source.name).inc()
+            logs.event(log, logging.INFO, "serial port open", source=self.source.name, port=self.source.port,
+                       baud=self.source.baud, format=self.source.format)
+            backoff, failures = BACKOFF_MIN_S, 0
+            self.connected.set()
+            try:
+                self._read(port)
+            except (serial.SerialException, OSError) as e:
+                logs.event(log, logging.WARNING, "serial port lost", source=self.source.name, error=_short(e))
+            finally:
+                self.connected.clear()
+                try:
+                    port.close()
+                except (serial.SerialException, OSError):
+                    pass
+            self.stop_event.wait(BACKOFF_MIN_S)
+
+    def _read(self, port):
+        fmt = module_formats.make(self.source.format)  # fresh state: a partial frame does not span reopens
+        name = self.source.name
+        while not self.stop_event.is_set():
+            data = port.read(max(1, min(port.in_waiting, 65536)))
+            if data:
+                for rec in fmt.feed(data):
+                    self.queue.put((name, rec))
+
+
+def _short(e):
+    return str(e).splitlines()[0][:200]

@@ -1,0 +1,147 @@
+"""Real parts for integration tests: the gateway as a subprocess, a paho subscriber, config files."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import paho.mqtt.client as mqtt
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import registry
+from simulator.broker import free_port, wait_port
+
+BINLINK = os.path.join(os.path.dirname(sys.executable), "binlink")
+KEY = bytes(range(16))  # TEST KEY
+KEY2 = bytes.fromhex("5445535420b1e57e57206b65792d3221")  # TEST KEY
+
+
+def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+
+
+class Subscriber:
+    """Collects every message under the given topics; reconnects quickly after a broker restart."""
+
+    def __init__(self, port, topics=("binlink/#", "homeassistant/#"), persistent=False):
+        self.messages = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.topics = topics
+        # persistent: a session the broker keeps (and queues for) while this subscriber is away
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub-%d-%d" % (os.getpid(), id(self)),
+                             clean_session=not persistent)
+        self.c.reconnect_delay_set(1, 1)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda *a: self.subscribed.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        assert self.subscribed.wait(10), "subscriber did not subscribe"
+
+    def _on_connect(self, client, userdata, flags, rc, props):
+        client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            if msg.dup and (msg.topic, msg.payload, msg.retain) in self.messages:
+                return  # the broker redelivering to us after its restart, not a second publish
+            self.messages.append((msg.topic, msg.payload, msg.retain))
+
+    def on(self, suffix):
+        with self.lock:
+            return [(t, p) for t, p, _ in self.messages if t.endswith(suffix)]
+
+    def json(self, suffix):
+        return [json.loads(p) for _, p in self.on(suffix)]
+
+    def events(self, kind="uplink"):
+        return [m for m in self.json("/event") if m["event"] == kind]
+
+    def close(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def write_registry(path, devices):
+    """devices: list of (device_id, bin_id, key, depth_mm, full_mm)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    for dev, bin_id, key, depth, full in devices:
+        registry.add(path, dev, bin_id, key, depth, full)
+
+
+def write_config(path, *, registry_path, state_dir, broker_port, sources, metrics_port, extra=""):
+    lines = [
+        "[gateway]", 'id = "gw-test"', 'site = "testcity"', 'registry = "%s"' % registry_path,
+        'state_dir = "%s"' % state_dir, "status_interval_s = 1", 'log_level = "info"', "",
+    ]
+    for name, link, fmt in sources:
+        lines += ["[[source]]", 'name = "%s"' % name, 'port = "%s"' % link, 'format = "%s"' % fmt, ""]
+    lines += ["[mqtt]", 'host = "127.0.0.1"', "port = %d" % broker_port, "", "[metrics]", 'listen = "127.0.0.1:%d"' % metrics_port, extra]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+class GatewayProcess:
+    """`binlink gateway --config ...` as a real process, its metrics read over HTTP."""
+
+    def __init__(self, tmp, broker_port, sources, devices=None, extra=""):
+        self.tmp = str(tmp)
+        self.registry = os.path.join(self.tmp, "devices.toml")
+        if devices is not None:
+            write_registry(self.registry, devices)
+        self.metrics_port = free_port()
+        self.config = os.path.join(self.tmp, "gateway.toml")
+        write_config(self.config, registry_path=self.registry, state_dir=os.path.join(self.tmp, "state"),
+                     broker_port=broker_port, sources=sources, metrics_port=self.metrics_port, extra=extra)
+        self.log_path = os.path.join(self.tmp, "gateway.log")
+        self.proc = None
+
+    def start(self, wait_sources=True):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([BINLINK, "gateway", "--config", self.config], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.metrics_port, timeout=20, proc=self.proc)
+        if wait_sources:
+            wait_for(lambda: self.metric("binlink_serial_reopens_total") >= 1, what="serial port open")
+        return self
+
+    def metrics(self):
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port, timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name, **labels):
+        """Sum of the samples of name whose labels include the given ones."""
+        total = 0.0
+        for (n, lbls), v in self.metrics().items():
+            if n == name and all(dict(lbls).get(k) == v2 for k, v2 in labels.items()):
+                total += v
+        return total
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout=20):
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def output(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()

@@ -1,0 +1,295 @@
+"""The gateway service end to end: real pseudo-terminals via pyserial, a real Mosquitto, the
+gateway as its own process (killed, restarted, unplugged) — as an installer would run it."""
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+
+from binlink import codec, framing
+from gateway import module_formats
+from simulator.broker import Mosquitto
+from simulator.serial_link import PtyLink
+from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, Subscriber, wait_for
+
+DEV_A, DEV_B = 0xA1, 0xB2
+DEVICES = [(DEV_A, "bin-a", KEY, 1200, 200), (DEV_B, "bin-b", KEY2, 1000, 100)]
+
+
+def reading(n, dist=700, dev=DEV_A, key=KEY, flags=0, temp=20, batt=3700):
+    return codec.encode_reading(key, dev, n, dist, temp, batt, flags, 5, 5)
+
+
+@pytest.fixture
+def gw(tmp_path, broker, pty):
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    yield g
+    if g.alive():
+        g.kill()
+
+
+def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscriber):
+    pty.write(framing.frame(codec.encode_hello(KEY, DEV_A, 0, (1, 2, 3), 1, b"\xc0\xff\xee\x01")))
+    pty.write(framing.frame(reading(1, dist=1100)))  # 10 % full
+    pty.write(framing.frame(reading(2, dist=300, temp=24, flags=codec.F_LOW_BATTERY)))  # 90 %: full
+    pty.write(framing.frame(reading(3, dist=1150)))  # emptied
+    wait_for(lambda: len(subscriber.events()) == 3, what="3 uplink events")
+    state = wait_for(lambda: [s for s in subscriber.json("bin/bin-a/state") if s["fcnt"] == 3], what="state 3")[0]
+    assert state["fill_pct"] == 5.0 and state["distance_mm"] == 1150 and state["device"] == "0000a1"
+    assert state["gateway"] == "gw-test" and state["received_at"].endswith("Z")
+    full = wait_for(lambda: subscriber.events("full"), what="full event")
+    assert [e["message_id"] for e in full] == ["0000a1:2:full"]
+    assert [e["message_id"] for e in subscriber.events("emptied")] == ["0000a1:3:emptied"]
+    assert [e["message_id"] for e in subscriber.events("low_battery")] == ["0000a1:2:low_battery"]
+    hello = subscriber.events("hello")
+    assert hello[0]["fw_version"] == "1.2.3" and hello[0]["reset_cause"] == "power_on"
+    assert [e["message_id"] for e in subscriber.events()] == ["0000a1:1", "0000a1:2", "0000a1:3"]
+    # retained state and availability, Home Assistant discovery for every bin
+    late = Subscriber(broker.port)
+    try:
+        wait_for(lambda: late.on("bin/bin-a/state") and late.on("gateway/gw-test/status"), what="retained messages")
+        assert json.loads(late.on("bin/bin-a/state")[-1][1])["fcnt"] == 3
+        assert late.on("gateway/gw-test/status")[-1][1] == b"online"
+        configs = {t: json.loads(p) for t, p in late.on("/config")}
+        fill = configs["homeassistant/sensor/binlink_0000a1_fill/fill/config"]
+        assert fill["state_class"] == "measurement" and fill["unit_of_measurement"] == "%"
+        assert fill["device"]["identifiers"] == ["binlink_0000a1"]
+        assert configs["homeassistant/sensor/binlink_0000b2_rssi/rssi/config"]["entity_category"] == "diagnostic"
+        assert configs["homeassistant/binary_sensor/binlink_0000a1_problem/problem/config"]["device_class"] == "problem"
+    finally:
+        late.close()
+    # no key ever leaves the process: not in MQTT, not in the log
+    everything = b"".join(p for _, p, _ in subscriber.messages) + gw.output().encode()
+    assert KEY.hex().encode() not in everything and KEY2.hex().encode() not in everything
+
+
+def test_home_assistant_restart_gets_discovery_again(gw, broker, subscriber):
+    wait_for(lambda: len(subscriber.on("/config")) == 10, what="discovery")
+    n = len(subscriber.on("/config"))
+    subscriber.c.publish("homeassistant/status", "online", qos=1)
+    wait_for(lambda: len(subscriber.on("/config")) >= 2 * n, what="discovery republished")
+
+
+def test_bad_input_is_counted_and_the_service_keeps_running(gw, pty, subscriber):
+    good = reading(5)
+    forged = bytearray(reading(6))
+    forged[7] ^= 0x10
+    bad = [
+        (framing.frame(bytes(forged)), "bad_tag"),
+        (framing.frame(codec.encode_reading(KEY2, DEV_A, 7, 500, 20, 3700)), "bad_tag"),  # wrong key
+        (framing.frame(good[:-3]), "truncated"),
+        (framing.frame(reading(8, dev=0x777777)), "unknown_device"),
+        (framing.frame(bytes([0x21]) + good[1:]), "bad_version"),
+        (b"\x13\x37 line noise \xff\xfe\x00", "crc"),
+    ]
+    pty.write(framing.frame(good))
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 1, what="first frame")
+    for data, _ in bad:
+        pty.write(data)
+    pty.write(framing.frame(good))  # the same frame again, long after: dedup window is 30 s, so a duplicate
+    pty.write(framing.frame(reading(4)))  # an older counter: replay
+    pty.write(os.urandom(3000))  # a burst of noise
+    pty.write(framing.frame(reading(9, dist=650)))
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 2, what="frame after the garbage")
+    for reason in ("bad_tag", "truncated", "unknown_device", "bad_version", "replay"):
+        want = sum(1 for _, r in bad if r == reason) or 1
+        assert gw.metric("binlink_frames_rejected_total", reason=reason) == want, reason
+    assert gw.metric("binlink_frames_rejected_total", reason="crc") >= 1
+    assert gw.metric("binlink_duplicates_total") == 1
+    assert gw.alive()
+    wait_for(lambda: len(subscriber.events()) == 2, what="2 events")
+    assert [e["fcnt"] for e in subscriber.events()] == [5, 9]
+    assert "reason=unknown_device" in gw.output()
+
+
+def test_same_frame_from_two_radios_is_published_once(tmp_path, broker, subscriber):
+    links = [PtyLink(str(tmp_path / ("radio%d" % i))) for i in range(2)]
+    g = GatewayProcess(tmp_path, broker.port, [("r0", links[0].link, "raw+rssi"), ("r1", links[1].link, "rylr998")],
+                       devices=DEVICES).start()
+    try:
+        wait_for(lambda: g.metric("binlink_serial_reopens_total") == 2, what="both radios open")
+        for n in range(1, 11):
+            f = reading(n, dist=800)
+            links[0].write(framing.frame(f) + bytes([256 - 70]))
+            links[1].write(module_formats.rylr998_line(f, rssi=-95, snr=-3.5))
+        wait_for(lambda: g.metric("binlink_duplicates_total") == 10, what="10 duplicates")
+        time.sleep(0.5)
+        ids = [e["message_id"] for e in subscriber.events()]
+        assert sorted(ids) == sorted("0000a1:%d" % n for n in range(1, 11))
+        assert {e["source"] for e in subscriber.events()} <= {"r0", "r1"}
+        assert {e["rssi"] for e in subscriber.events()} <= {-70, -95}
+        db = sqlite3.connect(os.path.join(str(tmp_path), "state", "gateway.sqlite"))
+        kept = db.execute("SELECT count(*), count(rssi) FROM receptions WHERE duplicate = 1").fetchone()
+        assert kept == (10, 10)  # the extra receptions' signal figures are kept
+    finally:
+        g.kill()
+        for l in links:
+            l.close()
+
+
+def _writer(link, frames, pause_every=50, pause_s=0.01):
+    for i, f in enumerate(frames):
+        link.write(framing.frame(f))
+        if i % pause_every == pause_every - 1:
+            time.sleep(pause_s)
+
+
+def test_broker_killed_while_1000_frames_flow(tmp_path, pty):
+    """The subscriber's session persists in the broker, so it misses nothing while both reconnect."""
+    broker = Mosquitto(persistent=True).start()
+    subscriber = Subscriber(broker.port, persistent=True)
+    gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        _broker_kill_scenario(gw, pty, broker, subscriber)
+    finally:
+        gw.kill()
+        subscriber.close()
+        broker.stop()
+
+
+def _broker_kill_scenario(gw, pty, broker, subscriber):
+    frames = [reading(n, dist=200 + n % 900, dev=DEV_A if n % 2 else DEV_B, key=KEY if n % 2 else KEY2) for n in range(1, 1001)]
+    t = threading.Thread(target=_writer, args=(pty, frames, 50, 0.02))
+    t.start()
+    wait_for(lambda: len(subscriber.events()) >= 100, what="first 100 events")
+    broker.kill()
+    t.join()
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 1000, what="all 1000 accepted with the broker down")
+    assert gw.metric("binlink_outbox_depth") > 0
+    time.sleep(2)
+    broker.start()
+    wait_for(lambda: len(subscriber.events()) >= 1000, timeout=60, what="every reading delivered")
+    time.sleep(1)
+    events = subscriber.on("/event")
+    ids = [json.loads(p)["message_id"] for _, p in events if b'"uplink"' in p]
+    want = {"%06x:%d" % (DEV_A if n % 2 else DEV_B, n) for n in range(1, 1001)}
+    assert set(ids) == want
+    # QoS 1 is at-least-once: a message the broker forwarded but whose PUBACK died with it is sent
+    # again. Such a copy is byte-identical (same message_id, same content) and only messages in
+    # flight at the kill can be copied; every other reading arrives exactly once.
+    copies = len(events) - len(set(events))
+    assert len(set(p for _, p in events)) == len(set(events))
+    assert copies <= 20, "%d readings published twice" % copies
+    wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
+
+
+def test_gateway_sigkilled_mid_stream_loses_nothing_accepted(tmp_path, gw, pty, subscriber):
+    frames = [reading(n, dist=300 + n) for n in range(1, 601)]
+    t = threading.Thread(target=_writer, args=(pty, frames[:300], 20, 0.01))
+    t.start()
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") >= 100, what="100 accepted")
+    gw.kill()
+    t.join(10)
+    gw.start()
+    _writer(pty, frames[300:], 20, 0.01)
+    db_path = os.path.join(str(tmp_path), "state", "gateway.sqlite")
+
+    def accepted_ids():
+        db = sqlite3.connect(db_path)
+        try:
+            return {k for (k,) in db.execute("SELECT message_key FROM outbox WHERE topic LIKE '%/event' AND message_key NOT LIKE '%:%:%'")}
+        finally:
+            db.close()
+
+    wait_for(lambda: "0000a1:600" in {e["message_id"] for e in subscriber.events()}, timeout=30, what="last frame published")
+    wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
+    published = {e["message_id"] for e in subscriber.events()}
+    accepted = accepted_ids()
+    assert len(accepted) > 300  # some from before the kill, all from after
+    assert accepted <= published, "accepted readings never published: %s" % sorted(accepted - published)[:5]
+    assert {"0000a1:%d" % n for n in range(301, 601)} <= published  # after the restart: every frame
+
+
+def test_pty_unplugged_and_replugged_resumes_by_itself(gw, pty, subscriber):
+    pty.write(framing.frame(reading(1)))
+    wait_for(lambda: len(subscriber.events()) == 1, what="first event")
+    pty.unplug()
+    time.sleep(1.0)
+    assert gw.alive()
+    pty.plug()
+    wait_for(lambda: gw.metric("binlink_serial_reopens_total") == 2, timeout=20, what="port reopened")
+    pty.write(framing.frame(reading(2)))
+    wait_for(lambda: len(subscriber.events()) == 2, what="event after replug")
+    assert "serial port lost" in gw.output()
+
+
+def test_gateway_starts_without_broker_and_publishes_when_it_appears(tmp_path, broker, pty):
+    broker.kill()
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        pty.write(framing.frame(reading(1)))
+        wait_for(lambda: g.metric("binlink_frames_accepted_total") == 1, what="accepted while broker down")
+        assert g.metric("binlink_outbox_depth") >= 1
+        broker.start()
+        sub = Subscriber(broker.port)
+        try:
+            wait_for(lambda: sub.on("bin/bin-a/state"), timeout=40, what="retained state after broker start")
+        finally:
+            sub.close()
+    finally:
+        g.kill()
+
+
+def test_sigterm_drains_and_says_offline(gw, pty, subscriber):
+    for n in range(1, 51):
+        pty.write(framing.frame(reading(n)))
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 50, what="50 accepted")
+    assert gw.terminate() == 0
+    assert len(subscriber.events()) == 50
+    wait_for(lambda: subscriber.on("gateway/gw-test/status") and subscriber.on("gateway/gw-test/status")[-1][1] == b"offline",
+             what="offline status")
+
+
+@pytest.mark.parametrize("body,key_path", [
+    ('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\n[[source]]\nport="/dev/x"\n', "gateway.state_dir: missing"),
+    ('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\nstate_dir="st"\n[[source]]\nport="/dev/x"\nformat="lorawan"\n',
+     "source[0].format"),
+    ('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\nstate_dir="st"\n[[source]]\nport="/dev/x"\n[mqtt]\nport="1883"\n',
+     "mqtt.port: expected an integer"),
+    ("[gateway\n", "not valid TOML"),
+])
+def test_bad_config_exits_nonzero_naming_the_key(tmp_path, body, key_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(body)
+    for args in (["gateway", "--config", str(cfg)], ["gateway", "check-config", str(cfg)]):
+        r = subprocess.run([BINLINK, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        assert key_path in r.stderr
+
+
+def test_registry_problems_are_named_and_keys_never_echoed(tmp_path):
+    reg = tmp_path / "r.toml"
+    reg.write_text('[[device]]\ndevice_id = "a1"\nbin_id = "b"\nkey = "secretsecretsecret"\ndepth_mm = 100\nfull_mm = 200\n')
+    reg.chmod(0o600)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\nstate_dir="st"\n[[source]]\nport="/dev/x"\n')
+    r = subprocess.run([BINLINK, "gateway", "check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "device[0].key: must be 32 hex digits" in r.stderr and "secretsecret" not in r.stderr
+    assert "full_mm < depth_mm" in r.stderr
+    reg.write_text('[[device]]\ndevice_id = "a1"\nbin_id = "b"\nkey = "%s"\ndepth_mm = 1000\nfull_mm = 200\n' % KEY.hex())
+    reg.chmod(0o644)
+    r = subprocess.run([BINLINK, "gateway", "check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2 and "readable by other users" in r.stderr
+    reg.chmod(0o640)
+    r = subprocess.run([BINLINK, "gateway", "check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_sample_config_is_valid(tmp_path):
+    import shutil
+
+    from gateway import config
+
+    here = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gateway", "examples")
+    cfg = config.load(os.path.join(here, "gateway.toml"))
+    assert cfg.sources[0].format == "raw+rssi" and cfg.base_topic == "binlink/springfield"
+    shutil.copy(os.path.join(here, "devices.toml"), tmp_path / "d.toml")
+    os.chmod(tmp_path / "d.toml", 0o600)
+    from gateway import registry
+
+    (dev,) = registry.load(str(tmp_path / "d.toml")).values()
+    assert dev.bin_id == "market-square-1" and KEY.hex() not in repr(dev)
