@@ -40,3 +40,6 @@ vectors: $(STAMP)
 
 clean:
 	rm -rf build
+
+install-gateway:
+	@DESTDIR="$(DESTDIR)" INSTALL_VENV="$(or $(INSTALL_VENV),1)" sh gateway/systemd/install.sh

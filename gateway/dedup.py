@@ -3,21 +3,29 @@
 The counter check already refuses any frame not newer than the last accepted one; this stage
 tells a *duplicate* (the identical bytes of a frame accepted moments ago) from a *replay*."""
 import hashlib
+from collections import OrderedDict
+
+
+def _digest(frame):
+    return hashlib.blake2s(frame, digest_size=8).digest()
 
 
 class Dedup:
     def __init__(self, window_s):
         self.window_s = window_s
-        self._seen = {}  # (device_id, fcnt) -> (frame digest, first seen at)
+        self._seen = OrderedDict()  # (device_id, fcnt) -> (frame digest, first seen at), oldest first
 
     def remember(self, device_id, fcnt, frame, now):
-        self._seen[(device_id, fcnt)] = (hashlib.blake2s(frame, digest_size=8).digest(), now)
+        self._seen[(device_id, fcnt)] = (_digest(frame), now)
 
     def is_duplicate(self, device_id, fcnt, frame, now):
         hit = self._seen.get((device_id, fcnt))
-        return hit is not None and now - hit[1] <= self.window_s and hit[0] == hashlib.blake2s(frame, digest_size=8).digest()
+        return hit is not None and now - hit[1] <= self.window_s and hit[0] == _digest(frame)
 
     def expire(self, now):
-        old = [k for k, (_, t) in self._seen.items() if now - t > self.window_s]
-        for k in old:
-            del self._seen[k]
+        seen = self._seen
+        while seen:
+            key, (_, t) = next(iter(seen.items()))
+            if now - t <= self.window_s:
+                break
+            del seen[key]

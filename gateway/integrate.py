@@ -6,12 +6,15 @@ Topic layout under the base topic (default binlink/<site>):
                          ("<device>:<fcnt>:<event>"); consumers deduplicate across gateways by it
   gateway/<gw_id>/status retained "online" / "offline" (last will)
   gateway/<gw_id>/stats  periodic counters (JSON)"""
-import json
 from datetime import datetime, timezone
+from functools import lru_cache
+
+import orjson
 
 PROBLEM_FLAGS = ("fire", "tilt", "sensor_fault", "low_battery")
 
 
+@lru_cache(maxsize=256)  # one group commit stamps all its messages with the same time
 def iso(ts):
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -58,10 +61,11 @@ def reading_fields(device, reading, fill, fcnt, rx, measured_at):
 
 
 def dumps(obj):
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
 def state_message(base, device, fields):
+    """Retained state; the outbox publishes only a bin's newest pending one (conflation)."""
     return ("%s:%d:state" % (device.dev, fields["fcnt"]), state_topic(base, device.bin_id), dumps(fields), True)
 
 

@@ -16,6 +16,8 @@ from gateway import homeassistant, integrate, logs
 from gateway.outbox import Outbox
 
 log = logs.get("mqtt")
+ACK_GROUP = 500  # acks written to the outbox in groups: one transaction each
+ACK_FLUSH_S = 0.05
 
 
 class Publisher:
@@ -32,6 +34,7 @@ class Publisher:
         self.idle = threading.Event()  # outbox empty and nothing in flight
         self._acks = queue.SimpleQueue()
         self._inflight = {}  # mid -> (outbox id, received_at)
+        self._acked = []  # outbox ids acknowledged by the broker, not yet marked in the outbox
         self._lock = threading.Lock()  # publish() and recording its mid happen together
         self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self.client = self._make_client()
@@ -100,14 +103,19 @@ class Publisher:
         self._thread.start()
 
     def _run(self):
-        box = Outbox(self.outbox_path)
+        box = Outbox(self.outbox_path, durable=False)
         last_fed = 0
+        last_ack_flush = time.monotonic()
         window = self.cfg.mqtt.max_inflight
         try:
             while True:
                 self.wake.wait(0.5)
                 self.wake.clear()
-                self._apply_acks(box)
+                self._take_acks()
+                if self._acked and (len(self._acked) >= ACK_GROUP or time.monotonic() - last_ack_flush >= ACK_FLUSH_S
+                                    or self.stopping.is_set()):
+                    self._write_acks(box)
+                    last_ack_flush = time.monotonic()
                 if self.connected.is_set():
                     room = window - len(self._inflight)
                     if room > 0:
@@ -117,7 +125,7 @@ class Publisher:
                                 info = self.client.publish(topic, payload, qos=1, retain=bool(retain))
                                 self._inflight[info.mid] = (row_id, received_at)
                                 last_fed = row_id
-                if not self._inflight and not box.pending(last_fed, 1):
+                if not self._inflight and not self._acked and not box.pending(last_fed, 1):
                     self.idle.set()
                     if self.stopping.is_set():
                         return
@@ -126,8 +134,8 @@ class Publisher:
         finally:
             box.close()
 
-    def _apply_acks(self, box):
-        done = []
+    def _take_acks(self):
+        """PUBACKs received: free their window slots now; the outbox learns of them in groups."""
         now = time.time()
         with self._lock:
             while True:
@@ -137,12 +145,14 @@ class Publisher:
                     break
                 hit = self._inflight.pop(mid, None)
                 if hit is not None:
-                    done.append(hit[0])
+                    self._acked.append(hit[0])
                     self.metrics.publish_latency.observe(max(0.0, now - hit[1]))
-        if done:
-            box.ack(done, now)
-            self.metrics.published.inc(len(done))
-            self.metrics.outbox_depth.dec(len(done))
+
+    def _write_acks(self, box):
+        done, self._acked = self._acked, []
+        box.ack(done)
+        self.metrics.published.inc(len(done))
+        self.metrics.outbox_depth.set(box.depth())
 
     def notify(self):
         self.wake.set()

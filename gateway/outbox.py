@@ -15,9 +15,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload TEXT NOT NULL,
     retain INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    acked_at REAL
+    acked_at REAL,                      -- broker's PUBACK (or superseded, for a retained state)
+    superseded INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE acked_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_pending_retained ON outbox(topic) WHERE acked_at IS NULL AND retain = 1;
 CREATE TABLE IF NOT EXISTS counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS bins (
     bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL
@@ -35,6 +37,7 @@ class Batch:
 
     def __init__(self):
         self.messages = []  # (message_key, topic, payload, retain, received_at)
+        self.states = {}  # bin_id -> retained state message: only a bin's newest state is kept
         self.counters = {}  # device_id -> last_fcnt
         self.bins = {}  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self.receptions = []  # (device_id, fcnt, source, rssi, snr, received_at, duplicate)
@@ -45,19 +48,24 @@ class Batch:
 
 
 class Outbox:
-    def __init__(self, path):
+    def __init__(self, path, durable=True):
+        """durable=False (the publisher's connection): an ack lost in a power cut only means the
+        message is published again under the same id, so acks skip the fsync."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut
+        self.db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))  # FULL: survives a power cut
         self.db.executescript(SCHEMA)
 
     def close(self):
         self.db.close()
 
     def commit(self, batch):
-        """Writes a batch in one transaction; returns how many messages were new."""
+        """Writes a batch in one transaction.
+
+        A new retained state supersedes the bin's older pending one: only the newest state of a
+        bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -66,7 +74,15 @@ class Outbox:
                 "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)",
                 batch.messages,
             )
-            new = db.total_changes - before
+            states = list(batch.states.values())
+            if states:
+                db.executemany(
+                    "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
+                    [(m[4], m[1]) for m in states],
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)", states
+                )
             db.executemany(
                 "INSERT INTO counters(device_id, last_fcnt) VALUES (?,?) "
                 "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt WHERE excluded.last_fcnt > last_fcnt",
@@ -81,7 +97,6 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return new
 
     def counters(self):
         return dict(self.db.execute("SELECT device_id, last_fcnt FROM counters"))

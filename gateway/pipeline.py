@@ -45,7 +45,8 @@ class Pipeline:
             except codec.ProtocolError as e:
                 self._reject(e.reason, source, e.detail)
         if batch:
-            self.metrics.outbox_depth.inc(self.outbox.commit(batch))
+            self.outbox.commit(batch)
+            self.metrics.outbox_depth.set(self.outbox.depth())
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
@@ -119,7 +120,7 @@ class Pipeline:
         for name in events.detect(prev_fill, prev_flags, fill, reading["flags"], self.cfg.events):
             batch.messages.append(integrate.event_message(base, device, fields, name, backlog) + (now,))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)
-        batch.messages.append(integrate.state_message(base, device, fields) + (now,))
+        batch.states[device.bin_id] = integrate.state_message(base, device, fields) + (now,)
         state = (fcnt, fill_for_state, codec.flag_bits(reading["flags"]), now)
         self.bins[device.bin_id] = state
         batch.bins[device.bin_id] = state

@@ -19,7 +19,7 @@ def wait_port(port, timeout=10.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError("broker exited with code %s" % proc.returncode)
+            raise RuntimeError("%s exited with code %s" % (proc.args[0], proc.returncode))
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return

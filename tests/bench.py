@@ -26,7 +26,13 @@ def bench_codec():
     return {"bytes_per_reading": len(frames[0]), "decode_frames_per_s": round(best)}
 
 
-SECTIONS = {"codec": bench_codec}
+def bench_gateway():
+    from tests import bench_gateway
+
+    return bench_gateway.run()
+
+
+SECTIONS = {"codec": bench_codec, "gateway": bench_gateway}
 
 
 def main(names):

@@ -31,8 +31,9 @@ def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
 class Subscriber:
     """Collects every message under the given topics; reconnects quickly after a broker restart."""
 
-    def __init__(self, port, topics=("binlink/#", "homeassistant/#"), persistent=False):
+    def __init__(self, port, topics=("binlink/#", "homeassistant/#"), persistent=False, ca_file=None, auth=None):
         self.messages = []
+        self.arrivals = {}  # message_id -> time.perf_counter() of its first arrival (benchmarks)
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
         self.topics = topics
@@ -40,10 +41,14 @@ class Subscriber:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub-%d-%d" % (os.getpid(), id(self)),
                              clean_session=not persistent)
         self.c.reconnect_delay_set(1, 1)
+        if ca_file:
+            self.c.tls_set(ca_certs=ca_file)
+        if auth:
+            self.c.username_pw_set(*auth)
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_subscribe = lambda *a: self.subscribed.set()
-        self.c.connect("127.0.0.1", port)
+        self.c.connect("localhost" if ca_file else "127.0.0.1", port)
         self.c.loop_start()
         assert self.subscribed.wait(10), "subscriber did not subscribe"
 
@@ -55,6 +60,9 @@ class Subscriber:
             if msg.dup and (msg.topic, msg.payload, msg.retain) in self.messages:
                 return  # the broker redelivering to us after its restart, not a second publish
             self.messages.append((msg.topic, msg.payload, msg.retain))
+            if msg.topic.endswith("/event"):
+                mid = json.loads(msg.payload).get("message_id")
+                self.arrivals.setdefault(mid, time.perf_counter())
 
     def on(self, suffix):
         with self.lock:
@@ -79,14 +87,15 @@ def write_registry(path, devices):
         registry.add(path, dev, bin_id, key, depth, full)
 
 
-def write_config(path, *, registry_path, state_dir, broker_port, sources, metrics_port, extra=""):
+def write_config(path, *, registry_path, state_dir, broker_port, sources, metrics_port, mqtt_extra="", mqtt_host="127.0.0.1"):
     lines = [
         "[gateway]", 'id = "gw-test"', 'site = "testcity"', 'registry = "%s"' % registry_path,
         'state_dir = "%s"' % state_dir, "status_interval_s = 1", 'log_level = "info"', "",
     ]
     for name, link, fmt in sources:
         lines += ["[[source]]", 'name = "%s"' % name, 'port = "%s"' % link, 'format = "%s"' % fmt, ""]
-    lines += ["[mqtt]", 'host = "127.0.0.1"', "port = %d" % broker_port, "", "[metrics]", 'listen = "127.0.0.1:%d"' % metrics_port, extra]
+    lines += ["[mqtt]", 'host = "%s"' % mqtt_host, "port = %d" % broker_port, mqtt_extra, "", "[metrics]",
+              'listen = "127.0.0.1:%d"' % metrics_port]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -94,7 +103,7 @@ def write_config(path, *, registry_path, state_dir, broker_port, sources, metric
 class GatewayProcess:
     """`binlink gateway --config ...` as a real process, its metrics read over HTTP."""
 
-    def __init__(self, tmp, broker_port, sources, devices=None, extra=""):
+    def __init__(self, tmp, broker_port, sources, devices=None, mqtt_extra="", mqtt_host="127.0.0.1"):
         self.tmp = str(tmp)
         self.registry = os.path.join(self.tmp, "devices.toml")
         if devices is not None:
@@ -102,7 +111,8 @@ class GatewayProcess:
         self.metrics_port = free_port()
         self.config = os.path.join(self.tmp, "gateway.toml")
         write_config(self.config, registry_path=self.registry, state_dir=os.path.join(self.tmp, "state"),
-                     broker_port=broker_port, sources=sources, metrics_port=self.metrics_port, extra=extra)
+                     broker_port=broker_port, sources=sources, metrics_port=self.metrics_port, mqtt_extra=mqtt_extra,
+                     mqtt_host=mqtt_host)
         self.log_path = os.path.join(self.tmp, "gateway.log")
         self.proc = None
 

@@ -1,0 +1,81 @@
+"""Pipeline stages on their own: calibration, events, dedup window, outbox conflation."""
+import os
+
+import pytest
+from hypothesis import given, strategies as st
+
+from gateway import calibration, events
+from gateway.config import Events
+from gateway.dedup import Dedup
+from gateway.outbox import Batch, Outbox
+from gateway.registry import Device
+
+DEV = Device(1, "b", bytes(16), 1200, 200)  # TEST KEY
+
+
+def r(dist, flags=()):
+    return {"distance_mm": dist, "flags": list(flags)}
+
+
+def test_fill_from_calibration():
+    assert calibration.fill_pct(DEV, r(1200)) == 0.0
+    assert calibration.fill_pct(DEV, r(200)) == 100.0
+    assert calibration.fill_pct(DEV, r(700)) == 50.0
+    assert calibration.fill_pct(DEV, r(1500)) == 0.0  # deeper than the floor: clamped
+    assert calibration.fill_pct(DEV, r(100)) == 100.0  # above full: clamped
+    assert calibration.fill_pct(DEV, r(None, ["sensor_fault"])) is None
+    assert calibration.fill_pct(DEV, r(800, ["sensor_fault"])) is None  # a fault never becomes a level
+    assert calibration.fill_pct(DEV, r(240, ["blind_zone"])) == 100.0
+
+
+@given(st.integers(0, 65534))
+def test_fill_always_in_range(dist):
+    assert 0.0 <= calibration.fill_pct(DEV, r(dist)) <= 100.0
+
+
+RULES = Events(full_pct=90, emptied_drop_pct=30, low_battery_mv=3300)
+
+
+@pytest.mark.parametrize("prev_fill,prev_flags,fill,flags,want", [
+    (80, 0, 95, [], ["full"]),
+    (95, 0, 97, [], []),  # already full: no new event
+    (85, 0, 10, [], ["emptied"]),
+    (40, 0, 25, [], []),  # a settling of 15 points is not a pickup
+    (None, None, 95, [], ["full"]),
+    (50, 0, 50, ["fire"], ["fire"]),
+    (50, 0x08, 50, ["fire"], []),  # still burning: one event per alarm, not per report
+    (50, 0, None, ["sensor_fault"], ["sensor_fault"]),
+    (50, 0, 50, ["tilt", "low_battery"], ["tilt", "low_battery"]),
+])
+def test_events(prev_fill, prev_flags, fill, flags, want):
+    assert events.detect(prev_fill, prev_flags, fill, flags, RULES) == want
+
+
+def test_dedup_window():
+    d = Dedup(30)
+    d.remember(1, 5, b"frame", now=100)
+    assert d.is_duplicate(1, 5, b"frame", now=120)
+    assert not d.is_duplicate(1, 5, b"other bytes", now=120)  # same counter, other bytes: a replay
+    assert not d.is_duplicate(1, 5, b"frame", now=131)
+    d.expire(now=131)
+    assert not d._seen
+
+
+def _state(bin_id, fcnt, now):
+    return ("1:%d:state" % fcnt, "binlink/s/bin/%s/state" % bin_id, b"{}", 1, now)
+
+
+def test_outbox_keeps_only_the_newest_pending_state_per_bin(tmp_path):
+    box = Outbox(os.path.join(str(tmp_path), "o.sqlite"))
+    for fcnt in (1, 2, 3):
+        b = Batch()
+        b.messages.append(("1:%d" % fcnt, "binlink/s/bin/x/event", b"{}", 0, 1.0))
+        b.states["x"] = _state("x", fcnt, 1.0)
+        box.commit(b)
+    pending = [(t, bool(ret)) for _, t, _, ret, _ in box.pending(0, 100)]
+    assert pending == [("binlink/s/bin/x/event", False)] * 3 + [("binlink/s/bin/x/state", True)]
+    assert box.depth() == 4
+    b = Batch()
+    b.messages.append(("1:3", "binlink/s/bin/x/event", b"{}", 0, 1.0))  # the same reading again
+    box.commit(b)
+    assert box.depth() == 4  # stored once
