@@ -70,7 +70,7 @@ entries = st.lists(
 
 @given(keys, device_ids, st.integers(255, c.MAX_FCNT), entries)
 def test_backlog_round_trip(key, dev, fcnt, es):
-    f = c.encode_backlog(key, dev, fcnt, [(fcnt - e[0],) + e[1:] for e in es])
+    f = c.encode_backlog(key, dev, fcnt, [(fcnt - e[0], e[1], c.pack_reading(*e[2:])) for e in es])
     d = c.decode(f, key, fcnt - 1)
     assert d["type"] == "backlog" and d["fcnt"] == fcnt and len(d["readings"]) == len(es)
     for r, e in zip(d["readings"], es):
@@ -95,7 +95,7 @@ def any_frame(draw):
     if kind == "reading":
         f = c.encode_reading(key, dev, fcnt, draw(distances), draw(temps), 3600, draw(flags), 5, 5)
     elif kind == "backlog":
-        f = c.encode_backlog(key, dev, fcnt, [(fcnt - 1, 5, 1000, 10, 3600, 0, 5, 5), (fcnt - 2, 9, 900, 11, 3600, 0, 5, 5)])
+        f = c.encode_backlog(key, dev, fcnt, [(fcnt - 2, 9, c.pack_reading(900, 11, 3600)), (fcnt - 1, 5, c.pack_reading(1000, 10, 3600))])
     else:
         f = c.encode_hello(key, dev, fcnt, (1, 0, 0), 1, b"abcd")
     return key, f, fcnt

@@ -95,7 +95,8 @@ def _clamp(v, lo, hi):
     return lo if v < lo else hi if v > hi else v
 
 
-def _pack_reading(distance_mm, temperature_c, battery_mv, flags, valid_pings, pings):
+def pack_reading(distance_mm, temperature_c, battery_mv, flags=0, valid_pings=0, pings=0):
+    """The 6-byte reading body shared by reading frames and backlog entries."""
     d = NO_DISTANCE if distance_mm is None else _clamp(int(distance_mm), 0, NO_DISTANCE - 1)
     t = NO_TEMPERATURE if temperature_c is None else _clamp(int(round(temperature_c)), -127, 127)
     b = _clamp((int(battery_mv) - 2000 + 5) // 10, 0, 255)
@@ -109,14 +110,17 @@ def _sign(key, fcnt, body):
 
 
 def encode_reading(key, device_id, fcnt, distance_mm, temperature_c, battery_mv, flags=0, valid_pings=0, pings=0):
-    body = _header(T_READING, device_id, fcnt) + _pack_reading(
-        distance_mm, temperature_c, battery_mv, flags, valid_pings, pings
+    return encode_reading_body(
+        key, device_id, fcnt, pack_reading(distance_mm, temperature_c, battery_mv, flags, valid_pings, pings)
     )
-    return _sign(key, fcnt, body)
+
+
+def encode_reading_body(key, device_id, fcnt, body):
+    return _sign(key, fcnt, _header(T_READING, device_id, fcnt) + body)
 
 
 def encode_backlog(key, device_id, fcnt, entries):
-    """entries: list of (fcnt, age_minutes, distance_mm, temperature_c, battery_mv, flags, valid, pings)."""
+    """entries: list of (fcnt, age_minutes, body), body from pack_reading(); oldest first."""
     if not 1 <= len(entries) <= 255:
         raise ValueError("a backlog batch holds 1..255 readings")
     parts = [_header(T_BACKLOG, device_id, fcnt), bytes([len(entries)])]
@@ -125,7 +129,7 @@ def encode_backlog(key, device_id, fcnt, entries):
         if not 1 <= back <= 255:
             raise ValueError("backlog reading counter must be 1..255 below the batch counter")
         parts.append(struct.pack(">BH", back, _clamp(int(e[1]), 0, 0xFFFF)))
-        parts.append(_pack_reading(e[2], e[3], e[4], e[5], e[6], e[7]))
+        parts.append(e[2])
     return _sign(key, fcnt, b"".join(parts))
 
 

@@ -40,9 +40,9 @@ def flip(frame, i, bit=0):
 def build():
     r = c.encode_reading(KEY, 0x0000A1, 42, 812, 21, 3712, 0, 5, 5)
     backlog3 = c.encode_backlog(KEY, 0x0000A1, 60, [
-        (55, 300, 1400, 12, 3700, 0, 5, 5),
-        (57, 180, 1350, 14, 3690, 0, 4, 5),
-        (59, 60, 1200, 15, 3690, c.F_LOW_BATTERY, 5, 5),
+        (55, 300, c.pack_reading(1400, 12, 3700, 0, 5, 5)),
+        (57, 180, c.pack_reading(1350, 14, 3690, 0, 4, 5)),
+        (59, 60, c.pack_reading(1200, 15, 3690, c.F_LOW_BATTERY, 5, 5)),
     ])
     v = [
         valid("reading_normal", r),
@@ -56,7 +56,7 @@ def build():
         valid("reading_counter_rollover", c.encode_reading(KEY, 0xA1, 0x10002, 1000, 20, 3600, 0, 5, 5), last=0xFFFE),
         valid("reading_counter_high_epoch", c.encode_reading(KEY, 0xA1, 0x30005, 1000, 20, 3600, 0, 5, 5), last=0x30001),
         valid("reading_max_device_id", c.encode_reading(KEY2, 0xFFFFFF, 1, 4000, 25, 4200, 0, 7, 7), key=KEY2),
-        valid("backlog_one", c.encode_backlog(KEY, 0xA1, 50, [(49, 15, 1800, 10, 3700, 0, 5, 5)])),
+        valid("backlog_one", c.encode_backlog(KEY, 0xA1, 50, [(49, 15, c.pack_reading(1800, 10, 3700, 0, 5, 5))])),
         valid("backlog_three", backlog3),
         valid("hello_power_on", c.encode_hello(KEY, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex("c0ffee01"))),
         valid("hello_watchdog", c.encode_hello(KEY, 0xA1, 64, (1, 2, 3), 3, bytes.fromhex("0badc0de"))),
@@ -76,7 +76,7 @@ def build():
         reject("replay_same_counter", r, "replay", last=42),
         reject("replay_older_counter", r, "replay", last=100),
         reject("fcnt_gap_too_large", c.encode_reading(KEY, 0xA1, 0x5000, 1000, 20, 3600, 0, 5, 5), "fcnt_gap", last=10),
-        reject("empty_backlog", c.encode_backlog(KEY, 0xA1, 50, [(49, 1, 1, 1, 3700, 0, 1, 1)])[:6] + b"\x00" + b"\x00" * 4, "bad_length"),
+        reject("empty_backlog", c.encode_backlog(KEY, 0xA1, 50, [(49, 1, c.pack_reading(1, 1, 3700, 0, 1, 1))])[:6] + b"\x00" + b"\x00" * 4, "bad_length"),
     ]
     return v
 

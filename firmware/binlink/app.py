@@ -1,0 +1,131 @@
+# The wake cycle: boot → read config → measure → decide → encode → transmit → deep sleep.
+# Every millisecond awake costs battery, so the cycle does only what this wake needs, and any
+# failure ends in deep sleep — never a crash loop that drains the battery.
+from binlink import airtime, codec, config, log, measure, sensors, state, transports
+
+FW_VERSION = (1, 0, 0)
+_log = log.get("app")
+
+
+def run_cycle(hw, cfg, chash):
+    """One wake; returns the number of seconds to deep-sleep. State is saved before returning."""
+    hw.wdt_start(cfg["wdt_ms"])
+    s = state.load(hw, cfg["nvs_every"])
+    try:
+        return _cycle(hw, cfg, chash, s)
+    except Exception as e:  # noqa: BLE001 - any fault: count it, sleep, try again next wake
+        s.errors += 1
+        _log.error("cycle failed: %s", repr(e))
+        return cfg["wake_s"]
+    finally:
+        state.save(hw, s)
+
+
+def _cycle(hw, cfg, chash, s):
+    now = hw.time_s()
+    cause = hw.reset_cause()
+    radio = transports.make(hw, cfg)
+    if cause != 4 or not s.restored:  # cold boot: say hello with the reset cause
+        _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
+                                                    FW_VERSION, cause, chash), now)
+    hw.wdt_feed()
+    temp = hw.temperature_c(cfg["temp_pin"])
+    dist, valid, flags = measure.take(hw, sensors.make(hw, cfg), cfg, temp)
+    battery = hw.battery_mv(cfg["battery_pin"])
+    hw.wdt_feed()
+    alarm = 0
+    if temp is not None and temp >= cfg["fire_c"]:
+        alarm |= codec.F_FIRE
+    if cfg["tilt_pin"] >= 0 and hw.pin_read(cfg["tilt_pin"]) == 0:
+        alarm |= codec.F_TILT
+    if battery < cfg["low_battery_mv"]:
+        flags |= codec.F_LOW_BATTERY
+    new_alarm = alarm & ~s.alarm_flags
+    flags |= alarm
+    if new_alarm:
+        flags |= codec.F_ALARM_WAKE
+    fill = _fill_pct(cfg, dist)
+    if not _due(cfg, s, now, dist, fill, new_alarm):
+        return cfg["wake_s"]
+    _flush_backlog(hw, cfg, s, radio, now)
+    if s.backlog:
+        flags |= codec.F_BACKLOG
+    body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
+    fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
+    if not _send(hw, cfg, s, radio, codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, body), now):
+        state.push_backlog(s, fcnt, now, body)
+    # reported (or queued): this is the new reference for the next decision
+    s.last_report = now
+    s.last_distance = state.NO_DISTANCE if dist is None else dist
+    s.last_fill = 0 if fill is None else fill
+    s.alarm_flags = alarm
+    return cfg["wake_s"]
+
+
+def _fill_pct(cfg, dist):
+    if dist is None:
+        return None
+    span = cfg["depth_mm"] - cfg["full_mm"]
+    pct = 100 * (cfg["depth_mm"] - dist) // span if span > 0 else 0
+    return 0 if pct < 0 else 100 if pct > 100 else pct
+
+
+def _due(cfg, s, now, dist, fill, new_alarm):
+    if new_alarm or not s.last_report or s.backlog:
+        return True
+    interval = cfg["report_near_full_s"] if fill is not None and fill >= cfg["near_full_pct"] else cfg["report_s"]
+    if now - s.last_report >= interval:
+        return True
+    if dist is not None and s.last_distance != state.NO_DISTANCE and abs(dist - s.last_distance) >= cfg["change_mm"]:
+        return True  # filled quickly, or emptied: a pickup is reported when it happens
+    if (dist is None) != (s.last_distance == state.NO_DISTANCE):
+        return True  # sensor fault appeared or cleared
+    return False
+
+
+def _send(hw, cfg, s, radio, frame, now):
+    """Sends if the duty cycle allows; books the off-time. False: not sent (caller keeps it)."""
+    if transports.duty_limited(cfg):
+        dc = cfg["duty_cycle"]
+        if s.budget_ms < 0:
+            s.budget_ms = airtime.budget_cap_ms(dc)
+        else:
+            s.budget_ms = airtime.refill_ms(s.budget_ms, now - s.budget_at, dc)
+        s.budget_at = now
+        toa = airtime.time_on_air_ms(radio.on_air_len(frame), cfg["sf"], cfg["bandwidth_khz"])
+        if toa > s.budget_ms:
+            _log.info("duty cycle: %d ms of airtime left, frame needs %d", s.budget_ms, toa)
+            return False
+        s.budget_ms -= int(toa + 0.999)
+    return radio.send(frame)
+
+
+def _flush_backlog(hw, cfg, s, radio, now):
+    """Oldest first, in batches; each batch gets a new counter above all of its readings."""
+    while s.backlog:
+        hw.wdt_feed()
+        fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
+        while s.backlog and fcnt - s.backlog[0][0] > 255:  # too far behind to encode: count, drop
+            s.backlog.pop(0)
+            s.dropped += 1
+        chunk = s.backlog[: cfg["backlog_per_frame"]]
+        if not chunk:
+            return
+        frame = codec.encode_backlog(cfg["key"], cfg["device_id"], fcnt, [(e[0], (now - e[1]) // 60, e[2]) for e in chunk])
+        if not _send(hw, cfg, s, radio, frame, now):
+            return
+        s.backlog = s.backlog[len(chunk):]
+
+
+def main(hw):
+    """Device entry point (main.py): one cycle, then deep sleep."""
+    cfg, chash, problems = config.load()
+    for p in problems:
+        _log.warning("config: %s", p)
+    if not config.usable(cfg):
+        _log.error("no usable config: sleeping %d s", config.SAFE_SLEEP_S)
+        hw.deepsleep(config.SAFE_SLEEP_S * 1000)
+        return
+    if cfg["tilt_pin"] >= 0:
+        hw.wake_on_pin(cfg["tilt_pin"], 0)
+    hw.deepsleep(run_cycle(hw, cfg, chash) * 1000)

@@ -1,0 +1,96 @@
+# Device configuration: one JSON file written at provisioning (`binlink provision`, `make flash`).
+# Missing or broken entries fall back to safe defaults, reported in `problems`.
+import json
+import hashlib
+
+DEFAULTS = {
+    "device_id": None,  # required: 24-bit int
+    "key": None,  # required: 32 hex digits
+    "sensor": "jsn-sr04t",  # jsn-sr04t | hc-sr04 | a02yyuw
+    "trig_pin": 5,
+    "echo_pin": 18,
+    "sensor_power_pin": -1,  # switched supply for the sensor; -1: always powered
+    "sensor_uart": [2, 9600, 17, 16],  # A02YYUW: uart id, baud, tx, rx
+    "temp_pin": 4,  # DS18B20
+    "battery_pin": 35,
+    "tilt_pin": -1,  # tilt switch to GND; -1: none
+    "pings": 5,
+    "ping_gap_ms": 60,
+    "blind_mm": 250,
+    "max_mm": 4500,
+    "depth_mm": 1200,  # sensor to floor: for the reporting decision only (the gateway calibrates)
+    "full_mm": 250,
+    "transport": "e22",  # e22 | e32 | rylr998 | serial | wifi
+    "radio_uart": [1, 9600, 26, 27],
+    "rylr_addr": 0,  # RYLR998 destination address (0 = broadcast)
+    "sf": 9,  # LoRa spreading factor, for time on air and the duty cycle
+    "bandwidth_khz": 125,
+    "duty_cycle": 0.01,  # EU868 g1 sub-band
+    "wifi_ssid": "",
+    "wifi_password": "",
+    "mqtt_host": "",
+    "mqtt_port": 1883,
+    "mqtt_user": "",
+    "mqtt_password": "",
+    "mqtt_topic": "binlink/uplink",
+    "wake_s": 900,  # how often the bin wakes to measure
+    "report_s": 3600,  # longest time between reports
+    "report_near_full_s": 900,  # ... once the bin is near full
+    "near_full_pct": 75,
+    "change_mm": 100,  # report early when the level moved this much
+    "fire_c": 70,
+    "low_battery_mv": 3300,
+    "backlog_per_frame": 4,  # readings per backlog batch (51-byte payload at SF12)
+    "nvs_every": 16,  # counter written to flash every N frames (skip N after power loss)
+    "wdt_ms": 30000,
+}
+SAFE_SLEEP_S = 3600  # sleep for this long when the configuration is unusable
+
+
+def load(path="/config.json"):
+    """Returns (config dict, config hash bytes(4), problems list)."""
+    problems = []
+    raw = b""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        given = json.loads(raw)
+        if not isinstance(given, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as e:
+        problems.append("config %s unreadable: %s" % (path, e))
+        given = {}
+    return parse(given, raw, problems)
+
+
+def parse(given, raw=b"", problems=None):
+    problems = problems if problems is not None else []
+    cfg = dict(DEFAULTS)
+    for k, v in given.items():
+        if k not in DEFAULTS:
+            problems.append("unknown key %s" % k)
+        elif DEFAULTS[k] is not None and type(v) is not type(DEFAULTS[k]) and not (
+            isinstance(DEFAULTS[k], float) and isinstance(v, int)
+        ):
+            problems.append("%s: wrong type, using default" % k)
+        else:
+            cfg[k] = v
+    dev = cfg["device_id"]
+    if not isinstance(dev, int) or not 0 <= dev <= 0xFFFFFF:
+        problems.append("device_id missing or out of range")
+        cfg["device_id"] = None
+    key = cfg["key"]
+    try:
+        cfg["key"] = bytes.fromhex(key) if isinstance(key, str) and len(key) == 32 else None
+    except ValueError:
+        cfg["key"] = None
+    if cfg["key"] is None:
+        problems.append("key missing or not 32 hex digits")
+    if cfg["pings"] < 1 or cfg["pings"] > 15:
+        problems.append("pings must be 1..15")
+        cfg["pings"] = DEFAULTS["pings"]
+    return cfg, hashlib.sha256(raw).digest()[:4], problems
+
+
+def usable(cfg):
+    return cfg["device_id"] is not None and cfg["key"] is not None

@@ -1,0 +1,190 @@
+# Hardware boundary: the only module that touches machine, esp32, network and sleep.
+# Everything else gets this module (or the simulator's stand-in with the same functions) as `hw`.
+import time
+import machine
+import esp32
+
+_uarts = {}
+_wdt = None
+_nvs = None
+
+RESET_CAUSES = {
+    machine.PWRON_RESET: 1,
+    machine.HARD_RESET: 2,
+    machine.WDT_RESET: 3,
+    machine.DEEPSLEEP_RESET: 4,
+    machine.SOFT_RESET: 5,
+}
+
+
+def reset_cause():
+    """Index into codec.RESET_CAUSES (4 = woke from deep sleep)."""
+    return RESET_CAUSES.get(machine.reset_cause(), 0)
+
+
+def time_s():
+    return time.time()  # the RTC keeps counting through deep sleep
+
+
+def ticks_ms():
+    return time.ticks_ms()
+
+
+def sleep_ms(ms):
+    time.sleep_ms(ms)
+
+
+def deepsleep(ms):
+    machine.deepsleep(ms)
+
+
+def wake_on_pin(pin, level):
+    esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
+
+
+def woke_by_pin():
+    return machine.wake_reason() == machine.EXT0_WAKE
+
+
+def rtc_read():
+    return bytes(machine.RTC().memory())
+
+
+def rtc_write(data):
+    machine.RTC().memory(data)
+
+
+def nvs_get(key):
+    global _nvs
+    if _nvs is None:
+        _nvs = esp32.NVS("binlink")
+    try:
+        return _nvs.get_i32(key)
+    except OSError:
+        return None
+
+
+def nvs_set(key, value):
+    global _nvs
+    if _nvs is None:
+        _nvs = esp32.NVS("binlink")
+    _nvs.set_i32(key, value)
+    _nvs.commit()
+
+
+def pin_write(pin, value):
+    machine.Pin(pin, machine.Pin.OUT).value(value)
+
+
+def pin_read(pin):
+    return machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP).value()
+
+
+def pulse_us(trig, echo, timeout_us):
+    """10 us trigger, then the echo's high time; -1/-2 are time_pulse_us's timeouts."""
+    t = machine.Pin(trig, machine.Pin.OUT)
+    e = machine.Pin(echo, machine.Pin.IN)
+    t.value(0)
+    time.sleep_us(5)
+    t.value(1)
+    time.sleep_us(10)
+    t.value(0)
+    return machine.time_pulse_us(e, 1, timeout_us)
+
+
+def _uart(port):
+    u = _uarts.get(port[0])
+    if u is None:
+        uid, baud, tx, rx = port
+        u = machine.UART(uid, baudrate=baud, tx=tx, rx=rx, timeout=0)
+        _uarts[uid] = u
+    return u
+
+
+def uart_write(port, data):
+    """port: (uart id, baud, tx pin, rx pin)."""
+    _uart(port).write(data)
+
+
+def uart_read(port, n, timeout_ms):
+    u = _uart(port)
+    buf = b""
+    start = time.ticks_ms()
+    while len(buf) < n and time.ticks_diff(time.ticks_ms(), start) < timeout_ms:
+        chunk = u.read(n - len(buf))
+        if chunk:
+            buf += chunk
+        else:
+            time.sleep_ms(2)
+    return buf
+
+
+def uart_flush_input(port):
+    u = _uart(port)
+    while u.any():
+        u.read()
+
+
+def battery_mv(pin):
+    """Battery through a 1:2 divider on an ADC pin (11 dB attenuation reads up to ~3.1 V)."""
+    adc = machine.ADC(machine.Pin(pin), atten=machine.ADC.ATTN_11DB)
+    return adc.read_uv() * 2 // 1000
+
+
+def temperature_c(pin):
+    """DS18B20 on a 1-Wire pin; None when absent."""
+    try:
+        import onewire
+        import ds18x20
+
+        ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
+        roms = ds.scan()
+        if not roms:
+            return None
+        ds.convert_temp()
+        time.sleep_ms(750)
+        return ds.read_temp(roms[0])
+    except (OSError, ImportError):
+        return None
+
+
+def wdt_start(timeout_ms):
+    global _wdt
+    _wdt = machine.WDT(timeout=timeout_ms)
+
+
+def wdt_feed():
+    if _wdt is not None:
+        _wdt.feed()
+
+
+def wifi_connect(ssid, password, timeout_ms):
+    import network
+
+    w = network.WLAN(network.STA_IF)
+    w.active(True)
+    if not w.isconnected():
+        w.connect(ssid, password)
+        start = time.ticks_ms()
+        while not w.isconnected():
+            if time.ticks_diff(time.ticks_ms(), start) > timeout_ms:
+                return False
+            time.sleep_ms(50)
+    return True
+
+
+def wifi_off():
+    import network
+
+    network.WLAN(network.STA_IF).active(False)
+
+
+def mqtt_publish(client_id, host, port, user, password, topic, payload):
+    from umqtt.simple import MQTTClient
+
+    c = MQTTClient(client_id, host, port=port, user=user or None, password=password or None, keepalive=0)
+    c.connect()
+    try:
+        c.publish(topic, payload, qos=1)
+    finally:
+        c.disconnect()

@@ -1,0 +1,92 @@
+# State across deep sleep (RTC memory, at most 2048 bytes on ESP32) and power loss (NVS).
+#
+# RTC layout, little-endian:
+#   0  magic "BL" | 2 layout version | 3 flags (bit0: hello sent)
+#   4  fcnt u32 | 8 errors u16 | 10 dropped u16 | 12 last report time u32 | 16 last distance u16
+#   18 last fill % u8 | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
+#   24 airtime budget ms u16 | 26 last alarm flags u8 | 27..31 reserved
+#   32 backlog: entries of 14 bytes: fcnt u32, measured at u32 (s), reading body (6 bytes)
+# The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
+# the reservation, so no value is ever sent twice.
+import struct
+
+MAGIC = b"BL"
+LAYOUT = 1
+HEADER = "<2sBBIHHIHBBIHB5x"
+HEADER_LEN = 32
+ENTRY = "<II6s"
+ENTRY_LEN = 14
+RTC_BYTES = 2048
+MAX_BACKLOG = (RTC_BYTES - HEADER_LEN) // ENTRY_LEN  # 144; capped lower below
+BACKLOG_CAP = 100  # oldest dropped (and counted) beyond this
+NO_DISTANCE = 0xFFFF
+
+
+class State:
+    def __init__(self):
+        self.fcnt = 0
+        self.errors = 0
+        self.dropped = 0
+        self.last_report = 0
+        self.last_distance = NO_DISTANCE
+        self.last_fill = 0
+        self.budget_at = 0  # duty cycle: airtime budget (token bucket), as of budget_at
+        self.budget_ms = -1  # -1: never transmitted; starts full
+        self.alarm_flags = 0
+        self.backlog = []  # [fcnt, measured_at_s, body bytes]
+        self.restored = False  # True when RTC memory held a valid state
+
+    def pack(self):
+        head = struct.pack(HEADER, MAGIC, LAYOUT, 0, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
+                           self.last_report, self.last_distance, self.last_fill, len(self.backlog),
+                           self.budget_at, max(0, self.budget_ms), self.alarm_flags)
+        parts = [head]
+        for e in self.backlog:
+            parts.append(struct.pack(ENTRY, e[0], e[1], e[2]))
+        out = b"".join(parts)
+        assert len(out) <= RTC_BYTES
+        return out
+
+
+def unpack(data):
+    s = State()
+    if len(data) < HEADER_LEN or data[:2] != MAGIC or data[2] != LAYOUT:
+        return s
+    (_, _, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.last_fill, n,
+     s.budget_at, s.budget_ms, s.alarm_flags) = struct.unpack(HEADER, data[:HEADER_LEN])
+    if HEADER_LEN + n * ENTRY_LEN > len(data):
+        return State()  # corrupt: start clean (the counter comes from NVS)
+    for i in range(n):
+        fcnt, t, body = struct.unpack_from(ENTRY, data, HEADER_LEN + i * ENTRY_LEN)
+        s.backlog.append([fcnt, t, bytes(body)])
+    s.restored = True
+    return s
+
+
+def load(hw, nvs_every):
+    s = unpack(hw.rtc_read())
+    if not s.restored:
+        reserved = hw.nvs_get("fcnt")
+        if reserved is not None:
+            s.fcnt = reserved & 0xFFFFFFFF  # skip-ahead: values below were possibly used
+    return s
+
+
+def save(hw, s):
+    hw.rtc_write(s.pack())
+
+
+def next_fcnt(hw, s, nvs_every):
+    """Takes the next frame counter, reserving a block in NVS before entering it."""
+    f = s.fcnt
+    s.fcnt = f + 1
+    if f % nvs_every == 0:
+        hw.nvs_set("fcnt", f + nvs_every)  # flash wear: one write per nvs_every frames
+    return f
+
+
+def push_backlog(s, fcnt, now_s, body):
+    s.backlog.append([fcnt, now_s, body])
+    while len(s.backlog) > BACKLOG_CAP:
+        s.backlog.pop(0)
+        s.dropped += 1

@@ -1,0 +1,90 @@
+# Uplink transports, one interface: send(frame) -> True when the frame left the device
+# (for RYLR998: the module answered +OK; for Wi-Fi: the broker acknowledged), False otherwise.
+from binlink import framing, log
+
+_log = log.get("transport")
+
+
+class UartFramed:
+    """Wired serial, or an EBYTE E22/E32 in transparent mode: COBS + CRC frames on the UART.
+    E22/E32 give no acknowledgement, so a frame written is a frame sent."""
+
+    def __init__(self, hw, port):
+        self.hw = hw
+        self.port = tuple(port)
+
+    def send(self, frame):
+        self.hw.uart_write(self.port, framing.frame(frame))
+        return True
+
+    def on_air_len(self, frame):
+        return len(framing.frame(frame))
+
+
+class Rylr998:
+    """REYAX RYLR998: AT+SEND=<addr>,<len>,<hex>; waits for +OK, +ERR=n is a failure."""
+
+    REPLY_TIMEOUT_MS = 1000
+
+    def __init__(self, hw, port, addr):
+        self.hw = hw
+        self.port = tuple(port)
+        self.addr = addr
+
+    def send(self, frame):
+        data = frame.hex().upper()
+        if len(data) > 240:
+            _log.error("frame of %d bytes too long for RYLR998", len(frame))
+            return False
+        self.hw.uart_flush_input(self.port)
+        self.hw.uart_write(self.port, b"AT+SEND=%d,%d,%s\r\n" % (self.addr, len(data), data.encode()))
+        reply = self.hw.uart_read(self.port, 9, self.REPLY_TIMEOUT_MS)  # "+OK\r\n" or "+ERR=nn\r\n"
+        if reply.startswith(b"+OK"):
+            return True
+        _log.warning("RYLR998 send failed: %s", reply.strip() or b"no reply")
+        return False
+
+    def on_air_len(self, frame):
+        return 2 * len(frame)  # the module sends the ASCII characters
+
+
+class WifiMqtt:
+    """Bins within Wi-Fi reach: the same frame published with umqtt.simple (QoS 1)."""
+
+    def __init__(self, hw, cfg):
+        self.hw = hw
+        self.cfg = cfg
+        self.up = False
+
+    def send(self, frame):
+        c = self.cfg
+        if not self.up:
+            self.up = self.hw.wifi_connect(c["wifi_ssid"], c["wifi_password"], 8000)
+            if not self.up:
+                _log.warning("Wi-Fi %s not reachable", c["wifi_ssid"])
+                return False
+        try:
+            self.hw.mqtt_publish("binlink-%06x" % c["device_id"], c["mqtt_host"], c["mqtt_port"], c["mqtt_user"],
+                                 c["mqtt_password"], c["mqtt_topic"], frame)
+            return True
+        except OSError as e:
+            _log.warning("MQTT publish failed: %s", e)
+            return False
+
+    def on_air_len(self, frame):
+        return 0  # no duty cycle on Wi-Fi
+
+
+def make(hw, cfg):
+    kind = cfg["transport"]
+    if kind in ("e22", "e32", "serial"):
+        return UartFramed(hw, cfg["radio_uart"])
+    if kind == "rylr998":
+        return Rylr998(hw, cfg["radio_uart"], cfg["rylr_addr"])
+    if kind == "wifi":
+        return WifiMqtt(hw, cfg)
+    raise ValueError("unknown transport %s" % kind)
+
+
+def duty_limited(cfg):
+    return cfg["transport"] in ("e22", "e32", "rylr998")

@@ -1,0 +1,122 @@
+"""The physical world of a bin: how it fills, what an ultrasonic ping sees, the air, the battery.
+
+All randomness comes from a random.Random the caller seeds, so a run is reproducible."""
+import math
+
+DAY = 86400.0
+
+
+class Weather:
+    """Air temperature: a daily cycle around a seasonal mean (winter by default: where a fixed
+    343 m/s speed of sound is most wrong)."""
+
+    def __init__(self, mean_c=4.0, swing_c=5.0):
+        self.mean_c = mean_c
+        self.swing_c = swing_c
+
+    def air_c(self, t):
+        return self.mean_c + self.swing_c * math.sin(2 * math.pi * ((t % DAY) / DAY - 0.375))  # peak ~15:00
+
+
+class Bin:
+    """Fill level 0..1 of the usable height (1 = at full_mm), can overfill towards the lid."""
+
+    def __init__(self, rng, depth_mm=1200, full_mm=250, days_to_fill=None, collect_every_days=None, t0=0.0):
+        self.rng = rng
+        self.depth_mm = depth_mm
+        self.full_mm = full_mm
+        self.days_to_fill = days_to_fill or rng.uniform(2.0, 6.0)
+        self.collect_every_days = collect_every_days or rng.choice((2, 3, 3.5, 7))
+        self.level = rng.uniform(0.0, 0.6)
+        self.next_collection = t0 + rng.uniform(0.2, self.collect_every_days) * DAY
+        self.t = t0
+        self.hot_until = -1.0  # a hot object smouldering inside
+        self.tilted_until = -1.0
+
+    def rate_per_s(self, t):
+        """Filling speed: busy in the day, quiet at night, more at weekends, never negative."""
+        hour = (t % DAY) / 3600.0
+        daily = 0.25 + 1.5 * max(0.0, math.sin(math.pi * (hour - 7) / 14)) if 7 <= hour <= 21 else 0.25
+        weekday = int(t // DAY) % 7
+        weekly = 1.3 if weekday >= 5 else 1.0
+        return daily * weekly / (self.days_to_fill * DAY) / 0.83  # 0.83: mean of daily*weekly shape
+
+    def advance(self, t, on_collect=None):
+        """Moves to time t; returns the collections that happened on the way."""
+        collected = []
+        while self.t < t:
+            step = min(t - self.t, 600.0)
+            if self.next_collection <= self.t + step:
+                step = max(0.0, self.next_collection - self.t)
+                self._fill(step)
+                self.t += step
+                self.level = self.rng.uniform(0.0, 0.03)  # some litter stays behind
+                collected.append(self.t)
+                self.next_collection = self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
+                continue
+            self._fill(step)
+            self.t += step
+        return collected
+
+    def _fill(self, dt):
+        noise = self.rng.uniform(0.5, 1.5)
+        self.level = min(1.2, self.level + self.rate_per_s(self.t) * dt * noise)
+
+    def collect_now(self):
+        self.next_collection = self.t
+
+    def surface_mm(self):
+        """Distance from the sensor to the rubbish surface."""
+        return self.depth_mm - self.level * (self.depth_mm - self.full_mm)
+
+    def true_fill_pct(self):
+        return max(0.0, min(100.0, 100.0 * self.level))
+
+
+class UltrasonicSensor:
+    """What a JSN-SR04T-class sensor reports for a surface at distance d through air at T."""
+
+    def __init__(self, rng, noise_mm=4.0, p_spurious=0.03, p_no_echo=0.02, blind_mm=220, max_mm=4500):
+        self.rng = rng
+        self.noise_mm = noise_mm
+        self.p_spurious = p_spurious
+        self.p_no_echo = p_no_echo
+        self.blind_mm = blind_mm
+        self.max_mm = max_mm
+        self.broken = False  # a dead or covered sensor: nothing comes back
+
+    def echo_us(self, surface_mm, air_c, timeout_us):
+        """Echo pulse width (round trip), or -2 (no echo within the timeout) like time_pulse_us."""
+        r = self.rng
+        if self.broken or r.random() < self.p_no_echo or surface_mm > self.max_mm:
+            return -2
+        d = surface_mm
+        if r.random() < self.p_spurious:
+            d = r.uniform(self.blind_mm, max(self.blind_mm + 1, d))  # a stray echo off the wall or lid
+        d = max(d, self.blind_mm * r.uniform(0.95, 1.05)) + r.gauss(0.0, self.noise_mm)
+        c = 331.3 + 0.606 * air_c  # m/s = mm/ms
+        us = int(2 * d / c * 1000)
+        return us if us <= timeout_us else -2
+
+    def a02_frame(self, surface_mm, air_c):
+        """One A02YYUW UART frame for the surface (its own processing assumes 343 m/s... and
+        returns 0 when there is no target)."""
+        us = self.echo_us(surface_mm, air_c, 60000)
+        mm = 0 if us < 0 else int(us * 0.343 / 2)
+        h, l = mm >> 8, mm & 0xFF
+        return bytes([0xFF, h, l, (0xFF + h + l) & 0xFF])
+
+
+class Battery:
+    """A 3.6 V Li-SOCl2 D cell (19 Ah): flat voltage, dropping near the end."""
+
+    def __init__(self, capacity_mah=19000.0, used_mah=0.0):
+        self.capacity_mah = capacity_mah
+        self.used_mah = used_mah
+
+    def draw(self, ma, seconds):
+        self.used_mah += ma * seconds / 3600.0
+
+    def mv(self):
+        left = max(0.0, 1.0 - self.used_mah / self.capacity_mah)
+        return int(3000 + 650 * min(1.0, left * 5))  # 3.65 V until the last 20 %
