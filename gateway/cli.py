@@ -50,6 +50,11 @@ def build_parser():
     cc = gsub.add_parser("check-config", help="validate a config and its device registry, naming every problem")
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
+
+    from simulator import cli as sim_cli, demo
+
+    sim_cli.add_parser(sub)
+    demo.add_parser(sub)
     return p
 
 

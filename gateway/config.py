@@ -44,7 +44,7 @@ class Mqtt:
 @dataclass
 class Events:
     full_pct: float = 90.0
-    emptied_drop_pct: float = 30.0
+    emptied_drop_pct: float = 15.0
     low_battery_mv: int = 3300
 
 

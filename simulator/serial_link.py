@@ -2,7 +2,11 @@
 
 A stable symlink at `link` points to the pty's slave (like /dev/serial/by-id/...); `unplug()`
 closes the pty and removes the link, `plug()` creates a new pty behind the same link."""
+import fcntl
 import os
+import struct
+import termios
+import time
 import tty
 
 
@@ -43,6 +47,21 @@ class PtyLink:
         while view:
             n = os.write(self.master, view)
             view = view[n:]
+        return True
+
+    def pending(self):
+        """Bytes written but not yet read by the other side."""
+        if self._slave is None:
+            return 0
+        return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    def wait_drained(self, timeout_s):
+        """Waits until the reader took everything (so closing loses nothing); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.pending():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
         return True
 
     def close(self):

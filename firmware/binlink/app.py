@@ -48,7 +48,7 @@ def _cycle(hw, cfg, chash, s):
         flags |= codec.F_ALARM_WAKE
     fill = _fill_pct(cfg, dist)
     if not _due(cfg, s, now, dist, fill, new_alarm):
-        return cfg["wake_s"]
+        return _sleep_s(cfg, s)
     _flush_backlog(hw, cfg, s, radio, now)
     if s.backlog:
         flags |= codec.F_BACKLOG
@@ -61,7 +61,17 @@ def _cycle(hw, cfg, chash, s):
     s.last_distance = state.NO_DISTANCE if dist is None else dist
     s.last_fill = 0 if fill is None else fill
     s.alarm_flags = alarm
-    return cfg["wake_s"]
+    return _sleep_s(cfg, s)
+
+
+def _sleep_s(cfg, s):
+    """wake_s ± 5 %, varied by device and counter: bins powered up together drift apart instead
+    of waking (and transmitting) in lock-step for years."""
+    w = cfg["wake_s"]
+    spread = w // 10
+    if spread < 1:
+        return w
+    return w - spread // 2 + (cfg["device_id"] * 7919 + s.fcnt * 104729 + s.last_report) % spread
 
 
 def _fill_pct(cfg, dist):

@@ -1,10 +1,16 @@
 # Logging through MicroPython's logging module (`mpremote mip install logging`); a print-based
 # stand-in with the same calls where it is not installed, so a missing package never stops a bin.
+import sys
+
 try:
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
-    get = logging.getLogger
+    if sys.implementation.name == "micropython":  # on a host (simulator) the host configures logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+
+    def get(name):
+        return logging.getLogger("binlink.fw." + name)
+
 except ImportError:
 
     class _Logger:

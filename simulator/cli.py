@@ -1,0 +1,73 @@
+"""`binlink sim`: a seeded fleet of simulated bins writing to pseudo-terminals."""
+import json
+import logging
+import sys
+
+
+def add_parser(sub):
+    p = sub.add_parser("sim", help="run a simulated fleet into pseudo-terminals (the gateway reads them)")
+    p.add_argument("--bins", type=int, default=20)
+    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second (0: flat out)")
+    p.add_argument("--duration", type=float, default=3600.0, help="simulated seconds to run")
+    p.add_argument("--format", default="raw", choices=["raw", "raw+rssi", "rylr998"])
+    p.add_argument("--link", action="append", required=True,
+                   help="path of the pty symlink to create (repeat for several radios)")
+    p.add_argument("--registry", required=True, help="device registry to write (keys included) for the gateway")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--vm", default="cpython", choices=["cpython", "micropython"], help="interpreter for the firmware")
+    p.add_argument("--truth", help="write the ground truth (JSON) here at the end")
+    p.add_argument("--loss", type=float, default=0.01, help="base loss rate of the radio channel")
+    p.add_argument("--duplicates", type=float, default=0.01)
+    p.add_argument("--bit-errors", type=float, default=0.002)
+    p.add_argument("--linger", type=float, default=10.0, help="seconds to wait for the gateway to read the pty at the end")
+    p.set_defaults(func=cmd_sim)
+
+
+def cmd_sim(args):
+    from simulator.fleet import Fleet
+
+    logging.getLogger("binlink.fw").setLevel(logging.WARNING)
+    vm = None
+    if args.vm == "micropython":
+        from simulator.vm import FirmwareVM
+
+        vm = FirmwareVM()
+    fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=args.link, registry_path=args.registry, vm=vm,
+                  speed=args.speed, channel={"loss": args.loss, "duplicates": args.duplicates, "bit_errors": args.bit_errors})
+    print("sim: %d bins, format %s, links %s, registry %s, %s firmware" % (
+        args.bins, args.format, ", ".join(args.link), args.registry, args.vm), flush=True)
+    try:
+        fleet.run(args.duration)
+    except KeyboardInterrupt:
+        pass
+    for link in fleet.links:
+        link.wait_drained(args.linger)
+    summary = summarize(fleet)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    if args.truth:
+        write_truth(fleet, args.truth)
+    fleet.close()
+    if vm is not None:
+        vm.close()
+    return 0
+
+
+def summarize(fleet):
+    return {"bins": len(fleet.devices), "sent": fleet.frames_sent, "lost_on_air": fleet.lost_on_air,
+            "collections": len(fleet.truth.collections), "alarms": len(fleet.truth.alarms),
+            "channel": fleet.channel.stats}
+
+
+def write_truth(fleet, path):
+    t = fleet.truth
+    data = {
+        "collections": t.collections,
+        "alarms": t.alarms,
+        "readings": {"%s:%d" % k: v for k, v in t.readings.items()},
+        "bins": {"%06x" % d.device_id: d.bin_id for d in fleet.devices},
+        "summary": summarize(fleet),
+    }
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
