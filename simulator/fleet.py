@@ -19,7 +19,7 @@ from simulator.serial_link import PtyLink
 
 class Truth:
     def __init__(self):
-        self.collections = []  # (bin_id, t)
+        self.collections = []  # (bin_id, t, fill level before 0..1.2)
         self.alarms = []  # (bin_id, kind, t_start, t_end)
         self.readings = {}  # (device hex, fcnt) -> (true fill %, surface mm, t measured)
 
@@ -111,8 +111,8 @@ class Fleet:
 
     def _world(self, d, t):
         """Physics up to t: filling, collections (scheduled and on demand), random alarms."""
-        for when in d.bin.advance(t):
-            self.truth.collections.append((d.bin_id, when))
+        for when, level in d.bin.advance(t):
+            self.truth.collections.append((d.bin_id, when, level))
         if d.bin.level >= 1.0 and d.bin.next_collection > t + 6 * 3600:
             d.bin.next_collection = t + self.rng.uniform(1, 6) * 3600  # full: the back office sends a truck
         if d.alarm_until and t >= d.alarm_until:

@@ -42,7 +42,7 @@ class Bin:
         return daily * weekly / (self.days_to_fill * DAY) / 0.83  # 0.83: mean of daily*weekly shape
 
     def advance(self, t, on_collect=None):
-        """Moves to time t; returns the collections that happened on the way."""
+        """Moves to time t; returns the collections on the way as (time, fill level before)."""
         collected = []
         while self.t < t:
             step = min(t - self.t, 600.0)
@@ -50,8 +50,8 @@ class Bin:
                 step = max(0.0, self.next_collection - self.t)
                 self._fill(step)
                 self.t += step
+                collected.append((self.t, self.level))
                 self.level = self.rng.uniform(0.0, 0.03)  # some litter stays behind
-                collected.append(self.t)
                 self.next_collection = self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
                 continue
             self._fill(step)

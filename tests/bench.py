@@ -69,7 +69,35 @@ def bench_firmware():
     }
 
 
-SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway}
+def bench_fleet():
+    """A simulated week of 100 bins with a realistic channel, end to end through the gateway."""
+    from simulator import fidelity
+    from simulator.fleet import Fleet
+    from tests import fleet_run
+
+    t0 = time.perf_counter()
+    fleet, events, _, _ = fleet_run.run(100, 7 * 86400, fmt="raw+rssi", seed=7)
+    wall = time.perf_counter() - t0
+    score = fidelity.score(fleet.truth, None, events, fleet.now)
+    # the simulator alone (no pty, no gateway): simulated bin-days per wall second on CPython
+    sim = Fleet(100, seed=7)
+    t1 = time.perf_counter()
+    sim.run(7 * 86400)
+    sim_wall = time.perf_counter() - t1
+    return {
+        "fill_mae_pct": score["fill_mae_pct"],
+        "pickup_recall": score["pickup_recall"],
+        "pickups_detectable": score["pickups_detectable"],
+        "pickups_total": score["pickups_total"],
+        "false_alarms": score["false_alarms"],
+        "fleet_week_frames_sent": fleet.frames_sent,
+        "fleet_week_lost_on_air": fleet.lost_on_air,
+        "fleet_week_end_to_end_wall_s": round(wall, 1),
+        "sim_bin_days_per_s": round(100 * 7 / sim_wall, 1),
+    }
+
+
+SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway, "fleet": bench_fleet}
 
 
 def main(names):

@@ -1,0 +1,108 @@
+"""The simulator end to end, and its models on their own."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from simulator import fidelity, physics
+from simulator.fleet import Fleet
+from tests import fleet_run
+from tests.harness import BINLINK
+
+
+@pytest.mark.parametrize("fmt", ["raw", "raw+rssi", "rylr998"])
+def test_seeded_fleet_through_gateway_matches_ground_truth(fmt, tmp_path):
+    fleet, events, states, metrics = fleet_run.run(8, 86400, fmt=fmt, seed=4, tmp=str(tmp_path))
+    uplinks = [e for e in events if e["event"] == "uplink"]
+    ids = [e["message_id"] for e in uplinks]
+    assert len(ids) == len(set(ids))
+    assert len(uplinks) >= 0.9 * len(fleet.truth.readings)  # a realistic channel loses a few
+    for e in uplinks:
+        fill, surface, _ = fleet.truth.readings[(e["device"], e["fcnt"])]
+        if e["fill_pct"] is None:
+            assert "sensor_fault" in e["flags"]
+        else:
+            assert abs(e["fill_pct"] - min(100.0, fill)) <= 5.0, (e, fill)
+    for d in fleet.devices:  # retained state = the bin's newest reading
+        mine = [e for e in uplinks if e["bin_id"] == d.bin_id]
+        assert states[d.bin_id]["fcnt"] == max(e["fcnt"] for e in mine)
+    if fmt != "raw":
+        assert all(e["rssi"] is not None for e in uplinks)
+    if fmt == "rylr998":
+        assert all(e["snr"] is not None for e in uplinks)
+    score = fidelity.score(fleet.truth, None, events, fleet.now)
+    assert score["false_alarms"] == 0
+
+
+def test_same_seed_same_world():
+    runs = []
+    for _ in range(2):
+        f = Fleet(5, seed=9, t0=1_790_000_000.0)
+        f.run(2 * 86400)
+        runs.append(([d.frames() for d in f.devices], f.truth.collections, f.channel.stats))
+    assert runs[0] == runs[1]
+    assert Fleet(5, seed=10, t0=1_790_000_000.0).devices[0].key != Fleet(5, seed=9, t0=1_790_000_000.0).devices[0].key
+
+
+def test_fleet_on_the_micropython_vm(tmp_path):
+    from simulator.vm import FirmwareVM
+
+    vm = FirmwareVM()
+    try:
+        fleet, events, states, metrics = fleet_run.run(3, 6 * 3600, fmt="raw+rssi", seed=2, vm=vm, tmp=str(tmp_path))
+    finally:
+        vm.close()
+    assert all(f > 0 for d in fleet.devices for f in d.fuel)
+    uplinks = [e for e in events if e["event"] == "uplink"]
+    assert len(uplinks) >= 3 * 6 * 0.9  # hourly reports at least
+    for e in uplinks:
+        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= 5.0
+
+
+def test_sim_command_writes_registry_and_truth(tmp_path):
+    reg, truth = tmp_path / "devices.toml", tmp_path / "truth.json"
+    r = subprocess.run([BINLINK, "sim", "--bins", "4", "--speed", "0", "--duration", "7200", "--link",
+                        str(tmp_path / "radio0"), "--registry", str(reg), "--seed", "3", "--truth", str(truth),
+                        "--linger", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["bins"] == 4 and summary["sent"] >= 8
+    assert oct(os.stat(reg).st_mode & 0o777) == "0o600" and "key =" in reg.read_text()
+    t = json.loads(truth.read_text())
+    assert len(t["bins"]) == 4 and t["readings"]
+
+
+def test_demo_runs_and_ends_with_its_summary_line():
+    r = subprocess.run([BINLINK, "demo", "--bins", "5", "--seconds", "8"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = r.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split())
+    assert list(fields) == ["bins", "sent", "published", "lost_on_air", "lost_after_gateway"]
+    assert fields["bins"] == "5" and int(fields["published"]) > 0
+    assert fields["lost_after_gateway"] == "0"
+
+
+def test_ping_physics_speed_of_sound_and_faults():
+    s = physics.UltrasonicSensor(random.Random(1), noise_mm=0, p_spurious=0, p_no_echo=0)
+    cold, warm = s.echo_us(1000, -10.0, 60000), s.echo_us(1000, 30.0, 60000)
+    assert cold > warm  # sound is slower in the cold: a longer echo for the same distance
+    assert abs(cold - 2 * 1000 / (331.3 - 6.06) * 1000) <= 1
+    assert s.echo_us(6000, 20, 60000) == -2  # out of range: no echo
+    s.broken = True
+    assert s.echo_us(1000, 20, 60000) == -2
+
+
+def test_bin_fills_by_day_and_gets_collected():
+    b = physics.Bin(random.Random(3), t0=0.0, days_to_fill=3, collect_every_days=7)
+    b.level = 0.0
+    b.next_collection = 10 * 86400
+    b.advance(86400 * 2)
+    assert 0.4 < b.level < 1.0
+    night = b.rate_per_s(86400 * 3 + 3 * 3600)
+    noon = b.rate_per_s(86400 * 3 + 13 * 3600)
+    assert noon > 3 * night
+    cols = b.advance(86400 * 11)
+    assert len(cols) == 1 and cols[0][1] > 0.9 and b.level < 0.5
