@@ -24,6 +24,8 @@ def add_parser(sub):
     p.add_argument("--speed", type=float, default=900.0, help="simulated seconds per wall second")
     p.add_argument("--format", default="raw+rssi", choices=["raw", "raw+rssi", "rylr998"])
     p.add_argument("--broker", help="HOST:PORT of an existing broker (default: start an embedded one)")
+    p.add_argument("--embedded", default="auto", choices=["auto", "mosquitto", "amqtt"],
+                   help="embedded broker: Mosquitto where installed, else amqtt (auto)")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_demo)
 
@@ -115,7 +117,7 @@ def cmd_demo(args):
             host, port = host or "127.0.0.1", int(port)
             console.print("==> using the broker at %s:%d" % (host, port))
         else:
-            broker = brokers.embedded()
+            broker = brokers.embedded(args.embedded)
             console.print("==> starting an embedded MQTT broker (%s) on 127.0.0.1:%d" % (type(broker).__name__, broker.port))
             broker.start()
             host, port = "127.0.0.1", broker.port

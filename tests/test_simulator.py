@@ -75,8 +75,10 @@ def test_sim_command_writes_registry_and_truth(tmp_path):
     assert len(t["bins"]) == 4 and t["readings"]
 
 
-def test_demo_runs_and_ends_with_its_summary_line():
-    r = subprocess.run([BINLINK, "demo", "--bins", "5", "--seconds", "8"], capture_output=True, text=True, timeout=180)
+@pytest.mark.parametrize("embedded", ["mosquitto", "amqtt"])
+def test_demo_runs_and_ends_with_its_summary_line(embedded):
+    r = subprocess.run([BINLINK, "demo", "--bins", "5", "--seconds", "8", "--embedded", embedded],
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     fields = dict(kv.split("=") for kv in last.split())

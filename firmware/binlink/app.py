@@ -86,7 +86,7 @@ def _due(cfg, s, now, dist, fill, new_alarm):
     if new_alarm or not s.last_report or s.backlog:
         return True
     interval = cfg["report_near_full_s"] if fill is not None and fill >= cfg["near_full_pct"] else cfg["report_s"]
-    if now - s.last_report >= interval:
+    if now - s.last_report >= interval - cfg["wake_s"] // 10:  # the wake jitter must not skip a report
         return True
     if dist is not None and s.last_distance != state.NO_DISTANCE and abs(dist - s.last_distance) >= cfg["change_mm"]:
         return True  # filled quickly, or emptied: a pickup is reported when it happens
