@@ -38,6 +38,7 @@ class Mqtt:
     keepalive: int = 30
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
     max_inflight: int = 200
 
 

@@ -23,7 +23,6 @@ def messages(prefix, base, gw_id, device):
         "manufacturer": "binlink",
         "model": "ultrasonic bin sensor",
         "serial_number": device.dev,
-        "via_device": "binlink_gateway_%s" % gw_id,
     }
     common = {
         "state_topic": integrate.state_topic(base, device.bin_id),

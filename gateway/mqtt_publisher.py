@@ -21,11 +21,13 @@ ACK_FLUSH_S = 0.05
 
 
 class Publisher:
-    def __init__(self, cfg, outbox_path, devices, metrics):
+    def __init__(self, cfg, outbox_path, devices, metrics, on_uplink=None):
+        """on_uplink(frame bytes): a frame a Wi-Fi bin published on the uplink topic."""
         self.cfg = cfg
         self.outbox_path = outbox_path
         self.devices = devices
         self.metrics = metrics
+        self.on_uplink = on_uplink
         self.base = cfg.base_topic
         self.status_topic = integrate.status_topic(self.base, cfg.gateway_id)
         self.wake = threading.Event()
@@ -71,6 +73,8 @@ class Publisher:
         if self.cfg.mqtt.discovery:
             client.subscribe("%s/status" % self.cfg.mqtt.discovery_prefix, qos=1)
             self.publish_discovery()
+        if self.cfg.mqtt.uplink_topic and self.on_uplink:
+            client.subscribe(self.cfg.mqtt.uplink_topic, qos=1)
         self.metrics.mqtt_connected.set(1)
         self.connected.set()
         self.wake.set()
@@ -86,6 +90,9 @@ class Publisher:
         self.wake.set()
 
     def _on_message(self, client, userdata, msg):
+        if msg.topic == self.cfg.mqtt.uplink_topic and self.on_uplink:
+            self.on_uplink(bytes(msg.payload))
+            return
         if msg.topic == "%s/status" % self.cfg.mqtt.discovery_prefix and msg.payload == b"online":
             logs.event(log, logging.INFO, "Home Assistant restarted, republishing discovery")
             self.publish_discovery()

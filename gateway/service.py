@@ -14,6 +14,7 @@ import sdnotify
 
 from gateway import config as config_mod, logs, registry
 from gateway.metrics import Metrics
+from gateway.module_formats import Reception
 from gateway.mqtt_publisher import Publisher
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
@@ -33,7 +34,8 @@ class Gateway:
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
-        self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics)
+        self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
+                                   on_uplink=lambda frame: self.queue.put(("mqtt", Reception(frame))))
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
 
