@@ -40,3 +40,28 @@ def get(name):
 
 def event(logger, level, msg, **fields):
     logger.log(level, msg, extra={"fields": fields})
+
+
+class RateLimit:
+    """At most per_minute log lines per key; a noisy radio must not fill a Pi's SD card with
+    journal lines. The counters (metrics) still count every event; the first line after a quiet
+    spell says how many were left out."""
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self._windows = {}  # key -> [window start, lines logged, lines suppressed]
+
+    def allow(self, key, now):
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= 60:
+            suppressed = w[2] if w else 0
+            self._windows[key] = [now, 1, 0]
+            if suppressed:
+                logging.getLogger("binlink.logs").warning(
+                    "suppressed lines", extra={"fields": {"key": key, "suppressed": suppressed}})
+            return True
+        if w[1] < self.per_minute:
+            w[1] += 1
+            return True
+        w[2] += 1
+        return False

@@ -32,6 +32,7 @@ class Pipeline:
         self.counters = outbox.counters()
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": clock_synced()}
+        self._log_limit = logs.RateLimit(per_minute=20)
 
     def process(self, items):
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
@@ -53,9 +54,10 @@ class Pipeline:
         self.dedup.expire(now)
         return readings
 
-    def _reject(self, reason, source, detail="", **fields):
+    def _reject(self, reason, source, detail=""):
         self.metrics.rejected.labels(reason).inc()
-        logs.event(log, logging.WARNING, "frame rejected", reason=reason, source=source, detail=detail, **fields)
+        if self._log_limit.allow(reason, self.clock()):
+            logs.event(log, logging.WARNING, "frame rejected", reason=reason, source=source, detail=detail)
 
     def _one(self, source, rec, now, batch):
         # deframe: the module format already split the stream; its rejections arrive here

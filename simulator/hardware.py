@@ -54,9 +54,6 @@ class SimHardware:
     def wake_on_pin(self, pin, level):
         pass
 
-    def woke_by_pin(self):
-        return False
-
     # persistent memory ------------------------------------------------------------------------
     def rtc_read(self):
         return self.rtc

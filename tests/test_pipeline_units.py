@@ -79,3 +79,17 @@ def test_outbox_keeps_only_the_newest_pending_state_per_bin(tmp_path):
     b.messages.append(("1:3", "binlink/s/bin/x/event", b"{}", 0, 1.0))  # the same reading again
     box.commit(b)
     assert box.depth() == 4  # stored once
+
+
+def test_rejection_logging_is_rate_limited(caplog):
+    import logging
+
+    from gateway.logs import RateLimit
+
+    rl = RateLimit(per_minute=3)
+    allowed = [rl.allow("crc", now=100 + i) for i in range(10)]
+    assert allowed == [True] * 3 + [False] * 7
+    assert rl.allow("bad_tag", now=105)  # another reason has its own budget
+    with caplog.at_level(logging.WARNING, logger="binlink.logs"):
+        assert rl.allow("crc", now=161)
+    assert any(getattr(r, "fields", {}).get("suppressed") == 7 for r in caplog.records)

@@ -42,10 +42,6 @@ def wake_on_pin(pin, level):
     esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
 
 
-def woke_by_pin():
-    return machine.wake_reason() == machine.EXT0_WAKE
-
-
 def rtc_read():
     return bytes(machine.RTC().memory())
 
