@@ -40,7 +40,7 @@ class Batch:
         self.states = {}  # bin_id -> retained state message: only a bin's newest state is kept
         self.counters = {}  # device_id -> last_fcnt
         self.bins = {}  # bin_id -> (fcnt, fill_pct, flags, updated_at)
-        self.receptions = []  # (device_id, fcnt, source, rssi, snr, received_at, duplicate)
+        self.receptions = []  # extra receptions of accepted frames: (device_id, fcnt, source, rssi, snr, at, 1)
         self.accepted = 0  # frames accepted into this batch
 
     def __bool__(self):

@@ -39,12 +39,15 @@ class Pipeline:
         now = self.clock()
         batch = Batch()
         readings = 0
+        read = {}
         for source, rec in items:
-            self.metrics.frames_read.labels(source).inc()
+            read[source] = read.get(source, 0) + 1
             try:
                 readings += self._one(source, rec, now, batch)
             except codec.ProtocolError as e:
                 self._reject(e.reason, source, e.detail)
+        for source, n in read.items():
+            self.metrics.frames_read.labels(source).inc(n)
         if batch:
             self.outbox.commit(batch)
             self.metrics.outbox_depth.set(self.outbox.depth())
@@ -87,7 +90,6 @@ class Pipeline:
         self.counters[device_id] = fcnt
         batch.counters[device_id] = fcnt
         self.dedup.remember(device_id, fcnt, frame, now)
-        batch.receptions.append((device_id, fcnt, source, rec.rssi, rec.snr, now, 0))
         # decode
         decoded = codec.decode_body(frame, fcnt)
         batch.accepted += 1

@@ -62,8 +62,9 @@ class SerialSource(threading.Thread):
         while not self.stop_event.is_set():
             data = port.read(max(1, min(port.in_waiting, 65536)))
             if data:
-                for rec in fmt.feed(data):
-                    self.queue.put((name, rec))
+                recs = fmt.feed(data)
+                if recs:
+                    self.queue.put((name, recs))  # one queue operation per read, not per frame
 
 
 def _short(e):

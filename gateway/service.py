@@ -35,7 +35,7 @@ class Gateway:
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
-                                   on_uplink=lambda frame: self.queue.put(("mqtt", Reception(frame))))
+                                   on_uplink=lambda frame: self.queue.put(("mqtt", [Reception(frame)])))
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
 
@@ -83,16 +83,19 @@ class Gateway:
         return 0
 
     def _process(self, pipeline, timeout):
+        """One group commit of what the sources queued: (source, [receptions]) per read."""
         try:
-            items = [self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()]
+            chunks = [self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()]
         except queue.Empty:
             return
-        while len(items) < MAX_GROUP:
+        n = len(chunks[0][1])
+        while n < MAX_GROUP:
             try:
-                items.append(self.queue.get_nowait())
+                chunks.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        pipeline.process(items)
+            n += len(chunks[-1][1])
+        pipeline.process([(source, rec) for source, recs in chunks for rec in recs])
         self.publisher.notify()
 
 

@@ -17,13 +17,18 @@ def _keys():
     return {d: bytes([d % 256]) * 16 for d in range(1, DEVICES + 1)}  # TEST KEYS
 
 
+def _distance(fcnt):
+    """A bin filling by ~1 % a report and emptied every 80 reports: events at a realistic rate."""
+    return 1150 - (fcnt % 80) * 10
+
+
 def _frames(n, start_fcnt=1):
     keys = _keys()
     out = []
     for i in range(n):
         dev = 1 + i % DEVICES
         fcnt = start_fcnt + i // DEVICES
-        out.append((dev, fcnt, framing.frame(codec.encode_reading(keys[dev], dev, fcnt, 300 + i % 800, 20, 3700, 0, 5, 5))))
+        out.append((dev, fcnt, framing.frame(codec.encode_reading(keys[dev], dev, fcnt, _distance(fcnt), 20, 3700, 0, 5, 5))))
     return out
 
 
