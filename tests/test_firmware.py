@@ -239,3 +239,38 @@ def test_airtime_matches_semtech_calculator():
     assert round(airtime.time_on_air_ms(16, 7), 1) == 51.5
     assert round(airtime.time_on_air_ms(16, 12), 1) == 1318.9
     assert round(airtime.time_on_air_ms(64, 12), 1) == 2793.5  # a 51-byte LoRaWAN payload, max at SF12
+
+
+def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, monkeypatch):
+    """main(): no usable config -> a long safe sleep; a bin lying tipped over must not re-arm
+    the tilt wake (the pin is already low: it would wake at once, forever, until the battery dies)."""
+    from binlink import app
+
+    calls = []
+
+    class HW:
+        tilted = True
+
+        def deepsleep(self, ms):
+            calls.append(("deepsleep", ms))
+
+        def wake_on_pin(self, pin, level):
+            calls.append(("wake_on_pin", pin))
+
+        def pin_read(self, pin):
+            return 0 if self.tilted else 1
+
+    monkeypatch.setattr(config, "load", lambda path="/config.json": config.parse({}, b""))
+    app.main(HW())
+    assert calls == [("deepsleep", config.SAFE_SLEEP_S * 1000)]
+    calls.clear()
+    good = {"device_id": 1, "key": "00" * 16, "tilt_pin": 33}
+    monkeypatch.setattr(config, "load", lambda path="/config.json": config.parse(good, b"{}"))
+    monkeypatch.setattr(app, "run_cycle", lambda hw, cfg, chash: 900)
+    h = HW()
+    app.main(h)
+    assert ("wake_on_pin", 33) not in calls and calls[-1] == ("deepsleep", 900000)
+    h.tilted = False
+    calls.clear()
+    app.main(h)
+    assert calls == [("wake_on_pin", 33), ("deepsleep", 900000)]

@@ -138,6 +138,7 @@ def main(hw):
         _log.error("no usable config: sleeping %d s", config.SAFE_SLEEP_S)
         hw.deepsleep(config.SAFE_SLEEP_S * 1000)
         return
-    if cfg["tilt_pin"] >= 0:
+    if cfg["tilt_pin"] >= 0 and hw.pin_read(cfg["tilt_pin"]) == 1:
+        # wake when the bin tips over; not while it lies tipped, or it would wake at once forever
         hw.wake_on_pin(cfg["tilt_pin"], 0)
     hw.deepsleep(run_cycle(hw, cfg, chash) * 1000)
