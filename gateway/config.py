@@ -109,6 +109,21 @@ def _tname(typ):
     return {str: "a string", int: "an integer", bool: "true or false"}[typ]
 
 
+def _table(data, key, problems):
+    """data[key] as a dict; anything else is a problem (TOML allows `mqtt = [1, 2]`)."""
+    t = data.get(key, {})
+    if isinstance(t, dict):
+        return t
+    problems.append("%s: must be a table ([%s])" % (key, key))
+    return {}
+
+
+def _get(table, key, typ, default):
+    """table[key] when it has the right type (a wrong type is already a reported problem)."""
+    v = table.get(key, default)
+    return v if isinstance(v, typ) and not (isinstance(v, bool) and typ is not bool) else default
+
+
 def parse(data):
     """Validated Config from a parsed TOML dict; raises ConfigError listing every problem."""
     problems = []
@@ -118,12 +133,9 @@ def parse(data):
     for key, required in _TOP.items():
         if required and key not in data:
             problems.append("%s: missing" % ("[[source]]" if key == "source" else "[%s]" % key))
-    gw = data.get("gateway", {})
-    if not isinstance(gw, dict):
-        problems.append("gateway: must be a table")
-        gw = {}
+    gw = _table(data, "gateway", problems)
     _check_table(gw, _GATEWAY, "gateway", problems)
-    if gw.get("log_level", "info") not in _LEVELS:
+    if _get(gw, "log_level", str, "info") not in _LEVELS:
         problems.append("gateway.log_level: one of %s" % ", ".join(sorted(_LEVELS)))
     raw_sources = data.get("source", [])
     if not isinstance(raw_sources, list):
@@ -136,32 +148,34 @@ def parse(data):
             problems.append("%s: must be a table" % path)
             continue
         _check_table(s, _SOURCE, path, problems)
-        fmt = s.get("format", "raw")
+        fmt = _get(s, "format", str, "raw")
         if fmt not in FORMATS:
             problems.append("%s.format: %r is not one of %s" % (path, fmt, ", ".join(sorted(FORMATS))))
-        if "baud" in s and s["baud"] not in _BAUDS:
-            problems.append("%s.baud: %r is not a standard rate" % (path, s["baud"]))
-        sources.append(Source(name=s.get("name", "source%d" % i), port=s.get("port", ""), baud=s.get("baud", 115200), format=fmt))
+        baud = _get(s, "baud", int, 115200)
+        if baud not in _BAUDS:
+            problems.append("%s.baud: %r is not a standard rate" % (path, baud))
+        sources.append(Source(name=_get(s, "name", str, "source%d" % i), port=_get(s, "port", str, ""), baud=baud, format=fmt))
     names = [s.name for s in sources]
-    for n in set(names):
+    for n in sorted(set(names)):
         if names.count(n) > 1:
             problems.append("source: name %r used twice" % n)
-    mq = data.get("mqtt", {})
+    mq = _table(data, "mqtt", problems)
     _check_table(mq, _MQTT, "mqtt", problems)
-    if isinstance(mq.get("port"), int) and not 0 < mq["port"] < 65536:
-        problems.append("mqtt.port: %d is not a TCP port" % mq["port"])
-    if mq.get("password") and mq.get("password_file"):
+    port = _get(mq, "port", int, 1883)
+    if not 0 < port < 65536:
+        problems.append("mqtt.port: %d is not a TCP port" % port)
+    if _get(mq, "password", str, "") and _get(mq, "password_file", str, ""):
         problems.append("mqtt.password_file: give password or password_file, not both")
-    if (mq.get("cert_file") or mq.get("key_file")) and not mq.get("tls"):
+    if (_get(mq, "cert_file", str, "") or _get(mq, "key_file", str, "")) and not _get(mq, "tls", bool, False):
         problems.append("mqtt.tls: cert_file/key_file need tls = true")
-    ev = data.get("events", {})
+    ev = _table(data, "events", problems)
     _check_table(ev, _EVENTS, "events", problems)
-    if isinstance(ev.get("full_pct"), (int, float)) and not 0 < ev["full_pct"] <= 100:
+    if not 0 < _get(ev, "full_pct", (int, float), 90) <= 100:
         problems.append("events.full_pct: must be in (0, 100]")
-    met = data.get("metrics", {})
+    met = _table(data, "metrics", problems)
     _check_table(met, _METRICS, "metrics", problems)
-    listen = met.get("listen", "")
-    if isinstance(listen, str) and listen and not _host_port(listen):
+    listen = _get(met, "listen", str, "")
+    if listen and not _host_port(listen):
         problems.append("metrics.listen: expected HOST:PORT, got %r" % listen)
     if problems:
         raise ConfigError(problems)

@@ -51,11 +51,14 @@ def parse(data, path="registry"):
     problems = []
     devices = {}
     bins = set()
-    entries = data.get("device", [])
+    entries = data.get("device", []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(["%s: [[device]] must be an array of tables" % path])
     for i, d in enumerate(entries):
         p = "%s: device[%d]" % (path, i)
+        if not isinstance(d, dict):
+            problems.append("%s: must be a table ([[device]])" % p)
+            continue
         found = []
         dev_id = None
         try:
@@ -69,14 +72,17 @@ def parse(data, path="registry"):
         if not (isinstance(bin_id, str) and _BIN_ID.match(bin_id)):
             found.append("%s.bin_id: %r must be lowercase letters, digits, - or _" % (p, bin_id))
         depth, full = d.get("depth_mm"), d.get("full_mm")
-        if not (isinstance(depth, int) and isinstance(full, int) and 0 <= full < depth):
+        if not (type(depth) is int and type(full) is int and 0 <= full < depth):
             found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
+        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float))):
+            if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
+                found.append("%s.%s: wrong type" % (p, opt))
         unknown = set(d) - {"device_id", "key", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon"}
         if unknown:
             found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
         if dev_id is not None and dev_id in devices:
             found.append("%s.device_id: %06x listed twice" % (p, dev_id))
-        if bin_id in bins:
+        if isinstance(bin_id, str) and bin_id in bins:
             found.append("%s.bin_id: %r listed twice" % (p, bin_id))
         problems += found
         if not found:
