@@ -96,9 +96,11 @@ class SimHardware:
     def battery_mv(self, pin):
         return self.battery.mv()
 
-    def temperature_c(self, pin):
-        self.awake_ms += 750  # DS18B20 conversion
-        return self.hot_c if self.hot_c is not None else round(self.air_c() + self.sensor.rng.gauss(0, 0.2), 2)
+    def temperature_c(self, pin, bits=9):
+        self.awake_ms += (750 >> (12 - bits)) + 5  # DS18B20 conversion time at that resolution
+        step = 0.5 / (1 << (bits - 9))
+        t = self.hot_c if self.hot_c is not None else self.air_c() + self.sensor.rng.gauss(0, 0.2)
+        return round(t / step) * step
 
     def wdt_start(self, timeout_ms):
         self.wdt_ms = timeout_ms

@@ -67,7 +67,7 @@ def test_firmware_config_parser_never_raises(doc, raw):
     assert set(cfg) == set(fw_config.DEFAULTS)
     if fw_config.usable(cfg):
         assert len(cfg["key"]) == 16 and 0 <= cfg["device_id"] <= 0xFFFFFF
-    assert 1 <= cfg["pings"] <= 15
+    assert 1 <= cfg["pings"] <= 15 and cfg["temp_bits"] in (9, 10, 11, 12)
 
 
 entries = st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(min_size=6, max_size=6)),

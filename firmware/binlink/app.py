@@ -31,7 +31,7 @@ def _cycle(hw, cfg, chash, s):
         _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
                                                     FW_VERSION, cause, chash), now)
     hw.wdt_feed()
-    temp = hw.temperature_c(cfg["temp_pin"])
+    temp = hw.temperature_c(cfg["temp_pin"], cfg["temp_bits"])
     dist, valid, flags = measure.take(hw, sensors.make(hw, cfg), cfg, temp)
     battery = hw.battery_mv(cfg["battery_pin"])
     hw.wdt_feed()
