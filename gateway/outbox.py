@@ -69,7 +69,6 @@ class Outbox:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)",
                 batch.messages,

@@ -5,7 +5,6 @@ again on every open, so a radio that comes back under another ttyUSBn is found. 
 goes through the source's module format; receptions go to the pipeline's queue."""
 import logging
 import threading
-import time
 
 import serial
 

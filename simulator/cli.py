@@ -1,7 +1,6 @@
 """`binlink sim`: a seeded fleet of simulated bins writing to pseudo-terminals."""
 import json
 import logging
-import sys
 
 
 def add_parser(sub):

@@ -5,9 +5,7 @@ Energy: time awake and time on air are accounted so the simulation knows the bat
 import re
 
 from binlink import framing
-
-ACTIVE_MA = 45.0  # ESP32 awake, radio idle
-TX_MA = 120.0  # LoRa module transmitting (E22 at 22 dBm)
+from simulator.energy import ACTIVE_MA, BOOT_MS, TX_MA
 _AT_SEND = re.compile(rb"AT\+SEND=(\d+),(\d+),([0-9A-Fa-f]*)\r\n")
 
 
@@ -149,7 +147,7 @@ class SimHardware:
 
     # energy -------------------------------------------------------------------------------------
     def charge_cycle(self, tx_ms):
-        self.battery.draw(ACTIVE_MA, (self.awake_ms + 250) / 1000.0)  # +250 ms boot
+        self.battery.draw(ACTIVE_MA, (self.awake_ms + BOOT_MS) / 1000.0)
         self.battery.draw(TX_MA, tx_ms / 1000.0)
 
 

@@ -1,6 +1,5 @@
 """`binlink decode` as a user runs it: the installed console command."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from binlink import codec as c
 from tests.conftest import VECTORS

@@ -3,7 +3,7 @@ hardware: what it sends must decode, with the gateway's codec, to what the senso
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from binlink import airtime, codec, config, measure, sensors, state
 from simulator.device import SimDevice

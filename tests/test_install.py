@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ROOT
-from tests.harness import GatewayProcess, wait_for
+from tests.harness import GatewayProcess
 
 
 def install(dest):

@@ -1,5 +1,4 @@
 """Every parser against arbitrary input: it answers with its own clear error, never a crash."""
-import pytest
 from hypothesis import given, strategies as st
 
 from binlink import config as fw_config, state

@@ -10,7 +10,7 @@ _log = log.get("app")
 def run_cycle(hw, cfg, chash):
     """One wake; returns the number of seconds to deep-sleep. State is saved before returning."""
     hw.wdt_start(cfg["wdt_ms"])
-    s = state.load(hw, cfg["nvs_every"])
+    s = state.load(hw)
     try:
         return _cycle(hw, cfg, chash, s)
     except Exception as e:  # noqa: BLE001 - any fault: count it, sleep, try again next wake

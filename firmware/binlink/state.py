@@ -17,8 +17,7 @@ HEADER_LEN = 32
 ENTRY = "<II6s"
 ENTRY_LEN = 14
 RTC_BYTES = 2048
-MAX_BACKLOG = (RTC_BYTES - HEADER_LEN) // ENTRY_LEN  # 144; capped lower below
-BACKLOG_CAP = 100  # oldest dropped (and counted) beyond this
+BACKLOG_CAP = 100  # 32 + 100 * 14 = 1432 bytes of RTC memory; the oldest is dropped (and counted) beyond
 NO_DISTANCE = 0xFFFF
 
 
@@ -63,7 +62,7 @@ def unpack(data):
     return s
 
 
-def load(hw, nvs_every):
+def load(hw):
     s = unpack(hw.rtc_read())
     if not s.restored:
         reserved = hw.nvs_get("fcnt")
