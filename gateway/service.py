@@ -38,9 +38,29 @@ class Gateway:
                                    on_uplink=lambda frame: self.queue.put(("mqtt", [Reception(frame)])))
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
+        self._reload = False
 
     def request_stop(self, *_):
         self.stop_event.set()
+
+    def request_reload(self, *_):
+        self._reload = True
+
+    def _reload_registry(self, pipeline):
+        """SIGHUP (systemctl reload): a bin just provisioned is known without a restart. A broken
+        registry is reported and the one in use is kept."""
+        self._reload = False
+        try:
+            devices = registry.load(self.cfg.registry)
+        except config_mod.ConfigError as e:
+            for problem in e.problems:
+                logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
+            return
+        added = len(set(devices) - set(self.devices))
+        self.devices = pipeline.devices = self.publisher.devices = devices
+        logs.event(log, logging.INFO, "registry reloaded", devices=len(devices), added=added)
+        if self.publisher.connected.is_set() and self.cfg.mqtt.discovery:
+            self.publisher.publish_discovery()
 
     def run(self):
         cfg = self.cfg
@@ -59,6 +79,8 @@ class Gateway:
         self.notifier.notify("READY=1")
         last_stats = last_prune = time.monotonic()
         while not self.stop_event.is_set():
+            if self._reload:
+                self._reload_registry(pipeline)
             self._process(pipeline, timeout=0.5)
             now = time.monotonic()
             self.notifier.notify("WATCHDOG=1")
@@ -105,4 +127,5 @@ def run(config_path):
     gw = Gateway(cfg)
     signal.signal(signal.SIGTERM, gw.request_stop)
     signal.signal(signal.SIGINT, gw.request_stop)
+    signal.signal(signal.SIGHUP, gw.request_reload)
     return gw.run()

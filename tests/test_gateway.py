@@ -325,3 +325,29 @@ def test_wifi_bin_frames_over_mqtt_join_the_same_pipeline(tmp_path, gw, broker, 
         wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="truncated") == 1, what="garbage rejected")
     finally:
         pub.loop_stop()
+
+
+def test_sighup_reloads_the_registry_without_a_restart(gw, pty, subscriber):
+    """A bin provisioned after the gateway started is accepted after `systemctl reload`."""
+    import signal
+
+    from gateway import registry
+
+    new_key = bytes(range(100, 116))  # TEST KEY
+    pty.write(framing.frame(reading(1, dev=0xC3, key=new_key)))
+    wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="unknown_device") == 1, what="unknown device")
+    with open(gw.registry, "a") as f:
+        f.write("this is not toml [[[\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "registry not reloaded" in gw.output(), what="broken registry reported")
+    pty.write(framing.frame(reading(2)))  # the registry in use still works
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 1, what="old registry still in use")
+    registry.write(gw.registry, {"device": []})
+    for dev, bin_id, key, depth, full in DEVICES + [(0xC3, "bin-c", new_key, 900, 100)]:
+        registry.add(gw.registry, dev, bin_id, key, depth, full)
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "registry reloaded" in gw.output(), what="reload")
+    pty.write(framing.frame(reading(2, dev=0xC3, key=new_key)))
+    wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-c"], what="new bin published")
+    wait_for(lambda: any("binlink_0000c3" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
+    assert gw.alive()
