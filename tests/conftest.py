@@ -2,6 +2,11 @@ import json
 import pathlib
 
 import pytest
+from hypothesis import settings
+
+# Shared, noisy machines: a slow example is not a failure (speed is measured by `make bench`).
+settings.register_profile("binlink", deadline=None)
+settings.load_profile("binlink")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
