@@ -274,3 +274,30 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
     calls.clear()
     app.main(h)
     assert calls == [("wake_on_pin", 33), ("deepsleep", 900000)]
+
+
+def test_rylr998_send_waits_for_ok_and_reports_err():
+    from binlink import transports
+
+    class HW:
+        def __init__(self, reply):
+            self.reply, self.written, self.asked = reply, b"", []
+
+        def uart_flush_input(self, port):
+            pass
+
+        def uart_write(self, port, data):
+            self.written += data
+
+        def uart_read(self, port, n, timeout_ms):
+            self.asked.append((n, timeout_ms))
+            out, self.reply = self.reply[:n], self.reply[n:]
+            return out
+
+    ok = HW(b"+OK\r\n")
+    assert transports.Rylr998(ok, (1, 9600, 1, 2), 7).send(b"\x01\xab")
+    assert ok.written == b"AT+SEND=7,4,01AB\r\n" and ok.asked == [(5, 1000)]
+    err = HW(b"+ERR=12\r\n")
+    assert not transports.Rylr998(err, (1, 9600, 1, 2), 0).send(b"\x01")
+    assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(b"\x01")  # no module answer
+    assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(bytes(121))  # > 240 hex characters

@@ -38,9 +38,11 @@ class Rylr998:
             return False
         self.hw.uart_flush_input(self.port)
         self.hw.uart_write(self.port, b"AT+SEND=%d,%d,%s\r\n" % (self.addr, len(data), data.encode()))
-        reply = self.hw.uart_read(self.port, 9, self.REPLY_TIMEOUT_MS)  # "+OK\r\n" or "+ERR=nn\r\n"
+        # "+OK\r\n" is 5 bytes: ask for exactly that, so a success costs no timeout awake
+        reply = self.hw.uart_read(self.port, 5, self.REPLY_TIMEOUT_MS)
         if reply.startswith(b"+OK"):
             return True
+        reply += self.hw.uart_read(self.port, 4, 50)  # the rest of "+ERR=nn\r\n"
         _log.warning("RYLR998 send failed: %s", reply.strip() or b"no reply")
         return False
 
