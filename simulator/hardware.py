@@ -26,6 +26,8 @@ class SimHardware:
         self.cause = 1  # power on
         self.awake_ms = 0.0
         self.tilted = False
+        self.tilt_pin = 33
+        self.pins = {}  # output pin levels the firmware set (radio mode pins, sensor power)
         self.hot_c = None  # temperature inside the bin when something smoulders
         self.module_down = False  # RYLR998 answering +ERR (or nothing): a transport outage
         self._rx = b""  # bytes the module/sensor has for the firmware to read
@@ -76,10 +78,13 @@ class SimHardware:
 
     # pins, sensors -----------------------------------------------------------------------------
     def pin_write(self, pin, value):
+        self.pins[pin] = value
         self.awake_ms += 0.01
 
     def pin_read(self, pin):
-        return 0 if self.tilted else 1
+        if pin == self.tilt_pin:
+            return 0 if self.tilted else 1
+        return 1  # the radio's AUX: idle (the simulated module finishes instantly)
 
     def air_c(self):
         return self.weather.air_c(self.clock())

@@ -301,3 +301,15 @@ def test_rylr998_send_waits_for_ok_and_reports_err():
     assert not transports.Rylr998(err, (1, 9600, 1, 2), 0).send(b"\x01")
     assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(b"\x01")  # no module answer
     assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(bytes(121))  # > 240 hex characters
+
+
+def test_e22_is_woken_for_sending_and_put_to_sleep_after(make_device):
+    dev = make_device()
+    writes = []
+    orig = dev.hw.pin_write
+    dev.hw.pin_write = lambda pin, v: (writes.append((pin, v)), orig(pin, v))
+    run(dev, 1)
+    m0, m1 = dev.cfg["radio_m0_pin"], dev.cfg["radio_m1_pin"]
+    mode = [(p, v) for p, v in writes if p in (m0, m1)]
+    assert mode[:2] == [(m0, 0), (m1, 0)] and mode[-2:] == [(m0, 1), (m1, 1)]
+    assert dev.hw.pins[m0] == 1 and dev.hw.pins[m1] == 1  # asleep while the bin sleeps

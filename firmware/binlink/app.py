@@ -11,20 +11,23 @@ def run_cycle(hw, cfg, chash):
     """One wake; returns the number of seconds to deep-sleep. State is saved before returning."""
     hw.wdt_start(cfg["wdt_ms"])
     s = state.load(hw)
+    radio = None
     try:
-        return _cycle(hw, cfg, chash, s)
+        radio = transports.make(hw, cfg)
+        return _cycle(hw, cfg, chash, s, radio)
     except Exception as e:  # noqa: BLE001 - any fault: count it, sleep, try again next wake
         s.errors += 1
         _log.error("cycle failed: %s", repr(e))
         return cfg["wake_s"]
     finally:
         state.save(hw, s)
+        if radio is not None:
+            radio.sleep()
 
 
-def _cycle(hw, cfg, chash, s):
+def _cycle(hw, cfg, chash, s, radio):
     now = hw.time_s()
     cause = hw.reset_cause()
-    radio = transports.make(hw, cfg)
     if cause != 4 or not s.restored:  # cold boot: say hello with the reset cause
         _log.info("hello device=%06x fw=%d.%d.%d reset_cause=%d fcnt=%d", cfg["device_id"], FW_VERSION[0], FW_VERSION[1],
                   FW_VERSION[2], cause, s.fcnt)

@@ -23,6 +23,9 @@ DEFAULTS = {
     "full_mm": 250,
     "transport": "e22",  # e22 | e32 | rylr998 | serial | wifi
     "radio_uart": [1, 9600, 26, 27],
+    "radio_m0_pin": 25,  # EBYTE mode pins and AUX (busy) output; -1: not wired
+    "radio_m1_pin": 14,
+    "radio_aux_pin": 13,
     "rylr_addr": 0,  # RYLR998 destination address (0 = broadcast)
     "sf": 9,  # LoRa spreading factor, for time on air and the duty cycle
     "bandwidth_khz": 125,

@@ -7,15 +7,44 @@ _log = log.get("transport")
 
 class UartFramed:
     """Wired serial, or an EBYTE E22/E32 in transparent mode: COBS + CRC frames on the UART.
-    E22/E32 give no acknowledgement, so a frame written is a frame sent."""
+    E22/E32 give no acknowledgement, so a frame written is a frame sent. With its mode pins
+    wired (M0, M1, AUX), the module is woken for the send and put to sleep (~2 uA) afterwards:
+    left in normal mode it would listen at ~12 mA and empty the battery in weeks."""
 
-    def __init__(self, hw, port):
+    AUX_TIMEOUT_MS = 2000  # the longest packet at SF12 is ~1.5 s on air
+
+    def __init__(self, hw, port, m0=-1, m1=-1, aux=-1):
         self.hw = hw
         self.port = tuple(port)
+        self.m0, self.m1, self.aux = m0, m1, aux
+
+    def _mode(self, level):
+        if self.m0 >= 0 and self.m1 >= 0:
+            self.hw.pin_write(self.m0, level)
+            self.hw.pin_write(self.m1, level)
+
+    def _wait_idle(self):
+        """AUX is low while the module is busy (waking, sending)."""
+        if self.aux < 0:
+            return True
+        waited = 0
+        while self.hw.pin_read(self.aux) == 0:
+            if waited >= self.AUX_TIMEOUT_MS:
+                _log.warning("radio module busy for %d ms", waited)
+                return False
+            self.hw.sleep_ms(5)
+            waited += 5
+        return True
 
     def send(self, frame):
+        self._mode(0)  # normal (transmitting) mode
+        if not self._wait_idle():
+            return False
         self.hw.uart_write(self.port, framing.frame(frame))
-        return True
+        return self._wait_idle()  # out on air before the next frame or deep sleep
+
+    def sleep(self):
+        self._mode(1)  # M0 = M1 = 1: sleep
 
     def on_air_len(self, frame):
         return len(framing.frame(frame))
@@ -46,6 +75,9 @@ class Rylr998:
         _log.warning("RYLR998 send failed: %s", reply.strip() or b"no reply")
         return False
 
+    def sleep(self):
+        pass  # AT+MODE=1 would put it to sleep; left to the module's own low-power setting
+
     def on_air_len(self, frame):
         return 2 * len(frame)  # the module sends the ASCII characters
 
@@ -73,13 +105,20 @@ class WifiMqtt:
             _log.warning("MQTT publish failed: %s", e)
             return False
 
+    def sleep(self):
+        if self.up:
+            self.hw.wifi_off()
+            self.up = False
+
     def on_air_len(self, frame):
         return 0  # no duty cycle on Wi-Fi
 
 
 def make(hw, cfg):
     kind = cfg["transport"]
-    if kind in ("e22", "e32", "serial"):
+    if kind in ("e22", "e32"):
+        return UartFramed(hw, cfg["radio_uart"], cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"])
+    if kind == "serial":
         return UartFramed(hw, cfg["radio_uart"])
     if kind == "rylr998":
         return Rylr998(hw, cfg["radio_uart"], cfg["rylr_addr"])
