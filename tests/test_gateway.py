@@ -351,3 +351,20 @@ def test_sighup_reloads_the_registry_without_a_restart(gw, pty, subscriber):
     wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-c"], what="new bin published")
     wait_for(lambda: any("binlink_0000c3" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
     assert gw.alive()
+
+
+def test_missing_serial_port_at_start_is_logged_and_found_later(tmp_path, broker, subscriber):
+    link_path = str(tmp_path / "by-id-not-yet-plugged")
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", link_path, "raw")], devices=DEVICES).start(wait_sources=False)
+    try:
+        wait_for(lambda: "cannot open serial port" in g.output(), what="clear log line")
+        assert "by-id-not-yet-plugged" in g.output() and g.alive()
+        link = PtyLink(link_path)  # the radio is plugged in
+        try:
+            wait_for(lambda: g.metric("binlink_serial_reopens_total") == 1, timeout=30, what="port found")
+            link.write(framing.frame(reading(1)))
+            wait_for(lambda: subscriber.events(), what="reading from the late radio")
+        finally:
+            link.close()
+    finally:
+        g.kill()
