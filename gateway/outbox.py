@@ -20,7 +20,10 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE acked_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_pending_retained ON outbox(topic) WHERE acked_at IS NULL AND retain = 1;
-CREATE TABLE IF NOT EXISTS counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (
+    device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL,
+    key_id TEXT NOT NULL                -- fingerprint of the key the counter was accepted under
+);
 CREATE TABLE IF NOT EXISTS bins (
     bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL
 );
@@ -38,7 +41,7 @@ class Batch:
     def __init__(self):
         self.messages = []  # (message_key, topic, payload, retain, received_at)
         self.states = {}  # bin_id -> retained state message: only a bin's newest state is kept
-        self.counters = {}  # device_id -> last_fcnt
+        self.counters = {}  # device_id -> (last_fcnt, key_id)
         self.bins = {}  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self.receptions = []  # extra receptions of accepted frames: (device_id, fcnt, source, rssi, snr, at, 1)
         self.accepted = 0  # frames accepted into this batch
@@ -83,9 +86,10 @@ class Outbox:
                     "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)", states
                 )
             db.executemany(
-                "INSERT INTO counters(device_id, last_fcnt) VALUES (?,?) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt WHERE excluded.last_fcnt > last_fcnt",
-                batch.counters.items(),
+                "INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
+                "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
+                "WHERE excluded.last_fcnt > last_fcnt OR excluded.key_id != key_id",
+                [(d,) + v for d, v in batch.counters.items()],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
@@ -98,7 +102,8 @@ class Outbox:
             raise
 
     def counters(self):
-        return dict(self.db.execute("SELECT device_id, last_fcnt FROM counters"))
+        """device_id -> (last accepted fcnt, key_id)."""
+        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT device_id, last_fcnt, key_id FROM counters")}
 
     def bins(self):
         return {r[0]: r[1:] for r in self.db.execute("SELECT bin_id, fcnt, fill_pct, flags, updated_at FROM bins")}

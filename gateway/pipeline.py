@@ -24,15 +24,29 @@ def clock_synced():
 class Pipeline:
     def __init__(self, cfg, devices, outbox, metrics, clock=time.time):
         self.cfg = cfg
-        self.devices = devices
         self.outbox = outbox
         self.metrics = metrics
         self.clock = clock
         self.dedup = Dedup(cfg.dedup_window_s)
-        self.counters = outbox.counters()
+        self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": clock_synced()}
         self._log_limit = logs.RateLimit(per_minute=20)
+
+    def set_devices(self, devices):
+        """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
+        starts again at 0) gets a fresh counter; keeping the old one would call every frame a replay."""
+        self.devices = devices
+        self.counters = {}
+        for dev_id, (last, key_id) in self.outbox.counters().items():
+            device = devices.get(dev_id)
+            if device is None:
+                continue
+            if device.key_id == key_id:
+                self.counters[dev_id] = last
+            else:
+                logs.event(log, logging.WARNING, "new key for device: its frame counter starts again",
+                           device=device.dev, bin=device.bin_id, last_fcnt=last)
 
     def process(self, items):
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
@@ -88,7 +102,7 @@ class Pipeline:
                 return 0
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
         self.counters[device_id] = fcnt
-        batch.counters[device_id] = fcnt
+        batch.counters[device_id] = (fcnt, device.key_id)
         self.dedup.remember(device_id, fcnt, frame, now)
         # decode
         decoded = codec.decode_body(frame, fcnt)

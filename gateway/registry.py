@@ -2,6 +2,7 @@
 
 The file is secret (keys): the gateway refuses one readable by other users, and never logs or
 publishes a key. `add()` is what provisioning (`make flash`) uses to register a new bin."""
+import hashlib
 import os
 import re
 import stat
@@ -25,6 +26,11 @@ class Device:
     name: str = ""
     lat: float | None = None
     lon: float | None = None
+
+    @property
+    def key_id(self):
+        """A fingerprint of the key (not the key): counters belong to a key, not only a device id."""
+        return hashlib.sha256(b"binlink key id\x00" + self.key).hexdigest()[:16]
 
     @property
     def dev(self):

@@ -57,7 +57,8 @@ class Gateway:
                 logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
             return
         added = len(set(devices) - set(self.devices))
-        self.devices = pipeline.devices = self.publisher.devices = devices
+        self.devices = self.publisher.devices = devices
+        pipeline.set_devices(devices)
         logs.event(log, logging.INFO, "registry reloaded", devices=len(devices), added=added)
         if self.publisher.connected.is_set() and self.cfg.mqtt.discovery:
             self.publisher.publish_discovery()

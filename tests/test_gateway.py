@@ -368,3 +368,25 @@ def test_missing_serial_port_at_start_is_logged_and_found_later(tmp_path, broker
             link.close()
     finally:
         g.kill()
+
+
+def test_reprovisioned_bin_starts_its_counter_again(gw, pty, subscriber):
+    """`make flash` on a bin already known gives it a new key and a counter from 0: after the
+    registry reload its frames are accepted, not refused as replays of the old key's counter."""
+    import signal
+
+    from gateway import registry
+
+    for n in range(40, 43):
+        pty.write(framing.frame(reading(n)))
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 3, what="old key frames")
+    new_key = bytes(range(200, 216))  # TEST KEY
+    registry.add(gw.registry, DEV_A, "bin-a", new_key, 1200, 200)
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "new key for device" in gw.output(), what="counter reset logged")
+    pty.write(framing.frame(codec.encode_hello(new_key, DEV_A, 0, (1, 0, 0), 1, b"\x00\x00\x00\x01")))
+    pty.write(framing.frame(reading(1, key=new_key)))
+    wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 5, what="new key frames accepted")
+    assert gw.metric("binlink_frames_rejected_total", reason="replay") == 0
+    pty.write(framing.frame(reading(41)))  # the old key's frames are now forgeries
+    wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="bad_tag") == 1, what="old key refused")
