@@ -18,6 +18,7 @@ from gateway.outbox import Outbox
 log = logs.get("mqtt")
 ACK_GROUP = 500  # acks written to the outbox in groups: one transaction each
 ACK_FLUSH_S = 0.05
+ACK_POLL_S = 0.005
 
 
 class Publisher:
@@ -87,7 +88,10 @@ class Publisher:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties):
         self._acks.put(mid)
-        self.wake.set()
+        # wake the feeder once a quarter of the window is free, not per PUBACK: fewer, larger
+        # rounds (the feeder also looks every ACK_POLL_S)
+        if self._acks.qsize() >= self.cfg.mqtt.max_inflight // 4:
+            self.wake.set()
 
     def _on_message(self, client, userdata, msg):
         if msg.topic == self.cfg.mqtt.uplink_topic and self.on_uplink:
@@ -116,7 +120,7 @@ class Publisher:
         window = self.cfg.mqtt.max_inflight
         try:
             while True:
-                self.wake.wait(0.5)
+                self.wake.wait(ACK_POLL_S if self._inflight else 0.5)
                 self.wake.clear()
                 self._take_acks()
                 if self._acked and (len(self._acked) >= ACK_GROUP or time.monotonic() - last_ack_flush >= ACK_FLUSH_S
