@@ -120,7 +120,8 @@ class Publisher:
         window = self.cfg.mqtt.max_inflight
         try:
             while True:
-                self.wake.wait(ACK_POLL_S if self._inflight else 0.5)
+                # poll fast only while acknowledgements can arrive; a broker outage costs no CPU
+                self.wake.wait(ACK_POLL_S if self._inflight and self.connected.is_set() else 0.5)
                 self.wake.clear()
                 self._take_acks()
                 if self._acked and (len(self._acked) >= ACK_GROUP or time.monotonic() - last_ack_flush >= ACK_FLUSH_S
