@@ -162,9 +162,8 @@ class Publisher:
 
     def _write_acks(self, box):
         done, self._acked = self._acked, []
-        box.ack(done)
+        self.metrics.outbox_depth.dec(box.ack(done))
         self.metrics.published.inc(len(done))
-        self.metrics.outbox_depth.set(box.depth())
 
     def notify(self):
         self.wake.set()

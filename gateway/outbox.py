@@ -65,26 +65,22 @@ class Outbox:
         self.db.close()
 
     def commit(self, batch):
-        """Writes a batch in one transaction.
+        """Writes a batch in one transaction; returns the change in pending messages.
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
+        insert = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
         try:
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)",
-                batch.messages,
-            )
+            pending = db.executemany(insert, batch.messages).rowcount
             states = list(batch.states.values())
             if states:
-                db.executemany(
+                pending -= db.executemany(
                     "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
                     [(m[4], m[1]) for m in states],
-                )
-                db.executemany(
-                    "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)", states
-                )
+                ).rowcount
+                pending += db.executemany(insert, states).rowcount
             db.executemany(
                 "INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
                 "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
@@ -100,6 +96,7 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return pending
 
     def counters(self):
         """device_id -> (last accepted fcnt, key_id)."""
@@ -116,12 +113,17 @@ class Outbox:
         ).fetchall()
 
     def ack(self, ids, now=None):
+        """Marks messages acknowledged; returns how many were still pending (a superseded state
+        acknowledged after all was already off the books)."""
         now = time.time() if now is None else now
         self.db.execute("BEGIN IMMEDIATE")
-        self.db.executemany("UPDATE outbox SET acked_at=? WHERE id=?", [(now, i) for i in ids])
+        done = self.db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL",
+                                   [(now, i) for i in ids]).rowcount
         self.db.execute("COMMIT")
+        return done
 
     def depth(self):
+        """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
         return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
 
     def prune(self, now=None):

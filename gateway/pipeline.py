@@ -63,8 +63,7 @@ class Pipeline:
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
-            self.outbox.commit(batch)
-            self.metrics.outbox_depth.set(self.outbox.depth())
+            self.metrics.outbox_depth.inc(self.outbox.commit(batch))
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)

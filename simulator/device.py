@@ -37,9 +37,12 @@ class SimDevice:
             raise ValueError("simulated device config: %s" % "; ".join(problems))
         self.fuel = []
         self._last_fcnt = None
+        self.frames_sent = 0
 
     def _on_transmit(self, payload, on_air_len):
-        for f in frames_in(payload):
+        frames = frames_in(payload)
+        self.frames_sent += len(frames)
+        for f in frames:
             fcnt = codec.verify(f, self.key, self._last_fcnt)  # the device's own frames: always newer
             self._last_fcnt = fcnt
             if f[0] & 0x0F == codec.T_READING and self.hw.last_true is not None:

@@ -57,7 +57,6 @@ class Fleet:
             self.devices.append(d)
         if registry_path:
             self.write_registry(registry_path)
-        self.frames_sent = 0
         self._stop = threading.Event()
 
     def _clock(self):
@@ -71,10 +70,11 @@ class Fleet:
                             "name": "Simulated bin %s" % d.bin_id[4:]} for d in self.devices]}
         registry.write(path, data)
 
-    def _transmit(self, dev, payload, on_air_len):
-        from simulator.hardware import frames_in
+    @property
+    def frames_sent(self):
+        return sum(d.frames_sent for d in self.devices)
 
-        self.frames_sent += len(frames_in(payload))
+    def _transmit(self, dev, payload, on_air_len):
         return self.channel.transmit(dev.device_id, self.now, dev.xy, payload, on_air_len, dev.cfg["sf"])
 
     def stop(self):

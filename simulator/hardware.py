@@ -42,9 +42,6 @@ class SimHardware:
     def time_s(self):
         return int(self.clock())
 
-    def ticks_ms(self):
-        return int(self.clock() * 1000 + self.awake_ms)
-
     def sleep_ms(self, ms):
         self.awake_ms += ms
 

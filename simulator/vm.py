@@ -12,7 +12,7 @@ MIN_FREE = 300_000  # bytes of VM heap below which the session is replaced
 
 # hw functions: name -> (indexes of bytes arguments, returns bytes)
 HW_FUNCTIONS = {
-    "reset_cause": ((), False), "time_s": ((), False), "ticks_ms": ((), False), "sleep_ms": ((), False),
+    "reset_cause": ((), False), "time_s": ((), False), "sleep_ms": ((), False),
     "deepsleep": ((), False), "wake_on_pin": ((), False),
     "rtc_read": ((), True), "rtc_write": ((0,), False), "nvs_get": ((), False), "nvs_set": ((), False),
     "pin_write": ((), False), "pin_read": ((), False), "pulse_us": ((), False), "battery_mv": ((), False),

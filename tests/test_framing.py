@@ -82,3 +82,14 @@ def test_trailer_byte_follows_each_frame(items, data):
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     got = _feed_chunked(fr.Deframer(trailer=True), stream, cuts)
     assert got == [("frame", p, r) for p, r in items]
+
+
+@given(st.binary(max_size=600))
+def test_framed_len_is_what_frame_writes(payload):
+    """The firmware books airtime with framed_len(): exact for any protocol frame (< 252 bytes),
+    never an underestimate beyond."""
+    n = len(fr.frame(payload))
+    if len(payload) <= 251:
+        assert fr.framed_len(len(payload)) == n
+    else:
+        assert fr.framed_len(len(payload)) >= n

@@ -93,3 +93,19 @@ def test_rejection_logging_is_rate_limited(caplog):
     with caplog.at_level(logging.WARNING, logger="binlink.logs"):
         assert rl.allow("crc", now=161)
     assert any(getattr(r, "fields", {}).get("suppressed") == 7 for r in caplog.records)
+
+
+def test_outbox_commit_and_ack_report_the_change_in_pending(tmp_path):
+    """The depth gauge follows these numbers instead of counting the table on every group."""
+    box = Outbox(os.path.join(str(tmp_path), "o.sqlite"))
+    b = Batch()
+    b.messages.append(("1:1", "binlink/s/bin/x/event", b"{}", 0, 1.0))
+    b.states["x"] = _state("x", 1, 1.0)
+    assert box.commit(b) == 2 and box.depth() == 2
+    first_state = [r[0] for r in box.pending(0, 10) if r[3]]
+    b = Batch()
+    b.states["x"] = _state("x", 2, 1.0)
+    assert box.commit(b) == 0 and box.depth() == 2  # the new state replaced the pending one
+    assert box.ack(first_state) == 0  # superseded already: not counted twice
+    ids = [r[0] for r in box.pending(0, 10)]
+    assert box.ack(ids) == 2 and box.depth() == 0

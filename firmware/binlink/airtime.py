@@ -1,4 +1,4 @@
-# LoRa time on air (Semtech AN1200.13) and the EU868 duty-cycle off-time.
+# LoRa time on air (Semtech AN1200.13) and the EU868 duty-cycle airtime budget.
 # Shared by the firmware (duty cycle) and the simulator (channel occupancy, collisions).
 
 

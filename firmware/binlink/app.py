@@ -62,7 +62,6 @@ def _cycle(hw, cfg, chash, s, radio):
     # reported (or queued): this is the new reference for the next decision
     s.last_report = now
     s.last_distance = state.NO_DISTANCE if dist is None else dist
-    s.last_fill = 0 if fill is None else fill
     s.alarm_flags = alarm
     return _sleep_s(cfg, s)
 

@@ -60,6 +60,11 @@ def cobs_decode(data):
     return bytes(out)
 
 
+def framed_len(n):
+    """Bytes frame() writes for an n-byte payload: 2 delimiters, 2 CRC, COBS code bytes."""
+    return n + 5 + (n + 2) // 254
+
+
 def frame(payload):
     """Bytes to write on the serial line for one protocol frame.
 

@@ -26,10 +26,6 @@ def time_s():
     return time.time()  # the RTC keeps counting through deep sleep
 
 
-def ticks_ms():
-    return time.ticks_ms()
-
-
 def sleep_ms(ms):
     time.sleep_ms(ms)
 
@@ -50,22 +46,24 @@ def rtc_write(data):
     machine.RTC().memory(data)
 
 
-def nvs_get(key):
+def _nvs_store():
     global _nvs
     if _nvs is None:
         _nvs = esp32.NVS("binlink")
+    return _nvs
+
+
+def nvs_get(key):
     try:
-        return _nvs.get_i32(key)
+        return _nvs_store().get_i32(key)
     except OSError:
         return None
 
 
 def nvs_set(key, value):
-    global _nvs
-    if _nvs is None:
-        _nvs = esp32.NVS("binlink")
-    _nvs.set_i32(key, value)
-    _nvs.commit()
+    store = _nvs_store()
+    store.set_i32(key, value)
+    store.commit()
 
 
 def pin_write(pin, value):

@@ -1,9 +1,9 @@
 # State across deep sleep (RTC memory, at most 2048 bytes on ESP32) and power loss (NVS).
 #
 # RTC layout, little-endian:
-#   0  magic "BL" | 2 layout version | 3 flags (bit0: hello sent)
+#   0  magic "BL" | 2 layout version | 3 reserved
 #   4  fcnt u32 | 8 errors u16 | 10 dropped u16 | 12 last report time u32 | 16 last distance u16
-#   18 last fill % u8 | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
+#   18 reserved | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
 #   24 airtime budget ms u16 | 26 last alarm flags u8 | 27..31 reserved
 #   32 backlog: entries of 14 bytes: fcnt u32, measured at u32 (s), reading body (6 bytes)
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
@@ -12,7 +12,7 @@ import struct
 
 MAGIC = b"BL"
 LAYOUT = 1
-HEADER = "<2sBBIHHIHBBIHB5x"
+HEADER = "<2sBxIHHIHxBIHB5x"
 HEADER_LEN = 32
 ENTRY = "<II6s"
 ENTRY_LEN = 14
@@ -28,7 +28,6 @@ class State:
         self.dropped = 0
         self.last_report = 0
         self.last_distance = NO_DISTANCE
-        self.last_fill = 0
         self.budget_at = 0  # duty cycle: airtime budget (token bucket), as of budget_at
         self.budget_ms = -1  # -1: never transmitted; starts full
         self.alarm_flags = 0
@@ -36,8 +35,8 @@ class State:
         self.restored = False  # True when RTC memory held a valid state
 
     def pack(self):
-        head = struct.pack(HEADER, MAGIC, LAYOUT, 0, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
-                           self.last_report, self.last_distance, self.last_fill, len(self.backlog),
+        head = struct.pack(HEADER, MAGIC, LAYOUT, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
+                           self.last_report, self.last_distance, len(self.backlog),
                            self.budget_at, max(0, self.budget_ms), self.alarm_flags)
         parts = [head]
         for e in self.backlog:
@@ -51,7 +50,7 @@ def unpack(data):
     s = State()
     if len(data) < HEADER_LEN or data[:2] != MAGIC or data[2] != LAYOUT:
         return s
-    (_, _, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.last_fill, n,
+    (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, n,
      s.budget_at, s.budget_ms, s.alarm_flags) = struct.unpack(HEADER, data[:HEADER_LEN])
     if HEADER_LEN + n * ENTRY_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)

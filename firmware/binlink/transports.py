@@ -47,7 +47,7 @@ class UartFramed:
         self._mode(1)  # M0 = M1 = 1: sleep
 
     def on_air_len(self, frame):
-        return len(framing.frame(frame))
+        return framing.framed_len(len(frame))
 
 
 class Rylr998:
