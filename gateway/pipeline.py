@@ -30,7 +30,7 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
-        self._rx_base = {"gateway": cfg.gateway_id, "time_synced": clock_synced()}
+        self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
 
     def set_devices(self, devices):
@@ -51,6 +51,8 @@ class Pipeline:
     def process(self, items):
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
         now = self.clock()
+        # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
+        self._rx_base["time_synced"] = clock_synced()
         batch = Batch()
         readings = 0
         read = {}

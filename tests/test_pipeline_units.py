@@ -109,3 +109,28 @@ def test_outbox_commit_and_ack_report_the_change_in_pending(tmp_path):
     assert box.ack(first_state) == 0  # superseded already: not counted twice
     ids = [r[0] for r in box.pending(0, 10)]
     assert box.ack(ids) == 2 and box.depth() == 0
+
+
+def test_time_synced_follows_the_clock_as_it_syncs(tmp_path, monkeypatch):
+    """A Pi has no RTC: it often starts the gateway before NTP has synchronised the clock."""
+    from binlink import codec
+    from gateway import config, pipeline
+    from gateway.metrics import Metrics
+    from gateway.module_formats import Reception
+
+    key = bytes(range(16))  # TEST KEY
+    cfg = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": [{"port": "/x"}]})
+    box = Outbox(os.path.join(str(tmp_path), "o.sqlite"))
+    p = pipeline.Pipeline(cfg, {1: Device(1, "b", key, 1200, 200)}, box, Metrics())
+    synced = [False]
+    monkeypatch.setattr(pipeline, "clock_synced", lambda: synced[0])
+    import json
+
+    def state_after(fcnt):
+        p.process([("r0", Reception(codec.encode_reading(key, 1, fcnt, 700, 20, 3700)))])
+        rows = [r for r in box.pending(0, 100) if r[3]]
+        return json.loads(rows[-1][2])["time_synced"]
+
+    assert state_after(1) is False
+    synced[0] = True
+    assert state_after(2) is True
