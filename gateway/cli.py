@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from binlink import codec
+from binlink.wire import codec
 
 
 def _hex(text):
@@ -51,7 +51,7 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
-    from simulator import cli as sim_cli, demo
+    from binlink.sim import cli as sim_cli, demo
 
     sim_cli.add_parser(sub)
     demo.add_parser(sub)
@@ -65,7 +65,7 @@ def _config_errors(problems):
 
 
 def cmd_check_config(args):
-    from gateway import config, registry
+    from binlink.gateway import config, registry
 
     try:
         cfg = config.load(args.path)
@@ -77,7 +77,7 @@ def cmd_check_config(args):
 
 
 def cmd_gateway(args):
-    from gateway import config, service
+    from binlink.gateway import config, service
 
     try:
         return service.run(args.config)

@@ -3,7 +3,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
-from gateway.module_formats import FORMATS
+from binlink.gateway.module_formats import FORMATS
 
 
 class ConfigError(Exception):

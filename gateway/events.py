@@ -2,7 +2,7 @@
 
 Alarms fire on the rising edge (flag newly set), so a bin that stays tilted is one event, not one
 per report. `emptied` is a fall of the fill level by more than a threshold: a pickup."""
-from binlink import codec
+from binlink.wire import codec
 
 ALARM_FLAGS = (("fire", "fire"), ("tilt", "tilt"), ("sensor_fault", "sensor_fault"), ("low_battery", "low_battery"))
 

@@ -1,7 +1,7 @@
 """Home Assistant MQTT discovery: one device per bin, retained configs under the discovery prefix."""
 import json
 
-from gateway import integrate
+from binlink.gateway import integrate
 
 # (object id, component, name, state field, extra config)
 ENTITIES = (

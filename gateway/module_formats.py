@@ -4,7 +4,7 @@ Each decoder turns a byte stream, fed in any chunking, into Receptions: a protoc
 the signal figures the module reported, or a rejection with its reason code."""
 from dataclasses import dataclass
 
-from binlink.framing import Deframer
+from binlink.wire.framing import Deframer
 
 
 @dataclass(frozen=True)

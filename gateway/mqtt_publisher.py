@@ -12,8 +12,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from gateway import homeassistant, integrate, logs
-from gateway.outbox import Outbox
+from binlink.gateway import homeassistant, integrate, logs
+from binlink.gateway.outbox import Outbox
 
 log = logs.get("mqtt")
 ACK_GROUP = 500  # acks written to the outbox in groups: one transaction each

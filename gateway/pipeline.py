@@ -8,10 +8,10 @@ import logging
 import os
 import time
 
-from binlink import codec
-from gateway import calibration, events, integrate, logs
-from gateway.dedup import Dedup
-from gateway.outbox import Batch
+from binlink.wire import codec
+from binlink.gateway import calibration, events, integrate, logs
+from binlink.gateway.dedup import Dedup
+from binlink.gateway.outbox import Batch
 
 log = logs.get("pipeline")
 

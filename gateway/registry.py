@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import tomli_w
 
-from gateway.config import ConfigError
+from binlink.gateway.config import ConfigError
 
 _BIN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

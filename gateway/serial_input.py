@@ -8,7 +8,7 @@ import threading
 
 import serial
 
-from gateway import logs, module_formats
+from binlink.gateway import logs, module_formats
 
 log = logs.get("serial")
 BACKOFF_MIN_S = 0.2

@@ -12,13 +12,13 @@ import time
 
 import sdnotify
 
-from gateway import config as config_mod, logs, registry
-from gateway.metrics import Metrics
-from gateway.module_formats import Reception
-from gateway.mqtt_publisher import Publisher
-from gateway.outbox import Outbox
-from gateway.pipeline import Pipeline
-from gateway.serial_input import SerialSource
+from binlink.gateway import config as config_mod, logs, registry
+from binlink.gateway.metrics import Metrics
+from binlink.gateway.module_formats import Reception
+from binlink.gateway.mqtt_publisher import Publisher
+from binlink.gateway.outbox import Outbox
+from binlink.gateway.pipeline import Pipeline
+from binlink.gateway.serial_input import SerialSource
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit

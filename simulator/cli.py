@@ -23,12 +23,12 @@ def add_parser(sub):
 
 
 def cmd_sim(args):
-    from simulator.fleet import Fleet
+    from binlink.sim.fleet import Fleet
 
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
     vm = None
     if args.vm == "micropython":
-        from simulator.vm import FirmwareVM
+        from binlink.sim.vm import FirmwareVM
 
         vm = FirmwareVM()
     fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=args.link, registry_path=args.registry, vm=vm,

@@ -101,8 +101,8 @@ def cmd_demo(args):
     from rich.console import Console
     from rich.live import Live
 
-    from simulator import broker as brokers
-    from simulator.fleet import Fleet
+    from binlink.sim import broker as brokers
+    from binlink.sim.fleet import Fleet
 
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
     console = Console()

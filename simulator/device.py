@@ -2,9 +2,11 @@
 the MicroPython VM, through the firmware's hardware module."""
 import json
 
-from binlink import app, codec, config
-from simulator import physics
-from simulator.hardware import SimHardware, frames_in
+from binlink.wire import codec
+
+from binlink.firmware import app, config
+from binlink.sim import physics
+from binlink.sim.hardware import SimHardware, frames_in
 
 RADIO_PORT = [1, 9600, 26, 27]
 SENSOR_PORT = [2, 9600, 17, 16]

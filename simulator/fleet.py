@@ -10,11 +10,11 @@ import random
 import threading
 import time
 
-from gateway import registry
-from simulator.device import SimDevice
-from simulator.physics import DAY, Weather
-from simulator.radio import Channel, Receiver
-from simulator.serial_link import PtyLink
+from binlink.gateway import registry
+from binlink.sim.device import SimDevice
+from binlink.sim.physics import DAY, Weather
+from binlink.sim.radio import Channel, Receiver
+from binlink.sim.serial_link import PtyLink
 
 
 class Truth:

@@ -4,8 +4,8 @@ backed by the physics of one bin. The firmware calls it exactly as it calls the 
 Energy: time awake and time on air are accounted so the simulation knows the battery drain."""
 import re
 
-from binlink import framing
-from simulator.energy import ACTIVE_MA, BOOT_MS, TX_MA
+from binlink.wire import framing
+from binlink.sim.energy import ACTIVE_MA, BOOT_MS, TX_MA
 _AT_SEND = re.compile(rb"AT\+SEND=(\d+),(\d+),([0-9A-Fa-f]*)\r\n")
 
 

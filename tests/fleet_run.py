@@ -3,8 +3,8 @@ import json
 import os
 import tempfile
 
-from simulator.broker import Mosquitto
-from simulator.fleet import Fleet
+from binlink.sim.broker import Mosquitto
+from binlink.sim.fleet import Fleet
 from tests.harness import GatewayProcess, Subscriber, wait_for
 
 

@@ -10,8 +10,8 @@ import urllib.request
 import paho.mqtt.client as mqtt
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import registry
-from simulator.broker import free_port, wait_port
+from binlink.gateway import registry
+from binlink.sim.broker import free_port, wait_port
 
 BINLINK = os.path.join(os.path.dirname(sys.executable), "binlink")
 KEY = bytes(range(16))  # TEST KEY

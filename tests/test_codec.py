@@ -4,7 +4,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from binlink import codec as c
+from binlink.wire import codec as c
 from tests.conftest import VECTORS
 
 KEY = bytes(range(16))  # TEST KEY

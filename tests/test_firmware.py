@@ -5,15 +5,17 @@ import random
 import pytest
 from hypothesis import given, strategies as st
 
-from binlink import airtime, codec, config, measure, sensors, state
-from simulator.device import SimDevice
+from binlink.wire import airtime, codec
+
+from binlink.firmware import config, measure, sensors, state
+from binlink.sim.device import SimDevice
 
 KEY = bytes(range(16))  # TEST KEY
 
 
 @pytest.fixture(scope="module")
 def vm():
-    from simulator.vm import FirmwareVM
+    from binlink.sim.vm import FirmwareVM
 
     v = FirmwareVM()
     yield v
@@ -244,7 +246,7 @@ def test_airtime_matches_semtech_calculator():
 def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, monkeypatch):
     """main(): no usable config -> a long safe sleep; a bin lying tipped over must not re-arm
     the tilt wake (the pin is already low: it would wake at once, forever, until the battery dies)."""
-    from binlink import app
+    from binlink.firmware import app
 
     calls = []
 
@@ -277,7 +279,7 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
 
 
 def test_rylr998_send_waits_for_ok_and_reports_err():
-    from binlink import transports
+    from binlink.firmware import transports
 
     class HW:
         def __init__(self, reply):

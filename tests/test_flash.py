@@ -7,7 +7,7 @@ import sys
 import pytest
 import serial
 
-from gateway import registry
+from binlink.gateway import registry
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -23,9 +23,11 @@ def test_make_firmware_compiles_everything():
     r = make("firmware")
     assert r.returncode == 0, r.stderr
     build = ROOT / "build" / "firmware"
-    sources = [p for p in (ROOT / "firmware" / "binlink").glob("*.py")]
+    package = ROOT / "firmware" / "binlink"
+    sources = list(package.rglob("*.py"))
+    assert len(sources) > 10
     for src in sources:
-        mpy = build / "binlink" / (src.stem + ".mpy")
+        mpy = build / "binlink" / src.relative_to(package).with_suffix(".mpy")
         assert mpy.exists() and mpy.read_bytes()[:1] == b"M", mpy
     assert (build / "main.py").read_text() == (ROOT / "firmware" / "main.py").read_text()
 

@@ -1,7 +1,7 @@
 """Serial framing: COBS + CRC-16 resynchronises after noise, fed in any chunking."""
 from hypothesis import given, strategies as st
 
-from binlink import framing as fr
+from binlink.wire import framing as fr
 
 payloads = st.binary(min_size=1, max_size=200)
 

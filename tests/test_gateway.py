@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from binlink import codec, framing
-from gateway import module_formats
-from simulator.broker import Mosquitto
-from simulator.serial_link import PtyLink
+from binlink.wire import codec, framing
+from binlink.gateway import module_formats
+from binlink.sim.broker import Mosquitto
+from binlink.sim.serial_link import PtyLink
 from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, Subscriber, wait_for
 
 DEV_A, DEV_B = 0xA1, 0xB2
@@ -282,14 +282,14 @@ def test_registry_problems_are_named_and_keys_never_echoed(tmp_path):
 def test_sample_config_is_valid(tmp_path):
     import shutil
 
-    from gateway import config
+    from binlink.gateway import config
 
     here = os.path.join(os.path.dirname(os.path.dirname(__file__)), "gateway", "examples")
     cfg = config.load(os.path.join(here, "gateway.toml"))
     assert cfg.sources[0].format == "raw+rssi" and cfg.base_topic == "binlink/springfield"
     shutil.copy(os.path.join(here, "devices.toml"), tmp_path / "d.toml")
     os.chmod(tmp_path / "d.toml", 0o600)
-    from gateway import registry
+    from binlink.gateway import registry
 
     (dev,) = registry.load(str(tmp_path / "d.toml")).values()
     assert dev.bin_id == "market-square-1" and KEY.hex() not in repr(dev)
@@ -302,7 +302,7 @@ def test_wifi_bin_frames_over_mqtt_join_the_same_pipeline(tmp_path, gw, broker, 
 
     import paho.mqtt.client as mqtt
 
-    from simulator.device import SimDevice
+    from binlink.sim.device import SimDevice
 
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect("127.0.0.1", broker.port)
@@ -331,7 +331,7 @@ def test_sighup_reloads_the_registry_without_a_restart(gw, pty, subscriber):
     """A bin provisioned after the gateway started is accepted after `systemctl reload`."""
     import signal
 
-    from gateway import registry
+    from binlink.gateway import registry
 
     new_key = bytes(range(100, 116))  # TEST KEY
     pty.write(framing.frame(reading(1, dev=0xC3, key=new_key)))
@@ -375,7 +375,7 @@ def test_reprovisioned_bin_starts_its_counter_again(gw, pty, subscriber):
     registry reload its frames are accepted, not refused as replays of the old key's counter."""
     import signal
 
-    from gateway import registry
+    from binlink.gateway import registry
 
     for n in range(40, 43):
         pty.write(framing.frame(reading(n)))

@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from binlink import codec, framing
-from simulator.broker import Mosquitto
+from binlink.wire import codec, framing
+from binlink.sim.broker import Mosquitto
 from tests.harness import KEY, GatewayProcess, Subscriber, wait_for
 
 

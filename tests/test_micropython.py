@@ -18,7 +18,7 @@ def test_every_vector_on_micropython(mpy_session):
     """The same codec file decodes every vector to the same JSON on MicroPython (one VM pass)."""
     code = (
         "import json\n"
-        "from binlink import codec\n"
+        "from binlink.wire import codec\n"
         "out = []\n"
         "for v in json.loads(%r):\n"
         "    try:\n"
@@ -38,7 +38,7 @@ def test_every_vector_on_micropython(mpy_session):
 def test_micropython_encodes_byte_identical_frames(mpy_session):
     """Frames built on the device are the vectors' bytes (the VM has no hmac module: own HMAC path)."""
     code = (
-        "from binlink import codec, framing\n"
+        "from binlink.wire import codec, framing\n"
         "k = bytes(range(16))\n"
         "print(codec.encode_reading(k, 0xA1, 42, 812, 21, 3712, 0, 5, 5).hex())\n"
         "print(codec.encode_hello(k, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex('c0ffee01')).hex())\n"
@@ -49,7 +49,7 @@ def test_micropython_encodes_byte_identical_frames(mpy_session):
     by_name = {v["name"]: v["frame_hex"] for v in VECTORS}
     assert lines[0] == by_name["reading_normal"]
     assert lines[1] == by_name["hello_power_on"]
-    from binlink import framing
+    from binlink.wire import framing
 
     assert lines[2] == framing.frame(b"\x00\x11\x00").hex()
     assert int(lines[3]) == 0x29B1

@@ -2,8 +2,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from binlink import framing
-from gateway import module_formats as mf
+from binlink.wire import framing
+from binlink.gateway import module_formats as mf
 
 frames = st.lists(st.binary(min_size=10, max_size=60), min_size=1, max_size=6)
 

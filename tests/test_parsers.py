@@ -1,8 +1,8 @@
 """Every parser against arbitrary input: it answers with its own clear error, never a crash."""
 from hypothesis import given, strategies as st
 
-from binlink import config as fw_config, state
-from gateway import config as gw_config, registry
+from binlink.firmware import config as fw_config, state
+from binlink.gateway import config as gw_config, registry
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
                     st.text(max_size=40), st.binary(max_size=8).map(lambda b: b.hex()))

@@ -4,11 +4,11 @@ import os
 import pytest
 from hypothesis import given, strategies as st
 
-from gateway import calibration, events
-from gateway.config import Events
-from gateway.dedup import Dedup
-from gateway.outbox import Batch, Outbox
-from gateway.registry import Device
+from binlink.gateway import calibration, events
+from binlink.gateway.config import Events
+from binlink.gateway.dedup import Dedup
+from binlink.gateway.outbox import Batch, Outbox
+from binlink.gateway.registry import Device
 
 DEV = Device(1, "b", bytes(16), 1200, 200)  # TEST KEY
 
@@ -84,7 +84,7 @@ def test_outbox_keeps_only_the_newest_pending_state_per_bin(tmp_path):
 def test_rejection_logging_is_rate_limited(caplog):
     import logging
 
-    from gateway.logs import RateLimit
+    from binlink.gateway.logs import RateLimit
 
     rl = RateLimit(per_minute=3)
     allowed = [rl.allow("crc", now=100 + i) for i in range(10)]
@@ -113,10 +113,10 @@ def test_outbox_commit_and_ack_report_the_change_in_pending(tmp_path):
 
 def test_time_synced_follows_the_clock_as_it_syncs(tmp_path, monkeypatch):
     """A Pi has no RTC: it often starts the gateway before NTP has synchronised the clock."""
-    from binlink import codec
-    from gateway import config, pipeline
-    from gateway.metrics import Metrics
-    from gateway.module_formats import Reception
+    from binlink.wire import codec
+    from binlink.gateway import config, pipeline
+    from binlink.gateway.metrics import Metrics
+    from binlink.gateway.module_formats import Reception
 
     key = bytes(range(16))  # TEST KEY
     cfg = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": [{"port": "/x"}]})

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from simulator import fidelity, physics
-from simulator.fleet import Fleet
+from binlink.sim import fidelity, physics
+from binlink.sim.fleet import Fleet
 from tests import fleet_run
 from tests.harness import BINLINK
 
@@ -47,7 +47,7 @@ def test_same_seed_same_world():
 
 
 def test_fleet_on_the_micropython_vm(tmp_path):
-    from simulator.vm import FirmwareVM
+    from binlink.sim.vm import FirmwareVM
 
     vm = FirmwareVM()
     try:

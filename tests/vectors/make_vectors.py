@@ -4,7 +4,7 @@ Keys here are TEST KEYS, public on purpose; never use them on a real bin."""
 import json
 import os
 
-from binlink import codec as c
+from binlink.wire import codec as c
 
 KEY = bytes(range(16))  # TEST KEY 000102030405060708090a0b0c0d0e0f
 KEY2 = bytes.fromhex("5445535420b1e57e57206b65792d3221")  # TEST KEY (second device)

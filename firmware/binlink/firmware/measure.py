@@ -1,6 +1,6 @@
 # One reading from several pings: median of the valid echoes, outliers dropped, the speed of
 # sound corrected for the air temperature. No echo / out of range is a fault, never a level.
-from binlink import codec
+from binlink.wire import codec
 
 OUTLIER_MM = 60  # a ping further than this from the median is a stray echo
 

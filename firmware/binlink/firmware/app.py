@@ -1,7 +1,9 @@
 # The wake cycle: boot → read config → measure → decide → encode → transmit → deep sleep.
 # Every millisecond awake costs battery, so the cycle does only what this wake needs, and any
 # failure ends in deep sleep — never a crash loop that drains the battery.
-from binlink import airtime, codec, config, log, measure, sensors, state, transports
+from binlink.wire import airtime, codec
+
+from binlink.firmware import config, log, measure, sensors, state, transports
 
 FW_VERSION = (1, 0, 0)
 _log = log.get("app")

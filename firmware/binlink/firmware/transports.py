@@ -1,6 +1,8 @@
 # Uplink transports, one interface: send(frame) -> True when the frame left the device
 # (for RYLR998: the module answered +OK; for Wi-Fi: the broker acknowledged), False otherwise.
-from binlink import framing, log
+from binlink.wire import framing
+
+from binlink.firmware import log
 
 _log = log.get("transport")
 

@@ -1,0 +1,1 @@
+# Firmware-only modules: flashed to the ESP32, never installed with the gateway.
