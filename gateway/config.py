@@ -1,5 +1,6 @@
 """Gateway configuration (TOML): load, apply defaults, and name every problem by its key path."""
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class Mqtt:
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
     uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
-    max_inflight: int = 200
+    max_inflight: int = 1000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
 
 
 @dataclass
@@ -164,6 +165,8 @@ def parse(data):
     port = _get(mq, "port", int, 1883)
     if not 0 < port < 65536:
         problems.append("mqtt.port: %d is not a TCP port" % port)
+    if not 0 < _get(mq, "max_inflight", int, 1000) <= 60000:
+        problems.append("mqtt.max_inflight: must be 1 to 60000")
     if _get(mq, "password", str, "") and _get(mq, "password_file", str, ""):
         problems.append("mqtt.password_file: give password or password_file, not both")
     if (_get(mq, "cert_file", str, "") or _get(mq, "key_file", str, "")) and not _get(mq, "tls", bool, False):
@@ -210,3 +213,64 @@ def load(path):
 def metrics_address(cfg):
     host, _, port = cfg.metrics_listen.rpartition(":")
     return host, int(port)
+
+
+def mqtt_password(m):
+    """The broker password: mqtt.password, or the first line of mqtt.password_file."""
+    if m.password_file:
+        with open(m.password_file) as f:
+            return f.read().strip()
+    return m.password
+
+
+def _readable(path, key, problems, secret=False):
+    """Opens path as the gateway will; a secret must not be readable by other users."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        problems.append("%s: cannot read %s: %s" % (key, path, e.strerror or e))
+        return None
+    if secret and mode & (stat.S_IROTH | stat.S_IWOTH):
+        problems.append("%s: %s is readable by other users; it holds a secret (chmod 640)" % (key, path))
+    return data
+
+
+def check_files(cfg):
+    """Every file the gateway will open, opened now: problems name the key and the file.
+    The registry is checked by registry.load; the state dir must be writable."""
+    import ssl
+
+    problems = []
+    m = cfg.mqtt
+    if m.password_file:
+        data = _readable(m.password_file, "mqtt.password_file", problems, secret=True)
+        if data is not None and not data.strip():
+            problems.append("mqtt.password_file: %s is empty" % m.password_file)
+    for key, path, secret in (("mqtt.ca_file", m.ca_file, False), ("mqtt.cert_file", m.cert_file, False),
+                              ("mqtt.key_file", m.key_file, True)):
+        if path:
+            _readable(path, key, problems, secret=secret)
+    if m.tls and not problems:
+        try:
+            ctx = ssl.create_default_context(cafile=m.ca_file or None)
+            if m.cert_file:
+                ctx.load_cert_chain(m.cert_file, m.key_file or None)
+        except (ssl.SSLError, OSError) as e:
+            key = "mqtt.cert_file" if m.cert_file and "cafile" not in str(e) else "mqtt.ca_file"
+            problems.append("%s: not usable for TLS (%s, %s): %s" % (key, m.ca_file or "system store", m.cert_file or "-", e))
+    problems += _state_dir_problems(cfg.state_dir)
+    return problems
+
+
+def _state_dir_problems(path):
+    existing = path
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing or (os.path.exists(existing) and not os.path.isdir(existing)):
+            return ["gateway.state_dir: %s is not a directory" % existing]
+        existing = parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ["gateway.state_dir: %s is not writable by this user (uid %d)" % (existing, os.getuid())]
+    return []

@@ -110,7 +110,7 @@ def test_same_frame_from_two_radios_is_published_once(tmp_path, broker, subscrib
     g = GatewayProcess(tmp_path, broker.port, [("r0", links[0].link, "raw+rssi"), ("r1", links[1].link, "rylr998")],
                        devices=DEVICES).start()
     try:
-        wait_for(lambda: g.metric("binlink_serial_reopens_total") == 2, what="both radios open")
+        wait_for(lambda: g.metric("binlink_serial_connected") == 2, what="both radios open")
         for n in range(1, 11):
             f = reading(n, dist=800)
             links[0].write(framing.frame(f) + bytes([256 - 70]))
@@ -210,7 +210,7 @@ def test_pty_unplugged_and_replugged_resumes_by_itself(gw, pty, subscriber):
     time.sleep(1.0)
     assert gw.alive()
     pty.plug()
-    wait_for(lambda: gw.metric("binlink_serial_reopens_total") == 2, timeout=20, what="port reopened")
+    wait_for(lambda: gw.metric("binlink_serial_reopens_total") == 1, timeout=20, what="port reopened")
     pty.write(framing.frame(reading(2)))
     wait_for(lambda: len(subscriber.events()) == 2, what="event after replug")
     assert "serial port lost" in gw.output()
@@ -361,7 +361,8 @@ def test_missing_serial_port_at_start_is_logged_and_found_later(tmp_path, broker
         assert "by-id-not-yet-plugged" in g.output() and g.alive()
         link = PtyLink(link_path)  # the radio is plugged in
         try:
-            wait_for(lambda: g.metric("binlink_serial_reopens_total") == 1, timeout=30, what="port found")
+            wait_for(lambda: g.metric("binlink_serial_connected") == 1, timeout=30, what="port found")
+            assert g.metric("binlink_serial_reopens_total") == 0  # found late, but opened once: not a reopen
             link.write(framing.frame(reading(1)))
             wait_for(lambda: subscriber.events(), what="reading from the late radio")
         finally:
