@@ -71,11 +71,8 @@ class Metrics:
         r.register(_LatencyCollector(self.publish_latency))
 
     def apply_publisher_report(self, report):
-        """Counts from the publisher process (mqtt_publisher.Worker.report)."""
-        if report.get("acked_rows"):
-            self.outbox_depth.dec(report["acked_rows"])
-        if report.get("published"):
-            self.published.inc(report["published"])
+        """Counts from the publisher process (mqtt_publisher.Worker._report); its acknowledgements
+        are counted when the service writes them (published, outbox depth)."""
         if report.get("connect_failures"):
             self.mqtt_connect_failures.inc(report["connect_failures"])
         if "connected" in report:

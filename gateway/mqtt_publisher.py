@@ -7,8 +7,10 @@ reconnect or a restart, everything not acknowledged is sent again from the outbo
 the same message ids in its payloads (consumers deduplicate by them).
 
 The service talks to the process over a socket pair (multiprocessing.connection: start, devices,
-stats, stop) and wakes it after each group commit through a pipe; the process reports its counts
-back as deltas. It dies with the service: PR_SET_PDEATHSIG, and it exits on end of file from the
+stats, stop) and wakes it after each group commit through a pipe; the process reports back the
+outbox ids the broker acknowledged and its counts. The service writes those acknowledgements
+into the outbox between its group commits: one writer, so ingest never waits on SQLite's lock
+for the publisher (a busy wait there sleeps 1, 2, 5, 10... ms and stalled both sides). It dies with the service: PR_SET_PDEATHSIG, and it exits on end of file from the
 service's end. Publisher.start/stop/... run in the service; Worker runs in the child."""
 import ctypes
 import json
@@ -30,9 +32,8 @@ from binlink.gateway.metrics import LatencyCounts
 from binlink.gateway.outbox import Outbox
 
 log = logs.get("mqtt")
-ACK_GROUP = 2000  # acks written to the outbox in groups: one transaction each
-ACK_FLUSH_S = 0.05  # ... or this long after the first unwritten one; at once when nothing is in flight
-REPORT_S = 0.1  # counts sent to the service at most this often
+ACK_GROUP = 2000  # acknowledgements reported at once when this many are waiting ...
+REPORT_S = 0.05  # ... else at most this often, and at once when nothing is left in flight
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 RESTART_MAX_S = 30.0
 PR_SET_PDEATHSIG = 1
@@ -42,7 +43,8 @@ class Publisher:
     """The service's handle on the publisher process: starts it, restarts it if it dies,
     applies its reports to the service's metrics."""
 
-    def __init__(self, cfg, outbox_path, devices, metrics):
+    def __init__(self, cfg, outbox_path, devices, metrics, on_acks=lambda: None):
+        """on_acks(): called (monitor thread) when acknowledgements arrive and none were waiting."""
         self.cfg = cfg
         self.outbox_path = outbox_path
         self.devices = devices
@@ -51,6 +53,8 @@ class Publisher:
         self._conn = None
         self._wake_w = None
         self._stopping = False
+        self._acked = []  # outbox ids acknowledged by the broker, for the service to write
+        self._on_acks = on_acks
         self._lock = threading.Lock()  # sends to the process come from the main and the monitor thread
         self._monitor = threading.Thread(target=self._watch, name="publisher-monitor", daemon=True)
 
@@ -81,7 +85,15 @@ class Publisher:
             started = time.monotonic()
             try:
                 while True:
-                    self.metrics.apply_publisher_report(self._conn.recv())
+                    report = self._conn.recv()
+                    acked = report.pop("acked", None)
+                    if acked:
+                        with self._lock:
+                            was_empty = not self._acked
+                            self._acked += acked
+                        if was_empty:
+                            self._on_acks()
+                    self.metrics.apply_publisher_report(report)
             except (EOFError, OSError):
                 pass
             code = self.proc.wait()
@@ -95,6 +107,12 @@ class Publisher:
             if self._stopping:
                 return
             self._spawn()
+
+    def take_acks(self):
+        """Outbox ids the broker acknowledged since the last call (the service writes them)."""
+        with self._lock:
+            acked, self._acked = self._acked, []
+        return acked
 
     def alive(self):
         """False only when the process is gone and not being restarted (the watchdog's question)."""
@@ -158,8 +176,7 @@ class Worker:
         self.inflight = {}  # mid -> (outbox id, received_at); (None, None) for discovery and status
         self.last_fed = 0  # highest outbox id handed to the broker in this session
         self.maybe_pending = True  # the outbox may hold rows after last_fed
-        self.acked = []  # outbox ids the broker acknowledged, not yet marked in the outbox
-        self.first_unwritten = 0.0
+        self.acked = []  # outbox ids the broker acknowledged, not yet reported to the service
         self.next_connect = 0.0
         self.backoff = RECONNECT_MIN_S
         self.stop_deadline = None
@@ -167,7 +184,7 @@ class Worker:
         self.topics = {}  # topic str -> bytes: a few hundred bins, encoded once
         self._log_limit = logs.RateLimit(per_minute=1)
         self.latency = LatencyCounts()
-        self.counts = {"acked_rows": 0, "published": 0, "connect_failures": 0}
+        self.counts = {"connect_failures": 0}
         self.connected_reported = None
         self.last_report = 0.0
 
@@ -237,29 +254,10 @@ class Worker:
         for mid in mids:
             row_id, received_at = self.inflight.pop(mid, (None, None))
             if row_id is not None:
-                if not self.acked:
-                    self.first_unwritten = time.monotonic()
                 self.acked.append(row_id)
                 self.latency.observe(max(0.0, now - received_at))
         if mids:
             self.maybe_pending = True  # room in the window again
-
-    def _write_acks(self, now, force=False):
-        if not self.acked or now < self.storage_retry:
-            return
-        if not (force or not self.inflight or len(self.acked) >= ACK_GROUP or now - self.first_unwritten >= ACK_FLUSH_S):
-            return
-        try:
-            done = self.box.ack(self.acked)
-        except sqlite3.Error as e:  # disk full, locked past the timeout: keep them, try again
-            if self._log_limit.allow("ack", now):
-                logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox, retrying", error=str(e),
-                           pending_acks=len(self.acked))
-            self.storage_retry = now + 1.0
-            return
-        self.counts["acked_rows"] += done
-        self.counts["published"] += len(self.acked)
-        self.acked = []
 
     # the service ------------------------------------------------------------------------------
     def _from_service(self):
@@ -286,9 +284,12 @@ class Worker:
 
     def _report(self, now, force=False):
         connected = self.session is not None
-        if not force and now - self.last_report < REPORT_S and connected == self.connected_reported:
+        due = force or now - self.last_report >= REPORT_S or connected != self.connected_reported
+        if not (due or len(self.acked) >= ACK_GROUP or (self.acked and not self.inflight)):
             return
         report = {k: v for k, v in self.counts.items() if v}
+        if self.acked:
+            report["acked"], self.acked = self.acked, []
         latency = self.latency.take()
         if latency:
             report["latency"] = latency
@@ -301,7 +302,7 @@ class Worker:
         self.last_report = now
 
     def _drained(self):
-        if self.inflight or self.acked:
+        if self.inflight:
             return False
         if self.maybe_pending and self.box.pending(self.last_fed, 1):
             return False
@@ -317,6 +318,8 @@ class Worker:
                     break
                 if self.session is None and now >= self.next_connect:
                     self._connect(now)
+                if self.storage_retry and now >= self.storage_retry:
+                    self.storage_retry, self.maybe_pending = 0.0, True
                 if self.session is not None:
                     try:
                         self._feed()
@@ -327,7 +330,6 @@ class Worker:
                 if not self._wait(now):
                     return 2  # the service is gone
                 now = time.monotonic()
-                self._write_acks(now)
                 self._report(now)
                 if self.session is not None:
                     try:
@@ -335,7 +337,6 @@ class Worker:
                     except OSError as e:
                         self._lost(e)
             self._say_offline()
-            self._write_acks(time.monotonic(), force=True)
             self._report(time.monotonic(), force=True)
             return 0
         finally:
@@ -345,17 +346,17 @@ class Worker:
         if self._log_limit.allow("pending", now):
             logs.event(log, logging.ERROR, "cannot read the outbox, retrying", error=str(e))
         self.maybe_pending = False
-        self.storage_retry = now + 1.0
+        self.storage_retry = now + 1.0  # the wake pipe does not count as news until then
 
     def _timeout(self, now):
         due = [now + 1.0]
         if self.acked:
-            due.append(max(self.first_unwritten + ACK_FLUSH_S, self.storage_retry))
+            due.append(self.last_report + REPORT_S)
         if self.session is None and self.stop_deadline is None:
             due.append(self.next_connect)
         if self.stop_deadline is not None:
             due.append(min(now + 0.05, self.stop_deadline))
-        if self.storage_retry > now:
+        if self.storage_retry:
             due.append(self.storage_retry)
         return max(0.0, min(due) - now)
 
@@ -371,7 +372,7 @@ class Worker:
             ready, _, _ = select.select(fds, [], [], self._timeout(now))
         if self.wake_fd in ready:
             os.read(self.wake_fd, 65536)
-            self.maybe_pending = self.storage_retry <= time.monotonic()
+            self.maybe_pending = not self.storage_retry
         if self.conn in ready and not self._from_service():
             return False
         if self.session is not None and self.session in ready:

@@ -26,6 +26,9 @@ from binlink.gateway.wifi_input import WifiInput
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
+ACK_GROUP = 5000  # broker acknowledgements written to the outbox at once ...
+ACK_FLUSH_S = 0.05  # ... or this long after the first arrived, or at once when no frames are waiting
+ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
 
 
@@ -39,7 +42,11 @@ class Gateway:
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
         self.wifi = WifiInput(cfg, self.queue) if cfg.mqtt.uplink_topic else None
-        self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics)
+        self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
+                                   on_acks=lambda: self.queue.put(ACKS_READY))
+        self._acks = []
+        self._acks_since = 0.0
+        self._log_limit = logs.RateLimit(per_minute=2)
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
         self._reload = False
@@ -101,8 +108,9 @@ class Gateway:
         while not self.stop_event.is_set():
             if self._reload:
                 self._reload_registry(pipeline)
-            self._process(pipeline, timeout=0.5)
+            self._process(pipeline, timeout=ACK_FLUSH_S if self._acks else 0.5)
             now = time.monotonic()
+            self._write_acks(box, now)
             dead = self._dead_workers()
             if dead and not self.stop_event.is_set():  # stopping, the readers end by themselves
                 logs.event(log, logging.ERROR, "worker died, stopping for systemd to restart the service", workers=",".join(dead))
@@ -125,6 +133,7 @@ class Gateway:
         while not self.queue.empty():
             self._process(pipeline, timeout=0)
         self.publisher.stop()
+        self._write_acks(box, time.monotonic(), force=True)
         remaining = box.depth()
         box.close()
         if self._metrics_server is not None:
@@ -145,8 +154,34 @@ class Gateway:
             except queue.Empty:
                 break
             n += len(chunks[-1][1])
-        pipeline.process([(source, rec) for source, recs in chunks for rec in recs])
-        self.publisher.notify()
+        items = [(source, rec) for source, recs in chunks for rec in recs]
+        if items:
+            pipeline.process(items)
+            self.publisher.notify()
+
+    def _write_acks(self, box, now, force=False):
+        """The broker's acknowledgements, reported by the publisher process, into the outbox: this
+        thread is the outbox's only writer. A power cut before this write means those messages are
+        published again, under the same ids."""
+        fresh = self.publisher.take_acks()
+        if fresh:
+            if not self._acks:
+                self._acks_since = now
+            self._acks += fresh
+        if not self._acks:
+            return
+        if not (force or len(self._acks) >= ACK_GROUP or now - self._acks_since >= ACK_FLUSH_S or self.queue.empty()):
+            return
+        try:
+            done = box.ack(self._acks)
+        except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already
+            if self._log_limit.allow("ack", now):
+                logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=len(self._acks))
+            self._acks_since = now + 1.0
+            return
+        self.metrics.outbox_depth.dec(done)
+        self.metrics.published.inc(len(self._acks))
+        self._acks = []
 
 
 def run(config_path):
