@@ -71,7 +71,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
     link = PtyLink(os.path.join(tmp, "radio0"))
     devices = [(d, "bin-%d" % d, k, 1200, 200) for d, k in _keys().items()]
     gw = GatewayProcess(tmp, broker.port, [("radio0", link.link, "raw")], devices=devices).start()
-    sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",))
+    sub = None
     try:
         wait_for(lambda: gw.metric("binlink_mqtt_connected") == 1, what="gateway connected")
         pids = _tree(gw.proc.pid)
@@ -91,9 +91,9 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         frame_len = len(frames[0][2])
         line_rate = BAUD / 10.0 / frame_len  # 8N1: 10 bits per byte
         gateway_fps = n_burst / elapsed
-        # the subscriber (Python) may still be taking the burst in: latency is measured after it caught up
-        wait_for(lambda: len(sub.arrivals) >= n_burst, timeout=120, interval=0.1, what="burst at the subscriber")
-        # 2. steady 500 frames/s: latency from the byte written to the uplink event at a subscriber
+        # 2. steady 500 frames/s (the subscriber, a Python process on the same two cores, joins now:
+        # the burst measures the gateway, not how fast a Python subscriber takes 20,000 messages in)
+        sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",)): latency from the byte written to the uplink event at a subscriber
         steady = _frames(steady_fps * steady_s, start_fcnt=n_burst // DEVICES + 1)
         sent_at = {}
         t_start = time.perf_counter()
@@ -109,6 +109,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
         rss = _rss_mb(pids)
         sub.close()
+        sub = None
         # 3. a broker outage: readings accepted into the outbox, then published when it is back
         broker.kill()
         wait_for(lambda: gw.metric("binlink_mqtt_connected") == 0, what="gateway sees the broker gone")
@@ -142,6 +143,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         }
     finally:
         gw.kill()
-        sub.close()
+        if sub is not None:
+            sub.close()
         link.close()
         broker.stop()
