@@ -67,17 +67,13 @@ def _config_errors(problems):
 
 
 def cmd_check_config(args):
-    from binlink.gateway import config, registry
+    from binlink.gateway import config, service
 
     try:
         cfg = config.load(args.path)
     except config.ConfigError as e:
         return _config_errors(e.problems)
-    problems = config.check_files(cfg)
-    try:
-        devices = registry.load(cfg.registry)
-    except config.ConfigError as e:
-        problems = ["gateway.registry: %s" % p for p in e.problems] + problems
+    problems, devices = service.startup_problems(cfg)
     if problems:
         return _config_errors(problems)
     print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
@@ -90,7 +86,7 @@ def cmd_gateway(args):
     try:
         return service.run(args.config)
     except config.ConfigError as e:
-        return _config_errors(["gateway.registry: %s" % p if p.startswith("registry ") else p for p in e.problems])
+        return _config_errors(e.problems)
 
 
 def main(argv=None):

@@ -184,11 +184,23 @@ class Gateway:
         self._acks = []
 
 
+def startup_problems(cfg):
+    """Every file the gateway opens, opened: (problems naming key and file, devices or None).
+    `check-config` and the service's start say the same things."""
+    problems = config_mod.check_files(cfg)
+    devices = None
+    try:
+        devices = registry.load(cfg.registry)
+    except config_mod.ConfigError as e:
+        problems = ["gateway.registry: %s" % p for p in e.problems] + problems
+    return problems, devices
+
+
 def run(config_path):
     """Raises ConfigError (one line per problem, naming the key and the file) for anything that
     stops the gateway from starting."""
     cfg = config_mod.load(config_path)
-    problems = config_mod.check_files(cfg)
+    problems, _ = startup_problems(cfg)
     if problems:
         raise config_mod.ConfigError(problems)
     logs.setup(cfg.log_level)

@@ -1,4 +1,5 @@
 """Gateway benchmark: real pty → gateway process → real Mosquitto, QoS 1, durable outbox on."""
+import glob
 import os
 import tempfile
 import threading
@@ -36,11 +37,9 @@ def _tree(pid):
     """The gateway and its children (the publisher process)."""
     pids = [pid]
     for p in pids:
-        try:
-            with open("/proc/%d/task/%d/children" % (p, p)) as f:
+        for path in glob.glob("/proc/%d/task/*/children" % p):
+            with open(path) as f:
                 pids += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
     return pids
 
 
