@@ -90,9 +90,10 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         frame_len = len(frames[0][2])
         line_rate = BAUD / 10.0 / frame_len  # 8N1: 10 bits per byte
         gateway_fps = n_burst / elapsed
-        # 2. steady 500 frames/s (the subscriber, a Python process on the same two cores, joins now:
-        # the burst measures the gateway, not how fast a Python subscriber takes 20,000 messages in)
-        sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",)): latency from the byte written to the uplink event at a subscriber
+        # 2. steady 500 frames/s: latency from the byte written to the uplink event at a subscriber.
+        # The subscriber (Python, on the same two cores) joins now: the burst measures the gateway,
+        # not how fast a Python subscriber takes 20,000 messages in.
+        sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",))
         steady = _frames(steady_fps * steady_s, start_fcnt=n_burst // DEVICES + 1)
         sent_at = {}
         t_start = time.perf_counter()
