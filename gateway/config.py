@@ -120,7 +120,8 @@ def _table(data, key, problems):
 
 
 def _get(table, key, typ, default):
-    """table[key] when it has the right type (a wrong type is already a reported problem)."""
+    """table[key] when it has the right type (a wrong type is already a reported problem). Defaults
+    come from the dataclasses above (Mqtt.port, ...): written once."""
     v = table.get(key, default)
     return v if isinstance(v, typ) and not (isinstance(v, bool) and typ is not bool) else default
 
@@ -136,7 +137,7 @@ def parse(data):
             problems.append("%s: missing" % ("[[source]]" if key == "source" else "[%s]" % key))
     gw = _table(data, "gateway", problems)
     _check_table(gw, _GATEWAY, "gateway", problems)
-    if _get(gw, "log_level", str, "info") not in _LEVELS:
+    if _get(gw, "log_level", str, Config.log_level) not in _LEVELS:
         problems.append("gateway.log_level: one of %s" % ", ".join(sorted(_LEVELS)))
     raw_sources = data.get("source", [])
     if not isinstance(raw_sources, list):
@@ -149,10 +150,10 @@ def parse(data):
             problems.append("%s: must be a table" % path)
             continue
         _check_table(s, _SOURCE, path, problems)
-        fmt = _get(s, "format", str, "raw")
+        fmt = _get(s, "format", str, Source.format)
         if fmt not in FORMATS:
             problems.append("%s.format: %r is not one of %s" % (path, fmt, ", ".join(sorted(FORMATS))))
-        baud = _get(s, "baud", int, 115200)
+        baud = _get(s, "baud", int, Source.baud)
         if baud not in _BAUDS:
             problems.append("%s.baud: %r is not a standard rate" % (path, baud))
         sources.append(Source(name=_get(s, "name", str, "source%d" % i), port=_get(s, "port", str, ""), baud=baud, format=fmt))
@@ -162,10 +163,10 @@ def parse(data):
             problems.append("source: name %r used twice" % n)
     mq = _table(data, "mqtt", problems)
     _check_table(mq, _MQTT, "mqtt", problems)
-    port = _get(mq, "port", int, 1883)
+    port = _get(mq, "port", int, Mqtt.port)
     if not 0 < port < 65536:
         problems.append("mqtt.port: %d is not a TCP port" % port)
-    if not 0 < _get(mq, "max_inflight", int, 1000) <= 60000:
+    if not 0 < _get(mq, "max_inflight", int, Mqtt.max_inflight) <= 60000:
         problems.append("mqtt.max_inflight: must be 1 to 60000")
     if _get(mq, "password", str, "") and _get(mq, "password_file", str, ""):
         problems.append("mqtt.password_file: give password or password_file, not both")
@@ -173,7 +174,7 @@ def parse(data):
         problems.append("mqtt.tls: cert_file/key_file need tls = true")
     ev = _table(data, "events", problems)
     _check_table(ev, _EVENTS, "events", problems)
-    if not 0 < _get(ev, "full_pct", (int, float), 90) <= 100:
+    if not 0 < _get(ev, "full_pct", (int, float), Events.full_pct) <= 100:
         problems.append("events.full_pct: must be in (0, 100]")
     met = _table(data, "metrics", problems)
     _check_table(met, _METRICS, "metrics", problems)
@@ -185,8 +186,9 @@ def parse(data):
     return Config(
         gateway_id=gw["id"], site=gw["site"], registry=gw["registry"], state_dir=gw["state_dir"],
         sources=sources, mqtt=Mqtt(**mq), events=Events(**ev),
-        dedup_window_s=float(gw.get("dedup_window_s", 30.0)), status_interval_s=float(gw.get("status_interval_s", 60.0)),
-        metrics_listen=listen, log_level=gw.get("log_level", "info"),
+        dedup_window_s=float(gw.get("dedup_window_s", Config.dedup_window_s)),
+        status_interval_s=float(gw.get("status_interval_s", Config.status_interval_s)),
+        metrics_listen=listen, log_level=gw.get("log_level", Config.log_level),
     )
 
 

@@ -52,7 +52,7 @@ class Publisher:
         self.proc = None
         self._conn = None
         self._wake_w = None
-        self._stopping = False
+        self._stopping = threading.Event()
         self._acked = []  # outbox ids acknowledged by the broker, for the service to write
         self._on_acks = on_acks
         self._lock = threading.Lock()  # sends to the process come from the main and the monitor thread
@@ -98,14 +98,13 @@ class Publisher:
                 pass
             code = self.proc.wait()
             self.metrics.mqtt_connected.set(0)
-            if self._stopping:
+            if self._stopping.is_set():
                 return
             logs.event(log, logging.ERROR, "publisher process exited, restarting it", exit_code=code, retry_s=backoff)
             self.metrics.publisher_restarts.inc()
-            time.sleep(backoff)
-            backoff = RECONNECT_MIN_S if time.monotonic() - started > 60 else min(RESTART_MAX_S, backoff * 2)
-            if self._stopping:
+            if self._stopping.wait(backoff):
                 return
+            backoff = RECONNECT_MIN_S if time.monotonic() - started > 60 else min(RESTART_MAX_S, backoff * 2)
             self._spawn()
 
     def take_acks(self):
@@ -142,7 +141,7 @@ class Publisher:
 
     def stop(self, drain_timeout_s=10.0):
         """Waits (bounded) for the outbox to drain, says offline, disconnects."""
-        self._stopping = True
+        self._stopping.set()
         self._send(("stop", drain_timeout_s))
         try:
             self.proc.wait(drain_timeout_s + 5)
