@@ -27,7 +27,7 @@ from binlink.gateway.wifi_input import WifiInput
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
 ACK_GROUP = 5000  # broker acknowledgements written to the outbox at once ...
-ACK_FLUSH_S = 0.05  # ... or this long after the first arrived, or at once when no frames are waiting
+ACK_FLUSH_S = 0.02  # ... or this long after the first arrived
 ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
 
@@ -170,7 +170,7 @@ class Gateway:
             self._acks += fresh
         if not self._acks:
             return
-        if not (force or len(self._acks) >= ACK_GROUP or now - self._acks_since >= ACK_FLUSH_S or self.queue.empty()):
+        if not (force or len(self._acks) >= ACK_GROUP or now - self._acks_since >= ACK_FLUSH_S):
             return
         try:
             done = box.ack(self._acks)

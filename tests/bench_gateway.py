@@ -94,6 +94,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         # The subscriber (Python, on the same two cores) joins now: the burst measures the gateway,
         # not how fast a Python subscriber takes 20,000 messages in.
         sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",))
+        time.sleep(2)  # steady state, not the burst's wake (its last acknowledgements, a WAL checkpoint)
         steady = _frames(steady_fps * steady_s, start_fcnt=n_burst // DEVICES + 1)
         sent_at = {}
         t_start = time.perf_counter()
