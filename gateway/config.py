@@ -40,7 +40,7 @@ class Mqtt:
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
     uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
-    max_inflight: int = 1000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
+    max_inflight: int = 4000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import time
 from multiprocessing.connection import Connection
 
 from binlink.gateway import config as config_mod, homeassistant, integrate, logs, mqtt_wire
-from binlink.gateway.metrics import LatencyCounts
+from binlink.gateway.latency import LatencyCounts
 from binlink.gateway.outbox import Outbox
 
 log = logs.get("mqtt")

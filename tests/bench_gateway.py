@@ -61,7 +61,9 @@ def _rss_mb(pids):
 
 
 def _published_and_drained(gw, n):
-    return gw.metric("binlink_frames_accepted_total") >= n and gw.metric("binlink_outbox_depth") == 0
+    """One scrape per look: each costs the gateway CPU, which the benchmark counts."""
+    m = gw.metrics()
+    return m.get(("binlink_frames_accepted_total", ()), 0) >= n and m.get(("binlink_outbox_depth", ()), 1) == 0
 
 
 def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
@@ -82,7 +84,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         t0 = time.perf_counter()
         writer = threading.Thread(target=link.write, args=(blob,))
         writer.start()
-        wait_for(lambda: _published_and_drained(gw, n_burst), timeout=600, interval=0.02, what="burst published")
+        wait_for(lambda: _published_and_drained(gw, n_burst), timeout=600, interval=0.05, what="burst published")
         elapsed = time.perf_counter() - t0
         cpu = _cpu_s(pids) - cpu0
         burst_messages = gw.metric("binlink_messages_published_total") - published0
@@ -126,7 +128,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         # from the reconnect (its retry backoff has grown during the outage: not what is measured)
         wait_for(lambda: gw.metric("binlink_mqtt_connected") == 1, timeout=60, interval=0.01, what="reconnected")
         t1 = time.perf_counter()
-        wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, timeout=600, interval=0.02, what="outbox drained")
+        wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, timeout=600, interval=0.05, what="outbox drained")
         drain_s = time.perf_counter() - t1
         return {
             "gateway_frames_per_s": round(gateway_fps),
