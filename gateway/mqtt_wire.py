@@ -188,7 +188,7 @@ class Session:
 
     def _incoming(self, kind, body):
         (tlen,) = struct.unpack_from("!H", body)
-        topic = body[2:2 + tlen].decode()
+        topic = body[2:2 + tlen].decode("utf-8", "replace")  # the spec says UTF-8; never crash on it
         pos = 2 + tlen
         if (kind >> 1) & 3:
             (mid,) = struct.unpack_from("!H", body, pos)
