@@ -25,7 +25,7 @@ setup: $(STAMP)
 
 # Mosquitto, Redis and OpenSSL for the tests: installed as root, else one line naming the command
 system-deps:
-	@sh tools/system-deps.sh
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" sh tools/system-deps.sh
 
 test: system-deps $(STAMP)
 	@echo "==> running the test suite"

@@ -220,6 +220,9 @@ def cmd_demo(args):
                                rejected=_total(metrics, "binlink_frames_rejected_total", exclude_reasons=("crc",)),
                                lost_after_gateway=max(0, accepted - published - hellos)), flush=True)
         return 0
+    except KeyboardInterrupt:  # before the live view was up: nothing to summarise
+        console.print("==> interrupted while starting; stopped")
+        return 130
     finally:
         if view is not None:
             view.close()
