@@ -15,7 +15,7 @@ if [ ! -x "${VENV:-.venv}/bin/python" ] && ! "${PYTHON:-python3}" -c "import ens
     missing="$missing python3-venv"
 fi
 [ -z "$missing" ] && exit 0
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+if [ "$(id -u 2>/dev/null)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing system packages for the tests: apt-get update && apt-get install -y$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q && apt-get install -y -q $missing
