@@ -193,3 +193,21 @@ def test_wheel_holds_no_firmware_modules_and_no_simulator_dependencies(tmp_path)
     base = [l.split(":", 1)[1].strip() for l in meta.splitlines() if l.startswith("Requires-Dist:") and "extra ==" not in l]
     assert base and not [d for d in base if d.lower().startswith(("rich", "amqtt"))], base
     assert any(l.startswith("Requires-Dist: rich") and 'extra == "sim"' in l for l in meta.splitlines())
+
+
+def test_acknowledgements_leave_ingest_commits_fsynced(tmp_path):
+    """The service writes the publisher's acks without an fsync of their own; its next commit of
+    readings is synchronous=FULL again (on disk before a frame counts as accepted)."""
+    from binlink.gateway.outbox import Batch, Outbox
+
+    box = Outbox(str(tmp_path / "gw.sqlite"))
+    try:
+        batch = Batch()
+        batch.messages.append(("0000a1:1", "t", b"{}", 0, 0.0))
+        box.commit(batch)
+        (row_id, *_), = box.pending(0, 10)
+        assert box.ack([row_id]) == 1
+        assert box.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert box.pending(0, 10) == []
+    finally:
+        box.close()
