@@ -203,6 +203,8 @@ def load(path):
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file" % path]) from None
+    except OSError as e:  # permission denied, a directory, ...
+        raise ConfigError(["%s: cannot read: %s" % (path, e.strerror or e)]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(["%s: not valid TOML: %s" % (path, e)]) from None
     cfg = parse(data)
