@@ -150,9 +150,6 @@ class Publisher:
             self.proc.kill()
         self._monitor.join(5)
 
-    def pids(self):
-        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
-
 
 class Worker:
     """The publisher process's loop: one thread, select() over the broker, the service and the wake pipe."""
