@@ -36,6 +36,8 @@ ACK_GROUP = 2000  # acknowledgements reported at once when this many are waiting
 REPORT_S = 0.05  # ... else at most this often, and at once when nothing is left in flight
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 RESTART_MAX_S = 30.0
+HEARTBEAT_S = 5.0  # the process reports at least this often, news or not ...
+SILENT_LIMIT_S = 60.0  # ... and one silent for this long counts as dead for the watchdog
 PR_SET_PDEATHSIG = 1
 
 
@@ -54,6 +56,7 @@ class Publisher:
         self._wake_w = None
         self._stopping = threading.Event()
         self._acked = []  # outbox ids acknowledged by the broker, for the service to write
+        self._last_heard = time.monotonic()
         self._on_acks = on_acks
         self._lock = threading.Lock()  # sends to the process come from the main and the monitor thread
         self._monitor = threading.Thread(target=self._watch, name="publisher-monitor", daemon=True)
@@ -71,6 +74,7 @@ class Publisher:
             pass_fds=(theirs.fileno(), wake_r), stdin=subprocess.DEVNULL)
         theirs.close()
         os.close(wake_r)
+        self._last_heard = time.monotonic()
         with self._lock:
             if self._wake_w is not None:
                 os.close(self._wake_w)
@@ -86,6 +90,7 @@ class Publisher:
             try:
                 while True:
                     report = self._conn.recv()
+                    self._last_heard = time.monotonic()
                     acked = report.pop("acked", None)
                     if acked:
                         with self._lock:
@@ -114,8 +119,9 @@ class Publisher:
         return acked
 
     def alive(self):
-        """False only when the process is gone and not being restarted (the watchdog's question)."""
-        return self._monitor.is_alive()
+        """The watchdog's question: False when the process is gone and not being restarted, or
+        stuck (no report for SILENT_LIMIT_S; it reports every HEARTBEAT_S)."""
+        return self._monitor.is_alive() and time.monotonic() - self._last_heard < SILENT_LIMIT_S
 
     def _send(self, message):
         with self._lock:
@@ -142,6 +148,8 @@ class Publisher:
     def stop(self, drain_timeout_s=10.0):
         """Waits (bounded) for the outbox to drain, says offline, disconnects."""
         self._stopping.set()
+        if time.monotonic() - self._last_heard >= SILENT_LIMIT_S:  # stuck: it would not answer
+            self.proc.kill()
         self._send(("stop", drain_timeout_s))
         try:
             self.proc.wait(drain_timeout_s + 5)
@@ -182,7 +190,7 @@ class Worker:
         self.latency = LatencyCounts()
         self.counts = {"connect_failures": 0}
         self.connected_reported = None
-        self.last_report = 0.0
+        self.last_report = self.last_sent = 0.0
 
     # connection -------------------------------------------------------------------------------
     def _connect(self, now):
@@ -283,6 +291,7 @@ class Worker:
         due = force or now - self.last_report >= REPORT_S or connected != self.connected_reported
         if not (due or len(self.acked) >= ACK_GROUP or (self.acked and not self.inflight)):
             return
+        heartbeat = now - self.last_sent >= HEARTBEAT_S
         report = {k: v for k, v in self.counts.items() if v}
         if self.acked:
             report["acked"], self.acked = self.acked, []
@@ -291,10 +300,11 @@ class Worker:
             report["latency"] = latency
         if connected != self.connected_reported:
             report["connected"] = connected
-        if report:
+        if report or heartbeat:
             self.conn.send(report)
             self.counts = dict.fromkeys(self.counts, 0)
             self.connected_reported = connected
+            self.last_sent = now
         self.last_report = now
 
     def _drained(self):

@@ -211,3 +211,26 @@ def test_acknowledgements_leave_ingest_commits_fsynced(tmp_path):
         assert box.pending(0, 10) == []
     finally:
         box.close()
+
+
+def test_stuck_publisher_stops_the_watchdog(tmp_path, broker, pty, monkeypatch):
+    """A publisher process that stops reporting (here: SIGSTOP) counts as dead: no more watchdog
+    pings, the service exits for systemd to restart it."""
+    from binlink.gateway import config, logs, mqtt_publisher, service
+
+    monkeypatch.setattr(mqtt_publisher, "SILENT_LIMIT_S", 3.0)  # 60 s in service
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES)  # config only
+    logs.setup("info")
+    gateway = service.Gateway(config.load(g.config))
+    result = []
+    t = threading.Thread(target=lambda: result.append(gateway.run()))
+    t.start()
+    try:
+        wait_for(lambda: gateway.metrics.value("binlink_mqtt_connected") == 1, what="publisher connected")
+        os.kill(gateway.publisher.proc.pid, signal.SIGSTOP)
+        t.join(30)
+        assert not t.is_alive() and result == [service.EXIT_WORKER_DIED]
+    finally:
+        if gateway.publisher.proc.poll() is None:
+            gateway.publisher.proc.kill()
+        t.join(30)
