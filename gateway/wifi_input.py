@@ -27,6 +27,7 @@ class WifiInput:
         if m.tls:
             c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None)
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -34,6 +35,12 @@ class WifiInput:
             logs.event(log, logging.ERROR, "broker refused the uplink connection", reason=str(reason_code))
             return
         client.subscribe(self.topic, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if any(rc.is_failure for rc in reason_codes):
+            logs.event(log, logging.ERROR, "broker refused the Wi-Fi uplink subscription", topic=self.topic)
+        else:
+            logs.event(log, logging.INFO, "taking Wi-Fi uplinks", topic=self.topic)
 
     def _on_message(self, client, userdata, msg):
         self.queue.put((SOURCE, [Reception(bytes(msg.payload))]))

@@ -313,6 +313,7 @@ def test_wifi_bin_frames_over_mqtt_join_the_same_pipeline(tmp_path, gw, broker, 
 
     from binlink.sim.device import SimDevice
 
+    wait_for(lambda: "taking Wi-Fi uplinks" in gw.output(), what="gateway subscribed to the uplink topic")
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
