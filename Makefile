@@ -5,11 +5,11 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: help setup test bench demo firmware flash install-gateway clean vectors
+.PHONY: help setup system-deps test bench demo firmware flash install-gateway clean vectors
 
 help:
 	@echo "make demo   - simulated fleet -> gateway -> embedded MQTT broker, live view"
-	@echo "make test   - every test (needs mosquitto: apt-get install -y mosquitto)"
+	@echo "make test   - every test (installs mosquitto and redis-server with apt-get when run as root)"
 	@echo "make bench  - benchmarks, written to build/bench.json"
 	@echo "make firmware / make flash PORT=... BIN=... / make install-gateway DESTDIR=..."
 
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# Mosquitto, Redis and OpenSSL for the tests: installed as root, else one line naming the command
+system-deps:
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" sh tools/system-deps.sh
+
+test: system-deps $(STAMP)
 	@echo "==> running the test suite"
 	@$(PY) -m pytest -q
 

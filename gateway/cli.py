@@ -1,8 +1,9 @@
-"""`binlink` command line: decode, gateway, sim, demo, provision."""
+"""`binlink` command line: decode, gateway (and check-config), sim and demo (extra binlink[sim])."""
 import argparse
 import json
 import sys
 
+import binlink
 from binlink.wire import codec
 
 
@@ -35,6 +36,7 @@ def cmd_decode(args):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="binlink", description=__doc__)
+    p.add_argument("--version", action="version", version="binlink %s" % binlink.__version__)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("decode", help="verify and decode one frame given in hex")
@@ -51,7 +53,7 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
-    from binlink.sim import cli as sim_cli, demo
+    from binlink.sim import cli as sim_cli, demo  # stdlib at import; their packages load when run
 
     sim_cli.add_parser(sub)
     demo.add_parser(sub)
@@ -65,13 +67,15 @@ def _config_errors(problems):
 
 
 def cmd_check_config(args):
-    from binlink.gateway import config, registry
+    from binlink.gateway import config, service
 
     try:
         cfg = config.load(args.path)
-        devices = registry.load(cfg.registry)
     except config.ConfigError as e:
         return _config_errors(e.problems)
+    problems, devices = service.startup_problems(cfg)
+    if problems:
+        return _config_errors(problems)
     print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
     return 0
 
@@ -87,7 +91,15 @@ def cmd_gateway(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as e:
+        if args.command not in ("sim", "demo"):
+            raise
+        # a gateway install: the simulator's packages are the extra binlink[sim]
+        print("error: `binlink %s` needs the simulator extra: pip install 'binlink[sim]' (missing %s)" % (args.command, e.name),
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

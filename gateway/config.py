@@ -1,5 +1,6 @@
 """Gateway configuration (TOML): load, apply defaults, and name every problem by its key path."""
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ class Mqtt:
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
     uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
-    max_inflight: int = 200
+    max_inflight: int = 4000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def _table(data, key, problems):
 
 
 def _get(table, key, typ, default):
-    """table[key] when it has the right type (a wrong type is already a reported problem)."""
+    """table[key] when it has the right type (a wrong type is already a reported problem). Defaults
+    come from the dataclasses above (Mqtt.port, ...): written once."""
     v = table.get(key, default)
     return v if isinstance(v, typ) and not (isinstance(v, bool) and typ is not bool) else default
 
@@ -135,7 +137,7 @@ def parse(data):
             problems.append("%s: missing" % ("[[source]]" if key == "source" else "[%s]" % key))
     gw = _table(data, "gateway", problems)
     _check_table(gw, _GATEWAY, "gateway", problems)
-    if _get(gw, "log_level", str, "info") not in _LEVELS:
+    if _get(gw, "log_level", str, Config.log_level) not in _LEVELS:
         problems.append("gateway.log_level: one of %s" % ", ".join(sorted(_LEVELS)))
     raw_sources = data.get("source", [])
     if not isinstance(raw_sources, list):
@@ -148,10 +150,10 @@ def parse(data):
             problems.append("%s: must be a table" % path)
             continue
         _check_table(s, _SOURCE, path, problems)
-        fmt = _get(s, "format", str, "raw")
+        fmt = _get(s, "format", str, Source.format)
         if fmt not in FORMATS:
             problems.append("%s.format: %r is not one of %s" % (path, fmt, ", ".join(sorted(FORMATS))))
-        baud = _get(s, "baud", int, 115200)
+        baud = _get(s, "baud", int, Source.baud)
         if baud not in _BAUDS:
             problems.append("%s.baud: %r is not a standard rate" % (path, baud))
         sources.append(Source(name=_get(s, "name", str, "source%d" % i), port=_get(s, "port", str, ""), baud=baud, format=fmt))
@@ -161,16 +163,18 @@ def parse(data):
             problems.append("source: name %r used twice" % n)
     mq = _table(data, "mqtt", problems)
     _check_table(mq, _MQTT, "mqtt", problems)
-    port = _get(mq, "port", int, 1883)
+    port = _get(mq, "port", int, Mqtt.port)
     if not 0 < port < 65536:
         problems.append("mqtt.port: %d is not a TCP port" % port)
+    if not 0 < _get(mq, "max_inflight", int, Mqtt.max_inflight) <= 60000:
+        problems.append("mqtt.max_inflight: must be 1 to 60000")
     if _get(mq, "password", str, "") and _get(mq, "password_file", str, ""):
         problems.append("mqtt.password_file: give password or password_file, not both")
     if (_get(mq, "cert_file", str, "") or _get(mq, "key_file", str, "")) and not _get(mq, "tls", bool, False):
         problems.append("mqtt.tls: cert_file/key_file need tls = true")
     ev = _table(data, "events", problems)
     _check_table(ev, _EVENTS, "events", problems)
-    if not 0 < _get(ev, "full_pct", (int, float), 90) <= 100:
+    if not 0 < _get(ev, "full_pct", (int, float), Events.full_pct) <= 100:
         problems.append("events.full_pct: must be in (0, 100]")
     met = _table(data, "metrics", problems)
     _check_table(met, _METRICS, "metrics", problems)
@@ -182,8 +186,9 @@ def parse(data):
     return Config(
         gateway_id=gw["id"], site=gw["site"], registry=gw["registry"], state_dir=gw["state_dir"],
         sources=sources, mqtt=Mqtt(**mq), events=Events(**ev),
-        dedup_window_s=float(gw.get("dedup_window_s", 30.0)), status_interval_s=float(gw.get("status_interval_s", 60.0)),
-        metrics_listen=listen, log_level=gw.get("log_level", "info"),
+        dedup_window_s=float(gw.get("dedup_window_s", Config.dedup_window_s)),
+        status_interval_s=float(gw.get("status_interval_s", Config.status_interval_s)),
+        metrics_listen=listen, log_level=gw.get("log_level", Config.log_level),
     )
 
 
@@ -198,6 +203,8 @@ def load(path):
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(["%s: no such file" % path]) from None
+    except OSError as e:  # permission denied, a directory, ...
+        raise ConfigError(["%s: cannot read: %s" % (path, e.strerror or e)]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(["%s: not valid TOML: %s" % (path, e)]) from None
     cfg = parse(data)
@@ -210,3 +217,64 @@ def load(path):
 def metrics_address(cfg):
     host, _, port = cfg.metrics_listen.rpartition(":")
     return host, int(port)
+
+
+def mqtt_password(m):
+    """The broker password: mqtt.password, or the first line of mqtt.password_file."""
+    if m.password_file:
+        with open(m.password_file) as f:
+            return f.read().strip()
+    return m.password
+
+
+def _readable(path, key, problems, secret=False):
+    """Opens path as the gateway will; a secret must not be readable by other users."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        problems.append("%s: cannot read %s: %s" % (key, path, e.strerror or e))
+        return None
+    if secret and mode & (stat.S_IROTH | stat.S_IWOTH):
+        problems.append("%s: %s is readable by other users; it holds a secret (chmod 640)" % (key, path))
+    return data
+
+
+def check_files(cfg):
+    """Every file the gateway will open, opened now: problems name the key and the file.
+    The registry is checked by registry.load; the state dir must be writable."""
+    import ssl
+
+    problems = []
+    m = cfg.mqtt
+    if m.password_file:
+        data = _readable(m.password_file, "mqtt.password_file", problems, secret=True)
+        if data is not None and not data.strip():
+            problems.append("mqtt.password_file: %s is empty" % m.password_file)
+    for key, path, secret in (("mqtt.ca_file", m.ca_file, False), ("mqtt.cert_file", m.cert_file, False),
+                              ("mqtt.key_file", m.key_file, True)):
+        if path:
+            _readable(path, key, problems, secret=secret)
+    if m.tls and not problems:
+        try:
+            ctx = ssl.create_default_context(cafile=m.ca_file or None)
+            if m.cert_file:
+                ctx.load_cert_chain(m.cert_file, m.key_file or None)
+        except (ssl.SSLError, OSError) as e:
+            key = "mqtt.cert_file" if m.cert_file and "cafile" not in str(e) else "mqtt.ca_file"
+            problems.append("%s: not usable for TLS (%s, %s): %s" % (key, m.ca_file or "system store", m.cert_file or "-", e))
+    problems += _state_dir_problems(cfg.state_dir)
+    return problems
+
+
+def _state_dir_problems(path):
+    existing = path
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing or (os.path.exists(existing) and not os.path.isdir(existing)):
+            return ["gateway.state_dir: %s is not a directory" % existing]
+        existing = parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ["gateway.state_dir: %s is not writable by this user (uid %d)" % (existing, os.getuid())]
+    return []

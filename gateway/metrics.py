@@ -1,5 +1,23 @@
-"""Gateway metrics: Prometheus counters on a private registry, served as text on HTTP."""
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+"""Gateway metrics: Prometheus counters on a private registry, served as text on HTTP.
+
+The publisher process keeps its own counts and reports them to the service as deltas
+(`apply_publisher_report`): one registry, one endpoint, one stats message for both processes."""
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+
+from binlink.gateway.latency import LATENCY_BUCKETS, LatencyCounts
+
+class _LatencyCollector:
+    def __init__(self, counts):
+        self.counts = counts
+
+    def collect(self):
+        cumulative, n = [], 0
+        for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.counts.buckets):
+            n += count
+            cumulative.append(("+Inf" if bound == float("inf") else str(bound), n))
+        yield HistogramMetricFamily("binlink_publish_latency_seconds", "From reception to the broker's acknowledgement",
+                                    buckets=cumulative, sum_value=self.counts.sum)
 
 
 class Metrics:
@@ -11,27 +29,44 @@ class Metrics:
         self.rejected = Counter("binlink_frames_rejected", "Frames rejected, by reason code", ["reason"], registry=r)
         self.duplicates = Counter("binlink_duplicates", "Same frame heard again (another radio or a repeat)", registry=r)
         self.module_status = Counter("binlink_module_status_lines", "Status lines from radio modules (+OK, +READY)", registry=r)
-        self.serial_reopens = Counter("binlink_serial_reopens", "Serial port (re)opens after a failure", ["source"], registry=r)
+        self.serial_connected = Gauge("binlink_serial_connected", "1 while the serial port is open", ["source"], registry=r)
+        self.serial_reopens = Counter("binlink_serial_reopens", "Serial port reopened after it was lost (the first open is not counted)",
+                                      ["source"], registry=r)
         self.published = Counter("binlink_messages_published", "MQTT messages acknowledged by the broker (QoS 1)", registry=r)
         self.outbox_depth = Gauge("binlink_outbox_depth", "Messages waiting in the durable outbox", registry=r)
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
-        self.publish_latency = Histogram(
-            "binlink_publish_latency_seconds", "From reception to the broker's acknowledgement", registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),
-        )
+        self.mqtt_connect_failures = Counter("binlink_mqtt_connect_failures", "Broker connection attempts that failed "
+                                             "(unreachable, refused, TLS)", registry=r)
+        self.publisher_restarts = Counter("binlink_publisher_restarts", "Publisher process restarted after it died", registry=r)
+        self.publish_latency = LatencyCounts()
+        r.register(_LatencyCollector(self.publish_latency))
+
+    def apply_publisher_report(self, report):
+        """Counts from the publisher process (mqtt_publisher.Worker._report); its acknowledgements
+        are counted when the service writes them (published, outbox depth)."""
+        if report.get("connect_failures"):
+            self.mqtt_connect_failures.inc(report["connect_failures"])
+        if "connected" in report:
+            self.mqtt_connected.set(1 if report["connected"] else 0)
+        if report.get("latency"):
+            self.publish_latency.add(report["latency"])
 
     def value(self, name, **labels):
         """Current value of a sample, e.g. value("binlink_frames_rejected_total", reason="crc")."""
         return self.registry.get_sample_value(name, labels) or 0
 
     def snapshot(self):
+        """Readable nested JSON for the stats topic: {"frames_read_total": {"lora0": 12}, "outbox_depth": 0, ...}."""
         out = {}
         for metric in self.registry.collect():
             for s in metric.samples:
                 if s.name.endswith(("_created", "_bucket")):
                     continue
-                key = s.name + "".join("{%s=%s}" % kv for kv in sorted(s.labels.items()))
-                out[key] = s.value
+                key = s.name.removeprefix("binlink_")
+                if s.labels:
+                    out.setdefault(key, {})[",".join(s.labels[k] for k in sorted(s.labels))] = s.value
+                else:
+                    out[key] = s.value
         return out
 
     def serve(self, host, port):

@@ -27,6 +27,7 @@ class SerialSource(threading.Thread):
     def run(self):
         backoff = BACKOFF_MIN_S
         failures = 0
+        opened_before = False
         while not self.stop_event.is_set():
             try:
                 port = serial.Serial(self.source.port, self.source.baud, timeout=0.05, exclusive=True)
@@ -38,7 +39,10 @@ class SerialSource(threading.Thread):
                 self.stop_event.wait(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
                 continue
-            self.metrics.serial_reopens.labels(self.source.name).inc()
+            if opened_before:  # a reopen after a loss; the first open is not one
+                self.metrics.serial_reopens.labels(self.source.name).inc()
+            opened_before = True
+            self.metrics.serial_connected.labels(self.source.name).set(1)
             logs.event(log, logging.INFO, "serial port open", source=self.source.name, port=self.source.port,
                        baud=self.source.baud, format=self.source.format)
             backoff, failures = BACKOFF_MIN_S, 0
@@ -49,6 +53,7 @@ class SerialSource(threading.Thread):
                 logs.event(log, logging.WARNING, "serial port lost", source=self.source.name, error=_short(e))
             finally:
                 self.connected.clear()
+                self.metrics.serial_connected.labels(self.source.name).set(0)
                 try:
                     port.close()
                 except (serial.SerialException, OSError):

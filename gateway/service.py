@@ -1,12 +1,16 @@
-"""The gateway service: serial sources → pipeline → outbox → MQTT, under systemd.
+"""The gateway service: inputs → pipeline → outbox, and the publisher process outbox → MQTT, under systemd.
 
-Threads: one reader per serial source, paho's network loop and the outbox feeder; the pipeline
-runs on the main thread and commits what the readers queued in groups (one transaction per
-group keeps fsyncs few at high rates). sd_notify READY/WATCHDOG/STOPPING when under systemd."""
+Inputs: one reader thread per serial source and the Wi-Fi uplink subscription, all queueing
+receptions. The pipeline runs on the main thread and commits what they queued in groups (one
+transaction per group keeps fsyncs few at high rates), then wakes the publisher process, which
+reads the outbox on its own (mqtt_publisher). sd_notify READY/STOPPING; WATCHDOG only while
+every worker is alive — a dead reader thread ends the service with a non-zero code for systemd
+to restart it; a dead publisher process is restarted by its monitor."""
 import logging
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
 
@@ -14,14 +18,18 @@ import sdnotify
 
 from binlink.gateway import config as config_mod, logs, registry
 from binlink.gateway.metrics import Metrics
-from binlink.gateway.module_formats import Reception
 from binlink.gateway.mqtt_publisher import Publisher
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
+from binlink.gateway.wifi_input import WifiInput
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
+ACK_GROUP = 5000  # broker acknowledgements written to the outbox at once ...
+ACK_FLUSH_S = 0.02  # ... or this long after the first arrived
+ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
+EXIT_WORKER_DIED = 3
 
 
 class Gateway:
@@ -29,13 +37,16 @@ class Gateway:
         self.cfg = cfg
         self.devices = registry.load(cfg.registry)
         self.metrics = Metrics()
-        os.makedirs(cfg.state_dir, exist_ok=True)
         self.outbox_path = os.path.join(cfg.state_dir, "gateway.sqlite")
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
+        self.wifi = WifiInput(cfg, self.queue) if cfg.mqtt.uplink_topic else None
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
-                                   on_uplink=lambda frame: self.queue.put(("mqtt", [Reception(frame)])))
+                                   on_acks=lambda: self.queue.put(ACKS_READY))
+        self._acks = []
+        self._acks_since = 0.0
+        self._log_limit = logs.RateLimit(per_minute=2)
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
         self._reload = False
@@ -57,15 +68,24 @@ class Gateway:
                 logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
             return
         added = len(set(devices) - set(self.devices))
-        self.devices = self.publisher.devices = devices
+        self.devices = devices
         pipeline.set_devices(devices)
+        self.publisher.set_devices(devices)
         logs.event(log, logging.INFO, "registry reloaded", devices=len(devices), added=added)
-        if self.publisher.connected.is_set() and self.cfg.mqtt.discovery:
-            self.publisher.publish_discovery()
+
+    def _dead_workers(self):
+        dead = [s.name for s in self.sources if not s.is_alive()]
+        if not self.publisher.alive():
+            dead.append("publisher")
+        return dead
 
     def run(self):
         cfg = self.cfg
-        box = Outbox(self.outbox_path)
+        try:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+            box = Outbox(self.outbox_path)
+        except (OSError, sqlite3.Error) as e:
+            raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
         pipeline = Pipeline(cfg, self.devices, box, self.metrics)
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
@@ -73,17 +93,29 @@ class Gateway:
         self.metrics.outbox_depth.set(depth)
         if cfg.metrics_listen:
             host, port = config_mod.metrics_address(cfg)
-            self._metrics_server = self.metrics.serve(host, port)
+            try:
+                self._metrics_server = self.metrics.serve(host, port)
+            except OSError as e:
+                raise config_mod.ConfigError(["metrics.listen: cannot listen on %s: %s" % (cfg.metrics_listen, e.strerror or e)]) from None
         self.publisher.start()  # drains what a previous run left in the outbox first
         for s in self.sources:
             s.start()
+        if self.wifi is not None:
+            self.wifi.start()
         self.notifier.notify("READY=1")
+        code = 0
         last_stats = last_prune = time.monotonic()
         while not self.stop_event.is_set():
             if self._reload:
                 self._reload_registry(pipeline)
-            self._process(pipeline, timeout=0.5)
+            self._process(pipeline, timeout=ACK_FLUSH_S if self._acks else 0.5)
             now = time.monotonic()
+            self._write_acks(box, now)
+            dead = self._dead_workers()
+            if dead and not self.stop_event.is_set():  # stopping, the readers end by themselves
+                logs.event(log, logging.ERROR, "worker died, stopping for systemd to restart the service", workers=",".join(dead))
+                code = EXIT_WORKER_DIED
+                break
             self.notifier.notify("WATCHDOG=1")
             if now - last_stats >= cfg.status_interval_s:
                 last_stats = now
@@ -91,22 +123,26 @@ class Gateway:
             if now - last_prune >= 3600:
                 last_prune = now
                 box.prune()
+        self.stop_event.set()
         self.notifier.notify("STOPPING=1")
         logs.event(log, logging.INFO, "stopping: draining queue and outbox")
+        if self.wifi is not None:
+            self.wifi.stop()
         for s in self.sources:
             s.join(2)
         while not self.queue.empty():
             self._process(pipeline, timeout=0)
         self.publisher.stop()
+        self._write_acks(box, time.monotonic(), force=True)
         remaining = box.depth()
         box.close()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
-        logs.event(log, logging.INFO, "gateway stopped", outbox_depth=remaining)
-        return 0
+        logs.event(log, logging.INFO, "gateway stopped", outbox_depth=remaining, exit_code=code)
+        return code
 
     def _process(self, pipeline, timeout):
-        """One group commit of what the sources queued: (source, [receptions]) per read."""
+        """One group commit of what the inputs queued: (source, [receptions]) per read."""
         try:
             chunks = [self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()]
         except queue.Empty:
@@ -118,12 +154,55 @@ class Gateway:
             except queue.Empty:
                 break
             n += len(chunks[-1][1])
-        pipeline.process([(source, rec) for source, recs in chunks for rec in recs])
-        self.publisher.notify()
+        items = [(source, rec) for source, recs in chunks for rec in recs]
+        if items:
+            pipeline.process(items)
+            self.publisher.notify()
+
+    def _write_acks(self, box, now, force=False):
+        """The broker's acknowledgements, reported by the publisher process, into the outbox: this
+        thread is the outbox's only writer. A power cut before this write means those messages are
+        published again, under the same ids."""
+        fresh = self.publisher.take_acks()
+        if fresh:
+            if not self._acks:
+                self._acks_since = now
+            self._acks += fresh
+        if not self._acks:
+            return
+        if not (force or len(self._acks) >= ACK_GROUP or now - self._acks_since >= ACK_FLUSH_S):
+            return
+        try:
+            done = box.ack(self._acks)
+        except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already
+            if self._log_limit.allow("ack", now):
+                logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=len(self._acks))
+            self._acks_since = now + 1.0
+            return
+        self.metrics.outbox_depth.dec(done)
+        self.metrics.published.inc(len(self._acks))
+        self._acks = []
+
+
+def startup_problems(cfg):
+    """Every file the gateway opens, opened: (problems naming key and file, devices or None).
+    `check-config` and the service's start say the same things."""
+    problems = config_mod.check_files(cfg)
+    devices = None
+    try:
+        devices = registry.load(cfg.registry)
+    except config_mod.ConfigError as e:
+        problems = ["gateway.registry: %s" % p for p in e.problems] + problems
+    return problems, devices
 
 
 def run(config_path):
+    """Raises ConfigError (one line per problem, naming the key and the file) for anything that
+    stops the gateway from starting."""
     cfg = config_mod.load(config_path)
+    problems, _ = startup_problems(cfg)
+    if problems:
+        raise config_mod.ConfigError(problems)
     logs.setup(cfg.log_level)
     gw = Gateway(cfg)
     signal.signal(signal.SIGTERM, gw.request_stop)

@@ -44,7 +44,8 @@ class BrokerProcess:
 
     def _spawn(self, cmd, timeout=10.0):
         self.log = open(os.path.join(self.dir, "%s.log" % self.name), "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        # its own session: a Ctrl-C in the terminal reaches the demo, which stops the broker last
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_port(self.port, timeout=timeout, proc=self.proc)
         return self
 

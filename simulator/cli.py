@@ -1,6 +1,7 @@
 """`binlink sim`: a seeded fleet of simulated bins writing to pseudo-terminals."""
 import json
 import logging
+import os
 
 
 def add_parser(sub):
@@ -26,6 +27,8 @@ def cmd_sim(args):
     from binlink.sim.fleet import Fleet
 
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
+    for path in args.link + [args.registry]:  # the documented /tmp/binlink/... works on a fresh machine
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     vm = None
     if args.vm == "micropython":
         from binlink.sim.vm import FirmwareVM

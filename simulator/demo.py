@@ -14,7 +14,11 @@ import threading
 import time
 import urllib.request
 
-LAST_LINE = "bins={bins} sent={sent} published={published} lost_on_air={lost_on_air} lost_after_gateway={lost_after_gateway}"
+# in frames: sent = published + hellos + lost_on_air + rejected; lost_after_gateway is what the
+# gateway accepted that never reached the subscriber (0)
+LAST_LINE = ("bins={bins} sent={sent} published={published} hellos={hellos} lost_on_air={lost_on_air} rejected={rejected} "
+             "lost_after_gateway={lost_after_gateway}")
+EVENT_LINES = 8
 
 
 def add_parser(sub):
@@ -31,14 +35,18 @@ def add_parser(sub):
 
 
 class View:
-    """What the broker says, collected by a subscriber: bin states and recent events."""
+    """What the broker says, collected by a subscriber: bin states and recent events, stamped
+    with the simulated time they arrived at (the fleet's clock, not the wall clock)."""
 
-    def __init__(self, host, port, base):
+    def __init__(self, host, port, base, sim_clock):
         import paho.mqtt.client as mqtt
 
-        self.states = {}
-        self.events = []
-        self.uplinks = set()
+        self.sim_clock = sim_clock
+        self.states = {}  # bin_id -> (state, simulated time it arrived)
+        self.events = []  # (simulated time, event)
+        self.uplink_frames = set()  # readings sent on their own: message ids
+        self.backlog_frames = set()  # a backlog frame's readings share (device, received_at)
+        self.hellos = set()
         self.lock = threading.Lock()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="binlink-demo-view-%d" % os.getpid())
         self.c.on_connect = lambda c, u, f, rc, p: c.subscribe([(base + "/bin/+/state", 1), (base + "/bin/+/event", 1)])
@@ -52,49 +60,94 @@ class View:
             data = json.loads(msg.payload)
         except ValueError:
             return
+        now = self.sim_clock()
         with self.lock:
             if msg.topic.endswith("/state"):
-                self.states[data["bin_id"]] = (data, time.monotonic())
+                self.states[data["bin_id"]] = (data, now)
             elif data.get("event") == "uplink":
-                self.uplinks.add(data["message_id"])
+                if data.get("backlog"):
+                    self.backlog_frames.add((data["device"], data["received_at"]))
+                else:
+                    self.uplink_frames.add(data["message_id"])
             else:
-                self.events.append(data)
-                del self.events[:-8]
+                if data.get("event") == "hello":
+                    self.hellos.add(data["message_id"])
+                self.events.append((now, data))
+                del self.events[:-EVENT_LINES]
 
-    def render(self, fleet):
+    def published_frames(self):
+        with self.lock:
+            return len(self.uplink_frames) + len(self.backlog_frames)
+
+    def render(self, fleet, height):
+        """Fits height lines: a summary of every bin, then the fullest bins, then recent events."""
         from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table
 
-        t = Table(title="binlink demo — %d bins, simulated %s" % (
-            len(fleet.devices), time.strftime("%a %H:%M", time.localtime(fleet.now))), expand=True)
-        for col in ("bin", "fill", "%", "°C", "battery", "RSSI", "seen"):
-            t.add_column(col, justify="right" if col not in ("bin", "fill") else "left")
-        now = time.monotonic()
         with self.lock:
-            for bin_id in sorted(self.states):
-                s, seen = self.states[bin_id]
-                fill = s.get("fill_pct")
-                bar = "?" * 20 if fill is None else "█" * int(fill / 5) + "·" * (20 - int(fill / 5))
-                colour = "red" if (fill or 0) >= 90 else "yellow" if (fill or 0) >= 75 else "green"
-                t.add_row(bin_id, "[%s]%s[/]" % (colour, bar), "-" if fill is None else "%.0f" % fill,
-                          "%s" % s.get("temperature_c"), "%.2f V" % s["battery_v"], "%s" % s.get("rssi"),
-                          "%.0f s" % (now - seen))
-            ev = "\n".join("%s  %-12s %s  fcnt %s" % (e.get("received_at", "")[11:19], e["event"], e["bin_id"], e["fcnt"])
-                           for e in self.events) or "(no events yet)"
-        return Group(t, Panel(ev, title="recent events"))
+            states = dict(self.states)
+            events = list(self.events)
+        fills = [s.get("fill_pct") for s, _ in states.values()]
+        known = [f for f in fills if f is not None]
+        rows = max(3, height - EVENT_LINES - 10)  # title, header, borders, summary, event panel frame
+        fullest = sorted(states.items(), key=lambda kv: -(kv[1][0].get("fill_pct") or 0))[:rows]
+        t = Table(title="binlink demo — %d bins, simulated %s (x%g)" % (
+            len(fleet.devices), time.strftime("%a %H:%M", time.localtime(fleet.now)), fleet.speed), expand=True,
+            caption="%d reporting · %d full (≥90 %%) · %d nearly (≥75 %%) · mean %.0f %% · the %d fullest shown" % (
+                len(states), sum(f >= 90 for f in known), sum(75 <= f < 90 for f in known),
+                sum(known) / len(known) if known else 0, len(fullest)))
+        for col in ("bin", "fill", "%", "°C", "battery", "RSSI", "seen (sim)"):
+            t.add_column(col, justify="right" if col not in ("bin", "fill") else "left")
+        for bin_id, (s, seen) in fullest:
+            fill = s.get("fill_pct")
+            bar = "?" * 20 if fill is None else "█" * int(fill / 5) + "·" * (20 - int(fill / 5))
+            colour = "red" if (fill or 0) >= 90 else "yellow" if (fill or 0) >= 75 else "green"
+            t.add_row(bin_id, "[%s]%s[/]" % (colour, bar), "-" if fill is None else "%.0f" % fill,
+                      "%s" % s.get("temperature_c"), "%.2f V" % s["battery_v"], "%s" % s.get("rssi"),
+                      "%.0f min ago" % ((fleet.now - seen) / 60))
+        ev = "\n".join("%s  %-12s %s  fcnt %s" % (time.strftime("%a %H:%M", time.localtime(at)), e["event"], e["bin_id"], e["fcnt"])
+                       for at, e in events) or "(no events yet)"
+        return Group(t, Panel(ev, title="recent events (simulated time)", height=EVENT_LINES + 2))
 
     def close(self):
         self.c.loop_stop()
         self.c.disconnect()
 
 
-def _metric(port, name):
+def _metrics(port):
+    """name -> {labels: value} from the gateway's endpoint; {} when it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
-        text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _total(metrics, name, exclude_reasons=()):
+    return int(sum(v for labels, v in metrics.get(name, {}).items() if dict(labels).get("reason") not in exclude_reasons))
+
+
+def _settle(metrics_port, view, timeout_s=30):
+    """Waits until nothing new is accepted, the outbox is empty and the view has every frame; returns the metrics."""
+    end = time.monotonic() + timeout_s
+    metrics, accepted = {}, -1
+    while time.monotonic() < end:
+        metrics = _metrics(metrics_port)
+        now_accepted = _total(metrics, "binlink_frames_accepted_total")
+        seen = view.published_frames() + len(view.hellos)
+        if now_accepted == accepted and _total(metrics, "binlink_outbox_depth") == 0 and seen >= accepted:
+            break
+        accepted = now_accepted
+        time.sleep(0.5)
+    return metrics
 
 
 def cmd_demo(args):
@@ -134,44 +187,42 @@ def cmd_demo(args):
                                                               host, port, metrics_port))
         console.print("==> starting the gateway (log: %s)" % os.path.join(work, "gateway.log"))
         log = open(os.path.join(work, "gateway.log"), "ab")
+        # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order
         gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
-                                   stdout=log, stderr=subprocess.STDOUT)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         brokers.wait_port(metrics_port, timeout=30, proc=gateway)
-        view = View(host, port, "binlink/demo")
+        view = View(host, port, "binlink/demo", lambda: fleet.now)
         runner = threading.Thread(target=fleet.run, args=(10 * 365 * 86400.0,), daemon=True)
         runner.start()
         deadline = time.monotonic() + args.seconds if args.seconds > 0 else None
         try:
-            with Live(view.render(fleet), console=console, refresh_per_second=4) as live:
+            with Live(view.render(fleet, console.size.height), console=console, refresh_per_second=4,
+                      vertical_overflow="crop") as live:
                 while deadline is None or time.monotonic() < deadline:
                     time.sleep(0.25)
-                    live.update(view.render(fleet))
+                    live.update(view.render(fleet, console.size.height))
         except KeyboardInterrupt:
             pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
         console.print("==> stopping the fleet; waiting for the gateway to publish everything it accepted")
         fleet.stop()
         runner.join(10)
         fleet.links[0].wait_drained(10)
-        end = time.monotonic() + 30
-        accepted = -1
-        while time.monotonic() < end:  # settled: nothing new accepted, outbox empty, view has it all
-            now_accepted = _metric(metrics_port, "binlink_readings_accepted_total")
-            depth = _metric(metrics_port, "binlink_outbox_depth")
-            with view.lock:
-                seen = len(view.uplinks)
-            if now_accepted == accepted and depth == 0 and seen >= accepted:
-                break
-            accepted = now_accepted
-            time.sleep(0.5)
+        metrics = _settle(metrics_port, view)
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(30)
         time.sleep(0.3)
-        with view.lock:
-            published = len(view.uplinks)
-        print(LAST_LINE.format(bins=args.bins, sent=fleet.frames_sent, published=published,
-                               lost_on_air=fleet.lost_on_air, lost_after_gateway=max(0, int(accepted) - published)),
-              flush=True)
+        accepted = _total(metrics, "binlink_frames_accepted_total")
+        published, hellos = view.published_frames(), len(view.hellos)
+        print(LAST_LINE.format(bins=args.bins, sent=fleet.frames_sent, published=published, hellos=hellos,
+                               lost_on_air=fleet.lost_on_air,
+                               # intact frames the gateway refused; corrupted ones (crc) are lost on air
+                               rejected=_total(metrics, "binlink_frames_rejected_total", exclude_reasons=("crc",)),
+                               lost_after_gateway=max(0, accepted - published - hellos)), flush=True)
         return 0
+    except KeyboardInterrupt:  # before the live view was up: nothing to summarise
+        console.print("==> interrupted while starting; stopped")
+        return 130
     finally:
         if view is not None:
             view.close()

@@ -32,6 +32,13 @@ def bench_gateway():
     return bench_gateway.run()
 
 
+def bench_mqtt():
+    """The MQTT client the publisher uses, chosen by this side-by-side measurement (docs/gateway.md)."""
+    from tests import bench_mqtt
+
+    return bench_mqtt.run()
+
+
 def bench_firmware():
     """VM fuel of a normal wake cycle (measure + report), airtime, battery life at hourly reports."""
     import random
@@ -97,7 +104,7 @@ def bench_fleet():
     }
 
 
-SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway, "fleet": bench_fleet}
+SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet}
 
 
 def main(names):

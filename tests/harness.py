@@ -121,7 +121,7 @@ class GatewayProcess:
         self.proc = subprocess.Popen([BINLINK, "gateway", "--config", self.config], stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(self.metrics_port, timeout=20, proc=self.proc)
         if wait_sources:
-            wait_for(lambda: self.metric("binlink_serial_reopens_total") >= 1, what="serial port open")
+            wait_for(lambda: self.metric("binlink_serial_connected") >= 1, what="serial port open")
         return self
 
     def metrics(self):

@@ -48,6 +48,7 @@ def tls_broker(pki):
 
 def test_tls_with_username_and_password(tls_broker, pki, tmp_path, pty):
     (tmp_path / "mqtt-password").write_text("s3cret-test\n")
+    (tmp_path / "mqtt-password").chmod(0o600)  # a world-readable password file is refused (test below)
     extra = 'tls = true\nca_file = "%s"\nusername = "gateway"\npassword_file = "%s"\n' % (pki / "ca.crt", tmp_path / "mqtt-password")
     g = GatewayProcess(tmp_path, tls_broker.port, [("radio0", pty.link, "raw")], devices=[(0xA1, "bin-a", KEY, 1200, 200)],
                        mqtt_extra=extra, mqtt_host="localhost").start()

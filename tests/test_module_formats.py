@@ -64,7 +64,11 @@ def test_rylr998_bad_lines_have_reasons(line, reason):
 
 
 def test_rylr998_data_with_commas_is_split_on_the_last_two():
-    # data is hex, so no commas; but the split must still use the last two commas for rssi,snr
+    # another sender's ASCII data may hold commas: addr and length are the first two fields, rssi
+    # and snr the last two. Split so, the 5 data characters match the length and the line is
+    # refused only because it is not our hex; split anywhere else, length or rssi would not parse.
+    (r,) = mf.make("rylr998").feed(b"+RCV=12,5,A,B,C,-101,-3.5\r\n")
+    assert (r.frame, r.reason, r.detail) == (None, "bad_line", "data is not hex")
     (r,) = mf.make("rylr998").feed(b"+RCV=12,4,0A0B,-101,-3.5\r\n")
     assert (r.frame, r.rssi, r.snr) == (b"\x0a\x0b", -101, -3.5)
 
