@@ -26,6 +26,7 @@ from binlink.gateway import registry  # noqa: E402
 FIRMWARE = os.path.join(ROOT, "firmware")
 BUILD = os.path.join(ROOT, "build", "firmware")
 MIP_PACKAGES = ("logging", "umqtt.simple")
+COMMAND_TIMEOUT_S = int(os.environ.get("FLASH_TIMEOUT_S", "120"))  # one esptool/mpremote step
 
 
 class FlashError(Exception):
@@ -52,7 +53,10 @@ def run(cmd, dry_run):
     if dry_run:
         return ""
     try:
-        r = subprocess.run([tool(cmd[0])] + cmd[1:], capture_output=True, text=True)
+        r = subprocess.run([tool(cmd[0])] + cmd[1:], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise FlashError("%s: the board stopped answering for %d s (cable, power?): run the same command again"
+                         % (cmd[0], COMMAND_TIMEOUT_S)) from None
     except FileNotFoundError:
         raise FlashError("%s not found: run `make setup` (it installs esptool and mpremote)" % cmd[0]) from None
     if r.returncode != 0:
