@@ -51,7 +51,13 @@ class FakeEsptool:
     telling the virtual board through a FIFO. The ROM bootloader itself is not modelled."""
 
     SCRIPT = """#!/bin/sh
-case "$*" in *chip-id*) ;; *) echo "fake esptool: only chip-id is recorded" >&2; exit 2;; esac
+echo "$*" >> {calls}
+case "$*" in
+  *erase-flash*) echo "Flash memory erased successfully"; exit 0;;
+  *write-flash*) echo "Wrote image; Hash of data verified."; exit 0;;
+  *chip-id*) ;;
+  *) echo "fake esptool: $* not recorded" >&2; exit 2;;
+esac
 cat <<'REPORT'
 esptool v5.0.0
 Connected to ESP32 on {port}:
@@ -71,7 +77,8 @@ echo en > {fifo}
         self.fifo = tmp_path / "en.fifo"
         os.mkfifo(self.fifo)
         exe = self.dir / "esptool"
-        exe.write_text(self.SCRIPT.format(port=board.port, fifo=self.fifo))
+        self.calls = tmp_path / "esptool-calls.log"
+        exe.write_text(self.SCRIPT.format(port=board.port, fifo=self.fifo, calls=self.calls))
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
         self.board = board
         self.resets = 0
@@ -244,3 +251,43 @@ def test_bad_inputs_are_refused_before_the_board_is_touched(bench, tmp_path, ext
     r = make_flash(esptool, board, tmp_path, *extra, *dry)
     assert r.returncode != 0 and problem in r.stderr + r.stdout
     assert esptool.resets == 0 and len(board.boots) == boots
+
+
+def esp_image(chip_id, load_addr=0x3FFB0000):
+    """A minimal ESP image (esptool's format: header, extended header with the chip id, one
+    segment, checksum, SHA-256) that `esptool image-info` reads like a real one."""
+    import hashlib
+    import struct
+
+    data = struct.pack("<I", 0xABCD5432) + bytes(252)  # an app image's first DROM segment holds esp_app_desc_t
+    body = struct.pack("<BBBBI", 0xE9, 1, 2, 0x20, 0x40080000)
+    body += struct.pack("<B3sHBHH4sB", 0xEE, bytes(3), chip_id, 0, 0, 0xFFFF, bytes(4), 1)
+    body += struct.pack("<II", load_addr, len(data)) + data
+    body += bytes(15 - len(body) % 16) + bytes([0xEF])  # checksum of zero bytes is the seed
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("chip_id, load_addr, problem", [
+    (9, 0x3FFB0000, "built for ESP32-S3"),
+    (0, 0x3F400000, "application image"),
+])
+def test_a_wrong_micropython_image_is_refused_before_anything_is_written(bench, tmp_path, chip_id, load_addr, problem):
+    board, esptool = bench
+    image = tmp_path / "micropython.bin"
+    image.write_bytes(esp_image(chip_id, load_addr))
+    r = make_flash(esptool, board, tmp_path, "FLASH_MICROPYTHON=1", "MICROPYTHON_BIN=%s" % image)
+    assert r.returncode != 0 and problem in r.stderr
+    assert not esptool.calls.exists() or "write-flash" not in esptool.calls.read_text()
+
+
+def test_micropython_written_at_the_bootloader_offset_then_binlink(bench, tmp_path):
+    board, esptool = bench
+    image = tmp_path / "micropython.bin"
+    image.write_bytes(esp_image(0))
+    r = make_flash(esptool, board, tmp_path, "FLASH_MICROPYTHON=1", "MICROPYTHON_BIN=%s" % image)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = esptool.calls.read_text().splitlines()
+    assert [c.split()[-1] if "write-flash" not in c else c for c in calls][:1] == ["chip-id"]
+    write = next(c for c in calls if "write-flash" in c)
+    assert "--chip esp32" in write and "0x1000 %s" % image in write
+    assert calls.index(next(c for c in calls if "erase-flash" in c)) < calls.index(write)

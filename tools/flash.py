@@ -275,6 +275,22 @@ def local_manifest(files):
     return {remote: sha256_file(local) for local, remote in files}
 
 
+def check_image(path):
+    """`esptool image-info` on the MicroPython image itself (no board involved): it must be for the
+    classic ESP32 and start with the bootloader, which the ESP32 loads from 0x1000. An app-only
+    image (segments in flash-mapped IROM/DROM) written there would not boot."""
+    r = subprocess.run([sys.executable, "-m", "esptool", "image-info", path], capture_output=True, text=True)
+    m = re.search(r"Detected image type:\s*(\S+)", r.stdout)
+    if r.returncode != 0 or not m:
+        raise FlashError("%s is not an ESP image esptool can read: %s" % (path, (r.stderr or r.stdout).strip()[-300:]))
+    if m.group(1) != "ESP32":
+        raise FlashError("%s is built for %s; binlink boards are the classic ESP32" % (path, m.group(1)))
+    if re.search(r"\b(IROM|DROM)\b", r.stdout):
+        raise FlashError("%s is an application image, not the combined image that starts with the bootloader "
+                         "(download the ESP32_GENERIC .bin from micropython.org)" % path)
+    return m.group(1)
+
+
 def flash(args):
     dry = args.dry_run
     port = args.port
@@ -290,6 +306,8 @@ def flash(args):
         if args.micropython_sha256 and digest != args.micropython_sha256.lower():
             raise FlashError("checksum mismatch for %s: sha256 %s, expected %s" % (args.micropython_bin, digest, args.micropython_sha256))
         say("MicroPython image %s sha256 %s%s" % (args.micropython_bin, digest, " (verified)" if args.micropython_sha256 else ""))
+        if not dry:
+            say("image: %s, bootloader first: written at 0x1000" % check_image(args.micropython_bin))
     say("checking the chip (esptool resets the board afterwards)")
     out = run(["esptool", "--port", port, "chip-id"], dry)
     if not dry:
