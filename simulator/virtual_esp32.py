@@ -302,16 +302,17 @@ class Peripherals:
 
 
 class VirtualESP32:
-    def __init__(self, fs_dir, peripherals=None, sleep_scale=1.0, unique_id=b"\x24\x0a\xc4\x00\x00\x01"):
+    def __init__(self, fs_dir, peripherals=None, sleep_scale=1.0, unique_id=b"\x24\x0a\xc4\x00\x00\x01", link=None):
         _install_root_preopen()
         self.fs_dir = os.path.abspath(fs_dir)
         os.makedirs(self.fs_dir, exist_ok=True)
         self.peripherals = peripherals or Peripherals()
         self.sleep_scale = sleep_scale  # < 1 makes deep sleep pass faster than real time
         self.unique_id = unique_id
-        self._master, self._slave = pty.openpty()
-        tty.setraw(self._slave)
-        self.port = os.ttyname(self._slave)
+        self.link = link  # a stable path to the port, like /dev/serial/by-id/...: it survives a replug
+        self._master = self._slave = None
+        self._powered = False
+        self._open_port()
         # what survives what (docs/hardware.md)
         self.rtc_memory = b""  # soft reset, WDT reset, deep sleep: kept; power loss: lost
         self.nvs = {}  # flash: kept through everything
@@ -327,10 +328,42 @@ class VirtualESP32:
         self._running = True
         self._session = None
         self._raw = False
-        self._reader = threading.Thread(target=self._read_console, name="esp32-uart0", daemon=True)
         self._cpu = threading.Thread(target=self._run, name="esp32-cpu", daemon=True)
-        self._reader.start()
+        self._start_reader()
+        self._powered = True
         self._cpu.start()
+
+    def _open_port(self):
+        self._master, self._slave = pty.openpty()
+        tty.setraw(self._slave)
+        self.port = os.ttyname(self._slave)
+        if self.link:
+            if os.path.lexists(self.link):
+                os.unlink(self.link)
+            os.symlink(self.port, self.link)
+            self.port = self.link
+
+    def _start_reader(self):
+        threading.Thread(target=self._read_console, args=(self._master,), name="esp32-uart0", daemon=True).start()
+
+    def unplug(self):
+        """The USB cable pulled: the port vanishes under whoever has it open, and the board, powered
+        from USB, loses power (RTC memory too; NVS and the filesystem are flash)."""
+        self._powered = False
+        self.rtc_memory = b""
+        self._hard_reset(PWRON_RESET)
+        if self.link and os.path.lexists(self.link):
+            os.unlink(self.link)
+        for fd in (self._master, self._slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def plug(self):
+        self._open_port()
+        self._start_reader()
+        self._powered = True
 
     # ---- outside world: buttons and power ----
     def press_en(self):
@@ -347,6 +380,8 @@ class VirtualESP32:
         self._interrupt.set()
         self._input.put(None)
         self._cpu.join(5)
+        if self.link and os.path.lexists(self.link):
+            os.unlink(self.link)
         for fd in (self._master, self._slave):
             try:
                 os.close(fd)
@@ -355,10 +390,10 @@ class VirtualESP32:
         self._drop_session()
 
     # ---- console ----
-    def _read_console(self):
+    def _read_console(self, fd):
         while self._running:
             try:
-                data = os.read(self._master, 4096)
+                data = os.read(fd, 4096)
             except OSError:
                 return
             if not data:
@@ -402,7 +437,11 @@ class VirtualESP32:
         cause = PWRON_RESET
         hard = True
         while self._running:
+            while self._running and not self._powered:
+                time.sleep(0.05)
             if hard:
+                while not self._input.empty():  # a reset loses whatever the UART had buffered
+                    self._input.get_nowait()
                 self.reset_cause = cause
                 self._raw = False
                 self.wdt_timeout_ms = self._wdt_deadline = None  # a chip reset stops the watchdog

@@ -105,7 +105,7 @@ echo en > {fifo}
 
 @pytest.fixture
 def bench(tmp_path, pty, broker):
-    board = VirtualESP32(str(tmp_path / "flash"), Bench(pty), sleep_scale=0.001)
+    board = VirtualESP32(str(tmp_path / "flash"), Bench(pty), sleep_scale=0.001, link=str(tmp_path / "by-id-esp32"))
     esptool = FakeEsptool(tmp_path, board)
     yield board, esptool
     esptool.close()
@@ -212,29 +212,39 @@ def test_reflash_a_running_board_removes_stale_files_and_keeps_its_id(bench, tmp
     assert dev2.device_id == dev1.device_id and dev2.key != dev1.key
 
 
-@pytest.mark.parametrize("cut_after", [2, 5])  # while checking the board; while copying files
-def test_a_flash_cut_off_half_way_leaves_no_orphan_key_and_a_retry_succeeds(bench, tmp_path, cut_after):
+def test_a_flash_cut_off_half_way_leaves_no_orphan_key_and_a_retry_succeeds(bench, tmp_path):
+    """The cable pulled as a console command reaches the board — while checking the board, while a
+    file is being written, at the verification — then plugged back in: after each cut nothing is
+    registered and no key is kept, and running the same command again succeeds."""
     board, esptool = bench
     real_exec = board._exec
-    calls = {"n": 0}
+    cut = {"when": None, "seen": 0}
 
-    def cut_exec(call):  # power lost (cable pulled) as the n-th console command reaches the board
-        if "<stdin>" in call:
-            calls["n"] += 1
-            if calls["n"] == cut_after:
-                board.power_cycle()
+    def cut_exec(call):
+        if cut["when"] is not None and cut["when"][0] in call:
+            cut["seen"] += 1
+            if cut["seen"] == cut["when"][1]:
+                cut["when"] = None
+                board.unplug()
+                threading.Timer(0.5, board.plug).start()
                 return "stop", "", ""
         return real_exec(call)
 
     board._exec = cut_exec
-    r = make_flash(esptool, board, tmp_path, "FLASH_TIMEOUT_S=15")
-    assert r.returncode != 0, r.stdout
-    assert not (tmp_path / "devices.toml").exists()
-    assert not list((tmp_path / "provision").rglob("config.json"))
-    board._exec = real_exec
+    # (what the command contains, which occurrence): the .mpy check; mpremote's write of a chunk;
+    # the second file listing (the first looks for stale files, the second verifies)
+    for when in (("_mpy", 1), ("w(b", 1), ("_walk(", 2)):
+        cut["when"], cut["seen"] = when, 0
+        r = make_flash(esptool, board, tmp_path, "FLASH_TIMEOUT_S=15")
+        assert cut["when"] is None, "never reached %r" % (when,)
+        assert r.returncode != 0 and "tools/flash.py" not in r.stderr, (when, r.stdout + r.stderr)
+        assert not (tmp_path / "devices.toml").exists(), "cut at %r registered the bin" % (when,)
+        assert not list((tmp_path / "provision").rglob("config.json")), "cut at %r left a key" % (when,)
+        wait_for(lambda: os.path.exists(board.port), what="the board plugged back in")
     retry = make_flash(esptool, board, tmp_path)
     assert retry.returncode == 0, retry.stdout + retry.stderr
-    assert len(registry.load(str(tmp_path / "devices.toml"), check_permissions=False)) == 1
+    assert [d.bin_id for d in registry.load(str(tmp_path / "devices.toml"), check_permissions=False).values()] == [
+        "library-corner-1"]
 
 
 @pytest.mark.parametrize("extra, problem", [

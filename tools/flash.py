@@ -74,7 +74,7 @@ def build(dry_run=False):
                 continue
             src = os.path.join(dirpath, name)
             rel = os.path.relpath(src, FIRMWARE)
-            if rel == "main.py":
+            if rel in ("boot.py", "main.py"):  # MicroPython runs these two by name, as source
                 dst = os.path.join(BUILD, rel)
                 print("    cp %s %s" % (rel, os.path.relpath(dst, ROOT)))
                 if not dry_run:
@@ -176,7 +176,7 @@ def _walk(d, out):
     return out
 print(json.dumps(_walk('/', {})))
 """
-BOARD_INFO_SCRIPT = "import sys; print(sys.implementation._mpy & 0xff, sys.implementation.version)"
+BOARD_MPY_SCRIPT = "import sys; print(sys.implementation._mpy & 0xff)"  # the .mpy version it loads
 KEEP_ON_BOARD = ("/lib/",)  # MicroPython packages installed with mip: not ours to remove
 
 
@@ -239,12 +239,21 @@ def identity(args):
 
 
 def mpremote(port, *chain, dry_run=False):
-    """One mpremote connection running a chain of commands (each list joined with `+`): one soft
-    reset of the board instead of one per command."""
-    cmd = ["mpremote", "connect", port]
+    """One mpremote connection running a chain of commands (each list joined with `+`). `resume`:
+    the board was caught in its REPL and stays there; a soft reset would run boot.py again."""
+    cmd = ["mpremote", "connect", port, "resume"]
     for i, part in enumerate(chain):
         cmd += (["+"] if i else []) + list(part)
     return run(cmd, dry_run)
+
+
+def board_json(port, script):
+    """Runs `script` on the board; its last output line is JSON. A cut-off answer is an error."""
+    lines = mpremote(port, ["exec", script]).strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise FlashError("the board's answer was cut off (cable, power?): run the same command again") from None
 
 
 def catch_board(port, timeout_s=10.0):
@@ -323,11 +332,11 @@ def flash(args):
         catch_board(port)
     say("checking the board's MicroPython against the build")
     if not dry:
-        info = mpremote(port, ["exec", BOARD_INFO_SCRIPT]).split()
+        board_mpy = board_json(port, BOARD_MPY_SCRIPT)
         want = mpy_version(next(o for o in outputs if o.endswith(".mpy")))
-        if not info or int(info[0]) != want:
+        if board_mpy != want:
             raise FlashError("the board's MicroPython loads .mpy version %s, this build is version %s: "
-                             "flash a current MicroPython (FLASH_MICROPYTHON=1)" % (info[0] if info else "?", want))
+                             "flash a current MicroPython (FLASH_MICROPYTHON=1)" % (board_mpy, want))
     device_id, key = identity(args)
     say("provisioning bin %s as device %06x (key generated, not shown)" % (args.bin, device_id))
     staging = tempfile.mkdtemp(prefix="binlink-provision-")  # the key exists nowhere else until the board verifies
@@ -337,13 +346,13 @@ def flash(args):
         with os.fdopen(fd, "w") as f:
             json.dump(board_config(args, device_id, key), f, sort_keys=True)
         files = [(o, ":" + os.path.relpath(o, BUILD)) for o in outputs]
-        files += [(os.path.join(FIRMWARE, "boot.py"), ":boot.py"), (cfg_path, ":config.json")]
+        files.append((cfg_path, ":config.json"))
         want = {remote[1:] if remote.startswith(":/") else "/" + remote[1:]: h for remote, h in local_manifest(files).items()}
         if args.mip:
             say("installing MicroPython packages: %s (needs internet)" % ", ".join(MIP_PACKAGES))
             mpremote(port, ["mip", "install", *MIP_PACKAGES], dry_run=dry)
         say("removing files an older release left (MicroPython imports a stale .py before a new .mpy)")
-        have = {} if dry else json.loads(mpremote(port, ["exec", MANIFEST_SCRIPT]).strip().splitlines()[-1])
+        have = {} if dry else board_json(port, MANIFEST_SCRIPT)
         stale = sorted(p for p in have if p not in want and not p.startswith(KEEP_ON_BOARD))
         for p in stale:
             print("    rm :%s" % p)
@@ -356,7 +365,7 @@ def flash(args):
         mpremote(port, *chain, dry_run=dry)
         say("verifying every file on the board by SHA-256 (config.json and its key included)")
         if not dry:
-            have = json.loads(mpremote(port, ["exec", MANIFEST_SCRIPT]).strip().splitlines()[-1])
+            have = board_json(port, MANIFEST_SCRIPT)
             wrong = sorted(p for p, h in want.items() if have.get(p) != h)
             if wrong:
                 raise FlashError("the board's copy differs for %s: run the same command again" % ", ".join(wrong))
@@ -370,7 +379,7 @@ def flash(args):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say("resetting the board and waiting for its hello")
-    mpremote(port, ["reset"], dry_run=dry)
+    mpremote(port, ["reset"], dry_run=dry)  # machine.reset(): a full boot, main.py included
     if not dry:
         line = read_hello(port, args.hello_timeout)
         if line is None:
