@@ -51,12 +51,18 @@ install-gateway:
 firmware: $(STAMP)
 	@$(PY) tools/flash.py build
 
-# make flash PORT=/dev/ttyUSB0 BIN=market-square-1 [DRY_RUN=1] [FLASH_MICROPYTHON=1 MICROPYTHON_BIN=... MICROPYTHON_SHA256=...]
+# make flash PORT=/dev/ttyUSB0 BIN=market-square-1 [DRY_RUN=1] [NAME=... LAT=... LON=...] [MIP=0]
+#   [TRANSPORT=wifi WIFI_SSID=... WIFI_PASSWORD_FILE=... BROKER=host:port]
+#   [FLASH_MICROPYTHON=1 MICROPYTHON_BIN=... MICROPYTHON_SHA256=...]
 flash: $(STAMP)
 	@test -n "$(PORT)" || { echo "error: give PORT=/dev/serial/by-id/... (the board's USB serial port)" >&2; exit 2; }
 	@test -n "$(BIN)" || { echo "error: give BIN=<bin id>, e.g. BIN=market-square-1" >&2; exit 2; }
+	@case "$(DRY_RUN)$(MIP)$(FLASH_MICROPYTHON)" in *[!01]*) echo "error: DRY_RUN, MIP and FLASH_MICROPYTHON take 1 or 0" >&2; exit 2;; esac
 	@$(PY) tools/flash.py flash --port "$(PORT)" --bin "$(BIN)" $(if $(REGISTRY),--registry "$(REGISTRY)") \
 		$(if $(TRANSPORT),--transport $(TRANSPORT)) $(if $(SENSOR),--sensor $(SENSOR)) \
 		$(if $(DEPTH_MM),--depth-mm $(DEPTH_MM)) $(if $(FULL_MM),--full-mm $(FULL_MM)) \
+		$(if $(NAME),--name "$(NAME)") $(if $(LAT),--lat $(LAT)) $(if $(LON),--lon $(LON)) \
+		$(if $(WIFI_SSID),--wifi-ssid "$(WIFI_SSID)") $(if $(WIFI_PASSWORD_FILE),--wifi-password-file "$(WIFI_PASSWORD_FILE)") \
+		$(if $(BROKER),--broker "$(BROKER)") $(if $(filter 0,$(MIP)),--no-mip) $(if $(PROVISION_DIR),--provision-dir "$(PROVISION_DIR)") \
 		$(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FLASH_MICROPYTHON)),--flash-micropython) \
 		$(if $(MICROPYTHON_BIN),--micropython-bin "$(MICROPYTHON_BIN)") $(if $(MICROPYTHON_SHA256),--micropython-sha256 $(MICROPYTHON_SHA256))

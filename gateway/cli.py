@@ -53,8 +53,10 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
+    from binlink.gateway import watch
     from binlink.sim import cli as sim_cli, demo  # stdlib at import; their packages load when run
 
+    watch.add_parser(sub)
     sim_cli.add_parser(sub)
     demo.add_parser(sub)
     return p

@@ -5,7 +5,9 @@ Topic layout under the base topic (default binlink/<site>):
   bin/<bin_id>/event     one message per uplink (message_id "<device>:<fcnt>") and per alarm
                          ("<device>:<fcnt>:<event>"); consumers deduplicate across gateways by it
   gateway/<gw_id>/status retained "online" / "offline" (last will)
-  gateway/<gw_id>/stats  periodic counters (JSON)"""
+  gateway/<gw_id>/stats  periodic counters (JSON)
+  gateway/<gw_id>/rejected  a frame from a known-looking device refused, and why (rate-limited):
+                         what `binlink watch` shows a technician when a new bin's frames do not arrive"""
 from datetime import datetime, timezone
 from functools import lru_cache
 
@@ -33,6 +35,18 @@ def status_topic(base, gw_id):
 
 def stats_topic(base, gw_id):
     return "%s/gateway/%s/stats" % (base, gw_id)
+
+
+def rejected_topic(base, gw_id):
+    return "%s/gateway/%s/rejected" % (base, gw_id)
+
+
+def rejection_message(base, gw_id, device_id, reason, source, rssi, now):
+    """Not retained; its id is unique per device, reason and millisecond (never a reading's id)."""
+    mid = "rejected:%06x:%s:%d" % (device_id, reason, int(now * 1000))
+    body = {"event": "rejected", "message_id": mid, "device": "%06x" % device_id, "reason": reason,
+            "source": source, "rssi": rssi, "gateway": gw_id, "received_at": iso(now)}
+    return (mid, rejected_topic(base, gw_id), dumps(body), False)
 
 
 def reading_fields(device, reading, fill, fcnt, rx, measured_at):

@@ -14,6 +14,8 @@ from binlink.gateway.dedup import Dedup
 from binlink.gateway.outbox import Batch
 
 log = logs.get("pipeline")
+NOTICE_EVERY_S = 10
+NOTICE_MAX = 256  # distinct (device, reason) notices per NOTICE_EVERY_S
 
 
 def clock_synced():
@@ -32,6 +34,7 @@ class Pipeline:
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
+        self._noticed = {}  # (device id, reason) -> when last published on .../rejected
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
@@ -62,6 +65,7 @@ class Pipeline:
                 readings += self._one(source, rec, now, batch)
             except codec.ProtocolError as e:
                 self._reject(e.reason, source, e.detail)
+                self._tell_installers(e.reason, source, rec, now, batch)
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
@@ -76,6 +80,27 @@ class Pipeline:
         self.metrics.rejected.labels(reason).inc()
         if self._log_limit.allow(reason, self.clock()):
             logs.event(log, logging.WARNING, "frame rejected", reason=reason, source=source, detail=detail)
+
+    def _tell_installers(self, reason, source, rec, now, batch):
+        """A frame whose header names a device but that was refused (unknown device, bad tag,
+        replay, counter gap): published so a technician at a new bin sees why, once per device and
+        reason every NOTICE_EVERY_S (noise without a header is only counted)."""
+        if rec.frame is None or len(rec.frame) < codec.HEADER_LEN:
+            return
+        try:
+            _, device_id, _ = codec.parse_header(rec.frame)
+        except codec.ProtocolError:
+            return
+        key = (device_id, reason)
+        if now - self._noticed.get(key, -NOTICE_EVERY_S) < NOTICE_EVERY_S:
+            return
+        if len(self._noticed) >= NOTICE_MAX:  # forged headers with ever new ids must not flood MQTT
+            self._noticed = {k: t for k, t in self._noticed.items() if now - t < NOTICE_EVERY_S}
+            if len(self._noticed) >= NOTICE_MAX:
+                return
+        self._noticed[key] = now
+        batch.messages.append(integrate.rejection_message(self.cfg.base_topic, self.cfg.gateway_id, device_id, reason,
+                                                          source, rec.rssi, now) + (now,))
 
     def _one(self, source, rec, now, batch):
         # deframe: the module format already split the stream; its rejections arrive here
@@ -112,7 +137,8 @@ class Pipeline:
         base = self.cfg.base_topic
         if decoded["type"] == "hello":
             batch.messages.append(integrate.hello_message(base, device, decoded, rx) + (now,))
-            logs.event(log, logging.INFO, "hello", device=device.dev, fw=decoded["fw_version"], reset_cause=decoded["reset_cause"])
+            logs.event(log, logging.INFO, "hello", bin=device.bin_id, device=device.dev, fw=decoded["fw_version"],
+                       reset_cause=decoded["reset_cause"], rssi=rec.rssi, source=source)
             return 0
         if decoded["type"] == "reading":
             self._reading(device, decoded, fcnt, rx, now, batch, backlog=False)

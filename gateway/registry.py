@@ -16,6 +16,11 @@ from binlink.gateway.config import ConfigError
 _BIN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
+def valid_bin_id(bin_id):
+    """Bin ids go into MQTT topics and Home Assistant ids: lowercase letters, digits, - and _."""
+    return isinstance(bin_id, str) and _BIN_ID.match(bin_id) is not None
+
+
 @dataclass(frozen=True)
 class Device:
     device_id: int

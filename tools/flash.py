@@ -12,8 +12,10 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +26,7 @@ from binlink.gateway import registry  # noqa: E402
 FIRMWARE = os.path.join(ROOT, "firmware")
 BUILD = os.path.join(ROOT, "build", "firmware")
 MIP_PACKAGES = ("logging", "umqtt.simple")
+COMMAND_TIMEOUT_S = int(os.environ.get("FLASH_TIMEOUT_S", "120"))  # one esptool/mpremote step
 
 
 class FlashError(Exception):
@@ -34,11 +37,28 @@ def say(msg):
     print("==> " + msg, flush=True)
 
 
+def tool(name):
+    """esptool and mpremote from this project's venv (where `make setup` put them); ESPTOOL= or
+    MPREMOTE= in the environment point elsewhere (a newer release, or the tests' fake esptool)."""
+    override = os.environ.get(name.upper())
+    if override:
+        return override
+    venv = os.path.join(os.path.dirname(sys.executable), name)
+    return venv if os.path.exists(venv) else name
+
+
 def run(cmd, dry_run):
-    print("    $ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    shown = ["'<%d-line script>'" % (c.count("\n") + 1) if "\n" in c else shlex.quote(c) for c in cmd]
+    print("    $ " + " ".join(shown), flush=True)
     if dry_run:
         return ""
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run([tool(cmd[0])] + cmd[1:], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise FlashError("%s: the board stopped answering for %d s (cable, power?): run the same command again"
+                         % (cmd[0], COMMAND_TIMEOUT_S)) from None
+    except FileNotFoundError:
+        raise FlashError("%s not found: run `make setup` (it installs esptool and mpremote)" % cmd[0]) from None
     if r.returncode != 0:
         raise FlashError("%s failed (exit %d): %s" % (cmd[0], r.returncode, (r.stderr or r.stdout).strip()[-500:]))
     return r.stdout
@@ -54,7 +74,7 @@ def build(dry_run=False):
                 continue
             src = os.path.join(dirpath, name)
             rel = os.path.relpath(src, FIRMWARE)
-            if rel == "main.py":
+            if rel in ("boot.py", "main.py"):  # MicroPython runs these two by name, as source
                 dst = os.path.join(BUILD, rel)
                 print("    cp %s %s" % (rel, os.path.relpath(dst, ROOT)))
                 if not dry_run:
@@ -136,21 +156,168 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+# Runs on the board (raw REPL): every file under / with its SHA-256, as JSON.
+MANIFEST_SCRIPT = """import os, hashlib, binascii, json
+def _walk(d, out):
+    for e in os.ilistdir(d):
+        p = (d if d != '/' else '') + '/' + e[0]
+        if e[1] & 0x4000:
+            _walk(p, out)
+        else:
+            h = hashlib.sha256()
+            f = open(p, 'rb')
+            while True:
+                b = f.read(512)
+                if not b:
+                    break
+                h.update(b)
+            f.close()
+            out[p] = binascii.hexlify(h.digest()).decode()
+    return out
+print(json.dumps(_walk('/', {})))
+"""
+BOARD_MPY_SCRIPT = "import sys; print(sys.implementation._mpy & 0xff)"  # the .mpy version it loads
+KEEP_ON_BOARD = ("/lib/",)  # MicroPython packages installed with mip: not ours to remove
+
+
+def validate(args):
+    """Every input checked before the board is touched (also in a dry run). Returns the problems."""
+    from binlink.firmware import config as fw_config
+
+    problems = []
+    if not registry.valid_bin_id(args.bin):
+        problems.append("BIN=%r: use lowercase letters, digits, - and _ (e.g. library-corner-1)" % args.bin)
+    if not 0 <= args.full_mm < args.depth_mm:
+        problems.append("need 0 <= FULL_MM < DEPTH_MM, got FULL_MM=%d DEPTH_MM=%d" % (args.full_mm, args.depth_mm))
+    if not 300 <= args.depth_mm <= 5000:
+        problems.append("DEPTH_MM=%d: the sensors measure 300-5000 mm (sensor to the bin's floor)" % args.depth_mm)
+    folder = os.path.dirname(os.path.abspath(args.registry))
+    if not os.path.isdir(folder):
+        problems.append("REGISTRY=%s: folder %s does not exist" % (args.registry, folder))
+    elif not os.access(folder, os.W_OK):
+        problems.append("REGISTRY=%s: folder %s is not writable" % (args.registry, folder))
+    elif os.path.exists(args.registry):
+        try:
+            registry.load(args.registry, check_permissions=False)
+        except registry.ConfigError as e:
+            problems += ["REGISTRY: %s" % p for p in e.problems]
+    if args.transport == "wifi" and not (args.wifi_ssid and args.wifi_password_file and args.broker):
+        problems.append("TRANSPORT=wifi needs WIFI_SSID, WIFI_PASSWORD_FILE and BROKER=host[:port]")
+    elif args.wifi_password_file and not os.path.isfile(args.wifi_password_file):
+        problems.append("WIFI_PASSWORD_FILE=%s: no such file" % args.wifi_password_file)
+    elif args.broker and not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", args.broker):
+        problems.append("BROKER=%s: give host or host:port" % args.broker)
+    else:
+        _, _, cfg_problems = fw_config.parse(board_config(args, 1, b"\0" * 16))
+        problems += ["config: %s" % p for p in cfg_problems]
+    if (args.lat is None) != (args.lon is None):
+        problems.append("give both LAT and LON, or neither")
+    if args.flash_micropython and not (args.micropython_bin and os.path.exists(args.micropython_bin)):
+        problems.append("MICROPYTHON_BIN=%s not found: download the ESP32 firmware .bin first" % args.micropython_bin)
+    return problems
+
+
+def board_config(args, device_id, key):
+    cfg = {"device_id": device_id, "key": key.hex(), "transport": args.transport, "sensor": args.sensor,
+           "depth_mm": args.depth_mm, "full_mm": args.full_mm}
+    if args.transport == "wifi":
+        host, _, port = args.broker.partition(":")
+        with open(args.wifi_password_file) as f:
+            password = f.read().strip()
+        cfg.update(wifi_ssid=args.wifi_ssid, wifi_password=password, mqtt_host=host, mqtt_port=int(port or 1883))
+    return cfg
+
+
+def identity(args):
+    """(device id, key): a bin already in the registry keeps its id (its history follows it); the
+    key is new on every flash, so a board that left the depot with an old key cannot be cloned."""
+    if os.path.exists(args.registry):
+        for dev in registry.load(args.registry, check_permissions=False).values():
+            if dev.bin_id == args.bin:
+                return dev.device_id, secrets.token_bytes(16)
+    return next_device_id(args.registry), secrets.token_bytes(16)
+
+
+def mpremote(port, *chain, dry_run=False):
+    """One mpremote connection running a chain of commands (each list joined with `+`). `resume`:
+    the board was caught in its REPL and stays there; a soft reset would run boot.py again."""
+    cmd = ["mpremote", "connect", port, "resume"]
+    for i, part in enumerate(chain):
+        cmd += (["+"] if i else []) + list(part)
+    return run(cmd, dry_run)
+
+
+def board_json(port, script):
+    """Runs `script` on the board; its last output line is JSON. A cut-off answer is an error."""
+    lines = mpremote(port, ["exec", script]).strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise FlashError("the board's answer was cut off (cable, power?): run the same command again") from None
+
+
+def catch_board(port, timeout_s=10.0):
+    """Stops the board in boot.py's safe-mode window (the chip check has just reset it through
+    RTS/EN): Ctrl-C until a REPL prompt. A board caught there has not started main.py, so no
+    watchdog runs and it does not deep-sleep while we copy."""
+    import serial
+
+    deadline = time.monotonic() + timeout_s
+    seen = b""
+    with serial.Serial(port, 115200, timeout=0.1) as s:
+        while time.monotonic() < deadline:
+            s.write(b"\r\x03")
+            seen = (seen + s.read(512))[-512:]
+            if b">>> " in seen or b"raw REPL" in seen:
+                return
+    raise FlashError("the board did not answer in its safe-mode window: press its EN (reset) button and run "
+                     "again, or hold BOOT while pressing EN")
+
+
+def mpy_version(path):
+    with open(path, "rb") as f:
+        header = f.read(2)
+    return header[1] if header[:1] == b"M" else None
+
+
+def local_manifest(files):
+    return {remote: sha256_file(local) for local, remote in files}
+
+
+def check_image(path):
+    """`esptool image-info` on the MicroPython image itself (no board involved): it must be for the
+    classic ESP32 and start with the bootloader, which the ESP32 loads from 0x1000. An app-only
+    image (segments in flash-mapped IROM/DROM) written there would not boot."""
+    r = subprocess.run([sys.executable, "-m", "esptool", "image-info", path], capture_output=True, text=True)
+    m = re.search(r"Detected image type:\s*(\S+)", r.stdout)
+    if r.returncode != 0 or not m:
+        raise FlashError("%s is not an ESP image esptool can read: %s" % (path, (r.stderr or r.stdout).strip()[-300:]))
+    if m.group(1) != "ESP32":
+        raise FlashError("%s is built for %s; binlink boards are the classic ESP32" % (path, m.group(1)))
+    if re.search(r"\b(IROM|DROM)\b", r.stdout):
+        raise FlashError("%s is an application image, not the combined image that starts with the bootloader "
+                         "(download the ESP32_GENERIC .bin from micropython.org)" % path)
+    return m.group(1)
+
+
 def flash(args):
     dry = args.dry_run
     port = args.port
+    problems = validate(args)
+    if problems:
+        raise FlashError("nothing was done:\n    " + "\n    ".join(problems))
     if dry:
         say("dry run: nothing is run or written; port %s not checked" % port)
     else:
         check_port(port)
     if args.flash_micropython:
-        if not args.micropython_bin or not os.path.exists(args.micropython_bin):
-            raise FlashError("MICROPYTHON_BIN=%s not found: download the ESP32 firmware .bin first" % args.micropython_bin)
         digest = sha256_file(args.micropython_bin)
         if args.micropython_sha256 and digest != args.micropython_sha256.lower():
             raise FlashError("checksum mismatch for %s: sha256 %s, expected %s" % (args.micropython_bin, digest, args.micropython_sha256))
         say("MicroPython image %s sha256 %s%s" % (args.micropython_bin, digest, " (verified)" if args.micropython_sha256 else ""))
-    say("checking the chip")
+        if not dry:
+            say("image: %s, bootloader first: written at 0x1000" % check_image(args.micropython_bin))
+    say("checking the chip (esptool resets the board afterwards)")
     out = run(["esptool", "--port", port, "chip-id"], dry)
     if not dry:
         say("chip: %s" % check_chip(out))
@@ -159,31 +326,72 @@ def flash(args):
         run(["esptool", "--chip", "esp32", "--port", port, "erase-flash"], dry)
         run(["esptool", "--chip", "esp32", "--port", port, "--baud", "460800", "write-flash", "-z", "0x1000",
              args.micropython_bin], dry)
-    build(dry)
-    out_dir = os.path.join(ROOT, "build", "provision", args.bin)
-    cfg_path, device_id = provision(args.bin, args.registry, out_dir, args.depth_mm, args.full_mm, args.transport,
-                                    args.sensor, dry_run=dry)
-    say("installing MicroPython packages: %s (needs internet)" % ", ".join(MIP_PACKAGES))
-    run(["mpremote", "connect", port, "mip", "install", *MIP_PACKAGES], dry)
-    say("copying the firmware and its config")
-    run(["mpremote", "connect", port, "fs", "cp", "-r", os.path.join(BUILD, "binlink"), ":"], dry)
-    run(["mpremote", "connect", port, "fs", "cp", os.path.join(BUILD, "main.py"), ":main.py"], dry)
-    run(["mpremote", "connect", port, "fs", "cp", cfg_path, ":config.json"], dry)
-    say("verifying: the config on the board matches")
-    out = run(["mpremote", "connect", port, "fs", "sha256sum", ":config.json"], dry)
-    if not dry and sha256_file(cfg_path) not in out:
-        raise FlashError("config.json on the board differs from %s" % cfg_path)
-    say("resetting the board and waiting for its hello")
-    run(["mpremote", "connect", port, "reset"], dry)
+    outputs = build(dry)
+    say("stopping the board in its safe-mode window (Ctrl-C before main.py starts its watchdog)")
     if not dry:
-        line = read_hello(port, 15)
+        catch_board(port)
+    say("checking the board's MicroPython against the build")
+    if not dry:
+        board_mpy = board_json(port, BOARD_MPY_SCRIPT)
+        want = mpy_version(next(o for o in outputs if o.endswith(".mpy")))
+        if board_mpy != want:
+            raise FlashError("the board's MicroPython loads .mpy version %s, this build is version %s: "
+                             "flash a current MicroPython (FLASH_MICROPYTHON=1)" % (board_mpy, want))
+    device_id, key = identity(args)
+    say("provisioning bin %s as device %06x (key generated, not shown)" % (args.bin, device_id))
+    staging = tempfile.mkdtemp(prefix="binlink-provision-")  # the key exists nowhere else until the board verifies
+    try:
+        cfg_path = os.path.join(staging, "config.json")
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(board_config(args, device_id, key), f, sort_keys=True)
+        files = [(o, ":" + os.path.relpath(o, BUILD)) for o in outputs]
+        files.append((cfg_path, ":config.json"))
+        want = {remote[1:] if remote.startswith(":/") else "/" + remote[1:]: h for remote, h in local_manifest(files).items()}
+        if args.mip:
+            say("installing MicroPython packages: %s (needs internet)" % ", ".join(MIP_PACKAGES))
+            mpremote(port, ["mip", "install", *MIP_PACKAGES], dry_run=dry)
+        say("removing files an older release left (MicroPython imports a stale .py before a new .mpy)")
+        have = {} if dry else board_json(port, MANIFEST_SCRIPT)
+        stale = sorted(p for p in have if p not in want and not p.startswith(KEEP_ON_BOARD))
+        for p in stale:
+            print("    rm :%s" % p)
+        say("copying the firmware and its config (%d files)" % len(files))
+        dirs = sorted({os.path.dirname(p) for p in want if os.path.dirname(p) != "/"})
+        mkdirs = "import os\nfor d in %r:\n    try:\n        os.mkdir(d)\n    except OSError:\n        pass\n" % dirs
+        chain = [["exec", "import os\nfor p in %r:\n    os.remove(p)\n" % stale]] if stale else []
+        chain.append(["exec", mkdirs])
+        chain += [["fs", "cp", local, remote] for local, remote in files]
+        mpremote(port, *chain, dry_run=dry)
+        say("verifying every file on the board by SHA-256 (config.json and its key included)")
+        if not dry:
+            have = board_json(port, MANIFEST_SCRIPT)
+            wrong = sorted(p for p, h in want.items() if have.get(p) != h)
+            if wrong:
+                raise FlashError("the board's copy differs for %s: run the same command again" % ", ".join(wrong))
+        say("registering bin %s (device %06x) in %s" % (args.bin, device_id, args.registry))
+        out_dir = os.path.join(args.provision_dir, args.bin)
+        if not dry:
+            os.makedirs(out_dir, exist_ok=True)
+            registry.add(args.registry, device_id, args.bin, key, args.depth_mm, args.full_mm, name=args.name,
+                         lat=args.lat, lon=args.lon)
+            os.replace(cfg_path, os.path.join(out_dir, "config.json"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say("resetting the board and waiting for its hello")
+    mpremote(port, ["reset"], dry_run=dry)  # machine.reset(): a full boot, main.py included
+    if not dry:
+        line = read_hello(port, args.hello_timeout)
         if line is None:
-            raise FlashError("no hello from the board within 15 s: check the console (mpremote connect %s)" % port)
+            raise FlashError("no hello from the board within %d s: check the console (mpremote connect %s)"
+                             % (args.hello_timeout, port))
         say("board says: %s" % line)
-    say("done: bin %s is device %06x; restart the gateway so it loads the registry" % (args.bin, device_id))
+    say("done: bin %s is device %06x; reload the gateway so it loads the registry (systemctl reload binlink-gateway)"
+        % (args.bin, device_id))
 
 
 def read_hello(port, timeout_s):
+    """The firmware's `hello` log line on the board's console after its reset."""
     import serial
 
     deadline = time.monotonic() + timeout_s
@@ -210,6 +418,16 @@ def main(argv=None):
         q.add_argument("--sensor", default="jsn-sr04t", choices=["jsn-sr04t", "hc-sr04", "a02yyuw"])
         q.add_argument("--dry-run", action="store_true")
     q.add_argument("--port", required=True)
+    q.add_argument("--name", default="", help="name shown to planners, e.g. 'Library Corner 1'")
+    q.add_argument("--lat", type=float, default=None)
+    q.add_argument("--lon", type=float, default=None)
+    q.add_argument("--wifi-ssid", default="")
+    q.add_argument("--wifi-password-file", default="")
+    q.add_argument("--broker", default="", help="host[:port] of the MQTT broker for wifi bins")
+    q.add_argument("--no-mip", dest="mip", action="store_false", help="skip `mpremote mip install` (offline; the "
+                   "firmware then logs with print)")
+    q.add_argument("--provision-dir", default=os.path.join(ROOT, "build", "provision"))
+    q.add_argument("--hello-timeout", type=int, default=15)
     q.add_argument("--flash-micropython", action="store_true")
     q.add_argument("--micropython-bin", default="")
     q.add_argument("--micropython-sha256", default="")

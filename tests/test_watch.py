@@ -1,0 +1,90 @@
+"""`binlink watch BIN`: the technician's on-site check, against a real gateway process, Mosquitto and a pty."""
+import subprocess
+import time
+
+import pytest
+
+from binlink.gateway import registry
+from binlink.wire import codec, framing
+from tests.harness import BINLINK, KEY, GatewayProcess, wait_for
+
+DEV = 0x00002A
+
+
+def watch(tmp_path, broker, *extra):
+    reg = tmp_path / "tech-devices.toml"  # the technician's registry after make flash
+    if not reg.exists():
+        registry.add(str(reg), DEV, "library-corner-1", KEY, 1200, 250)
+    return subprocess.Popen([BINLINK, "watch", "library-corner-1", "--registry", str(reg), "--broker",
+                             "127.0.0.1:%d" % broker.port, "--site", "testcity", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def send_first_cycle(pty, rssi=0xA9):
+    """A freshly flashed bin's first wake: hello then a reading, with the E22's RSSI byte (-87 dBm)."""
+    for frame in (codec.encode_hello(KEY, DEV, 0, (1, 0, 0), 1, b"\x01\x02\x03\x04"),
+                  codec.encode_reading(KEY, DEV, 1, 700, 21, 3700, 0, 5, 5)):
+        pty.write(framing.frame(frame) + bytes([rssi]))
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def gateway(tmp_path, broker, pty):
+    def start(known):
+        devices = [(DEV, "library-corner-1", KEY, 1200, 250)] if known else [(0x0000A1, "other-bin", KEY, 1200, 250)]
+        return GatewayProcess(tmp_path / "gw", broker.port, [("radio0", pty.link, "raw+rssi")], devices=devices).start()
+
+    (tmp_path / "gw").mkdir()
+    procs = []
+    yield lambda known: procs.append(start(known)) or procs[-1]
+    for p in procs:
+        p.terminate()
+
+
+def test_a_new_bin_seen_end_to_end_shows_rssi_fill_and_flags(tmp_path, broker, pty, gateway):
+    gw = gateway(known=True)
+    w = watch(tmp_path, broker, "--timeout", "60")
+    time.sleep(1.5)  # subscribed
+    send_first_cycle(pty)
+    out, _ = w.communicate(timeout=90)
+    assert w.returncode == 0, out
+    assert "hello via gateway gw-test (radio0): RSSI -87 dBm" in out and "firmware 1.0.0" in out
+    assert "reading via gateway gw-test" in out and "distance 700 mm" in out and "ok: bin library-corner-1" in out
+    assert "bin=library-corner-1" in gw.output() and "rssi=-87" in gw.output()  # the gateway's log names the bin
+
+
+def test_a_bin_the_gateway_does_not_know_is_explained(tmp_path, broker, pty, gateway):
+    gateway(known=False)
+    w = watch(tmp_path, broker, "--timeout", "8")
+    time.sleep(1.5)
+    send_first_cycle(pty)
+    out, _ = w.communicate(timeout=60)
+    assert w.returncode == 3, out
+    assert "REFUSED by gateway gw-test" in out and "unknown_device" in out and "systemctl reload binlink-gateway" in out
+
+
+def test_nothing_heard_says_so_and_names_the_online_gateways(tmp_path, broker, pty, gateway):
+    gateway(known=True)
+    w = watch(tmp_path, broker, "--timeout", "4")
+    out, _ = w.communicate(timeout=60)
+    assert w.returncode == 1, out
+    assert "nothing heard from bin library-corner-1" in out and "gateways online: gw-test" in out
+
+
+def test_no_broker_and_unknown_bin_are_one_line_errors(tmp_path, broker):
+    w = watch(tmp_path, broker, "--broker", "127.0.0.1:1", "--timeout", "2")
+    out, _ = w.communicate(timeout=30)
+    assert w.returncode != 0 and "cannot reach the broker at 127.0.0.1:1" in out and "Traceback" not in out
+    r = subprocess.run([BINLINK, "watch", "no-such-bin", "--registry", str(tmp_path / "tech-devices.toml"), "--site", "x"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "bin no-such-bin is not in" in r.stderr
+
+
+def test_rejection_notices_are_rate_limited_per_device(tmp_path, broker, pty, gateway, subscriber):
+    gateway(known=False)
+    for n in range(30):
+        pty.write(framing.frame(codec.encode_reading(KEY, DEV, n, 700, 21, 3700)) + b"\xa9")
+    wait_for(lambda: subscriber.on("/rejected"), what="a rejection notice")
+    time.sleep(1.0)
+    notices = subscriber.json("/rejected")
+    assert len(notices) == 1 and notices[0]["device"] == "00002a" and notices[0]["reason"] == "unknown_device"
