@@ -350,8 +350,10 @@ class VirtualESP32:
         """The USB cable pulled: the port vanishes under whoever has it open, and the board, powered
         from USB, loses power (RTC memory too; NVS and the filesystem are flash)."""
         self._powered = False
-        self.rtc_memory = b""
-        self._hard_reset(PWRON_RESET)
+        self.press_en()
+        self._close_port()
+
+    def _close_port(self):
         if self.link and os.path.lexists(self.link):
             os.unlink(self.link)
         for fd in (self._master, self._slave):
@@ -372,21 +374,12 @@ class VirtualESP32:
         self.rtc_memory = b""
         self._hard_reset(PWRON_RESET)
 
-    def power_cycle(self):
-        self.press_en()
-
     def close(self):
         self._running = False
         self._interrupt.set()
         self._input.put(None)
         self._cpu.join(5)
-        if self.link and os.path.lexists(self.link):
-            os.unlink(self.link)
-        for fd in (self._master, self._slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._close_port()
         self._drop_session()
 
     # ---- console ----
@@ -599,6 +592,7 @@ class VirtualESP32:
                 self._write(bytes([c]))
 
     def _raw_exec(self, src):
+        """Raw REPL execution (EXEC_FLAG_PRINT_EOF): stdout, 0x04, the traceback, 0x04."""
         outcome, out, err = self._exec("_board_exec(%r, '<stdin>')" % src.decode("utf-8", "replace"))
         if outcome == "stop":  # reset or deep sleep mid-command: the host sees the output stop
             self._write(self._cooked(out))
@@ -630,12 +624,7 @@ class VirtualESP32:
             if remain == 0:
                 self._write(b"\x01")
                 remain = RAW_PASTE_WINDOW
-        outcome, out, err = self._exec("_board_exec(%r, '<stdin>')" % src.decode("utf-8", "replace"))
-        if outcome == "stop":
-            self._write(self._cooked(out))
-            return self._stop_outcome or "stop"
-        self._write(self._cooked(out) + b"\x04" + self._cooked(err) + b"\x04")
-        return "ok"
+        return self._raw_exec(bytes(src))
 
     # ---- the chip's own peripherals, called from the VM ----
     def _wdt_expired(self):

@@ -54,3 +54,14 @@ def pty(tmp_path):
     link = PtyLink(str(tmp_path / "by-id-radio0"))
     yield link
     link.close()
+
+
+@pytest.fixture
+def gw(request, tmp_path, broker, pty):
+    """The gateway as its own process reading one pty, with the test module's DEVICES registered."""
+    from tests.harness import GatewayProcess
+
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=request.module.DEVICES).start()
+    yield g
+    if g.alive():
+        g.kill()

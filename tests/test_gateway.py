@@ -23,14 +23,6 @@ def reading(n, dist=700, dev=DEV_A, key=KEY, flags=0, temp=20, batt=3700):
     return codec.encode_reading(key, dev, n, dist, temp, batt, flags, 5, 5)
 
 
-@pytest.fixture
-def gw(tmp_path, broker, pty):
-    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
-    yield g
-    if g.alive():
-        g.kill()
-
-
 def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscriber):
     pty.write(framing.frame(codec.encode_hello(KEY, DEV_A, 0, (1, 2, 3), 1, b"\xc0\xff\xee\x01")))
     pty.write(framing.frame(reading(1, dist=1100)))  # 10 % full

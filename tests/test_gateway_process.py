@@ -43,14 +43,6 @@ def pid_gone(pid):
         return True
 
 
-@pytest.fixture
-def gw(tmp_path, broker, pty):
-    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
-    yield g
-    if g.alive():
-        g.kill()
-
-
 def test_publisher_is_its_own_process_and_dies_with_the_gateway(gw, broker, pty, subscriber):
     pid = publisher_pid(gw)
     assert "binlink.gateway.mqtt_publisher" in open("/proc/%d/cmdline" % pid).read()
