@@ -1,4 +1,4 @@
-"""`binlink` command line: decode, gateway, sim, demo, provision."""
+"""`binlink` command line: decode, gateway, registry, sim, demo."""
 import argparse
 import json
 import sys
@@ -51,7 +51,10 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
+    from binlink.gateway import registry_cli
     from binlink.sim import cli as sim_cli, demo
+
+    registry_cli.add_parser(sub)
 
     sim_cli.add_parser(sub)
     demo.add_parser(sub)
@@ -87,6 +90,13 @@ def cmd_gateway(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "registry":
+        from binlink.gateway import config
+
+        try:
+            return args.func(args)
+        except config.ConfigError as e:
+            return _config_errors(e.problems)
     return args.func(args)
 
 

@@ -15,6 +15,10 @@ class Metrics:
         self.published = Counter("binlink_messages_published", "MQTT messages acknowledged by the broker (QoS 1)", registry=r)
         self.outbox_depth = Gauge("binlink_outbox_depth", "Messages waiting in the durable outbox", registry=r)
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.shared_up = Gauge("binlink_shared_state_up", "1 while the shared state (Redis) answers; 0: local state only", registry=r)
+        self.shared_errors = Counter("binlink_shared_state_errors", "Failed calls to the shared state (Redis)", registry=r)
+        self.resynced = Counter("binlink_counter_resyncs", "Counters taken up from a hello carrying the full counter", registry=r)
+        self.recovered = Counter("binlink_frames_recovered", "Frames held until a resync, then accepted", registry=r)
         self.publish_latency = Histogram(
             "binlink_publish_latency_seconds", "From reception to the broker's acknowledgement", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),

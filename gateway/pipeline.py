@@ -3,17 +3,25 @@
   read (serial_input) → deframe (module_formats) → parse → verify tag → counter check →
   dedup → decode → calibrate (calibration) → events → integrate → outbox (one group commit)
 
+With several gateways the counter check and dedup also ask the shared state (Redis): the fleet's
+counter when the local one does not verify a frame, and a claim that makes one gateway the
+publisher of each frame (gateway/shared_state.py).
+
 Every rejection is counted under its reason code and logged; nothing here raises on bad input."""
 import logging
 import os
 import time
+from collections import deque
 
 from binlink.wire import codec
 from binlink.gateway import calibration, events, integrate, logs
-from binlink.gateway.dedup import Dedup
+from binlink.gateway.dedup import Dedup, digest
 from binlink.gateway.outbox import Batch
 
 log = logs.get("pipeline")
+HELD_PER_DEVICE = 64  # frames kept per bin until its next hello: a day of reports at the shortest interval
+HELD_MAX_AGE_S = 2 * 86400  # the hello comes daily; older frames are not waited for
+STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
 
 
 def clock_synced():
@@ -22,12 +30,16 @@ def clock_synced():
 
 
 class Pipeline:
-    def __init__(self, cfg, devices, outbox, metrics, clock=time.time):
+    def __init__(self, cfg, devices, outbox, metrics, clock=time.time, shared=None):
         self.cfg = cfg
         self.outbox = outbox
         self.metrics = metrics
         self.clock = clock
+        self.shared = shared  # SharedState or None (one gateway alone)
         self.dedup = Dedup(cfg.dedup_window_s)
+        self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
+        self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
+        self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
@@ -54,7 +66,7 @@ class Pipeline:
         # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
         self._rx_base["time_synced"] = clock_synced()
         batch = Batch()
-        readings = 0
+        readings = self._take_over(now, batch) if self.standby else 0
         read = {}
         for source, rec in items:
             read[source] = read.get(source, 0) + 1
@@ -69,6 +81,9 @@ class Pipeline:
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
+        if self._claims:
+            self.shared.confirm(self._claims)
+            self._claims = []
         self.dedup.expire(now)
         return readings
 
@@ -93,17 +108,67 @@ class Pipeline:
         # verify tag + counter check
         last = self.counters.get(device_id)
         try:
-            fcnt = codec.verify(frame, device.key, last)
+            fcnt = self._verify(device, frame, last)
         except codec.ProtocolError as e:
             # dedup: a "replay" of the identical bytes just accepted is the same frame heard again
-            if e.reason == "replay" and self.dedup.is_duplicate(device_id, e.fcnt, frame, now):
-                self.metrics.duplicates.inc()
-                batch.receptions.append((device_id, e.fcnt, source, rec.rssi, rec.snr, now, 1))
-                log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": e.fcnt, "source": source, "rssi": rec.rssi}})
+            if e.reason == "replay" and self._is_duplicate(device, e.fcnt, frame, now):
+                self._duplicate(device, e.fcnt, source, rec, now, batch)
                 return 0
+            if e.reason in ("bad_tag", "fcnt_gap"):  # perhaps a counter this gateway lost track of
+                self._hold(device_id, frame, source, rec, now)
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
-        self.counters[device_id] = fcnt
-        batch.counters[device_id] = (fcnt, device.key_id)
+        floor = self.counters.get(device_id)  # the fleet's, when it knew more than this gateway
+        n = self._accept(device, frame, fcnt, source, rec, now, batch)
+        if codec.explicit_fcnt(frame) is not None:
+            if floor is None or fcnt - floor > codec.MAX_FCNT_GAP:
+                self.metrics.resynced.inc()
+                logs.event(log, logging.INFO, "counter resynchronised from hello", device=device.dev, fcnt=fcnt, last_fcnt=floor)
+            if device_id in self.held:
+                n += self._recover(device, fcnt, floor, now, batch)
+        return n
+
+    def _verify(self, device, frame, last):
+        """Against this gateway's counter; when that fails, against the fleet's (another gateway
+        accepted this bin's recent frames) — the claim then settles replays either way."""
+        try:
+            return codec.verify(frame, device.key, last)
+        except codec.ProtocolError as e:
+            if self.shared is None or e.reason not in ("bad_tag", "fcnt_gap", "replay"):
+                raise
+            fleet = self.shared.last(device)
+            if fleet is None or (last is not None and fleet <= last):
+                raise e from None
+            self.counters[device.device_id] = fleet
+            return codec.verify(frame, device.key, fleet)
+
+    def _is_duplicate(self, device, fcnt, frame, now):
+        if self.dedup.is_duplicate(device.device_id, fcnt, frame, now):
+            return True
+        return self.shared is not None and self.shared.is_duplicate(device, fcnt, digest(frame).hex())
+
+    def _duplicate(self, device, fcnt, source, rec, now, batch):
+        self.metrics.duplicates.inc()
+        batch.receptions.append((device.device_id, fcnt, source, rec.rssi, rec.snr, now, 1))
+        log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": fcnt, "source": source, "rssi": rec.rssi}})
+
+    def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
+        """A verified frame: claimed fleet-wide (when shared), decoded, its messages batched."""
+        device_id = device.device_id
+        if self.shared is not None and not claimed:
+            dig = digest(frame).hex()
+            verdict = self.shared.claim(device, fcnt, dig, self.cfg.redis.dedup_ttl_s)
+            if verdict in ("duplicate", "pending"):  # another gateway heard it first and publishes it
+                self._advance(device, fcnt, batch)
+                self.dedup.remember(device_id, fcnt, frame, now)
+                self._duplicate(device, fcnt, source, rec, now, batch)
+                if verdict == "pending":  # ... unless it dies before its commit
+                    self.standby[(device_id, device.key_epoch, fcnt)] = (device, frame, source, rec, now)
+                return 0
+            if verdict in ("replay", "stale_key"):
+                raise codec.ProtocolError(verdict, "device %s: counter %d, refused by the shared state" % (device.dev, fcnt))
+            if verdict == "ok":
+                self._claims.append((device, fcnt, dig))
+        self._advance(device, fcnt, batch)
         self.dedup.remember(device_id, fcnt, frame, now)
         # decode
         decoded = codec.decode_body(frame, fcnt)
@@ -120,6 +185,51 @@ class Pipeline:
         for entry in decoded["readings"]:
             self._reading(device, entry, entry["fcnt"], rx, now - 60 * entry["age_min"], batch, backlog=True)
         return len(decoded["readings"])
+
+    def _take_over(self, now, batch):
+        """Frames whose claim a peer never confirmed: that peer died between claim and commit;
+        the first gateway that heard the same bytes publishes them instead."""
+        n = 0
+        for key, (device, frame, source, rec, at) in list(self.standby.items()):
+            if now - at < STANDBY_S:
+                continue
+            del self.standby[key]
+            if self.devices.get(device.device_id) is not device:
+                continue  # re-keyed or retired meanwhile
+            dig = digest(frame).hex()
+            if self.shared.take_over(device, key[2], dig):
+                logs.event(log, logging.WARNING, "took over a reading a peer claimed but never stored",
+                           device=device.dev, fcnt=key[2])
+                self._claims.append((device, key[2], dig))
+                n += self._accept(device, frame, key[2], source, rec, at, batch, claimed=True)
+        return n
+
+    def _advance(self, device, fcnt, batch):
+        if fcnt > self.counters.get(device.device_id, -1):
+            self.counters[device.device_id] = fcnt
+            batch.counters[device.device_id] = (fcnt, device.key_id)
+
+    def _hold(self, device_id, frame, source, rec, now):
+        held = self.held.get(device_id)
+        if held is None:
+            held = self.held[device_id] = deque(maxlen=HELD_PER_DEVICE)
+        held.append((frame, source, rec, now))
+
+    def _recover(self, device, anchor, floor, now, batch):
+        """Frames held before a resynchronising hello: each verified with the counter below the
+        hello's that its 16 bits name (one tag check, as for any frame), above the counter this
+        gateway had accepted before, and claimed like any frame. Returns readings accepted."""
+        n = 0
+        for frame, source, rec, at in self.held.pop(device.device_id):
+            if now - at > HELD_MAX_AGE_S:
+                continue
+            try:
+                fcnt = codec.verify_before(frame, device.key, anchor, floor)
+                n += self._accept(device, frame, fcnt, source, rec, at, batch)
+            except codec.ProtocolError:
+                continue  # corrupt or forged after all: already counted when it arrived
+            self.metrics.recovered.inc()
+        return n
 
     def _reading(self, device, reading, fcnt, rx, measured_at, batch, backlog):
         """calibrate → events → integrate, for one reading (a frame's or a backlog entry's)."""

@@ -19,6 +19,7 @@ from binlink.gateway.mqtt_publisher import Publisher
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
+from binlink.gateway.shared_state import SharedState
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
@@ -27,8 +28,9 @@ MAX_GROUP = 2000  # receptions per group commit
 class Gateway:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.devices = registry.load(cfg.registry)
         self.metrics = Metrics()
+        self.shared = SharedState(cfg.redis, self.metrics, cfg.gateway_id) if cfg.redis.enabled else None
+        self.devices = self._registry(registry.load(cfg.registry))
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.outbox_path = os.path.join(cfg.state_dir, "gateway.sqlite")
         self.queue = queue.Queue()
@@ -39,6 +41,10 @@ class Gateway:
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
         self._reload = False
+
+    def _registry(self, local):
+        """The file's registry, merged with the fleet's when several gateways share state."""
+        return local if self.shared is None else self.shared.merge(local)
 
     def request_stop(self, *_):
         self.stop_event.set()
@@ -51,7 +57,7 @@ class Gateway:
         registry is reported and the one in use is kept."""
         self._reload = False
         try:
-            devices = registry.load(self.cfg.registry)
+            devices = self._registry(registry.load(self.cfg.registry))
         except config_mod.ConfigError as e:
             for problem in e.problems:
                 logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
@@ -66,7 +72,7 @@ class Gateway:
     def run(self):
         cfg = self.cfg
         box = Outbox(self.outbox_path)
-        pipeline = Pipeline(cfg, self.devices, box, self.metrics)
+        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
@@ -78,11 +84,16 @@ class Gateway:
         for s in self.sources:
             s.start()
         self.notifier.notify("READY=1")
-        last_stats = last_prune = time.monotonic()
+        last_stats = last_prune = last_poll = time.monotonic()
         while not self.stop_event.is_set():
+            if self.shared is not None and time.monotonic() - last_poll >= cfg.redis.registry_poll_s:
+                last_poll = time.monotonic()  # a bin provisioned at another gateway, known here too
+                self._reload = self.shared.registry_changed() or self._reload
             if self._reload:
                 self._reload_registry(pipeline)
             self._process(pipeline, timeout=0.5)
+            if pipeline.standby and self.queue.empty():
+                pipeline.process([])  # peers' pending claims come due even when no radio speaks
             now = time.monotonic()
             self.notifier.notify("WATCHDOG=1")
             if now - last_stats >= cfg.status_interval_s:

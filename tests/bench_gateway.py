@@ -70,7 +70,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10):
             due = t_start + i / steady_fps
             while time.perf_counter() < due:
                 time.sleep(max(0.0, min(0.002, due - time.perf_counter())))
-            sent_at["%06x:%d" % (dev, fcnt)] = time.perf_counter()
+            sent_at["%06x:0:%d" % (dev, fcnt)] = time.perf_counter()
             link.write(f)
         wait_for(lambda: len(sub.on("/event")) >= n_burst + len(steady), timeout=120, what="steady events")
         arrivals = sub.arrivals
