@@ -37,11 +37,11 @@ class Pipeline:
         self.clock = clock
         self.shared = shared  # SharedState or None (one gateway alone)
         self.dedup = Dedup(cfg.dedup_window_s)
+        self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self.set_devices(devices)
-        self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
 
@@ -57,6 +57,9 @@ class Pipeline:
             if device.key_id == key_id:
                 self.counters[dev_id] = last
             else:
+                prev = self.bins.get(device.bin_id)
+                if prev is not None:  # counters restart: the new key's readings are all newer
+                    self.bins[device.bin_id] = (-1,) + tuple(prev[1:])
                 logs.event(log, logging.WARNING, "new key for device: its frame counter starts again",
                            device=device.dev, bin=device.bin_id, last_fcnt=last)
 
@@ -152,11 +155,21 @@ class Pipeline:
         log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": fcnt, "source": source, "rssi": rec.rssi}})
 
     def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
-        """A verified frame: claimed fleet-wide (when shared), decoded, its messages batched."""
+        """A verified frame: decoded, calibrated, claimed fleet-wide (when shared), its messages batched."""
         device_id = device.device_id
+        # decode → calibrate
+        decoded = codec.decode_body(frame, fcnt)
+        if decoded["type"] == "reading":
+            readings = [(self._calibrated(device, decoded), fcnt, 0)]
+        elif decoded["type"] == "backlog":
+            readings = [(self._calibrated(device, e), e["fcnt"], 60 * e["age_min"]) for e in decoded["readings"]]
+        else:
+            readings = []
         if self.shared is not None and not claimed:
             dig = digest(frame).hex()
-            verdict = self.shared.claim(device, fcnt, dig, self.cfg.redis.dedup_ttl_s)
+            newest = max(readings, key=lambda r: r[1]) if readings else None
+            update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
+            verdict, fleet_bin = self.shared.claim(device, fcnt, dig, self.cfg.redis.dedup_ttl_s, update)
             if verdict in ("duplicate", "pending"):  # another gateway heard it first and publishes it
                 self._advance(device, fcnt, batch)
                 self.dedup.remember(device_id, fcnt, frame, now)
@@ -168,23 +181,27 @@ class Pipeline:
                 raise codec.ProtocolError(verdict, "device %s: counter %d, refused by the shared state" % (device.dev, fcnt))
             if verdict == "ok":
                 self._claims.append((device, fcnt, dig))
+                mine = self.bins.get(device.bin_id)
+                if fleet_bin is not None and (mine is None or fleet_bin[0] > mine[0]):
+                    # another gateway published this bin's newer readings: events compare with those
+                    self.bins[device.bin_id] = fleet_bin + (now,)
         self._advance(device, fcnt, batch)
         self.dedup.remember(device_id, fcnt, frame, now)
-        # decode
-        decoded = codec.decode_body(frame, fcnt)
         batch.accepted += 1
         rx = dict(self._rx_base, source=source, rssi=rec.rssi, snr=rec.snr, received_at=now)
-        base = self.cfg.base_topic
         if decoded["type"] == "hello":
-            batch.messages.append(integrate.hello_message(base, device, decoded, rx) + (now,))
+            batch.messages.append(integrate.hello_message(self.cfg.base_topic, device, decoded, rx) + (now,))
             logs.event(log, logging.INFO, "hello", device=device.dev, fw=decoded["fw_version"], reset_cause=decoded["reset_cause"])
             return 0
-        if decoded["type"] == "reading":
-            self._reading(device, decoded, fcnt, rx, now, batch, backlog=False)
-            return 1
-        for entry in decoded["readings"]:
-            self._reading(device, entry, entry["fcnt"], rx, now - 60 * entry["age_min"], batch, backlog=True)
-        return len(decoded["readings"])
+        for (reading, fill), reading_fcnt, age_s in readings:
+            self._reading(device, reading, fill, reading_fcnt, rx, now - age_s, batch, backlog=decoded["type"] == "backlog")
+        return len(readings)
+
+    def _calibrated(self, device, reading):
+        """(reading with the gateway's low-battery flag, fill %)."""
+        if reading["battery_mv"] < self.cfg.events.low_battery_mv and "low_battery" not in reading["flags"]:
+            reading = dict(reading, flags=reading["flags"] + ["low_battery"])
+        return reading, calibration.fill_pct(device, reading)
 
     def _take_over(self, now, batch):
         """Frames whose claim a peer never confirmed: that peer died between claim and commit;
@@ -231,13 +248,10 @@ class Pipeline:
             self.metrics.recovered.inc()
         return n
 
-    def _reading(self, device, reading, fcnt, rx, measured_at, batch, backlog):
-        """calibrate → events → integrate, for one reading (a frame's or a backlog entry's)."""
+    def _reading(self, device, reading, fill, fcnt, rx, measured_at, batch, backlog):
+        """events → integrate, for one calibrated reading (a frame's or a backlog entry's)."""
         base = self.cfg.base_topic
         now = rx["received_at"]
-        if reading["battery_mv"] < self.cfg.events.low_battery_mv and "low_battery" not in reading["flags"]:
-            reading = dict(reading, flags=reading["flags"] + ["low_battery"])
-        fill = calibration.fill_pct(device, reading)
         fields = integrate.reading_fields(device, reading, fill, fcnt, rx, measured_at)
         batch.messages.append(integrate.event_message(base, device, fields, "uplink", backlog) + (now,))
         prev = self.bins.get(device.bin_id)

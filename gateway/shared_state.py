@@ -7,6 +7,8 @@ Cluster they share one slot and the claim script touches one slot only:
 
   <prefix>:{<device>}:ctr                hash  epoch, key_id, fcnt: the last counter the fleet accepted
   <prefix>:{<device>}:seen:<epoch>:<fcnt> string digest of the frame, SET NX with a TTL: the claim
+  <prefix>:{<device>}:bin                hash  epoch, fcnt, fill, flags of the bin's newest reading: events
+                                               (emptied, full) compare with the fleet's last reading
   <prefix>:{<device>}:device             hash  the registry entry (holds the key: protect Redis by ACL/TLS)
   <prefix>:devices / :retired / :ids     set / hash / set: registry index, retired ids, ids ever claimed
   <prefix>:registry:version              integer raised on every registry change: gateways poll it
@@ -25,7 +27,9 @@ from binlink.gateway.registry import Device, Registry
 log = logs.get("shared")
 RETRY_S = 2.0  # how often a gateway working on local state tries Redis again
 
-# A frame's claim, atomically in the bin's slot. ARGV: epoch, key_id, fcnt, digest, ttl, gateway.
+# A frame's claim, atomically in the bin's slot. ARGV: epoch, key_id, fcnt, digest, ttl, gateway,
+# and the frame's newest reading (fcnt, fill or '', flags; '' '' '' for a hello), which becomes the
+# bin's state if newer: the claim returns the state before it, for the events (emptied, full).
 # The claim holds "<digest>:p:<gateway>" (pending) until the claimer's outbox holds the reading,
 # then "<digest>:c" (confirm). ok: this gateway publishes it; pending / duplicate: another gateway
 # claimed these very bytes (pending: not yet on its disk); replay: a counter the fleet already
@@ -48,7 +52,16 @@ if cur[1] then
 end
 redis.call('SET', KEYS[2], ARGV[4] .. ':p:' .. ARGV[6], 'NX', 'EX', ARGV[5])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'key_id', ARGV[2], 'fcnt', ARGV[3])
-return 'ok'
+local bin = redis.call('HMGET', KEYS[3], 'epoch', 'fcnt', 'fill', 'flags')
+if ARGV[7] ~= '' then
+  local newer = not bin[1] or epoch > tonumber(bin[1]) or (epoch == tonumber(bin[1]) and tonumber(ARGV[7]) > tonumber(bin[2]))
+  if newer then
+    local fill = ARGV[8]
+    if fill == '' and bin[1] and epoch == tonumber(bin[1]) then fill = bin[3] or '' end
+    redis.call('HSET', KEYS[3], 'epoch', ARGV[1], 'fcnt', ARGV[7], 'fill', fill, 'flags', ARGV[9])
+  end
+end
+return {'ok', bin[1], bin[2], bin[3], bin[4]}
 """
 
 # A claim still pending after its claimer had time to commit: that gateway died in between
@@ -173,19 +186,29 @@ class SharedState:
     def _seen(self, device, fcnt):
         return self._k(device.device_id, "seen:%d:%d" % (device.key_epoch, fcnt))
 
-    def claim(self, device, fcnt, digest, ttl_s):
-        """'ok', 'pending', 'duplicate', 'replay', 'stale_key'; 'local' when Redis is away (the
-        caller decides on its own state, and the counter is pushed on reconciliation)."""
+    def claim(self, device, fcnt, digest, ttl_s, newest=None):
+        """(verdict, bin state) — verdict 'ok', 'pending', 'duplicate', 'replay', 'stale_key', or
+        'local' when Redis is away (the caller decides on its own state, and the counter is pushed
+        on reconciliation); bin state (fcnt, fill, flags) of the fleet's newest reading of this bin
+        under this key, with 'ok', else None."""
         if self.check():
             try:
-                return self._claim(keys=[self._k(device.device_id, "ctr"), self._seen(device, fcnt)],
-                                   args=[device.key_epoch, device.key_id, fcnt, digest, int(ttl_s), self.gateway_id])
+                out = self._claim(keys=[self._k(device.device_id, "ctr"), self._seen(device, fcnt), self._k(device.device_id, "bin")],
+                                  args=[device.key_epoch, device.key_id, fcnt, digest, int(ttl_s), self.gateway_id]
+                                  + (["", "", ""] if newest is None else [newest[0], "" if newest[1] is None else newest[1], newest[2]]))
             except redis.RedisError as e:
                 self._down(e)
+            else:
+                if isinstance(out, str):
+                    return out, None
+                epoch, bin_fcnt, fill, flags = out[1:]
+                if epoch is None or int(epoch) != device.key_epoch:
+                    return "ok", None
+                return "ok", (int(bin_fcnt), float(fill) if fill else None, int(flags))
         prev = self.dirty.get(device.device_id)
         if prev is None or (device.key_epoch, fcnt) > (prev[0], prev[2]):
             self.dirty[device.device_id] = (device.key_epoch, device.key_id, fcnt)
-        return "local"
+        return "local", None
 
     def confirm(self, claims):
         """After the group commit: these claims' readings are on this gateway's disk."""
