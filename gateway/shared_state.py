@@ -318,7 +318,7 @@ class SharedState:
         except redis.RedisError as e:
             self._down(e)
             return local
-        merged = Registry(local, dict(local.retired, **shared.retired))
+        merged = Registry(local, {**local.retired, **shared.retired})
         for dev, d in shared.items():
             if dev not in merged or merged[dev].key_epoch < d.key_epoch:
                 merged[dev] = d

@@ -321,3 +321,30 @@ def test_retire_clears_retained_state_and_discovery(tmp_path, broker, subscriber
         assert "c3" in r.stdout and "retired" in r.stdout
     finally:
         site.close()
+
+
+def test_shared_registry_newer_key_and_retirement_win(redis_server, tmp_path):
+    """Two gateways' registry files, merged through Redis: a newer key epoch wins, a retirement
+    wins for good, a bin added at one gateway appears at the other; Redis down: the file alone."""
+    from binlink.gateway import registry
+    from binlink.gateway.config import Redis
+    from binlink.gateway.metrics import Metrics
+    from binlink.gateway.shared_state import SharedState
+
+    a, b = str(tmp_path / "a.toml"), str(tmp_path / "b.toml")
+    for path in (a, b):
+        for dev, bin_id, key, depth, full in DEVICES:
+            registry.add(path, dev, bin_id, key, depth, full)
+    registry.rekey(a, "bin-a")
+    registry.retire(a, "bin-c")
+    new = registry.provision(a, "bin-d", 900, 100)
+    shared = SharedState(Redis(url=redis_server.url), Metrics(), "gw-a")
+    merged_a = shared.merge(registry.load(a))
+    merged_b = SharedState(Redis(url=redis_server.url), Metrics(), "gw-b").merge(registry.load(b))
+    assert merged_b[DEV_A].key_epoch == 1 and merged_b[DEV_A].key == merged_a[DEV_A].key != KEY
+    assert DEV_C not in merged_b and DEV_C in merged_b.retired
+    assert merged_b[new.device_id].bin_id == "bin-d"
+    assert not shared.claim_id(new.device_id) and not shared.claim_id(DEV_C)  # ids the fleet holds
+    redis_server.kill()
+    alone = SharedState(Redis(url=redis_server.url, timeout_s=0.2), Metrics(), "gw-b")
+    assert not alone.up and alone.merge(registry.load(b))[DEV_A].key == KEY
