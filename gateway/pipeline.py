@@ -22,6 +22,7 @@ log = logs.get("pipeline")
 HELD_PER_DEVICE = 64  # frames kept per bin until its next hello: a day of reports at the shortest interval
 HELD_MAX_AGE_S = 2 * 86400  # the hello comes daily; older frames are not waited for
 STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
+SEARCH_EVERY_S = 60.0  # a counter search costs up to 65 536 HMACs (~0.3 s): at most this often per bin
 
 
 def clock_synced():
@@ -39,6 +40,7 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
+        self._searched = {}  # device_id -> when its counter was last searched for
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self.set_devices(devices)
@@ -118,7 +120,9 @@ class Pipeline:
                 self._duplicate(device, e.fcnt, source, rec, now, batch)
                 return 0
             if e.reason in ("bad_tag", "fcnt_gap"):  # perhaps a counter this gateway lost track of
-                self._hold(device_id, frame, source, rec, now)
+                recovered = self._hold(device, frame, source, rec, now, batch)
+                if recovered is not None:
+                    return recovered
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
         floor = self.counters.get(device_id)  # the fleet's, when it knew more than this gateway
         n = self._accept(device, frame, fcnt, source, rec, now, batch)
@@ -226,11 +230,24 @@ class Pipeline:
             self.counters[device.device_id] = fcnt
             batch.counters[device.device_id] = (fcnt, device.key_id)
 
-    def _hold(self, device_id, frame, source, rec, now):
-        held = self.held.get(device_id)
+    def _hold(self, device, frame, source, rec, now, batch):
+        """Keeps a frame no counter known here verifies, until a hello names the bin's counter or
+        two held frames reveal it (codec.search_counter). Returns readings recovered, or None."""
+        held = self.held.get(device.device_id)
         if held is None:
-            held = self.held[device_id] = deque(maxlen=HELD_PER_DEVICE)
+            held = self.held[device.device_id] = deque(maxlen=HELD_PER_DEVICE)
         held.append((frame, source, rec, now))
+        if len(held) < 2 or codec.explicit_fcnt(frame) is not None or now - self._searched.get(device.device_id, -1e9) < SEARCH_EVERY_S:
+            return None
+        self._searched[device.device_id] = now
+        floor = self.counters.get(device.device_id)
+        try:
+            fcnt = codec.search_counter(frame, [h[0] for h in list(held)[-2::-1][:4]], device.key, floor)
+        except codec.ProtocolError:
+            return None
+        self.metrics.resynced.inc()
+        logs.event(log, logging.INFO, "counter resynchronised from two frames", device=device.dev, fcnt=fcnt, last_fcnt=floor)
+        return self._recover(device, fcnt + 1, floor, now, batch)
 
     def _recover(self, device, anchor, floor, now, batch):
         """Frames held before a resynchronising hello: each verified with the counter below the

@@ -27,7 +27,39 @@ def add_parser(sub):
     p.add_argument("--embedded", default="auto", choices=["auto", "mosquitto", "amqtt"],
                    help="embedded broker: Mosquitto where installed, else amqtt (auto)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gateways", type=int, default=1,
+                   help="gateways around the town sharing state through a real redis-server (needs it installed)")
     p.set_defaults(func=cmd_demo)
+
+
+def _sites(n):
+    """n gateway sites on a 900 m circle round the centre, each with its own extra loss (x, y, dB):
+    with an urban channel some bins are heard by one gateway, some by several, a few by none."""
+    import math
+
+    return [(900 * math.cos(math.pi / 2 + 2 * math.pi * i / n), 900 * math.sin(math.pi / 2 + 2 * math.pi * i / n),
+             3.0 * (i % 3)) for i in range(n)]
+
+
+URBAN = {"path_loss_exp": 3.8, "shadowing_db": 8.0}
+
+
+def _start_redis(work):
+    """(process, url) of a real redis-server on a free port, or (None, why not)."""
+    from binlink.sim import broker as brokers
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None, "redis-server is not installed (Debian: apt install redis-server)"
+    port = brokers.free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        brokers.wait_port(port, timeout=10, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        proc.kill()
+        return None, "redis-server did not start: %s" % e
+    return proc, "redis://127.0.0.1:%d/0" % port
 
 
 class View:
@@ -108,9 +140,9 @@ def cmd_demo(args):
     console = Console()
     work = tempfile.mkdtemp(prefix="binlink-demo-")
     broker = None
-    gateway = None
     view = None
     fleet = None
+    redis_proc, redis_url, gateways = None, "", []  # gateways: (process, metrics port)
     try:
         if args.broker:
             host, _, port = args.broker.rpartition(":")
@@ -121,22 +153,40 @@ def cmd_demo(args):
             console.print("==> starting an embedded MQTT broker (%s) on 127.0.0.1:%d" % (type(broker).__name__, broker.port))
             broker.start()
             host, port = "127.0.0.1", broker.port
-        link = os.path.join(work, "radio0")
+        n_gw = max(1, args.gateways)
+        if n_gw > 1:
+            redis_proc, redis_url = _start_redis(work)
+            if redis_proc is None:
+                console.print("==> running ONE gateway, not %d: %s" % (n_gw, redis_url))
+                n_gw, redis_url = 1, ""
+            else:
+                console.print("==> %d gateways sharing counters, dedup and the registry through redis-server at %s"
+                              % (n_gw, redis_url))
+        links = [os.path.join(work, "radio%d" % i) for i in range(n_gw)]
         registry = os.path.join(work, "devices.toml")
-        console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, link))
-        fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=[link], registry_path=registry, speed=args.speed)
-        metrics_port = brokers.free_port()
-        config = os.path.join(work, "gateway.toml")
-        with open(config, "w") as f:
-            f.write('[gateway]\nid = "demo"\nsite = "demo"\nregistry = "%s"\nstate_dir = "%s"\nstatus_interval_s = 10\n'
-                    '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
-                    '[metrics]\nlisten = "127.0.0.1:%d"\n' % (registry, os.path.join(work, "state"), link, args.format,
-                                                              host, port, metrics_port))
-        console.print("==> starting the gateway (log: %s)" % os.path.join(work, "gateway.log"))
-        log = open(os.path.join(work, "gateway.log"), "ab")
-        gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
-                                   stdout=log, stderr=subprocess.STDOUT)
-        brokers.wait_port(metrics_port, timeout=30, proc=gateway)
+        console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, ", ".join(links)))
+        fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=links, registry_path=registry, speed=args.speed,
+                      **({"sites": _sites(n_gw), "channel": URBAN} if n_gw > 1 else {}))
+        if n_gw > 1:
+            heard = [len(v) for v in fleet.coverage().values()]
+            console.print("==> coverage: " + ", ".join("%d bins heard by %d gateway%s" % (heard.count(k), k, "" if k == 1 else "s")
+                                                       for k in range(n_gw + 1) if heard.count(k)))
+        for i, link in enumerate(links):
+            metrics_port = brokers.free_port()
+            config = os.path.join(work, "gateway%d.toml" % i)
+            with open(config, "w") as f:
+                f.write('[gateway]\nid = "demo%s"\nsite = "demo"\nregistry = "%s"\nstate_dir = "%s"\nstatus_interval_s = 10\n'
+                        '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
+                        '[metrics]\nlisten = "127.0.0.1:%d"\n' % (i or "", registry, os.path.join(work, "state%d" % i), link,
+                                                                  args.format, host, port, metrics_port))
+                if redis_url:
+                    f.write('[redis]\nurl = "%s"\n' % redis_url)
+            console.print("==> starting gateway %d (log: %s)" % (i, os.path.join(work, "gateway%d.log" % i)))
+            log = open(os.path.join(work, "gateway%d.log" % i), "ab")
+            gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
+                                       stdout=log, stderr=subprocess.STDOUT)
+            gateways.append((gateway, metrics_port))
+            brokers.wait_port(metrics_port, timeout=30, proc=gateway)
         view = View(host, port, "binlink/demo")
         runner = threading.Thread(target=fleet.run, args=(10 * 365 * 86400.0,), daemon=True)
         runner.start()
@@ -151,20 +201,23 @@ def cmd_demo(args):
         console.print("==> stopping the fleet; waiting for the gateway to publish everything it accepted")
         fleet.stop()
         runner.join(10)
-        fleet.links[0].wait_drained(10)
+        for link in fleet.links:
+            link.wait_drained(10)
         end = time.monotonic() + 30
         accepted = -1
         while time.monotonic() < end:  # settled: nothing new accepted, outbox empty, view has it all
-            now_accepted = _metric(metrics_port, "binlink_readings_accepted_total")
-            depth = _metric(metrics_port, "binlink_outbox_depth")
+            now_accepted = sum(_metric(p, "binlink_readings_accepted_total") for _, p in gateways)
+            depth = sum(_metric(p, "binlink_outbox_depth") for _, p in gateways)
             with view.lock:
                 seen = len(view.uplinks)
             if now_accepted == accepted and depth == 0 and seen >= accepted:
                 break
             accepted = now_accepted
             time.sleep(0.5)
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(30)
+        for g, _ in gateways:
+            g.send_signal(signal.SIGTERM)
+        for g, _ in gateways:
+            g.wait(30)
         time.sleep(0.3)
         with view.lock:
             published = len(view.uplinks)
@@ -175,8 +228,11 @@ def cmd_demo(args):
     finally:
         if view is not None:
             view.close()
-        if gateway is not None and gateway.poll() is None:
-            gateway.kill()
+        for g, _ in gateways:
+            if g.poll() is None:
+                g.kill()
+        if redis_proc is not None:
+            redis_proc.kill()
         if fleet is not None:
             fleet.close()
         if broker is not None:

@@ -205,24 +205,30 @@ def hello(dev, fcnt, key=None):
 
 
 def test_gateway_added_later_resynchronises_old_bins_alone(tmp_path, broker, subscriber):
-    """No Redis: a new gateway meets bin-a with its counter past 65 536. Its reports fail until the
-    daily hello names the full counter; then they are verified and published, none lost."""
+    """No Redis: a new gateway meets bins whose counters are past 65 536. bin-a: its first report
+    is held, the second reveals the counter (two tags must verify), both are published. bin-b: one
+    report held, then the hello names the full counter; the held report is published too."""
     site = Site(tmp_path, broker, None, 1)
+    gw = site.gws[0]
     try:
         base = 70000
-        for n in range(base, base + 3):
-            site.hear(reading(DEV_A, n), [0])
-        wait_for(lambda: site.gws[0].metric("binlink_frames_rejected_total", reason="bad_tag") == 3, what="held")
+        site.hear(reading(DEV_A, base), [0])
+        wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="bad_tag") == 1, what="first report held")
         assert uplink_ids(subscriber) == []
-        site.hear(hello(DEV_A, base + 3), [0])
-        site.hear(reading(DEV_A, base + 4), [0])
-        want = ["0000a1:0:%d" % n for n in (base, base + 1, base + 2, base + 4)]
-        wait_for(lambda: sorted(uplink_ids(subscriber)) == want, what="held readings recovered")
-        assert site.gws[0].metric("binlink_frames_recovered_total") == 3
-        assert site.gws[0].metric("binlink_counter_resyncs_total") == 1
-        site.hear(reading(DEV_A, base + 2), [0])  # a recovered frame again: the same bytes, not published again
-        wait_for(lambda: site.gws[0].metric("binlink_duplicates_total") == 1, what="copy recognised")
-        time.sleep(0.5)
+        site.hear(reading(DEV_A, base + 1), [0])
+        wait_for(lambda: sorted(uplink_ids(subscriber)) == ["0000a1:0:70000", "0000a1:0:70001"], what="resync after 1 report")
+        site.hear(reading(DEV_A, base + 2), [0])
+        wait_for(lambda: "0000a1:0:70002" in uplink_ids(subscriber), what="then as usual")
+        site.hear(reading(DEV_B, 0x30000), [0])
+        wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="bad_tag") == 2, what="bin-b report held")
+        site.hear(hello(DEV_B, 0x30001), [0])
+        wait_for(lambda: "0000b2:0:%d" % 0x30000 in uplink_ids(subscriber), what="held report published after the hello")
+        assert gw.metric("binlink_frames_recovered_total") == 3
+        assert gw.metric("binlink_counter_resyncs_total") == 2
+        site.hear(reading(DEV_A, base + 1), [0])  # a recovered frame again: the same bytes, not published again
+        wait_for(lambda: gw.metric("binlink_duplicates_total") == 1, what="copy recognised")
+        site.hear(reading(DEV_A, base - 5), [0])  # older than the resynchronised counter: never published
+        time.sleep(1.0)
         assert len(uplink_ids(subscriber)) == 4
     finally:
         site.close()
