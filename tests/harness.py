@@ -164,13 +164,16 @@ class RedisServer:
     """A real redis-server on a free loopback port, no persistence; killable and restartable on
     the same port (gateways reconnect to it)."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, conf_lines=()):
         self.port = free_port()
         self.tmp = str(tmp)
+        self.conf = os.path.join(self.tmp, "redis-%d.conf" % self.port)
+        with open(self.conf, "w") as f:  # e.g. ACL `user ...` lines, as docs/gateway.md sets them up
+            f.write("".join(line + "\n" for line in conf_lines))
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        self.proc = subprocess.Popen(["redis-server", self.conf, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", self.tmp], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_port(self.port, timeout=10, proc=self.proc)

@@ -44,10 +44,11 @@ class Site:
         for i in range(n):
             self.add(ttl_s, devices)
 
-    def add(self, ttl_s=3600, devices=DEVICES, start=True):
+    def add(self, ttl_s=3600, devices=DEVICES, start=True, extra=None):
         i = len(self.gws)
         link = PtyLink(str(self.tmp / ("radio-gw%d" % i)))
-        extra = self.redis.config(ttl_s) if self.redis else ""
+        if extra is None:
+            extra = self.redis.config(ttl_s) if self.redis else ""
         gw = GatewayProcess(self.tmp / ("gw%d" % i), self.broker.port, [("radio0", link.link, "raw")], devices=devices,
                             gateway_id="gw%d" % i, extra=extra)
         self.links.append(link)
@@ -354,3 +355,33 @@ def test_shared_registry_newer_key_and_retirement_win(redis_server, tmp_path):
     redis_server.kill()
     alone = SharedState(Redis(url=redis_server.url, timeout_s=0.2), Metrics(), "gw-b")
     assert not alone.up and alone.merge(registry.load(b))[DEV_A].key == KEY
+
+
+def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscriber):
+    """Redis with the default user off and an ACL user limited to binlink's keys and commands (the
+    lines docs/gateway.md gives); two gateways log in with a password file; nothing secret is logged."""
+    password = "test-password-5f1e"  # TEST PASSWORD
+    acl = ["user default off",
+           "user binlink on >%s ~binlink:* resetchannels -@all +@read +@write +@scripting +ping +info" % password]
+    server = RedisServer(tmp_path, acl).start()
+    pw_file = tmp_path / "redis.password"
+    pw_file.write_text(password + "\n")
+    site = Site(tmp_path, broker, None, 0)
+    try:
+        conf = '[redis]\nurl = "%s"\nusername = "binlink"\npassword_file = "%s"\n' % (server.url, pw_file)
+        for i in range(2):
+            site.add(extra=conf)
+        for n in range(1, 6):
+            site.hear(reading(DEV_A, n), (0, 1))
+        wait_for(lambda: len(uplink_ids(subscriber)) == 5, what="5 readings")
+        time.sleep(0.5)
+        assert len(uplink_ids(subscriber)) == 5 and site.total("binlink_duplicates_total") == 5
+        for g in site.gws:
+            assert g.metric("binlink_shared_state_up") == 1
+            out = g.output()
+            assert password not in out and KEY.hex() not in out and KEY2.hex() not in out
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=server.port).ping()  # the default user is off
+    finally:
+        site.close()
+        server.stop()
