@@ -107,6 +107,7 @@ class GatewayProcess:
     def __init__(self, tmp, broker_port, sources, devices=None, mqtt_extra="", mqtt_host="127.0.0.1", gateway_id="gw-test",
                  extra=""):
         self.tmp = str(tmp)
+        self.gateway_id = gateway_id
         os.makedirs(self.tmp, exist_ok=True)
         self.registry = os.path.join(self.tmp, "devices.toml")
         if devices is not None:

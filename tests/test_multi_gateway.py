@@ -178,6 +178,8 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
             wait_for(lambda: g.metric("binlink_frames_accepted_total") == b + 10, what="accepted without redis")
             assert g.metric("binlink_shared_state_up") == 0
             assert "shared state unavailable" in g.output()
+            wait_for(lambda: [s for s in subscriber.json("gateway/%s/stats" % g.gateway_id)
+                              if s.get("binlink_shared_state_up") == 0], what="stats topic says so")
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(11, 21)}, what="outage readings")
         # during the outage a reading heard by two gateways may be published twice, under one id
         assert len(uplink_ids(subscriber)) <= 10 + 2 * 10
@@ -199,6 +201,40 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
         assert len(later) == 10
     finally:
         site.close()
+
+
+def test_topology_a_bin_is_heard_by_one_two_or_no_gateway(tmp_path):
+    """The simulator's sites and per-link shadowing: coverage varies by bin, and what a gateway's
+    radio receives is what its links allow (a bin heard by none reaches no pty)."""
+    from binlink.sim.fleet import Fleet
+    from binlink.sim.demo import URBAN, _sites
+
+    links = [str(tmp_path / ("r%d" % i)) for i in range(3)]
+    fleet = Fleet(40, seed=3, links=links, sites=_sites(3), channel=URBAN, wake_s=900, report_s=900)
+    try:
+        coverage = fleet.coverage()
+        counts = collections.Counter(len(v) for v in coverage.values())
+        assert counts[0] and counts[1] and counts[2] + counts[3], counts
+        fleet.channel.fading_db = 0.0  # the typical day exactly: only the links' own losses
+        fleet.channel.loss = fleet.channel.bit_errors = fleet.channel.duplicates = 0.0
+        fleet.run(2 * 3600)
+        assert fleet.channel.stats["lost_range"] >= counts[0]  # the unheard bins' frames reached no one
+        delivered = fleet.channel.stats["delivered"]
+        heard = sum(1 for d in fleet.devices if coverage[d.bin_id])
+        assert 0 < delivered < fleet.frames_sent and heard < len(fleet.devices)
+    finally:
+        fleet.close()
+
+
+def test_demo_with_three_gateways(tmp_path):
+    r = subprocess.run([BINLINK, "demo", "--gateways", "3", "--bins", "12", "--seconds", "6", "--speed", "1800"],
+                       capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-2000:]
+    assert "3 gateways sharing counters" in out and "bins heard by" in out
+    assert "bins=12" in out
+    if shutil.which("redis-server"):
+        assert "running ONE gateway" not in out
 
 
 def hello(dev, fcnt, key=None):
