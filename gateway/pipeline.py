@@ -23,6 +23,7 @@ HELD_PER_DEVICE = 64  # frames kept per bin until its next hello: a day of repor
 HELD_MAX_AGE_S = 2 * 86400  # the hello comes daily; older frames are not waited for
 STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
 SEARCH_EVERY_S = 60.0  # a counter search costs up to 65 536 HMACs (~0.3 s): at most this often per bin
+SEARCH_GAP_S = 5.0  # ... and this often across all bins: forged frames naming many bins cannot eat the CPU
 
 
 def clock_synced():
@@ -40,7 +41,7 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
-        self._searched = {}  # device_id -> when its counter was last searched for
+        self._searched = {}  # device_id -> when its counter was last searched for (None: any bin)
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self.set_devices(devices)
@@ -237,9 +238,11 @@ class Pipeline:
         if held is None:
             held = self.held[device.device_id] = deque(maxlen=HELD_PER_DEVICE)
         held.append((frame, source, rec, now))
-        if len(held) < 2 or codec.explicit_fcnt(frame) is not None or now - self._searched.get(device.device_id, -1e9) < SEARCH_EVERY_S:
-            return None
-        self._searched[device.device_id] = now
+        if (len(held) < 2 or codec.explicit_fcnt(frame) is not None
+                or now - self._searched.get(device.device_id, -1e9) < SEARCH_EVERY_S
+                or now - self._searched.get(None, -1e9) < SEARCH_GAP_S):
+            return None  # the held frames wait for the next chance or the bin's hello
+        self._searched[device.device_id] = self._searched[None] = now
         floor = self.counters.get(device.device_id)
         try:
             fcnt = codec.search_counter(frame, [h[0] for h in list(held)[-2::-1][:4]], device.key, floor)
