@@ -44,6 +44,7 @@ class Pipeline:
         self._searched = {}  # device_id -> when its counter was last searched for (None: any bin)
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
+        self._to_claim = []  # verified frames of this group, claimed together in one round trip
         self.set_devices(devices)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
@@ -80,6 +81,8 @@ class Pipeline:
                 readings += self._one(source, rec, now, batch)
             except codec.ProtocolError as e:
                 self._reject(e.reason, source, e.detail)
+        if self._to_claim:
+            readings += self._claim_group(batch)
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
@@ -126,6 +129,12 @@ class Pipeline:
                     return recovered
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
         floor = self.counters.get(device_id)  # the fleet's, when it knew more than this gateway
+        if self.shared is not None and codec.explicit_fcnt(frame) is None:
+            # claimed with the rest of the group; as of now a second copy in this group is a duplicate
+            self._advance(device, fcnt, batch)
+            self.dedup.remember(device_id, fcnt, frame, now)
+            self._to_claim.append((device, frame, fcnt, source, rec, now, self._prepare(device, frame, fcnt)))
+            return 0
         n = self._accept(device, frame, fcnt, source, rec, now, batch)
         if codec.explicit_fcnt(frame) is not None:
             if floor is None or fcnt - floor > codec.MAX_FCNT_GAP:
@@ -159,10 +168,20 @@ class Pipeline:
         batch.receptions.append((device.device_id, fcnt, source, rec.rssi, rec.snr, now, 1))
         log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": fcnt, "source": source, "rssi": rec.rssi}})
 
-    def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
-        """A verified frame: decoded, calibrated, claimed fleet-wide (when shared), its messages batched."""
-        device_id = device.device_id
-        # decode → calibrate
+    def _claim_group(self, batch):
+        queued, self._to_claim = self._to_claim, []
+        verdicts = self.shared.claim_many([(q[0], q[2], q[6][2], q[6][3]) for q in queued], self.cfg.redis.dedup_ttl_s)
+        n = 0
+        for (device, frame, fcnt, source, rec, now, prepared), verdict in zip(queued, verdicts):
+            try:
+                n += self._settle(device, frame, fcnt, source, rec, now, batch, prepared, verdict)
+            except codec.ProtocolError as e:
+                self._reject(e.reason, source, e.detail)
+        return n
+
+    def _prepare(self, device, frame, fcnt):
+        """decode → calibrate: (decoded, [((reading, fill), fcnt, age s)], digest hex, newest reading
+        for the fleet's bin state (fcnt, fill, flag bits) or None)."""
         decoded = codec.decode_body(frame, fcnt)
         if decoded["type"] == "reading":
             readings = [(self._calibrated(device, decoded), fcnt, 0)]
@@ -170,26 +189,39 @@ class Pipeline:
             readings = [(self._calibrated(device, e), e["fcnt"], 60 * e["age_min"]) for e in decoded["readings"]]
         else:
             readings = []
-        if self.shared is not None and not claimed:
-            dig = digest(frame).hex()
-            newest = max(readings, key=lambda r: r[1]) if readings else None
-            update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
-            verdict, fleet_bin = self.shared.claim(device, fcnt, dig, self.cfg.redis.dedup_ttl_s, update)
-            if verdict in ("duplicate", "pending"):  # another gateway heard it first and publishes it
-                self._advance(device, fcnt, batch)
-                self.dedup.remember(device_id, fcnt, frame, now)
-                self._duplicate(device, fcnt, source, rec, now, batch)
-                if verdict == "pending":  # ... unless it dies before its commit
-                    self.standby[(device_id, device.key_epoch, fcnt)] = (device, frame, source, rec, now)
-                return 0
-            if verdict in ("replay", "stale_key"):
-                raise codec.ProtocolError(verdict, "device %s: counter %d, refused by the shared state" % (device.dev, fcnt))
-            if verdict == "ok":
-                self._claims.append((device, fcnt, dig))
-                mine = self.bins.get(device.bin_id)
-                if fleet_bin is not None and (mine is None or fleet_bin[0] > mine[0]):
-                    # another gateway published this bin's newer readings: events compare with those
-                    self.bins[device.bin_id] = fleet_bin + (now,)
+        newest = max(readings, key=lambda r: r[1]) if readings else None
+        update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
+        return decoded, readings, digest(frame).hex(), update
+
+    def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
+        """A verified frame: decoded, calibrated, claimed fleet-wide (when shared), its messages batched."""
+        prepared = self._prepare(device, frame, fcnt)
+        if self.shared is None or claimed:
+            verdict = ("claimed", None)  # one gateway alone, or a claim this gateway already holds
+        else:
+            verdict = self.shared.claim(device, fcnt, prepared[2], self.cfg.redis.dedup_ttl_s, prepared[3])
+        return self._settle(device, frame, fcnt, source, rec, now, batch, prepared, verdict)
+
+    def _settle(self, device, frame, fcnt, source, rec, now, batch, prepared, verdict):
+        """What the claim decided: another gateway publishes it, a replay, or this gateway's messages."""
+        device_id = device.device_id
+        decoded, readings, dig, _ = prepared
+        verdict, fleet_bin = verdict
+        if verdict in ("duplicate", "pending"):  # another gateway heard it first and publishes it
+            self._advance(device, fcnt, batch)
+            self.dedup.remember(device_id, fcnt, frame, now)
+            self._duplicate(device, fcnt, source, rec, now, batch)
+            if verdict == "pending":  # ... unless it dies before its commit
+                self.standby[(device_id, device.key_epoch, fcnt)] = (device, frame, source, rec, now)
+            return 0
+        if verdict in ("replay", "stale_key"):
+            raise codec.ProtocolError(verdict, "device %s: counter %d, refused by the shared state" % (device.dev, fcnt))
+        if verdict == "ok" and self.shared is not None:
+            self._claims.append((device, fcnt, dig))
+            mine = self.bins.get(device.bin_id)
+            if fleet_bin is not None and (mine is None or fleet_bin[0] > mine[0]):
+                # another gateway published this bin's newer readings: events compare with those
+                self.bins[device.bin_id] = fleet_bin + (now,)
         self._advance(device, fcnt, batch)
         self.dedup.remember(device_id, fcnt, frame, now)
         batch.accepted += 1

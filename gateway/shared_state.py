@@ -191,24 +191,35 @@ class SharedState:
         'local' when Redis is away (the caller decides on its own state, and the counter is pushed
         on reconciliation); bin state (fcnt, fill, flags) of the fleet's newest reading of this bin
         under this key, with 'ok', else None."""
+        return self.claim_many([(device, fcnt, digest, newest)], ttl_s)[0]
+
+    def claim_many(self, frames, ttl_s):
+        """claim() for (device, fcnt, digest, newest) each, in one round trip, in order."""
         if self.check():
             try:
-                out = self._claim(keys=[self._k(device.device_id, "ctr"), self._seen(device, fcnt), self._k(device.device_id, "bin")],
-                                  args=[device.key_epoch, device.key_id, fcnt, digest, int(ttl_s), self.gateway_id]
-                                  + (["", "", ""] if newest is None else [newest[0], "" if newest[1] is None else newest[1], newest[2]]))
+                with self.r.pipeline(transaction=False) as p:
+                    for device, fcnt, digest, newest in frames:
+                        self._claim(keys=[self._k(device.device_id, "ctr"), self._seen(device, fcnt), self._k(device.device_id, "bin")],
+                                    args=[device.key_epoch, device.key_id, fcnt, digest, int(ttl_s), self.gateway_id]
+                                    + (["", "", ""] if newest is None else [newest[0], "" if newest[1] is None else newest[1], newest[2]]),
+                                    client=p)
+                    return [self._verdict(device, out) for (device, *_), out in zip(frames, p.execute())]
             except redis.RedisError as e:
                 self._down(e)
-            else:
-                if isinstance(out, str):
-                    return out, None
-                epoch, bin_fcnt, fill, flags = out[1:]
-                if epoch is None or int(epoch) != device.key_epoch:
-                    return "ok", None
-                return "ok", (int(bin_fcnt), float(fill) if fill else None, int(flags))
-        prev = self.dirty.get(device.device_id)
-        if prev is None or (device.key_epoch, fcnt) > (prev[0], prev[2]):
-            self.dirty[device.device_id] = (device.key_epoch, device.key_id, fcnt)
-        return "local", None
+        for device, fcnt, _, _ in frames:
+            prev = self.dirty.get(device.device_id)
+            if prev is None or (device.key_epoch, fcnt) > (prev[0], prev[2]):
+                self.dirty[device.device_id] = (device.key_epoch, device.key_id, fcnt)
+        return [("local", None)] * len(frames)
+
+    @staticmethod
+    def _verdict(device, out):
+        if isinstance(out, str):
+            return out, None
+        epoch, bin_fcnt, fill, flags = out[1:]
+        if epoch is None or int(epoch) != device.key_epoch:
+            return "ok", None
+        return "ok", (int(bin_fcnt), float(fill) if fill else None, int(flags))
 
     def confirm(self, claims):
         """After the group commit: these claims' readings are on this gateway's disk."""
