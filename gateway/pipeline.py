@@ -135,7 +135,8 @@ class Pipeline:
             self.dedup.remember(device_id, fcnt, frame, now)
             self._to_claim.append((device, frame, fcnt, source, rec, now, self._prepare(device, frame, fcnt)))
             return 0
-        n = self._accept(device, frame, fcnt, source, rec, now, batch)
+        n = self._claim_group(batch) if self._to_claim else 0  # a hello is claimed in order, after what came before
+        n += self._accept(device, frame, fcnt, source, rec, now, batch)
         if codec.explicit_fcnt(frame) is not None:
             if floor is None or fcnt - floor > codec.MAX_FCNT_GAP:
                 self.metrics.resynced.inc()
@@ -150,8 +151,8 @@ class Pipeline:
         try:
             return codec.verify(frame, device.key, last)
         except codec.ProtocolError as e:
-            if self.shared is None or e.reason not in ("bad_tag", "fcnt_gap", "replay"):
-                raise
+            if self.shared is None or e.reason not in ("bad_tag", "fcnt_gap"):
+                raise  # a replay here is one for the fleet too: its counter is never behind this one
             fleet = self.shared.last(device)
             if fleet is None or (last is not None and fleet <= last):
                 raise e from None

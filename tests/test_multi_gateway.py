@@ -4,6 +4,7 @@ killed and restarted, a gateway added later, a bin re-keyed while frames flow, a
 from one gateway to another."""
 import collections
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -146,8 +147,12 @@ def test_gateway_sigkilled_while_its_peers_go_on(tmp_path, broker, redis_server,
         gateways = collections.defaultdict(set)
         for e in subscriber.events():
             gateways[e["message_id"]].add(e["gateway"])
-        # a reading stored by the killed gateway is published by it after its restart, never by a peer too
-        assert sum(len(g) > 1 for g in gateways.values()) <= 1, "published by two gateways"
+        # A reading stored by the killed gateway is published by it after its restart, not by a peer
+        # too — unless it died between storing and confirming its claim: then the peer took the claim
+        # over (and logged it), and the one reading goes out twice under one message id.
+        taken = set(re.findall(r"took over a reading .* device=(\w+) fcnt=(\d+)", site.gws[1].output()))
+        twice = {mid for mid, g in gateways.items() if len(g) > 1}
+        assert {tuple(mid.split(":")[0::2]) for mid in twice} <= taken, "published by two gateways: %s" % sorted(twice)[:5]
     finally:
         site.close()
 
