@@ -76,6 +76,14 @@ def cmd_check_config(args):
     except config.ConfigError as e:
         return _config_errors(e.problems)
     print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
+    if cfg.redis.enabled:  # a warning, not an error: the gateway starts and works without Redis
+        from binlink.gateway.metrics import Metrics
+        from binlink.gateway.shared_state import SharedState
+
+        up = SharedState(cfg.redis, Metrics(), cfg.gateway_id).up
+        print("redis %s: %s" % (cfg.redis.url or cfg.redis.sentinel_master,
+                                "reachable" if up else "NOT reachable (the gateway will work on local state)"),
+              file=sys.stdout if up else sys.stderr)
     return 0
 
 
