@@ -426,3 +426,21 @@ def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscrib
     finally:
         site.close()
         server.stop()
+
+
+def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_path, broker, redis_server, subscriber):
+    site = Site(tmp_path, broker, redis_server, 2)
+    try:
+        key_out = str(tmp_path / "new.key")
+        r = subprocess.run([BINLINK, "registry", "--config", site.gws[0].config, "add", "bin-new", "--depth-mm", "1000",
+                            "--full-mm", "100", "--key-out", key_out], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        dev = int(r.stdout.split("is device ")[1].split(",")[0], 16)
+        key = bytes.fromhex(open(key_out).read().strip())
+        ids = redis.Redis(port=redis_server.port, decode_responses=True).smembers("binlink:ids")
+        assert "%06x" % dev in ids  # claimed for the whole fleet: no other registry can draw it
+        wait_for(lambda: "devices=4 added=1" in site.gws[1].output(), what="gw1 polls the shared registry")
+        site.hear(codec.encode_reading(key, dev, 1, 500, 20, 3700, 0, 5, 5), [1])  # heard by gw1 only
+        wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-new"], what="gw1 publishes the new bin")
+    finally:
+        site.close()
