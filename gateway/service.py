@@ -19,7 +19,7 @@ from binlink.gateway.mqtt_publisher import Publisher
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
-from binlink.gateway.shared_state import SharedState
+from binlink.gateway.shared_state import SharedState, status_batch
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
@@ -85,6 +85,7 @@ class Gateway:
             s.start()
         self.notifier.notify("READY=1")
         last_stats = last_prune = last_poll = time.monotonic()
+        shared_shown = None
         while not self.stop_event.is_set():
             if self.shared is not None and time.monotonic() - last_poll >= cfg.redis.registry_poll_s:
                 last_poll = time.monotonic()  # a bin provisioned at another gateway, known here too
@@ -94,6 +95,10 @@ class Gateway:
             self._process(pipeline, timeout=0.5)
             if pipeline.standby and self.queue.empty():
                 pipeline.process([])  # peers' pending claims come due even when no radio speaks
+            if self.shared is not None and self.shared.up != shared_shown:
+                shared_shown = self.shared.up  # said on MQTT too: retained gateway/<id>/shared_state
+                self.metrics.outbox_depth.inc(box.commit(status_batch(cfg, shared_shown)))
+                self.publisher.notify()
             now = time.monotonic()
             self.notifier.notify("WATCHDOG=1")
             if now - last_stats >= cfg.status_interval_s:

@@ -16,12 +16,14 @@ Cluster they share one slot and the claim script touches one slot only:
 When Redis is unreachable the gateway carries on with its local SQLite state (the single-gateway
 default), says so in its log and metrics, and pushes the counters it advanced meanwhile when Redis
 is back. Keys and passwords are never logged."""
+import json
 import logging
 import time
 
 import redis
 
-from binlink.gateway import logs
+from binlink.gateway import integrate, logs
+from binlink.gateway.outbox import Batch
 from binlink.gateway.registry import Device, Registry
 
 log = logs.get("shared")
@@ -84,6 +86,18 @@ end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'key_id', ARGV[2], 'fcnt', ARGV[3])
 return 1
 """
+
+
+def status_batch(cfg, up, now=None):
+    """The retained `gateway/<id>/shared_state` message — "shared", or "local" while Redis is away —
+    as an outbox batch, so it is published like any message (and after a broker outage too)."""
+    now = time.time() if now is None else now
+    topic = "%s/gateway/%s/shared_state" % (cfg.base_topic, cfg.gateway_id)
+    payload = json.dumps({"gateway": cfg.gateway_id, "state": "shared" if up else "local", "since": integrate.iso(now)},
+                         sort_keys=True)
+    batch = Batch()
+    batch.states[topic] = ("shared_state:%s:%d:%d" % (cfg.gateway_id, int(now * 1000), up), topic, payload, True, now)
+    return batch
 
 
 def connect(rc):

@@ -185,6 +185,8 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
             assert "shared state unavailable" in g.output()
             wait_for(lambda: [s for s in subscriber.json("gateway/%s/stats" % g.gateway_id)
                               if s.get("binlink_shared_state_up") == 0], what="stats topic says so")
+            wait_for(lambda: subscriber.json("gateway/%s/shared_state" % g.gateway_id)[-1]["state"] == "local",
+                     what="retained shared_state topic says so")
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(11, 21)}, what="outage readings")
         # during the outage a reading heard by two gateways may be published twice, under one id
         assert len(uplink_ids(subscriber)) <= 10 + 2 * 10
@@ -194,6 +196,8 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
             time.sleep(0.05)
         for g in site.gws:
             wait_for(lambda: g.metric("binlink_shared_state_up") == 1, what="shared state back")
+            wait_for(lambda: subscriber.json("gateway/%s/shared_state" % g.gateway_id)[-1]["state"] == "shared",
+                     what="retained shared_state topic back to shared")
             assert "counters_reconciled" in g.output()
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(21, 31)}, what="after restart")
         r = redis.Redis(port=redis_server.port, decode_responses=True)
