@@ -99,12 +99,18 @@ def cmd_gateway(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "registry":
+        import redis
+
         from binlink.gateway import config
 
         try:
             return args.func(args)
         except config.ConfigError as e:
             return _config_errors(e.problems)
+        except redis.RedisError as e:  # the file is written; the shared registry is not
+            print("error: shared registry (Redis): %s; run `binlink registry push` when it answers" % type(e).__name__,
+                  file=sys.stderr)
+            return 1
     return args.func(args)
 
 
