@@ -165,16 +165,22 @@ class RedisServer:
     """A real redis-server on a free loopback port, no persistence; killable and restartable on
     the same port (gateways reconnect to it)."""
 
-    def __init__(self, tmp, conf_lines=()):
+    def __init__(self, tmp, conf_lines=(), tls_dir=None):
+        """tls_dir: a folder with ca.crt, server.crt, server.key: TLS only (rediss://), no plain port."""
         self.port = free_port()
         self.tmp = str(tmp)
+        self.tls_dir = tls_dir
+        if tls_dir:
+            conf_lines = list(conf_lines) + ["tls-cert-file %s/server.crt" % tls_dir, "tls-key-file %s/server.key" % tls_dir,
+                                             "tls-ca-cert-file %s/ca.crt" % tls_dir, "tls-auth-clients no"]
         self.conf = os.path.join(self.tmp, "redis-%d.conf" % self.port)
         with open(self.conf, "w") as f:  # e.g. ACL `user ...` lines, as docs/gateway.md sets them up
             f.write("".join(line + "\n" for line in conf_lines))
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(["redis-server", self.conf, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls_dir else ["--port", str(self.port)]
+        self.proc = subprocess.Popen(["redis-server", self.conf, *ports, "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", self.tmp], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_port(self.port, timeout=10, proc=self.proc)
@@ -182,7 +188,7 @@ class RedisServer:
 
     @property
     def url(self):
-        return "redis://127.0.0.1:%d/0" % self.port
+        return ("rediss://localhost:%d/0" if self.tls_dir else "redis://127.0.0.1:%d/0") % self.port
 
     def config(self, ttl_s=3600):
         return '[redis]\nurl = "%s"\ndedup_ttl_s = %s\nregistry_poll_s = 0.5\n' % (self.url, ttl_s)

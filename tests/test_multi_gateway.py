@@ -16,6 +16,7 @@ import redis
 from binlink.wire import codec, framing
 from binlink.sim.serial_link import PtyLink
 from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, RedisServer, wait_for
+from tests.test_gateway_tls import pki  # noqa: F401 - the test CA and server certificate (a fixture)
 
 KEY3 = bytes.fromhex("5445535420b1e57e57206b65792d3333")  # TEST KEY
 DEV_A, DEV_B, DEV_C = 0xA1, 0xB2, 0xC3
@@ -448,3 +449,22 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
         wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-new"], what="gw1 publishes the new bin")
     finally:
         site.close()
+
+
+def test_tls_to_redis(tmp_path, broker, subscriber, pki):
+    """rediss:// with the site's CA, as docs/gateway.md sets it up: two gateways, one reading once."""
+    server = RedisServer(tmp_path, tls_dir=str(pki)).start()
+    site = Site(tmp_path, broker, None, 0)
+    try:
+        conf = '[redis]\nurl = "%s"\nca_file = "%s"\n' % (server.url, pki / "ca.crt")
+        for _ in range(2):
+            site.add(extra=conf)
+        site.hear(reading(DEV_A, 1), (0, 1))
+        wait_for(lambda: len(uplink_ids(subscriber)) == 1 and site.total("binlink_duplicates_total") == 1,
+                 what="one reading, one duplicate, over TLS")
+        assert all(g.metric("binlink_shared_state_up") == 1 for g in site.gws)
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=server.port, socket_timeout=2).ping()  # no plain-text port
+    finally:
+        site.close()
+        server.stop()
