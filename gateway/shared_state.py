@@ -270,33 +270,40 @@ class SharedState:
     # registry ------------------------------------------------------------------------------
     def push_registry(self, reg):
         """Publishes a registry: a device whose key epoch is not below the shared one, and
-        retirements (which win for good). Returns the number of entries written."""
+        retirements (which win for good). Two round trips whatever the fleet's size (reads, then
+        writes); the registry's keys span slots, so it is not one script. Returns entries written."""
+        retired, ids = self._g("retired"), self._g("ids")
+        devices = list(reg.values())
+        with self.r.pipeline(transaction=False) as p:
+            p.hgetall(retired)
+            for d in devices:
+                p.hgetall(self._k(d.device_id, "device"))
+            shared_retired, *current = p.execute()
         written = 0
-        ids = self._g("ids")
-        for dev, (bin_id, at) in reg.retired.items():
-            if self.r.hsetnx(self._g("retired"), "%06x" % dev, "%s %s" % (bin_id, at)):
-                self.r.srem(self._g("devices"), "%06x" % dev)
-                self.r.delete(self._k(dev, "device"))
-                self.r.sadd(ids, "%06x" % dev)
+        with self.r.pipeline(transaction=False) as p:
+            for dev, (bin_id, at) in reg.retired.items():
+                if "%06x" % dev not in shared_retired:
+                    p.hsetnx(retired, "%06x" % dev, "%s %s" % (bin_id, at))
+                    p.srem(self._g("devices"), "%06x" % dev)
+                    p.delete(self._k(dev, "device"))
+                    p.sadd(ids, "%06x" % dev)
+                    written += 1
+            for d, cur in zip(devices, current):
+                if d.dev in shared_retired or (cur and int(cur["key_epoch"]) > d.key_epoch):
+                    continue
+                fields = {"bin_id": d.bin_id, "key": d.key.hex(), "key_epoch": d.key_epoch, "depth_mm": d.depth_mm,
+                          "full_mm": d.full_mm, "name": d.name}
+                if d.lat is not None:
+                    fields.update(lat=d.lat, lon=d.lon)
+                if cur == {k: str(v) for k, v in fields.items()}:
+                    continue
+                p.hset(self._k(d.device_id, "device"), mapping=fields)
+                p.sadd(self._g("devices"), d.dev)
+                p.sadd(ids, d.dev)
                 written += 1
-        for d in reg.values():
-            if self.r.hexists(self._g("retired"), d.dev):
-                continue
-            cur = self.r.hget(self._k(d.device_id, "device"), "key_epoch")
-            if cur is not None and int(cur) > d.key_epoch:
-                continue
-            fields = {"bin_id": d.bin_id, "key": d.key.hex(), "key_epoch": d.key_epoch, "depth_mm": d.depth_mm,
-                      "full_mm": d.full_mm, "name": d.name}
-            if d.lat is not None:
-                fields.update(lat=d.lat, lon=d.lon)
-            if self.r.hgetall(self._k(d.device_id, "device")) == {k: str(v) for k, v in fields.items()}:
-                continue
-            self.r.hset(self._k(d.device_id, "device"), mapping=fields)
-            self.r.sadd(self._g("devices"), d.dev)
-            self.r.sadd(ids, d.dev)
-            written += 1
-        if written:
-            self.r.incr(self._g("registry:version"))
+            if written:
+                p.incr(self._g("registry:version"))
+            p.execute()
         return written
 
     def claim_id(self, device_id):
@@ -307,16 +314,21 @@ class SharedState:
         return {int(x, 16) for x in self.r.smembers(self._g("ids"))}
 
     def load_registry(self):
+        dev_hexes = sorted(self.r.smembers(self._g("devices")))
+        with self.r.pipeline(transaction=False) as p:
+            for dev_hex in dev_hexes:
+                p.hgetall(self._k(int(dev_hex, 16), "device"))
+            p.hgetall(self._g("retired"))
+            *entries, gone = p.execute()
         devices = {}
-        for dev_hex in self.r.smembers(self._g("devices")):
-            h = self.r.hgetall(self._k(int(dev_hex, 16), "device"))
+        for dev_hex, h in zip(dev_hexes, entries):
             if not h:
                 continue
             dev = int(dev_hex, 16)
             devices[dev] = Device(dev, h["bin_id"], bytes.fromhex(h["key"]), int(h["depth_mm"]), int(h["full_mm"]),
                                   h.get("name", ""), float(h["lat"]) if "lat" in h else None,
                                   float(h["lon"]) if "lon" in h else None, int(h["key_epoch"]))
-        retired = {int(k, 16): tuple(v.split(" ", 1) + [""])[:2] for k, v in self.r.hgetall(self._g("retired")).items()}
+        retired = {int(k, 16): tuple(v.split(" ", 1) + [""])[:2] for k, v in gone.items()}
         return Registry(devices, retired)
 
     def registry_changed(self):
