@@ -1,4 +1,4 @@
-"""`binlink` command line: decode, gateway (and check-config), sim and demo (extra binlink[sim])."""
+"""`binlink` command line: decode, gateway (and check-config), registry, watch, plan; sim and demo (extra binlink[sim])."""
 import argparse
 import json
 import sys
@@ -53,9 +53,10 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
-    from binlink.gateway import watch
+    from binlink.gateway import registry_cli, watch
     from binlink.sim import cli as sim_cli, demo  # stdlib at import; their packages load when run
 
+    registry_cli.add_parser(sub)
     watch.add_parser(sub)
     sim_cli.add_parser(sub)
     demo.add_parser(sub)
@@ -79,6 +80,14 @@ def cmd_check_config(args):
     if problems:
         return _config_errors(problems)
     print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
+    if cfg.redis.enabled:  # a warning, not an error: the gateway starts and works without Redis
+        from binlink.gateway.metrics import Metrics
+        from binlink.gateway.shared_state import SharedState
+
+        up = SharedState(cfg.redis, Metrics(), cfg.gateway_id).up
+        print("redis %s: %s" % (cfg.redis.url or cfg.redis.sentinel_master,
+                                "reachable" if up else "NOT reachable (the gateway will work on local state)"),
+              file=sys.stdout if up else sys.stderr)
     return 0
 
 
@@ -93,6 +102,19 @@ def cmd_gateway(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "registry":
+        import redis
+
+        from binlink.gateway import config
+
+        try:
+            return args.func(args)
+        except config.ConfigError as e:
+            return _config_errors(e.problems)
+        except redis.RedisError as e:  # the file is written; the shared registry is not
+            print("error: shared registry (Redis): %s; run `binlink registry push` when it answers" % type(e).__name__,
+                  file=sys.stderr)
+            return 1
     try:
         return args.func(args)
     except ModuleNotFoundError as e:

@@ -44,6 +44,30 @@ class Mqtt:
 
 
 @dataclass
+class Redis:
+    """[redis]: state shared by several gateways (gateway/shared_state.py); off when url and
+    sentinels are empty. TLS: a rediss:// url (with ca_file, and cert_file/key_file for client
+    certificates). Auth: an ACL user and a password in a file only the service user can read."""
+    url: str = ""  # redis://host:6379/0 or rediss://host:6380/0; no password in it
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    sentinels: list = field(default_factory=list)  # ["host:26379", ...]: Redis Sentinel instead of url
+    sentinel_master: str = "mymaster"
+    cluster: bool = False
+    prefix: str = "binlink"
+    timeout_s: float = 0.5
+    dedup_ttl_s: float = 3600.0
+    registry_poll_s: float = 5.0
+
+    @property
+    def enabled(self):
+        return bool(self.url or self.sentinels)
+
+
+@dataclass
 class Events:
     full_pct: float = 90.0
     emptied_drop_pct: float = 15.0
@@ -59,6 +83,7 @@ class Config:
     sources: list = field(default_factory=list)
     mqtt: Mqtt = field(default_factory=Mqtt)
     events: Events = field(default_factory=Events)
+    redis: Redis = field(default_factory=Redis)
     dedup_window_s: float = 30.0
     status_interval_s: float = 60.0
     metrics_listen: str = ""
@@ -83,7 +108,8 @@ _SOURCE = {"name": (str, False), "port": (str, True), "baud": (int, False), "for
 _MQTT = {name: (t, False) for name, t in Mqtt.__annotations__.items()}
 _EVENTS = {"full_pct": ((int, float), False), "emptied_drop_pct": ((int, float), False), "low_battery_mv": (int, False)}
 _METRICS = {"listen": (str, False)}
-_TOP = {"gateway": True, "source": True, "mqtt": False, "events": False, "metrics": False}
+_REDIS = {name: ((int, float) if t is float else t, False) for name, t in Redis.__annotations__.items()}
+_TOP = {"gateway": True, "source": True, "mqtt": False, "events": False, "metrics": False, "redis": False}
 _BAUDS = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -181,11 +207,17 @@ def parse(data):
     listen = _get(met, "listen", str, "")
     if listen and not _host_port(listen):
         problems.append("metrics.listen: expected HOST:PORT, got %r" % listen)
+    rd = _table(data, "redis", problems)
+    _check_table(rd, _REDIS, "redis", problems)
+    if rd.get("url") and not str(rd["url"]).startswith(("redis://", "rediss://", "unix://")):
+        problems.append("redis.url: expected redis://, rediss:// or unix://, got a %r scheme" % str(rd["url"]).split(":")[0])
+    if "@" in str(rd.get("url", "")):
+        problems.append("redis.url: no credentials in the url; use redis.username and redis.password_file")
     if problems:
         raise ConfigError(problems)
     return Config(
         gateway_id=gw["id"], site=gw["site"], registry=gw["registry"], state_dir=gw["state_dir"],
-        sources=sources, mqtt=Mqtt(**mq), events=Events(**ev),
+        sources=sources, mqtt=Mqtt(**mq), events=Events(**ev), redis=Redis(**rd),
         dedup_window_s=float(gw.get("dedup_window_s", Config.dedup_window_s)),
         status_interval_s=float(gw.get("status_interval_s", Config.status_interval_s)),
         metrics_listen=listen, log_level=gw.get("log_level", Config.log_level),

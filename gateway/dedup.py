@@ -6,7 +6,8 @@ import hashlib
 from collections import OrderedDict
 
 
-def _digest(frame):
+def digest(frame):
+    """8 bytes that tell two frames with the same counter apart (shared with other gateways)."""
     return hashlib.blake2s(frame, digest_size=8).digest()
 
 
@@ -16,11 +17,11 @@ class Dedup:
         self._seen = OrderedDict()  # (device_id, fcnt) -> (frame digest, first seen at), oldest first
 
     def remember(self, device_id, fcnt, frame, now):
-        self._seen[(device_id, fcnt)] = (_digest(frame), now)
+        self._seen[(device_id, fcnt)] = (digest(frame), now)
 
     def is_duplicate(self, device_id, fcnt, frame, now):
         hit = self._seen.get((device_id, fcnt))
-        return hit is not None and now - hit[1] <= self.window_s and hit[0] == _digest(frame)
+        return hit is not None and now - hit[1] <= self.window_s and hit[0] == digest(frame)
 
     def expire(self, now):
         seen = self._seen

@@ -2,8 +2,10 @@
 
 Topic layout under the base topic (default binlink/<site>):
   bin/<bin_id>/state     retained JSON, the latest reading
-  bin/<bin_id>/event     one message per uplink (message_id "<device>:<fcnt>") and per alarm
-                         ("<device>:<fcnt>:<event>"); consumers deduplicate across gateways by it
+  bin/<bin_id>/event     one message per uplink (message_id "<device>:<epoch>:<fcnt>") and per alarm
+                         ("<device>:<epoch>:<fcnt>:<event>"); consumers deduplicate across gateways
+                         by it. <epoch> is the bin's key epoch: the counter starts again at 0 under
+                         a new key, and the ids must not repeat the old key's
   gateway/<gw_id>/status retained "online" / "offline" (last will)
   gateway/<gw_id>/stats  periodic counters (JSON)
   gateway/<gw_id>/rejected  a frame from a known-looking device refused, and why (rate-limited):
@@ -80,17 +82,22 @@ def dumps(obj):
 
 def state_message(base, device, fields):
     """Retained state; the outbox publishes only a bin's newest pending one (conflation)."""
-    return ("%s:%d:state" % (device.dev, fields["fcnt"]), state_topic(base, device.bin_id), dumps(fields), True)
+    return ("%s:state" % message_id(device, fields["fcnt"]), state_topic(base, device.bin_id), dumps(fields), True)
+
+
+def message_id(device, fcnt, event="uplink"):
+    mid = "%s:%d" % (device.message_prefix, fcnt)
+    return mid if event == "uplink" else "%s:%s" % (mid, event)
 
 
 def event_message(base, device, fields, event, backlog=False):
-    mid = "%s:%d" % (device.dev, fields["fcnt"]) if event == "uplink" else "%s:%d:%s" % (device.dev, fields["fcnt"], event)
+    mid = message_id(device, fields["fcnt"], event)
     body = dict(fields, event=event, message_id=mid, backlog=backlog)
     return (mid, event_topic(base, device.bin_id), dumps(body), False)
 
 
 def hello_message(base, device, hello, rx):
-    mid = "%s:%d" % (device.dev, hello["fcnt"])
+    mid = message_id(device, hello["fcnt"])
     body = {
         "event": "hello", "message_id": mid, "device": device.dev, "bin_id": device.bin_id, "fcnt": hello["fcnt"],
         "fw_version": hello["fw_version"], "reset_cause": hello["reset_cause"], "config_hash": hello["config_hash"],

@@ -7,6 +7,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 from binlink.gateway.latency import LATENCY_BUCKETS, LatencyCounts
 
+
 class _LatencyCollector:
     def __init__(self, counts):
         self.counts = counts
@@ -38,6 +39,10 @@ class Metrics:
         self.mqtt_connect_failures = Counter("binlink_mqtt_connect_failures", "Broker connection attempts that failed "
                                              "(unreachable, refused, TLS)", registry=r)
         self.publisher_restarts = Counter("binlink_publisher_restarts", "Publisher process restarted after it died", registry=r)
+        self.shared_up = Gauge("binlink_shared_state_up", "1 while the shared state (Redis) answers; 0: local state only", registry=r)
+        self.shared_errors = Counter("binlink_shared_state_errors", "Failed calls to the shared state (Redis)", registry=r)
+        self.resynced = Counter("binlink_counter_resyncs", "Counters taken up from a hello carrying the full counter", registry=r)
+        self.recovered = Counter("binlink_frames_recovered", "Frames held until a resync, then accepted", registry=r)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
 

@@ -3,19 +3,29 @@
   read (serial_input) → deframe (module_formats) → parse → verify tag → counter check →
   dedup → decode → calibrate (calibration) → events → integrate → outbox (one group commit)
 
+With several gateways the counter check and dedup also ask the shared state (Redis): the fleet's
+counter when the local one does not verify a frame, and a claim that makes one gateway the
+publisher of each frame (gateway/shared_state.py).
+
 Every rejection is counted under its reason code and logged; nothing here raises on bad input."""
 import logging
 import os
 import time
+from collections import deque
 
 from binlink.wire import codec
 from binlink.gateway import calibration, events, integrate, logs
-from binlink.gateway.dedup import Dedup
+from binlink.gateway.dedup import Dedup, digest
 from binlink.gateway.outbox import Batch
 
 log = logs.get("pipeline")
 NOTICE_EVERY_S = 10
 NOTICE_MAX = 256  # distinct (device, reason) notices per NOTICE_EVERY_S
+HELD_PER_DEVICE = 64  # frames kept per bin until its next hello: a day of reports at the shortest interval
+HELD_MAX_AGE_S = 2 * 86400  # the hello comes daily; older frames are not waited for
+STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
+SEARCH_EVERY_S = 60.0  # a counter search costs up to 65 536 HMACs (~0.3 s): at most this often per bin
+SEARCH_GAP_S = 5.0  # ... and this often across all bins: forged frames naming many bins cannot eat the CPU
 
 
 def clock_synced():
@@ -24,14 +34,20 @@ def clock_synced():
 
 
 class Pipeline:
-    def __init__(self, cfg, devices, outbox, metrics, clock=time.time):
+    def __init__(self, cfg, devices, outbox, metrics, clock=time.time, shared=None):
         self.cfg = cfg
         self.outbox = outbox
         self.metrics = metrics
         self.clock = clock
+        self.shared = shared  # SharedState or None (one gateway alone)
         self.dedup = Dedup(cfg.dedup_window_s)
-        self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
+        self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
+        self._searched = {}  # device_id -> when its counter was last searched for (None: any bin)
+        self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
+        self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
+        self._to_claim = []  # verified frames of this group, claimed together in one round trip
+        self.set_devices(devices)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
         self._noticed = {}  # (device id, reason) -> when last published on .../rejected
@@ -48,6 +64,9 @@ class Pipeline:
             if device.key_id == key_id:
                 self.counters[dev_id] = last
             else:
+                prev = self.bins.get(device.bin_id)
+                if prev is not None:  # counters restart: the new key's readings are all newer
+                    self.bins[device.bin_id] = (-1,) + tuple(prev[1:])
                 logs.event(log, logging.WARNING, "new key for device: its frame counter starts again",
                            device=device.dev, bin=device.bin_id, last_fcnt=last)
 
@@ -57,7 +76,7 @@ class Pipeline:
         # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
         self._rx_base["time_synced"] = clock_synced()
         batch = Batch()
-        readings = 0
+        readings = self._take_over(now, batch) if self.standby else 0
         read = {}
         for source, rec in items:
             read[source] = read.get(source, 0) + 1
@@ -66,6 +85,8 @@ class Pipeline:
             except codec.ProtocolError as e:
                 self._reject(e.reason, source, e.detail)
                 self._tell_installers(e.reason, source, rec, now, batch)
+        if self._to_claim:
+            readings += self._claim_group(batch)
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
@@ -73,6 +94,9 @@ class Pipeline:
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
+        if self._claims:
+            self.shared.confirm(self._claims)
+            self._claims = []
         self.dedup.expire(now)
         return readings
 
@@ -118,42 +142,195 @@ class Pipeline:
         # verify tag + counter check
         last = self.counters.get(device_id)
         try:
-            fcnt = codec.verify(frame, device.key, last)
+            fcnt = self._verify(device, frame, last)
         except codec.ProtocolError as e:
             # dedup: a "replay" of the identical bytes just accepted is the same frame heard again
-            if e.reason == "replay" and self.dedup.is_duplicate(device_id, e.fcnt, frame, now):
-                self.metrics.duplicates.inc()
-                batch.receptions.append((device_id, e.fcnt, source, rec.rssi, rec.snr, now, 1))
-                log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": e.fcnt, "source": source, "rssi": rec.rssi}})
+            if e.reason == "replay" and self._is_duplicate(device, e.fcnt, frame, now):
+                self._duplicate(device, e.fcnt, source, rec, now, batch)
                 return 0
+            if e.reason in ("bad_tag", "fcnt_gap"):  # perhaps a counter this gateway lost track of
+                recovered = self._hold(device, frame, source, rec, now, batch)
+                if recovered is not None:
+                    return recovered
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
-        self.counters[device_id] = fcnt
-        batch.counters[device_id] = (fcnt, device.key_id)
-        self.dedup.remember(device_id, fcnt, frame, now)
-        # decode
+        floor = self.counters.get(device_id)  # the fleet's, when it knew more than this gateway
+        if self.shared is not None and codec.explicit_fcnt(frame) is None:
+            # claimed with the rest of the group; as of now a second copy in this group is a duplicate
+            self._advance(device, fcnt, batch)
+            self.dedup.remember(device_id, fcnt, frame, now)
+            self._to_claim.append((device, frame, fcnt, source, rec, now, self._prepare(device, frame, fcnt)))
+            return 0
+        n = self._claim_group(batch) if self._to_claim else 0  # a hello is claimed in order, after what came before
+        n += self._accept(device, frame, fcnt, source, rec, now, batch)
+        if codec.explicit_fcnt(frame) is not None:
+            if floor is None or fcnt - floor > codec.MAX_FCNT_GAP:
+                self.metrics.resynced.inc()
+                logs.event(log, logging.INFO, "counter resynchronised from hello", device=device.dev, fcnt=fcnt, last_fcnt=floor)
+            if device_id in self.held:
+                n += self._recover(device, fcnt, floor, now, batch)
+        return n
+
+    def _verify(self, device, frame, last):
+        """Against this gateway's counter; when that fails, against the fleet's (another gateway
+        accepted this bin's recent frames) — the claim then settles replays either way."""
+        try:
+            return codec.verify(frame, device.key, last)
+        except codec.ProtocolError as e:
+            if self.shared is None or e.reason not in ("bad_tag", "fcnt_gap"):
+                raise  # a replay here is one for the fleet too: its counter is never behind this one
+            fleet = self.shared.last(device)
+            if fleet is None or (last is not None and fleet <= last):
+                raise e from None
+            self.counters[device.device_id] = fleet
+            return codec.verify(frame, device.key, fleet)
+
+    def _is_duplicate(self, device, fcnt, frame, now):
+        if self.dedup.is_duplicate(device.device_id, fcnt, frame, now):
+            return True
+        return self.shared is not None and self.shared.is_duplicate(device, fcnt, digest(frame).hex())
+
+    def _duplicate(self, device, fcnt, source, rec, now, batch):
+        self.metrics.duplicates.inc()
+        batch.receptions.append((device.device_id, fcnt, source, rec.rssi, rec.snr, now, 1))
+        log.debug("duplicate", extra={"fields": {"device": device.dev, "fcnt": fcnt, "source": source, "rssi": rec.rssi}})
+
+    def _claim_group(self, batch):
+        queued, self._to_claim = self._to_claim, []
+        verdicts = self.shared.claim_many([(q[0], q[2], q[6][2], q[6][3]) for q in queued], self.cfg.redis.dedup_ttl_s)
+        n = 0
+        for (device, frame, fcnt, source, rec, now, prepared), verdict in zip(queued, verdicts):
+            try:
+                n += self._settle(device, frame, fcnt, source, rec, now, batch, prepared, verdict)
+            except codec.ProtocolError as e:
+                self._reject(e.reason, source, e.detail)
+        return n
+
+    def _prepare(self, device, frame, fcnt):
+        """decode → calibrate: (decoded, [((reading, fill), fcnt, age s)], digest hex, newest reading
+        for the fleet's bin state (fcnt, fill, flag bits) or None)."""
         decoded = codec.decode_body(frame, fcnt)
+        if decoded["type"] == "reading":
+            readings = [(self._calibrated(device, decoded), fcnt, 0)]
+        elif decoded["type"] == "backlog":
+            readings = [(self._calibrated(device, e), e["fcnt"], 60 * e["age_min"]) for e in decoded["readings"]]
+        else:
+            readings = []
+        newest = max(readings, key=lambda r: r[1]) if readings else None
+        update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
+        return decoded, readings, digest(frame).hex(), update
+
+    def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
+        """A verified frame: decoded, calibrated, claimed fleet-wide (when shared), its messages batched."""
+        prepared = self._prepare(device, frame, fcnt)
+        if self.shared is None or claimed:
+            verdict = ("claimed", None)  # one gateway alone, or a claim this gateway already holds
+        else:
+            verdict = self.shared.claim(device, fcnt, prepared[2], self.cfg.redis.dedup_ttl_s, prepared[3])
+        return self._settle(device, frame, fcnt, source, rec, now, batch, prepared, verdict)
+
+    def _settle(self, device, frame, fcnt, source, rec, now, batch, prepared, verdict):
+        """What the claim decided: another gateway publishes it, a replay, or this gateway's messages."""
+        device_id = device.device_id
+        decoded, readings, dig, _ = prepared
+        verdict, fleet_bin = verdict
+        if verdict in ("duplicate", "pending"):  # another gateway heard it first and publishes it
+            self._advance(device, fcnt, batch)
+            self.dedup.remember(device_id, fcnt, frame, now)
+            self._duplicate(device, fcnt, source, rec, now, batch)
+            if verdict == "pending":  # ... unless it dies before its commit
+                self.standby[(device_id, device.key_epoch, fcnt)] = (device, frame, source, rec, now)
+            return 0
+        if verdict in ("replay", "stale_key"):
+            raise codec.ProtocolError(verdict, "device %s: counter %d, refused by the shared state" % (device.dev, fcnt))
+        if verdict == "ok" and self.shared is not None:
+            self._claims.append((device, fcnt, dig))
+            mine = self.bins.get(device.bin_id)
+            if fleet_bin is not None and (mine is None or fleet_bin[0] > mine[0]):
+                # another gateway published this bin's newer readings: events compare with those
+                self.bins[device.bin_id] = fleet_bin + (now,)
+        self._advance(device, fcnt, batch)
+        self.dedup.remember(device_id, fcnt, frame, now)
         batch.accepted += 1
         rx = dict(self._rx_base, source=source, rssi=rec.rssi, snr=rec.snr, received_at=now)
-        base = self.cfg.base_topic
         if decoded["type"] == "hello":
-            batch.messages.append(integrate.hello_message(base, device, decoded, rx) + (now,))
+            batch.messages.append(integrate.hello_message(self.cfg.base_topic, device, decoded, rx) + (now,))
             logs.event(log, logging.INFO, "hello", bin=device.bin_id, device=device.dev, fw=decoded["fw_version"],
                        reset_cause=decoded["reset_cause"], rssi=rec.rssi, source=source)
             return 0
-        if decoded["type"] == "reading":
-            self._reading(device, decoded, fcnt, rx, now, batch, backlog=False)
-            return 1
-        for entry in decoded["readings"]:
-            self._reading(device, entry, entry["fcnt"], rx, now - 60 * entry["age_min"], batch, backlog=True)
-        return len(decoded["readings"])
+        for (reading, fill), reading_fcnt, age_s in readings:
+            self._reading(device, reading, fill, reading_fcnt, rx, now - age_s, batch, backlog=decoded["type"] == "backlog")
+        return len(readings)
 
-    def _reading(self, device, reading, fcnt, rx, measured_at, batch, backlog):
-        """calibrate → events → integrate, for one reading (a frame's or a backlog entry's)."""
-        base = self.cfg.base_topic
-        now = rx["received_at"]
+    def _calibrated(self, device, reading):
+        """(reading with the gateway's low-battery flag, fill %)."""
         if reading["battery_mv"] < self.cfg.events.low_battery_mv and "low_battery" not in reading["flags"]:
             reading = dict(reading, flags=reading["flags"] + ["low_battery"])
-        fill = calibration.fill_pct(device, reading)
+        return reading, calibration.fill_pct(device, reading)
+
+    def _take_over(self, now, batch):
+        """Frames whose claim a peer never confirmed: that peer died between claim and commit;
+        the first gateway that heard the same bytes publishes them instead."""
+        n = 0
+        for key, (device, frame, source, rec, at) in list(self.standby.items()):
+            if now - at < STANDBY_S:
+                continue
+            del self.standby[key]
+            if self.devices.get(device.device_id) is not device:
+                continue  # re-keyed or retired meanwhile
+            dig = digest(frame).hex()
+            if self.shared.take_over(device, key[2], dig):
+                logs.event(log, logging.WARNING, "took over a reading a peer claimed but never stored",
+                           device=device.dev, fcnt=key[2])
+                self._claims.append((device, key[2], dig))
+                n += self._accept(device, frame, key[2], source, rec, at, batch, claimed=True)
+        return n
+
+    def _advance(self, device, fcnt, batch):
+        if fcnt > self.counters.get(device.device_id, -1):
+            self.counters[device.device_id] = fcnt
+            batch.counters[device.device_id] = (fcnt, device.key_id)
+
+    def _hold(self, device, frame, source, rec, now, batch):
+        """Keeps a frame no counter known here verifies, until a hello names the bin's counter or
+        two held frames reveal it (codec.search_counter). Returns readings recovered, or None."""
+        held = self.held.get(device.device_id)
+        if held is None:
+            held = self.held[device.device_id] = deque(maxlen=HELD_PER_DEVICE)
+        held.append((frame, source, rec, now))
+        if (len(held) < 2 or codec.explicit_fcnt(frame) is not None
+                or now - self._searched.get(device.device_id, -1e9) < SEARCH_EVERY_S
+                or now - self._searched.get(None, -1e9) < SEARCH_GAP_S):
+            return None  # the held frames wait for the next chance or the bin's hello
+        self._searched[device.device_id] = self._searched[None] = now
+        floor = self.counters.get(device.device_id)
+        try:
+            fcnt = codec.search_counter(frame, [h[0] for h in list(held)[-2::-1][:4]], device.key, floor)
+        except codec.ProtocolError:
+            return None
+        self.metrics.resynced.inc()
+        logs.event(log, logging.INFO, "counter resynchronised from two frames", device=device.dev, fcnt=fcnt, last_fcnt=floor)
+        return self._recover(device, fcnt + 1, floor, now, batch)
+
+    def _recover(self, device, anchor, floor, now, batch):
+        """Frames held before a resynchronising hello: each verified with the counter below the
+        hello's that its 16 bits name (one tag check, as for any frame), above the counter this
+        gateway had accepted before, and claimed like any frame. Returns readings accepted."""
+        n = 0
+        for frame, source, rec, at in self.held.pop(device.device_id):
+            if now - at > HELD_MAX_AGE_S:
+                continue
+            try:
+                fcnt = codec.verify_before(frame, device.key, anchor, floor)
+                n += self._accept(device, frame, fcnt, source, rec, at, batch)
+            except codec.ProtocolError:
+                continue  # corrupt or forged after all: already counted when it arrived
+            self.metrics.recovered.inc()
+        return n
+
+    def _reading(self, device, reading, fill, fcnt, rx, measured_at, batch, backlog):
+        """events → integrate, for one calibrated reading (a frame's or a backlog entry's)."""
+        base = self.cfg.base_topic
+        now = rx["received_at"]
         fields = integrate.reading_fields(device, reading, fill, fcnt, rx, measured_at)
         batch.messages.append(integrate.event_message(base, device, fields, "uplink", backlog) + (now,))
         prev = self.bins.get(device.bin_id)

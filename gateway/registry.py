@@ -1,11 +1,20 @@
 """Device registry: one TOML file listing every bin, its 128-bit key and its calibration.
 
 The file is secret (keys): the gateway refuses one readable by other users, and never logs or
-publishes a key. `add()` is what provisioning (`make flash`) uses to register a new bin."""
+publishes a key. Its home is /etc/binlink/devices.toml on a gateway (BINLINK_REGISTRY overrides);
+never under build/, which `make clean` deletes.
+
+Identity (docs/gateway.md, Bin identity): a bin's device id is drawn at random from the 24-bit
+space, skipping every id the registry lists, active or retired, and is never reused; the bin keeps
+it when it is re-flashed or re-keyed. Each new key raises the bin's `key_epoch`, so message ids
+`<device>:<epoch>:<fcnt>` stay unique when the counter starts again under a new key.
+`provision()` is what `make flash` and `binlink registry add` use."""
 import hashlib
 import os
 import re
+import secrets
 import stat
+import time
 import tomllib
 from dataclasses import dataclass
 
@@ -31,6 +40,7 @@ class Device:
     name: str = ""
     lat: float | None = None
     lon: float | None = None
+    key_epoch: int = 0  # raised by one at every new key: message ids stay unique across keys
 
     @property
     def key_id(self):
@@ -41,6 +51,11 @@ class Device:
     def dev(self):
         """Device id as it appears in topics and message ids: 6 hex digits."""
         return "%06x" % self.device_id
+
+    @property
+    def message_prefix(self):
+        """`<device>:<epoch>`: what every message id of this bin under this key starts with."""
+        return "%06x:%d" % (self.device_id, self.key_epoch)
 
     def __repr__(self):  # never show the key
         return "Device(%s, bin=%s)" % (self.dev, self.bin_id)
@@ -56,6 +71,31 @@ def parse_device_id(v):
     if not 0 <= n <= 0xFFFFFF:
         raise ValueError("device_id out of range: %r" % (v,))
     return n
+
+
+DEFAULT_PATH = "/etc/binlink/devices.toml"
+_DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon"}
+
+
+def default_path():
+    return os.environ.get("BINLINK_REGISTRY", DEFAULT_PATH)
+
+
+class Registry(dict):
+    """device_id -> Device, plus `retired`: device_id -> (bin_id, retired_at), never to be reused."""
+
+    def __init__(self, devices=(), retired=None):
+        super().__init__(devices)
+        self.retired = dict(retired or {})
+
+    def by_bin(self, bin_id):
+        for d in self.values():
+            if d.bin_id == bin_id:
+                return d
+        return None
+
+    def taken(self):
+        return set(self) | set(self.retired)
 
 
 def parse(data, path="registry"):
@@ -85,10 +125,13 @@ def parse(data, path="registry"):
         depth, full = d.get("depth_mm"), d.get("full_mm")
         if not (type(depth) is int and type(full) is int and 0 <= full < depth):
             found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
+        epoch = d.get("key_epoch", 0)
+        if not (type(epoch) is int and epoch >= 0):
+            found.append("%s.key_epoch: must be an integer >= 0, got %r" % (p, epoch))
         for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float))):
             if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
                 found.append("%s.%s: wrong type" % (p, opt))
-        unknown = set(d) - {"device_id", "key", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon"}
+        unknown = set(d) - _DEVICE_KEYS
         if unknown:
             found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
         if dev_id is not None and dev_id in devices:
@@ -98,10 +141,26 @@ def parse(data, path="registry"):
         problems += found
         if not found:
             bins.add(bin_id)
-            devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"), d.get("lon"))
+            devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"),
+                                     d.get("lon"), epoch)
+    retired = {}
+    gone = data.get("retired", [])
+    if not isinstance(gone, list):
+        problems.append("%s: [[retired]] must be an array of tables" % path)
+        gone = []
+    for i, r in enumerate(gone):
+        p = "%s: retired[%d]" % (path, i)
+        try:
+            dev_id = parse_device_id(r.get("device_id") if isinstance(r, dict) else None)
+        except ValueError as e:
+            problems.append("%s.device_id: %s" % (p, e))
+            continue
+        if dev_id in devices:
+            problems.append("%s.device_id: %06x is retired and also listed as a device: ids are never reused" % (p, dev_id))
+        retired[dev_id] = (str(r.get("bin_id", "")), str(r.get("retired_at", "")))
     if problems:
         raise ConfigError(problems)
-    return devices
+    return Registry(devices, retired)
 
 
 def load(path, check_permissions=True):
@@ -120,24 +179,94 @@ def load(path, check_permissions=True):
     return parse(data, "registry %s" % path)
 
 
+def load_or_empty(path):
+    return load(path, check_permissions=False) if os.path.exists(path) else Registry()
+
+
+def allocate_id(taken, rng=secrets.randbelow):
+    """A random device id in 1 … 0xFFFFFE not in `taken` (every id ever used, retired ones too).
+    Random rather than sequential: two registries that allocate apart rarely collide, and the
+    shared registry (Redis) claims each id atomically across the fleet."""
+    if len(taken) >= 0xFFFFFE // 2:
+        raise ConfigError(["device id space is half used: allocate from a fresh site registry"])
+    while True:
+        n = 1 + rng(0xFFFFFE)
+        if n not in taken:
+            return n
+
+
+def to_data(reg):
+    """The TOML document for a Registry (the inverse of parse)."""
+    devices = []
+    for d in sorted(reg.values(), key=lambda d: d.bin_id):
+        entry = {"device_id": d.dev, "bin_id": d.bin_id, "key": d.key.hex(), "key_epoch": d.key_epoch,
+                 "depth_mm": d.depth_mm, "full_mm": d.full_mm}
+        if d.name:
+            entry["name"] = d.name
+        if d.lat is not None:
+            entry["lat"], entry["lon"] = d.lat, d.lon
+        devices.append(entry)
+    retired = [{"device_id": "%06x" % dev, "bin_id": b, "retired_at": at} for dev, (b, at) in sorted(reg.retired.items())]
+    return {"device": devices, "retired": retired}
+
+
+def save(path, reg):
+    parse(to_data(reg), "registry %s" % path)
+    write(path, to_data(reg))
+
+
 def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None):
-    """Adds or replaces one device in the registry file, atomically, mode 0600."""
-    data = {"device": []}
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    entry = {"device_id": "%06x" % device_id, "bin_id": bin_id, "key": key.hex(), "depth_mm": depth_mm, "full_mm": full_mm}
-    if name:
-        entry["name"] = name
-    if lat is not None:
-        entry["lat"], entry["lon"] = lat, lon
-    kept = [d for d in data.get("device", []) if parse_device_id(d["device_id"]) != device_id and d.get("bin_id") != bin_id]
-    data["device"] = kept + [entry]
-    parse(data, "registry %s" % path)
-    write(path, data)
+    """Registers device_id as bin_id, or gives it a new key and calibration. A new key for a bin
+    already registered raises its key_epoch. A retired id, or a bin id held by another device, is
+    refused: ids never move between bins."""
+    reg = load_or_empty(path)
+    if device_id in reg.retired:
+        raise ConfigError(["device %06x was retired (bin %s): ids are never reused" % (device_id, reg.retired[device_id][0])])
+    holder = reg.by_bin(bin_id)
+    if holder is not None and holder.device_id != device_id:
+        raise ConfigError(["bin %s is device %s: re-key it (binlink registry rekey) instead of a new id" % (bin_id, holder.dev)])
+    old = reg.get(device_id)
+    if old is not None and old.bin_id != bin_id:
+        raise ConfigError(["device %s is bin %s, not %s" % (old.dev, old.bin_id, bin_id)])
+    epoch = 0 if old is None else old.key_epoch + (old.key != key)
+    reg[device_id] = Device(device_id, bin_id, key, depth_mm, full_mm, name or (old.name if old else ""),
+                            lat if lat is not None else (old.lat if old else None),
+                            lon if lon is not None else (old.lon if old else None), epoch)
+    save(path, reg)
+    return reg[device_id]
+
+
+def provision(path, bin_id, depth_mm, full_mm, name="", key=None, taken=()):
+    """The bin's device (new key): a bin already registered keeps its id (re-flash, re-key), a new
+    bin gets a fresh random id not in the registry nor in `taken` (ids the fleet claimed)."""
+    reg = load_or_empty(path)
+    holder = reg.by_bin(bin_id)
+    device_id = holder.device_id if holder else allocate_id(reg.taken() | set(taken))
+    return add(path, device_id, bin_id, key or secrets.token_bytes(16), depth_mm, full_mm, name)
+
+
+def rekey(path, bin_id, key=None):
+    reg = load_or_empty(path)
+    d = reg.by_bin(bin_id)
+    if d is None:
+        raise ConfigError(["bin %s is not in registry %s" % (bin_id, path)])
+    return add(path, d.device_id, bin_id, key or secrets.token_bytes(16), d.depth_mm, d.full_mm)
+
+
+def retire(path, bin_id, now=None):
+    """Removes the bin, keeping its id on the retired list for good. Returns its last Device."""
+    reg = load_or_empty(path)
+    d = reg.by_bin(bin_id)
+    if d is None:
+        raise ConfigError(["bin %s is not in registry %s" % (bin_id, path)])
+    del reg[d.device_id]
+    reg.retired[d.device_id] = (bin_id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+    save(path, reg)
+    return d
 
 
 def write(path, data):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -22,6 +22,7 @@ from binlink.gateway.mqtt_publisher import Publisher
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
+from binlink.gateway.shared_state import SharedState, status_batch
 from binlink.gateway.wifi_input import WifiInput
 
 log = logs.get("service")
@@ -35,8 +36,9 @@ EXIT_WORKER_DIED = 3
 class Gateway:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.devices = registry.load(cfg.registry)
         self.metrics = Metrics()
+        self.shared = SharedState(cfg.redis, self.metrics, cfg.gateway_id) if cfg.redis.enabled else None
+        self.devices = self._registry(registry.load(cfg.registry))
         self.outbox_path = os.path.join(cfg.state_dir, "gateway.sqlite")
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
@@ -51,6 +53,10 @@ class Gateway:
         self._metrics_server = None
         self._reload = False
 
+    def _registry(self, local):
+        """The file's registry, merged with the fleet's when several gateways share state."""
+        return local if self.shared is None else self.shared.merge(local)
+
     def request_stop(self, *_):
         self.stop_event.set()
 
@@ -62,7 +68,7 @@ class Gateway:
         registry is reported and the one in use is kept."""
         self._reload = False
         try:
-            devices = registry.load(self.cfg.registry)
+            devices = self._registry(registry.load(self.cfg.registry))
         except config_mod.ConfigError as e:
             for problem in e.problems:
                 logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
@@ -86,7 +92,7 @@ class Gateway:
             box = Outbox(self.outbox_path)
         except (OSError, sqlite3.Error) as e:
             raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
-        pipeline = Pipeline(cfg, self.devices, box, self.metrics)
+        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
@@ -104,11 +110,21 @@ class Gateway:
             self.wifi.start()
         self.notifier.notify("READY=1")
         code = 0
-        last_stats = last_prune = time.monotonic()
+        last_stats = last_prune = last_poll = time.monotonic()
+        shared_shown = None
         while not self.stop_event.is_set():
+            if self.shared is not None and time.monotonic() - last_poll >= cfg.redis.registry_poll_s:
+                last_poll = time.monotonic()  # a bin provisioned at another gateway, known here too
+                self._reload = self.shared.registry_changed() or self._reload
             if self._reload:
                 self._reload_registry(pipeline)
             self._process(pipeline, timeout=ACK_FLUSH_S if self._acks else 0.5)
+            if pipeline.standby and self.queue.empty():
+                pipeline.process([])  # peers' pending claims come due even when no radio speaks
+            if self.shared is not None and self.shared.up != shared_shown:
+                shared_shown = self.shared.up  # said on MQTT too: retained gateway/<id>/shared_state
+                self.metrics.outbox_depth.inc(box.commit(status_batch(cfg, shared_shown)))
+                self.publisher.notify()
             now = time.monotonic()
             self._write_acks(box, now)
             dead = self._dead_workers()

@@ -31,7 +31,39 @@ def add_parser(sub):
     p.add_argument("--embedded", default="auto", choices=["auto", "mosquitto", "amqtt"],
                    help="embedded broker: Mosquitto where installed, else amqtt (auto)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gateways", type=int, default=1,
+                   help="gateways around the town sharing state through a real redis-server (needs it installed)")
     p.set_defaults(func=cmd_demo)
+
+
+def _sites(n):
+    """n gateway sites on a 900 m circle round the centre, each with its own extra loss (x, y, dB):
+    with an urban channel some bins are heard by one gateway, some by several, a few by none."""
+    import math
+
+    return [(900 * math.cos(math.pi / 2 + 2 * math.pi * i / n), 900 * math.sin(math.pi / 2 + 2 * math.pi * i / n),
+             3.0 * (i % 3)) for i in range(n)]
+
+
+URBAN = {"path_loss_exp": 3.8, "shadowing_db": 8.0}
+
+
+def _start_redis(work):
+    """(process, url) of a real redis-server on a free port, or (None, why not)."""
+    from binlink.sim import broker as brokers
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None, "redis-server is not installed (Debian: apt install redis-server)"
+    port = brokers.free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        brokers.wait_port(port, timeout=10, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        proc.kill()
+        return None, "redis-server did not start: %s" % e
+    return proc, "redis://127.0.0.1:%d/0" % port
 
 
 class View:
@@ -135,12 +167,23 @@ def _total(metrics, name, exclude_reasons=()):
     return int(sum(v for labels, v in metrics.get(name, {}).items() if dict(labels).get("reason") not in exclude_reasons))
 
 
-def _settle(metrics_port, view, timeout_s=30):
-    """Waits until nothing new is accepted, the outbox is empty and the view has every frame; returns the metrics."""
+def _metrics_of(ports):
+    """The gateways' metrics added up: name -> {labels: value}."""
+    out = {}
+    for port in ports:
+        for name, samples in _metrics(port).items():
+            for labels, v in samples.items():
+                out.setdefault(name, {})[labels] = out.get(name, {}).get(labels, 0) + v
+    return out
+
+
+def _settle(metrics_ports, view, timeout_s=30):
+    """Waits until nothing new is accepted, the outboxes are empty and the view has every frame;
+    returns the gateways' metrics added up."""
     end = time.monotonic() + timeout_s
     metrics, accepted = {}, -1
     while time.monotonic() < end:
-        metrics = _metrics(metrics_port)
+        metrics = _metrics_of(metrics_ports)
         now_accepted = _total(metrics, "binlink_frames_accepted_total")
         seen = view.published_frames() + len(view.hellos)
         if now_accepted == accepted and _total(metrics, "binlink_outbox_depth") == 0 and seen >= accepted:
@@ -161,9 +204,9 @@ def cmd_demo(args):
     console = Console()
     work = tempfile.mkdtemp(prefix="binlink-demo-")
     broker = None
-    gateway = None
     view = None
     fleet = None
+    redis_proc, redis_url, gateways = None, "", []  # gateways: (process, metrics port)
     try:
         if args.broker:
             host, _, port = args.broker.rpartition(":")
@@ -174,23 +217,41 @@ def cmd_demo(args):
             console.print("==> starting an embedded MQTT broker (%s) on 127.0.0.1:%d" % (type(broker).__name__, broker.port))
             broker.start()
             host, port = "127.0.0.1", broker.port
-        link = os.path.join(work, "radio0")
+        n_gw = max(1, args.gateways)
+        if n_gw > 1:
+            redis_proc, redis_url = _start_redis(work)
+            if redis_proc is None:
+                console.print("==> running ONE gateway, not %d: %s" % (n_gw, redis_url))
+                n_gw, redis_url = 1, ""
+            else:
+                console.print("==> %d gateways sharing counters, dedup and the registry through redis-server at %s"
+                              % (n_gw, redis_url))
+        links = [os.path.join(work, "radio%d" % i) for i in range(n_gw)]
         registry = os.path.join(work, "devices.toml")
-        console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, link))
-        fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=[link], registry_path=registry, speed=args.speed)
-        metrics_port = brokers.free_port()
-        config = os.path.join(work, "gateway.toml")
-        with open(config, "w") as f:
-            f.write('[gateway]\nid = "demo"\nsite = "demo"\nregistry = "%s"\nstate_dir = "%s"\nstatus_interval_s = 10\n'
-                    '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
-                    '[metrics]\nlisten = "127.0.0.1:%d"\n' % (registry, os.path.join(work, "state"), link, args.format,
-                                                              host, port, metrics_port))
-        console.print("==> starting the gateway (log: %s)" % os.path.join(work, "gateway.log"))
-        log = open(os.path.join(work, "gateway.log"), "ab")
-        # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order
-        gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        brokers.wait_port(metrics_port, timeout=30, proc=gateway)
+        console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, ", ".join(links)))
+        fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=links, registry_path=registry, speed=args.speed,
+                      **({"sites": _sites(n_gw), "channel": URBAN} if n_gw > 1 else {}))
+        if n_gw > 1:
+            heard = [len(v) for v in fleet.coverage().values()]
+            console.print("==> coverage: " + ", ".join("%d bins heard by %d gateway%s" % (heard.count(k), k, "" if k == 1 else "s")
+                                                       for k in range(n_gw + 1) if heard.count(k)))
+        for i, link in enumerate(links):
+            metrics_port = brokers.free_port()
+            config = os.path.join(work, "gateway%d.toml" % i)
+            with open(config, "w") as f:
+                f.write('[gateway]\nid = "demo%s"\nsite = "demo"\nregistry = "%s"\nstate_dir = "%s"\nstatus_interval_s = 10\n'
+                        '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
+                        '[metrics]\nlisten = "127.0.0.1:%d"\n' % (i or "", registry, os.path.join(work, "state%d" % i), link,
+                                                                  args.format, host, port, metrics_port))
+                if redis_url:
+                    f.write('[redis]\nurl = "%s"\n' % redis_url)
+            console.print("==> starting gateway %d (log: %s)" % (i, os.path.join(work, "gateway%d.log" % i)))
+            log = open(os.path.join(work, "gateway%d.log" % i), "ab")
+            # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order
+            gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            gateways.append((gateway, metrics_port))
+            brokers.wait_port(metrics_port, timeout=30, proc=gateway)
         view = View(host, port, "binlink/demo", lambda: fleet.now)
         runner = threading.Thread(target=fleet.run, args=(10 * 365 * 86400.0,), daemon=True)
         runner.start()
@@ -207,10 +268,13 @@ def cmd_demo(args):
         console.print("==> stopping the fleet; waiting for the gateway to publish everything it accepted")
         fleet.stop()
         runner.join(10)
-        fleet.links[0].wait_drained(10)
-        metrics = _settle(metrics_port, view)
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(30)
+        for link in fleet.links:
+            link.wait_drained(10)
+        metrics = _settle([p for _, p in gateways], view)
+        for g, _ in gateways:
+            g.send_signal(signal.SIGTERM)
+        for g, _ in gateways:
+            g.wait(30)
         time.sleep(0.3)
         accepted = _total(metrics, "binlink_frames_accepted_total")
         published, hellos = view.published_frames(), len(view.hellos)
@@ -226,8 +290,11 @@ def cmd_demo(args):
     finally:
         if view is not None:
             view.close()
-        if gateway is not None and gateway.poll() is None:
-            gateway.kill()
+        for g, _ in gateways:
+            if g.poll() is None:
+                g.kill()
+        if redis_proc is not None:
+            redis_proc.kill()
         if fleet is not None:
             fleet.close()
         if broker is not None:

@@ -29,14 +29,18 @@ class Truth:
 
 class Fleet:
     def __init__(self, bins, seed=1, fmt="raw", links=(), registry_path=None, vm=None, speed=0.0, t0=None,
-                 radius_m=1500.0, channel=None, alarm_rate_per_week=0.05, wake_s=900, report_s=3600, sf=9):
+                 radius_m=1500.0, channel=None, alarm_rate_per_week=0.05, wake_s=900, report_s=3600, sf=9,
+                 sites=None):
+        """sites: one (x, y, extra loss dB) per link, where that gateway's radio stands (default: a
+        row 300 m apart); with `channel` shadowing, a bin is heard by one, several or no gateway."""
         self.rng = random.Random(seed)
         self.fmt = fmt
         self.speed = speed
         self.t0 = time.time() if t0 is None else t0
         self.now = self.t0
         self.links = [PtyLink(p) if isinstance(p, str) else p for p in links]
-        receivers = [Receiver("radio%d" % i, link, fmt, x=i * 300.0) for i, link in enumerate(self.links)]
+        sites = sites or [(i * 300.0, 0.0, 0.0) for i in range(len(self.links))]
+        receivers = [Receiver("radio%d" % i, link, fmt, *site) for i, (link, site) in enumerate(zip(self.links, sites))]
         chan = dict(channel or {})
         self.channel = Channel(random.Random(seed + 1), receivers, **chan)
         self.truth = Truth()
@@ -69,6 +73,10 @@ class Fleet:
                             "depth_mm": d.bin.depth_mm, "full_mm": d.bin.full_mm,
                             "name": "Simulated bin %s" % d.bin_id[4:]} for d in self.devices]}
         registry.write(path, data)
+
+    def coverage(self):
+        """bin_id -> names of the receivers that hear it on a typical day."""
+        return {d.bin_id: self.channel.heard_by(d.device_id, d.xy, d.cfg["sf"]) for d in self.devices}
 
     @property
     def frames_sent(self):

@@ -16,19 +16,21 @@ CAPTURE_DB = 6.0
 
 
 class Receiver:
-    """A gateway radio at (x, y) metres whose module writes to `link` in `fmt`."""
+    """A gateway radio at (x, y) metres whose module writes to `link` in `fmt`; extra_loss_db: what
+    its site adds on every link (antenna low, behind a building)."""
 
-    def __init__(self, name, link, fmt, x=0.0, y=0.0):
+    def __init__(self, name, link, fmt, x=0.0, y=0.0, extra_loss_db=0.0):
         self.name = name
         self.link = link
         self.fmt = fmt
         self.x = x
         self.y = y
+        self.extra_loss_db = extra_loss_db
 
 
 class Channel:
     def __init__(self, rng, receivers, loss=0.01, duplicates=0.01, bit_errors=0.002, path_loss_exp=2.9,
-                 fading_db=6.0, tx_power_dbm=22.0):
+                 fading_db=6.0, tx_power_dbm=22.0, shadowing_db=0.0):
         self.rng = rng
         self.receivers = receivers
         self.loss = loss  # base loss rate, independent of distance (interference, shadowing)
@@ -37,6 +39,8 @@ class Channel:
         self.path_loss_exp = path_loss_exp
         self.fading_db = fading_db
         self.tx_power_dbm = tx_power_dbm
+        self.shadowing_db = shadowing_db  # per link, fixed: the buildings between one bin and one gateway
+        self._shadow = {}  # (sender, receiver name) -> dB
         self.pending = []  # transmissions not yet delivered (a later one may still collide)
         self._busy = {}  # sender -> time its module is free again
         self.stats = {"sent": 0, "delivered": 0, "intact": 0, "lost_collision": 0, "lost_range": 0, "lost_random": 0,
@@ -46,13 +50,24 @@ class Channel:
         d = max(10.0, math.hypot(dev_xy[0] - rx.x, dev_xy[1] - rx.y))
         return self.tx_power_dbm - 32.0 - 10 * self.path_loss_exp * math.log10(d)  # 32 dB: loss at 1 m, 868 MHz
 
+    def link_level(self, sender, dev_xy, rx):
+        """Mean level of one bin at one receiver: distance, the site's extra loss, the link's shadowing."""
+        key = (sender, rx.name)
+        if key not in self._shadow:
+            self._shadow[key] = self.rng.gauss(0.0, self.shadowing_db) if self.shadowing_db else 0.0
+        return self.rssi(dev_xy, rx) - rx.extra_loss_db - self._shadow[key]
+
+    def heard_by(self, sender, dev_xy, sf):
+        """Receivers that hear this bin on a typical day (mean level above sensitivity)."""
+        return [rx.name for rx in self.receivers if self.link_level(sender, dev_xy, rx) >= SENSITIVITY_DBM[sf]]
+
     def transmit(self, sender, t, dev_xy, payload, on_air_len, sf):
         """sender's module sends payload at simulated time t (or when its previous packet is out:
         a module sends one packet at a time). Returns True (the module sent it)."""
         toa = airtime.time_on_air_ms(on_air_len or len(payload), sf) / 1000.0
         start = max(t, self._busy.get(sender, t))
         self._busy[sender] = start + toa + 0.01
-        self.pending.append({"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf})
+        self.pending.append({"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender})
         self.stats["sent"] += 1
         return True
 
@@ -74,7 +89,7 @@ class Channel:
         heard = intact = False
         reasons = set()
         for rx in self.receivers:
-            level = self.rssi(tx["xy"], rx) + r.gauss(0.0, self.fading_db)
+            level = self.link_level(tx["sender"], tx["xy"], rx) + r.gauss(0.0, self.fading_db)
             if level < SENSITIVITY_DBM[tx["sf"]]:
                 reasons.add("lost_range")
                 continue

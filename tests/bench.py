@@ -104,7 +104,14 @@ def bench_fleet():
     }
 
 
-SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet}
+def bench_multi_gateway():
+    from tests import bench_multi_gateway
+
+    return bench_multi_gateway.run()
+
+
+SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet,
+            "multi_gateway": bench_multi_gateway}
 
 
 def main(names):

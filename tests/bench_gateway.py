@@ -104,7 +104,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
             due = t_start + i / steady_fps
             while time.perf_counter() < due:
                 time.sleep(max(0.0, min(0.002, due - time.perf_counter())))
-            sent_at["%06x:%d" % (dev, fcnt)] = time.perf_counter()
+            sent_at["%06x:0:%d" % (dev, fcnt)] = time.perf_counter()
             link.write(f)
         # the steady frames' own uplink events (the burst's alarm events are other message ids)
         wait_for(lambda: all(k in sub.arrivals for k in sent_at), timeout=120, interval=0.1, what="steady events")

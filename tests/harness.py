@@ -87,15 +87,16 @@ def write_registry(path, devices):
         registry.add(path, dev, bin_id, key, depth, full)
 
 
-def write_config(path, *, registry_path, state_dir, broker_port, sources, metrics_port, mqtt_extra="", mqtt_host="127.0.0.1"):
+def write_config(path, *, registry_path, state_dir, broker_port, sources, metrics_port, mqtt_extra="", mqtt_host="127.0.0.1",
+                 gateway_id="gw-test", extra=""):
     lines = [
-        "[gateway]", 'id = "gw-test"', 'site = "testcity"', 'registry = "%s"' % registry_path,
+        "[gateway]", 'id = "%s"' % gateway_id, 'site = "testcity"', 'registry = "%s"' % registry_path,
         'state_dir = "%s"' % state_dir, "status_interval_s = 1", 'log_level = "info"', "",
     ]
     for name, link, fmt in sources:
         lines += ["[[source]]", 'name = "%s"' % name, 'port = "%s"' % link, 'format = "%s"' % fmt, ""]
     lines += ["[mqtt]", 'host = "%s"' % mqtt_host, "port = %d" % broker_port, mqtt_extra, "", "[metrics]",
-              'listen = "127.0.0.1:%d"' % metrics_port]
+              'listen = "127.0.0.1:%d"' % metrics_port, "", extra]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -103,8 +104,11 @@ def write_config(path, *, registry_path, state_dir, broker_port, sources, metric
 class GatewayProcess:
     """`binlink gateway --config ...` as a real process, its metrics read over HTTP."""
 
-    def __init__(self, tmp, broker_port, sources, devices=None, mqtt_extra="", mqtt_host="127.0.0.1"):
+    def __init__(self, tmp, broker_port, sources, devices=None, mqtt_extra="", mqtt_host="127.0.0.1", gateway_id="gw-test",
+                 extra=""):
         self.tmp = str(tmp)
+        self.gateway_id = gateway_id
+        os.makedirs(self.tmp, exist_ok=True)
         self.registry = os.path.join(self.tmp, "devices.toml")
         if devices is not None:
             write_registry(self.registry, devices)
@@ -112,7 +116,7 @@ class GatewayProcess:
         self.config = os.path.join(self.tmp, "gateway.toml")
         write_config(self.config, registry_path=self.registry, state_dir=os.path.join(self.tmp, "state"),
                      broker_port=broker_port, sources=sources, metrics_port=self.metrics_port, mqtt_extra=mqtt_extra,
-                     mqtt_host=mqtt_host)
+                     mqtt_host=mqtt_host, gateway_id=gateway_id, extra=extra)
         self.log_path = os.path.join(self.tmp, "gateway.log")
         self.proc = None
 
@@ -155,3 +159,44 @@ class GatewayProcess:
     def output(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, no persistence; killable and restartable on
+    the same port (gateways reconnect to it)."""
+
+    def __init__(self, tmp, conf_lines=(), tls_dir=None):
+        """tls_dir: a folder with ca.crt, server.crt, server.key: TLS only (rediss://), no plain port."""
+        self.port = free_port()
+        self.tmp = str(tmp)
+        self.tls_dir = tls_dir
+        if tls_dir:
+            conf_lines = list(conf_lines) + ["tls-cert-file %s/server.crt" % tls_dir, "tls-key-file %s/server.key" % tls_dir,
+                                             "tls-ca-cert-file %s/ca.crt" % tls_dir, "tls-auth-clients no"]
+        self.conf = os.path.join(self.tmp, "redis-%d.conf" % self.port)
+        with open(self.conf, "w") as f:  # e.g. ACL `user ...` lines, as docs/gateway.md sets them up
+            f.write("".join(line + "\n" for line in conf_lines))
+        self.proc = None
+
+    def start(self):
+        ports = ["--port", "0", "--tls-port", str(self.port)] if self.tls_dir else ["--port", str(self.port)]
+        self.proc = subprocess.Popen(["redis-server", self.conf, *ports, "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", self.tmp], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, timeout=10, proc=self.proc)
+        return self
+
+    @property
+    def url(self):
+        return ("rediss://localhost:%d/0" if self.tls_dir else "redis://127.0.0.1:%d/0") % self.port
+
+    def config(self, ttl_s=3600):
+        return '[redis]\nurl = "%s"\ndedup_ttl_s = %s\nregistry_poll_s = 0.5\n' % (self.url, ttl_s)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()

@@ -320,3 +320,17 @@ def test_e22_is_woken_for_sending_and_put_to_sleep_after(make_device):
     mode = [(p, v) for p, v in writes if p in (m0, m1)]
     assert mode[:2] == [(m0, 0), (m1, 0)] and mode[-2:] == [(m0, 1), (m1, 1)]
     assert dev.hw.pins[m0] == 1 and dev.hw.pins[m1] == 1  # asleep while the bin sleeps
+
+
+def test_hello_with_the_full_counter_every_day(make_device):
+    """Besides each cold boot, the first report of every day follows a hello naming the full
+    counter, so a gateway that lost the bin's counter takes it up within a day at the latest."""
+    dev = make_device(report_s=3600, wake_s=900)
+    run(dev, 4 * 24 * 3 + 2)  # three days of 15-minute wakes
+    ds = decoded(dev)
+    hellos = [d for d in ds if d["type"] == "hello"]
+    assert 3 <= len(hellos) <= 4 and all(h["version"] == 2 for h in hellos)
+    assert len({h["fcnt"] for h in hellos}) == len(hellos)
+    for h in hellos[1:]:  # each daily hello is followed directly by that wake's reading
+        nxt = ds[ds.index(h) + 1]
+        assert nxt["type"] in ("reading", "backlog") and nxt["fcnt"] == h["fcnt"] + 1

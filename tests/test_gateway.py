@@ -33,12 +33,12 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
     assert state["fill_pct"] == 5.0 and state["distance_mm"] == 1150 and state["device"] == "0000a1"
     assert state["gateway"] == "gw-test" and state["received_at"].endswith("Z")
     full = wait_for(lambda: subscriber.events("full"), what="full event")
-    assert [e["message_id"] for e in full] == ["0000a1:2:full"]
-    assert [e["message_id"] for e in subscriber.events("emptied")] == ["0000a1:3:emptied"]
-    assert [e["message_id"] for e in subscriber.events("low_battery")] == ["0000a1:2:low_battery"]
+    assert [e["message_id"] for e in full] == ["0000a1:0:2:full"]
+    assert [e["message_id"] for e in subscriber.events("emptied")] == ["0000a1:0:3:emptied"]
+    assert [e["message_id"] for e in subscriber.events("low_battery")] == ["0000a1:0:2:low_battery"]
     hello = subscriber.events("hello")
     assert hello[0]["fw_version"] == "1.2.3" and hello[0]["reset_cause"] == "power_on"
-    assert [e["message_id"] for e in subscriber.events()] == ["0000a1:1", "0000a1:2", "0000a1:3"]
+    assert [e["message_id"] for e in subscriber.events()] == ["0000a1:0:1", "0000a1:0:2", "0000a1:0:3"]
     # retained state and availability, Home Assistant discovery for every bin
     late = Subscriber(broker.port)
     try:
@@ -110,7 +110,7 @@ def test_same_frame_from_two_radios_is_published_once(tmp_path, broker, subscrib
         wait_for(lambda: g.metric("binlink_duplicates_total") == 10, what="10 duplicates")
         time.sleep(0.5)
         events = subscriber.events()
-        assert sorted(e["message_id"] for e in events) == sorted("0000a1:%d" % n for n in range(1, 11))
+        assert sorted(e["message_id"] for e in events) == sorted("0000a1:0:%d" % n for n in range(1, 11))
         # each event carries the signal figures of the radio that heard it first, not a mix
         heard = {"r0": (-70, None), "r1": (-95, -3.5)}
         assert all((e["rssi"], e["snr"]) == heard[e["source"]] for e in events), events
@@ -163,7 +163,7 @@ def _broker_kill_scenario(gw, pty, broker, subscriber):
     time.sleep(1)
     events = subscriber.on("/event")
     ids = [json.loads(p)["message_id"] for _, p in events if b'"uplink"' in p]
-    want = {"%06x:%d" % (DEV_A if n % 2 else DEV_B, n) for n in range(1, 1001)}
+    want = {"%06x:0:%d" % (DEV_A if n % 2 else DEV_B, n) for n in range(1, 1001)}
     assert set(ids) == want
     # QoS 1 is at-least-once: a message the broker forwarded but whose PUBACK died with it is sent
     # again. Such a copy is byte-identical (same message_id, same content) and only messages in
@@ -191,17 +191,17 @@ def test_gateway_sigkilled_mid_stream_loses_nothing_accepted(tmp_path, gw, pty, 
     def accepted_ids():
         db = sqlite3.connect(db_path)
         try:
-            return {k for (k,) in db.execute("SELECT message_key FROM outbox WHERE topic LIKE '%/event' AND message_key NOT LIKE '%:%:%'")}
+            return {k for (k,) in db.execute("SELECT message_key FROM outbox WHERE topic LIKE '%/event' AND message_key NOT LIKE '%:%:%:%'")}
         finally:
             db.close()
 
-    wait_for(lambda: "0000a1:600" in {e["message_id"] for e in subscriber.events()}, timeout=30, what="last frame published")
+    wait_for(lambda: "0000a1:0:600" in {e["message_id"] for e in subscriber.events()}, timeout=30, what="last frame published")
     wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
     published = {e["message_id"] for e in subscriber.events()}
     accepted = accepted_ids()
     assert len(accepted) > 300  # some from before the kill, all from after
     assert accepted <= published, "accepted readings never published: %s" % sorted(accepted - published)[:5]
-    assert {"0000a1:%d" % n for n in range(301, 601)} <= published  # after the restart: every frame
+    assert {"0000a1:0:%d" % n for n in range(301, 601)} <= published  # after the restart: every frame
 
 
 def test_pty_unplugged_and_replugged_resumes_by_itself(gw, pty, subscriber):

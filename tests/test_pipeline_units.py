@@ -134,3 +134,47 @@ def test_time_synced_follows_the_clock_as_it_syncs(tmp_path, monkeypatch):
     assert state_after(1) is False
     synced[0] = True
     assert state_after(2) is True
+
+
+def _pipeline(tmp_path):
+    from binlink.gateway import config
+    from binlink.gateway.metrics import Metrics
+    from binlink.gateway.pipeline import Pipeline
+
+    cfg = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": []})
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    return Pipeline(cfg, {DEV.device_id: DEV}, box, Metrics()), box
+
+
+def _rec(frame):
+    from binlink.gateway.module_formats import Reception
+
+    return ("radio0", Reception(frame))
+
+
+def test_a_counter_jump_past_the_gap_limit_is_taken_up_from_two_frames(tmp_path):
+    """A bin that jumped more than 16 384 ahead (fcnt_gap for ever, before): its first frame is
+    held, the second reveals the counter, both are accepted; nothing at or below the old counter."""
+    from binlink.wire import codec
+
+    p, box = _pipeline(tmp_path)
+    enc = lambda n: codec.encode_reading(DEV.key, 1, n, 700, 20, 3700, 0, 5, 5)  # noqa: E731
+    assert p.process([_rec(enc(5))]) == 1
+    assert p.process([_rec(enc(40000))]) == 0
+    assert p.metrics.value("binlink_frames_rejected_total", reason="fcnt_gap") == 1
+    assert p.process([_rec(enc(40001))]) == 2  # both readings
+    assert p.counters[1] == 40001 and p.metrics.value("binlink_frames_recovered_total") == 2
+    assert p.process([_rec(enc(3))]) == 0  # an old frame is still refused
+    keys = {k for (k,) in box.db.execute("SELECT message_key FROM outbox")}
+    assert {"000001:0:40000", "000001:0:40001"} <= keys and "000001:0:3" not in keys
+
+
+def test_a_forged_pair_does_not_resynchronise(tmp_path):
+    from binlink.wire import codec
+
+    p, _ = _pipeline(tmp_path)
+    wrong = bytes(range(16))  # TEST KEY, not the device's
+    for n in (70000, 70001, 70002):
+        assert p.process([_rec(codec.encode_reading(wrong, 1, n, 700, 20, 3700, 0, 5, 5))]) == 0
+    assert p.metrics.value("binlink_frames_rejected_total", reason="bad_tag") == 3
+    assert 1 not in p.counters and p.metrics.value("binlink_counter_resyncs_total") == 0

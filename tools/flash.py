@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -90,34 +89,35 @@ def build(dry_run=False):
     return outputs
 
 
-def next_device_id(reg_path):
-    used = set()
-    if os.path.exists(reg_path):
-        used = set(registry.load(reg_path, check_permissions=False))
-    n = 1
-    while n in used:
-        n += 1
-    return n
+def default_registry():
+    """Outside build/ (which `make clean` deletes): the workstation's data directory."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "binlink", "devices.toml")
 
 
-def provision(bin_id, reg_path, out_dir, depth_mm, full_mm, transport, sensor, name="", dry_run=False, device_id=None):
-    """Writes out_dir/config.json (mode 0600) and adds the bin to the registry. Returns its path."""
-    device_id = device_id if device_id is not None else next_device_id(reg_path)
-    key = secrets.token_bytes(16)
-    cfg = {"device_id": device_id, "key": key.hex(), "transport": transport, "sensor": sensor,
-           "depth_mm": depth_mm, "full_mm": full_mm}
+def provision(bin_id, reg_path, out_dir, depth_mm, full_mm, transport, sensor, name="", dry_run=False):
+    """Writes out_dir/config.json (mode 0600) and registers the bin: a bin already in the registry
+    keeps its device id and gets a new key (key epoch + 1). Returns (config path, device id)."""
+    reg = registry.load_or_empty(reg_path)
+    known = reg.by_bin(bin_id)
     path = os.path.join(out_dir, "config.json")
-    say("provisioning bin %s as device %06x (key generated, not shown)" % (bin_id, device_id))
-    print("    config  -> %s  (transport=%s sensor=%s depth_mm=%d full_mm=%d)" % (path, transport, sensor, depth_mm, full_mm))
-    print("    registry-> %s  (device %06x, bin %s)" % (reg_path, device_id, bin_id))
     if dry_run:
-        return path, device_id
+        shown = known.dev if known else "(new random id)"
+        say("provisioning bin %s as device %s (key generated, not shown)" % (bin_id, shown))
+        print("    registry-> %s" % reg_path)
+        return path, known.device_id if known else None
+    device = registry.provision(reg_path, bin_id, depth_mm, full_mm, name=name)
+    cfg = {"device_id": device.device_id, "key": device.key.hex(), "transport": transport, "sensor": sensor,
+           "depth_mm": depth_mm, "full_mm": full_mm}
+    say("provisioning bin %s as device %s%s (key generated, not shown)"
+        % (bin_id, device.dev, " (same id, new key epoch %d)" % device.key_epoch if known else ""))
+    print("    config  -> %s  (transport=%s sensor=%s depth_mm=%d full_mm=%d)" % (path, transport, sensor, depth_mm, full_mm))
+    print("    registry-> %s  (device %s, bin %s)" % (reg_path, device.dev, bin_id))
     os.makedirs(out_dir, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(cfg, f, sort_keys=True)
-    registry.add(reg_path, device_id, bin_id, key, depth_mm, full_mm, name=name)
-    return path, device_id
+    return path, device.device_id
 
 
 def check_port(port):
@@ -192,8 +192,11 @@ def validate(args):
     if not 300 <= args.depth_mm <= 5000:
         problems.append("DEPTH_MM=%d: the sensors measure 300-5000 mm (sensor to the bin's floor)" % args.depth_mm)
     folder = os.path.dirname(os.path.abspath(args.registry))
+    if args.registry == default_registry() and not args.dry_run:
+        os.makedirs(folder, mode=0o700, exist_ok=True)  # the workstation's own data folder, made on first use
     if not os.path.isdir(folder):
-        problems.append("REGISTRY=%s: folder %s does not exist" % (args.registry, folder))
+        if args.registry != default_registry():  # the default's folder is made on first use (not in a dry run)
+            problems.append("REGISTRY=%s: folder %s does not exist" % (args.registry, folder))
     elif not os.access(folder, os.W_OK):
         problems.append("REGISTRY=%s: folder %s is not writable" % (args.registry, folder))
     elif os.path.exists(args.registry):
@@ -229,13 +232,11 @@ def board_config(args, device_id, key):
 
 
 def identity(args):
-    """(device id, key): a bin already in the registry keeps its id (its history follows it); the
-    key is new on every flash, so a board that left the depot with an old key cannot be cloned."""
-    if os.path.exists(args.registry):
-        for dev in registry.load(args.registry, check_permissions=False).values():
-            if dev.bin_id == args.bin:
-                return dev.device_id, secrets.token_bytes(16)
-    return next_device_id(args.registry), secrets.token_bytes(16)
+    """(device id, key): a bin already in the registry keeps its id (its history follows it), a new
+    bin gets a random id never used in this registry; the key is new on every flash."""
+    reg = registry.load_or_empty(args.registry)
+    holder = reg.by_bin(args.bin)
+    return (holder.device_id if holder else registry.allocate_id(reg.taken())), secrets.token_bytes(16)
 
 
 def mpremote(port, *chain, dry_run=False):
@@ -386,8 +387,8 @@ def flash(args):
             raise FlashError("no hello from the board within %d s: check the console (mpremote connect %s)"
                              % (args.hello_timeout, port))
         say("board says: %s" % line)
-    say("done: bin %s is device %06x; reload the gateway so it loads the registry (systemctl reload binlink-gateway)"
-        % (args.bin, device_id))
+    say("done: bin %s is device %06x; `systemctl reload binlink-gateway` (or `binlink registry push` with Redis) "
+        "so the gateways learn its key" % (args.bin, device_id))
 
 
 def read_hello(port, timeout_s):
@@ -411,7 +412,8 @@ def main(argv=None):
     for name in ("provision", "flash"):
         q = sub.add_parser(name)
         q.add_argument("--bin", required=True, help="bin id, e.g. market-square-1")
-        q.add_argument("--registry", default=os.environ.get("REGISTRY", os.path.join(ROOT, "build", "devices.toml")))
+        q.add_argument("--registry", default=os.environ.get("REGISTRY", default_registry()),
+                       help="device registry (default: %(default)s; never under build/)")
         q.add_argument("--depth-mm", type=int, default=1200)
         q.add_argument("--full-mm", type=int, default=250)
         q.add_argument("--transport", default="e22", choices=["e22", "e32", "rylr998", "serial", "wifi"])

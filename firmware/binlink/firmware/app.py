@@ -5,7 +5,8 @@ from binlink.wire import airtime, codec
 
 from binlink.firmware import config, log, measure, sensors, state, transports
 
-FW_VERSION = (1, 0, 0)
+FW_VERSION = (1, 1, 0)  # 1.1: the hello carries the full counter, and is sent daily too
+DAY_S = 86400
 _log = log.get("app")
 
 
@@ -31,10 +32,7 @@ def _cycle(hw, cfg, chash, s, radio):
     now = hw.time_s()
     cause = hw.reset_cause()
     if cause != 4 or not s.restored:  # cold boot: say hello with the reset cause
-        _log.info("hello device=%06x fw=%d.%d.%d reset_cause=%d fcnt=%d", cfg["device_id"], FW_VERSION[0], FW_VERSION[1],
-                  FW_VERSION[2], cause, s.fcnt)
-        _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
-                                                    FW_VERSION, cause, chash), now)
+        _hello(hw, cfg, chash, s, radio, now, cause)
     hw.wdt_feed()
     temp = hw.temperature_c(cfg["temp_pin"], cfg["temp_bits"])
     dist, valid, flags = measure.take(hw, sensors.make(hw, cfg), cfg, temp)
@@ -54,6 +52,10 @@ def _cycle(hw, cfg, chash, s, radio):
     fill = _fill_pct(cfg, dist)
     if not _due(cfg, s, now, dist, fill, new_alarm):
         return _sleep_s(cfg, s)
+    if s.last_report and now // DAY_S != s.last_report // DAY_S:
+        # the first report of each day: the hello's full counter lets a gateway that never heard
+        # this bin (or lost track of it) take up its counter (docs/protocol.md, Counter)
+        _hello(hw, cfg, chash, s, radio, now, cause)
     _flush_backlog(hw, cfg, s, radio, now)
     if s.backlog:
         flags |= codec.F_BACKLOG
@@ -66,6 +68,13 @@ def _cycle(hw, cfg, chash, s, radio):
     s.last_distance = state.NO_DISTANCE if dist is None else dist
     s.alarm_flags = alarm
     return _sleep_s(cfg, s)
+
+
+def _hello(hw, cfg, chash, s, radio, now, cause):
+    _log.info("hello device=%06x fw=%d.%d.%d reset_cause=%d fcnt=%d", cfg["device_id"], FW_VERSION[0], FW_VERSION[1],
+              FW_VERSION[2], cause, s.fcnt)
+    _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
+                                                FW_VERSION, cause, chash), now)
 
 
 def _sleep_s(cfg, s):

@@ -8,7 +8,8 @@ try:  # CPython: C implementation; MicroPython has no hmac module.
 except ImportError:
     _hmac = None
 
-VERSION = 1
+VERSION = 1  # layout of reading and backlog frames, and of the hello old firmware sends
+HELLO_VERSION = 2  # the hello that carries the full 32-bit counter (docs/protocol.md, Counter)
 T_READING = 1
 T_BACKLOG = 2
 T_HELLO = 3
@@ -19,6 +20,7 @@ HEADER_LEN = 6  # version/type, device id (3), fcnt low 16 bits (2)
 READING_LEN = 6  # distance (2), temperature, battery, flags, quality
 ENTRY_LEN = 9  # fcnt back (1), age minutes (2), reading body (6)
 HELLO_LEN = 8  # fw version (3), reset cause, config hash (4)
+HELLO2_LEN = 10  # fcnt high 16 bits (2), then the version 1 hello body
 MAX_DEVICE_ID = 0xFFFFFF
 MAX_FCNT = 0xFFFFFFFF
 MAX_FCNT_GAP = 0x4000  # larger jumps than this are refused, as LoRaWAN does
@@ -83,12 +85,12 @@ def _check_key(key):
         raise ValueError("device key must be 16 bytes")
 
 
-def _header(ftype, device_id, fcnt):
+def _header(ftype, device_id, fcnt, version=VERSION):
     if not 0 <= device_id <= MAX_DEVICE_ID:
         raise ValueError("device id out of range")
     if not 0 <= fcnt <= MAX_FCNT:
         raise ValueError("frame counter out of range")
-    return struct.pack(">BBHH", (VERSION << 4) | ftype, device_id >> 16, device_id & 0xFFFF, fcnt & 0xFFFF)
+    return struct.pack(">BBHH", (version << 4) | ftype, device_id >> 16, device_id & 0xFFFF, fcnt & 0xFFFF)
 
 
 def _clamp(v, lo, hi):
@@ -133,21 +135,37 @@ def encode_backlog(key, device_id, fcnt, entries):
     return _sign(key, fcnt, b"".join(parts))
 
 
-def encode_hello(key, device_id, fcnt, fw_version, reset_cause, config_hash):
-    """fw_version: (major, minor, patch); reset_cause: index into RESET_CAUSES; config_hash: 4 bytes."""
+def encode_hello(key, device_id, fcnt, fw_version, reset_cause, config_hash, version=HELLO_VERSION):
+    """fw_version: (major, minor, patch); reset_cause: index into RESET_CAUSES; config_hash: 4 bytes.
+
+    Version 2 (the default) also carries the counter's high 16 bits, so any gateway can take up
+    the bin's counter from it; version 1 is what firmware before 1.1 sends."""
     if len(config_hash) != 4:
         raise ValueError("config hash must be 4 bytes")
-    body = _header(T_HELLO, device_id, fcnt) + bytes(
-        [fw_version[0] & 0xFF, fw_version[1] & 0xFF, fw_version[2] & 0xFF, reset_cause & 0xFF]
-    ) + bytes(config_hash)
+    body = _header(T_HELLO, device_id, fcnt, version)
+    if version == HELLO_VERSION:
+        body += struct.pack(">H", fcnt >> 16)
+    body += bytes([fw_version[0] & 0xFF, fw_version[1] & 0xFF, fw_version[2] & 0xFF, reset_cause & 0xFF]) + bytes(config_hash)
     return _sign(key, fcnt, body)
+
+
+def _hello_body_at(frame):
+    """Offset of the firmware version in a hello: after the counter's high bits in version 2."""
+    return HEADER_LEN + 2 if frame[0] >> 4 == HELLO_VERSION else HEADER_LEN
+
+
+def explicit_fcnt(frame):
+    """The full counter a version 2 hello carries on air, or None (other frames carry 16 bits)."""
+    if frame[0] == (HELLO_VERSION << 4) | T_HELLO:
+        return (frame[HEADER_LEN] << 24) | (frame[HEADER_LEN + 1] << 16) | (frame[4] << 8) | frame[5]
+    return None
 
 
 def expected_length(ftype, frame):
     if ftype == T_READING:
         return HEADER_LEN + READING_LEN + TAG_LEN
     if ftype == T_HELLO:
-        return HEADER_LEN + HELLO_LEN + TAG_LEN
+        return HEADER_LEN + (HELLO2_LEN if frame[0] >> 4 == HELLO_VERSION else HELLO_LEN) + TAG_LEN
     if len(frame) < HEADER_LEN + 1:
         return HEADER_LEN + 1 + ENTRY_LEN + TAG_LEN
     return HEADER_LEN + 1 + ENTRY_LEN * frame[HEADER_LEN] + TAG_LEN
@@ -159,8 +177,9 @@ def parse_header(frame):
         raise ProtocolError("truncated", "%d bytes" % len(frame))
     version = frame[0] >> 4
     ftype = frame[0] & 0x0F
-    if version != VERSION:
-        raise ProtocolError("bad_version", "version %d, this side speaks %d" % (version, VERSION))
+    if version != VERSION and not (version == HELLO_VERSION and ftype == T_HELLO):
+        raise ProtocolError("bad_version", "version %d %s, this side speaks %d (and %d for hello)"
+                            % (version, TYPE_NAMES.get(ftype, "type %d" % ftype), VERSION, HELLO_VERSION))
     if ftype not in TYPE_NAMES:
         raise ProtocolError("bad_type", "type %d" % ftype)
     if ftype == T_BACKLOG and len(frame) > HEADER_LEN and frame[HEADER_LEN] == 0:
@@ -199,9 +218,19 @@ def verify(frame, key, last_fcnt=None):
     """Checks the tag and the counter; returns the full 32-bit frame counter.
 
     Raises ProtocolError: bad_tag (wrong key, forged or corrupted), replay (counter not above
-    last_fcnt), fcnt_gap (counter jumped further than MAX_FCNT_GAP)."""
+    last_fcnt), fcnt_gap (counter jumped further than MAX_FCNT_GAP).
+
+    A version 2 hello names its full counter, so no reconstruction is needed and no gap is too
+    large: the tag over that counter is the proof, and a counter not above last_fcnt is a replay."""
     _check_key(key)
     fcnt_low = parse_header(frame)[2]
+    explicit = explicit_fcnt(frame)
+    if explicit is not None:
+        if not _tag_ok(key, explicit, frame):
+            raise ProtocolError("bad_tag")
+        if last_fcnt is not None and explicit <= last_fcnt:
+            raise ProtocolError("replay", "counter %d, last accepted %d" % (explicit, last_fcnt), explicit)
+        return explicit
     full = candidate_fcnt(fcnt_low, last_fcnt)
     if _tag_ok(key, full, frame):
         if last_fcnt is not None and full - last_fcnt > MAX_FCNT_GAP:
@@ -213,6 +242,48 @@ def verify(frame, key, last_fcnt=None):
         if old <= last_fcnt and _tag_ok(key, old, frame):
             raise ProtocolError("replay", "counter %d, last accepted %d" % (old, last_fcnt), old)
     raise ProtocolError("bad_tag")
+
+
+def verify_before(frame, key, anchor, floor=None):
+    """The counter of a frame sent before `anchor` (a resynchronising hello's counter) and after
+    `floor` (the last counter accepted before, None: none): the latest value below anchor with
+    the frame's 16 bits, so at most 65 535 back. Raises bad_tag when the tag does not verify
+    with it, replay when it is not above floor. One tag check: no weaker than verify()."""
+    _check_key(key)
+    fcnt_low = parse_header(frame)[2]
+    if explicit_fcnt(frame) is not None:
+        raise ProtocolError("bad_field", "a version 2 hello is verified by verify()")
+    full = (anchor & 0xFFFF0000) | fcnt_low
+    if full >= anchor:
+        full -= 0x10000
+    if full < 0 or not _tag_ok(key, full, frame):
+        raise ProtocolError("bad_tag")
+    if floor is not None and full <= floor:
+        raise ProtocolError("replay", "counter %d, last accepted %d" % (full, floor), full)
+    return full
+
+
+def search_counter(newest, older, key, floor=None):
+    """Gateway side, for a bin whose counter it lost (never heard, or moved on past 65 536): the
+    full counter of `newest` found by trying each possible high half, accepted only when one of
+    the `older` frames also verifies with the counter its 16 bits then name below it. Two tags
+    must match: a false match is about 2^16 x 2^-32 x 2^-32 = 2^-48 per search, less likely than
+    forging one frame (2^-32); counters not above floor are never returned. Up to 65 536 HMACs:
+    the caller limits how often it searches. Returns the counter or raises bad_tag."""
+    _check_key(key)
+    low = parse_header(newest)[2]
+    first = 0 if floor is None else floor >> 16
+    for epoch in range(first, 0x10000):
+        full = (epoch << 16) | low
+        if (floor is not None and full <= floor) or not _tag_ok(key, full, newest):
+            continue
+        for frame in older:
+            try:
+                verify_before(frame, key, full, floor)
+                return full
+            except ProtocolError:
+                pass
+    raise ProtocolError("bad_tag", "no counter verifies these frames")
 
 
 def _unpack_reading(frame, i):
@@ -243,11 +314,11 @@ def flag_bits(names):
 def decode_body(frame, fcnt):
     """Decodes a frame already verified (tag and counter) into a dict."""
     ftype, device_id, _ = parse_header(frame)
-    out = {"type": TYPE_NAMES[ftype], "version": VERSION, "device_id": device_id, "fcnt": fcnt}
+    out = {"type": TYPE_NAMES[ftype], "version": frame[0] >> 4, "device_id": device_id, "fcnt": fcnt}
     if ftype == T_READING:
         out.update(_unpack_reading(frame, HEADER_LEN))
     elif ftype == T_HELLO:
-        p = HEADER_LEN
+        p = _hello_body_at(frame)
         cause = frame[p + 3]
         out["fw_version"] = "%d.%d.%d" % (frame[p], frame[p + 1], frame[p + 2])
         out["reset_cause"] = RESET_CAUSES[cause] if cause < len(RESET_CAUSES) else "unknown"
