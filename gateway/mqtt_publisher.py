@@ -38,6 +38,7 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 RESTART_MAX_S = 30.0
 HEARTBEAT_S = 5.0  # the process reports at least this often, news or not ...
 SILENT_LIMIT_S = 60.0  # ... and one silent for this long counts as dead for the watchdog
+LOOK_S = 2.0  # the outbox is also read this often unwoken: rows other writers left (`binlink registry retire`)
 PR_SET_PDEATHSIG = 1
 
 
@@ -180,6 +181,7 @@ class Worker:
         self.inflight = {}  # mid -> (outbox id, received_at); (None, None) for discovery and status
         self.last_fed = 0  # highest outbox id handed to the broker in this session
         self.maybe_pending = True  # the outbox may hold rows after last_fed
+        self.next_look = 0.0
         self.acked = []  # outbox ids the broker acknowledged, not yet reported to the service
         self.next_connect = 0.0
         self.backoff = RECONNECT_MIN_S
@@ -379,6 +381,10 @@ class Worker:
         if self.wake_fd in ready:
             os.read(self.wake_fd, 65536)
             self.maybe_pending = not self.storage_retry
+        elif time.monotonic() >= self.next_look and not self.storage_retry:
+            self.maybe_pending = True
+        if self.maybe_pending:
+            self.next_look = time.monotonic() + LOOK_S
         if self.conn in ready and not self._from_service():
             return False
         if self.session is not None and self.session in ready:

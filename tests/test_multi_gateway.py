@@ -185,7 +185,7 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
             assert g.metric("binlink_shared_state_up") == 0
             assert "shared state unavailable" in g.output()
             wait_for(lambda: [s for s in subscriber.json("gateway/%s/stats" % g.gateway_id)
-                              if s.get("binlink_shared_state_up") == 0], what="stats topic says so")
+                              if s.get("shared_state_up") == 0], what="stats topic says so")
             wait_for(lambda: subscriber.json("gateway/%s/shared_state" % g.gateway_id)[-1]["state"] == "local",
                      what="retained shared_state topic says so")
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(11, 21)}, what="outage readings")
