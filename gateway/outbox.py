@@ -2,6 +2,11 @@
 QoS 1 acknowledgement, with the per-device counters and per-bin state committed in the same
 transaction — so a counter never advances for a reading that is not on disk, and vice versa.
 
+Sized for a Raspberry Pi's SD card: small pages (a commit rewrites whole pages; a reading touches
+a handful of them), a bounded WAL checkpointed every ~0.5 MB, and the WAL file cut back to that
+size afterwards. A full disk is a state (StorageFull), not a crash: a failed commit leaves nothing
+behind and the next one succeeds once there is room again.
+
 One Outbox object per thread (SQLite connections are not shared across threads)."""
 import os
 import sqlite3
@@ -9,7 +14,7 @@ import time
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,             -- never reused: prune() keeps the newest row
     message_key TEXT NOT NULL UNIQUE,   -- <device>:<fcnt>[:<kind>]: a reading is stored once
     topic TEXT NOT NULL,
     payload TEXT NOT NULL,
@@ -26,13 +31,36 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 CREATE TABLE IF NOT EXISTS bins (
     bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receptions (
     device_id INTEGER NOT NULL, fcnt INTEGER NOT NULL, source TEXT NOT NULL, rssi INTEGER, snr REAL,
     received_at REAL NOT NULL, duplicate INTEGER NOT NULL
 );
 """
 KEEP_ACKED_S = 7 * 24 * 3600  # acked keys kept this long so a late copy is not published again
+PAGE_SIZE = 1024  # a commit writes whole pages to the WAL: small pages, fewer bytes per reading
+CHECKPOINT_PAGES = 500  # ~0.5 MB of WAL between checkpoints: few rewrites of hot pages, bounded size
+WAL_LIMIT_BYTES = 600 * 1024  # the WAL file is cut back to this after a checkpoint
+
+
+class StorageFull(Exception):
+    """The disk holding the outbox is full: nothing of the failed write was kept."""
+
+
+def is_full(error, path):
+    """True when a SQLite error means the disk is full. SQLITE_FULL is the usual answer; a write
+    or fsync that fails on a volume with no room left can also surface as an I/O error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        return free_bytes(path) < 64 * 1024
+    return False
+
+
+def free_bytes(path):
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return st.f_bavail * st.f_frsize
 
 
 class Batch:
@@ -50,53 +78,62 @@ class Batch:
         return bool(self.messages or self.counters or self.receptions)
 
 
+def connect(path, durable=True, timeout=30):
+    """A connection with the outbox's settings; the page size applies to a new file only."""
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=True)
+    try:
+        db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))  # FULL: survives a power cut
+        db.execute("PRAGMA wal_autocheckpoint=%d" % CHECKPOINT_PAGES)
+        db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT_BYTES)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class Outbox:
     def __init__(self, path, durable=True):
         """durable=False (the publisher's connection): an ack lost in a power cut only means the
         message is published again under the same id, so acks skip the fsync."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))  # FULL: survives a power cut
-        self.db.executescript(SCHEMA)
+        self.db = connect(path, durable)
+        try:
+            self._write(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self):
         self.db.close()
+
+    def _write(self, work):
+        """Runs work(db) in one write transaction. A full disk raises StorageFull; SQLite may
+        already have rolled the transaction back itself, so roll back only what is still open."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException as e:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error says more
+            if isinstance(e, sqlite3.OperationalError) and is_full(e, self.path):
+                raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(self.path))) from e
+            raise
 
     def commit(self, batch):
         """Writes a batch in one transaction; returns the change in pending messages.
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        insert = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
-        try:
-            pending = db.executemany(insert, batch.messages).rowcount
-            states = list(batch.states.values())
-            if states:
-                pending -= db.executemany(
-                    "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
-                    [(m[4], m[1]) for m in states],
-                ).rowcount
-                pending += db.executemany(insert, states).rowcount
-            db.executemany(
-                "INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
-                "WHERE excluded.last_fcnt > last_fcnt OR excluded.key_id != key_id",
-                [(d,) + v for d, v in batch.counters.items()],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
-                [(b,) + v for b, v in batch.bins.items()],
-            )
-            db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return pending
+        return self._write(lambda db: _commit(db, batch))
 
     def counters(self):
         """device_id -> (last accepted fcnt, key_id)."""
@@ -104,6 +141,19 @@ class Outbox:
 
     def bins(self):
         return {r[0]: r[1:] for r in self.db.execute("SELECT bin_id, fcnt, fill_pct, flags, updated_at FROM bins")}
+
+    def raise_counters(self, counters, bins):
+        """Counters and bin states learnt elsewhere (the broker's retained states, after a state
+        loss): a counter only ever moves up, a bin state is taken when newer than ours."""
+        def work(db):
+            db.executemany(_UPSERT_COUNTER, [(d,) + v for d, v in counters.items()])
+            db.executemany(
+                "INSERT INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(bin_id) DO UPDATE SET fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, "
+                "flags=excluded.flags, updated_at=excluded.updated_at WHERE excluded.fcnt > fcnt",
+                [(b,) + v for b, v in bins.items()],
+            )
+        self._write(work)
 
     def pending(self, after_id, limit):
         """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
@@ -114,19 +164,51 @@ class Outbox:
 
     def ack(self, ids, now=None):
         """Marks messages acknowledged; returns how many were still pending (a superseded state
-        acknowledged after all was already off the books)."""
+        acknowledged after all was already off the books). Raises StorageFull: keep the ids and
+        ack again later (the messages are not published twice meanwhile)."""
         now = time.time() if now is None else now
-        self.db.execute("BEGIN IMMEDIATE")
-        done = self.db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL",
-                                   [(now, i) for i in ids]).rowcount
-        self.db.execute("COMMIT")
-        return done
+        return self._write(lambda db: db.executemany(
+            "UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount)
 
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
         return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
 
     def prune(self, now=None):
-        now = time.time() if now is None else now
-        self.db.execute("DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ?", (now - KEEP_ACKED_S,))
-        self.db.execute("DELETE FROM receptions WHERE received_at < ?", (now - KEEP_ACKED_S,))
+        """Forgets old acknowledged messages; the newest row stays so that its id is never handed
+        out again. On a full disk nothing is pruned this time (returns False)."""
+        cutoff = (time.time() if now is None else now) - KEEP_ACKED_S
+
+        def work(db):
+            db.execute("DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ? "
+                       "AND id < (SELECT max(id) FROM outbox)", (cutoff,))
+            db.execute("DELETE FROM receptions WHERE received_at < ?", (cutoff,))
+        try:
+            self._write(work)
+        except StorageFull:
+            return False
+        return True
+
+
+_INSERT = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
+_UPSERT_COUNTER = ("INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
+                   "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
+                   "WHERE excluded.last_fcnt > last_fcnt OR excluded.key_id != key_id")
+
+
+def _commit(db, batch):
+    pending = db.executemany(_INSERT, batch.messages).rowcount
+    states = list(batch.states.values())
+    if states:
+        pending -= db.executemany(
+            "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
+            [(m[4], m[1]) for m in states],
+        ).rowcount
+        pending += db.executemany(_INSERT, states).rowcount
+    db.executemany(_UPSERT_COUNTER, [(d,) + v for d, v in batch.counters.items()])
+    db.executemany(
+        "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
+        [(b,) + v for b, v in batch.bins.items()],
+    )
+    db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
+    return pending
