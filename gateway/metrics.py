@@ -15,6 +15,11 @@ class Metrics:
         self.published = Counter("binlink_messages_published", "MQTT messages acknowledged by the broker (QoS 1)", registry=r)
         self.outbox_depth = Gauge("binlink_outbox_depth", "Messages waiting in the durable outbox", registry=r)
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.storage_full = Gauge("binlink_storage_full", "1 while the state disk is full and new frames are refused", registry=r)
+        self.state_problems = Counter("binlink_state_problems", "Damaged or lost state found at start, by problem", ["problem"], registry=r)
+        self.state_salvaged = Counter("binlink_state_salvaged_rows", "Rows carried over from a damaged state file, by table", ["table"], registry=r)
+        self.counters_from_broker = Counter("binlink_counters_from_broker", "Frame counters raised from the broker's retained bin states at start", registry=r)
+        self.clock_suspect = Gauge("binlink_clock_suspect", "1 while the system clock cannot be right (before the release date or behind the broker's states)", registry=r)
         self.publish_latency = Histogram(
             "binlink_publish_latency_seconds", "From reception to the broker's acknowledgement", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60, 600, 3600),

@@ -13,7 +13,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from binlink.gateway import homeassistant, integrate, logs
-from binlink.gateway.outbox import Outbox
+from binlink.gateway.outbox import Outbox, StorageFull
 
 log = logs.get("mqtt")
 ACK_GROUP = 500  # acks written to the outbox in groups: one transaction each
@@ -161,9 +161,13 @@ class Publisher:
                     self.metrics.publish_latency.observe(max(0.0, now - hit[1]))
 
     def _write_acks(self, box):
-        done, self._acked = self._acked, []
-        self.metrics.outbox_depth.dec(box.ack(done))
-        self.metrics.published.inc(len(done))
+        try:
+            still_pending = box.ack(self._acked)
+        except StorageFull:
+            return  # kept and written once there is room; they are not published again meanwhile
+        self.metrics.outbox_depth.dec(still_pending)
+        self.metrics.published.inc(len(self._acked))
+        self._acked = []
 
     def notify(self):
         self.wake.set()

@@ -8,9 +8,14 @@ size afterwards. A full disk is a state (StorageFull), not a crash: a failed com
 behind and the next one succeeds once there is room again.
 
 One Outbox object per thread (SQLite connections are not shared across threads)."""
+import logging
 import os
 import sqlite3
 import time
+
+from binlink.gateway import logs
+
+log = logs.get("storage")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -61,6 +66,35 @@ def is_full(error, path):
 def free_bytes(path):
     st = os.statvfs(os.path.dirname(os.path.abspath(path)))
     return st.f_bavail * st.f_frsize
+
+
+class StorageGuard:
+    """The full-disk state as the outside sees it: one clear log line when the disk fills and one
+    when there is room again, the binlink_storage_full gauge, the frames refused meanwhile."""
+
+    def __init__(self, metrics, path):
+        self.metrics = metrics
+        self.path = path
+        self.full = False
+        self.refused = 0  # frames refused in the current full spell
+
+    def refuse(self, error, frames):
+        self.metrics.rejected.labels("storage_full").inc(frames)
+        self.refused += frames
+        if not self.full:
+            self.full = True
+            self.metrics.storage_full.set(1)
+            logs.event(log, logging.ERROR, "storage full: new frames are refused until there is room again; "
+                       "what the outbox holds is still published", path=self.path, free_bytes=free_bytes(self.path),
+                       error=str(error.__cause__ or error))
+
+    def ok(self):
+        if self.full:
+            self.full = False
+            self.metrics.storage_full.set(0)
+            logs.event(log, logging.WARNING, "storage has room again: accepting frames", path=self.path,
+                       free_bytes=free_bytes(self.path), refused=self.refused)
+            self.refused = 0
 
 
 class Batch:

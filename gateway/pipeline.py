@@ -11,7 +11,7 @@ import time
 from binlink.wire import codec
 from binlink.gateway import calibration, events, integrate, logs
 from binlink.gateway.dedup import Dedup
-from binlink.gateway.outbox import Batch
+from binlink.gateway.outbox import Batch, StorageFull, StorageGuard
 
 log = logs.get("pipeline")
 
@@ -32,6 +32,7 @@ class Pipeline:
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
+        self.storage = StorageGuard(metrics, outbox.path)
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
@@ -65,12 +66,24 @@ class Pipeline:
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
-            self.metrics.outbox_depth.inc(self.outbox.commit(batch))
+            try:
+                self.metrics.outbox_depth.inc(self.outbox.commit(batch))
+            except StorageFull as e:
+                self._refuse(batch, e)
+                return 0
+            self.storage.ok()
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
         self.dedup.expire(now)
         return readings
+
+    def _refuse(self, batch, error):
+        """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin
+        states in memory go back to what is on disk, so a copy heard later is not called a replay."""
+        self.storage.refuse(error, batch.accepted)
+        self.set_devices(self.devices)
+        self.bins = self.outbox.bins()
 
     def _reject(self, reason, source, detail=""):
         self.metrics.rejected.labels(reason).inc()
