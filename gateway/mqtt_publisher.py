@@ -21,6 +21,19 @@ ACK_FLUSH_S = 0.05
 ACK_POLL_S = 0.005
 
 
+def apply_connection_settings(client, m):
+    """Credentials and TLS from the [mqtt] config m, for every client the gateway opens."""
+    if m.username:
+        password = m.password
+        if m.password_file:
+            with open(m.password_file) as f:
+                password = f.read().strip()
+        client.username_pw_set(m.username, password or None)
+    if m.tls:
+        client.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None,
+                       cert_reqs=ssl.CERT_REQUIRED)
+
+
 class Publisher:
     def __init__(self, cfg, outbox_path, devices, metrics, on_uplink=None):
         """on_uplink(frame bytes): a frame a Wi-Fi bin published on the uplink topic."""
@@ -49,15 +62,7 @@ class Publisher:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(1, 30)
         c.will_set(self.status_topic, "offline", qos=1, retain=True)
-        if m.username:
-            password = m.password
-            if m.password_file:
-                with open(m.password_file) as f:
-                    password = f.read().strip()
-            c.username_pw_set(m.username, password or None)
-        if m.tls:
-            c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None,
-                      cert_reqs=ssl.CERT_REQUIRED)
+        apply_connection_settings(c, m)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish

@@ -135,7 +135,7 @@ class Outbox:
         self.path = path
         self.db = connect(path, durable)
         try:
-            self._write(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
+            self.write(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
         except BaseException:
             self.db.close()
             raise
@@ -143,7 +143,7 @@ class Outbox:
     def close(self):
         self.db.close()
 
-    def _write(self, work):
+    def write(self, work):
         """Runs work(db) in one write transaction. A full disk raises StorageFull; SQLite may
         already have rolled the transaction back itself, so roll back only what is still open."""
         db = self.db
@@ -167,7 +167,7 @@ class Outbox:
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
-        return self._write(lambda db: _commit(db, batch))
+        return self.write(lambda db: _commit(db, batch))
 
     def counters(self):
         """device_id -> (last accepted fcnt, key_id)."""
@@ -179,15 +179,15 @@ class Outbox:
     def raise_counters(self, counters, bins):
         """Counters and bin states learnt elsewhere (the broker's retained states, after a state
         loss): a counter only ever moves up, a bin state is taken when newer than ours."""
+        self.write(lambda db: _raise(db, counters, bins))
+
+    def carry_over(self, counters, bins, rows):
+        """What was read from a damaged state file: counters, bin states and outbox rows (by id)."""
         def work(db):
-            db.executemany(_UPSERT_COUNTER, [(d,) + v for d, v in counters.items()])
-            db.executemany(
-                "INSERT INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(bin_id) DO UPDATE SET fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, "
-                "flags=excluded.flags, updated_at=excluded.updated_at WHERE excluded.fcnt > fcnt",
-                [(b,) + v for b, v in bins.items()],
-            )
-        self._write(work)
+            _raise(db, counters, bins)
+            db.executemany("INSERT OR IGNORE INTO outbox(id, message_key, topic, payload, retain, received_at, acked_at, "
+                           "superseded) VALUES (?,?,?,?,?,?,?,?)", rows)
+        self.write(work)
 
     def pending(self, after_id, limit):
         """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
@@ -201,7 +201,7 @@ class Outbox:
         acknowledged after all was already off the books). Raises StorageFull: keep the ids and
         ack again later (the messages are not published twice meanwhile)."""
         now = time.time() if now is None else now
-        return self._write(lambda db: db.executemany(
+        return self.write(lambda db: db.executemany(
             "UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount)
 
     def depth(self):
@@ -218,7 +218,7 @@ class Outbox:
                        "AND id < (SELECT max(id) FROM outbox)", (cutoff,))
             db.execute("DELETE FROM receptions WHERE received_at < ?", (cutoff,))
         try:
-            self._write(work)
+            self.write(work)
         except StorageFull:
             return False
         return True
@@ -228,6 +228,16 @@ _INSERT = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, rec
 _UPSERT_COUNTER = ("INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
                    "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
                    "WHERE excluded.last_fcnt > last_fcnt OR excluded.key_id != key_id")
+
+
+def _raise(db, counters, bins):
+    db.executemany(_UPSERT_COUNTER, [(d,) + v for d, v in counters.items()])
+    db.executemany(
+        "INSERT INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(bin_id) DO UPDATE SET fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, "
+        "flags=excluded.flags, updated_at=excluded.updated_at WHERE excluded.fcnt > fcnt",
+        [(b,) + tuple(v) for b, v in bins.items()],
+    )
 
 
 def _commit(db, batch):

@@ -10,6 +10,7 @@ import time
 
 from binlink.wire import codec
 from binlink.gateway import calibration, events, integrate, logs
+from binlink.gateway.clock import ClockCheck
 from binlink.gateway.dedup import Dedup
 from binlink.gateway.outbox import Batch, StorageFull, StorageGuard
 
@@ -33,6 +34,7 @@ class Pipeline:
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
         self.storage = StorageGuard(metrics, outbox.path)
+        self.clock_check = ClockCheck(metrics)
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
@@ -53,7 +55,7 @@ class Pipeline:
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
         now = self.clock()
         # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
-        self._rx_base["time_synced"] = clock_synced()
+        self._rx_base["time_synced"] = self.clock_check.plausible(now) and clock_synced()
         batch = Batch()
         readings = 0
         read = {}

@@ -12,11 +12,10 @@ import time
 
 import sdnotify
 
-from binlink.gateway import config as config_mod, logs, registry
+from binlink.gateway import config as config_mod, logs, recovery, registry
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.module_formats import Reception
 from binlink.gateway.mqtt_publisher import Publisher
-from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
 
@@ -65,15 +64,19 @@ class Gateway:
 
     def run(self):
         cfg = self.cfg
-        box = Outbox(self.outbox_path)
+        if cfg.metrics_listen:  # first: state problems found at start show there too
+            host, port = config_mod.metrics_address(cfg)
+            self._metrics_server = self.metrics.serve(host, port)
+        # checked and repaired, counters raised from the broker, before any frame is accepted
+        box, state = recovery.open_state(cfg, self.outbox_path, self.devices, self.metrics, self.stop_event,
+                                         keepalive=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
         pipeline = Pipeline(cfg, self.devices, box, self.metrics)
+        pipeline.clock_check.broker_time = state.newest_synced_time
+        pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
         self.metrics.outbox_depth.set(depth)
-        if cfg.metrics_listen:
-            host, port = config_mod.metrics_address(cfg)
-            self._metrics_server = self.metrics.serve(host, port)
         self.publisher.start()  # drains what a previous run left in the outbox first
         for s in self.sources:
             s.start()
