@@ -97,7 +97,15 @@ def bench_fleet():
     }
 
 
-SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway, "fleet": bench_fleet}
+def bench_state():
+    """Radio replug gap, replays after a state loss, storage written per reading (tests/bench_state.py)."""
+    from tests import bench_state
+
+    return bench_state.run()
+
+
+SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "gateway": bench_gateway, "fleet": bench_fleet,
+            "state": bench_state}
 
 
 def main(names):
