@@ -12,6 +12,7 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 
 from binlink.gateway import logs
 
@@ -28,8 +29,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     acked_at REAL,                      -- broker's PUBACK (or superseded, for a retained state)
     superseded INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE acked_at IS NULL;
-CREATE INDEX IF NOT EXISTS outbox_pending_retained ON outbox(topic) WHERE acked_at IS NULL AND retain = 1;
+-- no index on pending rows: each would be one more page written per reading and per ack
+DROP INDEX IF EXISTS outbox_pending;
+DROP INDEX IF EXISTS outbox_pending_retained;
 CREATE TABLE IF NOT EXISTS counters (
     device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL,
     key_id TEXT NOT NULL                -- fingerprint of the key the counter was accepted under
@@ -46,6 +48,31 @@ KEEP_ACKED_S = 7 * 24 * 3600  # acked keys kept this long so a late copy is not 
 PAGE_SIZE = 1024  # a commit writes whole pages to the WAL: small pages, fewer bytes per reading
 CHECKPOINT_PAGES = 500  # ~0.5 MB of WAL between checkpoints: few rewrites of hot pages, bounded size
 WAL_LIMIT_BYTES = 600 * 1024  # the WAL file is cut back to this after a checkpoint
+
+
+# Payloads are stored deflated against a preset dictionary of what every message shares (keys,
+# timestamp shape): ~400 bytes of JSON become ~115, so a reading's rows fit in a fraction of a page.
+# Rows say how they are stored by their first byte (JSON never starts with a NUL). NEVER edit this
+# dictionary: rows written with it could not be read back. A new one needs a new prefix byte.
+_PACKED_V1 = b"\x00"
+_ZDICT_V1 = (b'{"backlog":false,"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"event":"uplink","fcnt":,'
+             b'"fill_pct":,"flags":["low_battery"],"gateway":"","measured_at":"2026-11-27T00:00:00.000Z","message_id":"",'
+             b'"pings":5,"problem":false,"received_at":"2026-11-27T00:00:00.000Z","rssi":-,"snr":,"source":"",'
+             b'"temperature_c":,"time_synced":true,"valid_pings":5}')
+
+
+def pack(payload):
+    if isinstance(payload, str):
+        payload = payload.encode()
+    c = zlib.compressobj(6, zlib.DEFLATED, -10, 2, zdict=_ZDICT_V1)  # 1 KB window: small and quick
+    return _PACKED_V1 + c.compress(payload) + c.flush()
+
+
+def unpack(stored):
+    if isinstance(stored, bytes) and stored[:1] == _PACKED_V1:
+        d = zlib.decompressobj(-10, zdict=_ZDICT_V1)
+        return d.decompress(stored[1:]) + d.flush()
+    return stored  # written before payloads were packed
 
 
 class StorageFull(Exception):
@@ -136,6 +163,17 @@ class Outbox:
         self.db = connect(path, durable)
         try:
             self.write(lambda db: [db.execute(stmt) for stmt in SCHEMA.split(";") if stmt.strip()])
+            # one scan at open instead of indexes: rows up to the floor are all acknowledged (new
+            # rows get higher ids), and the pending retained state of each bin is known by id
+            self._floor, self._pending_states = 0, {}
+            for row_id, topic, retain in self.db.execute(
+                    "SELECT id, topic, retain FROM outbox WHERE acked_at IS NULL ORDER BY id"):
+                if not self._floor:
+                    self._floor = row_id - 1
+                if retain:
+                    self._pending_states[topic] = row_id
+            if not self._floor:
+                self._floor = self.db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
         except BaseException:
             self.db.close()
             raise
@@ -167,7 +205,10 @@ class Outbox:
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
-        return self.write(lambda db: _commit(db, batch))
+        ids = {}
+        pending = self.write(lambda db: _commit(db, batch, self._pending_states, ids))
+        self._pending_states.update(ids)  # only once committed
+        return pending
 
     def counters(self):
         """device_id -> (last accepted fcnt, key_id)."""
@@ -191,10 +232,11 @@ class Outbox:
 
     def pending(self, after_id, limit):
         """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
-        return self.db.execute(
-            "SELECT id, topic, payload, retain, received_at FROM outbox WHERE acked_at IS NULL AND id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
+        rows = self.db.execute(
+            "SELECT id, topic, payload, retain, received_at FROM outbox WHERE id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
+            (max(after_id, self._floor), limit),
         ).fetchall()
+        return [(i, topic, unpack(payload), retain, at) for i, topic, payload, retain, at in rows]
 
     def ack(self, ids, now=None):
         """Marks messages acknowledged; returns how many were still pending (a superseded state
@@ -240,15 +282,19 @@ def _raise(db, counters, bins):
     )
 
 
-def _commit(db, batch):
-    pending = db.executemany(_INSERT, batch.messages).rowcount
-    states = list(batch.states.values())
-    if states:
-        pending -= db.executemany(
-            "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
-            [(m[4], m[1]) for m in states],
-        ).rowcount
-        pending += db.executemany(_INSERT, states).rowcount
+def _commit(db, batch, pending_states, new_state_ids):
+    """pending_states: topic -> id of a retained state that may still be pending (a superset: one
+    acknowledged since is left alone by the acked_at test). new_state_ids gets the states written."""
+    pending = db.executemany(_INSERT, [(k, t, pack(p), r, at) for k, t, p, r, at in batch.messages]).rowcount
+    for m in batch.states.values():
+        old = pending_states.get(m[1])
+        if old is not None:
+            pending -= db.execute("UPDATE outbox SET acked_at = ?, superseded = 1 WHERE id = ? AND acked_at IS NULL",
+                                  (m[4], old)).rowcount
+        cur = db.execute(_INSERT, (m[0], m[1], pack(m[2]), m[3], m[4]))
+        if cur.rowcount:
+            pending += 1
+            new_state_ids[m[1]] = cur.lastrowid
     db.executemany(_UPSERT_COUNTER, [(d,) + v for d, v in batch.counters.items()])
     db.executemany(
         "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
