@@ -46,8 +46,8 @@ CREATE TABLE IF NOT EXISTS receptions (
 """
 KEEP_ACKED_S = 7 * 24 * 3600  # acked keys kept this long so a late copy is not published again
 PAGE_SIZE = 1024  # a commit writes whole pages to the WAL: small pages, fewer bytes per reading
-CHECKPOINT_PAGES = 500  # ~0.5 MB of WAL between checkpoints: few rewrites of hot pages, bounded size
-WAL_LIMIT_BYTES = 600 * 1024  # the WAL file is cut back to this after a checkpoint
+CHECKPOINT_PAGES = 1000  # ~1 MB of WAL between checkpoints: few rewrites of hot pages, bounded size
+WAL_LIMIT_BYTES = 1100 * 1024  # the WAL file is cut back to this after a checkpoint
 
 
 # Payloads are stored deflated against a preset dictionary of what every message shares (keys,
