@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from binlink.wire import codec
 from binlink.gateway import logs
 from binlink.gateway.mqtt_publisher import apply_connection_settings
-from binlink.gateway.outbox import Outbox, StorageFull
+from binlink.gateway.outbox import NO_LATER_ROWS, Outbox, StorageFull
 
 log = logs.get("recovery")
 KEEP_DAMAGED = 2  # damaged copies kept aside; older ones go, so a bad disk cannot fill up with them
@@ -157,10 +157,10 @@ def _forget_old_copies(db_path):
 
 
 # step 2: salvage ------------------------------------------------------------------------------
-_TABLES = {  # table -> (columns read, ordered by rowid where the table has one)
-    "counters": "device_id, last_fcnt, key_id",
+_TABLES = {  # table -> columns read
+    "counters": "device_id, last_fcnt, key_id, upto_id",
     "outbox": "id, message_key, topic, payload, retain, received_at, acked_at, superseded",
-    "bins": "bin_id, fcnt, fill_pct, flags, updated_at",
+    "bins": "bin_id, fcnt, fill_pct, flags, updated_at, upto_id",
 }
 
 
@@ -173,6 +173,11 @@ def salvage(damaged_path):
         return out
     try:
         for table, cols in _TABLES.items():
+            try:  # a file from before upto_id: its tables hold everything
+                if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
+                    cols = cols.replace("upto_id", "%d" % NO_LATER_ROWS)
+            except sqlite3.Error:
+                pass
             out[table] = _readable_rows(db, table, cols)
     finally:
         db.close()
@@ -213,15 +218,14 @@ def _rows_in_range(db, select, lo, hi, rows, budget):
 
 
 def carry_over(box, rows, report):
-    """Writes salvaged rows into the fresh outbox: counters only move up, messages keep their ids."""
-    counters = {r[0]: (r[1], r[2]) for r in rows.get("counters", [])}
-    bins = {r[0]: tuple(r[1:]) for r in rows.get("bins", [])}
+    """Writes salvaged rows into the fresh outbox: messages keep their ids, so the counters' and
+    bin states' upto_id still say which rows may carry them further."""
     messages = rows.get("outbox", [])
-    box.carry_over(counters, bins, messages)
+    box.carry_over(rows.get("counters", []), rows.get("bins", []), messages)
     ids = sorted(r[0] for r in messages)
     report.unreadable_rows = (ids[-1] - ids[0] + 1 - len(ids)) if ids else 0
-    report.salvaged = {"counters": len(counters), "bins": len(bins), "outbox": len(messages),
-                       "pending": sum(1 for r in messages if r[6] is None)}
+    report.salvaged = {"counters": len(rows.get("counters", [])), "bins": len(rows.get("bins", [])),
+                       "outbox": len(messages), "pending": sum(1 for r in messages if r[6] is None)}
 
 
 # step 3: counters from the broker -------------------------------------------------------------
