@@ -17,7 +17,7 @@ from binlink.gateway.outbox import Outbox, StorageFull
 
 log = logs.get("mqtt")
 ACK_GROUP = 500  # acks written to the outbox in groups: one transaction each
-ACK_FLUSH_S = 1.0  # acks are not fsynced; in groups they also rewrite the WAL less (SD card)
+ACK_FLUSH_S = 0.05
 ACK_POLL_S = 0.005
 
 
