@@ -23,7 +23,7 @@ log = logs.get("storage")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,             -- never reused: prune() keeps the newest row
-    message_key TEXT NOT NULL UNIQUE,   -- <device>:<fcnt>[:<kind>]: a reading is stored once
+    message_key TEXT NOT NULL,          -- <device>:<fcnt>[:<kind>]: a reading is stored once
     topic TEXT NOT NULL,
     payload TEXT NOT NULL,
     retain INTEGER NOT NULL,
@@ -314,6 +314,11 @@ def _create(db):
     for stmt in SCHEMA.split(";"):
         if stmt.strip():
             db.execute(stmt)
+    # Keys unique among events: a retained state is only ever written for a newer reading, and
+    # leaving states out halves the index pages a reading touches. A file from before has the
+    # whole column UNIQUE already (its autoindex), and a second index would only add pages.
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_autoindex_outbox_1'").fetchone():
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_key ON outbox(message_key) WHERE retain = 0")
     for table in ("counters", "bins"):  # a file from before upto_id: its tables hold everything
         if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
             db.execute("ALTER TABLE %s ADD COLUMN upto_id INTEGER NOT NULL DEFAULT %d" % (table, NO_LATER_ROWS))

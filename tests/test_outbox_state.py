@@ -129,3 +129,33 @@ def test_clock_check_flags_a_clock_before_the_release_or_behind_the_broker(caplo
     c.broker_time = RELEASED + 10 * 86400
     assert not c.plausible(RELEASED + 86400)
     assert c.plausible(RELEASED + 10 * 86400 + 5) and m.value("binlink_clock_suspect") == 0
+
+
+def test_a_state_file_from_before_opens_with_its_counters_and_pending_rows(tmp_path):
+    """An upgrade: the old schema (AUTOINCREMENT, pending indexes, counters written every commit)."""
+    path = str(tmp_path / "o.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        PRAGMA journal_mode=WAL;
+        CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, message_key TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
+            payload TEXT NOT NULL, retain INTEGER NOT NULL, received_at REAL NOT NULL, acked_at REAL,
+            superseded INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX outbox_pending ON outbox(id) WHERE acked_at IS NULL;
+        CREATE TABLE counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL, key_id TEXT NOT NULL);
+        CREATE TABLE bins (bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL,
+            updated_at REAL NOT NULL);
+        INSERT INTO outbox(message_key, topic, payload, retain, received_at) VALUES ('0000a1:7', 't/bin/a/event', '{}', 0, 1.0);
+        INSERT INTO counters VALUES (161, 7, 'k');
+        INSERT INTO bins VALUES ('a', 7, 10.0, 0, 1.0);
+    """)
+    db.close()
+    box = Outbox(path)
+    assert box.counters() == {0xA1: (7, "k")} and box.bins() == {"a": (7, 10.0, 0, 1.0)}
+    assert [r[0] for r in box.pending(0, 10)] == [1]
+    indexes = {r[0] for r in box.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "outbox_pending" not in indexes and "outbox_event_key" not in indexes  # the old UNIQUE serves
+    b = Batch()
+    b.messages.append(("0000a1:8", "t/bin/a/event", b"{}", 0, 2.0))
+    b.counters[0xA1] = (8, "k")
+    assert box.commit(b) == 1 and box.ack([1, 2]) == 2
+    assert _crash_and_reopen(box).counters() == {0xA1: (8, "k")}
