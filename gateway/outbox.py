@@ -261,6 +261,11 @@ class Outbox:
     def carry_over(self, counters, bins, rows):
         """What was read from a damaged state file: counters and bin states (with their upto_id)
         and outbox rows, which keep their ids."""
+        # rows after the newest one carried over are new ones: they must carry the heads further
+        top = max((r[0] for r in rows), default=0)
+        counters = [tuple(c[:3]) + (min(c[3], top),) for c in counters]
+        bins = [tuple(b[:5]) + (min(b[5], top),) for b in bins]
+
         def work(db):
             db.executemany("INSERT OR REPLACE INTO counters(device_id, last_fcnt, key_id, upto_id) VALUES (?,?,?,?)", counters)
             db.executemany("INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at, upto_id) "
@@ -307,7 +312,7 @@ class Outbox:
 
 
 _INSERT = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
-NO_LATER_ROWS = 1 << 62  # upto_id of a head from a file without upto_id: its table value is the whole truth
+NO_LATER_ROWS = 1 << 62  # upto_id for heads read from a file without the column: their table says it all
 
 
 def _create(db):
@@ -319,9 +324,10 @@ def _create(db):
     # whole column UNIQUE already (its autoindex), and a second index would only add pages.
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_autoindex_outbox_1'").fetchone():
         db.execute("CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_key ON outbox(message_key) WHERE retain = 0")
-    for table in ("counters", "bins"):  # a file from before upto_id: its tables hold everything
+    for table in ("counters", "bins"):  # a file from before upto_id: its tables hold everything so far
         if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
-            db.execute("ALTER TABLE %s ADD COLUMN upto_id INTEGER NOT NULL DEFAULT %d" % (table, NO_LATER_ROWS))
+            db.execute("ALTER TABLE %s ADD COLUMN upto_id INTEGER NOT NULL DEFAULT 0" % table)
+            db.execute("UPDATE %s SET upto_id = (SELECT coalesce(max(id), 0) FROM outbox)" % table)
 
 
 def message_key_counter(key):
