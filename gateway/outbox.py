@@ -167,7 +167,12 @@ class Outbox:
         message is published again under the same id, so acks skip the fsync."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.db = connect(path, durable)
+        try:
+            self.db = connect(path, durable)
+        except sqlite3.OperationalError as e:
+            if is_full(e, path):  # creating the -wal and -shm files of a closed file needs room too
+                raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(path))) from e
+            raise
         try:
             self.write(_create)
             # one scan at open instead of indexes: rows up to the floor are all acknowledged (new

@@ -30,7 +30,7 @@ import paho.mqtt.client as mqtt
 from binlink.wire import codec
 from binlink.gateway import logs
 from binlink.gateway.mqtt_publisher import apply_connection_settings
-from binlink.gateway.outbox import NO_LATER_ROWS, Outbox, StorageFull
+from binlink.gateway.outbox import NO_LATER_ROWS, Outbox, StorageFull, is_full
 
 log = logs.get("recovery")
 KEEP_DAMAGED = 2  # damaged copies kept aside; older ones go, so a bad disk cannot fill up with them
@@ -84,13 +84,19 @@ def _write_marker(db_path):
 
 
 def check(db_path):
-    """None when the file opens and passes quick_check, else what is wrong with it."""
+    """None when the file opens and passes quick_check (or cannot be checked for want of room:
+    a full disk is no damage), else what is wrong with it."""
     try:
         db = sqlite3.connect(db_path, timeout=30)
     except sqlite3.Error as e:
         return str(e)
     try:
-        rows = db.execute("PRAGMA quick_check").fetchall()
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.OperationalError as e:
+            if is_full(e, db_path):
+                return None
+            raise
         if rows != [("ok",)]:
             return "; ".join(r[0] for r in rows[:3])
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -275,3 +275,23 @@ def test_radio_replugged_20_times_is_reopened_each_time_and_loses_no_frame_sent_
         assert gw.alive() and gw.output().count("serial port lost") == 20
     finally:
         gw.kill()
+
+
+def test_gateway_started_on_a_full_disk_waits_for_room_then_runs(tmp_path, small_disk, broker, pty, subscriber):
+    gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        _send(pty, [1])
+        wait_for(lambda: len(subscriber.events()) == 1, what="first event")
+        assert gw.terminate() == 0  # a clean stop: SQLite removes the WAL and -shm, which a start must create again
+        filler = _fill(small_disk)
+        gw.start(wait_sources=False)
+        wait_for(lambda: "storage full" in gw.output(), what="storage full said at start")
+        time.sleep(1)
+        assert gw.alive() and "Traceback" not in gw.output()
+        os.unlink(filler)
+        wait_for(lambda: gw.metric("binlink_serial_reopens_total") >= 1, timeout=30, what="running once there is room")
+        _send(pty, [2])
+        wait_for(lambda: "0000a1:2" in _uplink_ids(subscriber), what="a frame after room returned")
+    finally:
+        if gw.alive():
+            gw.kill()
