@@ -2,10 +2,11 @@
 QoS 1 acknowledgement, with the per-device counters and per-bin state committed in the same
 transaction — so a counter never advances for a reading that is not on disk, and vice versa.
 
-Sized for a Raspberry Pi's SD card: small pages (a commit rewrites whole pages; a reading touches
-a handful of them), a bounded WAL checkpointed every ~0.5 MB, and the WAL file cut back to that
-size afterwards. A full disk is a state (StorageFull), not a crash: a failed commit leaves nothing
-behind and the next one succeeds once there is room again.
+Sized for a Raspberry Pi's SD card (docs/gateway.md, "SD-card write volume"): small pages (a
+commit rewrites whole pages), payloads deflated, no indexes on pending rows, counters and bin
+states carried by the reading's own rows between saves (_load_heads), a WAL checkpointed every
+~1 MB and cut back afterwards. A full disk is a state (StorageFull), not a crash: a failed commit
+leaves nothing behind and the next one succeeds once there is room again.
 
 One Outbox object per thread (SQLite connections are not shared across threads)."""
 import json

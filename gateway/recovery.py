@@ -44,11 +44,8 @@ class Report:
 
     def __init__(self):
         self.problems = []
-        self.damaged_copy = None
         self.salvaged = {}  # table -> rows carried over
         self.unreadable_rows = 0  # outbox rows (by id gap) that could not be read back
-        self.counters_raised = 0
-        self.broker_reached = False
         self.newest_synced_time = None  # newest received_at of a synced retained state (clock check)
 
     @property
@@ -110,7 +107,7 @@ def check(db_path):
         db.close()
 
 
-def inspect(db_path, report):
+def find_problems(db_path, report):
     """Step 1: finds problems; moves a damaged file aside. Returns the damaged copy's path or None."""
     marker = _read_marker(db_path)
     if not os.path.exists(db_path):
@@ -118,11 +115,11 @@ def inspect(db_path, report):
             _problem(report, "state_file_missing", "the state file is gone: pending readings are lost and "
                      "counters come from the broker's retained states", path=db_path)
         if os.path.exists(db_path + "-wal"):  # a WAL without its file must not be replayed into a new one
-            _move_aside(db_path, report)
+            _move_aside(db_path)
         return None
     if os.path.getsize(db_path) == 0:
         _problem(report, "state_file_empty", "the state file is empty", path=db_path)
-        return _move_aside(db_path, report)
+        return _move_aside(db_path)
     # SQLite removes both on a clean close; a crash leaves both: an -shm alone means the WAL was lost
     if os.path.exists(db_path + "-shm") and not os.path.exists(db_path + "-wal"):
         _problem(report, "wal_missing", "the state file's WAL is gone after an unclean stop: the newest "
@@ -130,7 +127,7 @@ def inspect(db_path, report):
     problem = check(db_path)
     if problem is not None:
         _problem(report, "state_file_damaged", "the state file is damaged", path=db_path, detail=problem[:300])
-        return _move_aside(db_path, report)
+        return _move_aside(db_path)
     return None
 
 
@@ -139,13 +136,12 @@ def _problem(report, code, message, **fields):
     logs.event(log, logging.ERROR, "STATE PROBLEM: " + message, problem=code, **fields)
 
 
-def _move_aside(db_path, report):
+def _move_aside(db_path):
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     aside = "%s.damaged-%s" % (db_path, stamp)
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(db_path + suffix):
             os.replace(db_path + suffix, aside + suffix)
-    report.damaged_copy = aside
     logs.event(log, logging.ERROR, "damaged state file kept aside for inspection", copy=aside)
     _forget_old_copies(db_path)
     return aside
@@ -310,13 +306,11 @@ def raise_counters(cfg, box, devices, report, metrics):
                    + ("; a recorded frame of a bin whose counter was lost could be accepted" if report.lost else ""),
                    waited_s=wait)
         return
-    report.broker_reached = True
     counters, bins, report.newest_synced_time = counters_from_states(states, devices, box.bins())
     local = box.counters()
     raised = {d: v for d, v in counters.items() if d not in local or local[d][1] != v[1] or local[d][0] < v[0]}
     if raised:
         box.raise_counters(raised, bins)
-        report.counters_raised = len(raised)
         metrics.counters_from_broker.inc(len(raised))
         logs.event(log, logging.WARNING if not report.lost else logging.ERROR,
                    "frame counters raised from the broker's retained states", devices=len(raised),
@@ -328,7 +322,7 @@ def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: Non
     """Checks, repairs and opens the outbox; returns (Outbox, Report). Waits (keepalive() between
     tries) while the disk is too full to open it."""
     report = Report()
-    damaged = inspect(db_path, report)
+    damaged = find_problems(db_path, report)
     for code in report.problems:
         metrics.state_problems.labels(code).inc()
     box = _open(db_path, stop_event, keepalive)
