@@ -159,3 +159,17 @@ def test_a_state_file_from_before_opens_with_its_counters_and_pending_rows(tmp_p
     b.counters[0xA1] = (8, "k")
     assert box.commit(b) == 1 and box.ack([1, 2]) == 2
     assert _crash_and_reopen(box).counters() == {0xA1: (8, "k")}
+
+
+def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monkeypatch):
+    from binlink.gateway import outbox
+
+    monkeypatch.setattr(outbox, "SAVE_HEADS_S", 0.0)  # every commit is a scheduled save
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    for n in range(1, 11):
+        p.process([("r0", _reading(KEY_A, 0xA1, n, dist=1100 - 50 * n)), ("r0", _reading(KEY_B, 0xB2, n))])
+    db = sqlite3.connect(box.path)
+    assert db.execute("SELECT device_id, last_fcnt FROM counters ORDER BY device_id").fetchall() == [(0xA1, 10), (0xB2, 10)]
+    db.close()
+    assert _crash_and_reopen(box).bins() == p.bins
