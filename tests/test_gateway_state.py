@@ -295,3 +295,24 @@ def test_gateway_started_on_a_full_disk_waits_for_room_then_runs(tmp_path, small
     finally:
         if gw.alive():
             gw.kill()
+
+
+def test_a_bin_past_65535_is_heard_again_after_its_state_file_is_lost(tmp_path, broker, pty, subscriber):
+    """Frames carry 16 counter bits; without the counter the rest cannot be guessed (bad_tag forever)."""
+    gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        steps = [1, 16001, 32001, 48001, 64001, 70001]  # each jump within the allowed counter gap
+        for n in steps:
+            pty.write(framing.frame(reading(n)))
+        wait_for(lambda: len(subscriber.events()) == len(steps), what="climb past 65535")
+        wait_for(lambda: json.loads(subscriber.on("bin/bin-a/state")[-1][1])["fcnt"] == 70001, what="retained state")
+        gw.kill()
+        _delete(_db(tmp_path))
+        gw.start()
+        pty.write(framing.frame(reading(70001)))  # a recording of the last frame
+        pty.write(framing.frame(reading(70002)))
+        wait_for(lambda: "0000a1:70002" in _uplink_ids(subscriber), what="the bin heard again")
+        assert gw.metric("binlink_frames_rejected_total", reason="replay") == 1
+        assert gw.metric("binlink_frames_rejected_total", reason="bad_tag") == 0
+    finally:
+        gw.kill()
