@@ -76,6 +76,8 @@ def test_full_disk_refuses_frames_stays_up_and_resumes_by_itself(tmp_path, small
         assert gw.alive()
         # what it holds is still published: every accepted reading, none of the refused ones
         wait_for(lambda: len(subscriber.events()) == accepted, what="accepted readings published while full")
+        wait_for(lambda: any(s.get("binlink_storage_full") == 1 for s in subscriber.json("gateway/gw-test/stats")),
+                 what="storage full in the stats topic")
         out = gw.output()
         assert out.count("storage full: new frames are refused") == 1
         assert "Traceback" not in out and "cannot rollback" not in out
