@@ -259,6 +259,17 @@ def mqtt_password(m):
     return m.password
 
 
+def apply_mqtt_settings(client, m):
+    """Credentials and TLS from the [mqtt] table m on a paho client (Wi-Fi input, state recovery, planner)."""
+    import ssl
+
+    if m.username:
+        client.username_pw_set(m.username, mqtt_password(m) or None)
+    if m.tls:
+        client.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None,
+                       cert_reqs=ssl.CERT_REQUIRED)
+
+
 def _readable(path, key, problems, secret=False):
     """Opens path as the gateway will; a secret must not be readable by other users."""
     try:

@@ -43,6 +43,11 @@ class Metrics:
         self.shared_errors = Counter("binlink_shared_state_errors", "Failed calls to the shared state (Redis)", registry=r)
         self.resynced = Counter("binlink_counter_resyncs", "Counters taken up from a hello carrying the full counter", registry=r)
         self.recovered = Counter("binlink_frames_recovered", "Frames held until a resync, then accepted", registry=r)
+        self.storage_full = Gauge("binlink_storage_full", "1 while the state disk is full and new frames are refused", registry=r)
+        self.state_problems = Counter("binlink_state_problems", "Damaged or lost state found at start, by problem", ["problem"], registry=r)
+        self.state_salvaged = Counter("binlink_state_salvaged_rows", "Rows carried over from a damaged state file, by table", ["table"], registry=r)
+        self.counters_from_broker = Counter("binlink_counters_from_broker", "Frame counters raised from the broker's retained bin states at start", registry=r)
+        self.clock_suspect = Gauge("binlink_clock_suspect", "1 while the system clock cannot be right (before the release date or behind the broker's states)", registry=r)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
 

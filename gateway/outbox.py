@@ -2,15 +2,29 @@
 QoS 1 acknowledgement, with the per-device counters and per-bin state committed in the same
 transaction — so a counter never advances for a reading that is not on disk, and vice versa.
 
+Sized for a Raspberry Pi's SD card (docs/gateway.md, "SD-card write volume"): small pages (a
+commit rewrites whole pages), payloads deflated, no indexes on pending rows, counters and bin
+states carried by the reading's own rows between saves (_load_heads), a WAL checkpointed every
+~1 MB and cut back afterwards. A full disk is a state (StorageFull), not a crash: a failed commit
+leaves nothing behind and the next one succeeds once there is room again.
+
 One Outbox object per thread (SQLite connections are not shared across threads)."""
+import json
+import logging
 import os
 import sqlite3
 import time
+import zlib
+
+from binlink.wire import codec
+from binlink.gateway import logs
+
+log = logs.get("storage")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_key TEXT NOT NULL UNIQUE,   -- <device>:<fcnt>[:<kind>]: a reading is stored once
+    id INTEGER PRIMARY KEY,             -- never reused: prune() keeps the newest row
+    message_key TEXT NOT NULL,          -- <device>:<fcnt>[:<kind>]: a reading is stored once
     topic TEXT NOT NULL,
     payload TEXT NOT NULL,
     retain INTEGER NOT NULL,
@@ -18,21 +32,104 @@ CREATE TABLE IF NOT EXISTS outbox (
     acked_at REAL,                      -- broker's PUBACK (or superseded, for a retained state)
     superseded INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE acked_at IS NULL;
-CREATE INDEX IF NOT EXISTS outbox_pending_retained ON outbox(topic) WHERE acked_at IS NULL AND retain = 1;
+-- no index on pending rows: each would be one more page written per reading and per ack
+DROP INDEX IF EXISTS outbox_pending;
+DROP INDEX IF EXISTS outbox_pending_retained;
+-- Counters and bin states as of outbox row upto_id: the rows after it (the readings themselves,
+-- committed with them) may carry them further (see _load_heads).
 CREATE TABLE IF NOT EXISTS counters (
     device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL,
-    key_id TEXT NOT NULL                -- fingerprint of the key the counter was accepted under
+    key_id TEXT NOT NULL,               -- fingerprint of the key the counter was accepted under
+    upto_id INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS bins (
-    bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL
-);
+    bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL,
+    upto_id INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS receptions (
     device_id INTEGER NOT NULL, fcnt INTEGER NOT NULL, source TEXT NOT NULL, rssi INTEGER, snr REAL,
     received_at REAL NOT NULL, duplicate INTEGER NOT NULL
 );
 """
 KEEP_ACKED_S = 7 * 24 * 3600  # acked keys kept this long so a late copy is not published again
+PAGE_SIZE = 1024  # a commit writes whole pages to the WAL: small pages, fewer bytes per reading
+CHECKPOINT_PAGES = 1000  # ~1 MB of WAL between checkpoints: few rewrites of hot pages, bounded size
+WAL_LIMIT_BYTES = 1100 * 1024  # the WAL file is cut back to this after a checkpoint
+SAVE_HEADS_S = 600.0  # counters and bin states proven by their rows are written to their tables this often
+
+
+# Payloads are stored deflated against a preset dictionary of what every message shares (keys,
+# timestamp shape): ~400 bytes of JSON become ~115, so a reading's rows fit in a fraction of a page.
+# Rows say how they are stored by their first byte (JSON never starts with a NUL). NEVER edit this
+# dictionary: rows written with it could not be read back. A new one needs a new prefix byte.
+_PACKED_V1 = b"\x00"
+_ZDICT_V1 = (b'{"backlog":false,"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"event":"uplink","fcnt":,'
+             b'"fill_pct":,"flags":["low_battery"],"gateway":"","measured_at":"2026-11-27T00:00:00.000Z","message_id":"",'
+             b'"pings":5,"problem":false,"received_at":"2026-11-27T00:00:00.000Z","rssi":-,"snr":,"source":"",'
+             b'"temperature_c":,"time_synced":true,"valid_pings":5}')
+
+
+def pack(payload):
+    if isinstance(payload, str):
+        payload = payload.encode()
+    c = zlib.compressobj(6, zlib.DEFLATED, -10, 2, zdict=_ZDICT_V1)  # 1 KB window: small and quick
+    return _PACKED_V1 + c.compress(payload) + c.flush()
+
+
+def unpack(stored):
+    if isinstance(stored, bytes) and stored[:1] == _PACKED_V1:
+        d = zlib.decompressobj(-10, zdict=_ZDICT_V1)
+        return d.decompress(stored[1:]) + d.flush()
+    return stored  # written before payloads were packed
+
+
+class StorageFull(Exception):
+    """The disk holding the outbox is full: nothing of the failed write was kept."""
+
+
+def is_full(error, path):
+    """True when a SQLite error means the disk is full. SQLITE_FULL is the usual answer; a write
+    or fsync that fails on a volume with no room left can also surface as an I/O error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        return free_bytes(path) < 64 * 1024
+    return False
+
+
+def free_bytes(path):
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return st.f_bavail * st.f_frsize
+
+
+class StorageGuard:
+    """The full-disk state as the outside sees it: one clear log line when the disk fills and one
+    when there is room again, the binlink_storage_full gauge, the frames refused meanwhile."""
+
+    def __init__(self, metrics, path):
+        self.metrics = metrics
+        self.path = path
+        self.full = False
+        self.refused = 0  # frames refused in the current full spell
+
+    def refuse(self, error, frames):
+        self.metrics.rejected.labels("storage_full").inc(frames)
+        self.refused += frames
+        if not self.full:
+            self.full = True
+            self.metrics.storage_full.set(1)
+            logs.event(log, logging.ERROR, "storage full: new frames are refused until there is room again; "
+                       "what the outbox holds is still published", path=self.path, free_bytes=free_bytes(self.path),
+                       error=str(error.__cause__ or error))
+
+    def ok(self):
+        if self.full:
+            self.full = False
+            self.metrics.storage_full.set(0)
+            logs.event(log, logging.WARNING, "storage has room again: accepting frames", path=self.path,
+                       free_bytes=free_bytes(self.path), refused=self.refused)
+            self.refused = 0
 
 
 class Batch:
@@ -50,90 +147,279 @@ class Batch:
         return bool(self.messages or self.counters or self.receptions)
 
 
+def connect(path, durable=True, timeout=30):
+    """A connection with the outbox's settings; the page size applies to a new file only."""
+    db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=True)
+    try:
+        db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))  # FULL: survives a power cut
+        db.execute("PRAGMA wal_autocheckpoint=%d" % CHECKPOINT_PAGES)
+        db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT_BYTES)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class Outbox:
     def __init__(self, path, durable=True):
         """durable=False (the publisher's connection): an ack lost in a power cut only means the
         message is published again under the same id, so acks skip the fsync."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=True)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db = connect(path, durable)
+        except sqlite3.OperationalError as e:
+            if is_full(e, path):  # creating the -wal and -shm files of a closed file needs room too
+                raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(path))) from e
+            raise
+        try:
+            self.write(_create)
+            # one scan at open instead of indexes: rows up to the floor are all acknowledged (new
+            # rows get higher ids), and the pending retained state of each bin is known by id
+            self._floor, self._pending_states = None, {}
+            for row_id, topic, retain in self.db.execute(
+                    "SELECT id, topic, retain FROM outbox WHERE acked_at IS NULL ORDER BY id"):
+                if self._floor is None:
+                    self._floor = row_id - 1
+                if retain:
+                    self._pending_states[topic] = row_id
+            if self._floor is None:
+                self._floor = self.db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+        except BaseException:
+            self.db.close()
+            raise
+        self.durable = durable
         self.synchronous = "FULL" if durable else "NORMAL"  # FULL: survives a power cut
-        self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
-        self.db.executescript(SCHEMA)
+        self._heads = None  # (counters, bins) as committed; loaded when first needed
+        self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
+        self._saved_at = time.monotonic()
 
     def close(self):
+        if self.durable and any(self._unsaved):
+            try:
+                self.write(lambda db: _save_heads(db, *self._unsaved))
+            except StorageFull:
+                pass  # their rows still hold them
         self.db.close()
+
+    def write(self, work):
+        """Runs work(db) in one write transaction. A full disk raises StorageFull; SQLite may
+        already have rolled the transaction back itself, so roll back only what is still open."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            result = work(db)
+            db.execute("COMMIT")
+            return result
+        except BaseException as e:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error says more
+            if isinstance(e, sqlite3.OperationalError) and is_full(e, self.path):
+                raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(self.path))) from e
+            raise
 
     def commit(self, batch):
         """Writes a batch in one transaction; returns the change in pending messages.
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        insert = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
-        try:
-            pending = db.executemany(insert, batch.messages).rowcount
-            states = list(batch.states.values())
-            if states:
-                pending -= db.executemany(
-                    "UPDATE outbox SET acked_at = ?, superseded = 1 WHERE topic = ? AND retain = 1 AND acked_at IS NULL",
-                    [(m[4], m[1]) for m in states],
-                ).rowcount
-                pending += db.executemany(insert, states).rowcount
-            db.executemany(
-                "INSERT INTO counters(device_id, last_fcnt, key_id) VALUES (?,?,?) "
-                "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id "
-                "WHERE excluded.last_fcnt > last_fcnt OR excluded.key_id != key_id",
-                [(d,) + v for d, v in batch.counters.items()],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at) VALUES (?,?,?,?,?)",
-                [(b,) + v for b, v in batch.bins.items()],
-            )
-            db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        counters, bins = self._load_heads()
+        save_all = time.monotonic() - self._saved_at >= SAVE_HEADS_S
+        state_ids, lazy = {}, ({}, {})
+        pending = self.write(lambda db: _commit(db, batch, self._pending_states, state_ids, counters, bins,
+                                                self._unsaved if save_all else None, lazy))
+        # only once committed
+        self._pending_states.update(state_ids)
+        counters.update(batch.counters)
+        bins.update(batch.bins)
+        if save_all:
+            self._unsaved, self._saved_at = lazy, time.monotonic()
+        else:
+            for unsaved, new, done in zip(self._unsaved, lazy, (batch.counters, batch.bins)):
+                for k in done:
+                    unsaved.pop(k, None)
+                unsaved.update(new)
         return pending
 
     def counters(self):
         """device_id -> (last accepted fcnt, key_id)."""
-        return {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT device_id, last_fcnt, key_id FROM counters")}
+        return dict(self._load_heads()[0])
 
     def bins(self):
-        return {r[0]: r[1:] for r in self.db.execute("SELECT bin_id, fcnt, fill_pct, flags, updated_at FROM bins")}
+        """bin_id -> (fcnt, fill_pct, flags, updated_at) of its newest state."""
+        return dict(self._load_heads()[1])
+
+    def _load_heads(self):
+        if self._heads is None:
+            self._heads = _load_heads(self.db)
+        return self._heads
+
+    def raise_counters(self, counters, bins):
+        """Counters and bin states learnt elsewhere (the broker's retained states, after a state
+        loss): a counter only ever moves up, a bin state is taken when newer than ours."""
+        self.write(lambda db: _save_heads(db, counters, bins))
+        self._heads = None
+
+    def carry_over(self, counters, bins, rows):
+        """What was read from a damaged state file: counters and bin states (with their upto_id)
+        and outbox rows, which keep their ids."""
+        # rows after the newest one carried over are new ones: they must carry the heads further
+        top = max((r[0] for r in rows), default=0)
+        counters = [tuple(c[:3]) + (min(c[3], top),) for c in counters]
+        bins = [tuple(b[:5]) + (min(b[5], top),) for b in bins]
+
+        def work(db):
+            db.executemany("INSERT OR REPLACE INTO counters(device_id, last_fcnt, key_id, upto_id) VALUES (?,?,?,?)", counters)
+            db.executemany("INSERT OR REPLACE INTO bins(bin_id, fcnt, fill_pct, flags, updated_at, upto_id) "
+                           "VALUES (?,?,?,?,?,?)", bins)
+            db.executemany("INSERT OR IGNORE INTO outbox(id, message_key, topic, payload, retain, received_at, acked_at, "
+                           "superseded) VALUES (?,?,?,?,?,?,?,?)", rows)
+        self.write(work)
+        self._heads = None
 
     def pending(self, after_id, limit):
         """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
-        return self.db.execute(
-            "SELECT id, topic, payload, retain, received_at FROM outbox WHERE acked_at IS NULL AND id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
+        rows = self.db.execute(
+            "SELECT id, topic, payload, retain, received_at FROM outbox WHERE id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
+            (max(after_id, self._floor), limit),
         ).fetchall()
+        return [(i, topic, unpack(payload), retain, at) for i, topic, payload, retain, at in rows]
 
     def ack(self, ids, now=None):
         """Marks messages acknowledged; returns how many were still pending (a superseded state
-        acknowledged after all was already off the books)."""
+        acknowledged after all was already off the books). Raises StorageFull: keep the ids and
+        ack again later (the messages are not published twice meanwhile)."""
         now = time.time() if now is None else now
         # no fsync of its own: an ack lost in a power cut only means the message is published again
         # under the same id, and the next durable commit's fsync covers it anyway
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            self.db.execute("BEGIN IMMEDIATE")
-            done = self.db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL",
-                                       [(now, i) for i in ids]).rowcount
-            self.db.execute("COMMIT")
+            return self.write(lambda db: db.executemany(
+                "UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount)
         finally:
             self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
-        return done
 
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
         return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
 
     def prune(self, now=None):
-        now = time.time() if now is None else now
-        self.db.execute("DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ?", (now - KEEP_ACKED_S,))
-        self.db.execute("DELETE FROM receptions WHERE received_at < ?", (now - KEEP_ACKED_S,))
+        """Forgets old acknowledged messages; the newest row stays so that its id is never handed
+        out again. On a full disk nothing is pruned this time (returns False)."""
+        cutoff = (time.time() if now is None else now) - KEEP_ACKED_S
+
+        def work(db):
+            db.execute("DELETE FROM outbox WHERE acked_at IS NOT NULL AND acked_at < ? "
+                       "AND id < (SELECT max(id) FROM outbox)", (cutoff,))
+            db.execute("DELETE FROM receptions WHERE received_at < ?", (cutoff,))
+        try:
+            self.write(work)
+        except StorageFull:
+            return False
+        return True
+
+
+_INSERT = "INSERT OR IGNORE INTO outbox(message_key, topic, payload, retain, received_at) VALUES (?,?,?,?,?)"
+NO_LATER_ROWS = 1 << 62  # upto_id for heads read from a file without the column: their table says it all
+
+
+def _create(db):
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+    # Keys unique among events: a retained state is only ever written for a newer reading, and
+    # leaving states out halves the index pages a reading touches. A file from before has the
+    # whole column UNIQUE already (its autoindex), and a second index would only add pages.
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_autoindex_outbox_1'").fetchone():
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_key ON outbox(message_key) WHERE retain = 0")
+    for table in ("counters", "bins"):  # a file from before upto_id: its tables hold everything so far
+        if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
+            db.execute("ALTER TABLE %s ADD COLUMN upto_id INTEGER NOT NULL DEFAULT 0" % table)
+            db.execute("UPDATE %s SET upto_id = (SELECT coalesce(max(id), 0) FROM outbox)" % table)
+
+
+def message_key_counter(key):
+    """(device_id, fcnt) of a message key "<device hex>:<fcnt>[:<kind>]" (integrate.py), else (None, None)."""
+    parts = key.split(":")
+    try:
+        return int(parts[0], 16), int(parts[1])
+    except (ValueError, IndexError):
+        return None, None
+
+
+def _load_heads(db):
+    """Heads as committed: the tables, carried further by the rows written after their upto_id.
+
+    Counters and bin states are written to their tables only when a reading's own rows cannot
+    tell them: a device or bin seen for the first time, a new key, a frame without a row of its
+    own (a backlog batch's counter), and every SAVE_HEADS_S. Otherwise the `<device>:<fcnt>` key of
+    the reading's event and its retained state, committed in the same transaction, carry them:
+    two pages fewer written per reading, and nothing a power cut can take that the rows keep."""
+    counters = {r[0]: list(r[1:]) for r in db.execute("SELECT device_id, last_fcnt, key_id, upto_id FROM counters")}
+    bins = {r[0]: list(r[1:]) for r in db.execute("SELECT bin_id, fcnt, fill_pct, flags, updated_at, upto_id FROM bins")}
+    uptos = [c[2] for c in counters.values()] + [b[4] for b in bins.values()]
+    rows = db.execute("SELECT id, message_key, topic, payload, retain, received_at FROM outbox WHERE id > ? ORDER BY id",
+                      (min(uptos),)) if uptos else ()
+    for row_id, key, topic, payload, retain, at in rows:
+        dev, fcnt = message_key_counter(key)
+        c = counters.get(dev)
+        if c is not None and row_id > c[2] and fcnt > c[0]:
+            c[0] = fcnt
+        b = bins.get(topic.rsplit("/", 2)[-2]) if retain else None
+        if b is not None and row_id > b[4] and fcnt > b[0]:
+            state = json.loads(unpack(payload))
+            fill = state.get("fill_pct")  # a faulty reading keeps the bin's last level
+            b[:4] = [fcnt, b[1] if fill is None else fill, codec.flag_bits(state.get("flags") or []), at]
+    return {d: (c[0], c[1]) for d, c in counters.items()}, {b: tuple(v[:4]) for b, v in bins.items()}
+
+
+def _save_heads(db, counters, bins):
+    """Writes heads to their tables, as of the newest outbox row; a counter only moves up (or to a new key)."""
+    upto = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+    db.executemany(
+        "INSERT INTO counters(device_id, last_fcnt, key_id, upto_id) VALUES (?,?,?,?) "
+        "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id, upto_id=excluded.upto_id "
+        "WHERE excluded.last_fcnt >= last_fcnt OR excluded.key_id != key_id",
+        [(d, f, k, upto) for d, (f, k) in counters.items()])
+    db.executemany(
+        "INSERT INTO bins(bin_id, fcnt, fill_pct, flags, updated_at, upto_id) VALUES (?,?,?,?,?,?) "
+        "ON CONFLICT(bin_id) DO UPDATE SET fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, flags=excluded.flags, "
+        "updated_at=excluded.updated_at, upto_id=excluded.upto_id WHERE excluded.fcnt >= fcnt",
+        [(b,) + tuple(v) + (upto,) for b, v in bins.items()])
+
+
+def _commit(db, batch, pending_states, new_state_ids, counters, bins, save_all, lazy):
+    """pending_states: topic -> id of a retained state that may still be pending (a superset: one
+    acknowledged since is left alone by the acked_at test). new_state_ids gets the states written.
+    counters, bins: the heads as committed; save_all: the unsaved heads when it is time to write
+    them all, else None; lazy gets the heads this batch leaves to its rows."""
+    messages = [(k, t, pack(p), r, at) for k, t, p, r, at in batch.messages]
+    pending = db.executemany(_INSERT, messages).rowcount
+    proven = {message_key_counter(m[0]) for m in messages} if pending == len(messages) else set()
+    proven_bins = set()
+    for bin_id, m in batch.states.items():
+        old = pending_states.get(m[1])
+        if old is not None:
+            pending -= db.execute("UPDATE outbox SET acked_at = ?, superseded = 1 WHERE id = ? AND acked_at IS NULL",
+                                  (m[4], old)).rowcount
+        cur = db.execute(_INSERT, (m[0], m[1], pack(m[2]), m[3], m[4]))
+        if cur.rowcount:
+            pending += 1
+            new_state_ids[m[1]] = cur.lastrowid
+            proven_bins.add(bin_id)
+    save_c, save_b = ({}, {}) if save_all is None else (dict(save_all[0]), dict(save_all[1]))
+    for d, v in batch.counters.items():
+        told = d in counters and counters[d][1] == v[1] and (d, v[0]) in proven
+        (lazy[0] if told and save_all is None else save_c)[d] = v
+    for b, v in batch.bins.items():
+        told = b in bins and b in proven_bins
+        (lazy[1] if told and save_all is None else save_b)[b] = v
+    if save_c or save_b:
+        _save_heads(db, save_c, save_b)
+    db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
+    return pending

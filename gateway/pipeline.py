@@ -15,8 +15,9 @@ from collections import deque
 
 from binlink.wire import codec
 from binlink.gateway import calibration, events, integrate, logs
+from binlink.gateway.clock import ClockCheck
 from binlink.gateway.dedup import Dedup, digest
-from binlink.gateway.outbox import Batch
+from binlink.gateway.outbox import Batch, StorageFull, StorageGuard
 
 log = logs.get("pipeline")
 NOTICE_EVERY_S = 10
@@ -51,6 +52,8 @@ class Pipeline:
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
         self._noticed = {}  # (device id, reason) -> when last published on .../rejected
+        self.storage = StorageGuard(metrics, outbox.path)
+        self.clock_check = ClockCheck(metrics)
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
@@ -74,7 +77,7 @@ class Pipeline:
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
         now = self.clock()
         # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
-        self._rx_base["time_synced"] = clock_synced()
+        self._rx_base["time_synced"] = self.clock_check.plausible(now) and clock_synced()
         batch = Batch()
         readings = self._take_over(now, batch) if self.standby else 0
         read = {}
@@ -90,7 +93,13 @@ class Pipeline:
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
         if batch:
-            self.metrics.outbox_depth.inc(self.outbox.commit(batch))
+            try:
+                self.metrics.outbox_depth.inc(self.outbox.commit(batch))
+            except StorageFull as e:
+                self._refuse(batch, e)
+                self._claims = []  # never confirmed: peers sharing state take these frames over
+                return 0
+            self.storage.ok()
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
@@ -99,6 +108,13 @@ class Pipeline:
             self._claims = []
         self.dedup.expire(now)
         return readings
+
+    def _refuse(self, batch, error):
+        """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin
+        states in memory go back to what is on disk, so a copy heard later is not called a replay."""
+        self.storage.refuse(error, batch.accepted)
+        self.set_devices(self.devices)
+        self.bins = self.outbox.bins()
 
     def _reject(self, reason, source, detail=""):
         self.metrics.rejected.labels(reason).inc()

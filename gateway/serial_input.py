@@ -1,10 +1,16 @@
-"""Read stage: one thread per serial source, pyserial, reopening with backoff after an unplug.
+"""Read stage: one thread per serial source, pyserial, reopened as soon as an unplugged radio is back.
 
 The port is opened by the path in the config (a stable /dev/serial/by-id/... symlink), resolved
-again on every open, so a radio that comes back under another ttyUSBn is found. Each chunk read
-goes through the source's module format; receptions go to the pipeline's queue."""
+again on every open, so a radio that comes back under another ttyUSBn is found. While the path is
+missing the thread watches for it (a stat every 0.1 s) and opens the radio the moment it
+reappears: frames sent right after a replug are not lost to a back-off. A port that exists but
+will not open (permissions, held by another program) is retried with a back-off up to 10 s, cut
+short when the device behind the path changes. Each chunk read goes through the source's module
+format; receptions go to the pipeline's queue."""
 import logging
+import os
 import threading
+import time
 
 import serial
 
@@ -13,6 +19,7 @@ from binlink.gateway import logs, module_formats
 log = logs.get("serial")
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 10.0
+WATCH_S = 0.1  # how often a missing or unopenable port's path is looked at
 
 
 class SerialSource(threading.Thread):
@@ -36,7 +43,7 @@ class SerialSource(threading.Thread):
                 if failures == 1 or failures % 20 == 0:  # log the first failure, then now and then
                     logs.event(log, logging.WARNING, "cannot open serial port", source=self.source.name,
                                port=self.source.port, error=_short(e), retry_s=round(backoff, 1))
-                self.stop_event.wait(backoff)
+                self._wait_for_change(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
                 continue
             if opened_before:  # a reopen after a loss; the first open is not one
@@ -58,7 +65,17 @@ class SerialSource(threading.Thread):
                     port.close()
                 except (serial.SerialException, OSError):
                     pass
-            self.stop_event.wait(BACKOFF_MIN_S)
+            self._wait_for_change(BACKOFF_MIN_S)
+
+    def _wait_for_change(self, delay_s):
+        """Waits up to delay_s, less when the device behind the path appears or changes (replugged)."""
+        seen = _device_of(self.source.port)
+        deadline = time.monotonic() + delay_s
+        while not self.stop_event.wait(WATCH_S):
+            now = _device_of(self.source.port)
+            if (now is not None and now != seen) or time.monotonic() >= deadline:
+                return
+            seen = now
 
     def _read(self, port):
         fmt = module_formats.make(self.source.format)  # fresh state: a partial frame does not span reopens
@@ -69,6 +86,15 @@ class SerialSource(threading.Thread):
                 recs = fmt.feed(data)
                 if recs:
                     self.queue.put((name, recs))  # one queue operation per read, not per frame
+
+
+def _device_of(path):
+    """(device number, inode) of what the path points at now; None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev, st.st_ino
 
 
 def _short(e):

@@ -16,10 +16,9 @@ import time
 
 import sdnotify
 
-from binlink.gateway import config as config_mod, logs, registry
+from binlink.gateway import config as config_mod, logs, recovery, registry
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
-from binlink.gateway.outbox import Outbox
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
 from binlink.gateway.shared_state import SharedState, status_batch
@@ -87,22 +86,26 @@ class Gateway:
 
     def run(self):
         cfg = self.cfg
-        try:
-            os.makedirs(cfg.state_dir, exist_ok=True)
-            box = Outbox(self.outbox_path)
-        except (OSError, sqlite3.Error) as e:
-            raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
-        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
-        depth = box.depth()
-        logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
-                   sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
-        self.metrics.outbox_depth.set(depth)
-        if cfg.metrics_listen:
+        if cfg.metrics_listen:  # first: state problems found at start show there too
             host, port = config_mod.metrics_address(cfg)
             try:
                 self._metrics_server = self.metrics.serve(host, port)
             except OSError as e:
                 raise config_mod.ConfigError(["metrics.listen: cannot listen on %s: %s" % (cfg.metrics_listen, e.strerror or e)]) from None
+        try:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+            # checked and repaired, counters raised from the broker, before any frame is accepted
+            box, state = recovery.open_state(cfg, self.outbox_path, self.devices, self.metrics, self.stop_event,
+                                             keepalive=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
+        except (OSError, sqlite3.Error) as e:
+            raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
+        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
+        pipeline.clock_check.broker_time = state.newest_synced_time
+        pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
+        depth = box.depth()
+        logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
+                   sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
+        self.metrics.outbox_depth.set(depth)
         self.publisher.start()  # drains what a previous run left in the outbox first
         for s in self.sources:
             s.start()
@@ -190,6 +193,9 @@ class Gateway:
             return
         try:
             done = box.ack(self._acks)
+        except StorageFull:  # kept and written once there is room; not published again meanwhile
+            self._acks_since = now + 1.0
+            return
         except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already
             if self._log_limit.allow("ack", now):
                 logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=len(self._acks))

@@ -22,10 +22,7 @@ class WifiInput:
         c = self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id + "-uplink",
                                       clean_session=False)  # the broker keeps QoS 1 uplinks while we restart
         c.reconnect_delay_set(1, 30)
-        if m.username:
-            c.username_pw_set(m.username, config_mod.mqtt_password(m) or None)
-        if m.tls:
-            c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None)
+        config_mod.apply_mqtt_settings(c, m)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message

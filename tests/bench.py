@@ -110,8 +110,15 @@ def bench_multi_gateway():
     return bench_multi_gateway.run()
 
 
+def bench_state():
+    """Radio replug gap, replays after a state loss, storage written per reading (tests/bench_state.py)."""
+    from tests import bench_state
+
+    return bench_state.run()
+
+
 SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet,
-            "multi_gateway": bench_multi_gateway}
+            "multi_gateway": bench_multi_gateway, "state": bench_state}
 
 
 def main(names):

@@ -1,0 +1,357 @@
+"""State recovery at start, before any frame is accepted.
+
+1. The state file is checked: missing (though a marker says this gateway had state), empty,
+   unreadable, or failing SQLite's quick_check; its WAL gone while its -shm is still there (SQLite
+   removes both on a clean close, a crash leaves both). Each problem
+   is logged loudly and counted (binlink_state_problems_total{problem=...}); nothing here raises on
+   a damaged file, so a bad disk never becomes a crash loop.
+2. A damaged file is moved aside (gateway.sqlite.damaged-<time>, with its -wal) for inspection,
+   and whatever SQLite can still read from it — counters, bin states, outbox rows pending or not —
+   is carried over into a fresh file. A damaged b-tree is read around: ranges of rows that fail are
+   halved until only the unreadable rows are left out.
+3. Every bin's last counter is raised to the `fcnt` of its retained state on the broker (a
+   short-lived MQTT session), so a recorded frame is not accepted again after a state loss. The
+   same states give the clock check its evidence of the time (`received_at` of synced states).
+
+What cannot come back: readings accepted but not yet published when their rows were lost, and
+counter values newer than the broker's retained state (a frame accepted while the broker was
+unreachable). Both are logged with what is known of them."""
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime
+
+import paho.mqtt.client as mqtt
+
+from binlink.wire import codec
+from binlink.gateway import config, logs
+from binlink.gateway.outbox import NO_LATER_ROWS, Outbox, StorageFull, is_full
+
+log = logs.get("recovery")
+KEEP_DAMAGED = 2  # damaged copies kept aside; older ones go, so a bad disk cannot fill up with them
+BROKER_WAIT_S = 3.0  # asking the broker for retained states, state intact
+BROKER_WAIT_AFTER_LOSS_S = 30.0  # the same after a state loss: counters matter more than a quick start
+FULL_RETRY_S = 5.0
+
+
+class Report:
+    """What start-up found and did; problems are short codes, also the metric's label."""
+
+    def __init__(self):
+        self.problems = []
+        self.salvaged = {}  # table -> rows carried over
+        self.unreadable_rows = 0  # outbox rows (by id gap) that could not be read back
+        self.newest_synced_time = None  # newest received_at of a synced retained state (clock check)
+
+    @property
+    def lost(self):
+        return bool(self.problems)
+
+
+def marker_path(db_path):
+    return db_path + ".marker"
+
+
+def _read_marker(db_path):
+    try:
+        with open(marker_path(db_path)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(db_path):
+    """Says this gateway has had state here; small, atomic, fsynced. A full disk is no reason to stop."""
+    if _read_marker(db_path) is not None:
+        return
+    tmp = marker_path(db_path) + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"created": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker_path(db_path))
+    except OSError as e:
+        logs.event(log, logging.WARNING, "state marker not written", path=marker_path(db_path), error=e)
+
+
+def check(db_path):
+    """None when the file opens and passes quick_check (or cannot be checked for want of room:
+    a full disk is no damage), else what is wrong with it."""
+    try:
+        db = sqlite3.connect(db_path, timeout=30)
+    except sqlite3.Error as e:
+        return str(e)
+    try:
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.OperationalError as e:
+            if is_full(e, db_path):
+                return None
+            raise
+        if rows != [("ok",)]:
+            return "; ".join(r[0] for r in rows[:3])
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = {"outbox", "counters", "bins"} - tables
+        if missing:
+            return "tables missing: %s" % ", ".join(sorted(missing))
+        return None
+    except sqlite3.Error as e:
+        return str(e)
+    finally:
+        db.close()
+
+
+def find_problems(db_path, report):
+    """Step 1: finds problems; moves a damaged file aside. Returns the damaged copy's path or None."""
+    marker = _read_marker(db_path)
+    if not os.path.exists(db_path):
+        if marker is not None:
+            _problem(report, "state_file_missing", "the state file is gone: pending readings are lost and "
+                     "counters come from the broker's retained states", path=db_path)
+        if os.path.exists(db_path + "-wal"):  # a WAL without its file must not be replayed into a new one
+            _move_aside(db_path)
+        return None
+    if os.path.getsize(db_path) == 0:
+        _problem(report, "state_file_empty", "the state file is empty", path=db_path)
+        return _move_aside(db_path)
+    # SQLite removes both on a clean close; a crash leaves both: an -shm alone means the WAL was lost
+    if os.path.exists(db_path + "-shm") and not os.path.exists(db_path + "-wal"):
+        _problem(report, "wal_missing", "the state file's WAL is gone after an unclean stop: the newest "
+                 "readings and counters in it are lost", path=db_path + "-wal")
+    problem = check(db_path)
+    if problem is not None:
+        _problem(report, "state_file_damaged", "the state file is damaged", path=db_path, detail=problem[:300])
+        return _move_aside(db_path)
+    return None
+
+
+def _problem(report, code, message, **fields):
+    report.problems.append(code)
+    logs.event(log, logging.ERROR, "STATE PROBLEM: " + message, problem=code, **fields)
+
+
+def _move_aside(db_path):
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    aside = "%s.damaged-%s" % (db_path, stamp)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.replace(db_path + suffix, aside + suffix)
+    logs.event(log, logging.ERROR, "damaged state file kept aside for inspection", copy=aside)
+    _forget_old_copies(db_path)
+    return aside
+
+
+def _forget_old_copies(db_path):
+    folder, name = os.path.split(os.path.abspath(db_path))
+    copies = sorted(f for f in os.listdir(folder) if f.startswith(name + ".damaged-") and not f.endswith(("-wal", "-shm")))
+    for old in copies[:-KEEP_DAMAGED]:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(os.path.join(folder, old + suffix))
+            except FileNotFoundError:
+                pass
+
+
+# step 2: salvage ------------------------------------------------------------------------------
+_TABLES = {  # table -> columns read
+    "counters": "device_id, last_fcnt, key_id, upto_id",
+    "outbox": "id, message_key, topic, payload, retain, received_at, acked_at, superseded",
+    "bins": "bin_id, fcnt, fill_pct, flags, updated_at, upto_id",
+}
+
+
+def salvage(damaged_path):
+    """Whatever rows of the damaged file SQLite can read: table -> rows."""
+    out = {}
+    try:
+        db = sqlite3.connect(damaged_path, timeout=5)
+    except sqlite3.Error:
+        return out
+    try:
+        for table, cols in _TABLES.items():
+            try:  # a file from before upto_id: its tables hold everything
+                if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
+                    cols = cols.replace("upto_id", "%d" % NO_LATER_ROWS)
+            except sqlite3.Error:
+                pass
+            out[table] = _readable_rows(db, table, cols)
+    finally:
+        db.close()
+    return out
+
+
+def _readable_rows(db, table, cols):
+    select = "SELECT %s FROM %s NOT INDEXED" % (cols, table)
+    try:
+        return db.execute(select).fetchall()
+    except sqlite3.Error:
+        pass
+    if table == "bins":  # no rowid to split by; the broker's retained states stand in for it
+        return []
+    try:
+        top = db.execute("SELECT max(rowid) FROM %s" % table).fetchone()[0] or 0
+    except sqlite3.Error:
+        top = 1 << 22  # the rightmost path is damaged too: search a generous range
+    rows = []
+    _rows_in_range(db, select + " WHERE rowid BETWEEN ? AND ?", 0, top, rows, budget=[20000])
+    return rows
+
+
+def _rows_in_range(db, select, lo, hi, rows, budget):
+    """Reads rowids lo..hi, halving ranges that fail; a budget of queries bounds the search."""
+    if lo > hi or budget[0] <= 0:
+        return
+    budget[0] -= 1
+    try:
+        rows.extend(db.execute(select, (lo, hi)).fetchall())
+        return
+    except sqlite3.Error:
+        if lo == hi:
+            return
+    mid = (lo + hi) // 2
+    _rows_in_range(db, select, lo, mid, rows, budget)
+    _rows_in_range(db, select, mid + 1, hi, rows, budget)
+
+
+def carry_over(box, rows, report):
+    """Writes salvaged rows into the fresh outbox: messages keep their ids, so the counters' and
+    bin states' upto_id still say which rows may carry them further."""
+    messages = rows.get("outbox", [])
+    box.carry_over(rows.get("counters", []), rows.get("bins", []), messages)
+    ids = sorted(r[0] for r in messages)
+    report.unreadable_rows = (ids[-1] - ids[0] + 1 - len(ids)) if ids else 0
+    report.salvaged = {"counters": len(rows.get("counters", [])), "bins": len(rows.get("bins", [])),
+                       "outbox": len(messages), "pending": sum(1 for r in messages if r[6] is None)}
+
+
+# step 3: counters from the broker -------------------------------------------------------------
+def retained_states(cfg, timeout_s):
+    """The retained bin states under the base topic: [(bin_id, state dict)], or None when the broker
+    cannot be reached in time. Complete: a probe published after subscribing comes back after
+    every retained message (one connection's messages arrive in order)."""
+    probe = "%s/gateway/%s/recovery-probe/%s" % (cfg.base_topic, cfg.gateway_id, uuid.uuid4().hex)
+    states_filter = "%s/bin/+/state" % cfg.base_topic
+    states, done = [], threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="%s-recovery" % cfg.client_id, clean_session=True)
+    config.apply_mqtt_settings(client, cfg.mqtt)
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            c.subscribe([(states_filter, 1), (probe, 1)])
+
+    def on_message(c, userdata, msg):
+        if msg.topic == probe:
+            done.set()
+        elif msg.retain:
+            try:
+                states.append((msg.topic.rsplit("/", 2)[-2], json.loads(msg.payload)))
+            except ValueError:
+                pass  # not ours to judge; the state simply does not count
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda c, *a: c.publish(probe, b"", qos=1)
+    client.on_message = on_message
+    try:
+        client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=30)
+        client.loop_start()
+        reached = done.wait(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return states if reached else None
+
+
+def counters_from_states(states, devices, local_bins):
+    """(counters, bins, newest synced received_at) to raise, from the retained states of our bins.
+    A state is used only when its device is the bin's device now and it is newer than what we
+    hold for the bin (a bin re-provisioned since has a newer state of its own)."""
+    by_dev = {d.dev: d for d in devices.values()}
+    counters, bins, newest = {}, {}, None
+    for bin_id, s in states:
+        try:
+            device = by_dev.get(s["device"])
+            fcnt = int(s["fcnt"])
+            at = _parse_time(s["received_at"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if s.get("time_synced") is True and (newest is None or at > newest):
+            newest = at
+        if device is None or device.bin_id != bin_id:
+            continue
+        local = local_bins.get(bin_id)
+        if local is not None and local[3] > at and local[0] < fcnt:
+            continue  # a newer state here with a lower counter: the bin was re-provisioned since
+        counters[device.device_id] = (fcnt, device.key_id)
+        if local is None or local[0] < fcnt:
+            bins[bin_id] = (fcnt, s.get("fill_pct"), codec.flag_bits(s.get("flags") or []), at)
+    return counters, bins, newest
+
+
+def _parse_time(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def raise_counters(cfg, box, devices, report, metrics):
+    wait = BROKER_WAIT_AFTER_LOSS_S if report.lost else BROKER_WAIT_S
+    states = retained_states(cfg, wait)
+    if states is None:
+        level = logging.ERROR if report.lost else logging.INFO
+        logs.event(log, level, "broker not reached: counters not checked against its retained states"
+                   + ("; a recorded frame of a bin whose counter was lost could be accepted" if report.lost else ""),
+                   waited_s=wait)
+        return
+    counters, bins, report.newest_synced_time = counters_from_states(states, devices, box.bins())
+    local = box.counters()
+    raised = {d: v for d, v in counters.items() if d not in local or local[d][1] != v[1] or local[d][0] < v[0]}
+    if raised:
+        box.raise_counters(raised, bins)
+        metrics.counters_from_broker.inc(len(raised))
+        logs.event(log, logging.WARNING if not report.lost else logging.ERROR,
+                   "frame counters raised from the broker's retained states", devices=len(raised),
+                   retained_states=len(states))
+
+
+# the whole start-up ---------------------------------------------------------------------------
+def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: None):
+    """Checks, repairs and opens the outbox; returns (Outbox, Report). Waits (keepalive() between
+    tries) while the disk is too full to open it."""
+    report = Report()
+    damaged = find_problems(db_path, report)
+    for code in report.problems:
+        metrics.state_problems.labels(code).inc()
+    box = _open(db_path, stop_event, keepalive)
+    if damaged is not None:
+        try:
+            carry_over(box, salvage(damaged), report)
+        except StorageFull:
+            logs.event(log, logging.ERROR, "storage full: nothing carried over from the damaged state file", copy=damaged)
+        for table, n in report.salvaged.items():
+            metrics.state_salvaged.labels(table).inc(n)
+        logs.event(log, logging.ERROR, "carried over from the damaged state file", unreadable_outbox_rows=report.unreadable_rows,
+                   **report.salvaged)
+    _write_marker(db_path)
+    try:
+        raise_counters(cfg, box, devices, report, metrics)
+    except StorageFull:
+        logs.event(log, logging.ERROR, "storage full: counters from the broker not stored")
+    return box, report
+
+
+def _open(db_path, stop_event, keepalive):
+    said = False
+    while True:
+        try:
+            return Outbox(db_path)
+        except StorageFull as e:
+            if not said:
+                logs.event(log, logging.ERROR, "storage full: cannot open the state file, waiting for room", path=db_path,
+                           error=str(e))
+                said = True
+            keepalive()
+            if stop_event.wait(FULL_RETRY_S):
+                raise

@@ -1,0 +1,175 @@
+"""The outbox and start-up recovery on their own: counters and bin states through a crash, a full
+disk, salvage around a damaged page, counters from retained states, the clock check."""
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from binlink.wire import codec
+from binlink.gateway import config, recovery
+from binlink.gateway.clock import RELEASED, ClockCheck
+from binlink.gateway.metrics import Metrics
+from binlink.gateway.module_formats import Reception
+from binlink.gateway.outbox import Batch, Outbox, StorageFull
+from binlink.gateway.pipeline import Pipeline
+from binlink.gateway.registry import Device
+
+KEY_A, KEY_B, KEY_A2 = bytes(range(16)), bytes([7]) * 16, bytes([9]) * 16  # TEST KEYS
+CFG = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": [{"port": "/x"}]})
+
+
+def _devices(key_a=KEY_A):
+    return {0xA1: Device(0xA1, "bin-a", key_a, 1200, 200), 0xB2: Device(0xB2, "bin-b", KEY_B, 1000, 100)}
+
+
+def _reading(key, dev, fcnt, dist=700, flags=0):
+    return Reception(codec.encode_reading(key, dev, fcnt, dist, 20, 3700, flags, 5, 5))
+
+
+def _crash_and_reopen(box):
+    box.db.close()  # no Outbox.close(): what a power cut leaves is what was committed
+    return Outbox(box.path)
+
+
+def test_counters_and_bin_states_survive_a_crash_between_saves(tmp_path):
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    for n in range(1, 31):
+        p.process([("r0", _reading(KEY_A, 0xA1, n, dist=1100 - 20 * n, flags=codec.F_TILT if n == 20 else 0))])
+    p.process([("r0", Reception(codec.encode_hello(KEY_B, 0xB2, 5, (1, 0, 0), 1, b"\0\0\0\0")))])
+    body = codec.pack_reading(650, 20, 3700, 0, 5, 5)
+    p.process([("r0", Reception(codec.encode_backlog(KEY_A, 0xA1, 40, [(38, 4, body), (39, 2, body)])))])
+    p.process([("r0", _reading(KEY_A, 0xA1, 41, dist=0xFFFF))])  # sensor fault: the bin keeps its level
+    db = sqlite3.connect(box.path)
+    stored = db.execute("SELECT last_fcnt FROM counters WHERE device_id = ?", (0xA1,)).fetchone()[0]
+    db.close()
+    assert stored < 41  # the rows carried it: the counters table was not written for every reading
+    reopened = _crash_and_reopen(box)
+    assert reopened.counters() == {0xA1: (41, _devices()[0xA1].key_id), 0xB2: (5, _devices()[0xB2].key_id)}
+    assert reopened.bins() == p.bins
+    # a re-provisioned bin (new key, counter from 1): the old key's rows must not raise its counter
+    p2 = Pipeline(CFG, _devices(KEY_A2), reopened, Metrics())
+    p2.process([("r0", _reading(KEY_A2, 0xA1, 1)), ("r0", _reading(KEY_A2, 0xA1, 2))])
+    assert _crash_and_reopen(reopened).counters()[0xA1] == (2, _devices(KEY_A2)[0xA1].key_id)
+
+
+def test_a_commit_on_a_full_disk_raises_storage_full_and_leaves_nothing_open(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is tested on a small tmpfs, which only root can mount")
+    d = tmp_path / "disk"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        box = Outbox(str(d / "o.sqlite"))
+        filler = d / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        big = Batch()
+        big.messages = [("1:%d" % n, "t/bin/x/event", os.urandom(300), 0, 1.0) for n in range(1500)]
+        with pytest.raises(StorageFull):
+            box.commit(big)
+        assert not box.db.in_transaction and box.depth() == 0
+        filler.unlink()
+        assert box.commit(big) == 1500
+        box.close()
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_salvage_reads_around_a_damaged_page(tmp_path):
+    path = str(tmp_path / "o.sqlite")
+    box = Outbox(path)
+    for n in range(1, 1001):
+        b = Batch()
+        b.messages.append(("0000a1:%d" % n, "t/bin/a/event", os.urandom(200), 0, 1.0))
+        b.counters[0xA1] = (n, "k")
+        box.commit(b)
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.close()
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2 // 1024 * 1024)
+        f.write(b"\xff" * 2048)
+    assert recovery.check(path) is not None
+    rows = recovery.salvage(path)
+    ids = [r[0] for r in rows["outbox"]]
+    assert 900 < len(ids) < 1000 and len(set(ids)) == len(ids)
+    assert [r[0] for r in rows["counters"]] == [0xA1]
+
+
+def test_counters_from_retained_states_skip_other_bins_and_reprovisioned_ones():
+    devices = _devices()
+    states = [
+        ("bin-a", {"device": "0000a1", "fcnt": 70000, "fill_pct": 40.0, "flags": ["tilt"], "received_at": "2026-12-01T10:00:00.000Z",
+                   "time_synced": True}),
+        ("bin-b", {"device": "0000b2", "fcnt": 900, "fill_pct": None, "flags": [], "received_at": "2026-12-01T09:00:00.000Z",
+                   "time_synced": False}),
+        ("bin-x", {"device": "0000ff", "fcnt": 5, "received_at": "2026-12-01T11:00:00.000Z", "time_synced": True}),
+        ("bin-b", {"device": "garbage"}),
+    ]
+    local_bins = {"bin-b": (3, 10.0, 0, recovery._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
+    counters, bins, newest = recovery.counters_from_states(states, devices, local_bins)
+    assert counters == {0xA1: (70000, devices[0xA1].key_id)}
+    assert bins == {"bin-a": (70000, 40.0, codec.F_TILT, recovery._parse_time("2026-12-01T10:00:00.000Z"))}
+    assert newest == recovery._parse_time("2026-12-01T11:00:00.000Z")
+
+
+def test_clock_check_flags_a_clock_before_the_release_or_behind_the_broker(caplog):
+    m = Metrics()
+    c = ClockCheck(m)
+    assert c.plausible(RELEASED + 86400) and m.value("binlink_clock_suspect") == 0
+    assert not c.plausible(RELEASED - 3 * 365 * 86400) and m.value("binlink_clock_suspect") == 1
+    assert not c.plausible(RELEASED - 3 * 365 * 86400 + 60)
+    assert sum("cannot be right" in r.getMessage() for r in caplog.records) == 1  # said once, not per frame
+    c.broker_time = RELEASED + 10 * 86400
+    assert not c.plausible(RELEASED + 86400)
+    assert c.plausible(RELEASED + 10 * 86400 + 5) and m.value("binlink_clock_suspect") == 0
+
+
+def test_a_state_file_from_before_opens_with_its_counters_and_pending_rows(tmp_path):
+    """An upgrade: the old schema (AUTOINCREMENT, pending indexes, counters written every commit)."""
+    path = str(tmp_path / "o.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        PRAGMA journal_mode=WAL;
+        CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, message_key TEXT NOT NULL UNIQUE, topic TEXT NOT NULL,
+            payload TEXT NOT NULL, retain INTEGER NOT NULL, received_at REAL NOT NULL, acked_at REAL,
+            superseded INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX outbox_pending ON outbox(id) WHERE acked_at IS NULL;
+        CREATE TABLE counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL, key_id TEXT NOT NULL);
+        CREATE TABLE bins (bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL,
+            updated_at REAL NOT NULL);
+        INSERT INTO outbox(message_key, topic, payload, retain, received_at) VALUES ('0000a1:7', 't/bin/a/event', '{}', 0, 1.0);
+        INSERT INTO counters VALUES (161, 7, 'k');
+        INSERT INTO bins VALUES ('a', 7, 10.0, 0, 1.0);
+    """)
+    db.close()
+    box = Outbox(path)
+    assert box.counters() == {0xA1: (7, "k")} and box.bins() == {"a": (7, 10.0, 0, 1.0)}
+    assert [r[0] for r in box.pending(0, 10)] == [1]
+    indexes = {r[0] for r in box.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "outbox_pending" not in indexes and "outbox_event_key" not in indexes  # the old UNIQUE serves
+    b = Batch()
+    b.messages.append(("0000a1:8", "t/bin/a/event", b"{}", 0, 2.0))
+    b.counters[0xA1] = (8, "k")
+    assert box.commit(b) == 1 and box.ack([1, 2]) == 2
+    assert _crash_and_reopen(box).counters() == {0xA1: (8, "k")}
+
+
+def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monkeypatch):
+    from binlink.gateway import outbox
+
+    monkeypatch.setattr(outbox, "SAVE_HEADS_S", 0.0)  # every commit is a scheduled save
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    for n in range(1, 11):
+        p.process([("r0", _reading(KEY_A, 0xA1, n, dist=1100 - 50 * n)), ("r0", _reading(KEY_B, 0xB2, n))])
+    db = sqlite3.connect(box.path)
+    assert db.execute("SELECT device_id, last_fcnt FROM counters ORDER BY device_id").fetchall() == [(0xA1, 10), (0xB2, 10)]
+    db.close()
+    assert _crash_and_reopen(box).bins() == p.bins
