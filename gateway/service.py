@@ -19,6 +19,7 @@ import sdnotify
 from binlink.gateway import config as config_mod, logs, recovery, registry
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
+from binlink.gateway.outbox import StorageFull
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
 from binlink.gateway.shared_state import SharedState, status_batch

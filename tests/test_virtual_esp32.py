@@ -7,10 +7,8 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-import serial
 
 from binlink.gateway import registry
 from tests.conftest import ROOT
