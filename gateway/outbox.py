@@ -344,10 +344,14 @@ def _create(db):
 
 
 def message_key_counter(key):
-    """(device_id, fcnt) of a message key "<device hex>:<fcnt>[:<kind>]" (integrate.py), else (None, None)."""
+    """(device_id, fcnt) of a message key "<device hex>:<key epoch>:<fcnt>[:<kind>]" (integrate.py),
+    or of a file from before key epochs, "<device hex>:<fcnt>[:<kind>]"; else (None, None)."""
     parts = key.split(":")
     try:
-        return int(parts[0], 16), int(parts[1])
+        dev = int(parts[0], 16)
+        if len(parts) >= 3 and parts[2].isdigit():
+            return dev, int(parts[2])
+        return dev, int(parts[1])
     except (ValueError, IndexError):
         return None, None
 

@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 
 import pytest
+from hypothesis import given, strategies as st
 
 from binlink.wire import codec
 from binlink.gateway import config, recovery
@@ -173,3 +174,18 @@ def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monke
     assert db.execute("SELECT device_id, last_fcnt FROM counters ORDER BY device_id").fetchall() == [(0xA1, 10), (0xB2, 10)]
     db.close()
     assert _crash_and_reopen(box).bins() == p.bins
+
+
+@given(st.integers(0, 0xFFFFFF), st.integers(0, 1000), st.integers(0, 2**32 - 1),
+       st.sampled_from(["uplink", "full", "emptied", "fire"]), st.booleans())
+def test_every_message_key_tells_its_counter(device_id, epoch, fcnt, event, state):
+    """The outbox rebuilds counters from its rows' keys: whatever integrate.py writes must parse back."""
+    from binlink.gateway import integrate
+    from binlink.gateway.outbox import message_key_counter
+
+    device = Device(device_id, "bin", KEY_A, 1200, 200, key_epoch=epoch)
+    key = integrate.message_id(device, fcnt, event)
+    if state:
+        key = integrate.state_message("b", device, {"fcnt": fcnt})[0]
+    assert message_key_counter(key) == (device_id, fcnt)
+    assert message_key_counter("%06x:%d:%s" % (device_id, fcnt, event)) == (device_id, fcnt)  # a file from before epochs
