@@ -75,7 +75,7 @@ def replug_gap():
         time.sleep(1.5)
         stop.set()
         t.join()
-        want = {"000001:%d" % n for n in written}
+        want = {"000001:0:%d" % n for n in written}
         wait_for(lambda: rig.gw.metric("binlink_outbox_depth") == 0 and rig.gw.metric("binlink_frames_accepted_total") > 0,
                  what="stream published")
         time.sleep(1)
