@@ -66,7 +66,7 @@ class Fleet:
         if os.path.exists(path):
             os.unlink(path)
         data = {"device": [{"device_id": "%06x" % d.device_id, "bin_id": d.bin_id, "key": d.key.hex(),
-                            "depth_mm": d.bin.depth_mm, "full_mm": d.bin.full_mm,
+                            "depth_mm": d.bin.nominal_depth_mm, "full_mm": d.bin.full_mm,
                             "name": "Simulated bin %s" % d.bin_id[4:]} for d in self.devices]}
         registry.write(path, data)
 

@@ -87,13 +87,35 @@ def test_demo_runs_and_ends_with_its_summary_line(embedded):
 
 
 def test_ping_physics_speed_of_sound_and_faults():
-    s = physics.UltrasonicSensor(random.Random(1), noise_mm=0, p_spurious=0, p_no_echo=0)
+    s = physics.UltrasonicSensor(random.Random(1), noise_mm=0, p_spurious=0, p_no_echo=0, rh=0.0)
     cold, warm = s.echo_us(1000, -10.0, 60000), s.echo_us(1000, 30.0, 60000)
     assert cold > warm  # sound is slower in the cold: a longer echo for the same distance
-    assert abs(cold - 2 * 1000 / (331.3 - 6.06) * 1000) <= 1
+    assert abs(cold - 2 * 1000 / physics.speed_of_sound(-10.0, 0.0) * 1000) <= 1
     assert s.echo_us(6000, 20, 60000) == -2  # out of range: no echo
     s.broken = True
     assert s.echo_us(1000, 20, 60000) == -2
+
+
+def test_speed_of_sound_is_the_physics_own_not_the_firmware_formula():
+    assert abs(physics.speed_of_sound(0.0, rh=0.0) - 331.3) < 0.3  # textbook, dry air at 0 °C
+    for t in (-10.0, 5.0, 20.0, 35.0):
+        dry, humid = physics.speed_of_sound(t, 0.0), physics.speed_of_sound(t, 0.95)
+        assert humid > dry  # water vapour is lighter than air
+        assert abs(humid - (331.3 + 0.606 * t)) / humid < 0.01  # close to the firmware's line, not on it
+    assert physics.speed_of_sound(30.0, 0.95) - physics.speed_of_sound(30.0, 0.0) > 1.0  # humid summer air
+
+
+def test_installed_bin_differs_from_its_registry_entry():
+    """Calibration and mounting errors and a piled surface: the beam sees less distance than the mean level."""
+    bins = [physics.Bin(random.Random(s), depth_mm=1200, t0=0.0) for s in range(50)]
+    assert all(b.nominal_depth_mm == 1200 for b in bins)
+    assert max(abs(b.depth_mm - 1200) for b in bins) > 15 and all(abs(b.depth_mm - 1200) <= 40 for b in bins)
+    for b in bins:
+        b.level = 0.5
+    assert sum(b.surface_mm() < b.mean_surface_mm() for b in bins) > 40  # mostly the pile's peak is nearer
+    flat = physics.Bin(random.Random(1), depth_mm=1200, t0=0.0, honest=False)
+    flat.level = 0.5
+    assert flat.surface_mm() == flat.mean_surface_mm() == 1200 - 0.5 * 950
 
 
 def test_bin_fills_by_day_and_gets_collected():

@@ -1,0 +1,189 @@
+"""When will each bin be full? A per-bin forecast in the spirit of the IPSO/LwM2M filling-level
+object 3435 (resources "average fill speed" and "forecast full date").
+
+Model, learned from the bin's own readings only:
+
+  fill rate at time t = base (% per hour) x day[hour of day] x week[day of week]
+
+`base` is an exponentially weighted mean of the observed rate; `day` (24) and `week` (7) are
+multipliers with mean 1, exponentially weighted per bucket, so a park bin learns that it fills
+in the afternoon and at weekends. The level itself is smoothed (predict with the model, then move
+part of the way to the reading, the innovation clipped so one stray echo cannot move it far).
+A fall of more than `pickup_drop_pct` below the level is a pickup: the level restarts there and
+the rates are kept (a bin's habits survive emptying). A gap longer than MAX_GAP_H teaches nothing
+about rates; the level restarts at the next reading.
+
+Constant memory (a few dozen floats a bin) and bounded work per reading: learning walks the
+hours between two readings (at most MAX_GAP_H), predicting walks at most HORIZON_DAYS days."""
+import math
+import sqlite3
+import struct
+
+HOUR = 3600.0
+DAY = 86400.0
+MAX_GAP_H = 48.0  # longer silences: the level restarts, no rate is learned
+HORIZON_DAYS = 14  # full_at further away than this is "not predictable" (null)
+MIN_LEARNED_H = 12.0  # hours of readings before a forecast is published
+PRIOR_RATE = 1.0  # % per hour before anything is learned (about four days to fill)
+BASE_TAU_H = 36.0  # time constant of the mean rate
+SHAPE_GAIN = 0.12  # per observation, for the hour-of-day and day-of-week multipliers
+LEVEL_GAIN = 0.5
+INNOVATION_CLIP = 6.0  # % a single reading may move the level by (beyond the model's prediction)
+SHAPE_MAX = 6.0
+
+
+def _hour_and_weekday(t):
+    """Hour-of-day bucket and day-of-week (0 = Monday) of a UTC timestamp (1970-01-01 was a Thursday)."""
+    days = t // DAY
+    return int((t - days * DAY) // HOUR), int(days + 3) % 7
+
+
+class BinForecast:
+    """One bin's state. Use update() for each reading in measurement order, then full_at()."""
+
+    __slots__ = ("t", "level", "raw", "base", "learned_h", "day", "week")
+    _FMT = "<5d24d7d"
+
+    def __init__(self):
+        self.t = None  # time of the last reading
+        self.level = None  # smoothed fill %
+        self.raw = None  # the last reading as measured
+        self.base = PRIOR_RATE
+        self.learned_h = 0.0
+        self.day = [1.0] * 24
+        self.week = [1.0] * 7
+
+    # persistence: 288 bytes a bin ---------------------------------------------------------
+    def to_bytes(self):
+        head = (-1.0 if self.t is None else self.t, -1.0 if self.level is None else self.level,
+                -1.0 if self.raw is None else self.raw, self.base, self.learned_h)
+        return struct.pack(self._FMT, *head, *self.day, *self.week)
+
+    @classmethod
+    def from_bytes(cls, blob):
+        v = struct.unpack(cls._FMT, blob)
+        f = cls()
+        f.t = None if v[0] < 0 else v[0]
+        f.level = None if v[1] < 0 else v[1]
+        f.raw = None if v[2] < 0 else v[2]
+        f.base, f.learned_h = v[3], v[4]
+        f.day, f.week = list(v[5:29]), list(v[29:36])
+        return f
+
+    # the model ---------------------------------------------------------------------------------
+    def shape_hours(self, t0, t1):
+        """Integral of day x week multipliers over [t0, t1], in hours (the expected rise / base)."""
+        total = 0.0
+        t = t0
+        while t < t1:
+            hour, weekday = _hour_and_weekday(t)
+            end = min(t1, (t // HOUR + 1) * HOUR)
+            total += (end - t) / HOUR * self.day[hour] * self.week[weekday]
+            t = end
+        return total
+
+    def update(self, t, fill, pickup_drop_pct=15.0):
+        """Learns from one reading (fill % or None for a faulty one). Returns True when it was a pickup."""
+        if fill is None or (self.t is not None and t <= self.t):
+            return False
+        if self.t is None or t - self.t > MAX_GAP_H * HOUR:
+            self.t, self.level, self.raw = t, fill, fill
+            return False
+        if fill < self.level - pickup_drop_pct:
+            self.t, self.level, self.raw = t, fill, fill
+            return True
+        dt_h = (t - self.t) / HOUR
+        shape = self.shape_hours(self.t, t)
+        expected = self.base * shape
+        # robust: a stray echo or a bag dropped right under the sensor moves nothing far
+        rise = min(max(fill - self.raw, -INNOVATION_CLIP), expected + INNOVATION_CLIP)
+        if shape > 0:
+            w = 1.0 - math.exp(-dt_h / BASE_TAU_H)
+            self.base = max(0.0, self.base + w * (rise / shape - self.base))
+        if self.base > 0 and dt_h <= 6.0:
+            # the multipliers of the bucket in the middle of the interval
+            hour, weekday = _hour_and_weekday((self.t + t) / 2)
+            q = rise / (self.base * dt_h)
+            self._learn(self.day, hour, q / self.week[weekday])
+            self._learn(self.week, weekday, q / self.day[hour])
+        predicted = self.level + expected
+        self.level = max(0.0, predicted + LEVEL_GAIN * max(-INNOVATION_CLIP, min(INNOVATION_CLIP, fill - predicted)))
+        self.t, self.raw = t, fill
+        self.learned_h += dt_h
+        return False
+
+    @staticmethod
+    def _learn(shape, i, q):
+        q = max(0.0, min(SHAPE_MAX, q))
+        shape[i] += SHAPE_GAIN * (q - shape[i])
+        mean = sum(shape) / len(shape)
+        if mean > 0:
+            for k in range(len(shape)):
+                shape[k] /= mean
+
+    def rate_pct_per_day(self):
+        """Average fill speed (% per day): the learned mean rate."""
+        return None if self.learned_h < MIN_LEARNED_H else round(self.base * 24.0, 2)
+
+    def full_at(self, full_pct=100.0):
+        """Predicted time (UTC seconds) the bin reaches full_pct, None when not predictable."""
+        if self.t is None or self.learned_h < MIN_LEARNED_H:
+            return None
+        if self.level >= full_pct:
+            return self.t
+        if self.base <= 1e-6:
+            return None
+        need = (full_pct - self.level) / self.base  # in shape-hours
+        t = self.t
+        end = self.t + HORIZON_DAYS * DAY
+        day_sum = sum(self.day)
+        while t < end:
+            hour, weekday = _hour_and_weekday(t)
+            if hour == 0 and t % HOUR == 0:
+                whole_day = day_sum * self.week[weekday]
+                if whole_day < need:  # a whole day at once: at most HORIZON_DAYS of these
+                    need -= whole_day
+                    t += DAY
+                    continue
+            step_end = (t // HOUR + 1) * HOUR
+            gain = (step_end - t) / HOUR * self.day[hour] * self.week[weekday]
+            if gain >= need:
+                return t + (step_end - t) * need / gain
+            need -= gain
+            t = step_end
+        return None
+
+
+class ForecastStore:
+    """Every bin's forecast, kept in SQLite in the gateway's state folder, so a restart forgets nothing."""
+
+    def __init__(self, path, pickup_drop_pct=15.0):
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS forecast (bin_id TEXT PRIMARY KEY, state BLOB NOT NULL)")
+        self.pickup_drop_pct = pickup_drop_pct
+        self.bins = {bin_id: BinForecast.from_bytes(blob) for bin_id, blob in self.db.execute("SELECT bin_id, state FROM forecast")}
+        self._dirty = set()
+
+    def update(self, bin_id, t, fill):
+        """Learns one reading; returns (fill_rate_pct_per_day, full_at seconds or None)."""
+        f = self.bins.get(bin_id)
+        if f is None:
+            f = self.bins[bin_id] = BinForecast()
+        f.update(t, fill, self.pickup_drop_pct)
+        self._dirty.add(bin_id)
+        return f.rate_pct_per_day(), f.full_at()
+
+    def save(self):
+        """One transaction for the bins updated since the last save (called after each group commit)."""
+        if not self._dirty:
+            return
+        rows = [(b, self.bins[b].to_bytes()) for b in self._dirty]
+        self._dirty.clear()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR REPLACE INTO forecast (bin_id, state) VALUES (?, ?)", rows)
+
+    def close(self):
+        self.save()
+        self.db.close()
