@@ -1,4 +1,4 @@
-"""`binlink` command line: decode, gateway, sim, demo, provision."""
+"""`binlink` command line: decode, gateway, planner, plan, sim, demo, provision."""
 import argparse
 import json
 import sys
@@ -50,6 +50,10 @@ def build_parser():
     cc = gsub.add_parser("check-config", help="validate a config and its device registry, naming every problem")
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
+
+    from binlink.gateway import planner
+
+    planner.add_parsers(sub)  # `binlink planner` (service) and `binlink plan` (view)
 
     from binlink.sim import cli as sim_cli, demo
 

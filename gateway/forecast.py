@@ -21,12 +21,14 @@ import struct
 
 HOUR = 3600.0
 DAY = 86400.0
+SATURATED_PCT = 98.0  # at the top the reading cannot rise any more: such intervals teach no rate
 MAX_GAP_H = 48.0  # longer silences: the level restarts, no rate is learned
 HORIZON_DAYS = 14  # full_at further away than this is "not predictable" (null)
 MIN_LEARNED_H = 12.0  # hours of readings before a forecast is published
 PRIOR_RATE = 1.0  # % per hour before anything is learned (about four days to fill)
 BASE_TAU_H = 36.0  # time constant of the mean rate
-SHAPE_GAIN = 0.12  # per observation, for the hour-of-day and day-of-week multipliers
+DAY_GAIN = 0.12  # per observation: an hour-of-day bucket is seen once a day, so it remembers ~a week
+WEEK_GAIN = 0.1  # a day-of-week bucket is seen ~24 times a week: it remembers ~two weeks
 LEVEL_GAIN = 0.5
 INNOVATION_CLIP = 6.0  # % a single reading may move the level by (beyond the model's prediction)
 SHAPE_MAX = 6.0
@@ -97,15 +99,15 @@ class BinForecast:
         expected = self.base * shape
         # robust: a stray echo or a bag dropped right under the sensor moves nothing far
         rise = min(max(fill - self.raw, -INNOVATION_CLIP), expected + INNOVATION_CLIP)
-        if shape > 0:
+        if shape > 0 and max(fill, self.raw) < SATURATED_PCT:
             w = 1.0 - math.exp(-dt_h / BASE_TAU_H)
             self.base = max(0.0, self.base + w * (rise / shape - self.base))
-        if self.base > 0 and dt_h <= 6.0:
+        if self.base > 0 and dt_h <= 6.0 and max(fill, self.raw) < SATURATED_PCT:
             # the multipliers of the bucket in the middle of the interval
             hour, weekday = _hour_and_weekday((self.t + t) / 2)
             q = rise / (self.base * dt_h)
-            self._learn(self.day, hour, q / self.week[weekday])
-            self._learn(self.week, weekday, q / self.day[hour])
+            self._learn(self.day, hour, q / self.week[weekday], DAY_GAIN)
+            self._learn(self.week, weekday, q / self.day[hour], WEEK_GAIN)
         predicted = self.level + expected
         self.level = max(0.0, predicted + LEVEL_GAIN * max(-INNOVATION_CLIP, min(INNOVATION_CLIP, fill - predicted)))
         self.t, self.raw = t, fill
@@ -113,9 +115,9 @@ class BinForecast:
         return False
 
     @staticmethod
-    def _learn(shape, i, q):
+    def _learn(shape, i, q, gain):
         q = max(0.0, min(SHAPE_MAX, q))
-        shape[i] += SHAPE_GAIN * (q - shape[i])
+        shape[i] += gain * (q - shape[i])
         mean = sum(shape) / len(shape)
         if mean > 0:
             for k in range(len(shape)):

@@ -9,7 +9,7 @@ import os
 import time
 
 from binlink.wire import codec
-from binlink.gateway import calibration, events, integrate, logs
+from binlink.gateway import calibration, events, forecast, integrate, logs
 from binlink.gateway.dedup import Dedup
 from binlink.gateway.outbox import Batch
 
@@ -30,6 +30,9 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
+        # derived data beside the outbox: a crash between the two commits costs one reading's learning
+        self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
+                                                cfg.events.emptied_drop_pct)
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
 
@@ -69,6 +72,7 @@ class Pipeline:
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
+            self.forecasts.save()
         self.dedup.expire(now)
         return readings
 
@@ -136,6 +140,7 @@ class Pipeline:
         prev_fill = prev[1] if prev else None
         prev_flags = prev[2] if prev else None
         fill_for_state = prev_fill if fill is None else fill  # a faulty reading keeps the last level
+        fields = integrate.with_forecast(fields, device, *self.forecasts.update(device.bin_id, measured_at, fill))
         for name in events.detect(prev_fill, prev_flags, fill, reading["flags"], self.cfg.events):
             batch.messages.append(integrate.event_message(base, device, fields, name, backlog) + (now,))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)

@@ -63,6 +63,9 @@ class Bin:
         self.level = rng.uniform(0.0, 0.6)
         self.next_collection = t0 + rng.uniform(0.2, self.collect_every_days) * DAY
         self.t = t0
+        self.on_schedule = True  # False: collected only when collect_at() says (a policy drives the trucks)
+        self.overflow_s = 0.0  # time spent at or above full (level >= 1)
+        self.full_times = []  # when the level rose through full
         self.hot_until = -1.0  # a hot object smouldering inside
         self.tilted_until = -1.0
 
@@ -70,7 +73,7 @@ class Bin:
         """Filling speed: busy in the day, quiet at night, more at weekends, never negative."""
         hour = (t % DAY) / 3600.0
         daily = 0.25 + 1.5 * max(0.0, math.sin(math.pi * (hour - 7) / 14)) if 7 <= hour <= 21 else 0.25
-        weekday = int(t // DAY) % 7
+        weekday = int(t // DAY + 3) % 7  # 0 = Monday (1970-01-01 was a Thursday)
         weekly = 1.3 if weekday >= 5 else 1.0
         return daily * weekly / (self.days_to_fill * DAY) / 0.83  # 0.83: mean of daily*weekly shape
 
@@ -86,7 +89,8 @@ class Bin:
                 collected.append((self.t, self.level))
                 self.level = self.rng.uniform(0.0, 0.03)  # some litter stays behind
                 self.pile_phase = self.rng.uniform(0.0, 2 * math.pi)
-                self.next_collection = self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
+                self.next_collection = (self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
+                                        if self.on_schedule else math.inf)
                 continue
             self._fill(step)
             self.t += step
@@ -94,10 +98,22 @@ class Bin:
 
     def _fill(self, dt):
         noise = self.rng.uniform(0.5, 1.5)
+        before = self.level
         self.level = min(1.2, self.level + self.rate_per_s(self.t) * dt * noise)
+        if self.level >= 1.0:
+            if before < 1.0:  # crossed within this step: interpolate
+                frac = (1.0 - before) / (self.level - before)
+                self.full_times.append(self.t + frac * dt)
+                self.overflow_s += (1 - frac) * dt
+            else:
+                self.overflow_s += dt
 
     def collect_now(self):
         self.next_collection = self.t
+
+    def collect_at(self, t):
+        """A truck empties the bin at t (the earliest of what is already planned and t)."""
+        self.next_collection = min(self.next_collection, t)
 
     def mean_surface_mm(self):
         """Distance from the nominal sensor position down to the waste's mean surface."""
