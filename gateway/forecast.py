@@ -163,6 +163,8 @@ class ForecastStore:
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS forecast (bin_id TEXT PRIMARY KEY, state BLOB NOT NULL)")
+        # beside it, for Home Assistant's sw_version: the firmware each device said it runs
+        self.db.execute("CREATE TABLE IF NOT EXISTS firmware (device TEXT PRIMARY KEY, version TEXT NOT NULL)")
         self.pickup_drop_pct = pickup_drop_pct
         self.bins = {bin_id: BinForecast.from_bytes(blob) for bin_id, blob in self.db.execute("SELECT bin_id, state FROM forecast")}
         self._dirty = set()
@@ -185,6 +187,12 @@ class ForecastStore:
         with self.db:
             self.db.execute("BEGIN")
             self.db.executemany("INSERT OR REPLACE INTO forecast (bin_id, state) VALUES (?, ?)", rows)
+
+    def firmware(self):
+        return dict(self.db.execute("SELECT device, version FROM firmware"))
+
+    def set_firmware(self, device, version):
+        self.db.execute("INSERT OR REPLACE INTO firmware (device, version) VALUES (?, ?)", (device, version))
 
     def close(self):
         self.save()

@@ -5,6 +5,7 @@ to paho while the link is down stay in paho's session and are resent on reconnec
 restart everything not acknowledged is sent again from the outbox, in order."""
 import json
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -40,6 +41,10 @@ class Publisher:
         self._acked = []  # outbox ids acknowledged by the broker, not yet marked in the outbox
         self._lock = threading.Lock()  # publish() and recording its mid happen together
         self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
+        self.firmware = {}  # device hex -> firmware version from its hello (the pipeline fills it)
+        self.discovery = homeassistant.Discovery(os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix,
+                                                 self.base, cfg.site)
+        self._discovery_due = None  # None, "changes" or "all": sent by the feeder thread, not in a paho callback
         self.client = self._make_client()
 
     def _make_client(self):
@@ -73,7 +78,7 @@ class Publisher:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         if self.cfg.mqtt.discovery:
             client.subscribe("%s/status" % self.cfg.mqtt.discovery_prefix, qos=1)
-            self.publish_discovery()
+            self.request_discovery()
         if self.cfg.mqtt.uplink_topic and self.on_uplink:
             client.subscribe(self.cfg.mqtt.uplink_topic, qos=1)
         self.metrics.mqtt_connected.set(1)
@@ -99,12 +104,23 @@ class Publisher:
             return
         if msg.topic == "%s/status" % self.cfg.mqtt.discovery_prefix and msg.payload == b"online":
             logs.event(log, logging.INFO, "Home Assistant restarted, republishing discovery")
-            self.publish_discovery()
+            self.request_discovery(force=True)
 
-    def publish_discovery(self):
-        for device in self.devices.values():
-            for topic, payload in homeassistant.messages(self.cfg.mqtt.discovery_prefix, self.base, self.cfg.gateway_id, device):
-                self.client.publish(topic, payload, qos=1, retain=True)
+    def request_discovery(self, force=False):
+        """Discovery is due: what changed (registry, firmware), or everything (force)."""
+        if self.cfg.mqtt.discovery:
+            self._discovery_due = "all" if force or self._discovery_due == "all" else "changes"
+            self.wake.set()
+
+    def _publish_discovery(self):
+        due, self._discovery_due = self._discovery_due, None
+        sent = self.discovery.changes(self.devices, self.firmware, force=due == "all")
+        for topic, payload in sent:
+            self.client.publish(topic, payload, qos=1, retain=True)
+        if sent:
+            self.discovery.mark(sent)
+            logs.event(log, logging.INFO, "discovery published", configs=sum(1 for _, p in sent if p),
+                       cleared=sum(1 for _, p in sent if not p))
 
     # feeder thread ---------------------------------------------------------------------------
     def start(self):
@@ -128,6 +144,8 @@ class Publisher:
                                     or self.stopping.is_set()):
                     self._write_acks(box)
                     last_ack_flush = time.monotonic()
+                if self.connected.is_set() and self._discovery_due:
+                    self._publish_discovery()
                 if self.connected.is_set():
                     room = window - len(self._inflight)
                     if room > 0:

@@ -33,6 +33,8 @@ class Pipeline:
         # derived data beside the outbox: a crash between the two commits costs one reading's learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
                                                 cfg.events.emptied_drop_pct)
+        self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
+        self.on_new_firmware = None  # called when a hello brings a version not seen before
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
 
@@ -117,6 +119,11 @@ class Pipeline:
         if decoded["type"] == "hello":
             batch.messages.append(integrate.hello_message(base, device, decoded, rx) + (now,))
             logs.event(log, logging.INFO, "hello", device=device.dev, fw=decoded["fw_version"], reset_cause=decoded["reset_cause"])
+            if self.firmware.get(device.dev) != decoded["fw_version"]:
+                self.firmware[device.dev] = decoded["fw_version"]
+                self.forecasts.set_firmware(device.dev, decoded["fw_version"])
+                if self.on_new_firmware:
+                    self.on_new_firmware()
             return 0
         if decoded["type"] == "reading":
             self._reading(device, decoded, fcnt, rx, now, batch, backlog=False)

@@ -60,13 +60,14 @@ class Gateway:
         self.devices = self.publisher.devices = devices
         pipeline.set_devices(devices)
         logs.event(log, logging.INFO, "registry reloaded", devices=len(devices), added=added)
-        if self.publisher.connected.is_set() and self.cfg.mqtt.discovery:
-            self.publisher.publish_discovery()
+        self.publisher.request_discovery()
 
     def run(self):
         cfg = self.cfg
         box = Outbox(self.outbox_path)
         pipeline = Pipeline(cfg, self.devices, box, self.metrics)
+        self.publisher.firmware = pipeline.firmware  # sw_version in discovery; a new version republishes
+        pipeline.on_new_firmware = self.publisher.request_discovery
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)

@@ -53,12 +53,20 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
         wait_for(lambda: late.on("bin/bin-a/state") and late.on("gateway/gw-test/status"), what="retained messages")
         assert json.loads(late.on("bin/bin-a/state")[-1][1])["fcnt"] == 3
         assert late.on("gateway/gw-test/status")[-1][1] == b"online"
+        wait_for(lambda: b"1.2.3" in dict(late.on("/config")).get("homeassistant/sensor/binlink_testcity_bin_a/fill/config", b""),
+                 what="discovery with the firmware version from the hello")
         configs = {t: json.loads(p) for t, p in late.on("/config")}
-        fill = configs["homeassistant/sensor/binlink_0000a1_fill/fill/config"]
+        fill = configs["homeassistant/sensor/binlink_testcity_bin_a/fill/config"]
         assert fill["state_class"] == "measurement" and fill["unit_of_measurement"] == "%"
-        assert fill["device"]["identifiers"] == ["binlink_0000a1"]
-        assert configs["homeassistant/sensor/binlink_0000b2_rssi/rssi/config"]["entity_category"] == "diagnostic"
-        assert configs["homeassistant/binary_sensor/binlink_0000a1_problem/problem/config"]["device_class"] == "problem"
+        assert fill["device"]["identifiers"] == ["binlink_testcity_bin_a"] and "object_id" not in fill
+        assert fill["default_entity_id"] == "sensor.binlink_testcity_bin_a_fill"
+        assert fill["device"]["sw_version"] == "1.2.3"  # from the hello
+        assert fill["expire_after"] == 3 * 3600 and "availability_topic" not in fill
+        assert configs["homeassistant/sensor/binlink_testcity_bin_b/rssi/config"]["entity_category"] == "diagnostic"
+        assert configs["homeassistant/sensor/binlink_testcity_bin_a/full_at/config"]["device_class"] == "timestamp"
+        assert configs["homeassistant/binary_sensor/binlink_testcity_bin_a/fire/config"]["device_class"] == "heat"
+        assert configs["homeassistant/event/binlink_testcity_bin_a/collection/config"]["event_types"] == ["full", "emptied"]
+        assert state["fill_rate_pct_per_day"] is None and state["full_at"] is None  # three readings teach no forecast
     finally:
         late.close()
     # no key ever leaves the process: not in MQTT, not in the log
@@ -67,10 +75,30 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
 
 
 def test_home_assistant_restart_gets_discovery_again(gw, broker, subscriber):
-    wait_for(lambda: len(subscriber.on("/config")) == 10, what="discovery")
+    wait_for(lambda: len(subscriber.on("/config")) == 22, what="discovery: 11 entities a bin")
     n = len(subscriber.on("/config"))
     subscriber.c.publish("homeassistant/status", "online", qos=1)
     wait_for(lambda: len(subscriber.on("/config")) >= 2 * n, what="discovery republished")
+
+
+def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_cleared(gw, broker, subscriber):
+    wait_for(lambda: len(subscriber.on("/config")) == 22, what="discovery")
+    gw.terminate()
+    gw.start()  # same registry: nothing to send
+    wait_for(lambda: "gateway starting" in gw.output() and gw.output().count("connected to broker") == 2, what="reconnected")
+    time.sleep(1.0)
+    assert len(subscriber.on("/config")) == 22
+    from binlink.gateway import registry
+
+    registry.write(gw.registry, {"device": []})  # bin-b retired, bin-a renamed
+    registry.add(gw.registry, DEV_A, "bin-a", KEY, 1200, 200, name="Market square")
+    gw.terminate()
+    gw.start()
+    cleared = wait_for(lambda: [t for t, p in subscriber.on("/config") if p == b"" and "bin_b" in t], what="bin-b cleared")
+    assert len(cleared) == 11
+    renamed = wait_for(lambda: [json.loads(p) for t, p in subscriber.on("/config") if p and "Market square" in p.decode()],
+                       what="bin-a republished")
+    assert len(renamed) == 11 and len(subscriber.on("/config")) == 22 + 11 + 11
 
 
 def test_bad_input_is_counted_and_the_service_keeps_running(gw, pty, subscriber):
@@ -349,7 +377,7 @@ def test_sighup_reloads_the_registry_without_a_restart(gw, pty, subscriber):
     wait_for(lambda: "registry reloaded" in gw.output(), what="reload")
     pty.write(framing.frame(reading(2, dev=0xC3, key=new_key)))
     wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-c"], what="new bin published")
-    wait_for(lambda: any("binlink_0000c3" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
+    wait_for(lambda: any("binlink_testcity_bin_c" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
     assert gw.alive()
 
 
