@@ -5,7 +5,8 @@ Model, learned from the bin's own readings only:
 
   fill rate at time t = base (% per hour) x day[hour of day] x week[day of week]
 
-`base` is an exponentially weighted mean of the observed rate; `day` (24) and `week` (7) are
+`base` is the exponentially weighted rise over the exponentially weighted expected shape (a ratio
+of sums: a ratio of each interval's own would be biased up by noise); `day` (24) and `week` (7) are
 multipliers with mean 1, exponentially weighted per bucket, so a park bin learns that it fills
 in the afternoon and at weekends. The level itself is smoothed (predict with the model, then move
 part of the way to the reading, the innovation clipped so one stray echo cannot move it far).
@@ -26,12 +27,17 @@ MAX_GAP_H = 48.0  # longer silences: the level restarts, no rate is learned
 HORIZON_DAYS = 14  # full_at further away than this is "not predictable" (null)
 MIN_LEARNED_H = 12.0  # hours of readings before a forecast is published
 PRIOR_RATE = 1.0  # % per hour before anything is learned (about four days to fill)
-BASE_TAU_H = 36.0  # time constant of the mean rate
-DAY_GAIN = 0.12  # per observation: an hour-of-day bucket is seen once a day, so it remembers ~a week
-WEEK_GAIN = 0.1  # a day-of-week bucket is seen ~24 times a week: it remembers ~two weeks
+BASE_TAU_H = 72.0  # time constant of the mean rate
+PRIOR_WEIGHT_H = 2.0  # the prior rate counts as two hours of history: forgotten at once
+# hour-of-day multipliers start as running means (gain 1/n) and settle to exponential weights (an
+# hour is seen once a day: ~ten days of memory); a day-of-week multiplier learns once a week from
+# the whole day's rise (~three weeks of memory)
+DAY_GAIN = 0.1
+WEEK_GAIN = 0.3
+MIN_DAY_HOURS = 16.0  # a day seen for fewer hours (pickups, saturation, silence) teaches no weekly rhythm
 LEVEL_GAIN = 0.5
 INNOVATION_CLIP = 6.0  # % a single reading may move the level by (beyond the model's prediction)
-SHAPE_MAX = 6.0
+SHAPE_MIN, SHAPE_MAX = 0.05, 6.0  # a multiplier never reaches 0: it divides
 
 
 def _hour_and_weekday(t):
@@ -43,22 +49,28 @@ def _hour_and_weekday(t):
 class BinForecast:
     """One bin's state. Use update() for each reading in measurement order, then full_at()."""
 
-    __slots__ = ("t", "level", "raw", "base", "learned_h", "day", "week")
-    _FMT = "<5d24d7d"
+    __slots__ = ("t", "level", "raw", "rise_sum", "shape_sum", "learned_h", "day_no", "day_rise", "day_expect",
+                 "day_hours", "day", "week")
+    _FMT = "<10d24d7d"  # 328 bytes a bin
 
     def __init__(self):
         self.t = None  # time of the last reading
         self.level = None  # smoothed fill %
         self.raw = None  # the last reading as measured
-        self.base = PRIOR_RATE
+        self.rise_sum = PRIOR_RATE * PRIOR_WEIGHT_H  # % risen, exponentially weighted
+        self.shape_sum = PRIOR_WEIGHT_H  # shape-hours it rose over, likewise
         self.learned_h = 0.0
+        # the calendar day being observed, for the day-of-week multipliers: its rise and the rise
+        # the model expected without the weekly multiplier, and the hours observed
+        self.day_no, self.day_rise, self.day_expect, self.day_hours = -1.0, 0.0, 0.0, 0.0
         self.day = [1.0] * 24
         self.week = [1.0] * 7
 
-    # persistence: 288 bytes a bin ---------------------------------------------------------
+    # persistence ---------------------------------------------------------------------------------
     def to_bytes(self):
         head = (-1.0 if self.t is None else self.t, -1.0 if self.level is None else self.level,
-                -1.0 if self.raw is None else self.raw, self.base, self.learned_h)
+                -1.0 if self.raw is None else self.raw, self.rise_sum, self.shape_sum, self.learned_h,
+                self.day_no, self.day_rise, self.day_expect, self.day_hours)
         return struct.pack(self._FMT, *head, *self.day, *self.week)
 
     @classmethod
@@ -68,19 +80,24 @@ class BinForecast:
         f.t = None if v[0] < 0 else v[0]
         f.level = None if v[1] < 0 else v[1]
         f.raw = None if v[2] < 0 else v[2]
-        f.base, f.learned_h = v[3], v[4]
-        f.day, f.week = list(v[5:29]), list(v[29:36])
+        f.rise_sum, f.shape_sum, f.learned_h, f.day_no, f.day_rise, f.day_expect, f.day_hours = v[3:10]
+        f.day, f.week = list(v[10:34]), list(v[34:41])
         return f
 
     # the model ---------------------------------------------------------------------------------
-    def shape_hours(self, t0, t1):
-        """Integral of day x week multipliers over [t0, t1], in hours (the expected rise / base)."""
+    @property
+    def base(self):
+        """Mean rate, % per shape-hour (per hour on average: the multipliers have mean 1)."""
+        return max(0.0, self.rise_sum / self.shape_sum) if self.shape_sum > 0 else 0.0
+
+    def shape_hours(self, t0, t1, weekly=True):
+        """Integral of the multipliers over [t0, t1], in hours (the expected rise / base)."""
         total = 0.0
         t = t0
         while t < t1:
             hour, weekday = _hour_and_weekday(t)
             end = min(t1, (t // HOUR + 1) * HOUR)
-            total += (end - t) / HOUR * self.day[hour] * self.week[weekday]
+            total += (end - t) / HOUR * self.day[hour] * (self.week[weekday] if weekly else 1.0)
             t = end
         return total
 
@@ -99,25 +116,42 @@ class BinForecast:
         expected = self.base * shape
         # robust: a stray echo or a bag dropped right under the sensor moves nothing far
         rise = min(max(fill - self.raw, -INNOVATION_CLIP), expected + INNOVATION_CLIP)
-        if shape > 0 and max(fill, self.raw) < SATURATED_PCT:
-            w = 1.0 - math.exp(-dt_h / BASE_TAU_H)
-            self.base = max(0.0, self.base + w * (rise / shape - self.base))
-        if self.base > 0 and dt_h <= 6.0 and max(fill, self.raw) < SATURATED_PCT:
-            # the multipliers of the bucket in the middle of the interval
-            hour, weekday = _hour_and_weekday((self.t + t) / 2)
-            q = rise / (self.base * dt_h)
-            self._learn(self.day, hour, q / self.week[weekday], DAY_GAIN)
-            self._learn(self.week, weekday, q / self.day[hour], WEEK_GAIN)
+        if shape > 0 and max(fill, self.raw) < SATURATED_PCT:  # at the top a rise cannot be seen
+            self._learn_week(t, rise, self.base * self.shape_hours(self.t, t, weekly=False), dt_h)
+            keep = math.exp(-dt_h / BASE_TAU_H)
+            self.rise_sum = self.rise_sum * keep + rise
+            self.shape_sum = self.shape_sum * keep + shape
+            base = self.base
+            if base > 0 and dt_h <= 6.0:
+                # the hour-of-day multiplier of the interval's middle; noise is zero-mean, so q may
+                # be negative: only the learned multiplier is bounded
+                hour, weekday = _hour_and_weekday((self.t + t) / 2)
+                seen_days = self.learned_h / 24.0  # observations per bucket so far, about
+                q = rise / (base * dt_h * self.week[weekday])
+                self._learn(self.day, hour, q, max(DAY_GAIN, 1.0 / (2.0 + seen_days)))
         predicted = self.level + expected
         self.level = max(0.0, predicted + LEVEL_GAIN * max(-INNOVATION_CLIP, min(INNOVATION_CLIP, fill - predicted)))
         self.t, self.raw = t, fill
         self.learned_h += dt_h
         return False
 
+    def _learn_week(self, t, rise, expect_without_week, dt_h):
+        """Day-of-week multipliers from whole days: a day's rise over what its hours predicted.
+        Sums over a day cancel most sensor noise, which single hours cannot."""
+        day_no = float((self.t + t) / 2 // DAY)
+        if day_no != self.day_no:
+            if self.day_hours >= MIN_DAY_HOURS and self.day_expect > 0:
+                weekday = int(self.day_no + 3) % 7
+                self._learn(self.week, weekday, self.day_rise / self.day_expect, WEEK_GAIN)
+            self.day_no, self.day_rise, self.day_expect, self.day_hours = day_no, 0.0, 0.0, 0.0
+        self.day_rise += rise
+        self.day_expect += expect_without_week
+        self.day_hours += dt_h
+
     @staticmethod
     def _learn(shape, i, q, gain):
-        q = max(0.0, min(SHAPE_MAX, q))
-        shape[i] += gain * (q - shape[i])
+        q = max(-SHAPE_MAX, min(SHAPE_MAX, q))
+        shape[i] = max(SHAPE_MIN, min(SHAPE_MAX, shape[i] + gain * (q - shape[i])))
         mean = sum(shape) / len(shape)
         if mean > 0:
             for k in range(len(shape)):
