@@ -9,7 +9,7 @@ learned exactly as the gateway learns it. On each route day the trucks go out:
 - forecast: the bins on the planner's list (`gateway/planner.py`, the same function the
   `binlink planner` service publishes with).
 
-A round visits its bins one after another over TRUCK_SPREAD_S (a listed round most urgent first). Both policies see the same bins, the same waste and the
+A round visits its bins one after another over TRUCK_SPREAD_S (a listed round in `dispatch_order`). Both policies see the same bins, the same waste and the
 same seeds. Measured: collections per bin-month, overflow bin-hours (a bin's true mean level at or
 above full), and the forecast's error 24 h before each true full time."""
 import heapq
@@ -63,7 +63,7 @@ class Tracked:
         self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
 
 
-def simulate(policy, bins=300, days=30, seed=1, margin_h=12.0, loss=0.03, keep_series=4, warmup_days=7, t0=START):
+def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START):
     """Runs one policy over `days` after `warmup_days` on fixed rounds (the forecasts learn, as
     they would have on a fleet already in service); returns its figures for those days, and
     per-bin series for the first keep_series bins."""
@@ -171,10 +171,22 @@ def _reading(tr, reading, t, rules):
         tr.prev_fill = fill
 
 
+def dispatch_order(listed, round_end):
+    """The order a truck empties the listed bins: those that would be full before the round ends
+    first, earliest first; then the rest latest-due first: emptying a bin later in the round puts
+    off the moment it is full again (before the next round, for the fastest ones)."""
+    def due(b):
+        return planner.parse_iso(b["full_at"]) if b["reason"] == "forecast" else 0.0
+
+    now = [b for b in listed if due(b) <= round_end]
+    later = [b for b in listed if due(b) > round_end]
+    return sorted(now, key=due) + sorted(later, key=due, reverse=True)
+
+
 def _round(policy, t, tracked, patterns, rng, margin_h):
     """One round of the trucks at t; returns how many bins it empties. A round visits its bins one
     after another over TRUCK_SPREAD_S: a fixed round in its route's order (unrelated to how full
-    the bins are), a listed round most urgent first."""
+    the bins are), a listed round in `dispatch_order`."""
     if policy == "fixed":
         weekday = int(t // DAY + 3) % 7
         chosen = [tr for tr, p in zip(tracked, patterns) if weekday in p]
@@ -183,7 +195,7 @@ def _round(policy, t, tracked, patterns, rng, margin_h):
         by_id = {tr.device.bin_id: tr for tr in tracked}
         # the list as published just before the trucks leave: this round, bins due before the next one
         listed = planner.plan_message({tr.device.bin_id: tr.state for tr in tracked}, t - 1.0, ROUTES, margin_h * 3600.0)
-        chosen = [by_id[b["bin_id"]] for b in listed["bins"]]
+        chosen = [by_id[b["bin_id"]] for b in dispatch_order(listed["bins"], t + TRUCK_SPREAD_S)]
     for k, tr in enumerate(chosen):
         tr.dev.bin.collect_at(t + TRUCK_SPREAD_S * (k + rng.random()) / len(chosen))
     return len(chosen)
@@ -212,7 +224,7 @@ def _forecast_errors(tracked, t0):
     return errors, unpredicted
 
 
-def compare(bins=300, days=30, seed=1, margin_h=12.0, keep_series=4):
+def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4):
     """Both policies over the same month, and the forecast scored where every bin fills up (the
     reactive run: under the two policies most bins are emptied before they are full, and the few
     that fill are the weekend's fastest, a biased sample). The figures the bench and the report use."""
