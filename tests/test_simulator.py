@@ -1,5 +1,6 @@
 """The simulator end to end, and its models on their own."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -19,12 +20,13 @@ def test_seeded_fleet_through_gateway_matches_ground_truth(fmt, tmp_path):
     ids = [e["message_id"] for e in uplinks]
     assert len(ids) == len(set(ids))
     assert len(uplinks) >= 0.9 * len(fleet.truth.readings)  # a realistic channel loses a few
+    budget = {"%06x" % d.device_id: error_budget_pct(d.bin) for d in fleet.devices}
     for e in uplinks:
         fill, surface, _ = fleet.truth.readings[(e["device"], e["fcnt"])]
         if e["fill_pct"] is None:
             assert "sensor_fault" in e["flags"]
-        else:
-            assert abs(e["fill_pct"] - min(100.0, fill)) <= 5.0, (e, fill)
+        else:  # off by no more than the bin's installation errors and its pile explain
+            assert abs(e["fill_pct"] - min(100.0, fill)) <= budget[e["device"]], (e, fill)
     for d in fleet.devices:  # retained state = the bin's newest reading
         mine = [e for e in uplinks if e["bin_id"] == d.bin_id]
         assert states[d.bin_id]["fcnt"] == max(e["fcnt"] for e in mine)
@@ -34,6 +36,13 @@ def test_seeded_fleet_through_gateway_matches_ground_truth(fmt, tmp_path):
         assert all(e["snr"] is not None for e in uplinks)
     score = fidelity.score(fleet.truth, None, events, fleet.now)
     assert score["false_alarms"] == 0
+
+
+def error_budget_pct(b):
+    """What calibration, mounting and the pile can add to a reading, plus 15 mm of noise and air."""
+    mm = abs(b.depth_mm - b.nominal_depth_mm) + abs(b.mount_offset_mm) + b.pile_mm
+    mm += (1 / math.cos(b.tilt) - 1) * b.depth_mm + 15.0
+    return 100.0 * mm / (b.nominal_depth_mm - b.full_mm)
 
 
 def test_same_seed_same_world():
@@ -58,7 +67,8 @@ def test_fleet_on_the_micropython_vm(tmp_path):
     uplinks = [e for e in events if e["event"] == "uplink"]
     assert len(uplinks) >= 3 * 6 * 0.9  # hourly reports at least
     for e in uplinks:
-        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= 5.0
+        d = next(d for d in fleet.devices if "%06x" % d.device_id == e["device"])
+        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= error_budget_pct(d.bin)
 
 
 def test_sim_command_writes_registry_and_truth(tmp_path):
@@ -129,3 +139,26 @@ def test_bin_fills_by_day_and_gets_collected():
     assert noon > 3 * night
     cols = b.advance(86400 * 11)
     assert len(cols) == 1 and cols[0][1] > 0.9 and b.level < 0.5
+
+
+def test_scoring_counts_spurious_events_as_well_as_missed_ones():
+    from binlink.sim.fleet import Truth
+
+    truth = Truth()
+    h = 3600.0
+    # one bin, hourly readings: fills to 95 %, collected at 10.5 h, then fills again
+    fills = [10 * i if i <= 9 else 95.0 if i == 10 else 2.0 + (i - 11) for i in range(20)]
+    for i, fill in enumerate(fills):
+        truth.readings[("000101", i + 1)] = (fill, 0.0, i * h)
+    truth.collections.append(("bin-1", 10.5 * h, 0.95))
+
+    def ev(kind, fcnt):
+        return {"event": kind, "device": "000101", "bin_id": "bin-1", "fcnt": fcnt, "fill_pct": fills[fcnt - 1]}
+
+    events = [ev("emptied", 12), ev("emptied", 16), ev("full", 10), ev("full", 4)]  # one of each is spurious
+    s = fidelity.score(truth, None, events, 20 * h)
+    assert s["pickup_recall"] == 1.0 and s["pickup_precision"] == 0.5 and s["emptied_spurious"] == 1
+    assert s["full_precision"] == 0.5 and s["full_spurious"] == 1
+    assert s["full_rises"] == 1 and s["full_recall"] == 1.0
+    s = fidelity.score(truth, None, [ev("emptied", 12)], 20 * h)
+    assert s["pickup_precision"] == 1.0 and s["full_recall"] == 0.0  # the rise through 90 % was missed
