@@ -77,7 +77,8 @@ def _match_emptied(emptied, collections_by_bin):
 
 def _full_events(truth, events, full_pct=90.0):
     """Precision: `full` events from a bin truly near full. Recall: true rises through full_pct
-    (between two of the bin's readings) followed by a `full` event before the bin fell again."""
+    (between two of the bin's readings) with a `full` event in the same fill cycle (from the bin's
+    last reading under full_pct - 20 to its next)."""
     series = {}
     for (dev, fcnt), (fill, _, t) in truth.readings.items():
         series.setdefault(dev, []).append((t, fill))
@@ -100,8 +101,10 @@ def _full_events(truth, events, full_pct=90.0):
         for i in range(1, len(pts)):
             if pts[i - 1][1] < full_pct <= pts[i][1]:
                 rises += 1
+                # the fill cycle around the rise: a calibration that reads high calls it early
+                since = next((t for t, f in reversed(pts[:i]) if f < full_pct - 20), float("-inf"))
                 until = next((t for t, f in pts[i:] if f < full_pct - 20), float("inf"))
-                if any(pts[i - 1][0] < m <= until for m in fulls.get(dev, [])):
+                if any(since < m <= until for m in fulls.get(dev, [])):
                     found += 1
     return {"full_precision": round(good / (good + bad), 4) if good + bad else None, "full_spurious": bad,
             "full_recall": round(found / rises, 4) if rises else None, "full_rises": rises}
