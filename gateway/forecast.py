@@ -90,16 +90,19 @@ class BinForecast:
         """Mean rate, % per shape-hour (per hour on average: the multipliers have mean 1)."""
         return max(0.0, self.rise_sum / self.shape_sum) if self.shape_sum > 0 else 0.0
 
-    def shape_hours(self, t0, t1, weekly=True):
-        """Integral of the multipliers over [t0, t1], in hours (the expected rise / base)."""
-        total = 0.0
+    def shape_hours(self, t0, t1):
+        """Integrals of the multipliers over [t0, t1], in hours (the expected rise / base): with
+        the day-of-week multiplier, and without it."""
+        total = plain = 0.0
         t = t0
         while t < t1:
             hour, weekday = _hour_and_weekday(t)
             end = min(t1, (t // HOUR + 1) * HOUR)
-            total += (end - t) / HOUR * self.day[hour] * (self.week[weekday] if weekly else 1.0)
+            part = (end - t) / HOUR * self.day[hour]
+            plain += part
+            total += part * self.week[weekday]
             t = end
-        return total
+        return total, plain
 
     def update(self, t, fill, pickup_drop_pct=15.0):
         """Learns from one reading (fill % or None for a faulty one). Returns True when it was a pickup."""
@@ -112,12 +115,12 @@ class BinForecast:
             self.t, self.level, self.raw = t, fill, fill
             return True
         dt_h = (t - self.t) / HOUR
-        shape = self.shape_hours(self.t, t)
+        shape, shape_without_week = self.shape_hours(self.t, t)
         expected = self.base * shape
         # robust: a stray echo or a bag dropped right under the sensor moves nothing far
         rise = min(max(fill - self.raw, -INNOVATION_CLIP), expected + INNOVATION_CLIP)
         if shape > 0 and max(fill, self.raw) < SATURATED_PCT:  # at the top a rise cannot be seen
-            self._learn_week(t, rise, self.base * self.shape_hours(self.t, t, weekly=False), dt_h)
+            self._learn_week(t, rise, self.base * shape_without_week, dt_h)
             keep = math.exp(-dt_h / BASE_TAU_H)
             self.rise_sum = self.rise_sum * keep + rise
             self.shape_sum = self.shape_sum * keep + shape
@@ -154,8 +157,7 @@ class BinForecast:
         shape[i] = max(SHAPE_MIN, min(SHAPE_MAX, shape[i] + gain * (q - shape[i])))
         mean = sum(shape) / len(shape)
         if mean > 0:
-            for k in range(len(shape)):
-                shape[k] /= mean
+            shape[:] = [v / mean for v in shape]
 
     def rate_pct_per_day(self):
         """Average fill speed (% per day): the learned mean rate."""
@@ -170,23 +172,30 @@ class BinForecast:
         if self.base <= 1e-6:
             return None
         need = (full_pct - self.level) / self.base  # in shape-hours
-        t = self.t
+        day, week = self.day, self.week
+        hour, weekday = _hour_and_weekday(self.t)
+        t = (self.t // HOUR + 1) * HOUR  # the end of the current hour
+        rate = day[hour] * week[weekday]
+        gain = (t - self.t) / HOUR * rate
+        if gain >= need:
+            return self.t + need / rate * HOUR
+        need -= gain
         end = self.t + HORIZON_DAYS * DAY
-        day_sum = sum(self.day)
-        while t < end:
-            hour, weekday = _hour_and_weekday(t)
-            if hour == 0 and t % HOUR == 0:
-                whole_day = day_sum * self.week[weekday]
-                if whole_day < need:  # a whole day at once: at most HORIZON_DAYS of these
-                    need -= whole_day
-                    t += DAY
-                    continue
-            step_end = (t // HOUR + 1) * HOUR
-            gain = (step_end - t) / HOUR * self.day[hour] * self.week[weekday]
-            if gain >= need:
-                return t + (step_end - t) * need / gain
-            need -= gain
-            t = step_end
+        day_sum = sum(day)
+        while t < end:  # hour by hour, a whole day at once from midnight: at most ~60 steps
+            hour += 1
+            if hour == 24:
+                hour, weekday = 0, (weekday + 1) % 7
+            if hour == 0 and day_sum * week[weekday] < need:
+                need -= day_sum * week[weekday]
+                t += DAY
+                hour = 23  # the next step is the following midnight
+                continue
+            rate = day[hour] * week[weekday]
+            if rate >= need:
+                return t + need / rate * HOUR
+            need -= rate
+            t += HOUR
         return None
 
 
