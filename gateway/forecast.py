@@ -27,13 +27,14 @@ MAX_GAP_H = 48.0  # longer silences: the level restarts, no rate is learned
 HORIZON_DAYS = 14  # full_at further away than this is "not predictable" (null)
 MIN_LEARNED_H = 12.0  # hours of readings before a forecast is published
 PRIOR_RATE = 1.0  # % per hour before anything is learned (about four days to fill)
-BASE_TAU_H = 72.0  # time constant of the mean rate
+BASE_TAU_H = 168.0  # time constant of the mean rate: a week, so the weekly rhythm is not mistaken for a change
 PRIOR_WEIGHT_H = 2.0  # the prior rate counts as two hours of history: forgotten at once
 # hour-of-day multipliers start as running means (gain 1/n) and settle to exponential weights (an
 # hour is seen once a day: ~ten days of memory); a day-of-week multiplier learns once a week from
-# the whole day's rise (~three weeks of memory)
+# the whole day's rise, likewise a running mean for three weeks, then ~three weeks of memory
 DAY_GAIN = 0.1
 WEEK_GAIN = 0.3
+WEEK_AFTER_H = 72.0
 MIN_DAY_HOURS = 16.0  # a day seen for fewer hours (pickups, saturation, silence) teaches no weekly rhythm
 LEVEL_GAIN = 0.5
 INNOVATION_CLIP = 6.0  # % a single reading may move the level by (beyond the model's prediction)
@@ -143,9 +144,11 @@ class BinForecast:
         Sums over a day cancel most sensor noise, which single hours cannot."""
         day_no = float((self.t + t) / 2 // DAY)
         if day_no != self.day_no:
-            if self.day_hours >= MIN_DAY_HOURS and self.day_expect > 0:
+            # the first days' hourly shape and mean rate are too rough to judge a weekday by
+            if self.day_hours >= MIN_DAY_HOURS and self.day_expect > 0 and self.learned_h >= WEEK_AFTER_H:
                 weekday = int(self.day_no + 3) % 7
-                self._learn(self.week, weekday, self.day_rise / self.day_expect, WEEK_GAIN)
+                weeks_seen = int(self.learned_h // (7 * 24))  # this weekday's observations before, about
+                self._learn(self.week, weekday, self.day_rise / self.day_expect, max(WEEK_GAIN, 1.0 / (1.0 + weeks_seen)))
             self.day_no, self.day_rise, self.day_expect, self.day_hours = day_no, 0.0, 0.0, 0.0
         self.day_rise += rise
         self.day_expect += expect_without_week
