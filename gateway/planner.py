@@ -146,7 +146,7 @@ class Planner:
 
     def publish_once(self):
         body = plan_message(dict(self.states), self.clock(), self.routes, self.margin_s, self.unknown_fill_pct)
-        key = json.dumps([body["next_round"], body["bins"]], sort_keys=True)
+        key = json.dumps([body["next_round"], body["bins_known"], body["bins"]], sort_keys=True)
         if key == self._last:
             return False
         self._last = key
