@@ -119,8 +119,8 @@ class Publisher:
             self.client.publish(topic, payload, qos=1, retain=True)
         if sent:
             self.discovery.mark(sent)
-            logs.event(log, logging.INFO, "discovery published", configs=sum(1 for _, p in sent if p),
-                       cleared=sum(1 for _, p in sent if not p))
+        logs.event(log, logging.INFO, "discovery published" if sent else "discovery unchanged",
+                   configs=sum(1 for _, p in sent if p), cleared=sum(1 for _, p in sent if not p))
 
     # feeder thread ---------------------------------------------------------------------------
     def start(self):
