@@ -1,9 +1,7 @@
 """The collection list: its rules, and `binlink planner` / `binlink plan` against a real Mosquitto
 with the gateway as its own process feeding it."""
 import json
-import os
 import subprocess
-import sys
 from datetime import datetime, timezone
 
 import pytest
