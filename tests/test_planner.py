@@ -91,3 +91,28 @@ def test_planner_and_plan_over_mosquitto_with_the_gateway_feeding_it(tmp_path, b
             plan_proc.terminate()
             assert plan_proc.wait(10) == 0
         gw.kill()
+
+
+def test_gateway_learns_the_forecast_and_keeps_it_through_a_restart(tmp_path, broker, pty):
+    """A day of backlog (hourly readings, ~1.5 points an hour) teaches the gateway the bin's rate:
+    its retained state carries fill_rate_pct_per_day and full_at; after a restart the next reading
+    still has them (a forgotten forecast would publish null for the first 12 hours)."""
+    gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=[(0xA1, "bin-a", KEY, 1200, 200)]).start()
+    sub = Subscriber(broker.port, topics=("binlink/testcity/bin/+/state",))
+    try:
+        entries = [(n, (25 - n) * 60, codec.pack_reading(1200 - 10 * (10 + 1.5 * n), 20, 3700, 0, 5, 5)) for n in range(1, 25)]
+        pty.write(framing.frame(codec.encode_backlog(KEY, 0xA1, 25, entries)))
+        state = wait_for(lambda: [s for s in sub.json("bin-a/state") if s["fcnt"] == 24], what="state after the backlog")[-1]
+        assert 30 < state["fill_rate_pct_per_day"] < 42  # 1.5 points an hour = 36 a day
+        full_at = planner.parse_iso(state["full_at"])
+        measured = planner.parse_iso(state["measured_at"])
+        assert 30 * 3600 < full_at - measured < 60 * 3600  # 46 points to go at ~1.5 an hour
+        gw.terminate()
+        gw.start()
+        pty.write(framing.frame(codec.encode_reading(KEY, 0xA1, 26, 1200 - 10 * (10 + 1.5 * 25), 20, 3700, 0, 5, 5)))
+        after = wait_for(lambda: [s for s in sub.json("bin-a/state") if s["fcnt"] == 26], what="state after the restart")[-1]
+        assert after["fill_rate_pct_per_day"] is not None and abs(after["fill_rate_pct_per_day"] - state["fill_rate_pct_per_day"]) < 6
+        assert after["full_at"] is not None
+    finally:
+        sub.close()
+        gw.kill()
