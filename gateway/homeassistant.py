@@ -15,7 +15,6 @@ import os
 from binlink.gateway import integrate
 
 EXPIRE_REPORTS = 3  # a bin is unavailable after missing this many reports in a row
-DEFAULT_REPORT_S = 3600
 ORIGIN = {"name": "binlink"}
 
 # (entity, component, name, extra config); the value template reads the bin's retained state
@@ -52,7 +51,7 @@ def uid_prefix(site, bin_id):
     return "binlink_%s_%s" % (_slug(site), _slug(bin_id))
 
 
-def messages(prefix, base, site, device, sw_version=None, report_s=None):
+def messages(prefix, base, site, device, sw_version=None):
     """(topic, payload JSON) pairs for one bin, all to be published retained."""
     node = uid_prefix(site, device.bin_id)
     dev_block = {
@@ -65,7 +64,7 @@ def messages(prefix, base, site, device, sw_version=None, report_s=None):
     if sw_version:
         dev_block["sw_version"] = sw_version
     state = integrate.state_topic(base, device.bin_id)
-    expire = EXPIRE_REPORTS * (report_s or getattr(device, "report_s", None) or DEFAULT_REPORT_S)
+    expire = EXPIRE_REPORTS * device.report_s
     common = {"state_topic": state, "device": dev_block, "origin": ORIGIN}
     out = []
 

@@ -26,6 +26,7 @@ class Device:
     name: str = ""
     lat: float | None = None
     lon: float | None = None
+    report_s: int = 3600  # the bin's longest time between reports (Home Assistant's expire_after follows it)
 
     @property
     def key_id(self):
@@ -80,10 +81,12 @@ def parse(data, path="registry"):
         depth, full = d.get("depth_mm"), d.get("full_mm")
         if not (type(depth) is int and type(full) is int and 0 <= full < depth):
             found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
-        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float))):
+        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
             if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
                 found.append("%s.%s: wrong type" % (p, opt))
-        unknown = set(d) - {"device_id", "key", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon"}
+        if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
+            found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
+        unknown = set(d) - {"device_id", "key", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s"}
         if unknown:
             found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
         if dev_id is not None and dev_id in devices:
@@ -93,7 +96,8 @@ def parse(data, path="registry"):
         problems += found
         if not found:
             bins.add(bin_id)
-            devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"), d.get("lon"))
+            devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"), d.get("lon"),
+                                     d.get("report_s", 3600))
     if problems:
         raise ConfigError(problems)
     return devices

@@ -72,7 +72,8 @@ class Fleet:
             os.unlink(path)
         data = {"device": [{"device_id": "%06x" % d.device_id, "bin_id": d.bin_id, "key": d.key.hex(),
                             "depth_mm": d.bin.nominal_depth_mm, "full_mm": d.bin.full_mm,
-                            "name": "Simulated bin %s" % d.bin_id[4:], **dict(zip(("lat", "lon"), self.latlon(d)))}
+                            "name": "Simulated bin %s" % d.bin_id[4:], "report_s": d.cfg["report_s"],
+                            **dict(zip(("lat", "lon"), self.latlon(d)))}
                            for d in self.devices]}
         registry.write(path, data)
 

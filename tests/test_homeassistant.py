@@ -7,6 +7,7 @@ import jinja2
 import pytest
 
 from binlink.gateway import homeassistant, integrate
+from binlink.gateway.config import ConfigError
 from binlink.gateway.registry import Device
 
 KEY = bytes(range(16))  # TEST KEY
@@ -79,8 +80,15 @@ def test_event_entity_fires_for_full_and_emptied_only():
 
 
 def test_report_interval_sets_expire_after():
-    cfg = json.loads(homeassistant.messages("ha", "b", "city", BIN, report_s=900)[0][1])
-    assert cfg["expire_after"] == 2700
+    from binlink.gateway import registry
+
+    devices = registry.parse({"device": [{"device_id": "a1", "bin_id": "quick", "key": KEY.hex(), "depth_mm": 1000,
+                                          "full_mm": 100, "report_s": 900}]})
+    cfg = json.loads(homeassistant.messages("ha", "b", "city", devices[0xA1])[0][1])
+    assert cfg["expire_after"] == 2700  # three missed 15-minute reports
+    with pytest.raises(ConfigError, match="report_s: must be 60 s to a week"):
+        registry.parse({"device": [{"device_id": "a1", "bin_id": "q", "key": KEY.hex(), "depth_mm": 1000, "full_mm": 100,
+                                    "report_s": 5}]})
 
 
 def test_discovery_sends_only_changes_and_clears_retired_bins(tmp_path):
