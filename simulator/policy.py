@@ -54,6 +54,7 @@ class Tracked:
         self.dev = dev
         self.device = device
         self.last_fcnt = None
+        self.rejected = 0
         self.forecast = forecast.BinForecast()
         self.state = {"bin_id": device.bin_id, "name": device.name, "lat": device.lat, "lon": device.lon,
                       "fill_pct": None, "full_at": None, "fill_rate_pct_per_day": None}
@@ -139,7 +140,11 @@ def _receiver(tr, rng, loss, rules):
         for frame in frames_in(payload):
             if rng.random() < loss:
                 continue  # lost on air: the forecast must live with missing readings
-            tr.last_fcnt = codec.verify(frame, dev.key, tr.last_fcnt)
+            try:
+                tr.last_fcnt = codec.verify(frame, dev.key, tr.last_fcnt)
+            except codec.ProtocolError:  # a frame sent twice (module retry): the gateway drops it too
+                tr.rejected += 1
+                continue
             body = codec.decode_body(frame, tr.last_fcnt)
             if body["type"] == "reading":
                 _reading(tr, body, now, rules)
