@@ -26,11 +26,16 @@ def _points(series, t0, t1):
     return " ".join("%.1f,%.1f" % (_x(t, t0, t1), _y(v)) for t, v in series if t0 <= t <= t1)
 
 
-def bin_chart(bin_id, s, t0, t1):
-    """One bin's SVG: truth, published, daily forecasts, pickups, emptied events."""
+def bin_chart(bin_id, s, t0, t1, start=None):
+    """One bin's SVG: truth, published, daily forecasts, pickups, emptied events; the weeks before
+    `start` (fixed rounds while the forecast learns) shaded."""
     out = ['<svg xmlns="http://www.w3.org/2000/svg" class="bin" data-bin="%s" width="%d" height="%d" viewBox="0 0 %d %d">'
            % (html.escape(bin_id), W, H, W, H)]
     out.append('<rect x="%d" y="%d" width="%d" height="%d" fill="#fff" stroke="#ccc"/>' % (PAD_L, PAD_T, W - PAD_L - PAD_R, H - PAD_T - PAD_B))
+    if start is not None and t0 < start < t1:
+        out.append('<rect class="learning" x="%d" y="%d" width="%.1f" height="%d" fill="#f3f3f3"/>' % (
+            PAD_L, PAD_T, _x(start, t0, t1) - PAD_L, H - PAD_T - PAD_B))
+        out.append('<text x="%d" y="%d" font-size="10" fill="#777">learning, fixed rounds</text>' % (PAD_L + 4, PAD_T + 11))
     for pct in (0, 50, 100):
         y = _y(pct)
         out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" stroke-dasharray="%s"/>' % (
@@ -99,7 +104,7 @@ def render(comparison, title="binlink: collections driven by the forecast"):
             name, r["collections"], r["collections_per_bin_month"], r["overflow_bin_hours"])
         for name, r in (("fixed weekly rounds", fixed), ("collection list (forecast)", fc)))
     charts = "\n".join("<h3>%s <small>%s</small></h3>\n%s" % (html.escape(b), html.escape(s.get("name") or ""),
-                                                             bin_chart(b, s, t0, t1))
+                                                             bin_chart(b, s, t0, t1, fc["start"]))
                        for b, s in sorted(fc["series"].items()))
     return """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
