@@ -45,6 +45,7 @@ class Publisher:
         self.discovery = homeassistant.Discovery(os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix,
                                                  self.base, cfg.site)
         self._discovery_due = None  # None, "changes" or "all": sent by the feeder thread, not in a paho callback
+        self._discovery_lock = threading.Lock()  # requests come from paho's thread and the pipeline's
         self.client = self._make_client()
 
     def _make_client(self):
@@ -109,11 +110,13 @@ class Publisher:
     def request_discovery(self, force=False):
         """Discovery is due: what changed (registry, firmware), or everything (force)."""
         if self.cfg.mqtt.discovery:
-            self._discovery_due = "all" if force or self._discovery_due == "all" else "changes"
+            with self._discovery_lock:
+                self._discovery_due = "all" if force or self._discovery_due == "all" else "changes"
             self.wake.set()
 
     def _publish_discovery(self):
-        due, self._discovery_due = self._discovery_due, None
+        with self._discovery_lock:
+            due, self._discovery_due = self._discovery_due, None
         sent = self.discovery.changes(self.devices, self.firmware, force=due == "all")
         for topic, payload in sent:
             self.client.publish(topic, payload, qos=1, retain=True)

@@ -30,7 +30,7 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.set_devices(devices)
         self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
-        # derived data beside the outbox: a crash between the two commits costs one reading's learning
+        # derived data beside the outbox, committed after it: a crash costs the last readings' learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
                                                 cfg.events.emptied_drop_pct)
         self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
