@@ -5,14 +5,18 @@ Model, learned from the bin's own readings only:
 
   fill rate at time t = base (% per hour) x day[hour of day] x week[day of week]
 
-`base` is the exponentially weighted rise over the exponentially weighted expected shape (a ratio
-of sums: a ratio of each interval's own would be biased up by noise); `day` (24) and `week` (7) are
-multipliers with mean 1, exponentially weighted per bucket, so a park bin learns that it fills
-in the afternoon and at weekends. The level itself is smoothed (predict with the model, then move
-part of the way to the reading, the innovation clipped so one stray echo cannot move it far).
-A fall of more than `pickup_drop_pct` below the level is a pickup: the level restarts there and
-the rates are kept (a bin's habits survive emptying). A gap longer than MAX_GAP_H teaches nothing
-about rates; the level restarts at the next reading.
+`base` is the exponentially weighted rise (time constant a week) over the exponentially weighted
+rise the multipliers predicted (a ratio of sums: a ratio per interval would be biased up by
+noise). `day` (24) and `week` (7) are multipliers with mean 1: an hour-of-day multiplier learns
+from each interval's rise, a day-of-week one from a whole day's (sums over a day cancel the sensor
+noise single hours cannot), so a park bin learns that it fills in the afternoon and at weekends.
+Readings at the top (SATURATED_PCT) teach no rate: an overfull bin cannot read fuller. The level
+is smoothed (predict with the model, then move part of the way to the reading, the innovation
+clipped so one stray echo cannot move it far). A fall of more than `pickup_drop_pct` below the
+level is a pickup: the level restarts there and the rates are kept (a bin's habits survive
+emptying). A gap longer than MAX_GAP_H teaches nothing about rates; the level restarts at the
+next reading. Times are UTC: a site far from it sees its daily rhythm shifted, which the hourly
+multipliers learn all the same.
 
 Constant memory (a few dozen floats a bin) and bounded work per reading: learning walks the
 hours between two readings (at most MAX_GAP_H), predicting walks at most HORIZON_DAYS days."""
@@ -34,7 +38,7 @@ PRIOR_WEIGHT_H = 2.0  # the prior rate counts as two hours of history: forgotten
 # the whole day's rise, likewise a running mean for three weeks, then ~three weeks of memory
 DAY_GAIN = 0.1
 WEEK_GAIN = 0.3
-WEEK_AFTER_H = 72.0
+WEEK_AFTER_H = 72.0  # the first days' hourly shape and mean rate are too rough to judge a weekday by
 MIN_DAY_HOURS = 16.0  # a day seen for fewer hours (pickups, saturation, silence) teaches no weekly rhythm
 LEVEL_GAIN = 0.5
 INNOVATION_CLIP = 6.0  # % a single reading may move the level by (beyond the model's prediction)
@@ -144,7 +148,6 @@ class BinForecast:
         Sums over a day cancel most sensor noise, which single hours cannot."""
         day_no = float((self.t + t) / 2 // DAY)
         if day_no != self.day_no:
-            # the first days' hourly shape and mean rate are too rough to judge a weekday by
             if self.day_hours >= MIN_DAY_HOURS and self.day_expect > 0 and self.learned_h >= WEEK_AFTER_H:
                 weekday = int(self.day_no + 3) % 7
                 weeks_seen = int(self.learned_h // (7 * 24))  # this weekday's observations before, about
