@@ -101,10 +101,13 @@ class Discovery:
         self.base = base
         self.site = site
         self.published = {}  # topic -> sha256 of the payload last handed to the broker
+        self.first_run = False  # no record: configs of the old scheme (keyed on the radio id) may be retained
         try:
             with open(path) as f:
                 self.published = json.load(f)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            self.first_run = True
+        except ValueError:
             pass
 
     def changes(self, devices, firmware=None, force=False):
@@ -117,10 +120,13 @@ class Discovery:
                 wanted[topic] = payload
         out = [(t, p) for t, p in wanted.items() if force or self.published.get(t) != _digest(p)]
         out += [(t, "") for t in self.published if t not in wanted]
+        if self.first_run:  # upgrading: clear what gateways before this scheme published, no ghosts
+            out += [(t, "") for device in devices.values() for t in _legacy_topics(self.prefix, device)]
         return out
 
     def mark(self, sent):
         """Records what was handed to the broker (QoS 1, retained) and saves it atomically."""
+        self.first_run = False
         for topic, payload in sent:
             if payload:
                 self.published[topic] = _digest(payload)
@@ -130,6 +136,12 @@ class Discovery:
         with open(tmp, "w") as f:
             json.dump(self.published, f, sort_keys=True)
         os.replace(tmp, self.path)
+
+
+def _legacy_topics(prefix, device):
+    """Discovery topics of binlink before site + bin ids (keyed on the radio's device id)."""
+    old = [("sensor", e) for e in ("fill", "temperature", "battery", "rssi")] + [("binary_sensor", "problem")]
+    return ["%s/%s/binlink_%s_%s/%s/config" % (prefix, c, device.dev, e, e) for c, e in old]
 
 
 def _digest(payload):

@@ -74,19 +74,25 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
     assert KEY.hex().encode() not in everything and KEY2.hex().encode() not in everything
 
 
+def configs_sent(subscriber):
+    """Discovery configs received (an empty payload clears one: not counted)."""
+    return [(t, p) for t, p in subscriber.on("/config") if p]
+
+
 def test_home_assistant_restart_gets_discovery_again(gw, broker, subscriber):
-    wait_for(lambda: len(subscriber.on("/config")) == 22, what="discovery: 11 entities a bin")
-    n = len(subscriber.on("/config"))
+    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery: 11 entities a bin")
+    n = len(configs_sent(subscriber))
     subscriber.c.publish("homeassistant/status", "online", qos=1)
-    wait_for(lambda: len(subscriber.on("/config")) >= 2 * n, what="discovery republished")
+    wait_for(lambda: len(configs_sent(subscriber)) >= 2 * n, what="discovery republished")
 
 
 def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_cleared(gw, broker, subscriber):
-    wait_for(lambda: len(subscriber.on("/config")) == 22, what="discovery")
+    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery")
     gw.terminate()
+    n = len(subscriber.on("/config"))
     gw.start()  # same registry: nothing to send
     wait_for(lambda: "discovery unchanged" in gw.output(), what="discovery compared after the restart")
-    assert len(subscriber.on("/config")) == 22
+    assert len(subscriber.on("/config")) == n
     from binlink.gateway import registry
 
     registry.write(gw.registry, {"device": []})  # bin-b retired, bin-a renamed
@@ -97,7 +103,31 @@ def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_clear
     assert len(cleared) == 11
     renamed = wait_for(lambda: [json.loads(p) for t, p in subscriber.on("/config") if p and "Market square" in p.decode()],
                        what="bin-a republished")
-    assert len(renamed) == 11 and len(subscriber.on("/config")) == 22 + 11 + 11
+    assert len(renamed) == 11 and len(configs_sent(subscriber)) == 22 + 11
+
+
+def test_first_run_clears_the_old_discovery_scheme(tmp_path, broker, pty):
+    """Configs an older gateway published (keyed on the radio id, one "problem" sensor) are cleared."""
+    old = "homeassistant/binary_sensor/binlink_0000a1_problem/problem/config"
+    pub = Subscriber(broker.port, topics=("nothing/here",))
+    pub.c.publish(old, json.dumps({"name": "Problem"}), qos=1, retain=True).wait_for_publish(5)
+    pub.close()
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        wait_for(lambda: "discovery published" in g.output(), what="discovery")
+        late = Subscriber(broker.port)
+        try:
+            def standing():  # each topic's last word: what Home Assistant would hold
+                last = dict(late.on("/config"))
+                return {t for t, p in last.items() if p}
+
+            topics = wait_for(lambda: standing() if len(standing()) == 22 and old not in standing() else None,
+                              what="old config gone, the new ones retained")
+            assert all("binlink_testcity_" in t for t in topics)
+        finally:
+            late.close()
+    finally:
+        g.kill()
 
 
 def test_bad_input_is_counted_and_the_service_keeps_running(gw, pty, subscriber):

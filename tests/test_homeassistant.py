@@ -95,7 +95,11 @@ def test_discovery_sends_only_changes_and_clears_retired_bins(tmp_path):
     path = str(tmp_path / "discovery.json")
     d = homeassistant.Discovery(path, "homeassistant", "binlink/city", "city")
     first = d.changes({1: BIN, 2: OTHER})
-    assert len(first) == 22 and all(p for _, p in first)
+    assert len([p for _, p in first if p]) == 22
+    # an upgrade clears the configs the old scheme (radio id, one "problem" sensor) left retained
+    assert sorted(t for t, p in first if not p)[:2] == ["homeassistant/binary_sensor/binlink_0000a1_problem/problem/config",
+                                                       "homeassistant/binary_sensor/binlink_0000b2_problem/problem/config"]
+    assert len([p for _, p in first if not p]) == 10
     d.mark(first)
     d = homeassistant.Discovery(path, "homeassistant", "binlink/city", "city")  # after a restart
     assert d.changes({1: BIN, 2: OTHER}) == []
