@@ -27,6 +27,19 @@ def test_fixed_patterns_follow_how_fast_a_bin_fills():
     assert policy.max_gap_days((0, 3)) == 4 and policy.max_gap_days((0,)) == 7
 
 
+def test_trucks_empty_what_overflows_during_the_round_first_and_the_rest_as_late_as_they_can():
+    from binlink.gateway.planner import iso
+
+    t = 1_790_000_000.0
+    listed = [{"bin_id": "full", "reason": "full", "full_at": iso(t - 600)},
+              {"bin_id": "in-2h", "reason": "forecast", "full_at": iso(t + 2 * 3600)},
+              {"bin_id": "in-1h", "reason": "forecast", "full_at": iso(t + 3600)},
+              {"bin_id": "tomorrow", "reason": "forecast", "full_at": iso(t + 20 * 3600)},
+              {"bin_id": "tonight", "reason": "forecast", "full_at": iso(t + 12 * 3600)}]
+    order = [b["bin_id"] for b in policy.dispatch_order(listed, t + 6 * 3600)]
+    assert order == ["full", "in-1h", "in-2h", "tomorrow", "tonight"]
+
+
 def test_the_list_driven_trucks_collect_less_than_fixed_rounds(comparison):
     fixed, fc = comparison["fixed"], comparison["forecast"]
     assert fc["collections"] < fixed["collections"]
