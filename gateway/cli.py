@@ -53,8 +53,10 @@ def build_parser():
     cc.add_argument("path")
     cc.set_defaults(func=cmd_check_config)
 
-    from binlink.gateway import registry_cli, watch
+    from binlink.gateway import planner, registry_cli, watch
     from binlink.sim import cli as sim_cli, demo  # stdlib at import; their packages load when run
+
+    planner.add_parsers(sub)  # `binlink planner` (service) and `binlink plan` (view)
 
     registry_cli.add_parser(sub)
     watch.add_parser(sub)

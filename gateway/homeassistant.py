@@ -1,42 +1,148 @@
-"""Home Assistant MQTT discovery: one device per bin, retained configs under the discovery prefix."""
+"""Home Assistant MQTT discovery: one device per bin, retained configs under the discovery prefix.
+
+Ids are keyed on site and bin id (binlink_<site>_<bin_id>_<entity>), not on the radio device id,
+so a bin keeps its entities through a re-flash or a new sensor board, and two sites never collide.
+Entities take no availability topic from a gateway (with several gateways none of them speaks for
+a bin); each expires instead when its bin has been silent for EXPIRE_REPORTS report intervals.
+
+`Discovery` remembers (in the state folder) what it last published, so a reconnect sends only
+what changed and clears the configs of bins no longer in the registry; when Home Assistant says
+it restarted (<prefix>/status "online") everything is sent again."""
+import hashlib
 import json
+import os
 
 from binlink.gateway import integrate
 
-# (object id, component, name, state field, extra config)
-ENTITIES = (
-    ("fill", "sensor", "Fill level", "fill_pct", {"unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:delete"}),
-    ("temperature", "sensor", "Temperature", "temperature_c",
+EXPIRE_REPORTS = 3  # a bin is unavailable after missing this many reports in a row
+ORIGIN = {"name": "binlink"}
+
+# (entity, component, name, extra config); the value template reads the bin's retained state
+SENSORS = (
+    ("fill", "Fill level", "{{ value_json.fill_pct }}",
+     {"unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:delete"}),
+    ("full_at", "Full at", "{{ value_json.full_at if value_json.full_at else 'None' }}", {"device_class": "timestamp"}),
+    ("fill_rate", "Fill rate", "{{ value_json.fill_rate_pct_per_day if value_json.fill_rate_pct_per_day is not none else 'None' }}",
+     {"unit_of_measurement": "%/d", "state_class": "measurement", "icon": "mdi:trending-up"}),
+    ("temperature", "Temperature", "{{ value_json.temperature_c }}",
      {"unit_of_measurement": "°C", "device_class": "temperature", "state_class": "measurement"}),
-    ("battery", "sensor", "Battery", "battery_v",
+    ("battery", "Battery", "{{ value_json.battery_v }}",
      {"unit_of_measurement": "V", "device_class": "voltage", "state_class": "measurement", "entity_category": "diagnostic"}),
-    ("rssi", "sensor", "Signal strength", "rssi",
+    ("rssi", "Signal strength", "{{ value_json.rssi }}",
      {"unit_of_measurement": "dBm", "device_class": "signal_strength", "state_class": "measurement", "entity_category": "diagnostic"}),
 )
+# one binary sensor per alarm flag: (entity, flag, name, device class)
+ALARMS = (
+    ("fire", "fire", "Fire", "heat"),
+    ("tilt", "tilt", "Tilted", "problem"),
+    ("sensor_fault", "sensor_fault", "Sensor fault", "problem"),
+    ("low_battery", "low_battery", "Battery low", "battery"),
+)
+EVENT_TYPES = ("full", "emptied")
+# the map card reads latitude/longitude attributes
+ATTRIBUTES = '{{ {"name": value_json.name, "latitude": value_json.lat, "longitude": value_json.lon} | tojson }}'
 
 
-def messages(prefix, base, gw_id, device):
-    """(topic, payload) pairs, all to be published retained."""
+def _slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text.lower())
+
+
+def uid_prefix(site, bin_id):
+    return "binlink_%s_%s" % (_slug(site), _slug(bin_id))
+
+
+def messages(prefix, base, site, device, sw_version=None):
+    """(topic, payload JSON) pairs for one bin, all to be published retained."""
+    node = uid_prefix(site, device.bin_id)
     dev_block = {
-        "identifiers": ["binlink_%s" % device.dev],
+        "identifiers": [node],
         "name": device.name or "Bin %s" % device.bin_id,
         "manufacturer": "binlink",
         "model": "ultrasonic bin sensor",
         "serial_number": device.dev,
     }
-    common = {
-        "state_topic": integrate.state_topic(base, device.bin_id),
-        "availability_topic": integrate.status_topic(base, gw_id),
-        "device": dev_block,
-    }
+    if sw_version:
+        dev_block["sw_version"] = sw_version
+    state = integrate.state_topic(base, device.bin_id)
+    expire = EXPIRE_REPORTS * device.report_s
+    common = {"state_topic": state, "device": dev_block, "origin": ORIGIN}
     out = []
-    for obj, component, name, field, extra in ENTITIES:
-        uid = "binlink_%s_%s" % (device.dev, obj)
-        cfg = dict(common, name=name, unique_id=uid, object_id="%s_%s" % (device.bin_id, obj),
-                   value_template="{{ value_json.%s }}" % field, **extra)
-        out.append(("%s/%s/%s/%s/config" % (prefix, component, uid, obj), json.dumps(cfg, sort_keys=True)))
-    uid = "binlink_%s_problem" % device.dev
-    problem = dict(common, name="Problem", unique_id=uid, object_id="%s_problem" % device.bin_id, device_class="problem",
-                   value_template="{{ 'ON' if value_json.problem else 'OFF' }}")
-    out.append(("%s/binary_sensor/%s/problem/config" % (prefix, uid), json.dumps(problem, sort_keys=True)))
+
+    def add(component, entity, cfg):
+        uid = "%s_%s" % (node, entity)
+        cfg = dict(common, unique_id=uid, default_entity_id="%s.%s" % (component, uid), **cfg)
+        out.append(("%s/%s/%s/%s/config" % (prefix, component, node, entity), json.dumps(cfg, sort_keys=True)))
+
+    for entity, name, template, extra in SENSORS:
+        cfg = dict(name=name, value_template=template, expire_after=expire, **extra)
+        if entity == "fill":
+            cfg.update(json_attributes_topic=state, json_attributes_template=ATTRIBUTES)
+        add("sensor", entity, cfg)
+    for entity, flag, name, device_class in ALARMS:
+        add("binary_sensor", entity, {
+            "name": name, "device_class": device_class, "expire_after": expire,
+            "value_template": "{{ 'ON' if '%s' in value_json.flags else 'OFF' }}" % flag,
+        })
+    add("event", "collection", {
+        "name": "Collection", "state_topic": integrate.event_topic(base, device.bin_id), "event_types": list(EVENT_TYPES),
+        # other events on the topic render to {} and Home Assistant ignores them
+        "value_template": "{%% if value_json.event in %s %%}{{ {'event_type': value_json.event, 'fill_pct': value_json.fill_pct} "
+                          "| tojson }}{%% else %%}{}{%% endif %%}" % json.dumps(list(EVENT_TYPES)),
+    })
     return out
+
+
+class Discovery:
+    """What is published, by digest, persisted: republish only changes, clear retired bins."""
+
+    def __init__(self, path, prefix, base, site):
+        self.path = path
+        self.prefix = prefix
+        self.base = base
+        self.site = site
+        self.published = {}  # topic -> sha256 of the payload last handed to the broker
+        self.first_run = False  # no record: configs of the old scheme (keyed on the radio id) may be retained
+        try:
+            with open(path) as f:
+                self.published = json.load(f)
+        except FileNotFoundError:
+            self.first_run = True
+        except ValueError:
+            pass
+
+    def changes(self, devices, firmware=None, force=False):
+        """(topic, payload) to publish: new or changed configs (all with force), and an empty
+        retained payload for each config of a bin no longer in `devices`."""
+        firmware = firmware or {}
+        wanted = {}
+        for device in devices.values():
+            for topic, payload in messages(self.prefix, self.base, self.site, device, firmware.get(device.dev)):
+                wanted[topic] = payload
+        out = [(t, p) for t, p in wanted.items() if force or self.published.get(t) != _digest(p)]
+        out += [(t, "") for t in self.published if t not in wanted]
+        if self.first_run:  # upgrading: clear what gateways before this scheme published, no ghosts
+            out += [(t, "") for device in devices.values() for t in _legacy_topics(self.prefix, device)]
+        return out
+
+    def mark(self, sent):
+        """Records what was handed to the broker (QoS 1, retained) and saves it atomically."""
+        self.first_run = False
+        for topic, payload in sent:
+            if payload:
+                self.published[topic] = _digest(payload)
+            else:
+                self.published.pop(topic, None)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.published, f, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def _legacy_topics(prefix, device):
+    """Discovery topics of binlink before site + bin ids (keyed on the radio's device id)."""
+    old = [("sensor", e) for e in ("fill", "temperature", "battery", "rssi")] + [("binary_sensor", "problem")]
+    return ["%s/%s/binlink_%s_%s/%s/config" % (prefix, c, device.dev, e, e) for c, e in old]
+
+
+def _digest(payload):
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]

@@ -1,7 +1,8 @@
 """MQTT messages for an accepted reading: retained bin state and the event stream.
 
 Topic layout under the base topic (default binlink/<site>):
-  bin/<bin_id>/state     retained JSON, the latest reading
+  bin/<bin_id>/state     retained JSON, the latest reading with the bin's forecast
+                         (fill_rate_pct_per_day, full_at) and position (lat, lon)
   bin/<bin_id>/event     one message per uplink (message_id "<device>:<epoch>:<fcnt>") and per alarm
                          ("<device>:<epoch>:<fcnt>:<event>"); consumers deduplicate across gateways
                          by it. <epoch> is the bin's key epoch: the counter starts again at 0 under
@@ -74,6 +75,12 @@ def reading_fields(device, reading, fill, fcnt, rx, measured_at):
         "measured_at": iso(measured_at),
         "time_synced": rx["time_synced"],
     }
+
+
+def with_forecast(fields, device, rate_pct_per_day, full_at):
+    """State fields of a reading plus the bin's forecast (IPSO 3435-style) and its position."""
+    return dict(fields, fill_rate_pct_per_day=rate_pct_per_day, full_at=None if full_at is None else iso(round(full_at)),
+                lat=device.lat, lon=device.lon, name=device.name or None)
 
 
 def dumps(obj):

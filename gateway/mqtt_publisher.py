@@ -51,6 +51,7 @@ class Publisher:
         self.cfg = cfg
         self.outbox_path = outbox_path
         self.devices = devices
+        self.firmware = {}  # device hex -> firmware version from its hello (sw_version in discovery)
         self.metrics = metrics
         self.proc = None
         self._conn = None
@@ -82,6 +83,7 @@ class Publisher:
             self._conn = Connection(ours.detach())
             self._wake_w = wake_w
             self._conn.send(("start", self.cfg, self.outbox_path, self.devices, os.getpid()))
+            self._conn.send(("firmware", dict(self.firmware)))
 
     def _watch(self):
         """Reports from the process; its death (end of file) is logged, counted and repaired."""
@@ -139,9 +141,14 @@ class Publisher:
             pass
 
     def set_devices(self, devices):
-        """A reloaded registry: discovery is published again for every bin."""
+        """A reloaded registry: discovery is published for what changed (new, changed, retired bins)."""
         self.devices = devices
         self._send(("devices", devices))
+
+    def set_firmware(self, device_hex, version):
+        """A hello brought a firmware version not seen before: the bin's discovery says so."""
+        self.firmware[device_hex] = version
+        self._send(("firmware", {device_hex: version}))
 
     def publish_stats(self, stats):
         self._send(("stats", json.dumps(stats, sort_keys=True)))
@@ -168,6 +175,11 @@ class Worker:
         self.wake_fd = wake_fd
         self.cfg = cfg
         self.devices = devices
+        self.firmware = {}
+        # what discovery was published, kept across restarts: at 10,000 bins a reconnect must not
+        # queue 50,000 retained configs when nothing changed (only changes, or all on HA's restart)
+        self.discovery = homeassistant.Discovery(os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix,
+                                                 cfg.base_topic, cfg.site)
         self.box = Outbox(outbox_path, durable=False)
         self.status_topic = integrate.status_topic(cfg.base_topic, cfg.gateway_id)
         self.discovery_status = "%s/status" % cfg.mqtt.discovery_prefix
@@ -230,11 +242,14 @@ class Worker:
         self.session = None
         self.next_connect = time.monotonic() + RECONNECT_MIN_S
 
-    def _publish_discovery(self):
-        for device in self.devices.values():
-            for topic, payload in homeassistant.messages(self.cfg.mqtt.discovery_prefix, self.cfg.base_topic,
-                                                         self.cfg.gateway_id, device):
-                self.inflight[self.session.publish(topic, payload, retain=True)] = (None, None)
+    def _publish_discovery(self, force=False):
+        sent = self.discovery.changes(self.devices, self.firmware, force=force)
+        for topic, payload in sent:
+            self.inflight[self.session.publish(topic, payload, retain=True)] = (None, None)
+        if sent:
+            self.discovery.mark(sent)
+        logs.event(log, logging.INFO, "discovery published" if sent else "discovery unchanged",
+                   configs=sum(1 for _, p in sent if p), cleared=sum(1 for _, p in sent if not p))
 
     # outbox -----------------------------------------------------------------------------------
     def _feed(self):
@@ -273,8 +288,11 @@ class Worker:
                 kind, *args = self.conn.recv()
                 if kind == "stop":
                     self.stop_deadline = time.monotonic() + args[0]
-                elif kind == "devices":
-                    self.devices = args[0]
+                elif kind in ("devices", "firmware"):
+                    if kind == "devices":
+                        self.devices = args[0]
+                    else:
+                        self.firmware.update(args[0])
                     if self.session is not None and self.cfg.mqtt.discovery:
                         self._publish_discovery()
                 elif kind == "stats" and self.session is not None:
@@ -396,7 +414,7 @@ class Worker:
             self._take_acks(acked)
             if any(t == self.discovery_status and p == b"online" for t, p in received):
                 logs.event(log, logging.INFO, "Home Assistant restarted, republishing discovery")
-                self._publish_discovery()
+                self._publish_discovery(force=True)
                 try:
                     self.session.flush()
                 except OSError as e:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 
 from binlink.wire import codec
-from binlink.gateway import calibration, events, integrate, logs
+from binlink.gateway import calibration, events, forecast, integrate, logs
 from binlink.gateway.clock import ClockCheck
 from binlink.gateway.dedup import Dedup, digest
 from binlink.gateway.outbox import Batch, StorageFull, StorageGuard
@@ -49,6 +49,11 @@ class Pipeline:
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified frames of this group, claimed together in one round trip
         self.set_devices(devices)
+        # derived data beside the outbox, committed after it: a crash costs the last readings' learning
+        self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
+                                                cfg.events.emptied_drop_pct)
+        self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
+        self.on_new_firmware = None  # called when a hello brings a version not seen before
         self._rx_base = {"gateway": cfg.gateway_id, "time_synced": False}
         self._log_limit = logs.RateLimit(per_minute=20)
         self._noticed = {}  # (device id, reason) -> when last published on .../rejected
@@ -103,6 +108,7 @@ class Pipeline:
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
+            self.forecasts.save()
         if self._claims:
             self.shared.confirm(self._claims)
             self._claims = []
@@ -272,6 +278,11 @@ class Pipeline:
             batch.messages.append(integrate.hello_message(self.cfg.base_topic, device, decoded, rx) + (now,))
             logs.event(log, logging.INFO, "hello", bin=device.bin_id, device=device.dev, fw=decoded["fw_version"],
                        reset_cause=decoded["reset_cause"], rssi=rec.rssi, source=source)
+            if self.firmware.get(device.dev) != decoded["fw_version"]:
+                self.firmware[device.dev] = decoded["fw_version"]
+                self.forecasts.set_firmware(device.dev, decoded["fw_version"])
+                if self.on_new_firmware:
+                    self.on_new_firmware(device.dev, decoded["fw_version"])
             return 0
         for (reading, fill), reading_fcnt, age_s in readings:
             self._reading(device, reading, fill, reading_fcnt, rx, now - age_s, batch, backlog=decoded["type"] == "backlog")
@@ -355,6 +366,7 @@ class Pipeline:
         prev_fill = prev[1] if prev else None
         prev_flags = prev[2] if prev else None
         fill_for_state = prev_fill if fill is None else fill  # a faulty reading keeps the last level
+        fields = integrate.with_forecast(fields, device, *self.forecasts.update(device.bin_id, measured_at, fill))
         for name in events.detect(prev_fill, prev_flags, fill, reading["flags"], self.cfg.events):
             batch.messages.append(integrate.event_message(base, device, fields, name, backlog) + (now,))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)

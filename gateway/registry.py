@@ -41,6 +41,7 @@ class Device:
     lat: float | None = None
     lon: float | None = None
     key_epoch: int = 0  # raised by one at every new key: message ids stay unique across keys
+    report_s: int = 3600  # the bin's longest time between reports (Home Assistant's expire_after follows it)
 
     @property
     def key_id(self):
@@ -74,7 +75,7 @@ def parse_device_id(v):
 
 
 DEFAULT_PATH = "/etc/binlink/devices.toml"
-_DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon"}
+_DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s"}
 
 
 def default_path():
@@ -128,9 +129,11 @@ def parse(data, path="registry"):
         epoch = d.get("key_epoch", 0)
         if not (type(epoch) is int and epoch >= 0):
             found.append("%s.key_epoch: must be an integer >= 0, got %r" % (p, epoch))
-        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float))):
+        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
             if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
                 found.append("%s.%s: wrong type" % (p, opt))
+        if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
+            found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
         unknown = set(d) - _DEVICE_KEYS
         if unknown:
             found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
@@ -142,7 +145,7 @@ def parse(data, path="registry"):
         if not found:
             bins.add(bin_id)
             devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"),
-                                     d.get("lon"), epoch)
+                                     d.get("lon"), epoch, d.get("report_s", 3600))
     retired = {}
     gone = data.get("retired", [])
     if not isinstance(gone, list):
@@ -205,6 +208,8 @@ def to_data(reg):
             entry["name"] = d.name
         if d.lat is not None:
             entry["lat"], entry["lon"] = d.lat, d.lon
+        if d.report_s != Device.report_s:
+            entry["report_s"] = d.report_s
         devices.append(entry)
     retired = [{"device_id": "%06x" % dev, "bin_id": b, "retired_at": at} for dev, (b, at) in sorted(reg.retired.items())]
     return {"device": devices, "retired": retired}
@@ -215,7 +220,7 @@ def save(path, reg):
     write(path, to_data(reg))
 
 
-def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None):
+def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None, report_s=None):
     """Registers device_id as bin_id, or gives it a new key and calibration. A new key for a bin
     already registered raises its key_epoch. A retired id, or a bin id held by another device, is
     refused: ids never move between bins."""
@@ -231,7 +236,8 @@ def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=
     epoch = 0 if old is None else old.key_epoch + (old.key != key)
     reg[device_id] = Device(device_id, bin_id, key, depth_mm, full_mm, name or (old.name if old else ""),
                             lat if lat is not None else (old.lat if old else None),
-                            lon if lon is not None else (old.lon if old else None), epoch)
+                            lon if lon is not None else (old.lon if old else None), epoch,
+                            report_s or (old.report_s if old else Device.report_s))
     save(path, reg)
     return reg[device_id]
 

@@ -103,6 +103,8 @@ class Gateway:
         pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
         pipeline.clock_check.broker_time = state.newest_synced_time
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
+        self.publisher.firmware = dict(pipeline.firmware)  # sw_version in discovery; a new version republishes
+        pipeline.on_new_firmware = self.publisher.set_firmware
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import sys
 
 
 def add_parser(sub):
@@ -10,9 +11,14 @@ def add_parser(sub):
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per wall second (0: flat out)")
     p.add_argument("--duration", type=float, default=3600.0, help="simulated seconds to run")
     p.add_argument("--format", default="raw", choices=["raw", "raw+rssi", "rylr998"])
-    p.add_argument("--link", action="append", required=True,
+    p.add_argument("--link", action="append",
                    help="path of the pty symlink to create (repeat for several radios)")
-    p.add_argument("--registry", required=True, help="device registry to write (keys included) for the gateway")
+    p.add_argument("--registry", help="device registry to write (keys included) for the gateway")
+    p.add_argument("--report", metavar="FILE",
+                   help="instead: compare trucks driven by the collection list with fixed weekly rounds over "
+                        "--days (after a week of learning) and write a self-contained HTML report")
+    p.add_argument("--days", type=float, default=30.0, help="with --report: simulated days compared (default: %(default)s)")
+    p.add_argument("--chart-bins", type=int, default=6, help="with --report: bins drawn (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--vm", default="cpython", choices=["cpython", "micropython"], help="interpreter for the firmware")
     p.add_argument("--truth", help="write the ground truth (JSON) here at the end")
@@ -24,6 +30,11 @@ def add_parser(sub):
 
 
 def cmd_sim(args):
+    if args.report:
+        return cmd_report(args)
+    if not args.link or not args.registry:
+        print("binlink sim: --link and --registry are required (or --report FILE)", file=sys.stderr)
+        return 2
     from binlink.sim.fleet import Fleet
 
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
@@ -51,6 +62,21 @@ def cmd_sim(args):
     fleet.close()
     if vm is not None:
         vm.close()
+    return 0
+
+
+def cmd_report(args):
+    from binlink.sim import policy, report
+
+    logging.getLogger("binlink.fw").setLevel(logging.WARNING)
+    print("sim: %d bins, %g days per policy, seed %d: fixed rounds, collection list, forecast scoring" % (
+        args.bins, args.days, args.seed), flush=True)
+    comparison = policy.compare(args.bins, args.days, args.seed, keep_series=min(args.bins, args.chart_bins))
+    report.write(args.report, comparison)
+    figures = {k: v for k, v in comparison.items() if k not in ("fixed", "forecast")}
+    figures.update({"collections_per_bin_month_%s" % p: comparison[p]["collections_per_bin_month"] for p in ("fixed", "forecast")})
+    print(json.dumps(figures, sort_keys=True), flush=True)
+    print("report: %s" % args.report, flush=True)
     return 0
 
 

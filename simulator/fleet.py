@@ -63,6 +63,11 @@ class Fleet:
             self.write_registry(registry_path)
         self._stop = threading.Event()
 
+    def latlon(self, d, centre=(52.52, 13.405)):
+        """A bin's simulated position as WGS84 degrees around a city centre."""
+        lat = centre[0] + d.xy[1] / 111320.0
+        return round(lat, 6), round(centre[1] + d.xy[0] / (111320.0 * math.cos(math.radians(lat))), 6)
+
     def _clock(self):
         return self.now
 
@@ -70,8 +75,10 @@ class Fleet:
         if os.path.exists(path):
             os.unlink(path)
         data = {"device": [{"device_id": "%06x" % d.device_id, "bin_id": d.bin_id, "key": d.key.hex(),
-                            "depth_mm": d.bin.depth_mm, "full_mm": d.bin.full_mm,
-                            "name": "Simulated bin %s" % d.bin_id[4:]} for d in self.devices]}
+                            "depth_mm": d.bin.nominal_depth_mm, "full_mm": d.bin.full_mm,
+                            "name": "Simulated bin %s" % d.bin_id[4:], "report_s": d.cfg["report_s"],
+                            **dict(zip(("lat", "lon"), self.latlon(d)))}
+                           for d in self.devices]}
         registry.write(path, data)
 
     def coverage(self):

@@ -4,6 +4,26 @@ All randomness comes from a random.Random the caller seeds, so a run is reproduc
 import math
 
 DAY = 86400.0
+R_GAS = 8.314462  # J/(mol K)
+M_DRY, M_WATER = 0.0289647, 0.01801528  # kg/mol
+CV_DRY, CV_WATER = 2.5, 3.03  # molar heat capacity at constant volume, in units of R (diatomic air; water vapour, gamma 1.33)
+
+
+def saturation_pa(air_c):
+    """Water vapour saturation pressure over water (Buck 1981)."""
+    return 611.21 * math.exp((18.678 - air_c / 234.5) * (air_c / (257.14 + air_c)))
+
+
+def speed_of_sound(air_c, rh=0.8, pressure_pa=101325.0):
+    """Speed of sound in moist air from the ideal gas, sqrt(gamma R T / M), in mm/ms (= m/s).
+
+    Water vapour is lighter than air and adds degrees of freedom: the mixture's molar mass and
+    gamma follow the vapour's mole fraction. This is the simulator's physics, deliberately not the
+    firmware's linear 331.3 + 0.606 T (which it approximates to ~0.1 % in dry air)."""
+    x = max(0.0, min(1.0, rh)) * saturation_pa(air_c) / pressure_pa
+    molar_mass = (1 - x) * M_DRY + x * M_WATER
+    gamma = 1.0 + 1.0 / ((1 - x) * CV_DRY + x * CV_WATER)
+    return math.sqrt(gamma * R_GAS * (air_c + 273.15) / molar_mass)
 
 
 class Weather:
@@ -19,17 +39,33 @@ class Weather:
 
 
 class Bin:
-    """Fill level 0..1 of the usable height (1 = at full_mm), can overfill towards the lid."""
+    """Fill level 0..1 of the usable height (1 = at full_mm), can overfill towards the lid.
 
-    def __init__(self, rng, depth_mm=1200, full_mm=250, days_to_fill=None, collect_every_days=None, t0=0.0):
+    The bin as installed, not as registered: `nominal_depth_mm` is what the registry says (the
+    catalogue depth), the true depth is off by a few cm; the sensor sits off its nominal place
+    (higher or lower on its bracket, tilted a few degrees); the waste is a pile, and the beam's
+    first echo comes from its peak, above the mean level that says how full the bin really is."""
+
+    def __init__(self, rng, depth_mm=1200, full_mm=250, days_to_fill=None, collect_every_days=None, t0=0.0, honest=True):
         self.rng = rng
-        self.depth_mm = depth_mm
+        self.nominal_depth_mm = depth_mm
         self.full_mm = full_mm
+        if honest:
+            self.depth_mm = depth_mm + max(-40.0, min(40.0, rng.gauss(0.0, 15.0)))
+            self.mount_offset_mm = rng.uniform(-10.0, 20.0)  # > 0: the sensor sits lower than nominal
+            self.tilt = math.radians(rng.uniform(0.0, 6.0))
+            self.pile_mm = rng.uniform(5.0, 40.0)  # height of the pile's peak above its mean surface
+        else:
+            self.depth_mm, self.mount_offset_mm, self.tilt, self.pile_mm = depth_mm, 0.0, 0.0, 0.0
+        self.pile_phase = rng.uniform(0.0, 2 * math.pi)
         self.days_to_fill = days_to_fill or rng.uniform(2.0, 6.0)
         self.collect_every_days = collect_every_days or rng.choice((2, 3, 3.5, 7))
         self.level = rng.uniform(0.0, 0.6)
         self.next_collection = t0 + rng.uniform(0.2, self.collect_every_days) * DAY
         self.t = t0
+        self.on_schedule = True  # False: collected only when collect_at() says (a policy drives the trucks)
+        self.overflow_s = 0.0  # time spent at or above full (level >= 1)
+        self.full_times = []  # when the level rose through full
         self.hot_until = -1.0  # a hot object smouldering inside
         self.tilted_until = -1.0
 
@@ -37,7 +73,7 @@ class Bin:
         """Filling speed: busy in the day, quiet at night, more at weekends, never negative."""
         hour = (t % DAY) / 3600.0
         daily = 0.25 + 1.5 * max(0.0, math.sin(math.pi * (hour - 7) / 14)) if 7 <= hour <= 21 else 0.25
-        weekday = int(t // DAY) % 7
+        weekday = int(t // DAY + 3) % 7  # 0 = Monday (1970-01-01 was a Thursday)
         weekly = 1.3 if weekday >= 5 else 1.0
         return daily * weekly / (self.days_to_fill * DAY) / 0.83  # 0.83: mean of daily*weekly shape
 
@@ -52,7 +88,9 @@ class Bin:
                 self.t += step
                 collected.append((self.t, self.level))
                 self.level = self.rng.uniform(0.0, 0.03)  # some litter stays behind
-                self.next_collection = self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
+                self.pile_phase = self.rng.uniform(0.0, 2 * math.pi)
+                self.next_collection = (self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
+                                        if self.on_schedule else math.inf)
                 continue
             self._fill(step)
             self.t += step
@@ -60,14 +98,32 @@ class Bin:
 
     def _fill(self, dt):
         noise = self.rng.uniform(0.5, 1.5)
+        before = self.level
         self.level = min(1.2, self.level + self.rate_per_s(self.t) * dt * noise)
+        if self.level >= 1.0:
+            if before < 1.0:  # crossed within this step: interpolate
+                frac = (1.0 - before) / (self.level - before)
+                self.full_times.append(self.t + frac * dt)
+                self.overflow_s += (1 - frac) * dt
+            else:
+                self.overflow_s += dt
 
     def collect_now(self):
         self.next_collection = self.t
 
-    def surface_mm(self):
-        """Distance from the sensor to the rubbish surface."""
+    def collect_at(self, t):
+        """A truck empties the bin at t (the earliest of what is already planned and t)."""
+        self.next_collection = min(self.next_collection, t)
+
+    def mean_surface_mm(self):
+        """Distance from the nominal sensor position down to the waste's mean surface."""
         return self.depth_mm - self.level * (self.depth_mm - self.full_mm)
+
+    def surface_mm(self):
+        """What the beam meets first: the pile's peak (which moves as bags land), seen from where
+        the sensor really is, along its tilted axis."""
+        peak = self.pile_mm * (0.5 + 0.5 * math.sin(self.pile_phase + 9.0 * self.level)) if self.level > 0.02 else 0.0
+        return (self.mean_surface_mm() - peak - self.mount_offset_mm) / math.cos(self.tilt)
 
     def true_fill_pct(self):
         return max(0.0, min(100.0, 100.0 * self.level))
@@ -76,8 +132,9 @@ class Bin:
 class UltrasonicSensor:
     """What a JSN-SR04T-class sensor reports for a surface at distance d through air at T."""
 
-    def __init__(self, rng, noise_mm=4.0, p_spurious=0.03, p_no_echo=0.02, blind_mm=220, max_mm=4500):
+    def __init__(self, rng, noise_mm=4.0, p_spurious=0.03, p_no_echo=0.02, blind_mm=220, max_mm=4500, rh=None):
         self.rng = rng
+        self.rh = rng.uniform(0.6, 0.95) if rh is None else rh  # relative humidity of the air in the bin
         self.noise_mm = noise_mm
         self.p_spurious = p_spurious
         self.p_no_echo = p_no_echo
@@ -94,7 +151,7 @@ class UltrasonicSensor:
         if r.random() < self.p_spurious:
             d = r.uniform(self.blind_mm, max(self.blind_mm + 1, d))  # a stray echo off the wall or lid
         d = max(d, self.blind_mm * r.uniform(0.95, 1.05)) + r.gauss(0.0, self.noise_mm)
-        c = 331.3 + 0.606 * air_c  # m/s = mm/ms
+        c = speed_of_sound(air_c, self.rh)  # m/s = mm/ms
         us = int(2 * d / c * 1000)
         return us if us <= timeout_us else -2
 

@@ -45,12 +45,20 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
         wait_for(lambda: late.on("bin/bin-a/state") and late.on("gateway/gw-test/status"), what="retained messages")
         assert json.loads(late.on("bin/bin-a/state")[-1][1])["fcnt"] == 3
         assert late.on("gateway/gw-test/status")[-1][1] == b"online"
+        wait_for(lambda: b"1.2.3" in dict(late.on("/config")).get("homeassistant/sensor/binlink_testcity_bin_a/fill/config", b""),
+                 what="discovery with the firmware version from the hello")
         configs = {t: json.loads(p) for t, p in late.on("/config")}
-        fill = configs["homeassistant/sensor/binlink_0000a1_fill/fill/config"]
+        fill = configs["homeassistant/sensor/binlink_testcity_bin_a/fill/config"]
         assert fill["state_class"] == "measurement" and fill["unit_of_measurement"] == "%"
-        assert fill["device"]["identifiers"] == ["binlink_0000a1"]
-        assert configs["homeassistant/sensor/binlink_0000b2_rssi/rssi/config"]["entity_category"] == "diagnostic"
-        assert configs["homeassistant/binary_sensor/binlink_0000a1_problem/problem/config"]["device_class"] == "problem"
+        assert fill["device"]["identifiers"] == ["binlink_testcity_bin_a"] and "object_id" not in fill
+        assert fill["default_entity_id"] == "sensor.binlink_testcity_bin_a_fill"
+        assert fill["device"]["sw_version"] == "1.2.3"  # from the hello
+        assert fill["expire_after"] == 3 * 3600 and "availability_topic" not in fill
+        assert configs["homeassistant/sensor/binlink_testcity_bin_b/rssi/config"]["entity_category"] == "diagnostic"
+        assert configs["homeassistant/sensor/binlink_testcity_bin_a/full_at/config"]["device_class"] == "timestamp"
+        assert configs["homeassistant/binary_sensor/binlink_testcity_bin_a/fire/config"]["device_class"] == "heat"
+        assert configs["homeassistant/event/binlink_testcity_bin_a/collection/config"]["event_types"] == ["full", "emptied"]
+        assert state["fill_rate_pct_per_day"] is None and state["full_at"] is None  # three readings teach no forecast
     finally:
         late.close()
     # no key ever leaves the process: not in MQTT, not in the log
@@ -58,11 +66,60 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
     assert KEY.hex().encode() not in everything and KEY2.hex().encode() not in everything
 
 
+def configs_sent(subscriber):
+    """Discovery configs received (an empty payload clears one: not counted)."""
+    return [(t, p) for t, p in subscriber.on("/config") if p]
+
+
 def test_home_assistant_restart_gets_discovery_again(gw, broker, subscriber):
-    wait_for(lambda: len(subscriber.on("/config")) == 10, what="discovery")
-    n = len(subscriber.on("/config"))
+    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery: 11 entities a bin")
+    n = len(configs_sent(subscriber))
     subscriber.c.publish("homeassistant/status", "online", qos=1)
-    wait_for(lambda: len(subscriber.on("/config")) >= 2 * n, what="discovery republished")
+    wait_for(lambda: len(configs_sent(subscriber)) >= 2 * n, what="discovery republished")
+
+
+def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_cleared(gw, broker, subscriber):
+    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery")
+    gw.terminate()
+    n = len(subscriber.on("/config"))
+    gw.start()  # same registry: nothing to send
+    wait_for(lambda: "discovery unchanged" in gw.output(), what="discovery compared after the restart")
+    assert len(subscriber.on("/config")) == n
+    from binlink.gateway import registry
+
+    registry.write(gw.registry, {"device": []})  # bin-b retired, bin-a renamed
+    registry.add(gw.registry, DEV_A, "bin-a", KEY, 1200, 200, name="Market square")
+    gw.terminate()
+    gw.start()
+    cleared = wait_for(lambda: [t for t, p in subscriber.on("/config") if p == b"" and "bin_b" in t], what="bin-b cleared")
+    assert len(cleared) == 11
+    renamed = wait_for(lambda: [json.loads(p) for t, p in subscriber.on("/config") if p and "Market square" in p.decode()],
+                       what="bin-a republished")
+    assert len(renamed) == 11 and len(configs_sent(subscriber)) == 22 + 11
+
+
+def test_first_run_clears_the_old_discovery_scheme(tmp_path, broker, pty):
+    """Configs an older gateway published (keyed on the radio id, one "problem" sensor) are cleared."""
+    old = "homeassistant/binary_sensor/binlink_0000a1_problem/problem/config"
+    pub = Subscriber(broker.port, topics=("nothing/here",))
+    pub.c.publish(old, json.dumps({"name": "Problem"}), qos=1, retain=True).wait_for_publish(5)
+    pub.close()
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        wait_for(lambda: "discovery published" in g.output(), what="discovery")
+        late = Subscriber(broker.port)
+        try:
+            def standing():  # each topic's last word: what Home Assistant would hold
+                last = dict(late.on("/config"))
+                return {t for t, p in last.items() if p}
+
+            topics = wait_for(lambda: standing() if len(standing()) == 22 and old not in standing() else None,
+                              what="old config gone, the new ones retained")
+            assert all("binlink_testcity_" in t for t in topics)
+        finally:
+            late.close()
+    finally:
+        g.kill()
 
 
 def test_bad_input_is_counted_and_the_service_keeps_running(gw, pty, subscriber):
@@ -353,7 +410,7 @@ def test_sighup_reloads_the_registry_without_a_restart(gw, pty, subscriber):
     wait_for(lambda: "registry reloaded" in gw.output(), what="reload")
     pty.write(framing.frame(reading(2, dev=0xC3, key=new_key)))
     wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-c"], what="new bin published")
-    wait_for(lambda: any("binlink_0000c3" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
+    wait_for(lambda: any("binlink_testcity_bin_c" in t for t, _ in subscriber.on("/config")), what="discovery for the new bin")
     assert gw.alive()
 
 

@@ -22,6 +22,8 @@ def test_install_is_idempotent_and_keeps_config(tmp_path):
     for line in ("Type=notify", "WatchdogSec=", "Restart=always", "User=binlink", "ProtectSystem=strict",
                  "StateDirectory=binlink", "DeviceAllow=char-ttyUSB rw", "SupplementaryGroups=dialout"):
         assert line in unit
+    planner = (tmp_path / "etc/systemd/system/binlink-planner.service").read_text()
+    assert "binlink planner --config /etc/binlink/gateway.toml" in planner and "User=binlink" in planner
     cfg = tmp_path / "etc/binlink/gateway.toml"
     assert oct(cfg.stat().st_mode & 0o777) == "0o640"
     assert oct((tmp_path / "etc/binlink/devices.toml").stat().st_mode & 0o777) == "0o640"

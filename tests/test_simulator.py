@@ -1,5 +1,6 @@
 """The simulator end to end, and its models on their own."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -19,12 +20,13 @@ def test_seeded_fleet_through_gateway_matches_ground_truth(fmt, tmp_path):
     ids = [e["message_id"] for e in uplinks]
     assert len(ids) == len(set(ids))
     assert len(uplinks) >= 0.9 * len(fleet.truth.readings)  # a realistic channel loses a few
+    budget = {"%06x" % d.device_id: error_budget_pct(d.bin) for d in fleet.devices}
     for e in uplinks:
         fill, surface, _ = fleet.truth.readings[(e["device"], e["fcnt"])]
         if e["fill_pct"] is None:
             assert "sensor_fault" in e["flags"]
-        else:
-            assert abs(e["fill_pct"] - min(100.0, fill)) <= 5.0, (e, fill)
+        else:  # off by no more than the bin's installation errors and its pile explain
+            assert abs(e["fill_pct"] - min(100.0, fill)) <= budget[e["device"]], (e, fill)
     for d in fleet.devices:  # retained state = the bin's newest reading
         mine = [e for e in uplinks if e["bin_id"] == d.bin_id]
         assert states[d.bin_id]["fcnt"] == max(e["fcnt"] for e in mine)
@@ -34,6 +36,13 @@ def test_seeded_fleet_through_gateway_matches_ground_truth(fmt, tmp_path):
         assert all(e["snr"] is not None for e in uplinks)
     score = fidelity.score(fleet.truth, None, events, fleet.now)
     assert score["false_alarms"] == 0
+
+
+def error_budget_pct(b):
+    """What calibration, mounting and the pile can add to a reading, plus 15 mm of noise and air."""
+    mm = abs(b.depth_mm - b.nominal_depth_mm) + abs(b.mount_offset_mm) + b.pile_mm
+    mm += (1 / math.cos(b.tilt) - 1) * b.depth_mm + 15.0
+    return 100.0 * mm / (b.nominal_depth_mm - b.full_mm)
 
 
 def test_same_seed_same_world():
@@ -58,7 +67,8 @@ def test_fleet_on_the_micropython_vm(tmp_path):
     uplinks = [e for e in events if e["event"] == "uplink"]
     assert len(uplinks) >= 3 * 6 * 0.9  # hourly reports at least
     for e in uplinks:
-        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= 5.0
+        d = next(d for d in fleet.devices if "%06x" % d.device_id == e["device"])
+        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= error_budget_pct(d.bin)
 
 
 def test_sim_command_writes_registry_and_truth(tmp_path):
@@ -89,13 +99,35 @@ def test_demo_runs_and_ends_with_its_summary_line(embedded):
 
 
 def test_ping_physics_speed_of_sound_and_faults():
-    s = physics.UltrasonicSensor(random.Random(1), noise_mm=0, p_spurious=0, p_no_echo=0)
+    s = physics.UltrasonicSensor(random.Random(1), noise_mm=0, p_spurious=0, p_no_echo=0, rh=0.0)
     cold, warm = s.echo_us(1000, -10.0, 60000), s.echo_us(1000, 30.0, 60000)
     assert cold > warm  # sound is slower in the cold: a longer echo for the same distance
-    assert abs(cold - 2 * 1000 / (331.3 - 6.06) * 1000) <= 1
+    assert abs(cold - 2 * 1000 / physics.speed_of_sound(-10.0, 0.0) * 1000) <= 1
     assert s.echo_us(6000, 20, 60000) == -2  # out of range: no echo
     s.broken = True
     assert s.echo_us(1000, 20, 60000) == -2
+
+
+def test_speed_of_sound_is_the_physics_own_not_the_firmware_formula():
+    assert abs(physics.speed_of_sound(0.0, rh=0.0) - 331.3) < 0.3  # textbook, dry air at 0 °C
+    for t in (-10.0, 5.0, 20.0, 35.0):
+        dry, humid = physics.speed_of_sound(t, 0.0), physics.speed_of_sound(t, 0.95)
+        assert humid > dry  # water vapour is lighter than air
+        assert abs(humid - (331.3 + 0.606 * t)) / humid < 0.01  # close to the firmware's line, not on it
+    assert physics.speed_of_sound(30.0, 0.95) - physics.speed_of_sound(30.0, 0.0) > 1.0  # humid summer air
+
+
+def test_installed_bin_differs_from_its_registry_entry():
+    """Calibration and mounting errors and a piled surface: the beam sees less distance than the mean level."""
+    bins = [physics.Bin(random.Random(s), depth_mm=1200, t0=0.0) for s in range(50)]
+    assert all(b.nominal_depth_mm == 1200 for b in bins)
+    assert max(abs(b.depth_mm - 1200) for b in bins) > 15 and all(abs(b.depth_mm - 1200) <= 40 for b in bins)
+    for b in bins:
+        b.level = 0.5
+    assert sum(b.surface_mm() < b.mean_surface_mm() for b in bins) > 40  # mostly the pile's peak is nearer
+    flat = physics.Bin(random.Random(1), depth_mm=1200, t0=0.0, honest=False)
+    flat.level = 0.5
+    assert flat.surface_mm() == flat.mean_surface_mm() == 1200 - 0.5 * 950
 
 
 def test_bin_fills_by_day_and_gets_collected():
@@ -109,3 +141,26 @@ def test_bin_fills_by_day_and_gets_collected():
     assert noon > 3 * night
     cols = b.advance(86400 * 11)
     assert len(cols) == 1 and cols[0][1] > 0.9 and b.level < 0.5
+
+
+def test_scoring_counts_spurious_events_as_well_as_missed_ones():
+    from binlink.sim.fleet import Truth
+
+    truth = Truth()
+    h = 3600.0
+    # one bin, hourly readings: fills to 95 %, collected at 10.5 h, then fills again
+    fills = [10 * i if i <= 9 else 95.0 if i == 10 else 2.0 + (i - 11) for i in range(20)]
+    for i, fill in enumerate(fills):
+        truth.readings[("000101", i + 1)] = (fill, 0.0, i * h)
+    truth.collections.append(("bin-1", 10.5 * h, 0.95))
+
+    def ev(kind, fcnt):
+        return {"event": kind, "device": "000101", "bin_id": "bin-1", "fcnt": fcnt, "fill_pct": fills[fcnt - 1]}
+
+    events = [ev("emptied", 12), ev("emptied", 16), ev("full", 10), ev("full", 4)]  # one of each is spurious
+    s = fidelity.score(truth, None, events, 20 * h)
+    assert s["pickup_recall"] == 1.0 and s["pickup_precision"] == 0.5 and s["emptied_spurious"] == 1
+    assert s["full_precision"] == 0.5 and s["full_spurious"] == 1
+    assert s["full_rises"] == 1 and s["full_recall"] == 1.0
+    s = fidelity.score(truth, None, [ev("emptied", 12)], 20 * h)
+    assert s["pickup_precision"] == 1.0 and s["full_recall"] == 0.0  # the rise through 90 % was missed

@@ -32,6 +32,8 @@ fi
 
 say "unit $ROOT/etc/systemd/system/binlink-gateway.service"
 install -m 0644 "$SRC/gateway/systemd/binlink-gateway.service" "$ROOT/etc/systemd/system/binlink-gateway.service"
+# the collection list: installed, not enabled (one planner per site: systemctl enable --now binlink-planner)
+install -m 0644 "$SRC/gateway/systemd/binlink-planner.service" "$ROOT/etc/systemd/system/binlink-planner.service"
 install -m 0644 "$SRC/docs/gateway.md" "$ROOT/opt/binlink/docs/gateway.md"
 
 if [ -e "$ROOT/etc/binlink/gateway.toml" ]; then

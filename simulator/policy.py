@@ -1,0 +1,248 @@
+"""Closing the loop: trucks driven by the published collection list, against fixed weekly rounds.
+
+Over a simulated month every bin runs its real firmware (CPython) against the honest physics; its
+frames are verified, decoded and calibrated with the gateway's own code, and each bin's forecast is
+learned exactly as the gateway learns it. On each route day the trucks go out:
+
+- fixed: each bin on its weekly pattern (1, 2, 3 or 6 rounds a week), chosen as a waste authority
+  would from the bin's average fill time: the sparsest pattern whose longest gap is under it;
+- forecast: the bins on the planner's list (`gateway/planner.py`, the same function the
+  `binlink planner` service publishes with).
+
+A round visits its bins one after another over TRUCK_SPREAD_S (a listed round in `dispatch_order`). Both policies see the same bins, the same waste and the
+same seeds. Measured: collections per bin-month, overflow bin-hours (a bin's true mean level at or
+above full), and the forecast's error 24 h before each true full time."""
+import heapq
+import math
+import random
+
+from binlink.gateway import calibration, events, forecast, planner, registry
+from binlink.gateway.config import Events
+from binlink.sim.fleet import Fleet
+from binlink.sim.hardware import frames_in
+from binlink.wire import codec
+
+DAY = 86400.0
+ROUTES = planner.Routes((0, 1, 2, 3, 4, 5), 7.0)  # Monday to Saturday, trucks leave at 07:00
+FIXED_PATTERNS = ((0,), (0, 3), (0, 2, 4), (0, 1, 2, 3, 4, 5))  # 1, 2, 3 and 6 rounds a week
+TRUCK_SPREAD_S = 6 * 3600.0
+START = 1_790_000_000.0 // (7 * DAY) * (7 * DAY) + 4 * DAY  # a Monday, 00:00 UTC
+FORECAST_LEAD_S = 24 * 3600.0
+WARMUP_S = 3 * DAY
+# reactive: no rounds, a truck comes 1-6 h after a bin reports full (how the forecast is scored:
+# every bin then reaches full many times a month, on every day of the week)
+POLICIES = ("fixed", "forecast", "reactive")  # forecasts before this much history are not scored
+
+
+def max_gap_days(pattern):
+    days = sorted(pattern)
+    return max((days[(i + 1) % len(days)] - d) % 7 or 7 for i, d in enumerate(days))
+
+
+def fixed_pattern(days_to_fill, safety=0.8):
+    """The sparsest weekly pattern whose longest gap stays under safety x the mean time to fill."""
+    for p in FIXED_PATTERNS:
+        if max_gap_days(p) <= safety * days_to_fill:
+            return p
+    return FIXED_PATTERNS[-1]
+
+
+class Tracked:
+    """One bin as the back office sees it: its registry entry, state and forecast."""
+
+    def __init__(self, dev, device, keep_series):
+        self.dev = dev
+        self.device = device
+        self.last_fcnt = None
+        self.rejected = 0
+        self.forecast = forecast.BinForecast()
+        self.state = {"bin_id": device.bin_id, "name": device.name, "lat": device.lat, "lon": device.lon,
+                      "fill_pct": None, "full_at": None, "fill_rate_pct_per_day": None}
+        self.prev_fill = None
+        self.collections = []  # true pickup times
+        self.predictions = []  # (measured at, full_at or None)
+        self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
+
+
+def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START):
+    """Runs one policy over `days` after `warmup_days` on fixed rounds (the forecasts learn, as
+    they would have on a fleet already in service); returns its figures for those days, and
+    per-bin series for the first keep_series bins."""
+    if policy not in POLICIES:
+        raise ValueError("policy must be one of %s, got %r" % (", ".join(POLICIES), policy))
+    fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
+    rng = random.Random(seed * 31 + 5)
+    rules = Events()
+    tracked = []
+    for i, d in enumerate(fleet.devices):
+        d.bin.on_schedule = False
+        d.bin.next_collection = math.inf
+        lat, lon = fleet.latlon(d)
+        device = registry.Device(d.device_id, d.bin_id, d.key, d.bin.nominal_depth_mm, d.bin.full_mm,
+                                 "Simulated bin %s" % d.bin_id[4:], lat, lon)
+        tr = Tracked(d, device, i < keep_series)
+        d._transmit = _receiver(tr, rng, loss, rules)
+        tracked.append(tr)
+    patterns = [fixed_pattern(tr.dev.bin.days_to_fill) for tr in tracked]
+    start = t0 + warmup_days * DAY  # what is counted starts here
+    end = start + days * DAY
+    wakes = [(t0 + rng.uniform(0, 3600), i) for i in range(bins)]
+    heapq.heapify(wakes)
+    next_round = ROUTES.next_after(t0)
+    collections = 0
+    overflow_before = None
+    while wakes:
+        t, i = wakes[0]
+        if overflow_before is None and t >= start:
+            for tr in tracked:  # the physics is continuous: bring every bin to the start and note its overflow
+                tr.collections += [c for c, _ in tr.dev.bin.advance(start)]
+            overflow_before = sum(tr.dev.bin.overflow_s for tr in tracked)
+        if next_round <= t and next_round < end and policy != "reactive":
+            fleet.now = next_round
+            counted = next_round >= start
+            chosen = _round(policy if counted else "fixed", next_round, tracked, patterns, rng, margin_h)
+            collections += chosen if counted else 0
+            next_round = ROUTES.next_after(next_round)
+            continue
+        heapq.heappop(wakes)
+        if t >= end:
+            continue
+        fleet.now = t
+        tr = tracked[i]
+        tr.collections += [c for c, _ in tr.dev.bin.advance(t)]
+        heapq.heappush(wakes, (t + tr.dev.wake(), i))
+        if policy == "reactive" and (tr.state["fill_pct"] or 0) >= 100.0 and tr.dev.bin.next_collection == math.inf:
+            tr.dev.bin.collect_at(t + rng.uniform(3600, 6 * 3600))
+            collections += t >= start
+    for tr in tracked:
+        tr.collections += [c for c, _ in tr.dev.bin.advance(end)]
+        if tr.series is not None:
+            tr.series["pickups"] = list(tr.collections)
+    fleet.close()
+    errors, unpredicted = _forecast_errors(tracked, t0)
+    overflow_h = (sum(tr.dev.bin.overflow_s for tr in tracked) - (overflow_before or 0.0)) / 3600.0
+    return {
+        "policy": policy, "bins": bins, "days": days,
+        "collections": collections,
+        "collections_per_bin_month": round(collections / bins * 30.0 / days, 2),
+        "overflow_bin_hours": round(overflow_h, 1),
+        "forecast_errors_h": errors, "forecast_unpredicted": unpredicted,
+        "series": {tr.device.bin_id: dict(tr.series, name=tr.device.name) for tr in tracked if tr.series is not None},
+        "t0": t0, "start": start, "end": end,
+    }
+
+
+def _receiver(tr, rng, loss, rules):
+    """The gateway's half for one bin: verify, decode, calibrate, learn the forecast."""
+
+    def receive(dev, payload, on_air_len):
+        now = dev.clock()
+        for frame in frames_in(payload):
+            if rng.random() < loss:
+                continue  # lost on air: the forecast must live with missing readings
+            try:
+                tr.last_fcnt = codec.verify(frame, dev.key, tr.last_fcnt)
+            except codec.ProtocolError:  # a frame sent twice (module retry): the gateway drops it too
+                tr.rejected += 1
+                continue
+            body = codec.decode_body(frame, tr.last_fcnt)
+            if body["type"] == "reading":
+                _reading(tr, body, now, rules)
+            elif body["type"] == "batch":
+                for entry in body["readings"]:
+                    _reading(tr, entry, now - 60 * entry["age_min"], rules)
+        return True
+
+    return receive
+
+
+def _reading(tr, reading, t, rules):
+    fill = calibration.fill_pct(tr.device, reading)
+    tr.forecast.update(t, fill, rules.emptied_drop_pct)
+    full_at = tr.forecast.full_at()
+    if fill is not None:
+        tr.state.update(fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
+                        fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t))
+    tr.predictions.append((t, full_at))
+    s = tr.series
+    if s is not None:
+        s["truth"].append((t, tr.dev.bin.true_fill_pct() if tr.dev.bin.level <= 1 else 100.0 * tr.dev.bin.level))
+        if fill is not None:
+            s["published"].append((t, fill))
+        s["forecast"].append((t, full_at))
+        if "emptied" in events.detect(tr.prev_fill, None, fill, [], rules):
+            s["emptied"].append(t)
+    if fill is not None:
+        tr.prev_fill = fill
+
+
+def dispatch_order(listed, round_end):
+    """The order a truck empties the listed bins: those that would be full before the round ends
+    first, earliest first; then the rest latest-due first: emptying a bin later in the round puts
+    off the moment it is full again (before the next round, for the fastest ones)."""
+    def due(b):
+        return planner.parse_iso(b["full_at"]) if b["reason"] == "forecast" else 0.0
+
+    now = [b for b in listed if due(b) <= round_end]
+    later = [b for b in listed if due(b) > round_end]
+    return sorted(now, key=due) + sorted(later, key=due, reverse=True)
+
+
+def _round(policy, t, tracked, patterns, rng, margin_h):
+    """One round of the trucks at t; returns how many bins it empties. A round visits its bins one
+    after another over TRUCK_SPREAD_S: a fixed round in its route's order (unrelated to how full
+    the bins are), a listed round in `dispatch_order`."""
+    if policy == "fixed":
+        weekday = int(t // DAY + 3) % 7
+        chosen = [tr for tr, p in zip(tracked, patterns) if weekday in p]
+        rng.shuffle(chosen)
+    else:
+        by_id = {tr.device.bin_id: tr for tr in tracked}
+        # the list as published just before the trucks leave: this round, bins due before the next one
+        listed = planner.plan_message({tr.device.bin_id: tr.state for tr in tracked}, t - 1.0, ROUTES, margin_h * 3600.0)
+        chosen = [by_id[b["bin_id"]] for b in dispatch_order(listed["bins"], t + TRUCK_SPREAD_S)]
+    for k, tr in enumerate(chosen):
+        tr.dev.bin.collect_at(t + TRUCK_SPREAD_S * (k + rng.random()) / len(chosen))
+    return len(chosen)
+
+
+def _forecast_errors(tracked, t0):
+    """|full_at - true full time| (hours) of the forecast current 24 h before each true full time
+    (same fill cycle: no pickup in between); and how many of those had no forecast."""
+    errors, unpredicted = [], 0
+    for tr in tracked:
+        preds = tr.predictions
+        for full_time in tr.dev.bin.full_times:
+            lead = full_time - FORECAST_LEAD_S
+            if lead < t0 + WARMUP_S:
+                continue
+            before = [p for p in preds if p[0] <= lead]
+            if not before or lead - before[-1][0] > 3 * 3600:
+                continue
+            t_pred, full_at = before[-1]
+            if any(t_pred < c <= full_time for c in tr.collections):
+                continue
+            if full_at is None:
+                unpredicted += 1
+            else:
+                errors.append(abs(full_at - full_time) / 3600.0)
+    return errors, unpredicted
+
+
+def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4):
+    """Both policies over the same month, and the forecast scored where every bin fills up (the
+    reactive run: under the two policies most bins are emptied before they are full, and the few
+    that fill are the weekend's fastest, a biased sample). The figures the bench and the report use."""
+    fixed = simulate("fixed", bins, days, seed, margin_h, keep_series=keep_series)
+    fc = simulate("forecast", bins, days, seed, margin_h, keep_series=keep_series)
+    scored = simulate("reactive", bins, days, seed, keep_series=0)
+    errors = scored["forecast_errors_h"]
+    return {
+        "fixed": fixed, "forecast": fc,
+        "collections_saved_pct": round(100.0 * (1 - fc["collections"] / fixed["collections"]), 1) if fixed["collections"] else None,
+        "overflow_bin_hours_fixed": fixed["overflow_bin_hours"],
+        "overflow_bin_hours_forecast": fc["overflow_bin_hours"],
+        "forecast_full_at_mae_h": round(sum(errors) / len(errors), 2) if errors else None,
+        "forecast_scored": len(errors),
+        "forecast_unpredicted": scored["forecast_unpredicted"],
+    }

@@ -1,0 +1,119 @@
+"""Closing the loop in the simulator, and the planner's report rendered and read back."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+
+from binlink.sim import policy, report
+from tests.harness import BINLINK
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    return policy.compare(bins=12, days=10, seed=3, keep_series=2)
+
+
+def test_fixed_patterns_follow_how_fast_a_bin_fills():
+    assert policy.fixed_pattern(2.0) == (0, 1, 2, 3, 4, 5)  # every round
+    assert policy.fixed_pattern(4.0) == (0, 2, 4)
+    assert policy.fixed_pattern(6.0) == (0, 3)
+    assert policy.max_gap_days((0, 3)) == 4 and policy.max_gap_days((0,)) == 7
+
+
+def test_trucks_empty_what_overflows_during_the_round_first_and_the_rest_as_late_as_they_can():
+    from binlink.gateway.planner import iso
+
+    t = 1_790_000_000.0
+    listed = [{"bin_id": "full", "reason": "full", "full_at": iso(t - 600)},
+              {"bin_id": "in-2h", "reason": "forecast", "full_at": iso(t + 2 * 3600)},
+              {"bin_id": "in-1h", "reason": "forecast", "full_at": iso(t + 3600)},
+              {"bin_id": "tomorrow", "reason": "forecast", "full_at": iso(t + 20 * 3600)},
+              {"bin_id": "tonight", "reason": "forecast", "full_at": iso(t + 12 * 3600)}]
+    order = [b["bin_id"] for b in policy.dispatch_order(listed, t + 6 * 3600)]
+    assert order == ["full", "in-1h", "in-2h", "tomorrow", "tonight"]
+
+
+def test_the_list_driven_trucks_collect_less_than_fixed_rounds(comparison):
+    fixed, fc = comparison["fixed"], comparison["forecast"]
+    assert fc["collections"] < fixed["collections"]
+    assert comparison["collections_saved_pct"] > 0
+    assert comparison["forecast_scored"] > 10 and comparison["forecast_full_at_mae_h"] < 6
+    assert fixed["bins"] == fc["bins"] == 12 and fixed["start"] == fc["start"]
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+        self.text = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_renders_each_bin_and_the_policies(comparison, tmp_path):
+    path = tmp_path / "report.html"
+    report.write(str(path), comparison)
+    text = path.read_text()
+    parsed = _Collect()
+    parsed.feed(text)
+    # self-contained: nothing fetched from elsewhere
+    assert not [a for _, a in parsed.tags for k, v in a.items() if k in ("src", "href") and v]
+    assert not any(t in ("script", "img", "link", "iframe") for t, _ in parsed.tags)
+    body = " ".join(parsed.text)
+    assert "%s" % comparison["collections_saved_pct"] in body and "overflow bin-hours" in body
+    svgs = [ET.fromstring(s) for s in re.findall(r"<svg.*?</svg>", text, re.S)]  # each one well-formed XML
+    bins = [s for s in svgs if s.get("class") == "bin"]
+    assert [b.get("data-bin") for b in bins] == sorted(comparison["forecast"]["series"])
+    for chart in bins:
+        s = comparison["forecast"]["series"][chart.get("data-bin")]
+        lines = {p.get("class"): p for p in chart.iter(SVG + "polyline")}
+        assert set(lines) == {"truth", "published"}
+        for name in ("truth", "published"):
+            points = [tuple(map(float, xy.split(","))) for xy in lines[name].get("points").split()]
+            assert len(points) == len(s[name])
+            xs = [x for x, _ in points]
+            assert xs == sorted(xs) and all(0 <= x <= report.W and 0 <= y <= report.H for x, y in points)
+        pickups = [e for e in chart.iter(SVG + "line") if e.get("class") == "pickup"]
+        assert len(pickups) == len(s["pickups"]) > 0
+        assert [e for e in chart.iter(SVG + "line") if e.get("class") == "forecast"]
+        # a fuller bin is drawn higher: the highest published point is the fullest reading
+        top = min(points, key=lambda p: p[1])
+        assert abs(report._y(max(v for _, v in s["published"])) - top[1]) < 0.11
+    bars = [r for s in svgs if s.get("class") == "policies" for r in s.iter(SVG + "rect")]
+    assert len(bars) == 4
+
+
+@pytest.mark.skipif(shutil.which("rsvg-convert") is None, reason="librsvg (rsvg-convert) not installed")
+def test_report_charts_rasterise(comparison, tmp_path):
+    """The charts render in a real SVG renderer (librsvg), not only parse."""
+    text = report.render(comparison)
+    for i, svg in enumerate(re.findall(r"<svg.*?</svg>", text, re.S)):
+        src, png = tmp_path / ("c%d.svg" % i), tmp_path / ("c%d.png" % i)
+        src.write_text(svg)
+        subprocess.run(["rsvg-convert", str(src), "-o", str(png)], check=True, timeout=30)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+def test_sim_report_command(tmp_path):
+    out = tmp_path / "r.html"
+    r = subprocess.run([BINLINK, "sim", "--report", str(out), "--bins", "6", "--days", "4", "--chart-bins", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-2])
+    assert {"collections_saved_pct", "overflow_bin_hours_fixed", "overflow_bin_hours_forecast",
+            "forecast_full_at_mae_h"} <= set(figures)
+    assert out.read_text().count('class="bin"') == 2
+    bad = subprocess.run([BINLINK, "sim", "--bins", "2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--link and --registry are required" in bad.stderr
+    assert os.path.exists(out)
