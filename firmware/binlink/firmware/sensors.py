@@ -21,18 +21,39 @@ class EchoSensor:
 
 
 class A02yyuw:
-    """DFRobot A02YYUW UART sensor: 9600 8N1, frames 0xFF H L SUM, SUM = (0xFF + H + L) & 0xFF."""
+    """DFRobot A02YYUW UART sensor: 9600 8N1, frames 0xFF H L SUM, SUM = (0xFF + H + L) & 0xFF.
+    With its RX line idle-high (our TX) it streams a processed frame every 100-300 ms, read or
+    not: a ping drops what is buffered (older readings) and waits for the next whole frame."""
 
-    FRAME_TIMEOUT_MS = 150  # it streams a frame every ~100 ms
+    FRAME_TIMEOUT_MS = 400  # one 300 ms interval, a frame's 4 ms, and margin
 
     def __init__(self, hw, port):
         self.hw = hw
         self.port = tuple(port)
 
     def ping(self):
-        self.hw.uart_flush_input(self.port)
-        buf = self.hw.uart_read(self.port, 12, self.FRAME_TIMEOUT_MS)
-        return parse_a02(buf)
+        hw = self.hw
+        hw.uart_flush_input(self.port)
+        buf = b""
+        start = hw.ticks_ms()
+        while True:
+            left = self.FRAME_TIMEOUT_MS - hw.ticks_diff(hw.ticks_ms(), start)
+            if left <= 0:
+                return None
+            buf += hw.uart_read(self.port, 4, left)
+            mm = first_a02(buf)
+            if mm is not None:
+                return mm or None  # 0: the sensor's own "no target"
+            if len(buf) > 8:
+                buf = buf[-3:]  # no frame in here: keep what could start one
+
+
+def first_a02(buf):
+    """Distance of the first valid frame in buf (0 = no target), None when there is none."""
+    for i in range(len(buf) - 3):
+        if buf[i] == 0xFF and (0xFF + buf[i + 1] + buf[i + 2]) & 0xFF == buf[i + 3]:
+            return buf[i + 1] * 256 + buf[i + 2]
+    return None
 
 
 def parse_a02(buf):
