@@ -9,7 +9,7 @@ import json
 from binlink.sim.parts.board import vm_folder
 
 FUEL = 4 * 10**9
-MIN_FREE = 300_000  # bytes of VM heap below which the session is replaced
+MIN_FREE = 450_000  # VM heap below which the session is replaced (a cold-boot cycle allocates ~400 KB)
 
 BOOT = (
     "import sys, json, gc\n"

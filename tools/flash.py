@@ -86,6 +86,11 @@ def provision(bin_id, reg_path, out_dir, depth_mm, full_mm, transport, sensor, n
     key = secrets.token_bytes(16)
     cfg = {"device_id": device_id, "key": key.hex(), "transport": transport, "sensor": sensor,
            "depth_mm": depth_mm, "full_mm": full_mm}
+    from binlink.firmware import config as fw_config
+
+    problems = fw_config.parse(cfg)[2]
+    if problems:  # refused here, once, not logged by the bin on every wake
+        raise FlashError("config refused: %s" % "; ".join(problems))
     path = os.path.join(out_dir, "config.json")
     say("provisioning bin %s as device %06x (key generated, not shown)" % (bin_id, device_id))
     print("    config  -> %s  (transport=%s sensor=%s depth_mm=%d full_mm=%d)" % (path, transport, sensor, depth_mm, full_mm))

@@ -53,6 +53,7 @@ class Board:
         self.tilted = False
         self.hot_c = None
         self.air_c = air_c
+        self.transmit = transmit
         self.wifi = {"ap": True, "broker": "ok", "connect_ms": 1500.0, "associated": False}
         self.mqtt_sent = []
         self.parts = []
@@ -197,6 +198,8 @@ class Board:
             if kind == "power_loss":
                 self.esp.power_loss()
                 self.thermo.power_on()
+                if hasattr(self.radio, "power_on"):
+                    self.radio.power_on()
             self.esp.asleep = False
             self.esp.pins = {k: v for k, v in self.esp.pins.items() if v["hold"]}
             self._pins_changed()
@@ -472,6 +475,7 @@ class Board:
         b = self.wifi["broker"]
         if b == "ok":
             self.mqtt_sent.append(bytes.fromhex(hexmsg))
+            self.transmit(bytes.fromhex(hexmsg), 0, 0, 0, 0)
             return self._socket_wait(timeout, 40.0 if qos else 1.0)
         return self._socket_wait(timeout, None if qos or b == "silent" else 1.0)
 

@@ -98,6 +98,13 @@ class E22:
         return 1
 
     # UART ---------------------------------------------------------------------------------------
+    def power_on(self):
+        """Supply cut: what was in the buffers is gone; settings kept in the module's flash stay."""
+        self.inbound = []
+        self.tx_until = -1.0
+        self.buf = bytearray()
+        self.pending = None
+
     def uart_rx(self, data, start, byte_ms, baud):
         for i, b in enumerate(data):
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])

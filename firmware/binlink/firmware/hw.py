@@ -121,8 +121,8 @@ def uart_read(port, n, timeout_ms):
         chunk = u.read(n - len(buf))
         if chunk:
             buf += chunk
-        else:
-            time.sleep_ms(2)
+        else:  # nothing yet: wait about as long as the missing bytes take on the wire
+            time.sleep_ms(max(2, (n - len(buf)) * 10000 // port[1]))
     return buf
 
 

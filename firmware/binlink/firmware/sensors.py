@@ -56,22 +56,6 @@ def first_a02(buf):
     return None
 
 
-def parse_a02(buf):
-    """Last valid frame in buf (resynchronising on 0xFF), distance in mm; None if none."""
-    found = None
-    i = 0
-    n = len(buf)
-    while i + 4 <= n:
-        if buf[i] == 0xFF and (0xFF + buf[i + 1] + buf[i + 2]) & 0xFF == buf[i + 3]:
-            found = buf[i + 1] * 256 + buf[i + 2]
-            i += 4
-        else:
-            i += 1
-    if found is None or found == 0:  # 0: the sensor's own "no target" value
-        return None
-    return found
-
-
 def make(hw, cfg):
     kind = cfg["sensor"]
     if kind == "a02yyuw":
