@@ -6,6 +6,7 @@ from binlink.wire import codec, framing
 
 from binlink.firmware import app, config
 from binlink.sim import physics
+from binlink.sim.parts import esp32 as chip
 from binlink.sim.parts.board import Board
 
 RADIO_PORT = None  # the firmware's default for the transport (RYLR998: 115200 baud)
@@ -69,21 +70,23 @@ class SimDevice:
         """One wake cycle at the current simulated time (and, after a reset, the reboots that
         follow at once); returns seconds until the next wake."""
         hw = self.hw
+        hw.sleep_charge_mAs = 0.0
+        charge0 = hw.charge_mAs
         if not self._booted:
             hw.power_on(self.clock())
             self._booted = True
         else:
             hw.wake_up(self.clock())
-        charge0, start = hw.charge_mAs, hw.now
+        start = hw.now - chip.BOOT_MS
         for _ in range(MAX_RESETS):
             self._run_firmware()
             if hw.halted == "deepsleep":
                 break
             self.resets += 1
             hw.wake_up(hw.epoch())
-        hw.awake_ms = hw.now - start
+        hw.awake_ms = hw.now - start  # from the wake (boot included) to deep sleep
+        self.awake_charge_uAh = (hw.charge_mAs - charge0 - hw.sleep_charge_mAs) / 3.6
         self.battery.draw(hw.charge_mAs - charge0, 1.0)
-        hw.charge_mAs = charge0 = 0.0
         return max(1, int((hw.sleep_ms or 1000) / 1000))
 
     def _run_firmware(self):

@@ -46,6 +46,7 @@ class Board:
         self.now = 0.0
         self.epoch0 = 0.0
         self.charge_mAs = 0.0
+        self.sleep_charge_mAs = 0.0  # of charge_mAs: spent in the deep sleep before this wake
         self.halted = None
         self.ops = 0
         self.reset_at = None  # (op number, kind): inject a reset at that hardware call
@@ -85,6 +86,8 @@ class Board:
         self.rail.append(self.sensor)
         self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else (bin_c or air_c)())
         self.parts.append(self.thermo)
+        self._listened = set(self._listened_pins())
+        self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
         self._rail_on(not self.profile["rail_switched"])
 
     def _attach_uart(self, uid, part):
@@ -111,23 +114,34 @@ class Board:
         """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
         the watchdog bites when due (chip.Stop)."""
         end = self.now + ms
+        e = self.esp
         while True:
             nxt = end
             for p in self.parts:
                 t = p.next_event(self.now)
                 if t is not None and self.now < t < nxt:
                     nxt = t
-            e = self.esp
             if e.wdt_due is not None and not e.asleep and e.wdt_due < nxt:
                 nxt = e.wdt_due
-            self.charge_mAs += self.current_ma() * (nxt - self.now) / 1000.0
-            self.now = nxt
+            if nxt > self.now:  # the current is constant between events
+                self.charge_mAs += self._ma * (nxt - self.now) / 1000.0
+                self.now = nxt
             for p in self.parts:
                 p.step(self.now)
+            self._ma = self.current_ma()
             if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             if self.now >= end:
                 return
+
+    def _tick(self):
+        """The interpreter's time around one call: no part acts within it (they are stepped
+        before anything observes them), only the charge and the watchdog count."""
+        self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
+        self.now += chip.CALL_MS
+        due = self.esp.wdt_due
+        if due is not None and self.now >= due:
+            self.advance(0.0)
 
     # the wake cycle, from the simulator's side --------------------------------------------------
     def power_on(self, epoch):
@@ -138,6 +152,7 @@ class Board:
     def wake_up(self, epoch):
         """Deep sleep (or the reset that ended the last run) until `epoch`; then boot."""
         slept = max(0.0, (epoch - self.epoch()) * 1000.0)
+        charge0 = self.charge_mAs
         if self.sleep_ms is not None:
             try:
                 self.advance(slept)
@@ -146,6 +161,7 @@ class Board:
             cause = chip.DEEPSLEEP
         else:
             cause = self._reset_cause
+        self.sleep_charge_mAs = self.charge_mAs - charge0
         self._start(epoch, cause)
 
     def _start(self, epoch, cause):
@@ -162,13 +178,14 @@ class Board:
             self._halt(s.kind)
 
     def _pins_changed(self):
-        for pin in self._listened_pins():
+        for pin in self._listened:
             lvl = self.esp.pad(pin)
             for p in self.parts:
                 if hasattr(p, "on_pin"):
                     p.on_pin(pin, lvl, self.now)
         if self.profile["rail_switched"]:
             self._rail_on(self.esp.pad(self.cfg["sensor_power_pin"]) == 1)
+        self._ma = self.current_ma()
 
     def _listened_pins(self):
         c = self.cfg
@@ -240,7 +257,7 @@ class Board:
                 kind = self.reset_at[1]
                 self.reset_at = None
                 raise chip.Stop(kind)
-            self.advance(chip.CALL_MS)
+            self._tick()
             return getattr(self, "op_" + op)(*args)
         except chip.Stop as s:
             self._halt(s.kind)
@@ -275,13 +292,25 @@ class Board:
 
     def op_pin_init(self, pin, mode, pull, value, hold):
         self.esp.pin_init(pin, mode, pull, value, hold)
-        self._pins_changed()
+        self._pin_changed(pin)
 
     def op_pin_set(self, pin, value):
         self.esp.pin_set(pin, value)
-        self._pins_changed()
+        self._pin_changed(pin)
+
+    def _pin_changed(self, pin):
+        if pin in self._listened:
+            self.advance(0.0)  # parts up to now before they see the edge
+            lvl = self.esp.pad(pin)
+            for p in self.parts:
+                if hasattr(p, "on_pin"):
+                    p.on_pin(pin, lvl, self.now)
+        elif pin == self.cfg["sensor_power_pin"] and self.profile["rail_switched"]:
+            self._rail_on(self.esp.pad(pin) == 1)
+        self._ma = self.current_ma()
 
     def op_pin_value(self, pin):
+        self.advance(0.0)
         c = self.cfg
         if self.radio is not None and pin == c.get("radio_aux_pin") and hasattr(self.radio, "aux_level"):
             return self.radio.aux_level(self.now)
@@ -351,6 +380,7 @@ class Board:
         self.advance(min(len(data), 128) * 0.01)  # copying into the driver's buffer
 
     def op_uart_read(self, uid, n):
+        self.advance(0.0)
         u = self.esp.uarts[uid]
         avail = self._arrived(u)
         if avail == 0 and u.timeout:
@@ -362,6 +392,7 @@ class Board:
         return out.hex() if out else None
 
     def op_uart_any(self, uid):
+        self.advance(0.0)
         return self._arrived(self.esp.uarts[uid])
 
     def op_uart_flush(self, uid):
@@ -424,6 +455,7 @@ class Board:
         ds = self._ds(pin)
         if ds:
             ds.convert(self.now)
+            self._ma = self.current_ma()
 
     def op_ds_read_scratch(self, pin, rom):
         self.advance(6.0)  # select ROM + 9 bytes at ~15 kbit/s
@@ -442,6 +474,7 @@ class Board:
             self.esp.wifi_on = bool(on)
             if not on:
                 self.wifi["associated"] = False
+            self._ma = self.current_ma()
         return self.esp.wifi_on
 
     def op_wlan_connect(self, ssid, key):
@@ -485,8 +518,8 @@ class Board:
     # the firmware on CPython -------------------------------------------------------------------------
     def load_hw(self):
         """A fresh copy of firmware/binlink/firmware/hw.py (as after a reset), importing the
-        MicroPython stand-ins bound to this board."""
-        mods = {}
+        MicroPython stand-ins bound to this board (stateless: loaded once per board)."""
+        mods = self.__dict__.setdefault("upy", {})
 
         def load(name):
             if name not in mods:
@@ -504,7 +537,6 @@ class Board:
                 return m
             return builtins.__import__(name, globals, locals, fromlist, level)
 
-        self.upy = mods
         return _exec_module("binlink.firmware.hw", os.path.join(FIRMWARE, "binlink", "firmware", "hw.py"), imp, {})
 
     def halt_class(self):
@@ -540,10 +572,15 @@ def _exec_module(name, path, imp, extra):
     b["__import__"] = imp
     m.__dict__["__builtins__"] = b
     m.__dict__.update(extra)
-    with open(path) as f:
-        code = compile(f.read(), path, "exec")
+    code = _CODE.get(path)
+    if code is None:
+        with open(path) as f:
+            code = _CODE[path] = compile(f.read(), path, "exec")
     exec(code, m.__dict__)
     return m
+
+
+_CODE = {}  # path -> compiled module body
 
 
 _VM_FOLDER = None
