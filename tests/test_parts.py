@@ -198,10 +198,13 @@ def test_a02yyuw_streaming_every_ping_gets_a_frame(make_device):
 def test_sleeping_custom_board_draws_microamps(make_device):
     """Sensor rail and battery divider switched off, radio asleep: the sleeping board draws what
     the chip and the regulator do, not the JSN-SR04T's ~5 mA or the divider's ~18 uA."""
-    dev = make_device()
+    dev = make_device(report_s=900)
     run(dev, 2)
     hw = dev.hw
     assert hw.current_ma() < 0.02, hw.current_ma()
+    for r in [d for d in decoded(dev) if d["type"] == "reading"]:  # and both were on when needed
+        assert "sensor_fault" not in r["flags"] and "low_battery" not in r["flags"], r
+        assert r["battery_mv"] > 3300
 
 
 # Wi-Fi -----------------------------------------------------------------------------------------
