@@ -35,8 +35,7 @@ DIVIDER_OHMS = 200_000
 
 
 class Board:
-    def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom",
-                 bin_c=None):
+    def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom"):
         """cfg: the firmware's parsed config (pins, transport, sensor). battery: physics.Battery.
         surface_mm()/air_c(): the bin. transmit(payload, on_air_len, sf, bw, dbm) -> bool."""
         self.cfg = cfg
@@ -84,7 +83,7 @@ class Board:
             self.sensor = cls(acoustics, surface_mm, air_c, cfg["trig_pin"], cfg["echo_pin"])
         self.parts.append(self.sensor)
         self.rail.append(self.sensor)
-        self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else (bin_c or air_c)())
+        self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else air_c())
         self.parts.append(self.thermo)
         self._listened = set(self._listened_pins())
         self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
@@ -167,7 +166,14 @@ class Board:
     def _start(self, epoch, cause):
         self.epoch0 = epoch - self.now / 1000.0
         self.esp.boot(cause)
-        self.esp.wake = chip.WAKE_TIMER if cause == chip.DEEPSLEEP else 0
+        ext0 = self.esp.wake_ext0
+        if cause != chip.DEEPSLEEP:
+            self.esp.wake = 0
+        elif ext0 and ext0[0] == self.cfg["tilt_pin"] and (0 if self.tilted else 1) == ext0[1]:
+            self.esp.wake = chip.WAKE_EXT0  # the tilt switch woke it (the simulator wakes it at its next turn)
+        else:
+            self.esp.wake = chip.WAKE_TIMER
+        self.esp.wake_ext0 = None
         self.halted = None
         self.sleep_ms = None
         self.ops = 0
