@@ -69,10 +69,10 @@ def decoded(dev):
 @pytest.mark.parametrize("kind", ["watchdog", "brownout", "power_loss"])
 def test_a_reset_at_any_step_never_reuses_a_counter(make_device, kind):
     """A reset injected at every hardware call of a cold-boot wake and of a normal wake (on the
-    VM every 40th: it runs ~40x slower): no counter twice on air, the gateway accepts every frame,
+    VM every 60th: it runs ~40x slower): no counter twice on air, the gateway accepts every frame,
     and the device reports again on the reboot. Before the fix the RTC state was saved only at the
     end of the cycle: a watchdog reset after a send restored the old counter and sent it again."""
-    step = 40 if make_device().interp == "micropython" else 1
+    step = 60 if make_device().interp == "micropython" else 1
     for wake_no, ops in ((0, 900), (1, 420)):  # hardware calls in a cold-boot / a normal wake: ~800 / ~380
         for at in range(1, ops, step):
             dev = make_device(report_s=900, nvs_every=4)

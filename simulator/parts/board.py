@@ -107,13 +107,23 @@ class Board:
     def current_ma(self):
         e = self.esp
         ma = chip.DEEP_SLEEP_MA if e.asleep else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
-        return ma + self.static_ma() + sum(p.current_ma(self.now) for p in self.parts)
+        ma += self.static_ma()
+        for p in self.parts:
+            ma += p.current_ma(self.now)
+        return ma
 
     def advance(self, ms):
         """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
         the watchdog bites when due (chip.Stop)."""
-        end = self.now + ms
         e = self.esp
+        if ms <= 0:  # bring the parts up to now (before something observes them)
+            for p in self.parts:
+                p.step(self.now)
+            self._ma = self.current_ma()
+            if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
+                raise chip.Stop("watchdog")
+            return
+        end = self.now + ms
         while True:
             nxt = end
             for p in self.parts:
@@ -311,9 +321,10 @@ class Board:
             for p in self.parts:
                 if hasattr(p, "on_pin"):
                     p.on_pin(pin, lvl, self.now)
-        elif pin == self.cfg["sensor_power_pin"] and self.profile["rail_switched"]:
-            self._rail_on(self.esp.pad(pin) == 1)
-        self._ma = self.current_ma()
+        else:  # the sensor rail, the divider switch: what they draw changes
+            if pin == self.cfg["sensor_power_pin"] and self.profile["rail_switched"]:
+                self._rail_on(self.esp.pad(pin) == 1)
+            self._ma = self.current_ma()
 
     def op_pin_value(self, pin):
         self.advance(0.0)
