@@ -239,3 +239,11 @@ def test_provisioning_refuses_a_transport_typo(tmp_path):
     with pytest.raises(flash.FlashError, match="transport must be one of"):
         flash.provision("park-1", str(tmp_path / "reg.toml"), str(tmp_path / "out"), 1100, 200, "e23", "jsn-sr04t")
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_radio_uart_defaults_to_the_modules_factory_rate():
+    base = {"device_id": 1, "key": "00" * 16}
+    assert config.parse(dict(base, transport="rylr998"))[0]["radio_uart"][1] == 115200
+    assert config.parse(dict(base, transport="e22"))[0]["radio_uart"][1] == 9600
+    cfg, _, problems = config.parse(dict(base, radio_uart="uart1"))
+    assert problems and cfg["radio_uart"] == [1, 9600, 26, 27]

@@ -103,8 +103,13 @@ def parse(given, raw=b"", problems=None):
         if cfg[k] not in CHOICES[k]:
             problems.append("%s must be one of %s, not %r" % (k, "/".join(CHOICES[k]), cfg[k]))
             cfg[k] = DEFAULTS[k]
-    if cfg["radio_uart"] is None:
-        cfg["radio_uart"] = [1, 115200 if cfg["transport"] == "rylr998" else 9600, 26, 27]
+    ru = cfg["radio_uart"]
+    if ru is not None and not (isinstance(ru, list) and len(ru) == 4 and all(type(x) is int for x in ru)):
+        problems.append("radio_uart must be [uart id, baud, tx pin, rx pin]")
+        ru = None
+    if ru is None:  # the module's factory rate: RYLR998 115200, EBYTE 9600
+        ru = [1, 115200 if cfg["transport"] == "rylr998" else 9600, 26, 27]
+    cfg["radio_uart"] = ru
     if cfg["sf"] not in (7, 8, 9, 10, 11, 12):
         problems.append("sf must be 7..12")
         cfg["sf"] = DEFAULTS["sf"]

@@ -172,8 +172,8 @@ POWER_ON_C = 85.0  # the DS18B20's scratchpad after power-on, until a conversion
 def temperature_c(pin, bits=9):
     """DS18B20 on a 1-Wire pin at `bits` resolution (9: 0.5 °C in 94 ms; 12: 0.0625 °C in
     750 ms); None when absent or unreadable. ds18x20 raises OneWireError when the sensor does not
-    answer a reset and Exception("CRC error") on a corrupted scratchpad: one retry, then None, so
-    a bad sensor costs the temperature, never the reading. 85.0 is the power-on value: it counts
+    answer a reset and Exception("CRC error") on a corrupted scratchpad: up to three attempts,
+    then None, so a bad sensor costs the temperature, never the reading. 85.0 is the power-on value: it counts
     only when a second conversion confirms it (a fire reads 85 twice; a lost conversion once)."""
     try:
         import onewire
@@ -182,7 +182,7 @@ def temperature_c(pin, bits=9):
         return None
     ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
     last = None
-    for attempt in range(3):
+    for _ in range(3):
         try:
             roms = ds.scan()
             if not roms:
@@ -197,6 +197,8 @@ def temperature_c(pin, bits=9):
             return t
         last = t
     return None
+
+
 def wdt_start(timeout_ms):
     global _wdt
     _wdt = machine.WDT(timeout=timeout_ms)

@@ -29,8 +29,9 @@ class UartFramed:
 
     AUX_TIMEOUT_MS = 3000  # the longest packet at SF12 is ~2.8 s on air
     # EBYTE air-rate codes for the spreading factor the duty-cycle maths uses (125 kHz, CR 4/5):
-    # 0.3k ~ SF12, 1.2k ~ SF10, 2.4k ~ SF9 (factory), 4.8k ~ SF8, 9.6k ~ SF7
-    AIR_CODE = {12: 0, 11: 0, 10: 1, 9: 2, 8: 3, 7: 4}
+    # 0.3k ~ SF12, 1.2k ~ SF10, 2.4k ~ SF9 (factory), 4.8k ~ SF8, 9.6k ~ SF7; no rate is SF11:
+    # the faster 1.2k keeps the duty-cycle maths on the safe side (it books more than is sent)
+    AIR_CODE = {12: 0, 11: 1, 10: 1, 9: 2, 8: 3, 7: 4}
 
     def __init__(self, hw, port, kind="serial", m0=-1, m1=-1, aux=-1, cfg=None):
         self.hw = hw
@@ -163,7 +164,7 @@ class Rylr998:
         if not self._wake():
             _log.warning("RYLR998 not answering")
             return False
-        for attempt in range(2):
+        for _ in range(2):
             self._wait_off_air()
             reply = self._command(b"AT+SEND=%d,%d,%s" % (self.addr, len(data), data.encode()), self.REPLY_TIMEOUT_MS)
             if reply == b"+OK":
