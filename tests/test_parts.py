@@ -247,3 +247,16 @@ def test_radio_uart_defaults_to_the_modules_factory_rate():
     assert config.parse(dict(base, transport="e22"))[0]["radio_uart"][1] == 9600
     cfg, _, problems = config.parse(dict(base, radio_uart="uart1"))
     assert problems and cfg["radio_uart"] == [1, 9600, 26, 27]
+
+
+def test_a_dead_e22_costs_one_timeout_per_wake_and_the_readings_wait(make_device):
+    dev = make_device(report_s=900)
+    run(dev, 1)
+    dev.hw.module_down = True  # AUX stays low: the module is unpowered or broken
+    run(dev, 2)
+    assert dev.hw.awake_ms < 5000, dev.hw.awake_ms  # one 3 s AUX timeout, not one per frame
+    assert len(state.unpack(dev.hw.rtc).backlog) == 2
+    dev.hw.module_down = False
+    run(dev, 1)
+    assert not state.unpack(dev.hw.rtc).backlog
+    assert gateway_accepts(dev) is None

@@ -39,7 +39,6 @@ class Uart:
         self.rxbuf = 256
         self.rx = []  # [arrival ms, byte] in arrival order
         self.tx_done_ms = 0.0
-        self.peer = None  # the part on the other end: uart_rx(data, start_ms, byte_ms, baud)
         self.dropped = 0
 
     def byte_ms(self, baud=None):

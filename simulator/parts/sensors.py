@@ -78,7 +78,7 @@ class EchoSensor:
         return self.ACTIVE_MA if self.high is not None and now < self.high[1] else self.IDLE_MA
 
     def next_event(self, now):
-        return None
+        return self.high[1] if self.high is not None and now < self.high[1] else None  # back to idle current
 
     def step(self, now):
         pass
@@ -190,7 +190,7 @@ class Ds18b20:
         return 1.5 if self.converting and now < self.converting[0] else 0.001
 
     def next_event(self, now):
-        return None
+        return self.converting[0] if self.converting and now < self.converting[0] else None
 
     def step(self, now):
         self._finish(now)

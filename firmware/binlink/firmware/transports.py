@@ -39,6 +39,7 @@ class UartFramed:
         self.kind = kind
         self.m0, self.m1, self.aux = m0, m1, aux
         self.cfg = cfg
+        self.stuck = False  # AUX never rose: not waited on again this wake (each wait costs 3 s awake)
 
     def _mode(self, m0, m1):
         """M0/M1, then the manual's sequence: the module notices within ~1 ms and holds AUX low
@@ -56,13 +57,17 @@ class UartFramed:
         """AUX is low while the module is busy (reconfiguring, holding data, transmitting)."""
         if self.aux < 0:
             return True
+        if self.stuck:
+            return False
         waited = 0
         while self.hw.pin_read(self.aux) == 0:
             if waited >= self.AUX_TIMEOUT_MS:
                 _log.warning("radio module busy for %d ms", waited)
+                self.stuck = True
                 return False
-            self.hw.sleep_ms(2)
-            waited += 2
+            step = 2 if waited < 20 else 10  # mode changes take a few ms; a packet on air ~50-2800 ms
+            self.hw.sleep_ms(step)
+            waited += step
         return True
 
     def send(self, frame):
