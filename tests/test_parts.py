@@ -260,3 +260,95 @@ def test_a_dead_e22_costs_one_timeout_per_wake_and_the_readings_wait(make_device
     run(dev, 1)
     assert not state.unpack(dev.hw.rtc).backlog
     assert gateway_accepts(dev) is None
+
+
+# the models themselves, as their sources say -----------------------------------------------------
+
+def _board(**kw):
+    d = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0, **kw)
+    d.hw.power_on(T0)
+    return d.hw
+
+
+def test_esp32_watchdog_survives_soft_reset_and_rtc_survives_watchdog_not_power_loss():
+    hw = _board()
+    hw.dispatch("rtc_memory_write", [b"BLx".hex()])
+    hw.dispatch("wdt_init", [1000])
+    assert hw.dispatch("sleep_us", [500_000]) is None
+    assert hw.dispatch("sleep_us", [600_000]) == {"halt": "watchdog"}  # not fed for 1 s
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("reset_cause", []) == 3 and hw.dispatch("rtc_memory", []) == b"BLx".hex()
+    hw.dispatch("wdt_init", [1000])
+    hw.inject_reset(1, "soft")
+    hw.dispatch("ticks_us", [])
+    hw.wake_up(hw.epoch())
+    assert hw.esp.wdt_due is not None  # still armed after the soft reset: it cannot be stopped
+    hw.power_loss()
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("reset_cause", []) == 1 and hw.dispatch("rtc_memory", []) == ""
+
+
+def test_esp32_nvs_needs_commit_and_held_pins_ignore_value():
+    hw = _board()
+    hw.dispatch("nvs_set", ["binlink", "fcnt", 16])
+    hw.inject_reset(1, "watchdog")
+    hw.dispatch("ticks_us", [])
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("nvs_get", ["binlink", "fcnt"]) is None  # never committed
+    hw.dispatch("pin_init", [25, 3, -1, 1, True])
+    hw.dispatch("pin_set", [25, 0])
+    assert hw.esp.pad(25) == 1  # held: value() does not reach the pad
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    assert hw.esp.pad(25) == 0  # init drops the hold, applies, holds again (machine_pin.c)
+    hw.dispatch("deepsleep", [1000])
+    assert hw.esp.pad(25) == 0 and hw.esp.pad(23) is None  # held pad kept; unheld pads float
+
+
+def test_e22_drops_bytes_written_before_the_new_mode_is_in_force():
+    hw = _board()
+    r = hw.radio
+    hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])
+    hw.dispatch("pin_init", [25, 3, -1, 1, True])
+    hw.dispatch("pin_init", [14, 3, -1, 1, True])
+    hw.dispatch("sleep_us", [20_000])
+    assert r.mode == e22_model.MODE3
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("pin_init", [14, 3, -1, 0, True])  # sleep -> normal
+    hw.dispatch("uart_write", [1, "00112233"])  # at once: the module is still reconfiguring
+    hw.dispatch("sleep_us", [50_000])
+    assert r.lost_bytes == 4 and not r.packets
+    assert hw.dispatch("pin_value", [13]) == 1
+    hw.dispatch("uart_write", [1, "00112233"])
+    hw.dispatch("sleep_us", [10_000])
+    assert hw.dispatch("pin_value", [13]) == 0  # on air
+    hw.dispatch("sleep_us", [300_000])
+    assert len(r.packets) == 1 and hw.dispatch("pin_value", [13]) == 1
+
+
+def test_rylr998_second_send_while_on_air_gets_err17():
+    hw = _board(transport="rylr998")
+    hw.dispatch("uart_init", [1, 115200, 26, 27, 0, 256])
+    send = (b"AT+SEND=0,4,ABCD\r\n").hex()
+    hw.dispatch("uart_write", [1, send])
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"+OK\r\n"  # before the end of TX
+    hw.dispatch("uart_write", [1, send])
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"+ERR=17\r\n"
+    hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])  # the wrong baud: nothing understood
+    hw.dispatch("uart_write", [1, b"AT\r\n".hex()])
+    hw.dispatch("sleep_us", [50_000])
+    assert hw.dispatch("uart_read", [1, -1]) is None
+
+
+def test_ds18b20_power_on_value_until_a_conversion_completes():
+    hw = _board()
+    ds, rom = hw.thermo, hw.thermo.rom.hex()
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] == b"\x50\x05"  # +85.0 °C
+    hw.dispatch("ds_convert", [4])
+    hw.dispatch("sleep_us", [100_000])  # < 750 ms at the power-on 12 bits
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] == b"\x50\x05"
+    hw.dispatch("sleep_us", [700_000])
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] != b"\x50\x05"
+    ds.absent = True
+    assert hw.dispatch("ow_reset", [4]) is False
