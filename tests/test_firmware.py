@@ -218,10 +218,10 @@ def test_blind_zone_means_full_and_no_echo_means_fault():
 def test_a02_frame_parser_resyncs_and_checks_the_sum(mm, before, after):
     h, l = mm >> 8, mm & 0xFF
     frame = bytes([0xFF, h, l, (0xFF + h + l) & 0xFF])
-    got = sensors.first_a02(before + frame + after.replace(b"\xff", b"\x00"))
+    got = sensors.parse_a02(before + frame + after.replace(b"\xff", b"\x00"))
     assert got == mm or (before and got is not None)  # garbage before can hold a valid frame too
     bad = bytes([0xFF, h, l, (0xFF + h + l + 1) & 0xFF])
-    assert sensors.first_a02(bad) is None
+    assert sensors.parse_a02(bad) is None
 
 
 def test_echo_timeouts_are_faults():

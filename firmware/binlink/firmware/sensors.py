@@ -41,19 +41,28 @@ class A02yyuw:
             if left <= 0:
                 return None
             buf += hw.uart_read(self.port, 4, left)
-            mm = first_a02(buf)
+            mm = parse_a02(buf, 0)
             if mm is not None:
                 return mm or None  # 0: the sensor's own "no target"
             if len(buf) > 8:
                 buf = buf[-3:]  # no frame in here: keep what could start one
 
 
-def first_a02(buf):
-    """Distance of the first valid frame in buf (0 = no target), None when there is none."""
-    for i in range(len(buf) - 3):
+def parse_a02(buf, no_target=None):
+    """Last valid frame in buf (resynchronising on 0xFF), distance in mm; None if none.
+    A frame of 0 is the sensor's own "no target": returned as no_target."""
+    found = None
+    i = 0
+    n = len(buf)
+    while i + 4 <= n:
         if buf[i] == 0xFF and (0xFF + buf[i + 1] + buf[i + 2]) & 0xFF == buf[i + 3]:
-            return buf[i + 1] * 256 + buf[i + 2]
-    return None
+            found = buf[i + 1] * 256 + buf[i + 2]
+            i += 4
+        else:
+            i += 1
+    if found == 0:
+        return no_target
+    return found
 
 
 def make(hw, cfg):
