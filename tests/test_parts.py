@@ -221,6 +221,12 @@ def test_silent_broker_ends_in_a_timeout_not_a_watchdog_reset(make_device):
     run(dev, 1)
     assert dev.resets == 0 and dev.hw.esp.cause != 3
     assert len(state.unpack(dev.hw.rtc).backlog) == 1
+    dev.hw.wifi["ap"] = False  # out of reach: the connect gives up after its 8 s
+    run(dev, 1)
+    assert dev.resets == 0 and len(state.unpack(dev.hw.rtc).backlog) == 2
+    dev.hw.wifi.update(ap=True, broker="ok")
+    run(dev, 1)
+    assert not state.unpack(dev.hw.rtc).backlog and gateway_accepts(dev) is None
 
 
 # config --------------------------------------------------------------------------------------------
