@@ -1,20 +1,22 @@
-"""One simulated bin: physics + simulated hardware + the real firmware, run on CPython or on
-the MicroPython VM, through the firmware's hardware module."""
+"""One simulated bin: physics + the board's part models + the real firmware (its own hw.py),
+run on CPython or on the MicroPython VM."""
 import json
 
-from binlink.wire import codec
+from binlink.wire import codec, framing
 
 from binlink.firmware import app, config
 from binlink.sim import physics
-from binlink.sim.hardware import SimHardware, frames_in
+from binlink.sim.parts import esp32 as chip
+from binlink.sim.parts.board import Board
 
-RADIO_PORT = [1, 9600, 26, 27]
+RADIO_PORT = None  # the firmware's default for the transport (RYLR998: 115200 baud)
 SENSOR_PORT = [2, 9600, 17, 16]
+MAX_RESETS = 5  # resets in a row before the simulation gives up on a wake (a reset loop)
 
 
 class SimDevice:
     def __init__(self, rng, device_id, key, clock, transmit=None, vm=None, depth_mm=1200, full_mm=250,
-                 transport="e22", sensor="jsn-sr04t", weather=None, **overrides):
+                 transport="e22", sensor="jsn-sr04t", weather=None, profile="custom", **overrides):
         self.device_id = device_id
         self.key = key
         self.clock = clock
@@ -22,49 +24,89 @@ class SimDevice:
         self.bin = physics.Bin(rng, depth_mm=depth_mm, full_mm=full_mm, t0=clock())
         self.sensor = physics.UltrasonicSensor(rng)
         self.battery = physics.Battery()
+        self.weather = weather or physics.Weather()
         self.sent = []  # (time, payload bytes as the module put them on air)
+        self.counters = []  # frame counter of every protocol frame put on air, in order
         self.truth = {}  # fcnt -> (true fill %, true surface mm) when that reading was measured
+        self.last_true = None
         self._transmit = transmit
-        self.hw = SimHardware(self.bin, self.sensor, weather or physics.Weather(), self.battery, RADIO_PORT,
-                              SENSOR_PORT, self._on_transmit, clock)
         self.cfg_dict = {
             "device_id": device_id, "key": key.hex(), "transport": transport, "sensor": sensor,
-            "depth_mm": depth_mm, "full_mm": full_mm, "radio_uart": RADIO_PORT, "sensor_uart": SENSOR_PORT,
-            "tilt_pin": 33,
+            "depth_mm": depth_mm, "full_mm": full_mm, "sensor_uart": SENSOR_PORT, "tilt_pin": 33,
         }
         self.cfg_dict.update(overrides)
         self.raw_config = json.dumps(self.cfg_dict, sort_keys=True).encode()
         self.cfg, self.chash, problems = config.parse(json.loads(self.raw_config), self.raw_config)
         if problems:
             raise ValueError("simulated device config: %s" % "; ".join(problems))
+        self.hw = Board(self.cfg, self.battery, self._surface, lambda: self.weather.air_c(self.clock()), self.sensor,
+                        self._on_air, rng, profile=profile)
         self.fuel = []
-        self._last_fcnt = None
         self.frames_sent = 0
+        self.resets = 0
+        self._booted = False
 
-    def _on_transmit(self, payload, on_air_len):
-        frames = frames_in(payload)
+    def _surface(self):
+        s = self.bin.surface_mm()
+        self.last_true = (self.bin.true_fill_pct(), s)
+        return s
+
+    def _on_air(self, data, on_air_len, sf=0, bw=0, dbm=0):
+        payload = bytes.fromhex(data.decode()) if self.cfg["transport"] == "rylr998" else bytes(data)
+        frames = self._frames_in(payload)
         self.frames_sent += len(frames)
         for f in frames:
-            fcnt = codec.verify(f, self.key, self._last_fcnt)  # the device's own frames: always newer
-            self._last_fcnt = fcnt
-            if f[0] & 0x0F == codec.T_READING and self.hw.last_true is not None:
-                self.truth[fcnt] = self.hw.last_true
+            try:
+                fcnt = codec.verify(f, self.key, None)
+            except codec.ProtocolError:
+                continue  # cut short by a reset: the gateway drops it too
+            self.counters.append(fcnt)
+            if f[0] & 0x0F == codec.T_READING and self.last_true is not None:
+                self.truth[fcnt] = self.last_true
         self.sent.append((self.clock(), payload))
         return self._transmit(self, payload, on_air_len) if self._transmit else True
 
     def wake(self):
-        """One wake cycle at the current simulated time; returns seconds until the next wake."""
-        self.hw.awake_ms = 0.0
-        self.hw.last_true = None
-        if self.vm is not None:
-            sleep, out = self.vm.run_cycle(self.hw, self.cfg_dict, self.raw_config)
-            self.fuel.append(self.vm.last_fuel)
+        """One wake cycle at the current simulated time (and, after a reset, the reboots that
+        follow at once); returns seconds until the next wake."""
+        hw = self.hw
+        hw.sleep_charge_mAs = 0.0
+        charge0 = hw.charge_mAs
+        if not self._booted:
+            hw.power_on(self.clock())
+            self._booted = True
         else:
-            sleep = app.run_cycle(self.hw, self.cfg, self.chash)
-        self.hw.charge_cycle(0)
-        self.hw.cause = 4  # the next start is a wake from deep sleep
-        return sleep
+            hw.wake_up(self.clock())
+        start = hw.now - chip.BOOT_MS
+        for _ in range(MAX_RESETS):
+            self._run_firmware()
+            if hw.halted == "deepsleep":
+                break
+            self.resets += 1
+            hw.wake_up(hw.epoch())
+        hw.awake_ms = hw.now - start  # from the wake (boot included) to deep sleep
+        self.awake_charge_uAh = (hw.charge_mAs - charge0 - hw.sleep_charge_mAs) / 3.6
+        self.battery.draw(hw.charge_mAs - charge0, 1.0)
+        return max(1, int((hw.sleep_ms or 1000) / 1000))
+
+    def _run_firmware(self):
+        if self.vm is not None:
+            self.vm.run_cycle(self.hw, self.cfg_dict, self.raw_config)
+            self.fuel.append(self.vm.last_fuel)
+            return
+        hw_module = self.hw.load_hw()
+        try:
+            app.start(hw_module, self.cfg, self.chash)
+        except self.hw.halt_class():
+            pass
 
     def frames(self):
         """Every protocol frame this device put on air, in order."""
-        return [f for _, p in self.sent for f in frames_in(p)]
+        return [f for _, p in self.sent for f in self._frames_in(p)]
+
+    def _frames_in(self, data):
+        """Protocol frames in what went on air: bare for RYLR998 and Wi-Fi, COBS + CRC framed
+        otherwise (what the gateway's deframer makes of it: garbage is dropped)."""
+        if self.cfg["transport"] in ("rylr998", "wifi"):
+            return [bytes(data)]
+        return [b for kind, b, _ in framing.Deframer().feed(data) if kind == "frame"]

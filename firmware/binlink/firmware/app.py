@@ -31,12 +31,14 @@ def run_cycle(hw, cfg, chash):
 def _cycle(hw, cfg, chash, s, radio):
     now = hw.time_s()
     cause = hw.reset_cause()
-    if cause != 4 or not s.restored:  # cold boot: say hello with the reset cause
+    if cause != 4 or not s.restored:  # cold boot: check the radio module's settings, say hello
+        if not radio.setup():
+            s.errors += 1
         _hello(hw, cfg, chash, s, radio, now, cause)
     hw.wdt_feed()
     temp = hw.temperature_c(cfg["temp_pin"], cfg["temp_bits"])
     dist, valid, flags = measure.take(hw, sensors.make(hw, cfg), cfg, temp)
-    battery = hw.battery_mv(cfg["battery_pin"])
+    battery = hw.battery_mv(cfg["battery_pin"], cfg["battery_en_pin"])
     hw.wdt_feed()
     alarm = 0
     if temp is not None and temp >= cfg["fire_c"]:
@@ -63,6 +65,7 @@ def _cycle(hw, cfg, chash, s, radio):
     fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
     if not _send(hw, cfg, s, radio, codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, body), now):
         state.push_backlog(s, fcnt, now, body)
+        state.save(hw, s)  # a reset before the end of the cycle must not lose the reading
     # reported (or queued): this is the new reference for the next decision
     s.last_report = now
     s.last_distance = state.NO_DISTANCE if dist is None else dist
@@ -140,6 +143,7 @@ def _flush_backlog(hw, cfg, s, radio, now):
         if not _send(hw, cfg, s, radio, frame, now):
             return
         s.backlog = s.backlog[len(chunk):]
+        state.save(hw, s)
 
 
 def main(hw):
@@ -147,6 +151,11 @@ def main(hw):
     cfg, chash, problems = config.load()
     for p in problems:
         _log.warning("config: %s", p)
+    start(hw, cfg, chash)
+
+
+def start(hw, cfg, chash):
+    """Everything after reading the config: one cycle, then deep sleep (never returns on a board)."""
     if not config.usable(cfg):
         _log.error("no usable config: sleeping %d s", config.SAFE_SLEEP_S)
         hw.deepsleep(config.SAFE_SLEEP_S * 1000)

@@ -9,11 +9,12 @@ DEFAULTS = {
     "sensor": "jsn-sr04t",  # jsn-sr04t | hc-sr04 | a02yyuw
     "trig_pin": 5,
     "echo_pin": 18,
-    "sensor_power_pin": -1,  # switched supply for the sensor; -1: always powered
+    "sensor_power_pin": 23,  # switched sensor rail (an idle JSN-SR04T draws ~5 mA); -1: always powered
     "sensor_uart": [2, 9600, 17, 16],  # A02YYUW: uart id, baud, tx, rx
     "temp_pin": 4,  # DS18B20
     "temp_bits": 9,  # 0.5 °C in 94 ms: plenty for sound speed and fire; 12 bits costs 750 ms awake
     "battery_pin": 35,
+    "battery_en_pin": 19,  # switches the battery divider in for the reading (2 x 100 kOhm: ~18 uA); -1: always in
     "tilt_pin": -1,  # tilt switch to GND; -1: none
     "pings": 5,
     "ping_gap_ms": 60,
@@ -22,11 +23,15 @@ DEFAULTS = {
     "depth_mm": 1200,  # sensor to floor: for the reporting decision only (the gateway calibrates)
     "full_mm": 250,
     "transport": "e22",  # e22 | e32 | rylr998 | serial | wifi
-    "radio_uart": [1, 9600, 26, 27],
+    "radio_uart": None,  # [uart id, baud, tx, rx]; default [1, 9600, 26, 27], RYLR998 at its 115200
     "radio_m0_pin": 25,  # EBYTE mode pins and AUX (busy) output; -1: not wired
     "radio_m1_pin": 14,
     "radio_aux_pin": 13,
     "rylr_addr": 0,  # RYLR998 destination address (0 = broadcast)
+    "rylr_band_hz": 868500000,  # RYLR998 centre frequency: inside EU868 g1 (868.0-868.6 MHz)
+    "radio_netid": 18,  # E22 NETID / RYLR998 NETWORKID (RYLR998: 3-15 or 18)
+    "radio_channel": -1,  # EBYTE channel; -1: 868.125 MHz (E22 18) / 868 MHz (E32 6)
+    "antenna_dbi": 2.15,  # antenna gain: the module's power is chosen for <= 14 dBm ERP
     "sf": 9,  # LoRa spreading factor, for time on air and the duty cycle
     "bandwidth_khz": 125,
     "duty_cycle": 0.01,  # EU868 g1 sub-band
@@ -48,6 +53,7 @@ DEFAULTS = {
     "nvs_every": 16,  # counter written to flash every N frames (skip N after power loss)
     "wdt_ms": 30000,
 }
+CHOICES = {"transport": ("e22", "e32", "rylr998", "serial", "wifi"), "sensor": ("jsn-sr04t", "hc-sr04", "a02yyuw")}
 SAFE_SLEEP_S = 3600  # sleep for this long when the configuration is unusable
 
 
@@ -93,6 +99,23 @@ def parse(given, raw=b"", problems=None):
     if cfg["temp_bits"] not in (9, 10, 11, 12):
         problems.append("temp_bits must be 9..12")
         cfg["temp_bits"] = DEFAULTS["temp_bits"]
+    for k in ("transport", "sensor"):
+        if cfg[k] not in CHOICES[k]:
+            problems.append("%s must be one of %s, not %r" % (k, "/".join(CHOICES[k]), cfg[k]))
+            cfg[k] = DEFAULTS[k]
+    ru = cfg["radio_uart"]
+    if ru is not None and not (isinstance(ru, list) and len(ru) == 4 and all(type(x) is int for x in ru)):
+        problems.append("radio_uart must be [uart id, baud, tx pin, rx pin]")
+        ru = None
+    if ru is None:  # the module's factory rate: RYLR998 115200, EBYTE 9600
+        ru = [1, 115200 if cfg["transport"] == "rylr998" else 9600, 26, 27]
+    cfg["radio_uart"] = ru
+    if cfg["sf"] not in (7, 8, 9, 10, 11, 12):
+        problems.append("sf must be 7..12")
+        cfg["sf"] = DEFAULTS["sf"]
+    if cfg["bandwidth_khz"] not in (125, 250, 500):
+        problems.append("bandwidth_khz must be 125, 250 or 500")
+        cfg["bandwidth_khz"] = DEFAULTS["bandwidth_khz"]
     if cfg["pings"] < 1 or cfg["pings"] > 15:
         problems.append("pings must be 1..15")
         cfg["pings"] = DEFAULTS["pings"]

@@ -22,6 +22,14 @@ def reset_cause():
     return RESET_CAUSES.get(machine.reset_cause(), 0)
 
 
+def ticks_ms():
+    return time.ticks_ms()
+
+
+def ticks_diff(a, b):
+    return time.ticks_diff(a, b)
+
+
 def time_s():
     return time.time()  # the RTC keeps counting through deep sleep
 
@@ -66,8 +74,13 @@ def nvs_set(key, value):
     store.commit()
 
 
-def pin_write(pin, value):
-    machine.Pin(pin, machine.Pin.OUT).value(value)
+def pin_write(pin, value, hold=False):
+    """hold=True latches the pad through deep sleep (unheld pads float while the chip sleeps);
+    a held pad changes only through init, which machine_pin.c does as: unhold, set, re-hold."""
+    if hold:
+        machine.Pin(pin, machine.Pin.OUT, value=value, hold=True)
+    else:
+        machine.Pin(pin, machine.Pin.OUT).value(value)
 
 
 def pin_read(pin):
@@ -108,9 +121,28 @@ def uart_read(port, n, timeout_ms):
         chunk = u.read(n - len(buf))
         if chunk:
             buf += chunk
+        else:  # nothing yet: wait about as long as the missing bytes take on the wire
+            time.sleep_ms(max(2, (n - len(buf)) * 10000 // port[1]))
+    return buf
+
+
+def uart_readline(port, timeout_ms):
+    """One reply line (up to and including \\n), or what came before the timeout."""
+    u = _uart(port)
+    buf = b""
+    start = time.ticks_ms()
+    while b"\n" not in buf and time.ticks_diff(time.ticks_ms(), start) < timeout_ms:
+        chunk = u.read()
+        if chunk:
+            buf += chunk
         else:
             time.sleep_ms(2)
     return buf
+
+
+def uart_flush(port):
+    """Returns once the last byte written has left the UART (write() only queues it)."""
+    _uart(port).flush()
 
 
 def uart_flush_input(port):
@@ -119,29 +151,52 @@ def uart_flush_input(port):
         u.read()
 
 
-def battery_mv(pin):
-    """Battery through a 1:2 divider on an ADC pin (11 dB attenuation reads up to ~3.1 V)."""
-    adc = machine.ADC(machine.Pin(pin), atten=machine.ADC.ATTN_11DB)
-    return adc.read_uv() * 2 // 1000
+def battery_mv(pin, enable_pin=-1):
+    """Battery through a 1:2 divider on an ADC pin (11 dB attenuation reads up to ~3.1 V). With
+    enable_pin the divider is switched on only for the reading: 2 x 100 kOhm across the cell
+    would draw ~18 uA for ever, as much as the rest of the sleeping board."""
+    if enable_pin >= 0:
+        pin_write(enable_pin, 1)
+        time.sleep_ms(1)  # the ADC input settles (RC of the divider and the pin)
+    try:
+        adc = machine.ADC(machine.Pin(pin), atten=machine.ADC.ATTN_11DB)
+        return adc.read_uv() * 2 // 1000
+    finally:
+        if enable_pin >= 0:
+            pin_write(enable_pin, 0)
+
+
+POWER_ON_C = 85.0  # the DS18B20's scratchpad after power-on, until a conversion completes
 
 
 def temperature_c(pin, bits=9):
     """DS18B20 on a 1-Wire pin at `bits` resolution (9: 0.5 °C in 94 ms; 12: 0.0625 °C in
-    750 ms); None when absent."""
+    750 ms); None when absent or unreadable. ds18x20 raises OneWireError when the sensor does not
+    answer a reset and Exception("CRC error") on a corrupted scratchpad: up to three attempts,
+    then None, so a bad sensor costs the temperature, never the reading. 85.0 is the power-on value: it counts
+    only when a second conversion confirms it (a fire reads 85 twice; a lost conversion once)."""
     try:
         import onewire
         import ds18x20
-
-        ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
-        roms = ds.scan()
-        if not roms:
-            return None
-        ds.write_scratch(roms[0], bytes([0, 0, ((bits - 9) << 5) | 0x1F]))  # TH, TL, config register
-        ds.convert_temp()
-        time.sleep_ms((750 >> (12 - bits)) + 5)
-        return ds.read_temp(roms[0])
-    except (OSError, ImportError):
+    except ImportError:
         return None
+    ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
+    last = None
+    for _ in range(3):
+        try:
+            roms = ds.scan()
+            if not roms:
+                return None
+            ds.write_scratch(roms[0], bytes([0, 0, ((bits - 9) << 5) | 0x1F]))  # TH, TL, config register
+            ds.convert_temp()
+            time.sleep_ms((750 >> (12 - bits)) + 5)
+            t = ds.read_temp(roms[0])
+        except Exception:  # noqa: BLE001 - OneWireError and the driver's bare CRC Exception
+            continue
+        if t != POWER_ON_C or last == POWER_ON_C:
+            return t
+        last = t
+    return None
 
 
 def wdt_start(timeout_ms):
@@ -175,11 +230,14 @@ def wifi_off():
     network.WLAN(network.STA_IF).active(False)
 
 
+MQTT_TIMEOUT_S = 5  # a silent broker must end in an OSError, not in a watchdog reset
+
+
 def mqtt_publish(client_id, host, port, user, password, topic, payload):
     from umqtt.simple import MQTTClient
 
     c = MQTTClient(client_id, host, port=port, user=user or None, password=password or None, keepalive=0)
-    c.connect()
+    c.connect(timeout=MQTT_TIMEOUT_S)  # the socket timeout also bounds the wait for the PUBACK
     try:
         c.publish(topic, payload, qos=1)
     finally:

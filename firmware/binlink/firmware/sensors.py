@@ -21,22 +21,36 @@ class EchoSensor:
 
 
 class A02yyuw:
-    """DFRobot A02YYUW UART sensor: 9600 8N1, frames 0xFF H L SUM, SUM = (0xFF + H + L) & 0xFF."""
+    """DFRobot A02YYUW UART sensor: 9600 8N1, frames 0xFF H L SUM, SUM = (0xFF + H + L) & 0xFF.
+    With its RX line idle-high (our TX) it streams a processed frame every 100-300 ms, read or
+    not: a ping drops what is buffered (older readings) and waits for the next whole frame."""
 
-    FRAME_TIMEOUT_MS = 150  # it streams a frame every ~100 ms
+    FRAME_TIMEOUT_MS = 400  # one 300 ms interval, a frame's 4 ms, and margin
 
     def __init__(self, hw, port):
         self.hw = hw
         self.port = tuple(port)
 
     def ping(self):
-        self.hw.uart_flush_input(self.port)
-        buf = self.hw.uart_read(self.port, 12, self.FRAME_TIMEOUT_MS)
-        return parse_a02(buf)
+        hw = self.hw
+        hw.uart_flush_input(self.port)
+        buf = b""
+        start = hw.ticks_ms()
+        while True:
+            left = self.FRAME_TIMEOUT_MS - hw.ticks_diff(hw.ticks_ms(), start)
+            if left <= 0:
+                return None
+            buf += hw.uart_read(self.port, 4, left)
+            mm = parse_a02(buf, 0)
+            if mm is not None:
+                return mm or None  # 0: the sensor's own "no target"
+            if len(buf) > 8:
+                buf = buf[-3:]  # no frame in here: keep what could start one
 
 
-def parse_a02(buf):
-    """Last valid frame in buf (resynchronising on 0xFF), distance in mm; None if none."""
+def parse_a02(buf, no_target=None):
+    """Last valid frame in buf (resynchronising on 0xFF), distance in mm; None if none.
+    A frame of 0 is the sensor's own "no target": returned as no_target."""
     found = None
     i = 0
     n = len(buf)
@@ -46,8 +60,8 @@ def parse_a02(buf):
             i += 4
         else:
             i += 1
-    if found is None or found == 0:  # 0: the sensor's own "no target" value
-        return None
+    if found == 0:
+        return no_target
     return found
 
 

@@ -75,11 +75,15 @@ def save(hw, s):
 
 
 def next_fcnt(hw, s, nvs_every):
-    """Takes the next frame counter, reserving a block in NVS before entering it."""
+    """Takes the next frame counter. Before the counter can go on air it is durable: a block
+    reserved in NVS (power loss, flash wear: one write per nvs_every frames) and the state in
+    RTC memory (watchdog and brown-out resets keep RTC memory; saving only at the end of the
+    cycle would restore an older counter and send it again)."""
     f = s.fcnt
     s.fcnt = f + 1
     if f % nvs_every == 0:
-        hw.nvs_set("fcnt", f + nvs_every)  # flash wear: one write per nvs_every frames
+        hw.nvs_set("fcnt", f + nvs_every)
+    save(hw, s)
     return f
 
 

@@ -1,104 +1,239 @@
 # Uplink transports, one interface: send(frame) -> True when the frame left the device
-# (for RYLR998: the module answered +OK; for Wi-Fi: the broker acknowledged), False otherwise.
-from binlink.wire import framing
+# (for RYLR998: the module answered +OK; for Wi-Fi: the broker acknowledged), False otherwise;
+# setup() on a cold boot checks the module's settings and rewrites them where they differ;
+# sleep() before deep sleep.
+from binlink.wire import airtime, framing
 
 from binlink.firmware import log
 
 _log = log.get("transport")
 
+ERP_LIMIT_DBM = 14  # EU868 g1 (868.0-868.6 MHz): 25 mW ERP
+
+
+def legal_dbm(levels, antenna_dbi):
+    """Highest module power level whose ERP (dBm + antenna gain - 2.15 dB) stays within the limit."""
+    best = None
+    for p in levels:
+        if p + antenna_dbi - 2.15 <= ERP_LIMIT_DBM + 1e-9 and (best is None or p > best):
+            best = p
+    return best if best is not None else min(levels)
+
 
 class UartFramed:
     """Wired serial, or an EBYTE E22/E32 in transparent mode: COBS + CRC frames on the UART.
     E22/E32 give no acknowledgement, so a frame written is a frame sent. With its mode pins
-    wired (M0, M1, AUX), the module is woken for the send and put to sleep (~2 uA) afterwards:
-    left in normal mode it would listen at ~12 mA and empty the battery in weeks."""
+    wired (M0, M1, AUX), the module is woken for the send and put to sleep (~2 uA) afterwards;
+    M0/M1 are held through deep sleep (an unheld pad floats: the module would wake into normal
+    mode and listen at ~12 mA all night)."""
 
-    AUX_TIMEOUT_MS = 2000  # the longest packet at SF12 is ~1.5 s on air
+    AUX_TIMEOUT_MS = 3000  # the longest packet at SF12 is ~2.8 s on air
+    # EBYTE air-rate codes for the spreading factor the duty-cycle maths uses (125 kHz, CR 4/5):
+    # 0.3k ~ SF12, 1.2k ~ SF10, 2.4k ~ SF9 (factory), 4.8k ~ SF8, 9.6k ~ SF7; no rate is SF11:
+    # the faster 1.2k keeps the duty-cycle maths on the safe side (it books more than is sent)
+    AIR_CODE = {12: 0, 11: 1, 10: 1, 9: 2, 8: 3, 7: 4}
 
-    def __init__(self, hw, port, m0=-1, m1=-1, aux=-1):
+    def __init__(self, hw, port, kind="serial", m0=-1, m1=-1, aux=-1, cfg=None):
         self.hw = hw
         self.port = tuple(port)
+        self.kind = kind
         self.m0, self.m1, self.aux = m0, m1, aux
+        self.cfg = cfg
+        self.stuck = False  # AUX never rose: not waited on again this wake (each wait costs 3 s awake)
 
-    def _mode(self, level):
-        if self.m0 >= 0 and self.m1 >= 0:
-            self.hw.pin_write(self.m0, level)
-            self.hw.pin_write(self.m1, level)
+    def _mode(self, m0, m1):
+        """M0/M1, then the manual's sequence: the module notices within ~1 ms and holds AUX low
+        while it reconfigures; the new mode is in force 2 ms after AUX rises."""
+        if self.m0 < 0 or self.m1 < 0:
+            return True
+        self.hw.pin_write(self.m0, m0, True)
+        self.hw.pin_write(self.m1, m1, True)
+        self.hw.sleep_ms(2)
+        ok = self._wait_idle()
+        self.hw.sleep_ms(2)
+        return ok
 
     def _wait_idle(self):
-        """AUX is low while the module is busy (waking, sending)."""
+        """AUX is low while the module is busy (reconfiguring, holding data, transmitting)."""
         if self.aux < 0:
             return True
+        if self.stuck:
+            return False
         waited = 0
         while self.hw.pin_read(self.aux) == 0:
             if waited >= self.AUX_TIMEOUT_MS:
                 _log.warning("radio module busy for %d ms", waited)
+                self.stuck = True
                 return False
-            self.hw.sleep_ms(5)
-            waited += 5
+            step = 2 if waited < 20 else 10  # mode changes take a few ms; a packet on air ~50-2800 ms
+            self.hw.sleep_ms(step)
+            waited += step
         return True
 
     def send(self, frame):
-        self._mode(0)  # normal (transmitting) mode
-        if not self._wait_idle():
+        if not self._mode(0, 0):  # normal (transmitting) mode
             return False
         self.hw.uart_write(self.port, framing.frame(frame))
+        self.hw.uart_flush(self.port)  # every byte in the module before AUX means anything
         return self._wait_idle()  # out on air before the next frame or deep sleep
 
     def sleep(self):
-        self._mode(1)  # M0 = M1 = 1: sleep
+        self._mode(1, 1)  # E22 deep sleep / E32 sleep: ~2 uA
 
     def on_air_len(self, frame):
         return framing.framed_len(len(frame))
 
+    def wanted(self):
+        """Register values for this config: legal power, the air rate the airtime maths assumes."""
+        c = self.cfg
+        air = self.AIR_CODE[c["sf"]]
+        if self.kind == "e22":
+            dbm = legal_dbm((22, 17, 13, 10), c["antenna_dbi"])
+            power = {22: 0, 17: 1, 13: 2, 10: 3}[dbm]
+            chan = 18 if c["radio_channel"] < 0 else c["radio_channel"]  # 850.125 + 18 = 868.125 MHz
+            # 02h NETID, 03h REG0 (9600 8N1 | air rate), 04h REG1 (240-byte packets | power), 05h REG2 channel
+            return 0x02, bytes([c["radio_netid"] & 0xFF, 0x60 | air, power, chan])
+        dbm = legal_dbm((20, 17, 14, 10), c["antenna_dbi"])
+        power = {20: 0, 17: 1, 14: 2, 10: 3}[dbm]
+        chan = 6 if c["radio_channel"] < 0 else c["radio_channel"]  # 862 + 6 = 868 MHz
+        # ADDH ADDL SPED (8N1, 9600 | air rate) CHAN OPTION (push-pull, 250 ms, FEC | power)
+        return 0, bytes([0, 0, 0x18 | air, chan, 0x44 | power])
+
+    def setup(self):
+        """Cold boot: read the module's registers in configuration mode, write them if they
+        differ (saved in its flash), then sleep. False when the module does not answer."""
+        if self.kind not in ("e22", "e32") or self.m0 < 0:
+            return True
+        addr, want = self.wanted()
+        cfg_mode = (0, 1) if self.kind == "e22" else (1, 1)  # (M0, M1)
+        ok = self._mode(cfg_mode[0], cfg_mode[1])
+        if ok:
+            if self.kind == "e22":
+                read, write, reply = bytes([0xC1, addr, len(want)]), bytes([0xC0, addr, len(want)]) + want, 3
+            else:
+                read, write, reply = b"\xc1\xc1\xc1", b"\xc0" + want, 1
+            self.hw.uart_flush_input(self.port)
+            self.hw.uart_write(self.port, read)
+            got = self.hw.uart_read(self.port, reply + len(want), 200)
+            ok = len(got) == reply + len(want)
+            if ok and got[reply:] != want:
+                _log.info("radio module settings %s -> %s", got[reply:].hex(), want.hex())
+                self.hw.uart_write(self.port, write)
+                got = self.hw.uart_read(self.port, reply + len(want), 200)
+                ok = got[reply:] == want
+            if not ok:
+                _log.error("radio module not answering in configuration mode")
+        self.sleep()
+        return ok
+
 
 class Rylr998:
-    """REYAX RYLR998: AT+SEND=<addr>,<len>,<hex>; waits for +OK, +ERR=n is a failure."""
+    """REYAX RYLR998: AT+SEND=<addr>,<len>,<hex>. +OK answers the command, not the end of the
+    transmission: a second AT+SEND while the first is on air gets +ERR=17, so each send books
+    the module busy for its time on air (the module adds 8 bytes to the payload)."""
 
     REPLY_TIMEOUT_MS = 1000
+    OVERHEAD = 8
 
-    def __init__(self, hw, port, addr):
+    def __init__(self, hw, port, addr, cfg=None):
         self.hw = hw
         self.port = tuple(port)
         self.addr = addr
+        self.cfg = cfg
+        self.busy_until = None  # ticks_ms when the last packet is off the air
+        self.awake = False
+
+    def _command(self, cmd, timeout_ms=200):
+        """One AT command, its reply line (b"" when none came)."""
+        self.hw.uart_flush_input(self.port)
+        self.hw.uart_write(self.port, cmd + b"\r\n")
+        return self.hw.uart_readline(self.port, timeout_ms).strip()
+
+    def _wake(self):
+        """A sleeping module wakes on the UART; the command that woke it may not be executed."""
+        if not self.awake:
+            self.awake = self._command(b"AT", 50) == b"+OK" or self._command(b"AT") == b"+OK"
+        return self.awake
+
+    def _wait_off_air(self):
+        if self.busy_until is not None:
+            left = self.hw.ticks_diff(self.busy_until, self.hw.ticks_ms())
+            if left > 0:
+                self.hw.sleep_ms(left)
 
     def send(self, frame):
         data = frame.hex().upper()
         if len(data) > 240:
             _log.error("frame of %d bytes too long for RYLR998", len(frame))
             return False
-        self.hw.uart_flush_input(self.port)
-        self.hw.uart_write(self.port, b"AT+SEND=%d,%d,%s\r\n" % (self.addr, len(data), data.encode()))
-        # "+OK\r\n" is 5 bytes: ask for exactly that, so a success costs no timeout awake
-        reply = self.hw.uart_read(self.port, 5, self.REPLY_TIMEOUT_MS)
-        if reply.startswith(b"+OK"):
-            return True
-        reply += self.hw.uart_read(self.port, 4, 50)  # the rest of "+ERR=nn\r\n"
-        _log.warning("RYLR998 send failed: %s", reply.strip() or b"no reply")
+        if not self._wake():
+            _log.warning("RYLR998 not answering")
+            return False
+        for _ in range(2):
+            self._wait_off_air()
+            reply = self._command(b"AT+SEND=%d,%d,%s" % (self.addr, len(data), data.encode()), self.REPLY_TIMEOUT_MS)
+            if reply == b"+OK":
+                c = self.cfg
+                toa = airtime.time_on_air_ms(len(data) + self.OVERHEAD, c["sf"], c["bandwidth_khz"])
+                self.busy_until = self.hw.ticks_ms() + int(toa) + 10
+                return True
+            if reply != b"+ERR=17":  # 17: still on air (a send booked too short): wait once more
+                break
+            self.busy_until = self.hw.ticks_ms() + 50
+        _log.warning("RYLR998 send failed: %s", reply or b"no reply")
         return False
 
+    def wanted(self):
+        c = self.cfg
+        bw = {125: 7, 250: 8, 500: 9}[c["bandwidth_khz"]]
+        return [(b"BAND", b"%d" % c["rylr_band_hz"]), (b"NETWORKID", b"%d" % c["radio_netid"]),
+                (b"CRFOP", b"%d" % legal_dbm(range(0, 23), c["antenna_dbi"])),
+                (b"PARAMETER", b"%d,%d,1,12" % (c["sf"], bw))]
+
+    def setup(self):
+        """Cold boot: band, network id, legal output power, SF/bandwidth as the airtime maths
+        assumes; each queried, written only when different (the module keeps them in flash)."""
+        if not self._wake():
+            _log.error("RYLR998 not answering")
+            return False
+        for name, value in self.wanted():
+            if self._command(b"AT+" + name + b"?") != b"+" + name + b"=" + value:
+                if self._command(b"AT+" + name + b"=" + value) != b"+OK":
+                    _log.error("RYLR998 refused %s=%s", name, value)
+                    return False
+        return True
+
     def sleep(self):
-        pass  # AT+MODE=1 would put it to sleep; left to the module's own low-power setting
+        if self.awake:
+            self._wait_off_air()  # AT+MODE=1 during a transmission would cut it
+            self._command(b"AT+MODE=1")  # ~8 uA instead of ~17 mA listening
+            self.awake = False
 
     def on_air_len(self, frame):
-        return 2 * len(frame)  # the module sends the ASCII characters
+        return 2 * len(frame) + self.OVERHEAD  # the ASCII hex characters, plus the module's own 8 bytes
 
 
 class WifiMqtt:
     """Bins within Wi-Fi reach: the same frame published with umqtt.simple (QoS 1)."""
+
+    CONNECT_TIMEOUT_MS = 8000
 
     def __init__(self, hw, cfg):
         self.hw = hw
         self.cfg = cfg
         self.up = False
 
+    def setup(self):
+        return True
+
     def send(self, frame):
         c = self.cfg
         if not self.up:
-            self.up = self.hw.wifi_connect(c["wifi_ssid"], c["wifi_password"], 8000)
+            self.up = self.hw.wifi_connect(c["wifi_ssid"], c["wifi_password"], self.CONNECT_TIMEOUT_MS)
             if not self.up:
                 _log.warning("Wi-Fi %s not reachable", c["wifi_ssid"])
                 return False
+        self.hw.wdt_feed()
         try:
             self.hw.mqtt_publish("binlink-%06x" % c["device_id"], c["mqtt_host"], c["mqtt_port"], c["mqtt_user"],
                                  c["mqtt_password"], c["mqtt_topic"], frame)
@@ -119,14 +254,12 @@ class WifiMqtt:
 def make(hw, cfg):
     kind = cfg["transport"]
     if kind in ("e22", "e32"):
-        return UartFramed(hw, cfg["radio_uart"], cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"])
+        return UartFramed(hw, cfg["radio_uart"], kind, cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], cfg)
     if kind == "serial":
         return UartFramed(hw, cfg["radio_uart"])
     if kind == "rylr998":
-        return Rylr998(hw, cfg["radio_uart"], cfg["rylr_addr"])
-    if kind == "wifi":
-        return WifiMqtt(hw, cfg)
-    raise ValueError("unknown transport %s" % kind)
+        return Rylr998(hw, cfg["radio_uart"], cfg["rylr_addr"], cfg)
+    return WifiMqtt(hw, cfg)  # config.parse refuses any other transport
 
 
 def duty_limited(cfg):

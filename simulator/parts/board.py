@@ -1,0 +1,616 @@
+"""One simulated bin's electronics: the ESP32 model, the radio, the sensors, the supply — wired
+as a board profile — behind MicroPython's own APIs (machine, esp32, time, onewire, ds18x20,
+network, umqtt.simple: the stand-ins in upy/). The firmware's real hw.py runs on top:
+
+- CPython: `board.load_hw()` executes hw.py with those stand-ins as its imports.
+- MicroPython VM: `vm_folder()` holds the firmware and the stand-ins; the VM's `hw_call` host
+  function is `board.dispatch` (the same stand-in sources, so both interpreters see one board).
+
+A simulated clock (milliseconds) drives every timing; `dispatch` advances it by the time a call
+takes. Faults and resets are injected from tests (`inject_reset`, part attributes)."""
+import builtins
+import os
+import shutil
+import tempfile
+
+from binlink.sim.parts import esp32 as chip
+from binlink.sim.parts.e22 import E22, E32
+from binlink.sim.parts.rylr998 import Rylr998
+from binlink.sim.parts.sensors import A02yyuw, Ds18b20, EchoSensor, HcSr04
+
+UPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upy")
+FIRMWARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "firmware")
+UPY_MODULES = ("_host", "time", "machine", "esp32", "onewire", "ds18x20", "network", "umqtt", "umqtt.simple")
+
+# Board profiles (docs/energy.md): what draws current besides the parts.
+PROFILES = {
+    # ESP32 DevKitC-style board from a Li-SOCl2 cell: AMS1117 LDO (5 mA quiescent), sensor on the
+    # 5 V/3V3 rail all the time, 2 x 100 kOhm battery divider always across the cell.
+    "devboard": {"regulator_ma": 5.0, "rail_switched": False, "divider_switched": False},
+    # Custom board: low-Iq LDO (MCP1700, 1.6 uA), sensor rail switched by a P-MOSFET (off unless
+    # its pin drives it on), divider switched by a MOSFET on its low side.
+    "custom": {"regulator_ma": 0.0016, "rail_switched": True, "divider_switched": True},
+}
+DIVIDER_OHMS = 200_000
+
+
+class Board:
+    def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom"):
+        """cfg: the firmware's parsed config (pins, transport, sensor). battery: physics.Battery.
+        surface_mm()/air_c(): the bin. transmit(payload, on_air_len, sf, bw, dbm) -> bool."""
+        self.cfg = cfg
+        self.profile = PROFILES[profile]
+        self.battery = battery
+        self.esp = chip.Esp32()
+        self.now = 0.0
+        self.epoch0 = 0.0
+        self.charge_mAs = 0.0
+        self.sleep_charge_mAs = 0.0  # of charge_mAs: spent in the deep sleep before this wake
+        self.halted = None
+        self.ops = 0
+        self.reset_at = None  # (op number, kind): inject a reset at that hardware call
+        self.sleep_ms = None
+        self.tilted = False
+        self.hot_c = None
+        self.air_c = air_c
+        self.transmit = transmit
+        self.wifi = {"ap": True, "broker": "ok", "connect_ms": 1500.0, "associated": False}
+        self.mqtt_sent = []
+        self.parts = []
+        self._peers = {}  # UART id -> the part on its other end
+        kind = cfg["transport"]
+        self.radio = None
+        ruart = cfg["radio_uart"]
+        if kind in ("e22", "e32"):
+            cls = E22 if kind == "e22" else E32
+            self.radio = cls(cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], transmit)
+        elif kind == "rylr998":
+            self.radio = Rylr998(transmit)
+        elif kind == "serial":
+            self.radio = _Wire(transmit)
+        if self.radio is not None:
+            self._attach_uart(ruart[0], self.radio)
+            self.parts.append(self.radio)
+        sensor = cfg["sensor"]
+        self.rail = []  # parts on the switched sensor rail
+        if sensor == "a02yyuw":
+            su = cfg["sensor_uart"]
+            self.sensor = A02yyuw(acoustics, surface_mm, air_c, su[2], rng)
+            self.sensor.listening = lambda: su[0] in self.esp.uarts
+            self._attach_uart(su[0], self.sensor)
+        else:
+            cls = HcSr04 if sensor == "hc-sr04" else EchoSensor
+            self.sensor = cls(acoustics, surface_mm, air_c, cfg["trig_pin"], cfg["echo_pin"])
+        self.parts.append(self.sensor)
+        self.rail.append(self.sensor)
+        self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else air_c())
+        self.parts.append(self.thermo)
+        self._listened = set(self._listened_pins())
+        self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
+        self._rail_on(not self.profile["rail_switched"])
+
+    def _attach_uart(self, uid, part):
+        part.deliver = lambda data, start, baud, uid=uid: self._to_esp(uid, data, start, baud)
+        self._peers[uid] = part
+
+    # clock and energy ---------------------------------------------------------------------------
+    def epoch(self):
+        return self.epoch0 + self.now / 1000.0
+
+    def static_ma(self):
+        ma = self.profile["regulator_ma"]
+        divider_on = not self.profile["divider_switched"] or self.esp.pad(self.cfg["battery_en_pin"]) == 1
+        if divider_on:
+            ma += self.battery.mv() / DIVIDER_OHMS  # mV / ohm = mA
+        return ma
+
+    def current_ma(self):
+        e = self.esp
+        ma = chip.DEEP_SLEEP_MA if e.asleep else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
+        ma += self.static_ma()
+        for p in self.parts:
+            ma += p.current_ma(self.now)
+        return ma
+
+    def advance(self, ms):
+        """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
+        the watchdog bites when due (chip.Stop)."""
+        e = self.esp
+        if ms <= 0:  # bring the parts up to now (before something observes them)
+            for p in self.parts:
+                p.step(self.now)
+            self._ma = self.current_ma()
+            if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
+                raise chip.Stop("watchdog")
+            return
+        end = self.now + ms
+        while True:
+            nxt = end
+            for p in self.parts:
+                t = p.next_event(self.now)
+                if t is not None and self.now < t < nxt:
+                    nxt = t
+            if e.wdt_due is not None and not e.asleep and e.wdt_due < nxt:
+                nxt = e.wdt_due
+            if nxt > self.now:  # the current is constant between events
+                self.charge_mAs += self._ma * (nxt - self.now) / 1000.0
+                self.now = nxt
+            for p in self.parts:
+                p.step(self.now)
+            self._ma = self.current_ma()
+            if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
+                raise chip.Stop("watchdog")
+            if self.now >= end:
+                return
+
+    def _tick(self):
+        """The interpreter's time around one call: no part acts within it (they are stepped
+        before anything observes them), only the charge and the watchdog count."""
+        self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
+        self.now += chip.CALL_MS
+        due = self.esp.wdt_due
+        if due is not None and self.now >= due:
+            self.advance(0.0)
+
+    # the wake cycle, from the simulator's side --------------------------------------------------
+    def power_on(self, epoch):
+        self.esp.power_loss()
+        self.thermo.power_on()
+        self._start(epoch, chip.PWRON)
+
+    def wake_up(self, epoch):
+        """Deep sleep (or the reset that ended the last run) until `epoch`; then boot."""
+        slept = max(0.0, (epoch - self.epoch()) * 1000.0)
+        charge0 = self.charge_mAs
+        if self.sleep_ms is not None:
+            try:
+                self.advance(slept)
+            except chip.Stop:
+                pass
+            cause = chip.DEEPSLEEP
+        else:
+            cause = self._reset_cause
+        self.sleep_charge_mAs = self.charge_mAs - charge0
+        self._start(epoch, cause)
+
+    def _start(self, epoch, cause):
+        self.epoch0 = epoch - self.now / 1000.0
+        self.esp.boot(cause)
+        ext0 = self.esp.wake_ext0
+        if cause != chip.DEEPSLEEP:
+            self.esp.wake = 0
+        elif ext0 and ext0[0] == self.cfg["tilt_pin"] and (0 if self.tilted else 1) == ext0[1]:
+            self.esp.wake = chip.WAKE_EXT0  # the tilt switch woke it (the simulator wakes it at its next turn)
+        else:
+            self.esp.wake = chip.WAKE_TIMER
+        self.esp.wake_ext0 = None
+        self.halted = None
+        self.sleep_ms = None
+        self.ops = 0
+        self._pins_changed()
+        try:
+            self.advance(chip.BOOT_MS)  # ROM bootloader, image load, MicroPython start, until main.py
+        except chip.Stop as s:
+            self._halt(s.kind)
+
+    def _pins_changed(self):
+        for pin in self._listened:
+            lvl = self.esp.pad(pin)
+            for p in self.parts:
+                if hasattr(p, "on_pin"):
+                    p.on_pin(pin, lvl, self.now)
+        if self.profile["rail_switched"]:
+            self._rail_on(self.esp.pad(self.cfg["sensor_power_pin"]) == 1)
+        self._ma = self.current_ma()
+
+    def _listened_pins(self):
+        c = self.cfg
+        pins = []
+        if c["transport"] in ("e22", "e32"):
+            pins += [c["radio_m0_pin"], c["radio_m1_pin"]]
+        if c["sensor"] == "a02yyuw":
+            pins.append(c["sensor_uart"][2])
+        else:
+            pins.append(c["trig_pin"])
+        return [p for p in pins if p >= 0]
+
+    def _rail_on(self, on):
+        for p in self.rail:
+            if (p.powered_at is not None) != on:
+                p.power(on, self.now)
+
+    def _halt(self, kind):
+        """Execution stops: deep sleep (pads not held float) or a reset (the chip restarts)."""
+        self.halted = kind
+        if kind == "deepsleep":
+            self.esp.asleep = True
+            self._pins_changed()
+        else:
+            self._reset_cause = {"watchdog": chip.WDT, "brownout": chip.PWRON, "soft": chip.SOFT,
+                                 "hard": chip.HARD}.get(kind, chip.PWRON)
+            if kind == "power_loss":
+                self.esp.power_loss()
+                self.thermo.power_on()
+                if hasattr(self.radio, "power_on"):
+                    self.radio.power_on()
+            self.esp.asleep = False
+            self.esp.pins = {k: v for k, v in self.esp.pins.items() if v["hold"]}
+            self._pins_changed()
+
+    def power_loss(self):
+        """Battery swap or a cut supply between wakes: RTC memory and the modules' state gone."""
+        self._halt("power_loss")
+        self.sleep_ms = None
+
+    @property
+    def rtc(self):
+        return self.esp.rtc
+
+    @property
+    def module_down(self):
+        """The radio module not answering (no power, broken), or for Wi-Fi the broker gone."""
+        if self.cfg["transport"] == "wifi":
+            return self.wifi["broker"] == "down"
+        return self.radio.dead
+
+    @module_down.setter
+    def module_down(self, down):
+        if self.cfg["transport"] == "wifi":
+            self.wifi["broker"] = "down" if down else "ok"
+        else:
+            self.radio.dead = down
+
+    def inject_reset(self, at_op, kind):
+        self.reset_at = (at_op, kind)
+
+    # the firmware's side: one entry for every stand-in call ---------------------------------------
+    def dispatch(self, op, args):
+        if self.halted:
+            return {"halt": self.halted}
+        self.ops += 1
+        try:
+            if self.reset_at and self.ops >= self.reset_at[0]:
+                kind = self.reset_at[1]
+                self.reset_at = None
+                raise chip.Stop(kind)
+            self._tick()
+            return getattr(self, "op_" + op)(*args)
+        except chip.Stop as s:
+            self._halt(s.kind)
+            return {"halt": s.kind}
+        except Exception as e:  # noqa: BLE001 - a faulty part: the firmware sees an OSError
+            return {"oserror": "%s: %s" % (op, e)}
+
+    def op_ticks_us(self):
+        return int(self.now * 1000)
+
+    def op_sleep_us(self, us):
+        self.advance(us / 1000.0)
+
+    def op_time(self):
+        return int(self.epoch())
+
+    def op_reset_cause(self):
+        return self.esp.cause
+
+    def op_wake_reason(self):
+        return self.esp.wake
+
+    def op_deepsleep(self, ms):
+        self.sleep_ms = ms
+        raise chip.Stop("deepsleep")
+
+    def op_reset(self):
+        raise chip.Stop("hard")
+
+    def op_wake_on_ext0(self, pin, level):
+        self.esp.wake_ext0 = (pin, level)
+
+    def op_pin_init(self, pin, mode, pull, value, hold):
+        self.esp.pin_init(pin, mode, pull, value, hold)
+        self._pin_changed(pin)
+
+    def op_pin_set(self, pin, value):
+        self.esp.pin_set(pin, value)
+        self._pin_changed(pin)
+
+    def _pin_changed(self, pin):
+        if pin in self._listened:
+            self.advance(0.0)  # parts up to now before they see the edge
+            lvl = self.esp.pad(pin)
+            for p in self.parts:
+                if hasattr(p, "on_pin"):
+                    p.on_pin(pin, lvl, self.now)
+        else:  # the sensor rail, the divider switch: what they draw changes
+            if pin == self.cfg["sensor_power_pin"] and self.profile["rail_switched"]:
+                self._rail_on(self.esp.pad(pin) == 1)
+            self._ma = self.current_ma()
+
+    def op_pin_value(self, pin):
+        self.advance(0.0)
+        c = self.cfg
+        if self.radio is not None and pin == c.get("radio_aux_pin") and hasattr(self.radio, "aux_level"):
+            return self.radio.aux_level(self.now)
+        if pin == c["tilt_pin"]:
+            return 0 if self.tilted else 1
+        p = self.esp.pins.get(pin)
+        if p and p["out"]:
+            return p["level"]
+        return 1 if p and p["pull"] == "up" else 0
+
+    def op_time_pulse_us(self, pin, level, timeout_us):
+        """machine.time_pulse_us: -2 when the pin never reaches `level`, -1 when it stays there
+        past the timeout (the measured time otherwise)."""
+        high = self.sensor.pulse(self.now) if hasattr(self.sensor, "pulse") else None
+        timeout = timeout_us / 1000.0
+        if high is None or high[1] <= self.now or high[0] - self.now > timeout:
+            self.advance(timeout)
+            return -2
+        start = max(self.now, high[0])
+        if high[1] - start > timeout:
+            self.advance(start - self.now + timeout)
+            return -1
+        self.advance(high[1] - self.now)
+        return int((high[1] - start) * 1000)
+
+    def op_adc_read_uv(self, pin, atten):
+        if pin != self.cfg["battery_pin"]:
+            return 0
+        if self.profile["divider_switched"] and self.esp.pad(self.cfg["battery_en_pin"]) != 1:
+            return 0  # divider switched off: the ADC pin is pulled to ground
+        return min(self.battery.mv() * 500, 3_100_000)  # 1:2 divider, 11 dB range ends ~3.1 V
+
+    # UART ------------------------------------------------------------------------------------------
+    def op_uart_init(self, uid, baud, tx, rx, timeout, rxbuf):
+        u = self.esp.uarts.get(uid) or chip.Uart(uid)
+        u.baud, u.rxbuf, u.timeout = baud, rxbuf, timeout
+        self.esp.uarts[uid] = u
+
+    def _to_esp(self, uid, data, start, baud):
+        u = self.esp.uarts.get(uid)
+        if u is None:
+            return
+        byte_ms = 10000.0 / baud
+        for i, b in enumerate(data):
+            if baud != u.baud:
+                b = (b * 37 + 0x5A) & 0xFF  # framing at the wrong rate: garbage
+            u.rx.append([start + (i + 1) * byte_ms, b])
+
+    def _arrived(self, u):
+        n = 0
+        while n < len(u.rx) and u.rx[n][0] <= self.now:
+            n += 1
+        if n > u.rxbuf:
+            u.dropped += n - u.rxbuf
+            del u.rx[u.rxbuf:n]
+            n = u.rxbuf
+        return n
+
+    def op_uart_write(self, uid, hexdata):
+        data = bytes.fromhex(hexdata)
+        u = self.esp.uarts[uid]
+        start = max(self.now, u.tx_done_ms)
+        u.tx_done_ms = start + len(data) * u.byte_ms()
+        peer = self._peers.get(uid)
+        if peer is not None:
+            peer.uart_rx(data, start, u.byte_ms(), u.baud)
+        self.advance(min(len(data), 128) * 0.01)  # copying into the driver's buffer
+
+    def op_uart_read(self, uid, n):
+        self.advance(0.0)
+        u = self.esp.uarts[uid]
+        avail = self._arrived(u)
+        if avail == 0 and u.timeout:
+            self.advance(u.timeout)
+            avail = self._arrived(u)
+        take = avail if n is None or n < 0 else min(n, avail)
+        out = bytes(b for _, b in u.rx[:take])
+        del u.rx[:take]
+        return out.hex() if out else None
+
+    def op_uart_any(self, uid):
+        self.advance(0.0)
+        return self._arrived(self.esp.uarts[uid])
+
+    def op_uart_flush(self, uid):
+        u = self.esp.uarts[uid]
+        if u.tx_done_ms > self.now:
+            self.advance(u.tx_done_ms - self.now)
+
+    def op_uart_txdone(self, uid):
+        return self.esp.uarts[uid].tx_done_ms <= self.now
+
+    def op_uart_deinit(self, uid):
+        self.esp.uarts.pop(uid, None)
+
+    # persistent memory ---------------------------------------------------------------------------
+    def op_rtc_memory(self):
+        return self.esp.rtc.hex()
+
+    def op_rtc_memory_write(self, hexdata):
+        data = bytes.fromhex(hexdata)
+        if len(data) > chip.RTC_BYTES:
+            raise ValueError("RTC memory holds %d bytes" % chip.RTC_BYTES)
+        self.esp.rtc = data
+
+    def op_nvs_get(self, ns, key):
+        return self.esp.nvs.get((ns, key))
+
+    def op_nvs_set(self, ns, key, value):
+        self.esp.nvs_pending[(ns, key)] = value
+
+    def op_nvs_commit(self, ns):
+        self.advance(5.0)  # a flash page write
+        self.esp.nvs.update(self.esp.nvs_pending)
+        self.esp.nvs_pending = {}
+
+    def op_wdt_init(self, timeout):
+        e = self.esp
+        e.wdt_timeout = max(1000, timeout)  # machine_wdt.c: the task WDT, 1 s at least
+        e.wdt_due = self.now + e.wdt_timeout
+
+    def op_wdt_feed(self):
+        e = self.esp
+        if e.wdt_timeout:
+            e.wdt_due = self.now + e.wdt_timeout
+
+    # 1-Wire: DS18B20 ------------------------------------------------------------------------------
+    def _ds(self, pin):
+        return self.thermo if pin == self.cfg["temp_pin"] and self.thermo.present() else None
+
+    def op_ow_reset(self, pin):
+        self.advance(1.0)  # 480 us reset + presence
+        return self._ds(pin) is not None
+
+    def op_ow_scan(self, pin):
+        self.advance(15.0)
+        ds = self._ds(pin)
+        return [ds.rom.hex()] if ds else []
+
+    def op_ds_convert(self, pin):
+        self.advance(1.0)
+        ds = self._ds(pin)
+        if ds:
+            ds.convert(self.now)
+            self._ma = self.current_ma()
+
+    def op_ds_read_scratch(self, pin, rom):
+        self.advance(6.0)  # select ROM + 9 bytes at ~15 kbit/s
+        ds = self._ds(pin)
+        return ds.read_scratch(self.now).hex() if ds else "ff" * 9
+
+    def op_ds_write_scratch(self, pin, rom, data):
+        self.advance(3.0)
+        ds = self._ds(pin)
+        if ds:
+            ds.write_scratch(bytes.fromhex(data))
+
+    # Wi-Fi and MQTT ------------------------------------------------------------------------------
+    def op_wlan_active(self, on):
+        if on is not None:
+            self.esp.wifi_on = bool(on)
+            if not on:
+                self.wifi["associated"] = False
+            self._ma = self.current_ma()
+        return self.esp.wifi_on
+
+    def op_wlan_connect(self, ssid, key):
+        self.wifi["connect_at"] = self.now + self.wifi["connect_ms"]
+
+    def op_wlan_isconnected(self):
+        w = self.wifi
+        w["associated"] = w["ap"] and self.esp.wifi_on and self.now >= w.get("connect_at", 1e18)
+        return w["associated"]
+
+    def _socket_wait(self, timeout_s, answer_ms):
+        """Blocks like a socket read: the answer after answer_ms, or ETIMEDOUT (116) after the
+        socket timeout; with no timeout a silent peer blocks until the watchdog bites."""
+        if answer_ms is not None and (timeout_s is None or answer_ms <= timeout_s * 1000):
+            self.advance(answer_ms)
+            return 0
+        if timeout_s is None:
+            while True:
+                self.advance(60_000.0)
+        self.advance(timeout_s * 1000.0)
+        return 116
+
+    def op_mqtt_connect(self, server, port, timeout):
+        b = self.wifi["broker"]
+        if not self.wifi["associated"] or b == "down":
+            self.advance(50.0)
+            return 113  # ECONNABORTED / host unreachable
+        return self._socket_wait(timeout, 80.0 if b == "ok" else None)
+
+    def op_mqtt_publish(self, topic, hexmsg, qos, timeout):
+        b = self.wifi["broker"]
+        if b == "ok":
+            self.mqtt_sent.append(bytes.fromhex(hexmsg))
+            self.transmit(bytes.fromhex(hexmsg), 0, 0, 0, 0)
+            return self._socket_wait(timeout, 40.0 if qos else 1.0)
+        return self._socket_wait(timeout, None if qos or b == "silent" else 1.0)
+
+    def op_mqtt_disconnect(self):
+        pass
+
+    # the firmware on CPython -------------------------------------------------------------------------
+    def load_hw(self):
+        """A fresh copy of firmware/binlink/firmware/hw.py (as after a reset), importing the
+        MicroPython stand-ins bound to this board (stateless: loaded once per board)."""
+        mods = self.__dict__.setdefault("upy", {})
+
+        def load(name):
+            if name not in mods:
+                path = os.path.join(UPY, *name.split(".")) + ".py"
+                if not os.path.exists(path):
+                    path = os.path.join(UPY, *name.split("."), "__init__.py")
+                mods[name] = _exec_module(name, path, imp, {"hw_call": self.dispatch} if name == "_host" else {})
+            return mods[name]
+
+        def imp(name, globals=None, locals=None, fromlist=(), level=0):
+            if name in UPY_MODULES:
+                m = load(name)
+                if "." in name and not fromlist:
+                    return load(name.split(".")[0])
+                return m
+            return builtins.__import__(name, globals, locals, fromlist, level)
+
+        return _exec_module("binlink.firmware.hw", os.path.join(FIRMWARE, "binlink", "firmware", "hw.py"), imp, {})
+
+    def halt_class(self):
+        return self.upy["_host"].Halt
+
+
+class _Wire:
+    """A plain serial cable to the gateway: bytes go straight through."""
+
+    def __init__(self, transmit):
+        self.transmit = transmit
+        self.deliver = None
+
+    def uart_rx(self, data, start, byte_ms, baud):
+        self.transmit(bytes(data), len(data), 0, 0, 0)
+
+    def next_event(self, now):
+        return None
+
+    def step(self, now):
+        pass
+
+    def current_ma(self, now):
+        return 0.0
+
+
+def _exec_module(name, path, imp, extra):
+    import types
+
+    m = types.ModuleType(name)
+    m.__file__ = path
+    b = dict(builtins.__dict__)
+    b["__import__"] = imp
+    m.__dict__["__builtins__"] = b
+    m.__dict__.update(extra)
+    code = _CODE.get(path)
+    if code is None:
+        with open(path) as f:
+            code = _CODE[path] = compile(f.read(), path, "exec")
+    exec(code, m.__dict__)
+    return m
+
+
+_CODE = {}  # path -> compiled module body
+
+
+_VM_FOLDER = None
+
+
+def vm_folder():
+    """A generated folder for the VM's /input: the firmware package and the MicroPython API
+    stand-ins (never the source tree: the VM can write into its mount)."""
+    global _VM_FOLDER
+    if _VM_FOLDER is None or not os.path.isdir(_VM_FOLDER):
+        d = tempfile.mkdtemp(prefix="binlink-vm-")
+        shutil.copytree(os.path.join(FIRMWARE, "binlink"), os.path.join(d, "binlink"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(UPY, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        _VM_FOLDER = d
+    return _VM_FOLDER

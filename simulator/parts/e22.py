@@ -1,0 +1,244 @@
+"""EBYTE E22-900T22S/D (SX1262) and E32-868T20D (SX1276) UART LoRa modules, transparent mode.
+
+From the EBYTE user manuals (E22-900T22S "Operating modes", "AUX", "Register description";
+E32-868T20D "Operating modes", "Parameter setting"):
+- Mode from M1/M0. E22: 00 normal, 01 WOR, 10 configuration, 11 deep sleep. E32: 00 normal,
+  01 wake-up, 10 power saving, 11 sleep (also the configuration mode).
+- After M0/M1 change the module notices within ~1 ms, drives AUX low while it reconfigures, and
+  the new mode takes effect 2 ms after AUX rises again. Bytes arriving before that are lost.
+  A switch requested while a packet is on air happens once it is sent.
+- AUX is low while bytes wait in the module's buffer and while it transmits.
+- In normal mode a packet goes on air once the UART has been idle for 3 byte-times or a
+  sub-packet is full (E22: 240 bytes by default, E32: 58).
+- Configuration only at 9600 8N1. E22: C0/C2 addr len data (write; C0 saves) -> C1 addr len data;
+  C1 addr len -> C1 addr len data. E32: C0/C2 + 5 bytes, C1 C1 C1 -> C0 + 5 bytes.
+- Factory settings: E22 22 dBm, air rate 2.4k, channel 18 (868.125 MHz), UART 9600.
+  E32 20 dBm, 2.4k, channel 6 (868 MHz). 22 dBm exceeds EU868 g1's 14 dBm ERP.
+- E22 REG3 bit 7: one RSSI byte after each received packet (dBm = -(256 - value)).
+- Current (datasheet "Electrical parameters"; SX1262/SX1276 datasheets for lower powers):
+  E22 TX 110 mA at 22 dBm, RX ~12 mA, deep sleep 2 uA. E32 TX 110 mA at 20 dBm, RX ~14 mA, sleep 2 uA.
+
+The air rate has no published spreading factor; the model maps it to the LoRa rate it matches at
+125 kHz, CR 4/5 (0.3k -> SF12, 1.2k -> SF10, 2.4k -> SF9, 4.8k -> SF8, 9.6k -> SF7).
+Reconfiguration takes RECONFIG_MS (the manuals give no figure; library authors report AUX high
+within a few ms); a floating M0/M1 (ESP32 pad not held in deep sleep) reads as 0: normal mode,
+receiving, the worst case for the battery."""
+from binlink.wire import airtime
+
+NORMAL, MODE1, MODE2, MODE3 = 0, 1, 2, 3
+DETECT_MS = 1.0
+SETTLE_MS = 2.0
+AIR_RATE = {0: (12, 125), 1: (10, 125), 2: (9, 125), 3: (8, 125), 4: (7, 125), 5: (7, 250), 6: (7, 500), 7: (7, 500)}
+UART_BAUD = {0: 1200, 1: 2400, 2: 4800, 3: 9600, 4: 19200, 5: 38400, 6: 57600, 7: 115200}
+
+
+class E22:
+    NAME = "E22-900T22S"
+    CONFIG_MODE = MODE2
+    SLEEP_MODE = MODE3
+    SUBPACKET = 240
+    POWER_DBM = {0: 22, 1: 17, 2: 13, 3: 10}
+    TX_MA = {22: 110.0, 17: 75.0, 13: 45.0, 10: 32.0}
+    RX_MA = 12.0
+    SLEEP_MA = 0.002
+    RECONFIG_MS = 4.0
+
+    def __init__(self, m0, m1, aux, transmit):
+        self.m0, self.m1, self.aux = m0, m1, aux
+        self.transmit = transmit  # transmit(payload bytes, on-air length, sf, bw, dbm)
+        self.regs = bytearray([0x00, 0x00, 0x00, 0x62, 0x00, 0x12, 0x03, 0x00, 0x00])  # factory
+        self.mode = self.SLEEP_MODE
+        self.levels = {}
+        self.pending = None  # (mode, detected at, AUX high at, effective at)
+        self.inbound = []  # [arrival ms, byte, baud]
+        self.buf = bytearray()
+        self.last_rx = 0.0
+        self.tx_until = -1.0
+        self.deliver = None  # deliver(bytes, start ms, baud): to the ESP32's UART
+        self.lost_bytes = 0
+        self.packets = []  # (start ms, payload) as sent on air
+        self.dead = False  # fault: module not answering (no power, broken)
+
+    # registers ----------------------------------------------------------------------------------
+    def air(self):
+        return AIR_RATE[self.regs[3] & 7]
+
+    def baud(self):
+        return UART_BAUD[self.regs[3] >> 5]
+
+    def tx_dbm(self):
+        return self.POWER_DBM[self.regs[4] & 3]
+
+    def rssi_byte(self):
+        return bool(self.regs[6] & 0x80)
+
+    # pins ---------------------------------------------------------------------------------------
+    def mode_from_pins(self):
+        m0 = self.levels.get(self.m0) or 0
+        m1 = self.levels.get(self.m1) or 0
+        return m1 * 2 + m0
+
+    def on_pin(self, pin, level, now):
+        self.levels[pin] = level
+        target = self.mode_from_pins()
+        current = self.pending[0] if self.pending else self.mode
+        if target == current:
+            return
+        start = max(now, self.tx_until) + DETECT_MS
+        high = start + self.RECONFIG_MS
+        self.pending = (target, start, high, high + SETTLE_MS)
+
+    def aux_level(self, now):
+        if self.dead:
+            return 0
+        if self.pending and self.pending[1] <= now < self.pending[2]:
+            return 0
+        if self.buf or now < self.tx_until:
+            return 0
+        return 1
+
+    # UART ---------------------------------------------------------------------------------------
+    def power_on(self):
+        """Supply cut: what was in the buffers is gone; settings kept in the module's flash stay."""
+        self.inbound = []
+        self.tx_until = -1.0
+        self.buf = bytearray()
+        self.pending = None
+
+    def uart_rx(self, data, start, byte_ms, baud):
+        for i, b in enumerate(data):
+            self.inbound.append([start + (i + 1) * byte_ms, b, baud])
+
+    def _events(self):
+        ev = []
+        if self.pending:
+            ev.append((self.pending[3], 0))
+        if self.inbound:
+            ev.append((self.inbound[0][0], 1))
+        if self.buf and self.mode == NORMAL:
+            due = self.last_rx if len(self.buf) >= self.SUBPACKET else self.last_rx + 3 * 10000.0 / self.baud()
+            ev.append((max(due, self.tx_until), 2))
+        return ev
+
+    def next_event(self, now):
+        ev = [t for t, _ in self._events()]
+        if self.tx_until > now:
+            ev.append(self.tx_until)
+        return min(ev) if ev else None
+
+    def step(self, now):
+        while True:
+            ev = self._events()
+            if not ev:
+                return
+            t, kind = min(ev)
+            if t > now:
+                return
+            if kind == 0:
+                self.mode = self.pending[0]
+                self.pending = None
+            elif kind == 1:
+                at, b, baud = self.inbound.pop(0)
+                self._byte(at, b, baud)
+            else:
+                self._send(t)
+
+    def _listening(self, at):
+        return not self.dead and not (self.pending and self.pending[1] <= at)
+
+    def _byte(self, at, b, baud):
+        if not self._listening(at):
+            self.lost_bytes += 1
+            return
+        if self.mode == NORMAL and baud == self.baud():
+            self.buf.append(b)
+            self.last_rx = at
+        elif self.mode == self.CONFIG_MODE and baud == 9600:
+            self.buf.append(b)
+            self.last_rx = at
+            self._config(at)
+        else:
+            self.lost_bytes += 1  # asleep, wrong mode or wrong baud: nothing is understood
+
+    def _send(self, t):
+        if self.mode != NORMAL:
+            self.buf = bytearray()
+            return
+        payload = bytes(self.buf[: self.SUBPACKET])
+        del self.buf[: self.SUBPACKET]
+        sf, bw = self.air()
+        self.tx_until = t + airtime.time_on_air_ms(len(payload), sf, bw)
+        self.packets.append((t, payload))
+        self.transmit(payload, len(payload), sf, bw, self.tx_dbm())
+
+    def _config(self, at):
+        b = self.buf
+        if b[0] not in (0xC0, 0xC1, 0xC2):
+            self.buf = bytearray()
+            return
+        if len(b) < 3:
+            return
+        addr, n = b[1], b[2]
+        if b[0] == 0xC1:
+            reply = bytes([0xC1, addr, n]) + bytes(self.regs[addr: addr + n])
+        else:
+            if len(b) < 3 + n:
+                return
+            self.regs[addr: addr + n] = b[3: 3 + n]
+            reply = bytes([0xC1, addr, n]) + bytes(b[3: 3 + n])
+        self.buf = bytearray()
+        if self.deliver:
+            self.deliver(reply, at + 5.0, 9600)
+
+    def current_ma(self, now):
+        if self.dead:
+            return 0.0
+        if now < self.tx_until:
+            return self.TX_MA[self.tx_dbm()]
+        return self.SLEEP_MA if self.mode == self.SLEEP_MODE else self.RX_MA
+
+
+class E32(E22):
+    """E32-868T20D: same pins and AUX rules; 5 parameter bytes (ADDH ADDL SPED CHAN OPTION),
+    configured in sleep mode (M1 = M0 = 1), 58-byte packets, no RSSI byte."""
+
+    NAME = "E32-868T20D"
+    CONFIG_MODE = MODE3
+    SUBPACKET = 58
+    POWER_DBM = {0: 20, 1: 17, 2: 14, 3: 10}
+    TX_MA = {20: 110.0, 17: 80.0, 14: 50.0, 10: 35.0}
+    RX_MA = 14.0
+
+    def __init__(self, m0, m1, aux, transmit):
+        E22.__init__(self, m0, m1, aux, transmit)
+        self.params = bytearray([0x00, 0x00, 0x1A, 0x06, 0x44])  # factory: 9600 8N1, 2.4k, 868 MHz, 20 dBm
+
+    def air(self):
+        return AIR_RATE[self.params[2] & 7]
+
+    def baud(self):
+        return UART_BAUD[(self.params[2] >> 3) & 7]
+
+    def tx_dbm(self):
+        return self.POWER_DBM[self.params[4] & 3]
+
+    def rssi_byte(self):
+        return False
+
+    def _config(self, at):
+        b = self.buf
+        if b[0] not in (0xC0, 0xC1, 0xC2):
+            self.buf = bytearray()
+            return
+        if b[0] == 0xC1:
+            if len(b) < 3:
+                return
+            reply = bytes([0xC0]) + bytes(self.params)
+        else:
+            if len(b) < 6:
+                return
+            self.params[:] = b[1:6]
+            reply = bytes([0xC0]) + bytes(self.params)
+        self.buf = bytearray()
+        if self.deliver:
+            self.deliver(reply, at + 5.0, 9600)

@@ -1,0 +1,109 @@
+"""The ESP32 running MicroPython, as the firmware sees it through machine/esp32 (ports/esp32).
+
+- RTC user memory (machine_rtc.c, RTC_NOINIT_ATTR): survives deep sleep, watchdog and brown-out
+  resets; gone after a power loss.
+- NVS (esp32_nvs.c): survives everything once committed; an uncommitted write dies with a reset.
+- Watchdog (machine_wdt.c, the task WDT): minimum 1 s, no deinit — it cannot be stopped, and a soft
+  reset leaves it running; it bites when not fed in time.
+- Pins (machine_pin.c): Pin(..., hold=True) latches the pad; a held pad ignores value() until
+  re-initialised (init always drops the hold, applies the new config, re-holds if asked). In deep
+  sleep every pad that is not held stops driving (high impedance).
+- Reset causes (modmachine.c): brown-out reports PWRON_RESET; deep-sleep wake DEEPSLEEP_RESET.
+- UARTs: bytes take 10 bit-times each at the configured baud; write() returns once queued, flush()
+  waits until the last bit is out; the receive buffer holds rxbuf bytes and drops what overflows.
+- Supply current per state (ESP32 datasheet v4, section 5.5 / table "Power consumption by power
+  modes"): CPU at 160 MHz with RF off ~40 mA; Wi-Fi TX bursts ~240 mA; deep sleep with RTC
+  timer and RTC memory 10 uA."""
+PWRON, HARD, WDT, DEEPSLEEP, SOFT = 1, 2, 3, 4, 5
+WAKE_EXT0, WAKE_TIMER = 2, 4
+RTC_BYTES = 2048
+ACTIVE_MA = 40.0
+WIFI_MA = 120.0  # average while associating / exchanging (RX ~100 mA, TX bursts ~240 mA)
+DEEP_SLEEP_MA = 0.010
+BOOT_MS = 250.0  # deep-sleep wake to main.py: ROM bootloader, image check, MicroPython start
+CALL_MS = 0.02  # interpreter time around one hardware call
+
+
+class Stop(Exception):
+    """Raised inside the board when execution ends: deep sleep or a reset of `kind`."""
+
+    def __init__(self, kind):
+        Exception.__init__(self, kind)
+        self.kind = kind
+
+
+class Uart:
+    def __init__(self, uid):
+        self.uid = uid
+        self.baud = 115200
+        self.rxbuf = 256
+        self.rx = []  # [arrival ms, byte] in arrival order
+        self.tx_done_ms = 0.0
+        self.dropped = 0
+
+    def byte_ms(self, baud=None):
+        return 10000.0 / (baud or self.baud)
+
+
+class Esp32:
+    def __init__(self):
+        self.now_ms = 0.0
+        self.rtc = b""
+        self.nvs = {}  # committed (namespace, key) -> int
+        self.nvs_pending = {}
+        self.wdt_timeout = None
+        self.wdt_due = None
+        self.cause = PWRON
+        self.wake = 0
+        self.wake_ext0 = None
+        self.pins = {}  # pin -> {"out": bool, "level": 0/1, "pull": None/"up"/"down", "hold": bool}
+        self.uarts = {}
+        self.asleep = False
+        self.wifi_on = False
+
+    # pins ---------------------------------------------------------------------------------------
+    def pad(self, pin):
+        """What a part wired to the pin sees: 0/1 when driven, None when floating."""
+        p = self.pins.get(pin)
+        if p is None or not p["out"] or (self.asleep and not p["hold"]):
+            return None
+        return p["level"]
+
+    def pin_init(self, pin, mode, pull, value, hold):
+        p = self.pins.setdefault(pin, {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0})
+        if mode is not None:
+            p["out"] = mode in (3, 7)
+        if pull != -1:
+            p["pull"] = {2: "up", 1: "down"}.get(pull)
+        if value is not None:
+            p["reg"] = 1 if value else 0
+        if hold is not None:  # machine_pin.c: drop the hold, apply the config, re-hold if asked
+            p["hold"] = bool(hold)
+        if not p["hold"] or hold is not None:
+            p["level"] = p["reg"]
+
+    def pin_set(self, pin, value):
+        p = self.pins.setdefault(pin, {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0})
+        p["reg"] = value
+        if not p["hold"]:
+            p["level"] = value
+
+    def boot(self, cause):
+        """Chip reset: pads not held return to inputs; the WDT stops except after a soft reset."""
+        self.cause = cause
+        self.asleep = False
+        self.uarts = {}
+        self.wifi_on = False
+        self.nvs_pending = {}
+        if cause != SOFT:
+            self.wdt_timeout = self.wdt_due = None
+        for pin, p in list(self.pins.items()):
+            if not p["hold"]:
+                del self.pins[pin]
+        if cause == PWRON:
+            self.wake = 0
+
+    def power_loss(self):
+        self.rtc = b""
+        self.pins = {}
+        self.boot(PWRON)

@@ -1,0 +1,131 @@
+"""REYAX RYLR998 (SX1262) LoRa module driven by AT commands (REYAX "LoRa AT command guide",
+RYLR998/RYLR498, and the RYLR998 datasheet):
+- UART 115200 8N1 by default (AT+IPR); every command ends with \\r\\n and gets +OK, +ERR=n or a
+  value (+BAND=..., +NETWORKID=..., +CRFOP=..., +PARAMETER=...).
+- AT+SEND=<addr>,<len>,<data>: +OK answers the command; the packet is then on air for the time
+  on air of len + 8 bytes ("the payload part will increase more 8 bytes than the actual data
+  length"). A second AT+SEND before it is done gets +ERR=17 ("last TX was not completed").
+  len > 240: +ERR=13; len not matching the data: +ERR=5.
+- AT+MODE=1 sleeps the module; UART activity wakes it, and the command that woke it is not
+  executed (no reply) — the guide does not say it is, so the model takes the cautious reading.
+- Factory: BAND 915000000, NETWORKID 18, CRFOP 22 dBm, PARAMETER 9,7,1,12 (SF9, 125 kHz, 4/5, 12).
+  Settings are kept in the module's flash (they survive power loss).
+- Current (datasheet): TX ~120 mA at 22 dBm (~45 mA at 14 dBm), RX ~17 mA, sleep ~8 uA."""
+from binlink.wire import airtime
+
+OVERHEAD = 8
+REPLY_MS = 4.0  # command processed, reply starts
+BW_KHZ = {7: 125, 8: 250, 9: 500}
+
+
+class Rylr998:
+    RX_MA = 17.0
+    SLEEP_MA = 0.008
+
+    def __init__(self, transmit):
+        self.transmit = transmit  # transmit(payload bytes, on-air length, sf, bw, dbm)
+        self.baud = 115200
+        self.settings = {"BAND": "915000000", "NETWORKID": "18", "CRFOP": "22", "ADDRESS": "0",
+                         "PARAMETER": "9,7,1,12"}
+        self.asleep = False
+        self.line = b""
+        self.inbound = []
+        self.tx_until = -1.0
+        self.deliver = None
+        self.dead = False
+        self.err17 = 0
+        self.sent = []  # (start ms, payload bytes)
+
+    def sf_bw(self):
+        p = self.settings["PARAMETER"].split(",")
+        return int(p[0]), BW_KHZ.get(int(p[1]), 125)
+
+    def dbm(self):
+        return int(self.settings["CRFOP"])
+
+    def power_on(self):
+        """Supply cut: what was in the buffers is gone; settings kept in the module's flash stay."""
+        self.inbound = []
+        self.tx_until = -1.0
+        self.line = b""
+        self.asleep = False
+
+    def uart_rx(self, data, start, byte_ms, baud):
+        for i, b in enumerate(data):
+            self.inbound.append([start + (i + 1) * byte_ms, b, baud])
+
+    def next_event(self, now):
+        ev = []
+        if self.inbound:
+            ev.append(self.inbound[0][0])
+        if self.tx_until > now:
+            ev.append(self.tx_until)
+        return min(ev) if ev else None
+
+    def step(self, now):
+        while self.inbound and self.inbound[0][0] <= now:
+            at, b, baud = self.inbound.pop(0)
+            if self.dead:
+                continue
+            if baud != self.baud:
+                self.line = b""
+                continue
+            self.line += bytes([b])
+            if self.line.endswith(b"\r\n"):
+                line, self.line = self.line[:-2], b""
+                if self.asleep:
+                    self.asleep = False  # woken: this command is not executed
+                    continue
+                self._reply(self._command(line.decode("latin-1"), at), at)
+
+    def _reply(self, text, at):
+        if text and self.deliver:
+            self.deliver(text.encode() + b"\r\n", at + REPLY_MS, self.baud)
+
+    def _command(self, line, at):
+        if line == "AT":
+            return "+OK"
+        if not line.startswith("AT+"):
+            return "+ERR=2"
+        name, _, arg = line[3:].partition("=")
+        if name.endswith("?"):
+            key = name[:-1]
+            return "+%s=%s" % (key, self.settings[key]) if key in self.settings else "+ERR=4"
+        if name == "SEND":
+            return self._send(arg, at)
+        if name == "MODE":
+            self.asleep = arg.split(",")[0] == "1"
+            return "+OK"
+        if name == "IPR":
+            self.baud = int(arg)
+            return "+OK"
+        if name in self.settings:
+            self.settings[name] = arg
+            return "+OK"
+        return "+ERR=4"
+
+    def _send(self, arg, at):
+        parts = arg.split(",", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            return "+ERR=4"
+        n, data = int(parts[1]), parts[2].encode("latin-1")
+        if n > 240:
+            return "+ERR=13"
+        if n != len(data):
+            return "+ERR=5"
+        if at < self.tx_until:
+            self.err17 += 1
+            return "+ERR=17"
+        sf, bw = self.sf_bw()
+        start = at + REPLY_MS
+        self.tx_until = start + airtime.time_on_air_ms(n + OVERHEAD, sf, bw)
+        self.sent.append((start, data))
+        self.transmit(data, n + OVERHEAD, sf, bw, self.dbm())
+        return "+OK"
+
+    def current_ma(self, now):
+        if self.dead:
+            return 0.0
+        if now < self.tx_until:
+            return 120.0 if self.dbm() > 17 else 45.0
+        return self.SLEEP_MA if self.asleep else self.RX_MA

@@ -1,0 +1,23 @@
+# The MicroPython API stand-ins' one way out: every call goes to the simulated board on the host.
+# On the MicroPython VM `hw_call` is the session's host function (JSON: bytes travel as hex); on
+# CPython the loader (binlink.sim.parts.board) puts the board's dispatcher in this module's globals.
+try:
+    hw_call
+except NameError:
+    import __main__
+
+    hw_call = __main__.hw_call
+
+
+class Halt(BaseException):
+    """The chip reset or entered deep sleep: nothing after this point runs (not even `finally`
+    blocks, which the board answers with Halt again)."""
+
+
+def call(op, *args):
+    r = hw_call(op, list(args))
+    if type(r) is dict:
+        if "halt" in r:
+            raise Halt(r["halt"])
+        raise OSError(r["oserror"])
+    return r

@@ -1,0 +1,364 @@
+"""The firmware against the part models (simulator/parts): every field finding of issue 9 has a
+test here that failed before the firmware was fixed. Wake-cycle tests run on CPython and on the
+MicroPython VM; the firmware's own hw.py drives the models through machine/esp32/... stand-ins."""
+import random
+
+import pytest
+
+from binlink.firmware import config, state
+from binlink.sim.device import SimDevice
+from binlink.sim.parts import e22 as e22_model
+from binlink.wire import codec
+
+KEY = bytes(range(16))  # TEST KEY
+T0 = 1_790_000_000.0
+
+
+@pytest.fixture(scope="module")
+def vm():
+    from binlink.sim.vm import FirmwareVM
+
+    v = FirmwareVM()
+    yield v
+    v.close()
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def make_device(request, vm):
+    def make(seed=1, **kw):
+        clock = [T0]
+        d = SimDevice(random.Random(seed), 0xA1, KEY, lambda: clock[0],
+                      vm=vm if request.param == "micropython" else None, **kw)
+        d.clock_ref = clock
+        d.interp = request.param
+        return d
+
+    return make
+
+
+def run(dev, cycles):
+    for _ in range(cycles):
+        sleep = dev.wake()
+        dev.clock_ref[0] += sleep
+        dev.bin.advance(dev.clock_ref[0])
+
+
+def gateway_accepts(dev):
+    """The gateway's counter rule (codec.verify with the last accepted counter): every frame on air
+    must verify in order; none may repeat a counter."""
+    last = None
+    for f in dev.frames():
+        try:
+            last = codec.verify(f, KEY, last)
+        except codec.ProtocolError as e:
+            return "frame %s refused: %s" % (f.hex(), e.reason)
+    return None
+
+
+def decoded(dev):
+    out, last = [], None
+    for f in dev.frames():
+        d = codec.decode(f, KEY, last)
+        last = d["fcnt"]
+        out.append(d)
+    return out
+
+
+# a counter is never reused, whatever resets when ---------------------------------------------
+
+@pytest.mark.parametrize("kind", ["watchdog", "brownout", "power_loss"])
+def test_a_reset_at_any_step_never_reuses_a_counter(make_device, kind):
+    """A reset injected at every hardware call of a cold-boot wake and of a normal wake (on the
+    VM every 20th: it runs ~40x slower): no counter twice on air, the gateway accepts every frame,
+    and the device reports again on the reboot. Before the fix the RTC state was saved only at the
+    end of the cycle: a watchdog reset after a send restored the old counter and sent it again."""
+    step = 20 if make_device().interp == "micropython" else 1
+    for wake_no in (0, 1):  # a cold-boot wake (module check, hello, reading), a reporting wake
+        probe = make_device(report_s=900, nvs_every=4)
+        probe.vm = None
+        run(probe, wake_no + 1)
+        for at in range(1, probe.hw.ops + 1, step):  # the same seed: the same calls in the same order
+            dev = make_device(report_s=900, nvs_every=4)
+            vm, dev.vm = dev.vm, None
+            run(dev, wake_no)  # the prefix on CPython: state lives in the board, not the interpreter
+            dev.vm = vm
+            dev.hw.inject_reset(at, kind)
+            run(dev, 1)  # the wake, the reset, and the reboot that follows at once
+            assert dev.resets == 1, (kind, wake_no, at)
+            assert len(set(dev.counters)) == len(dev.counters), (kind, wake_no, at, dev.counters)
+            assert gateway_accepts(dev) is None, (kind, wake_no, at, gateway_accepts(dev))
+            assert any(d["type"] == "reading" for d in decoded(dev)[-2:]), (kind, wake_no, at)
+
+
+# EBYTE E22 / E32 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["e22", "e32"])
+def test_every_first_frame_after_wake_reaches_the_air(make_device, transport):
+    """The module reconfigures for a few ms after M0/M1 change (AUX low); bytes written before the
+    new mode is in force are lost. Every frame written must go on air whole."""
+    dev = make_device(transport=transport, report_s=900)
+    run(dev, 4)
+    assert dev.hw.radio.lost_bytes == 0
+    kinds = [d["type"] for d in decoded(dev)]
+    assert kinds == ["hello", "reading", "reading", "reading", "reading"], kinds
+
+
+def test_e22_sleeps_through_deep_sleep_with_held_mode_pins(make_device):
+    dev = make_device()
+    run(dev, 2)
+    hw, c = dev.hw, dev.cfg
+    assert hw.halted == "deepsleep" and hw.esp.asleep
+    assert hw.esp.pad(c["radio_m0_pin"]) == 1 and hw.esp.pad(c["radio_m1_pin"]) == 1  # held
+    hw.radio.step(hw.now + 10)
+    assert hw.radio.mode == e22_model.MODE3 and hw.radio.current_ma(hw.now + 10) < 0.01
+
+
+@pytest.mark.parametrize("transport", ["e22", "e32"])
+def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, transport):
+    """Factory modules transmit at 20-22 dBm (above EU868's 14 dBm ERP) at an air rate the duty
+    cycle maths knows nothing of: the firmware writes power and air rate, and after a module swap
+    (factory settings again) a cold boot writes them again."""
+    dev = make_device(transport=transport, sf=10)
+    run(dev, 1)
+    r = dev.hw.radio
+    assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14
+    assert r.air() == (10, 125)
+    fresh = type(r)(r.m0, r.m1, r.aux, r.transmit)
+    r.regs[:] = fresh.regs
+    if transport == "e32":
+        r.params[:] = fresh.params
+    dev.hw.power_loss()
+    run(dev, 1)
+    assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14 and r.air() == (10, 125)
+
+
+# REYAX RYLR998 -----------------------------------------------------------------------------------
+
+def test_rylr998_backlog_drains_without_err17_and_module_sleeps(make_device):
+    """+OK answers the command, not the end of the transmission: hello + reading and backlog +
+    reading pairs must wait out the time on air (8 bytes of module overhead included)."""
+    dev = make_device(transport="rylr998", report_s=900)
+    run(dev, 1)
+    dev.hw.module_down = True
+    run(dev, 5)
+    assert len(state.unpack(dev.hw.rtc).backlog) == 5
+    dev.hw.module_down = False
+    run(dev, 2)
+    r = dev.hw.radio
+    assert r.err17 == 0
+    assert not state.unpack(dev.hw.rtc).backlog
+    assert r.baud == 115200 and dev.cfg["radio_uart"][1] == 115200
+    assert r.settings["BAND"] == "868500000" and int(r.settings["CRFOP"]) <= 14
+    assert r.settings["PARAMETER"].startswith("%d,7" % dev.cfg["sf"])
+    assert r.asleep  # AT+MODE=1 before deep sleep: ~8 uA, not ~17 mA listening
+    rs = [x for d in decoded(dev) for x in (d.get("readings") or [d] if d["type"] != "hello" else [])]
+    assert len(rs) == 1 + 5 + 2
+
+
+# DS18B20 -----------------------------------------------------------------------------------------
+
+def test_temperature_sensor_faults_cost_the_temperature_not_the_reading(make_device):
+    dev = make_device(report_s=900)
+    run(dev, 1)
+    dev.hw.thermo.crc_errors = 5  # every read in this wake arrives corrupted
+    run(dev, 1)
+    dev.hw.thermo.absent = True
+    run(dev, 1)
+    rs = [d for d in decoded(dev) if d["type"] == "reading"]
+    assert len(rs) == 3
+    assert rs[0]["temperature_c"] is not None
+    assert rs[1]["temperature_c"] is None and rs[1]["distance_mm"] is not None
+    assert rs[2]["temperature_c"] is None and rs[2]["distance_mm"] is not None
+    assert state.unpack(dev.hw.rtc).errors == 0
+
+
+def test_power_on_85c_is_not_a_fire(make_device):
+    dev = make_device(report_s=900)
+    dev.hw.thermo.lose_conversions = 1  # the scratchpad still holds its power-on +85.0 °C
+    run(dev, 1)
+    r = [d for d in decoded(dev) if d["type"] == "reading"][0]
+    assert "fire" not in r["flags"] and r["temperature_c"] is not None and r["temperature_c"] < 30
+    dev.hw.hot_c = 85.0  # a real fire reads 85 on every conversion
+    run(dev, 1)
+    assert "fire" in [d for d in decoded(dev) if d["type"] == "reading"][-1]["flags"]
+
+
+# A02YYUW -----------------------------------------------------------------------------------------
+
+def test_a02yyuw_streaming_every_ping_gets_a_frame(make_device):
+    dev = make_device(sensor="a02yyuw", report_s=900)
+    run(dev, 4)
+    rs = [d for d in decoded(dev) if d["type"] == "reading"]
+    assert len(rs) == 4
+    # a frame for (nearly) every ping: only the acoustics' own no-echo / stray-echo rate is lost
+    assert sum(r["valid_pings"] for r in rs) >= 16, [r["valid_pings"] for r in rs]
+    for r in rs:
+        assert "sensor_fault" not in r["flags"]
+        assert abs(r["distance_mm"] - dev.truth[r["fcnt"]][1]) <= 60
+
+
+# power ---------------------------------------------------------------------------------------------
+
+def test_sleeping_custom_board_draws_microamps(make_device):
+    """Sensor rail and battery divider switched off, radio asleep: the sleeping board draws what
+    the chip and the regulator do, not the JSN-SR04T's ~5 mA or the divider's ~18 uA."""
+    dev = make_device(report_s=900)
+    run(dev, 2)
+    hw = dev.hw
+    assert hw.current_ma() < 0.02, hw.current_ma()
+    for r in [d for d in decoded(dev) if d["type"] == "reading"]:  # and both were on when needed
+        assert "sensor_fault" not in r["flags"] and "low_battery" not in r["flags"], r
+        assert r["battery_mv"] > 3300
+
+
+# Wi-Fi -----------------------------------------------------------------------------------------
+
+def test_silent_broker_ends_in_a_timeout_not_a_watchdog_reset(make_device):
+    dev = make_device(transport="wifi", wifi_ssid="depot", mqtt_host="10.0.0.2", report_s=900)
+    run(dev, 1)
+    assert len(dev.hw.mqtt_sent) == 2
+    dev.hw.wifi["broker"] = "silent"  # TCP up, no CONNACK/PUBACK ever
+    run(dev, 1)
+    assert dev.resets == 0 and dev.hw.esp.cause != 3
+    assert len(state.unpack(dev.hw.rtc).backlog) == 1
+    dev.hw.wifi["ap"] = False  # out of reach: the connect gives up after its 8 s
+    run(dev, 1)
+    assert dev.resets == 0 and len(state.unpack(dev.hw.rtc).backlog) == 2
+    dev.hw.wifi.update(ap=True, broker="ok")
+    run(dev, 1)
+    assert not state.unpack(dev.hw.rtc).backlog and gateway_accepts(dev) is None
+
+
+# config --------------------------------------------------------------------------------------------
+
+def test_transport_and_sensor_typos_are_refused_when_the_config_is_written():
+    cfg, _, problems = config.parse({"device_id": 1, "key": "00" * 16, "transport": "e23", "sensor": "a02"})
+    assert any("transport must be one of" in p for p in problems)
+    assert any("sensor must be one of" in p for p in problems)
+    assert cfg["transport"] == config.DEFAULTS["transport"]  # a board that got one anyway still runs
+
+
+def test_provisioning_refuses_a_transport_typo(tmp_path):
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import flash
+
+    with pytest.raises(flash.FlashError, match="transport must be one of"):
+        flash.provision("park-1", str(tmp_path / "reg.toml"), str(tmp_path / "out"), 1100, 200, "e23", "jsn-sr04t")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_radio_uart_defaults_to_the_modules_factory_rate():
+    base = {"device_id": 1, "key": "00" * 16}
+    assert config.parse(dict(base, transport="rylr998"))[0]["radio_uart"][1] == 115200
+    assert config.parse(dict(base, transport="e22"))[0]["radio_uart"][1] == 9600
+    cfg, _, problems = config.parse(dict(base, radio_uart="uart1"))
+    assert problems and cfg["radio_uart"] == [1, 9600, 26, 27]
+
+
+def test_a_dead_e22_costs_one_timeout_per_wake_and_the_readings_wait(make_device):
+    dev = make_device(report_s=900)
+    run(dev, 1)
+    dev.hw.module_down = True  # AUX stays low: the module is unpowered or broken
+    run(dev, 2)
+    assert dev.hw.awake_ms < 5000, dev.hw.awake_ms  # one 3 s AUX timeout, not one per frame
+    assert len(state.unpack(dev.hw.rtc).backlog) == 2
+    dev.hw.module_down = False
+    run(dev, 1)
+    assert not state.unpack(dev.hw.rtc).backlog
+    assert gateway_accepts(dev) is None
+
+
+# the models themselves, as their sources say -----------------------------------------------------
+
+def _board(**kw):
+    d = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0, **kw)
+    d.hw.power_on(T0)
+    return d.hw
+
+
+def test_esp32_watchdog_survives_soft_reset_and_rtc_survives_watchdog_not_power_loss():
+    hw = _board()
+    hw.dispatch("rtc_memory_write", [b"BLx".hex()])
+    hw.dispatch("wdt_init", [1000])
+    assert hw.dispatch("sleep_us", [500_000]) is None
+    assert hw.dispatch("sleep_us", [600_000]) == {"halt": "watchdog"}  # not fed for 1 s
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("reset_cause", []) == 3 and hw.dispatch("rtc_memory", []) == b"BLx".hex()
+    hw.dispatch("wdt_init", [1000])
+    hw.inject_reset(1, "soft")
+    hw.dispatch("ticks_us", [])
+    hw.wake_up(hw.epoch())
+    assert hw.esp.wdt_due is not None  # still armed after the soft reset: it cannot be stopped
+    hw.power_loss()
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("reset_cause", []) == 1 and hw.dispatch("rtc_memory", []) == ""
+
+
+def test_esp32_nvs_needs_commit_and_held_pins_ignore_value():
+    hw = _board()
+    hw.dispatch("nvs_set", ["binlink", "fcnt", 16])
+    hw.inject_reset(1, "watchdog")
+    hw.dispatch("ticks_us", [])
+    hw.wake_up(hw.epoch())
+    assert hw.dispatch("nvs_get", ["binlink", "fcnt"]) is None  # never committed
+    hw.dispatch("pin_init", [25, 3, -1, 1, True])
+    hw.dispatch("pin_set", [25, 0])
+    assert hw.esp.pad(25) == 1  # held: value() does not reach the pad
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    assert hw.esp.pad(25) == 0  # init drops the hold, applies, holds again (machine_pin.c)
+    hw.dispatch("deepsleep", [1000])
+    assert hw.esp.pad(25) == 0 and hw.esp.pad(23) is None  # held pad kept; unheld pads float
+
+
+def test_e22_drops_bytes_written_before_the_new_mode_is_in_force():
+    hw = _board()
+    r = hw.radio
+    hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])
+    hw.dispatch("pin_init", [25, 3, -1, 1, True])
+    hw.dispatch("pin_init", [14, 3, -1, 1, True])
+    hw.dispatch("sleep_us", [20_000])
+    assert r.mode == e22_model.MODE3
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("pin_init", [14, 3, -1, 0, True])  # sleep -> normal
+    hw.dispatch("uart_write", [1, "00112233"])  # at once: the module is still reconfiguring
+    hw.dispatch("sleep_us", [50_000])
+    assert r.lost_bytes == 4 and not r.packets
+    assert hw.dispatch("pin_value", [13]) == 1
+    hw.dispatch("uart_write", [1, "00112233"])
+    hw.dispatch("sleep_us", [10_000])
+    assert hw.dispatch("pin_value", [13]) == 0  # on air
+    hw.dispatch("sleep_us", [300_000])
+    assert len(r.packets) == 1 and hw.dispatch("pin_value", [13]) == 1
+
+
+def test_rylr998_second_send_while_on_air_gets_err17():
+    hw = _board(transport="rylr998")
+    hw.dispatch("uart_init", [1, 115200, 26, 27, 0, 256])
+    send = (b"AT+SEND=0,4,ABCD\r\n").hex()
+    hw.dispatch("uart_write", [1, send])
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"+OK\r\n"  # before the end of TX
+    hw.dispatch("uart_write", [1, send])
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"+ERR=17\r\n"
+    hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])  # the wrong baud: nothing understood
+    hw.dispatch("uart_write", [1, b"AT\r\n".hex()])
+    hw.dispatch("sleep_us", [50_000])
+    assert hw.dispatch("uart_read", [1, -1]) is None
+
+
+def test_ds18b20_power_on_value_until_a_conversion_completes():
+    hw = _board()
+    ds, rom = hw.thermo, hw.thermo.rom.hex()
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] == b"\x50\x05"  # +85.0 °C
+    hw.dispatch("ds_convert", [4])
+    hw.dispatch("sleep_us", [100_000])  # < 750 ms at the power-on 12 bits
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] == b"\x50\x05"
+    hw.dispatch("sleep_us", [700_000])
+    assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] != b"\x50\x05"
+    ds.absent = True
+    assert hw.dispatch("ow_reset", [4]) is False
