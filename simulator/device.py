@@ -53,7 +53,7 @@ class SimDevice:
 
     def _on_air(self, data, on_air_len, sf=0, bw=0, dbm=0):
         payload = bytes.fromhex(data.decode()) if self.cfg["transport"] == "rylr998" else bytes(data)
-        frames = self._frames_in(payload)
+        frames = self.frames_in(payload)
         self.frames_sent += len(frames)
         for f in frames:
             try:
@@ -102,9 +102,9 @@ class SimDevice:
 
     def frames(self):
         """Every protocol frame this device put on air, in order."""
-        return [f for _, p in self.sent for f in self._frames_in(p)]
+        return [f for _, p in self.sent for f in self.frames_in(p)]
 
-    def _frames_in(self, data):
+    def frames_in(self, data):
         """Protocol frames in what went on air: bare for RYLR998 and Wi-Fi, COBS + CRC framed
         otherwise (what the gateway's deframer makes of it: garbage is dropped)."""
         if self.cfg["transport"] in ("rylr998", "wifi"):

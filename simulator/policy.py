@@ -19,7 +19,6 @@ import random
 from binlink.gateway import calibration, events, forecast, planner, registry
 from binlink.gateway.config import Events
 from binlink.sim.fleet import Fleet
-from binlink.sim.hardware import frames_in
 from binlink.wire import codec
 
 DAY = 86400.0
@@ -137,7 +136,7 @@ def _receiver(tr, rng, loss, rules):
 
     def receive(dev, payload, on_air_len):
         now = dev.clock()
-        for frame in frames_in(payload):
+        for frame in dev.frames_in(payload):
             if rng.random() < loss:
                 continue  # lost on air: the forecast must live with missing readings
             try:

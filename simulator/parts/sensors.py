@@ -15,7 +15,7 @@ whether or not anyone reads. Current <= 8 mA.
 DS18B20 (Maxim datasheet): conversion 93.75/187.5/375/750 ms at 9/10/11/12 bits; the scratchpad
 keeps the previous value until a conversion completes, and holds +85.0 °C after power-on;
 byte 8 is the Dallas CRC8 of bytes 0-7. Standby ~1 uA, converting ~1.5 mA."""
-import random
+
 
 CONVERSION_MS = {9: 93.75, 10: 187.5, 11: 375.0, 12: 750.0}
 
