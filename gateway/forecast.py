@@ -231,20 +231,28 @@ class ForecastStore:
         return f.rate_pct_per_day(), f.full_at()
 
     def save(self):
-        """One transaction for the bins updated since the last save (called after each group commit)."""
+        """One transaction for the bins updated since the last save (called after each group commit);
+        False when it could not be written (they stay to be saved with a later group)."""
         if not self._dirty:
             return
         rows = [(b, self.bins[b].to_bytes()) for b in self._dirty]
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT OR REPLACE INTO forecast (bin_id, state) VALUES (?, ?)", rows)
+        except sqlite3.Error:  # a full disk: derived data, kept in memory and saved with a later group
+            return False
         self._dirty.clear()
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR REPLACE INTO forecast (bin_id, state) VALUES (?, ?)", rows)
+        return True
 
     def firmware(self):
         return dict(self.db.execute("SELECT device, version FROM firmware"))
 
     def set_firmware(self, device, version):
-        self.db.execute("INSERT OR REPLACE INTO firmware (device, version) VALUES (?, ?)", (device, version))
+        try:
+            self.db.execute("INSERT OR REPLACE INTO firmware (device, version) VALUES (?, ?)", (device, version))
+        except sqlite3.Error:
+            pass  # a full disk: the next hello brings the version again
 
     def close(self):
         self.save()

@@ -133,9 +133,13 @@ class Discovery:
             else:
                 self.published.pop(topic, None)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.published, f, sort_keys=True)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.published, f, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:  # a full disk: after a restart discovery is sent again, which is harmless
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _legacy_topics(prefix, device):

@@ -108,7 +108,8 @@ class Pipeline:
             # counted once on disk: a crash before the commit must not show as accepted
             self.metrics.accepted.inc(batch.accepted)
             self.metrics.readings.inc(readings)
-            self.forecasts.save()
+            if not self.forecasts.save() and self._log_limit.allow("forecast", now):
+                logs.event(log, logging.WARNING, "forecasts not saved (disk full?): kept in memory, saved later")
         if self._claims:
             self.shared.confirm(self._claims)
             self._claims = []

@@ -93,7 +93,13 @@ def test_full_disk_refuses_frames_stays_up_and_resumes_by_itself(tmp_path, small
         gw.kill()
 
 
-def test_full_disk_while_the_publisher_works_off_a_backlog(tmp_path, small_disk, broker, pty):
+def test_full_disk_while_the_publisher_works_off_a_backlog(tmp_path, small_disk, pty):
+    """The subscriber's session persists in the broker, so it misses nothing whichever of it and
+    the gateway's publisher reconnects first after the broker's restart."""
+    from binlink.sim.broker import Mosquitto
+
+    broker = Mosquitto(persistent=True).start()
+    sub = Subscriber(broker.port, persistent=True)
     gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
     try:
         broker.kill()
@@ -101,19 +107,18 @@ def test_full_disk_while_the_publisher_works_off_a_backlog(tmp_path, small_disk,
         wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 200, what="200 accepted with the broker down")
         filler = _fill(small_disk)
         broker.start()
-        sub = Subscriber(broker.port)
-        try:
-            # acks cannot be written, yet publishing goes on from what the outbox holds
-            wait_for(lambda: len(set(_uplink_ids(sub))) == 200, timeout=60, what="backlog published on a full disk")
-            assert gw.alive() and "Traceback" not in gw.output()
-            os.unlink(filler)
-            wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="acks written after room returned")
-            _send(pty, [201])
-            wait_for(lambda: "0000a1:0:201" in _uplink_ids(sub), what="a new frame after room returned")
-        finally:
-            sub.close()
+        # acks cannot be written, yet publishing goes on from what the outbox holds
+        wait_for(lambda: len(set(_uplink_ids(sub))) == 200, timeout=60,
+                 what="backlog published on a full disk (%d seen)" % len(set(_uplink_ids(sub))))
+        assert gw.alive() and "Traceback" not in gw.output()
+        os.unlink(filler)
+        wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="acks written after room returned")
+        _send(pty, [201])
+        wait_for(lambda: "0000a1:0:201" in _uplink_ids(sub), what="a new frame after room returned")
     finally:
+        sub.close()
         gw.kill()
+        broker.stop()
 
 
 # damaged or lost state --------------------------------------------------------------------
