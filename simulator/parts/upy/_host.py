@@ -19,5 +19,7 @@ def call(op, *args):
     if type(r) is dict:
         if "halt" in r:
             raise Halt(r["halt"])
+        if "interrupt" in r:  # Ctrl-C on a virtual board's console
+            raise KeyboardInterrupt
         raise OSError(r["oserror"])
     return r
