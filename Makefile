@@ -28,8 +28,8 @@ system-deps:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" sh tools/system-deps.sh
 
 test: system-deps $(STAMP)
-	@echo "==> running the test suite"
-	@$(PY) -m pytest -q
+	@echo "==> running the test suite (two workers: most tests wait on brokers, ptys and processes)"
+	@$(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	@echo "==> running benchmarks (results in build/bench.json)"

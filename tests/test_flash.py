@@ -13,6 +13,8 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import flash  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("build")  # these share build/ (firmware, wheels): one worker runs them all
+
 
 def make(*args, **env):
     e = dict(os.environ, **env)

@@ -172,6 +172,7 @@ def test_gateway_commands_run_without_the_simulator_extra(tmp_path):
     assert r.returncode == 2 and "binlink[sim]" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.xdist_group("build")  # setuptools builds in build/ too
 def test_wheel_holds_no_firmware_modules_and_no_simulator_dependencies(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
                        capture_output=True, text=True, timeout=600)

