@@ -199,7 +199,8 @@ class BinForecast:
                 continue
             rate = day[hour] * week[weekday]
             if rate >= need:
-                return t + need / rate * HOUR
+                at = t + need / rate * HOUR
+                return at if at <= end else None  # the last hour may reach past the horizon
             need -= rate
             t += HOUR
         return None

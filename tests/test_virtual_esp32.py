@@ -231,7 +231,7 @@ def test_a_flash_cut_off_half_way_leaves_no_orphan_key_and_a_retry_succeeds(benc
     # (what the command contains, which occurrence): the .mpy check; mpremote's write of a chunk;
     # the second file listing (the first looks for stale files, the second verifies)
     for when in (("_mpy", 1), ("w(b", 1), ("_walk(", 2)):
-        for _ in range(2):  # a flash that failed before reaching the cut (see the closing note) is run again
+        for _ in range(3):  # a flash that failed before reaching its cut (a known flake under load) is run again
             cut["when"], cut["seen"] = when, 0
             r = make_flash(esptool, board, tmp_path, "FLASH_TIMEOUT_S=15")
             if cut["when"] is None:
