@@ -29,6 +29,16 @@ def mpy_session():
     s.close()
 
 
+@pytest.fixture(scope="module")
+def vm():
+    """The firmware's wake cycles on the MicroPython VM, one VM per test module (binlink.sim.vm)."""
+    from binlink.sim.vm import FirmwareVM
+
+    v = FirmwareVM()
+    yield v
+    v.close()
+
+
 @pytest.fixture
 def broker():
     from binlink.sim.broker import Mosquitto

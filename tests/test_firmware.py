@@ -13,15 +13,6 @@ from binlink.sim.device import SimDevice
 KEY = bytes(range(16))  # TEST KEY
 
 
-@pytest.fixture(scope="module")
-def vm():
-    from binlink.sim.vm import FirmwareVM
-
-    v = FirmwareVM()
-    yield v
-    v.close()
-
-
 @pytest.fixture(params=["cpython", "micropython"])
 def make_device(request, vm):
     clock = [1_790_000_000.0]

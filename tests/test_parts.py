@@ -14,15 +14,6 @@ KEY = bytes(range(16))  # TEST KEY
 T0 = 1_790_000_000.0
 
 
-@pytest.fixture(scope="module")
-def vm():
-    from binlink.sim.vm import FirmwareVM
-
-    v = FirmwareVM()
-    yield v
-    v.close()
-
-
 @pytest.fixture(params=["cpython", "micropython"])
 def make_device(request, vm):
     def make(seed=1, **kw):
