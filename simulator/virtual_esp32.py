@@ -19,6 +19,7 @@ time (scaled by `time_scale`), as they do for a technician's tool on the other e
 import os
 import pty
 import queue
+import select
 import threading
 import time
 import tty
@@ -31,6 +32,7 @@ CTRL_A, CTRL_B, CTRL_C, CTRL_D, CTRL_E = 1, 2, 3, 4, 5
 RAW_PASTE_WINDOW = 128  # MICROPY_REPL_STDIN_BUFFER_MAX (256) / 2, as pyexec.c computes it
 BANNER = b"MicroPython v1.27.0 on 2026-06-02; Generic ESP32 module with ESP32\r\nType \"help()\" for more information.\r\n"
 FUEL_PER_RUN = 20 * 10**9
+WRITE_STALL_S = 10.0  # a host that has not read for this long: the board's output is dropped
 
 
 def _rom_source():
@@ -120,9 +122,11 @@ class VirtualESP32:
         self.time_scale = time_scale
         self.sleep_scale = sleep_scale
         self.link = link  # a stable path to the port, like /dev/serial/by-id/...: it survives a replug
-        self._master = self._slave = None
+        self._master = None  # the port's host side, written under _port_lock; None while unplugged
+        self._port_lock = threading.Lock()
+        self._unplugged = threading.Event()  # tells the current port's reader to close it
         self._powered = False
-        self._open_port()
+        self._running = True
         self.boots = []  # (reset cause, wall time) per boot: what tests look at
         self.log = []  # console output of boot.py/main.py runs, decoded
         self._input = queue.Queue()
@@ -130,26 +134,30 @@ class VirtualESP32:
         self._pending_reset = None  # a power-on requested from outside (EN pin, power)
         self._halt = None  # the board stopped the chip: "deepsleep" or the kind of reset
         self._synced = time.monotonic()  # real time the board's clock has been brought up to
-        self._running = True
         self._session = None
         self._raw = False
+        self._open_port()
         self._cpu = threading.Thread(target=self._run, name="esp32-cpu", daemon=True)
-        self._start_reader()
         self._powered = True
         self._cpu.start()
 
     def _open_port(self):
-        self._master, self._slave = pty.openpty()
-        tty.setraw(self._slave)
-        self.port = os.ttyname(self._slave)
+        """A new pseudo-terminal with its own reader thread, which alone closes its descriptors
+        (once unplugged): closed from here, a number the next port reuses could still be read by
+        the old thread, which would then take the board's output meant for the host."""
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)  # a write never blocks while holding the port (see _write)
+        self.port = os.ttyname(slave)
         if self.link:
             if os.path.lexists(self.link):
                 os.unlink(self.link)
             os.symlink(self.port, self.link)
             self.port = self.link
-
-    def _start_reader(self):
-        threading.Thread(target=self._read_console, args=(self._master,), name="esp32-uart0", daemon=True).start()
+        with self._port_lock:
+            self._master, self._unplugged = master, threading.Event()
+        threading.Thread(target=self._read_console, args=(master, slave, self._unplugged),
+                         name="esp32-uart0", daemon=True).start()
 
     def unplug(self):
         """The USB cable pulled: the port vanishes under whoever has it open, and the board, powered
@@ -161,15 +169,12 @@ class VirtualESP32:
     def _close_port(self):
         if self.link and os.path.lexists(self.link):
             os.unlink(self.link)
-        for fd in (self._master, self._slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._port_lock:
+            self._master = None
+            self._unplugged.set()
 
     def plug(self):
         self._open_port()
-        self._start_reader()
         self._powered = True
 
     # ---- outside world: buttons and power ----
@@ -188,26 +193,53 @@ class VirtualESP32:
         self._drop_session()
 
     # ---- console ----
-    def _read_console(self, fd):
-        while self._running:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            for c in data:
-                if c == CTRL_C and self._executing:
-                    self._interrupt.set()  # KeyboardInterrupt at the running script's next call
-                self._input.put(c)
+    def _read_console(self, master, slave, unplugged):
+        try:
+            while self._running and not unplugged.is_set():
+                if not select.select([master], [], [], 0.05)[0]:
+                    continue
+                try:
+                    data = os.read(master, 4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                for c in data:
+                    if c == CTRL_C and self._executing:
+                        self._interrupt.set()  # KeyboardInterrupt at the running script's next call
+                    self._input.put(c)
+        finally:
+            with self._port_lock:
+                if self._master == master:
+                    self._master = None
+                os.close(master)
+                os.close(slave)
 
     def _write(self, data):
+        """To the host, as fast as it reads; a host that stops reading for WRITE_STALL_S (or no
+        host, or no cable) loses the rest, as a UART's bytes with nobody listening are lost."""
         if isinstance(data, str):
             data = data.encode()
-        try:
-            os.write(self._master, data)
-        except OSError:
-            pass
+        view, stalled_since = memoryview(data), None
+        while view:
+            with self._port_lock:
+                if self._master is None:
+                    return  # unplugged: the output goes nowhere
+                try:
+                    view = view[os.write(self._master, view):]
+                    stalled_since = None
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return
+            now = time.monotonic()
+            stalled_since = stalled_since or now
+            if now - stalled_since > WRITE_STALL_S:
+                return
+            time.sleep(0.002)
 
     def _cooked(self, text):
         return text.replace("\r\n", "\n").replace("\n", "\r\n").encode()
