@@ -23,6 +23,7 @@ hours between two readings (at most MAX_GAP_H), predicting walks at most HORIZON
 import math
 import sqlite3
 import struct
+import time
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -206,8 +207,13 @@ class BinForecast:
         return None
 
 
+SAVE_EVERY_S = 300.0  # forecasts are derived data: a power cut costs at most this much learning
+
+
 class ForecastStore:
-    """Every bin's forecast, kept in SQLite in the gateway's state folder, so a restart forgets nothing."""
+    """Every bin's forecast, kept in SQLite in the gateway's state folder, so a restart forgets
+    (almost) nothing. Saved every SAVE_EVERY_S, not with each group commit: at a site's few frames
+    a minute, a transaction per reading would double what the SD card is written."""
 
     def __init__(self, path, pickup_drop_pct=15.0):
         self.db = sqlite3.connect(path, isolation_level=None)
@@ -221,6 +227,7 @@ class ForecastStore:
         self.pickup_drop_pct = pickup_drop_pct
         self.bins = {bin_id: BinForecast.from_bytes(blob) for bin_id, blob in self.db.execute("SELECT bin_id, state FROM forecast")}
         self._dirty = set()
+        self._saved_at = time.monotonic()
 
     def update(self, bin_id, t, fill):
         """Learns one reading; returns (fill_rate_pct_per_day, full_at seconds or None)."""
@@ -231,11 +238,11 @@ class ForecastStore:
         self._dirty.add(bin_id)
         return f.rate_pct_per_day(), f.full_at()
 
-    def save(self):
-        """One transaction for the bins updated since the last save (called after each group commit);
-        False when it could not be written (they stay to be saved with a later group)."""
-        if not self._dirty:
-            return
+    def save(self, force=False):
+        """One transaction for the bins updated since the last save, when SAVE_EVERY_S has passed
+        (or force); False when it could not be written (they stay to be saved later)."""
+        if not self._dirty or not (force or time.monotonic() - self._saved_at >= SAVE_EVERY_S):
+            return True
         rows = [(b, self.bins[b].to_bytes()) for b in self._dirty]
         try:
             with self.db:
@@ -244,6 +251,7 @@ class ForecastStore:
         except sqlite3.Error:  # a full disk: derived data, kept in memory and saved with a later group
             return False
         self._dirty.clear()
+        self._saved_at = time.monotonic()
         return True
 
     def firmware(self):
@@ -256,5 +264,5 @@ class ForecastStore:
             pass  # a full disk: the next hello brings the version again
 
     def close(self):
-        self.save()
+        self.save(force=True)
         self.db.close()

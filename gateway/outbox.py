@@ -195,8 +195,14 @@ class Outbox:
         self._heads = None  # (counters, bins) as committed; loaded when first needed
         self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
         self._saved_at = time.monotonic()
+        self._acks = []  # broker acknowledgements not written yet: see defer_acks
 
     def close(self):
+        if self._acks:
+            try:
+                self.write_acks()
+            except StorageFull:
+                pass  # published again after the restart, under the same ids
         if self.durable and any(self._unsaved):
             try:
                 self.write(lambda db: _save_heads(db, *self._unsaved))
@@ -224,16 +230,22 @@ class Outbox:
             raise
 
     def commit(self, batch):
-        """Writes a batch in one transaction; returns the change in pending messages.
+        """Writes a batch, and the acknowledgements deferred so far, in one transaction; returns the
+        change in pending messages.
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
         counters, bins = self._load_heads()
         save_all = time.monotonic() - self._saved_at >= SAVE_HEADS_S
         state_ids, lazy = {}, ({}, {})
-        pending = self.write(lambda db: _commit(db, batch, self._pending_states, state_ids, counters, bins,
-                                                self._unsaved if save_all else None, lazy))
+        acks = self._acks
+
+        def work(db):
+            return _commit(db, batch, self._pending_states, state_ids, counters, bins,
+                           self._unsaved if save_all else None, lazy) - _ack(db, acks, time.time())
+        pending = self.write(work)
         # only once committed
+        self._acks = []
         self._pending_states.update(state_ids)
         counters.update(batch.counters)
         bins.update(batch.bins)
@@ -290,19 +302,34 @@ class Outbox:
         ).fetchall()
         return [(i, topic, unpack(payload), retain, at) for i, topic, payload, retain, at in rows]
 
-    def ack(self, ids, now=None):
-        """Marks messages acknowledged; returns how many were still pending (a superseded state
-        acknowledged after all was already off the books). Raises StorageFull: keep the ids and
-        ack again later (the messages are not published twice meanwhile)."""
-        now = time.time() if now is None else now
+    def defer_acks(self, ids):
+        """Broker acknowledgements to be written with the next commit, in its transaction and
+        fsync: at a site's few frames a minute, a transaction of their own would double what the
+        SD card is written. Until written, a reconnect publishes them again under the same ids."""
+        self._acks += ids
+
+    @property
+    def acks_waiting(self):
+        return len(self._acks)
+
+    def write_acks(self, now=None):
+        """Writes the deferred acknowledgements on their own (no commit came soon enough); returns
+        how many messages were still pending (a superseded state acknowledged after all was already
+        off the books). Raises StorageFull: they stay deferred (not published twice meanwhile)."""
         # no fsync of its own: an ack lost in a power cut only means the message is published again
         # under the same id, and the next durable commit's fsync covers it anyway
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            return self.write(lambda db: db.executemany(
-                "UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount)
+            done = self.write(lambda db: _ack(db, self._acks, time.time() if now is None else now))
         finally:
             self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
+        self._acks = []
+        return done
+
+    def ack(self, ids, now=None):
+        """Marks messages acknowledged now; returns how many were still pending."""
+        self.defer_acks(ids)
+        return self.write_acks(now)
 
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
@@ -395,6 +422,12 @@ def _save_heads(db, counters, bins):
         "ON CONFLICT(bin_id) DO UPDATE SET fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, flags=excluded.flags, "
         "updated_at=excluded.updated_at, upto_id=excluded.upto_id WHERE excluded.fcnt >= fcnt",
         [(b,) + tuple(v) + (upto,) for b, v in bins.items()])
+
+
+def _ack(db, ids, now):
+    if not ids:
+        return 0
+    return db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount
 
 
 def _commit(db, batch, pending_states, new_state_ids, counters, bins, save_all, lazy):

@@ -49,7 +49,7 @@ class Pipeline:
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified frames of this group, claimed together in one round trip
         self.set_devices(devices)
-        # derived data beside the outbox, committed after it: a crash costs the last readings' learning
+        # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
                                                 cfg.events.emptied_drop_pct)
         self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
@@ -59,6 +59,9 @@ class Pipeline:
         self._noticed = {}  # (device id, reason) -> when last published on .../rejected
         self.storage = StorageGuard(metrics, outbox.path)
         self.clock_check = ClockCheck(metrics)
+
+    def close(self):
+        self.forecasts.close()
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter

@@ -27,8 +27,8 @@ from binlink.gateway.wifi_input import WifiInput
 
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
-ACK_GROUP = 5000  # broker acknowledgements written to the outbox at once ...
-ACK_FLUSH_S = 0.02  # ... or this long after the first arrived
+ACK_GROUP = 5000  # broker acknowledgements written on their own once this many wait ...
+ACK_IDLE_S = 2.0  # ... or no group commit took them along this long after the first arrived
 ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
 
@@ -46,7 +46,6 @@ class Gateway:
         self.wifi = WifiInput(cfg, self.queue) if cfg.mqtt.uplink_topic else None
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
                                    on_acks=lambda: self.queue.put(ACKS_READY))
-        self._acks = []
         self._acks_since = 0.0
         self._log_limit = logs.RateLimit(per_minute=2)
         self.notifier = sdnotify.SystemdNotifier()
@@ -124,7 +123,7 @@ class Gateway:
                 self._reload = self.shared.registry_changed() or self._reload
             if self._reload:
                 self._reload_registry(pipeline)
-            self._process(pipeline, timeout=ACK_FLUSH_S if self._acks else 0.5)
+            self._process(pipeline, timeout=0.5)
             if pipeline.standby and self.queue.empty():
                 pipeline.process([])  # peers' pending claims come due even when no radio speaks
             if self.shared is not None and self.shared.up != shared_shown:
@@ -157,6 +156,7 @@ class Gateway:
         self.publisher.stop()
         self._write_acks(box, time.monotonic(), force=True)
         remaining = box.depth()
+        pipeline.close()
         box.close()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
@@ -183,30 +183,29 @@ class Gateway:
 
     def _write_acks(self, box, now, force=False):
         """The broker's acknowledgements, reported by the publisher process, into the outbox: this
-        thread is the outbox's only writer. A power cut before this write means those messages are
+        thread is the outbox's only writer. They ride with the next group commit; on their own only
+        when none comes soon. A power cut before they are written means those messages are
         published again, under the same ids."""
         fresh = self.publisher.take_acks()
         if fresh:
-            if not self._acks:
+            if not box.acks_waiting:
                 self._acks_since = now
-            self._acks += fresh
-        if not self._acks:
-            return
-        if not (force or len(self._acks) >= ACK_GROUP or now - self._acks_since >= ACK_FLUSH_S):
+            box.defer_acks(fresh)
+            self.metrics.published.inc(len(fresh))
+        waiting = box.acks_waiting
+        if not waiting or not (force or waiting >= ACK_GROUP or now - self._acks_since >= ACK_IDLE_S):
             return
         try:
-            done = box.ack(self._acks)
+            done = box.write_acks()
         except StorageFull:  # kept and written once there is room; not published again meanwhile
             self._acks_since = now + 1.0
             return
         except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already
             if self._log_limit.allow("ack", now):
-                logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=len(self._acks))
+                logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=waiting)
             self._acks_since = now + 1.0
             return
         self.metrics.outbox_depth.dec(done)
-        self.metrics.published.inc(len(self._acks))
-        self._acks = []
 
 
 def startup_problems(cfg):

@@ -189,3 +189,35 @@ def test_every_message_key_tells_its_counter(device_id, epoch, fcnt, event, stat
         key = integrate.state_message("b", device, {"fcnt": fcnt})[0]
     assert message_key_counter(key) == (device_id, fcnt)
     assert message_key_counter("%06x:%d:%s" % (device_id, fcnt, event)) == (device_id, fcnt)  # a file from before epochs
+
+
+def test_deferred_acks_ride_with_the_next_commit_and_a_crash_before_only_republishes(tmp_path):
+    box = Outbox(str(tmp_path / "o.sqlite"))
+
+    def batch(n):
+        b = Batch()
+        b.messages.append(("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)))
+        return b
+
+    assert box.commit(batch(1)) == 1
+    box.defer_acks([1])
+    assert box.acks_waiting == 1 and box.depth() == 1  # not written yet
+    crashed = _crash_and_reopen(box)
+    assert [r[0] for r in crashed.pending(0, 10)] == [1]  # a power cut now: message 1 is sent again
+    box = crashed
+    box.defer_acks([1])
+    assert box.commit(batch(2)) == 0  # one new pending, one acknowledged: one transaction
+    assert box.acks_waiting == 0
+    assert [r[0] for r in _crash_and_reopen(box).pending(0, 10)] == [2]
+
+
+def test_deferred_acks_are_written_alone_when_no_commit_comes_and_at_close(tmp_path):
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    b = Batch()
+    b.messages += [("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)) for n in (1, 2)]
+    assert box.commit(b) == 2
+    box.defer_acks([1])
+    assert box.write_acks() == 1 and box.acks_waiting == 0
+    box.defer_acks([2])
+    box.close()
+    assert Outbox(box.path).depth() == 0
