@@ -195,7 +195,7 @@ class Outbox:
         self._heads = None  # (counters, bins) as committed; loaded when first needed
         self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
         self._saved_at = time.monotonic()
-        self._acks = []  # broker acknowledgements not written yet: see defer_acks
+        self._acks, self._deferred = [], set()  # broker acknowledgements not written yet: see defer_acks
 
     def close(self):
         if self._acks:
@@ -231,7 +231,7 @@ class Outbox:
 
     def commit(self, batch):
         """Writes a batch, and the acknowledgements deferred so far, in one transaction; returns the
-        change in pending messages.
+        change in pending messages (the deferred ones were counted when deferred).
 
         A new retained state supersedes the bin's older pending one: only the newest state of a
         bin is worth publishing (after an outage, a backlog drains without a flood of stale states)."""
@@ -241,11 +241,12 @@ class Outbox:
         acks = self._acks
 
         def work(db):
+            _ack(db, acks, time.time())  # first: a state superseded below is then not counted twice
             return _commit(db, batch, self._pending_states, state_ids, counters, bins,
-                           self._unsaved if save_all else None, lazy) - _ack(db, acks, time.time())
+                           self._unsaved if save_all else None, lazy)
         pending = self.write(work)
         # only once committed
-        self._acks = []
+        self._acks, self._deferred = [], set()
         self._pending_states.update(state_ids)
         counters.update(batch.counters)
         bins.update(batch.bins)
@@ -305,31 +306,40 @@ class Outbox:
     def defer_acks(self, ids):
         """Broker acknowledgements to be written with the next commit, in its transaction and
         fsync: at a site's few frames a minute, a transaction of their own would double what the
-        SD card is written. Until written, a reconnect publishes them again under the same ids."""
-        self._acks += ids
+        SD card is written. Until written, a reconnect publishes them again under the same ids.
+        Returns how many of them were still pending (a superseded state acknowledged after all
+        was already off the books): the depth changes now, as the broker has them."""
+        fresh = [i for i in ids if i not in self._deferred]
+        self._acks += fresh
+        self._deferred.update(fresh)
+        pending = 0
+        for i in range(0, len(fresh), 500):
+            chunk = fresh[i:i + 500]
+            pending += self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL AND id IN (%s)"
+                                       % ",".join("?" * len(chunk)), chunk).fetchone()[0]
+        return pending
 
     @property
     def acks_waiting(self):
         return len(self._acks)
 
     def write_acks(self, now=None):
-        """Writes the deferred acknowledgements on their own (no commit came soon enough); returns
-        how many messages were still pending (a superseded state acknowledged after all was already
-        off the books). Raises StorageFull: they stay deferred (not published twice meanwhile)."""
+        """Writes the deferred acknowledgements on their own (no commit came soon enough). Raises
+        StorageFull: they stay deferred (not published twice meanwhile)."""
         # no fsync of its own: an ack lost in a power cut only means the message is published again
         # under the same id, and the next durable commit's fsync covers it anyway
         self.db.execute("PRAGMA synchronous=NORMAL")
         try:
-            done = self.write(lambda db: _ack(db, self._acks, time.time() if now is None else now))
+            self.write(lambda db: _ack(db, self._acks, time.time() if now is None else now))
         finally:
             self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
-        self._acks = []
-        return done
+        self._acks, self._deferred = [], set()
 
     def ack(self, ids, now=None):
         """Marks messages acknowledged now; returns how many were still pending."""
-        self.defer_acks(ids)
-        return self.write_acks(now)
+        pending = self.defer_acks(ids)
+        self.write_acks(now)
+        return pending
 
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
@@ -425,9 +435,8 @@ def _save_heads(db, counters, bins):
 
 
 def _ack(db, ids, now):
-    if not ids:
-        return 0
-    return db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids]).rowcount
+    if ids:
+        db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids])
 
 
 def _commit(db, batch, pending_states, new_state_ids, counters, bins, save_all, lazy):

@@ -190,13 +190,16 @@ class Gateway:
         if fresh:
             if not box.acks_waiting:
                 self._acks_since = now
-            box.defer_acks(fresh)
+            try:
+                self.metrics.outbox_depth.dec(box.defer_acks(fresh))
+            except sqlite3.Error as e:  # a read; the ids are kept all the same
+                logs.event(log, logging.ERROR, "cannot count acknowledged messages", error=str(e))
             self.metrics.published.inc(len(fresh))
         waiting = box.acks_waiting
         if not waiting or not (force or waiting >= ACK_GROUP or now - self._acks_since >= ACK_IDLE_S):
             return
         try:
-            done = box.write_acks()
+            box.write_acks()
         except StorageFull:  # kept and written once there is room; not published again meanwhile
             self._acks_since = now + 1.0
             return
@@ -204,8 +207,6 @@ class Gateway:
             if self._log_limit.allow("ack", now):
                 logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=waiting)
             self._acks_since = now + 1.0
-            return
-        self.metrics.outbox_depth.dec(done)
 
 
 def startup_problems(cfg):

@@ -14,6 +14,7 @@ import threading
 import time
 
 from binlink.wire import codec, framing
+from binlink.gateway.service import ACK_IDLE_S
 from binlink.sim.broker import Mosquitto
 from binlink.sim.serial_link import PtyLink
 from tests.harness import GatewayProcess, Subscriber, wait_for
@@ -137,8 +138,8 @@ def storage_per_reading(warmup=20, frames=60, fps=1.0):
             rig.link.write(_frame(1 + i % 20, 1 + i // 20))
             time.sleep(max(0.0, t0 + (i + 1) / fps - time.perf_counter()))
         wait_for(lambda: rig.gw.metric("binlink_frames_accepted_total") == warmup + frames, what="all accepted")
-        wait_for(lambda: rig.gw.metric("binlink_outbox_depth") == 0, what="acks written")
-        time.sleep(1.0)
+        wait_for(lambda: rig.gw.metric("binlink_outbox_depth") == 0, what="all published")
+        time.sleep(ACK_IDLE_S + 1.0)  # the last acknowledgements, written on their own, count too
         readings = rig.gw.metric("binlink_frames_accepted_total") - accepted_before
         return round((_write_bytes(pid) - before) / readings / 1024, 1)
     finally:
