@@ -56,6 +56,14 @@ class BrokerProcess:
             self.proc.wait()
         self.proc = None
 
+    def terminate(self):
+        """SIGTERM (a service restart): the broker saves its sessions and closes every connection;
+        start() brings it back on the same port."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
