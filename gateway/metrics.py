@@ -34,7 +34,9 @@ class Metrics:
         self.serial_reopens = Counter("binlink_serial_reopens", "Serial port reopened after it was lost (the first open is not counted)",
                                       ["source"], registry=r)
         self.published = Counter("binlink_messages_published", "MQTT messages acknowledged by the broker (QoS 1)", registry=r)
-        self.outbox_depth = Gauge("binlink_outbox_depth", "Messages waiting in the durable outbox", registry=r)
+        self.outbox_depth = Gauge("binlink_outbox_depth", "Messages in the durable outbox the broker has not acknowledged", registry=r)
+        self.acks_unwritten = Gauge("binlink_outbox_acks_unwritten", "Broker acknowledgements not yet written to the outbox "
+                                    "(they ride with the next commit; a power cut now republishes them)", registry=r)
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connect_failures = Counter("binlink_mqtt_connect_failures", "Broker connection attempts that failed "
                                              "(unreachable, refused, TLS)", registry=r)

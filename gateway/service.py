@@ -196,10 +196,12 @@ class Gateway:
                 logs.event(log, logging.ERROR, "cannot count acknowledged messages", error=str(e))
             self.metrics.published.inc(len(fresh))
         waiting = box.acks_waiting
+        self.metrics.acks_unwritten.set(waiting)
         if not waiting or not (force or waiting >= ACK_GROUP or now - self._acks_since >= ACK_IDLE_S):
             return
         try:
             box.write_acks()
+            self.metrics.acks_unwritten.set(0)
         except StorageFull:  # kept and written once there is room; not published again meanwhile
             self._acks_since = now + 1.0
             return

@@ -103,7 +103,7 @@ def replays_after_state_loss(n=300):
         recorded = [_frame(1 + i % 20, 1 + i // 20) for i in range(n)]
         rig.link.write(b"".join(recorded))
         wait_for(lambda: len(rig.ids()) == n, what="recorded frames published")
-        wait_for(lambda: rig.gw.metric("binlink_outbox_depth") == 0, what="acks written")
+        wait_for(lambda: rig.gw.metric("binlink_outbox_depth") == 0, what="all published")
         rig.gw.kill()
         db = os.path.join(rig.tmp, "state", "gateway.sqlite")
         for suffix in ("", "-wal", "-shm"):
