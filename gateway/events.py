@@ -4,7 +4,8 @@ Alarms fire on the rising edge (flag newly set), so a bin that stays tilted is o
 per report. `emptied` is a fall of the fill level by more than a threshold: a pickup."""
 from binlink.wire import codec
 
-ALARM_FLAGS = (("fire", "fire"), ("tilt", "tilt"), ("sensor_fault", "sensor_fault"), ("low_battery", "low_battery"))
+# flags that raise an event of the same name when newly set
+ALARM_BITS = tuple((codec.flag_bits([name]), name) for name in ("fire", "tilt", "sensor_fault", "low_battery"))
 
 
 def detect(prev_fill, prev_flags, fill, flags, rules):
@@ -18,8 +19,7 @@ def detect(prev_fill, prev_flags, fill, flags, rules):
     elif fill is not None and prev_fill is None and fill >= rules.full_pct:
         out.append("full")
     bits = codec.flag_bits(flags)
-    for flag, name in ALARM_FLAGS:
-        bit = codec.flag_bits([flag])
+    for bit, name in ALARM_BITS:
         if bits & bit and not (prev_flags or 0) & bit:
             out.append(name)
     return out

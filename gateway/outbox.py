@@ -448,16 +448,21 @@ def _commit(db, batch, pending_states, new_state_ids, counters, bins, save_all, 
     pending = db.executemany(_INSERT, messages).rowcount
     proven = {message_key_counter(m[0]) for m in messages} if pending == len(messages) else set()
     proven_bins = set()
-    for bin_id, m in batch.states.items():
-        old = pending_states.get(m[1])
-        if old is not None:
-            pending -= db.execute("UPDATE outbox SET acked_at = ?, superseded = 1 WHERE id = ? AND acked_at IS NULL",
-                                  (m[4], old)).rowcount
-        cur = db.execute(_INSERT, (m[0], m[1], pack(m[2]), m[3], m[4]))
-        if cur.rowcount:
-            pending += 1
-            new_state_ids[m[1]] = cur.lastrowid
-            proven_bins.add(bin_id)
+    states = batch.states
+    superseded = [(m[4], pending_states[m[1]]) for m in states.values() if m[1] in pending_states]
+    if superseded:
+        pending -= db.executemany("UPDATE outbox SET acked_at = ?, superseded = 1 WHERE id = ? AND acked_at IS NULL",
+                                  superseded).rowcount
+    if states:
+        top = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+        pending += db.executemany(_INSERT, [(m[0], m[1], pack(m[2]), m[3], m[4]) for m in states.values()]).rowcount
+        # the rows above the highest id are the states just written (a state already stored is skipped)
+        written = dict(db.execute("SELECT message_key, id FROM outbox WHERE id > ?", (top,)))
+        for bin_id, m in states.items():
+            row_id = written.get(m[0])
+            if row_id is not None:
+                new_state_ids[m[1]] = row_id
+                proven_bins.add(bin_id)
     save_c, save_b = ({}, {}) if save_all is None else (dict(save_all[0]), dict(save_all[1]))
     for d, v in batch.counters.items():
         told = d in counters and counters[d][1] == v[1] and (d, v[0]) in proven

@@ -48,6 +48,7 @@ class Pipeline:
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified frames of this group, claimed together in one round trip
+        self._states = {}  # bin_id -> (device, state fields, at): the group's newest state of each bin
         self.set_devices(devices)
         # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
@@ -100,6 +101,9 @@ class Pipeline:
             readings += self._claim_group(batch)
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
+        for bin_id, (device, fields, at) in self._states.items():
+            batch.states[bin_id] = integrate.state_message(self.cfg.base_topic, device, fields) + (at,)
+        self._states = {}
         if batch:
             try:
                 self.metrics.outbox_depth.inc(self.outbox.commit(batch))
@@ -233,7 +237,7 @@ class Pipeline:
 
     def _prepare(self, device, frame, fcnt):
         """decode → calibrate: (decoded, [((reading, fill), fcnt, age s)], digest hex, newest reading
-        for the fleet's bin state (fcnt, fill, flag bits) or None)."""
+        for the fleet's bin state (fcnt, fill, flag bits) or None); the last two with shared state only."""
         decoded = codec.decode_body(frame, fcnt)
         if decoded["type"] == "reading":
             readings = [(self._calibrated(device, decoded), fcnt, 0)]
@@ -241,6 +245,8 @@ class Pipeline:
             readings = [(self._calibrated(device, e), e["fcnt"], 60 * e["age_min"]) for e in decoded["readings"]]
         else:
             readings = []
+        if self.shared is None:
+            return decoded, readings, None, None  # digest and bin state are for fleet-wide claims only
         newest = max(readings, key=lambda r: r[1]) if readings else None
         update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
         return decoded, readings, digest(frame).hex(), update
@@ -374,7 +380,7 @@ class Pipeline:
         for name in events.detect(prev_fill, prev_flags, fill, reading["flags"], self.cfg.events):
             batch.messages.append(integrate.event_message(base, device, fields, name, backlog) + (now,))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)
-        batch.states[device.bin_id] = integrate.state_message(base, device, fields) + (now,)
+        self._states[device.bin_id] = (device, fields, now)  # rendered once per group: only the newest is kept
         state = (fcnt, fill_for_state, codec.flag_bits(reading["flags"]), now)
         self.bins[device.bin_id] = state
         batch.bins[device.bin_id] = state

@@ -17,6 +17,7 @@ import stat
 import time
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 
 import tomli_w
 
@@ -43,7 +44,7 @@ class Device:
     key_epoch: int = 0  # raised by one at every new key: message ids stay unique across keys
     report_s: int = 3600  # the bin's longest time between reports (Home Assistant's expire_after follows it)
 
-    @property
+    @cached_property  # asked for every frame
     def key_id(self):
         """A fingerprint of the key (not the key): counters belong to a key, not only a device id."""
         return hashlib.sha256(b"binlink key id\x00" + self.key).hexdigest()[:16]
