@@ -58,27 +58,37 @@ WAL_LIMIT_BYTES = 1100 * 1024  # the WAL file is cut back to this after a checkp
 SAVE_HEADS_S = 600.0  # counters and bin states proven by their rows are written to their tables this often
 
 
-# Payloads are stored deflated against a preset dictionary of what every message shares (keys,
-# timestamp shape): ~400 bytes of JSON become ~115, so a reading's rows fit in a fraction of a page.
-# Rows say how they are stored by their first byte (JSON never starts with a NUL). NEVER edit this
-# dictionary: rows written with it could not be read back. A new one needs a new prefix byte.
-_PACKED_V1 = b"\x00"
+# Payloads are stored deflated against a preset dictionary of what the messages share (keys,
+# timestamp shape): ~400 bytes of JSON become ~80 (an event) or ~110 (a bin state), so a reading's
+# rows fit in a fraction of a page. Rows say how they are stored by their first byte (JSON never
+# starts with a control byte). NEVER edit a dictionary: rows written with it could not be read
+# back. A new one needs a new prefix byte, and the old ones stay readable.
+_PACKED_V1 = b"\x00"  # 1 KB window, events only in the dictionary (rows written before 0.3)
 _ZDICT_V1 = (b'{"backlog":false,"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"event":"uplink","fcnt":,'
              b'"fill_pct":,"flags":["low_battery"],"gateway":"","measured_at":"2026-11-27T00:00:00.000Z","message_id":"",'
              b'"pings":5,"problem":false,"received_at":"2026-11-27T00:00:00.000Z","rssi":-,"snr":,"source":"",'
              b'"temperature_c":,"time_synced":true,"valid_pings":5}')
+_PACKED_V2 = b"\x01"  # 2 KB window; a bin state's shape (forecast, position) after the event's
+_ZDICT_V2 = _ZDICT_V1 + (
+    b'{"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"fcnt":,"fill_pct":,"fill_rate_pct_per_day":,'
+    b'"flags":[],"full_at":"2026-11-27T00:00:00.000Z","gateway":"","lat":,"lon":,"measured_at":"2026-11-27T00:00:00.000Z",'
+    b'"name":"","pings":5,"problem":false,"received_at":"2026-11-27T00:00:00.000Z","rssi":-,"snr":,"source":"",'
+    b'"temperature_c":,"time_synced":true,"valid_pings":5}')
+_DICTS = {_PACKED_V1: (-10, _ZDICT_V1), _PACKED_V2: (-11, _ZDICT_V2)}
+_PACKER = zlib.compressobj(6, zlib.DEFLATED, -11, 2, zdict=_ZDICT_V2)  # copied per payload: the dictionary is read once
 
 
 def pack(payload):
     if isinstance(payload, str):
         payload = payload.encode()
-    c = zlib.compressobj(6, zlib.DEFLATED, -10, 2, zdict=_ZDICT_V1)  # 1 KB window: small and quick
-    return _PACKED_V1 + c.compress(payload) + c.flush()
+    c = _PACKER.copy()
+    return _PACKED_V2 + c.compress(payload) + c.flush()
 
 
 def unpack(stored):
-    if isinstance(stored, bytes) and stored[:1] == _PACKED_V1:
-        d = zlib.decompressobj(-10, zdict=_ZDICT_V1)
+    if isinstance(stored, bytes) and stored[:1] in _DICTS:
+        wbits, zdict = _DICTS[stored[:1]]
+        d = zlib.decompressobj(wbits, zdict=zdict)
         return d.decompress(stored[1:]) + d.flush()
     return stored  # written before payloads were packed
 

@@ -237,3 +237,24 @@ def test_a_state_superseded_while_its_ack_waits_is_counted_off_once(tmp_path):
     depth += box.commit(state(2))  # supersedes state 1 in the same transaction that writes its ack
     assert depth == box.depth() == 1
     assert box.defer_acks([1]) == 0  # reported again after a reconnect: not counted again
+
+
+@given(st.one_of(st.binary(max_size=2000), st.text(max_size=500)))
+def test_stored_payloads_read_back_as_written(payload):
+    from binlink.gateway.outbox import pack, unpack
+
+    raw = payload.encode() if isinstance(payload, str) else payload
+    assert unpack(pack(payload)) == raw
+
+
+def test_rows_packed_by_an_earlier_release_still_read_back():
+    import zlib
+
+    from binlink.gateway import outbox
+
+    body = b'{"event":"uplink","fcnt":7,"bin_id":"bin-a","fill_pct":42.5}'
+    c = zlib.compressobj(6, zlib.DEFLATED, -10, 2, zdict=outbox._ZDICT_V1)  # as 0.2 wrote them
+    assert outbox.unpack(b"\x00" + c.compress(body) + c.flush()) == body
+    assert outbox.unpack('{"plain": "json"}') == '{"plain": "json"}'  # before payloads were packed
+    state = b'{"battery_v":3.7,"bin_id":"bin-a","fill_rate_pct_per_day":12.5,"full_at":null,"lat":52.1,"name":"A"}'
+    assert len(outbox.pack(state)) < len(b"\x00" + zlib.compress(state))  # the dictionary earns its keep
