@@ -3,7 +3,7 @@
 The counter check already refuses any frame not newer than the last accepted one; this stage
 tells a *duplicate* (the identical bytes of a frame accepted moments ago) from a *replay*."""
 import hashlib
-from collections import OrderedDict
+from collections import deque
 
 
 def digest(frame):
@@ -12,21 +12,30 @@ def digest(frame):
 
 
 class Dedup:
+    """Kept compact (an int key, the digest, the time once per group): at 20 times a serial
+    line's rate, a 30 s window holds hundreds of thousands of frames."""
+
     def __init__(self, window_s):
         self.window_s = window_s
-        self._seen = OrderedDict()  # (device_id, fcnt) -> (frame digest, first seen at), oldest first
+        self._seen = {}  # device_id << 32 | fcnt -> frame digest
+        self._groups = deque()  # (first seen at, [keys]) oldest first: what expire() drops
 
     def remember(self, device_id, fcnt, frame, now):
-        self._seen[(device_id, fcnt)] = (digest(frame), now)
+        self.expire(now)  # a key past its window starts a new one
+        key = device_id << 32 | fcnt
+        if key not in self._seen:
+            if self._groups and self._groups[-1][0] == now:
+                self._groups[-1][1].append(key)
+            else:
+                self._groups.append((now, [key]))
+        self._seen[key] = digest(frame)
 
     def is_duplicate(self, device_id, fcnt, frame, now):
-        hit = self._seen.get((device_id, fcnt))
-        return hit is not None and now - hit[1] <= self.window_s and hit[0] == digest(frame)
+        self.expire(now)
+        return self._seen.get(device_id << 32 | fcnt) == digest(frame)
 
     def expire(self, now):
-        seen = self._seen
-        while seen:
-            key, (_, t) = next(iter(seen.items()))
-            if now - t <= self.window_s:
-                break
-            del seen[key]
+        groups, seen = self._groups, self._seen
+        while groups and now - groups[0][0] > self.window_s:
+            for key in groups.popleft()[1]:
+                seen.pop(key, None)

@@ -12,6 +12,7 @@ from tests.harness import GatewayProcess, Subscriber, wait_for
 
 DEVICES = 200
 BAUD = 115200
+BURSTS = 3
 
 
 def _keys():
@@ -77,27 +78,34 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         wait_for(lambda: gw.metric("binlink_mqtt_connected") == 1, what="gateway connected")
         pids = _tree(gw.proc.pid)
         assert len(pids) == 2, "expected the gateway and its publisher process, found %s" % pids
-        # 1. burst: as fast as the pty takes it; done when the broker acknowledged every message
-        frames = _frames(n_burst)
-        blob = b"".join(f for _, _, f in frames)
-        published0, cpu0 = gw.metric("binlink_messages_published_total"), _cpu_s(pids)
-        t0 = time.perf_counter()
-        writer = threading.Thread(target=link.write, args=(blob,))
-        writer.start()
-        wait_for(lambda: _published_and_drained(gw, n_burst), timeout=600, interval=0.05, what="burst published")
-        elapsed = time.perf_counter() - t0
-        cpu = _cpu_s(pids) - cpu0
-        burst_messages = gw.metric("binlink_messages_published_total") - published0
-        writer.join()
+        # 1. bursts: as fast as the pty takes them; each done when the broker acknowledged every
+        # message. The median of BURSTS: one 2-second burst on a shared host swings by 2x.
+        bursts = []
+        for b in range(BURSTS):
+            frames = _frames(n_burst, start_fcnt=1 + b * (n_burst // DEVICES))
+            blob = b"".join(f for _, _, f in frames)
+            published0, accepted0, cpu0 = (gw.metric("binlink_messages_published_total"),
+                                           gw.metric("binlink_frames_accepted_total"), _cpu_s(pids))
+            t0 = time.perf_counter()
+            writer = threading.Thread(target=link.write, args=(blob,))
+            writer.start()
+            wait_for(lambda: _published_and_drained(gw, accepted0 + n_burst), timeout=600, interval=0.05,
+                     what="burst published")
+            elapsed = time.perf_counter() - t0
+            bursts.append((n_burst / elapsed, (_cpu_s(pids) - cpu0) * 1000 / n_burst,
+                           (gw.metric("binlink_messages_published_total") - published0) / n_burst))
+            writer.join()
+            time.sleep(1)  # the burst's last acknowledgements and checkpoint, not the next burst's
+        gateway_fps, cpu_per_1k, messages_per_frame = sorted(bursts)[BURSTS // 2]
         frame_len = len(frames[0][2])
         line_rate = BAUD / 10.0 / frame_len  # 8N1: 10 bits per byte
-        gateway_fps = n_burst / elapsed
         # 2. steady 500 frames/s: latency from the byte written to the uplink event at a subscriber.
         # The subscriber (Python, on the same two cores) joins now: the burst measures the gateway,
         # not how fast a Python subscriber takes 20,000 messages in.
         sub = Subscriber(broker.port, topics=("binlink/+/bin/+/event",))
         time.sleep(2)  # steady state, not the burst's wake (its last acknowledgements, a WAL checkpoint)
-        steady = _frames(steady_fps * steady_s, start_fcnt=n_burst // DEVICES + 1)
+        burst_fcnts = BURSTS * (n_burst // DEVICES)
+        steady = _frames(steady_fps * steady_s, start_fcnt=burst_fcnts + 1)
         sent_at = {}
         t_start = time.perf_counter()
         for i, (dev, fcnt, f) in enumerate(steady):
@@ -116,7 +124,7 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
         # 3. a broker outage: readings accepted into the outbox, then published when it is back
         broker.kill()
         wait_for(lambda: gw.metric("binlink_mqtt_connected") == 0, what="gateway sees the broker gone")
-        start_fcnt = n_burst // DEVICES + steady_fps * steady_s // DEVICES + 1
+        start_fcnt = burst_fcnts + steady_fps * steady_s // DEVICES + 1
         accepted0 = gw.metric("binlink_frames_accepted_total")
         t_ingest = time.perf_counter()
         link.write(b"".join(f for _, _, f in _frames(n_outage, start_fcnt=start_fcnt)))
@@ -134,8 +142,8 @@ def run(n_burst=20000, steady_fps=500, steady_s=10, n_outage=200000):
             "gateway_frames_per_s": round(gateway_fps),
             "serial_line_rate_frames_per_s": round(line_rate, 1),
             "gateway_vs_line_rate": round(gateway_fps / line_rate, 1),
-            "gateway_cpu_s_per_1k_frames": round(cpu * 1000 / n_burst, 4),
-            "gateway_messages_per_frame": round(burst_messages / n_burst, 2),
+            "gateway_cpu_s_per_1k_frames": round(cpu_per_1k, 4),
+            "gateway_messages_per_frame": round(messages_per_frame, 2),
             "gateway_p50_latency_ms": round(p50, 1),
             "gateway_p99_latency_ms": round(p99, 1),
             "gateway_rss_mb": round(rss, 1),

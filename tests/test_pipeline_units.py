@@ -2,7 +2,7 @@
 import os
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from binlink.gateway import calibration, events
 from binlink.gateway.config import Events
@@ -178,3 +178,20 @@ def test_a_forged_pair_does_not_resynchronise(tmp_path):
         assert p.process([_rec(codec.encode_reading(wrong, 1, n, 700, 20, 3700, 0, 5, 5))]) == 0
     assert p.metrics.value("binlink_frames_rejected_total", reason="bad_tag") == 3
     assert 1 not in p.counters and p.metrics.value("binlink_counter_resyncs_total") == 0
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 3), st.sampled_from([b"a", b"b"]),
+                          st.floats(0, 20)), max_size=60))
+@settings(max_examples=400)
+def test_dedup_answers_as_a_plain_window_would(ops):
+    """Against the obvious model: (device, fcnt) -> (bytes, first seen), a duplicate while within the window."""
+    d, model, now = Dedup(30), {}, 0.0
+    for remember, dev, fcnt, frame, step in ops:
+        now += step
+        if remember:
+            d.remember(dev, fcnt, frame, now)
+            first = model.get((dev, fcnt), (None, -1e9))[1]
+            model[(dev, fcnt)] = (frame, first if now - first <= 30 else now)
+        else:
+            want = (dev, fcnt) in model and model[(dev, fcnt)][0] == frame and now - model[(dev, fcnt)][1] <= 30
+            assert d.is_duplicate(dev, fcnt, frame, now) == want
