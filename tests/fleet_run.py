@@ -31,6 +31,13 @@ def run(bins, duration_s, fmt="raw", seed=1, vm=None, tmp=None, **fleet_kw):
         accepted = gw.metric("binlink_readings_accepted_total")
         wait_for(lambda: len({e["message_id"] for e in _events(sub) if e["event"] == "uplink"}) >= accepted,
                  timeout=60, what="every accepted reading at the subscriber")
+        heard = [-1]
+
+        def quiet():  # the states published after the last readings have arrived too
+            n, heard[0] = heard[0], len(sub.messages)
+            return n == heard[0]
+
+        wait_for(quiet, timeout=30, interval=0.5, what="the subscriber quiet")
         metrics = gw.metrics()
         events = _events(sub)
         states = {}

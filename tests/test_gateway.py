@@ -257,9 +257,12 @@ def test_gateway_sigkilled_mid_stream_loses_nothing_accepted(tmp_path, gw, pty, 
 
     wait_for(lambda: "0000a1:0:600" in {e["message_id"] for e in subscriber.events()}, timeout=30, what="last frame published")
     wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
-    published = {e["message_id"] for e in subscriber.events()}
     accepted = accepted_ids()
     assert len(accepted) > 300  # some from before the kill, all from after
+    # acknowledged by the broker; the subscriber takes them in on its own time
+    wait_for(lambda: accepted <= {e["message_id"] for e in subscriber.events()}, timeout=15,
+             what="every accepted reading at the subscriber")
+    published = {e["message_id"] for e in subscriber.events()}
     assert accepted <= published, "accepted readings never published: %s" % sorted(accepted - published)[:5]
     assert {"0000a1:0:%d" % n for n in range(301, 601)} <= published  # after the restart: every frame
 
