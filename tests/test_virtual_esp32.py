@@ -103,6 +103,7 @@ echo en > {fifo}
 @pytest.fixture
 def bench(tmp_path, pty, broker):
     board = VirtualESP32(str(tmp_path / "flash"), bench_board(pty), sleep_scale=0.001, link=str(tmp_path / "by-id-esp32"))
+    wait_for(lambda: board.boots, what="the board powered up")  # its power-on boot is not a test's doing
     esptool = FakeEsptool(tmp_path, board)
     yield board, esptool
     esptool.close()
