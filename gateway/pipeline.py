@@ -120,7 +120,6 @@ class Pipeline:
         if self._claims:
             self.shared.confirm(self._claims)
             self._claims = []
-        self.dedup.expire(now)
         return readings
 
     def _refuse(self, batch, error):

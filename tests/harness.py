@@ -28,6 +28,30 @@ def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
     raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
 
 
+def fill_volume(folder):
+    """Writes a filler file until the volume holding folder is full; returns its path."""
+    path = os.path.join(str(folder), "filler")
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return path
+
+
+def decoded(dev):
+    """Every frame a SimDevice put on air, verified with its key counter by counter and decoded."""
+    from binlink.wire import codec
+
+    out, last = [], None
+    for f in dev.frames():
+        d = codec.decode(f, dev.key, last)
+        last = d["fcnt"]
+        out.append(d)
+    return out
+
+
 class Subscriber:
     """Collects every message under the given topics; reconnects quickly after a broker restart."""
 

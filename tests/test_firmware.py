@@ -9,6 +9,7 @@ from binlink.wire import airtime, codec
 
 from binlink.firmware import config, measure, sensors, state
 from binlink.sim.device import SimDevice
+from tests.harness import decoded
 
 KEY = bytes(range(16))  # TEST KEY
 
@@ -33,15 +34,6 @@ def run(dev, cycles, step_s=None):
         assert sleep and sleep > 0
         dev.clock_ref[0] += step_s or sleep
         dev.bin.advance(dev.clock_ref[0])
-
-
-def decoded(dev):
-    out, last = [], None
-    for f in dev.frames():
-        d = codec.decode(f, KEY, last)
-        last = d["fcnt"]
-        out.append(d)
-    return out
 
 
 def readings(dev):

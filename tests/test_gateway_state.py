@@ -11,7 +11,7 @@ import time
 import pytest
 
 from binlink.wire import framing
-from tests.harness import KEY, GatewayProcess, Subscriber, wait_for
+from tests.harness import KEY, GatewayProcess, Subscriber, fill_volume, wait_for
 from tests.test_gateway import DEV_A, DEV_B, DEVICES, KEY2, reading
 
 
@@ -49,24 +49,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False)
 
 
-def _fill(folder):
-    """Writes a filler file until the volume is full; returns its path."""
-    path = os.path.join(str(folder), "filler")
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return path
-
-
 def test_full_disk_refuses_frames_stays_up_and_resumes_by_itself(tmp_path, small_disk, broker, pty, subscriber):
     gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
     try:
         _send(pty, range(1, 11))
         wait_for(lambda: len(subscriber.events()) == 10, what="10 events before the disk fills")
-        filler = _fill(small_disk)
+        filler = fill_volume(small_disk)
         n = 10
         while gw.metric("binlink_storage_full") == 0:  # a commit may still fit in space the WAL already has
             n += 1
@@ -111,7 +99,7 @@ def test_full_disk_while_the_publisher_works_off_a_backlog(tmp_path, small_disk,
         broker.kill()
         _send(pty, range(1, 201))
         wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 200, what="200 accepted with the broker down")
-        filler = _fill(small_disk)
+        filler = fill_volume(small_disk)
         broker.start()
         # acks cannot be written, yet publishing goes on from what the outbox holds
         wait_for(lambda: len(set(_uplink_ids(sub))) == 200, timeout=60,
@@ -299,7 +287,7 @@ def test_gateway_started_on_a_full_disk_waits_for_room_then_runs(tmp_path, small
         _send(pty, [1])
         wait_for(lambda: len(subscriber.events()) == 1, what="first event")
         assert gw.terminate() == 0  # a clean stop: SQLite removes the WAL and -shm, which a start must create again
-        filler = _fill(small_disk)
+        filler = fill_volume(small_disk)
         gw.start(wait_sources=False)
         wait_for(lambda: "storage full" in gw.output(), what="storage full said at start")
         time.sleep(1)

@@ -15,6 +15,7 @@ from binlink.gateway.module_formats import Reception
 from binlink.gateway.outbox import Batch, Outbox, StorageFull
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.registry import Device
+from tests.harness import fill_volume
 
 KEY_A, KEY_B, KEY_A2 = bytes(range(16)), bytes([7]) * 16, bytes([9]) * 16  # TEST KEYS
 CFG = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": [{"port": "/x"}]})
@@ -64,19 +65,13 @@ def test_a_commit_on_a_full_disk_raises_storage_full_and_leaves_nothing_open(tmp
         pytest.skip("cannot mount a tmpfs here")
     try:
         box = Outbox(str(d / "o.sqlite"))
-        filler = d / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        filler = fill_volume(d)
         big = Batch()
         big.messages = [("1:%d" % n, "t/bin/x/event", os.urandom(300), 0, 1.0) for n in range(1500)]
         with pytest.raises(StorageFull):
             box.commit(big)
         assert not box.db.in_transaction and box.depth() == 0
-        filler.unlink()
+        os.unlink(filler)
         assert box.commit(big) == 1500
         box.close()
     finally:

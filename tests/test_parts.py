@@ -7,6 +7,7 @@ import pytest
 
 from binlink.firmware import config, state
 from binlink.sim.device import SimDevice
+from tests.harness import decoded
 from binlink.sim.parts import e22 as e22_model
 from binlink.wire import codec
 
@@ -44,15 +45,6 @@ def gateway_accepts(dev):
         except codec.ProtocolError as e:
             return "frame %s refused: %s" % (f.hex(), e.reason)
     return None
-
-
-def decoded(dev):
-    out, last = [], None
-    for f in dev.frames():
-        d = codec.decode(f, KEY, last)
-        last = d["fcnt"]
-        out.append(d)
-    return out
 
 
 # a counter is never reused, whatever resets when ---------------------------------------------
