@@ -9,7 +9,8 @@ ALARM_BITS = tuple((codec.flag_bits([name]), name) for name in ("fire", "tilt", 
 
 
 def detect(prev_fill, prev_flags, fill, flags, rules):
-    """Event names for a reading. prev_*: the bin's last state (None when never seen)."""
+    """Event names for a reading. flags, prev_flags: flag bits (codec.flag_bits); prev_*: the bin's
+    last state (None when never seen)."""
     out = []
     if fill is not None and prev_fill is not None:
         if prev_fill - fill >= rules.emptied_drop_pct:
@@ -18,8 +19,7 @@ def detect(prev_fill, prev_flags, fill, flags, rules):
             out.append("full")
     elif fill is not None and prev_fill is None and fill >= rules.full_pct:
         out.append("full")
-    bits = codec.flag_bits(flags)
     for bit, name in ALARM_BITS:
-        if bits & bit and not (prev_flags or 0) & bit:
+        if flags & bit and not (prev_flags or 0) & bit:
             out.append(name)
     return out

@@ -17,7 +17,7 @@ import time
 import zlib
 
 from binlink.wire import codec
-from binlink.gateway import logs
+from binlink.gateway import integrate, logs
 
 log = logs.get("storage")
 
@@ -58,11 +58,12 @@ WAL_LIMIT_BYTES = 1100 * 1024  # the WAL file is cut back to this after a checkp
 SAVE_HEADS_S = 600.0  # counters and bin states proven by their rows are written to their tables this often
 
 
-# Payloads are stored deflated against a preset dictionary of what the messages share (keys,
-# timestamp shape): ~400 bytes of JSON become ~80 (an event) or ~110 (a bin state), so a reading's
-# rows fit in a fraction of a page. Rows say how they are stored by their first byte (JSON never
-# starts with a control byte). NEVER edit a dictionary: rows written with it could not be read
-# back. A new one needs a new prefix byte, and the old ones stay readable.
+# A reading's messages are stored as binary records (0x02, integrate.py) the publisher renders to
+# JSON. Other payloads (hellos, notices, ...) are stored deflated against a preset dictionary of
+# what the messages share (keys, timestamp shape): ~400 bytes of JSON become ~80, and so were the
+# readings' before 0.4 (those rows stay readable). Rows say how they are stored by their first
+# byte (JSON never starts with a control byte). NEVER edit a dictionary: rows written with it
+# could not be read back. A new one needs a new prefix byte, and the old ones stay readable.
 _PACKED_V1 = b"\x00"  # 1 KB window, events only in the dictionary (rows written before 0.3)
 _ZDICT_V1 = (b'{"backlog":false,"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"event":"uplink","fcnt":,'
              b'"fill_pct":,"flags":["low_battery"],"gateway":"","measured_at":"2026-11-27T00:00:00.000Z","message_id":"",'
@@ -79,13 +80,19 @@ _PACKER = zlib.compressobj(6, zlib.DEFLATED, -11, 2, zdict=_ZDICT_V2)  # copied 
 
 
 def pack(payload):
+    """Stored form of a payload: a reading's record as it is (integrate.py), JSON deflated."""
     if isinstance(payload, str):
         payload = payload.encode()
+    elif payload[:1] == integrate.RECORD:
+        return payload
     c = _PACKER.copy()
     return _PACKED_V2 + c.compress(payload) + c.flush()
 
 
 def unpack(stored):
+    """The payload as published: JSON."""
+    if isinstance(stored, bytes) and stored[:1] == integrate.RECORD:
+        return integrate.render(stored)
     if isinstance(stored, bytes) and stored[:1] in _DICTS:
         wbits, zdict = _DICTS[stored[:1]]
         d = zlib.decompressobj(wbits, zdict=zdict)

@@ -48,7 +48,8 @@ class Pipeline:
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified frames of this group, claimed together in one round trip
-        self._states = {}  # bin_id -> (device, state fields, at): the group's newest state of each bin
+        self._tails = {}  # (device, source) -> the end of its readings' records
+        self._bin_topics = {}  # bin_id -> (event topic, state topic)
         self.set_devices(devices)
         # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
@@ -101,9 +102,6 @@ class Pipeline:
             readings += self._claim_group(batch)
         for source, n in read.items():
             self.metrics.frames_read.labels(source).inc(n)
-        for bin_id, (device, fields, at) in self._states.items():
-            batch.states[bin_id] = integrate.state_message(self.cfg.base_topic, device, fields) + (at,)
-        self._states = {}
         if batch:
             try:
                 self.metrics.outbox_depth.inc(self.outbox.commit(batch))
@@ -164,14 +162,15 @@ class Pipeline:
             raise codec.ProtocolError(rec.reason, rec.detail)
         frame = rec.frame
         # parse
-        ftype, device_id, _ = codec.parse_header(frame)
+        header = codec.parse_header(frame)
+        device_id = header[1]
         device = self.devices.get(device_id)
         if device is None:
             raise codec.ProtocolError("unknown_device", "device %06x" % device_id)
         # verify tag + counter check
         last = self.counters.get(device_id)
         try:
-            fcnt = self._verify(device, frame, last)
+            fcnt = self._verify(device, frame, last, header)
         except codec.ProtocolError as e:
             # dedup: a "replay" of the identical bytes just accepted is the same frame heard again
             if e.reason == "replay" and self._is_duplicate(device, e.fcnt, frame, now):
@@ -199,11 +198,11 @@ class Pipeline:
                 n += self._recover(device, fcnt, floor, now, batch)
         return n
 
-    def _verify(self, device, frame, last):
+    def _verify(self, device, frame, last, header):
         """Against this gateway's counter; when that fails, against the fleet's (another gateway
         accepted this bin's recent frames) — the claim then settles replays either way."""
         try:
-            return codec.verify(frame, device.key, last)
+            return codec.verify(frame, device.key, last, header)
         except codec.ProtocolError as e:
             if self.shared is None or e.reason not in ("bad_tag", "fcnt_gap"):
                 raise  # a replay here is one for the fleet too: its counter is never behind this one
@@ -211,7 +210,7 @@ class Pipeline:
             if fleet is None or (last is not None and fleet <= last):
                 raise e from None
             self.counters[device.device_id] = fleet
-            return codec.verify(frame, device.key, fleet)
+            return codec.verify(frame, device.key, fleet, header)
 
     def _is_duplicate(self, device, fcnt, frame, now):
         if self.dedup.is_duplicate(device.device_id, fcnt, frame, now):
@@ -235,7 +234,7 @@ class Pipeline:
         return n
 
     def _prepare(self, device, frame, fcnt):
-        """decode → calibrate: (decoded, [((reading, fill), fcnt, age s)], digest hex, newest reading
+        """decode → calibrate: (decoded, [((reading, flag bits, fill), fcnt, age s)], digest hex, newest reading
         for the fleet's bin state (fcnt, fill, flag bits) or None); the last two with shared state only."""
         decoded = codec.decode_body(frame, fcnt)
         if decoded["type"] == "reading":
@@ -247,7 +246,7 @@ class Pipeline:
         if self.shared is None:
             return decoded, readings, None, None  # digest and bin state are for fleet-wide claims only
         newest = max(readings, key=lambda r: r[1]) if readings else None
-        update = (newest[1], newest[0][1], codec.flag_bits(newest[0][0]["flags"])) if newest else None
+        update = (newest[1], newest[0][2], newest[0][1]) if newest else None
         return decoded, readings, digest(frame).hex(), update
 
     def _accept(self, device, frame, fcnt, source, rec, now, batch, claimed=False):
@@ -282,8 +281,8 @@ class Pipeline:
         self._advance(device, fcnt, batch)
         self.dedup.remember(device_id, fcnt, frame, now)
         batch.accepted += 1
-        rx = dict(self._rx_base, source=source, rssi=rec.rssi, snr=rec.snr, received_at=now)
         if decoded["type"] == "hello":
+            rx = dict(self._rx_base, source=source, rssi=rec.rssi, snr=rec.snr, received_at=now)
             batch.messages.append(integrate.hello_message(self.cfg.base_topic, device, decoded, rx) + (now,))
             logs.event(log, logging.INFO, "hello", bin=device.bin_id, device=device.dev, fw=decoded["fw_version"],
                        reset_cause=decoded["reset_cause"], rssi=rec.rssi, source=source)
@@ -293,15 +292,38 @@ class Pipeline:
                 if self.on_new_firmware:
                     self.on_new_firmware(device.dev, decoded["fw_version"])
             return 0
-        for (reading, fill), reading_fcnt, age_s in readings:
-            self._reading(device, reading, fill, reading_fcnt, rx, now - age_s, batch, backlog=decoded["type"] == "backlog")
+        backlog = decoded["type"] == "backlog"
+        tail = self._tail(device, source)
+        for (reading, bits, fill), reading_fcnt, age_s in readings:
+            self._reading(device, reading, bits, fill, reading_fcnt, rec, now, age_s, tail, batch, backlog)
         return len(readings)
 
+    def _tail(self, device, source):
+        """The end of a reading's records (bin, source, gateway): the same for most frames."""
+        key = (device, source)
+        tail = self._tails.get(key)
+        if tail is None:
+            if len(self._tails) > 4 * len(self.devices) + 64:  # re-keyed devices leave entries behind
+                self._tails.clear()
+            tail = self._tails[key] = integrate.record_tail(device, source, self.cfg.gateway_id)
+        return tail
+
+    def _topics(self, device):
+        """(event topic, state topic) of a device's bin."""
+        topics = self._bin_topics.get(device.bin_id)
+        if topics is None:
+            base = self.cfg.base_topic
+            topics = self._bin_topics[device.bin_id] = (integrate.event_topic(base, device.bin_id),
+                                                        integrate.state_topic(base, device.bin_id))
+        return topics
+
     def _calibrated(self, device, reading):
-        """(reading with the gateway's low-battery flag, fill %)."""
-        if reading["battery_mv"] < self.cfg.events.low_battery_mv and "low_battery" not in reading["flags"]:
-            reading = dict(reading, flags=reading["flags"] + ["low_battery"])
-        return reading, calibration.fill_pct(device, reading)
+        """(reading, its flag bits with the gateway's low-battery flag, fill %)."""
+        bits = codec.flag_bits(reading["flags"])
+        if reading["battery_mv"] < self.cfg.events.low_battery_mv and not bits & codec.F_LOW_BATTERY:
+            bits |= codec.F_LOW_BATTERY
+            reading = dict(reading, flags=codec.flag_names(bits))
+        return reading, bits, calibration.fill_pct(device, reading)
 
     def _take_over(self, now, batch):
         """Frames whose claim a peer never confirmed: that peer died between claim and commit;
@@ -363,23 +385,24 @@ class Pipeline:
             self.metrics.recovered.inc()
         return n
 
-    def _reading(self, device, reading, fill, fcnt, rx, measured_at, batch, backlog):
+    def _reading(self, device, reading, bits, fill, fcnt, rec, now, age_s, tail, batch, backlog):
         """events → integrate, for one calibrated reading (a frame's or a backlog entry's)."""
-        base = self.cfg.base_topic
-        now = rx["received_at"]
-        fields = integrate.reading_fields(device, reading, fill, fcnt, rx, measured_at)
-        batch.messages.append(integrate.event_message(base, device, fields, "uplink", backlog) + (now,))
+        core = integrate.reading_core(device, reading, bits, fill, fcnt, rec.rssi, rec.snr, now, age_s,
+                                      self._rx_base["time_synced"], backlog)
+        mid = integrate.message_id(device, fcnt)
+        topic, state_topic = self._topics(device)
+        batch.messages.append((mid, topic, integrate.uplink_record(core, tail), False, now))
         prev = self.bins.get(device.bin_id)
         if prev is not None and fcnt <= prev[0]:
             return  # older than the bin's current state: history only, no state or events
         prev_fill = prev[1] if prev else None
         prev_flags = prev[2] if prev else None
-        fill_for_state = prev_fill if fill is None else fill  # a faulty reading keeps the last level
-        fields = integrate.with_forecast(fields, device, *self.forecasts.update(device.bin_id, measured_at, fill))
-        for name in events.detect(prev_fill, prev_flags, fill, reading["flags"], self.cfg.events):
-            batch.messages.append(integrate.event_message(base, device, fields, name, backlog) + (now,))
+        forecast = integrate.forecast_part(device, *self.forecasts.update(device.bin_id, now - age_s, fill))
+        for name in events.detect(prev_fill, prev_flags, fill, bits, self.cfg.events):
+            batch.messages.append(("%s:%s" % (mid, name), topic, integrate.record(name, core, forecast, tail), False, now))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)
-        self._states[device.bin_id] = (device, fields, now)  # rendered once per group: only the newest is kept
-        state = (fcnt, fill_for_state, codec.flag_bits(reading["flags"]), now)
+        # only a bin's newest state of a group is written (the outbox conflates pending states too)
+        batch.states[device.bin_id] = ("%s:state" % mid, state_topic, integrate.record("state", core, forecast, tail), True, now)
+        state = (fcnt, prev_fill if fill is None else fill, bits, now)  # a faulty reading keeps the last level
         self.bins[device.bin_id] = state
         batch.bins[device.bin_id] = state

@@ -169,7 +169,7 @@ def _reading(tr, reading, t, rules):
         if fill is not None:
             s["published"].append((t, fill))
         s["forecast"].append((t, full_at))
-        if "emptied" in events.detect(tr.prev_fill, None, fill, [], rules):
+        if "emptied" in events.detect(tr.prev_fill, None, fill, 0, rules):
             s["emptied"].append(t)
     if fill is not None:
         tr.prev_fill = fill

@@ -6,6 +6,7 @@ import json
 import jinja2
 import pytest
 
+from binlink.wire import codec
 from binlink.gateway import homeassistant, integrate
 from binlink.gateway.config import ConfigError
 from binlink.gateway.registry import Device
@@ -23,11 +24,14 @@ def configs(device=BIN, sw=None):
     return {t: json.loads(p) for t, p in homeassistant.messages("homeassistant", "binlink/city", "city", device, sw)}
 
 
-def state(flags=(), full_at=1_790_000_000.0, rate=24.5):
-    reading = {"distance_mm": 700, "temperature_c": 21.5, "battery_mv": 3650, "flags": list(flags), "valid_pings": 5, "pings": 5}
-    rx = {"gateway": "gw1", "source": "radio0", "rssi": -90, "snr": 7.5, "received_at": 1_789_990_000.0, "time_synced": True}
-    fields = integrate.reading_fields(BIN, reading, 50.0, 7, rx, 1_789_990_000.0)
-    return integrate.with_forecast(fields, BIN, rate, full_at)
+def message(kind="state", flags=(), full_at=1_790_000_000.0, rate=24.5):
+    """A state or event as the gateway publishes it: stored as a record, rendered by the publisher."""
+    reading = {"distance_mm": 700, "temperature_c": 21, "battery_mv": 3650, "flags": list(flags), "valid_pings": 5, "pings": 5}
+    core = integrate.reading_core(BIN, reading, codec.flag_bits(flags), 50.0, 7, -90, 7.5, 1_789_990_000.0, 0, True, False)
+    tail = integrate.record_tail(BIN, "radio0", "gw1")
+    if kind == "uplink":
+        return integrate.render(integrate.uplink_record(core, tail)).decode()
+    return integrate.render(integrate.record(kind, core, integrate.forecast_part(BIN, rate, full_at), tail)).decode()
 
 
 def render(template, payload):
@@ -54,13 +58,13 @@ def test_every_entity_is_keyed_on_site_and_bin_and_uses_default_entity_id():
 
 def test_templates_render_the_state_as_home_assistant_would():
     cfgs = configs()
-    s = integrate.dumps(state(flags=["fire", "low_battery"])).decode()
+    s = message(flags=["fire", "low_battery"])
     sensor = lambda e: render(cfgs["homeassistant/sensor/binlink_city_park_3/%s/config" % e]["value_template"], s)
     binary = lambda e: render(cfgs["homeassistant/binary_sensor/binlink_city_park_3/%s/config" % e]["value_template"], s)
-    assert sensor("fill") == "50.0" and sensor("fill_rate") == "24.5" and sensor("temperature") == "21.5"
+    assert sensor("fill") == "50.0" and sensor("fill_rate") == "24.5" and sensor("temperature") == "21"
     assert sensor("full_at") == "2026-09-21T14:13:20.000Z"
     assert [binary(a) for a in ("fire", "tilt", "sensor_fault", "low_battery")] == ["ON", "OFF", "OFF", "ON"]
-    unknown = integrate.dumps(state(full_at=None, rate=None)).decode()
+    unknown = message(full_at=None, rate=None)
     full_at = cfgs["homeassistant/sensor/binlink_city_park_3/full_at/config"]
     assert full_at["device_class"] == "timestamp" and render(full_at["value_template"], unknown) == "None"
     fill = cfgs["homeassistant/sensor/binlink_city_park_3/fill/config"]
@@ -72,10 +76,10 @@ def test_event_entity_fires_for_full_and_emptied_only():
     cfg = configs()["homeassistant/event/binlink_city_park_3/collection/config"]
     assert cfg["state_topic"] == "binlink/city/bin/park-3/event" and cfg["event_types"] == ["full", "emptied"]
     for name in ("full", "emptied"):
-        payload = integrate.event_message("binlink/city", BIN, state(), name)[2].decode()
+        payload = message(name)
         assert json.loads(render(cfg["value_template"], payload)) == {"event_type": name, "fill_pct": 50.0}
     for other in ("uplink", "fire"):
-        payload = integrate.event_message("binlink/city", BIN, state(), other)[2].decode()
+        payload = message(other)
         assert render(cfg["value_template"], payload) == "{}"  # Home Assistant ignores an empty JSON object
 
 

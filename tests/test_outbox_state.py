@@ -179,9 +179,7 @@ def test_every_message_key_tells_its_counter(device_id, epoch, fcnt, event, stat
     from binlink.gateway.outbox import message_key_counter
 
     device = Device(device_id, "bin", KEY_A, 1200, 200, key_epoch=epoch)
-    key = integrate.message_id(device, fcnt, event)
-    if state:
-        key = integrate.state_message("b", device, {"fcnt": fcnt})[0]
+    key = integrate.message_id(device, fcnt, "state" if state else event)
     assert message_key_counter(key) == (device_id, fcnt)
     assert message_key_counter("%06x:%d:%s" % (device_id, fcnt, event)) == (device_id, fcnt)  # a file from before epochs
 

@@ -4,6 +4,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from binlink.wire import codec
 from binlink.gateway import calibration, events
 from binlink.gateway.config import Events
 from binlink.gateway.dedup import Dedup
@@ -48,7 +49,7 @@ RULES = Events(full_pct=90, emptied_drop_pct=30, low_battery_mv=3300)
     (50, 0, 50, ["tilt", "low_battery"], ["tilt", "low_battery"]),
 ])
 def test_events(prev_fill, prev_flags, fill, flags, want):
-    assert events.detect(prev_fill, prev_flags, fill, flags, RULES) == want
+    assert events.detect(prev_fill, prev_flags, fill, codec.flag_bits(flags), RULES) == want
 
 
 def test_dedup_window():

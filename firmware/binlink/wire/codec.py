@@ -214,16 +214,17 @@ def _tag_ok(key, fcnt, frame):
     return diff == 0
 
 
-def verify(frame, key, last_fcnt=None):
+def verify(frame, key, last_fcnt=None, header=None):
     """Checks the tag and the counter; returns the full 32-bit frame counter.
 
     Raises ProtocolError: bad_tag (wrong key, forged or corrupted), replay (counter not above
     last_fcnt), fcnt_gap (counter jumped further than MAX_FCNT_GAP).
 
     A version 2 hello names its full counter, so no reconstruction is needed and no gap is too
-    large: the tag over that counter is the proof, and a counter not above last_fcnt is a replay."""
+    large: the tag over that counter is the proof, and a counter not above last_fcnt is a replay.
+    header: what parse_header(frame) returned, when the caller has it already."""
     _check_key(key)
-    fcnt_low = parse_header(frame)[2]
+    fcnt_low = (header or parse_header(frame))[2]
     explicit = explicit_fcnt(frame)
     if explicit is not None:
         if not _tag_ok(key, explicit, frame):
@@ -312,8 +313,9 @@ def flag_bits(names):
 
 
 def decode_body(frame, fcnt):
-    """Decodes a frame already verified (tag and counter) into a dict."""
-    ftype, device_id, _ = parse_header(frame)
+    """Decodes a frame already verified (tag and counter, after parse_header) into a dict."""
+    ftype = frame[0] & 0x0F
+    device_id = (frame[1] << 16) | (frame[2] << 8) | frame[3]
     out = {"type": TYPE_NAMES[ftype], "version": frame[0] >> 4, "device_id": device_id, "fcnt": fcnt}
     if ftype == T_READING:
         out.update(_unpack_reading(frame, HEADER_LEN))
