@@ -329,12 +329,8 @@ class Outbox:
         fresh = [i for i in ids if i not in self._deferred]
         self._acks += fresh
         self._deferred.update(fresh)
-        pending = 0
-        for i in range(0, len(fresh), 500):
-            chunk = fresh[i:i + 500]
-            pending += self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL AND id IN (%s)"
-                                       % ",".join("?" * len(chunk)), chunk).fetchone()[0]
-        return pending
+        count = "SELECT count(*) FROM outbox WHERE id BETWEEN ? AND ? AND acked_at IS NULL"
+        return sum(self.db.execute(count, run).fetchone()[0] for run in runs(fresh))
 
     @property
     def acks_waiting(self):
@@ -451,9 +447,22 @@ def _save_heads(db, counters, bins):
         [(b,) + tuple(v) + (upto,) for b, v in bins.items()])
 
 
+def runs(ids):
+    """Ids as (first, last) runs of consecutive ones, ascending: the broker acknowledges a window
+    of rows in the order they were written, so a few ranges stand for thousands of ids."""
+    out = []
+    for i in sorted(ids):
+        if out and i <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], i)
+        else:
+            out.append([i, i])
+    return out
+
+
 def _ack(db, ids, now):
     if ids:
-        db.executemany("UPDATE outbox SET acked_at=? WHERE id=? AND acked_at IS NULL", [(now, i) for i in ids])
+        db.executemany("UPDATE outbox SET acked_at=? WHERE id BETWEEN ? AND ? AND acked_at IS NULL",
+                       [(now, first, last) for first, last in runs(ids)])
 
 
 def _commit(db, batch, pending_states, new_state_ids, counters, bins, save_all, lazy):

@@ -48,7 +48,7 @@ class Pipeline:
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified frames of this group, claimed together in one round trip
-        self._tails = {}  # (device, source) -> the end of its readings' records
+        self._tails = {}  # (bin_id, source) -> the end of its readings' records
         self._bin_topics = {}  # bin_id -> (event topic, state topic)
         self.set_devices(devices)
         # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
@@ -300,10 +300,10 @@ class Pipeline:
 
     def _tail(self, device, source):
         """The end of a reading's records (bin, source, gateway): the same for most frames."""
-        key = (device, source)
+        key = (device.bin_id, source)  # not the device: hashing a dataclass hashes every field
         tail = self._tails.get(key)
         if tail is None:
-            if len(self._tails) > 4 * len(self.devices) + 64:  # re-keyed devices leave entries behind
+            if len(self._tails) > 4 * len(self.devices) + 64:  # retired bins leave entries behind
                 self._tails.clear()
             tail = self._tails[key] = integrate.record_tail(device, source, self.cfg.gateway_id)
         return tail

@@ -3,10 +3,7 @@
 import struct
 import hashlib
 
-try:  # CPython: C implementation; MicroPython has no hmac module.
-    import hmac as _hmac
-except ImportError:
-    _hmac = None
+_COPY = hasattr(hashlib.sha256(), "copy")  # CPython: a hash state can be copied; MicroPython's cannot
 
 VERSION = 1  # layout of reading and backlog frames, and of the hello old firmware sends
 HELLO_VERSION = 2  # the hello that carries the full 32-bit counter (docs/protocol.md, Counter)
@@ -62,15 +59,31 @@ def _sha256(data):
     return hashlib.sha256(data).digest()
 
 
-def hmac_sha256(key, msg):
-    if _hmac is not None:
-        return _hmac.digest(key, msg, "sha256")
+_PADS = {}  # key -> (inner, outer) SHA-256 states after the padded key; CPython only
+_PADS_MAX = 16384  # a fleet's keys; forgotten all at once beyond (re-keying leaves old ones behind)
+
+
+def _padded_states(key):
+    """RFC 2104: SHA-256 states after the key XOR ipad and after the key XOR opad."""
     if len(key) > 64:
         key = _sha256(key)
     key = key + bytes(64 - len(key))
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    return hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+
+def hmac_sha256(key, msg):
+    if _COPY:
+        # the key's padded states made once and copied per frame: half the work of hmac.digest, and
+        # the GIL is kept (OpenSSL's one-shot HMAC releases it, handing the CPU to the reader thread)
+        pads = _PADS.get(key)
+        if pads is None:
+            if len(_PADS) >= _PADS_MAX:
+                _PADS.clear()
+            pads = _PADS[key] = _padded_states(key)
+        inner, outer = pads[0].copy(), pads[1].copy()
+    else:
+        inner, outer = _padded_states(key)
     inner.update(msg)
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
     outer.update(inner.digest())
     return outer.digest()
 
