@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from binlink.wire.framing import Deframer
 
 
-@dataclass(frozen=True, slots=True)  # slots: a burst queues thousands of them
+@dataclass(slots=True)  # slots, not frozen: a burst queues thousands of them, and a frozen __init__ costs 3x
 class Reception:
     frame: bytes | None  # protocol frame (None for a rejection or a status line)
     reason: str | None = None  # rejection reason or status ("crc", "oversize", "bad_line", "module_error")

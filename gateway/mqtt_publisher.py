@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 
 from binlink.gateway import config as config_mod, homeassistant, integrate, logs, mqtt_wire
 from binlink.gateway.latency import LatencyCounts
+from binlink.gateway.memory import Trimmer
 from binlink.gateway.outbox import Outbox
 
 log = logs.get("mqtt")
@@ -202,6 +203,7 @@ class Worker:
         self.topics = {}  # topic str -> bytes: a few hundred bins, encoded once
         self._log_limit = logs.RateLimit(per_minute=1)
         self.latency = LatencyCounts()
+        self.memory = Trimmer()
         self.counts = {"connect_failures": 0}
         self.connected_reported = None
         self.last_report = self.last_sent = 0.0
@@ -271,6 +273,7 @@ class Worker:
             s.flush()
 
     def _take_acks(self, mids):
+        self.memory.count(len(mids))
         now = time.time()
         for mid in mids:
             row_id, received_at = self.inflight.pop(mid, (None, None))
@@ -327,6 +330,11 @@ class Worker:
             self.last_sent = now
         self.last_report = now
 
+    def _idle(self):
+        """Nothing in flight and nothing new: a burst's rendered messages can go back to the system."""
+        if not self.inflight and not self.maybe_pending:
+            self.memory.give_back()
+
     def _drained(self):
         if self.inflight:
             return False
@@ -357,6 +365,7 @@ class Worker:
                     return 2  # the service is gone
                 now = time.monotonic()
                 self._report(now)
+                self._idle()
                 if self.session is not None:
                     try:
                         self.session.ping_if_due(now)

@@ -6,8 +6,6 @@ transaction per group keeps fsyncs few at high rates), then wakes the publisher 
 reads the outbox on its own (mqtt_publisher). sd_notify READY/STOPPING; WATCHDOG only while
 every worker is alive — a dead reader thread ends the service with a non-zero code for systemd
 to restart it; a dead publisher process is restarted by its monitor."""
-import ctypes
-import ctypes.util
 import logging
 import os
 import queue
@@ -19,6 +17,7 @@ import time
 import sdnotify
 
 from binlink.gateway import config as config_mod, logs, recovery, registry
+from binlink.gateway.memory import Trimmer
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
 from binlink.gateway.outbox import StorageFull
@@ -33,18 +32,6 @@ ACK_GROUP = 5000  # broker acknowledgements written on their own once this many 
 ACK_IDLE_S = 2.0  # ... or no group commit took them along this long after the first arrived
 ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
-TRIM_AFTER_FRAMES = 10000  # a burst this large leaves freed memory that glibc keeps unless asked
-
-
-def _libc_malloc_trim():
-    """glibc's malloc_trim, or None (musl and others: nothing to do)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _libc_malloc_trim()
 
 
 class Gateway:
@@ -61,7 +48,7 @@ class Gateway:
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
                                    on_acks=lambda: self.queue.put(ACKS_READY))
         self._acks_since = 0.0
-        self._since_trim = 0  # frames processed since freed memory was last given back
+        self._memory = Trimmer()
         self._log_limit = logs.RateLimit(per_minute=2)
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
@@ -195,12 +182,9 @@ class Gateway:
         if items:
             pipeline.process(items)
             self.publisher.notify()
-        self._since_trim += len(items)
-        if self._since_trim >= TRIM_AFTER_FRAMES and self.queue.empty() and _malloc_trim is not None:
-            # the burst is over: what its queue and batches freed goes back to the system (a Pi's
-            # RAM is shared with everything else; glibc would keep it for this process)
-            _malloc_trim(0)
-            self._since_trim = 0
+        self._memory.count(len(items))
+        if self.queue.empty():
+            self._memory.give_back()
 
     def _write_acks(self, box, now, force=False):
         """The broker's acknowledgements, reported by the publisher process, into the outbox: this
