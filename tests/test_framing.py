@@ -81,6 +81,31 @@ def test_a_damaged_binlink_frame_that_passes_the_crc_still_fails_its_tag(device_
                 codec.verify(payload, key, None)
 
 
+def _reference(stream, limit):
+    """What a deframer must report for a whole stream: each block between delimiters, checked,
+    or one "oversize" (its first 16 bytes) when longer than the limit — also an unended last one."""
+    blocks = stream.split(b"\x00")
+    out = []
+    for i, block in enumerate(blocks):
+        ended = i < len(blocks) - 1
+        if len(block) > limit:
+            out.append(("oversize", block[:16], None))
+        elif ended and block:
+            out.append(fr._check(block) + (None,))
+    return out
+
+
+chunks = st.one_of(st.binary(max_size=30), st.binary(min_size=250, max_size=300), st.just(b"\x00"),
+                   payloads.map(fr.frame))
+
+
+@given(st.lists(chunks, max_size=12).map(b"".join), st.data())
+def test_any_byte_stream_in_any_chunking_gives_what_its_blocks_say(stream, data):
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    d = fr.Deframer()
+    assert _feed_chunked(d, stream, cuts) == _reference(stream, d._limit)
+
+
 def test_oversize_run_without_delimiter_is_dropped():
     d = fr.Deframer()
     got = d.feed(b"\x01" * 1000)

@@ -90,8 +90,35 @@ class Deframer:
         self._awaiting = None  # frame waiting for its trailer byte
 
     def feed(self, data):
-        out = []
         data = bytes(data)
+        if self._trailer:
+            return self._feed_with_trailer(data)
+        out = []
+        blocks = data.split(b"\x00")
+        tail = blocks.pop()  # not ended by a delimiter yet
+        for block in blocks:
+            if self._skipping:  # the end of an over-long run
+                self._skipping = False
+                continue
+            if self._buf:
+                self._buf.extend(block)
+                block = bytes(self._buf)
+                self._buf = bytearray()
+            if len(block) > self._limit:
+                out.append(("oversize", block[:16], None))
+            elif block:
+                kind, body = _check(block)
+                out.append((kind, body, None))
+        if not self._skipping:
+            self._buf.extend(tail)
+            if len(self._buf) > self._limit:
+                out.append(("oversize", bytes(self._buf[:16]), None))
+                self._buf = bytearray()
+                self._skipping = True
+        return out
+
+    def _feed_with_trailer(self, data):
+        out = []
         start = 0
         n = len(data)
         while start <= n:
@@ -118,7 +145,7 @@ class Deframer:
             elif ended and self._buf:
                 kind, body = _check(bytes(self._buf))
                 self._buf = bytearray()
-                if kind == "frame" and self._trailer:
+                if kind == "frame":
                     self._awaiting = body
                 else:
                     out.append((kind, body, None))
