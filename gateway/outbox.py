@@ -61,10 +61,10 @@ SAVE_HEADS_S = 600.0  # counters and bin states proven by their rows are written
 # A reading's messages are stored as binary records (0x02, integrate.py) the publisher renders to
 # JSON. Other payloads (hellos, notices, ...) are stored deflated against a preset dictionary of
 # what the messages share (keys, timestamp shape): ~400 bytes of JSON become ~80, and so were the
-# readings' before 0.4 (those rows stay readable). Rows say how they are stored by their first
+# readings' before 0.3 (those rows stay readable). Rows say how they are stored by their first
 # byte (JSON never starts with a control byte). NEVER edit a dictionary: rows written with it
 # could not be read back. A new one needs a new prefix byte, and the old ones stay readable.
-_PACKED_V1 = b"\x00"  # 1 KB window, events only in the dictionary (rows written before 0.3)
+_PACKED_V1 = b"\x00"  # 1 KB window, events only in the dictionary (the first 0.2 rows)
 _ZDICT_V1 = (b'{"backlog":false,"battery_v":3.7,"bin_id":"","device":"","distance_mm":,"event":"uplink","fcnt":,'
              b'"fill_pct":,"flags":["low_battery"],"gateway":"","measured_at":"2026-11-27T00:00:00.000Z","message_id":"",'
              b'"pings":5,"problem":false,"received_at":"2026-11-27T00:00:00.000Z","rssi":-,"snr":,"source":"",'
