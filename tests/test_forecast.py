@@ -1,6 +1,7 @@
 """The per-bin forecast on synthetic series: rhythm, noise, gaps, pickups, persistence."""
 import math
 import random
+import struct
 
 from hypothesis import given, settings, strategies as st
 
@@ -193,3 +194,205 @@ def test_forecasts_after_three_weeks_are_near_the_truth(per_day, noise, seed, ho
     true_full = true_time_of(100.0, per_day, f.t, true_now)
     if true_full - f.t <= 30 * HOUR:  # within a day or so: in hours too
         assert abs(f.full_at() - true_full) <= 0.25 * (true_full - f.t) + 3 * HOUR
+
+
+def reference_hour_and_weekday(t):
+    days = t // DAY
+    return int((t - days * DAY) // HOUR), int(days + 3) % 7
+
+
+class ReferenceBinForecast:
+    """The reference implementation: BinForecast as of commit 35acbc8, frozen (no cache, builtin
+    min/max, full_at walking hour by hour). BinForecast, rewritten for speed, must give the same
+    results to the bit; the constants are the module's. A deliberate change to the model changes both."""
+
+    def __init__(self):
+        self.t = self.level = self.raw = None
+        self.rise_sum = forecast.PRIOR_RATE * forecast.PRIOR_WEIGHT_H
+        self.shape_sum = forecast.PRIOR_WEIGHT_H
+        self.learned_h = 0.0
+        self.day_no, self.day_rise, self.day_expect, self.day_hours = -1.0, 0.0, 0.0, 0.0
+        self.day = [1.0] * 24
+        self.week = [1.0] * 7
+
+    def to_bytes(self):
+        head = (-1.0 if self.t is None else self.t, -1.0 if self.level is None else self.level,
+                -1.0 if self.raw is None else self.raw, self.rise_sum, self.shape_sum, self.learned_h,
+                self.day_no, self.day_rise, self.day_expect, self.day_hours)
+        return struct.pack("<10d24d7d", *head, *self.day, *self.week)
+
+    @property
+    def base(self):
+        return max(0.0, self.rise_sum / self.shape_sum) if self.shape_sum > 0 else 0.0
+
+    def shape_hours(self, t0, t1):
+        total = plain = 0.0
+        t = t0
+        while t < t1:
+            hour, weekday = reference_hour_and_weekday(t)
+            end = min(t1, (t // HOUR + 1) * HOUR)
+            part = (end - t) / HOUR * self.day[hour]
+            plain += part
+            total += part * self.week[weekday]
+            t = end
+        return total, plain
+
+    def update(self, t, fill, pickup_drop_pct=15.0):
+        if fill is None or (self.t is not None and t <= self.t):
+            return False
+        if self.t is None or t - self.t > forecast.MAX_GAP_H * HOUR:
+            self.t, self.level, self.raw = t, fill, fill
+            return False
+        if fill < self.level - pickup_drop_pct:
+            self.t, self.level, self.raw = t, fill, fill
+            return True
+        dt_h = (t - self.t) / HOUR
+        shape, shape_without_week = self.shape_hours(self.t, t)
+        expected = self.base * shape
+        clip = forecast.INNOVATION_CLIP
+        rise = min(max(fill - self.raw, -clip), expected + clip)
+        if shape > 0 and max(fill, self.raw) < forecast.SATURATED_PCT:
+            self._learn_week(t, rise, self.base * shape_without_week, dt_h)
+            keep = math.exp(-dt_h / forecast.BASE_TAU_H)
+            self.rise_sum = self.rise_sum * keep + rise
+            self.shape_sum = self.shape_sum * keep + shape
+            base = self.base
+            if base > 0 and dt_h <= 6.0:
+                hour, weekday = reference_hour_and_weekday((self.t + t) / 2)
+                seen_days = self.learned_h / 24.0
+                q = rise / (base * dt_h * self.week[weekday])
+                self._learn(self.day, hour, q, max(forecast.DAY_GAIN, 1.0 / (2.0 + seen_days)))
+        predicted = self.level + expected
+        self.level = max(0.0, predicted + forecast.LEVEL_GAIN * max(-clip, min(clip, fill - predicted)))
+        self.t, self.raw = t, fill
+        self.learned_h += dt_h
+        return False
+
+    def _learn_week(self, t, rise, expect_without_week, dt_h):
+        day_no = float((self.t + t) / 2 // DAY)
+        if day_no != self.day_no:
+            if self.day_hours >= forecast.MIN_DAY_HOURS and self.day_expect > 0 and self.learned_h >= forecast.WEEK_AFTER_H:
+                weekday = int(self.day_no + 3) % 7
+                weeks_seen = int(self.learned_h // (7 * 24))
+                self._learn(self.week, weekday, self.day_rise / self.day_expect, max(forecast.WEEK_GAIN, 1.0 / (1.0 + weeks_seen)))
+            self.day_no, self.day_rise, self.day_expect, self.day_hours = day_no, 0.0, 0.0, 0.0
+        self.day_rise += rise
+        self.day_expect += expect_without_week
+        self.day_hours += dt_h
+
+    @staticmethod
+    def _learn(shape, i, q, gain):
+        q = max(-forecast.SHAPE_MAX, min(forecast.SHAPE_MAX, q))
+        shape[i] = max(forecast.SHAPE_MIN, min(forecast.SHAPE_MAX, shape[i] + gain * (q - shape[i])))
+        mean = sum(shape) / len(shape)
+        if mean > 0:
+            shape[:] = [v / mean for v in shape]
+
+    def rate_pct_per_day(self):
+        return None if self.learned_h < forecast.MIN_LEARNED_H else round(self.base * 24.0, 2)
+
+    def full_at(self, full_pct=100.0):
+        if self.t is None or self.learned_h < forecast.MIN_LEARNED_H:
+            return None
+        if self.level >= full_pct:
+            return self.t
+        if self.base <= 1e-6:
+            return None
+        need = (full_pct - self.level) / self.base
+        day, week = self.day, self.week
+        hour, weekday = reference_hour_and_weekday(self.t)
+        t = (self.t // HOUR + 1) * HOUR
+        rate = day[hour] * week[weekday]
+        gain = (t - self.t) / HOUR * rate
+        if gain >= need:
+            return self.t + need / rate * HOUR
+        need -= gain
+        end = self.t + forecast.HORIZON_DAYS * DAY
+        day_sum = sum(day)
+        while t < end:
+            hour += 1
+            if hour == 24:
+                hour, weekday = 0, (weekday + 1) % 7
+            if hour == 0 and day_sum * week[weekday] < need:
+                need -= day_sum * week[weekday]
+                t += DAY
+                hour = 23
+                continue
+            rate = day[hour] * week[weekday]
+            if rate >= need:
+                at = t + need / rate * HOUR
+                return at if at <= end else None
+            need -= rate
+            t += HOUR
+        return None
+
+
+class Twins:
+    """BinForecast, ForecastStore.update (what the gateway calls) and the reference, side by side."""
+
+    def __init__(self):
+        self.ref, self.f, self.store = ReferenceBinForecast(), BinForecast(), ForecastStore(":memory:")
+
+    def step(self, t, fill, full_pct=None, reload=False):
+        """One reading into all three: the same update() return, rate and full_at (for another fill
+        level too: no stale or mixed-up cache) and to_bytes, each float to the bit (repr tells -0.0
+        from 0.0). reload: the BinForecast goes on from its bytes (no cache)."""
+        ref, f = self.ref, self.f
+        assert f.update(t, fill) is ref.update(t, fill)
+        assert repr(self.store.update("b", t, fill)) == repr((ref.rate_pct_per_day(), ref.full_at()))
+        if full_pct is not None:
+            assert repr(f.full_at(full_pct)) == repr(ref.full_at(full_pct))
+        assert repr((f.rate_pct_per_day(), f.full_at())) == repr((ref.rate_pct_per_day(), ref.full_at()))
+        assert f.to_bytes() == self.store.bins["b"].to_bytes() == ref.to_bytes()
+        if reload:
+            self.f = BinForecast.from_bytes(f.to_bytes())
+
+
+gaps = st.one_of(st.just(0.0), st.floats(-600.0, 0.0), st.floats(0.0, 60.0), st.floats(60.0, 2 * HOUR),
+                 st.floats(600.0, HOUR), st.floats(2 * HOUR, 50 * HOUR))  # repeated, out of order, seconds to two days
+fills = st.one_of(st.none(), st.floats(0.0, 110.0), st.tuples(st.just("rise"), st.floats(-3.0, 8.0)),
+                  st.tuples(st.just("rise"), st.floats(-0.3, 1.0)), st.tuples(st.just("pickup"), st.floats(0.0, 10.0)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(gaps, fills, st.sampled_from([None, 90.0, 100.0, 120.0]), st.booleans()), max_size=300),
+       st.floats(0.0, 7 * DAY), st.one_of(st.none(), st.tuples(st.floats(0.0, 1.0), st.sampled_from([math.nan, math.inf]))))
+def test_any_series_gives_the_reference_implementations_results_to_the_bit(steps, offset, non_finite):
+    """Rises, pickups, any fill to 110 %, faulty readings; repeated, out of order, seconds to two
+    days apart; now and then a NaN or infinite reading (no decoder gives one: the rewritten
+    min/max must agree with the builtins all the same)."""
+    twins, t, fill = Twins(), START + offset, 5.0
+    for i, (gap, step, full_pct, reload) in enumerate(steps):
+        t += gap
+        if isinstance(step, tuple):
+            kind, value = step
+            fill = step = min(110.0, max(0.0, fill + value if kind == "rise" else value))
+        elif step is not None:
+            fill = step
+        if non_finite is not None and i == int(non_finite[0] * len(steps)):
+            step = non_finite[1]
+        twins.step(t, step, full_pct, reload)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32), st.floats(0.5, 60.0), st.floats(0.0, 2.0), st.sampled_from([60.0, 600.0, 1800.0, 4 * HOUR]))
+def test_weeks_of_readings_give_the_reference_implementations_results_to_the_bit(seed, per_day, noise, every_s):
+    """Up to five weeks of a bin with a daily and weekly rhythm (the multipliers learn), filling in
+    half a day to 200 days (the walk reaches the horizon), read every minute to every few hours with
+    silences, repeats and faulty readings, emptied at 80-110 %."""
+    rng, twins = random.Random(seed), Twins()
+    t, fill = START + rng.uniform(0, 7 * DAY), rng.uniform(0, 20)
+    for _ in range(int(min(2000, 35 * DAY / every_s))):
+        roll = rng.random()
+        if roll < 0.01:
+            dt = rng.uniform(0, 50 * HOUR)  # a silence
+        elif roll < 0.04:
+            dt = 0.0  # the same time again
+        else:
+            dt = rng.expovariate(1 / every_s)
+        fill += sum(rate(t + k / 4 * dt, per_day) for k in range(4)) / 4 * dt / HOUR
+        t += dt
+        if fill > rng.uniform(80, 110):
+            fill = rng.uniform(0, 5)
+        reading = None if rng.random() < 0.02 else max(0.0, min(110.0, fill + rng.gauss(0, noise)))
+        twins.step(t, reading, rng.choice([None, 90.0]), rng.random() < 0.02)
