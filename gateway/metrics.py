@@ -37,6 +37,8 @@ class Metrics:
         self.outbox_depth = Gauge("binlink_outbox_depth", "Messages in the durable outbox the broker has not acknowledged", registry=r)
         self.acks_unwritten = Gauge("binlink_outbox_acks_unwritten", "Broker acknowledgements not yet written to the outbox "
                                     "(they ride with the next commit; a power cut now republishes them)", registry=r)
+        self.outbox_unreadable = Counter("binlink_outbox_unreadable_rows", "Outbox rows the publisher could not read "
+                                         "(damaged on disk): skipped, not published", registry=r)
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connect_failures = Counter("binlink_mqtt_connect_failures", "Broker connection attempts that failed "
                                              "(unreachable, refused, TLS)", registry=r)
@@ -58,6 +60,8 @@ class Metrics:
         are counted when the service writes them (published, outbox depth)."""
         if report.get("connect_failures"):
             self.mqtt_connect_failures.inc(report["connect_failures"])
+        if report.get("unreadable_rows"):
+            self.outbox_unreadable.inc(report["unreadable_rows"])
         if "connected" in report:
             self.mqtt_connected.set(1 if report["connected"] else 0)
         if report.get("latency"):

@@ -204,7 +204,7 @@ class Worker:
         self._log_limit = logs.RateLimit(per_minute=1)
         self.latency = LatencyCounts()
         self.memory = Trimmer()
-        self.counts = {"connect_failures": 0}
+        self.counts = {"connect_failures": 0, "unreadable_rows": 0}
         self.connected_reported = None
         self.last_report = self.last_sent = 0.0
 
@@ -264,6 +264,9 @@ class Worker:
             self.maybe_pending = False
         s, topics, inflight = self.session, self.topics, self.inflight
         for row_id, topic, payload, retain, received_at in rows:
+            if payload is None:
+                self._unreadable(row_id, topic)
+                continue
             t = topics.get(topic)
             if t is None:
                 t = topics[topic] = topic.encode()
@@ -271,6 +274,13 @@ class Worker:
         if rows:
             self.last_fed = rows[-1][0]
             s.flush()
+
+    def _unreadable(self, row_id, topic):
+        """A damaged row: skipped for good (reported as done, so the depth falls), counted, logged."""
+        self.acked.append(row_id)
+        self.counts["unreadable_rows"] += 1
+        if self._log_limit.allow("unreadable", time.monotonic()):
+            logs.event(log, logging.ERROR, "outbox row unreadable (damaged on disk), skipped", row=row_id, topic=topic)
 
     def _take_acks(self, mids):
         self.memory.count(len(mids))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import time
 import zlib
 
@@ -98,6 +99,15 @@ def unpack(stored):
         d = zlib.decompressobj(wbits, zdict=zdict)
         return d.decompress(stored[1:]) + d.flush()
     return stored  # written before payloads were packed
+
+
+def readable(stored):
+    """unpack(stored), or None when the row is damaged (a salvaged page, a flipped bit): one bad
+    row must not stop the publisher from reading the rows after it."""
+    try:
+        return unpack(stored)
+    except (ValueError, IndexError, TypeError, struct.error, zlib.error):
+        return None
 
 
 class StorageFull(Exception):
@@ -313,12 +323,13 @@ class Outbox:
         self._heads = None
 
     def pending(self, after_id, limit):
-        """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at)."""
+        """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at);
+        payload None for a row that cannot be read (damaged on disk)."""
         rows = self.db.execute(
             "SELECT id, topic, payload, retain, received_at FROM outbox WHERE id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
             (max(after_id, self._floor), limit),
         ).fetchall()
-        return [(i, topic, unpack(payload), retain, at) for i, topic, payload, retain, at in rows]
+        return [(i, topic, readable(payload), retain, at) for i, topic, payload, retain, at in rows]
 
     def defer_acks(self, ids):
         """Broker acknowledgements to be written with the next commit, in its transaction and

@@ -320,3 +320,33 @@ def test_a_bin_past_65535_is_heard_again_after_its_state_file_is_lost(tmp_path, 
         assert gw.metric("binlink_frames_rejected_total", reason="bad_tag") == 0
     finally:
         gw.kill()
+
+
+def test_a_damaged_row_is_skipped_and_counted_and_the_rest_is_published(tmp_path, broker, pty, subscriber):
+    """A row whose payload cannot be read (a flipped bit, a salvaged page) must not stop the
+    publisher: it is skipped, counted and logged, and every other reading reaches the broker."""
+    gw = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES).start()
+    try:
+        broker.kill()
+        _send(pty, range(1, 21))
+        wait_for(lambda: gw.metric("binlink_frames_accepted_total") == 20, what="20 accepted with the broker down")
+        gw.terminate()
+        db = sqlite3.connect(_db(tmp_path))
+        damaged = {}
+        for payload, fcnt in ((b"\x02\x09 no such kind", 3), (b"\x02\x01 cut short", 7), (b"\x01\xff\xfe not deflate", 11)):
+            (row_id, key), = db.execute("SELECT id, message_key FROM outbox WHERE retain = 0 AND message_key LIKE ?",
+                                        ("%%:%d" % fcnt,)).fetchall()
+            db.execute("UPDATE outbox SET payload = ? WHERE id = ?", (payload, row_id))
+            damaged[key] = row_id
+        db.commit()
+        db.close()
+        broker.start()
+        wait_for(lambda: subscriber.c.is_connected(), what="subscriber back")
+        gw.start()
+        wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, timeout=30, what="backlog published")
+        assert gw.metric("binlink_outbox_unreadable_rows_total") == 3
+        want = {"0000a1:0:%d" % n for n in range(1, 21)} - set(damaged)
+        wait_for(lambda: set(_uplink_ids(subscriber)) == want, timeout=15, what="every readable reading published")
+        assert "outbox row unreadable (damaged on disk), skipped" in gw.output()
+    finally:
+        gw.kill()
