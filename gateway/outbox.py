@@ -437,7 +437,10 @@ def _load_heads(db):
             c[0] = fcnt
         b = bins.get(topic.rsplit("/", 2)[-2]) if retain else None
         if b is not None and row_id > b[4] and fcnt > b[0]:
-            state = json.loads(unpack(payload))
+            try:
+                state = json.loads(readable(payload))
+            except (TypeError, ValueError):  # damaged: its counter still counts, its level is unknown
+                state = {"fill_pct": None, "flags": codec.flag_names(b[2])}
             fill = state.get("fill_pct")  # a faulty reading keeps the bin's last level
             b[:4] = [fcnt, b[1] if fill is None else fill, codec.flag_bits(state.get("flags") or []), at]
     return {d: (c[0], c[1]) for d, c in counters.items()}, {b: tuple(v[:4]) for b, v in bins.items()}
