@@ -435,7 +435,8 @@ def _load_heads(db):
         c = counters.get(dev)
         if c is not None and row_id > c[2] and fcnt > c[0]:
             c[0] = fcnt
-        b = bins.get(topic.rsplit("/", 2)[-2]) if retain else None
+        parts = topic.rsplit("/", 2) if retain else ()  # <base>/bin/<bin_id>/state
+        b = bins.get(parts[-2]) if len(parts) == 3 else None
         if b is not None and row_id > b[4] and fcnt > b[0]:
             try:
                 state = json.loads(readable(payload))
