@@ -53,6 +53,9 @@ class Rylr998Format:
 
     name = "rylr998"
     MAX_LINE = 600  # 240 data characters plus the envelope, with room to spare
+    # wider than any LoRa receiver reports (SX127x/SX126x: RSSI about -150..0 dBm, SNR -20..+15 dB)
+    RSSI_MIN, RSSI_MAX = -200, 50
+    SNR_MIN, SNR_MAX = -50.0, 50.0
 
     def __init__(self):
         self._buf = bytearray()
@@ -101,6 +104,8 @@ class Rylr998Format:
             snr_db = float(snr)
         except ValueError:
             return Reception(None, "bad_line", detail=line[:64])
+        if not (self.RSSI_MIN <= rssi_dbm <= self.RSSI_MAX and self.SNR_MIN <= snr_db <= self.SNR_MAX):  # NaN fails too
+            return Reception(None, "bad_line", detail="rssi %s or snr %s out of range" % (rssi[:8], snr[:8]))
         if n != len(payload):
             return Reception(None, "truncated", detail="length %d, %d data characters" % (n, len(payload)))
         try:

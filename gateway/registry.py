@@ -76,6 +76,7 @@ def parse_device_id(v):
 
 
 DEFAULT_PATH = "/etc/binlink/devices.toml"
+NAME_MAX = 200  # a bin's display name (Home Assistant, the outbox's records)
 _DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s"}
 
 
@@ -128,11 +129,13 @@ def parse(data, path="registry"):
         if not (type(depth) is int and type(full) is int and 0 <= full < depth):
             found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
         epoch = d.get("key_epoch", 0)
-        if not (type(epoch) is int and epoch >= 0):
-            found.append("%s.key_epoch: must be an integer >= 0, got %r" % (p, epoch))
+        if not (type(epoch) is int and 0 <= epoch < 2**32):  # 32 bits in the outbox's records
+            found.append("%s.key_epoch: must be an integer from 0 to 4294967295, got %r" % (p, epoch))
         for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
             if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
                 found.append("%s.%s: wrong type" % (p, opt))
+        if isinstance(d.get("name"), str) and len(d["name"]) > NAME_MAX:
+            found.append("%s.name: at most %d characters" % (p, NAME_MAX))
         if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
             found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
         unknown = set(d) - _DEVICE_KEYS

@@ -80,3 +80,27 @@ def test_a_record_is_smaller_than_its_deflated_json():
     for stored in (integrate.uplink_record(core, tail),
                    integrate.record("state", core, integrate.forecast_part(device, 24.5, 1_790_000_000.0), tail)):
         assert len(stored) < len(outbox.pack(integrate.render(stored)))
+
+
+@given(name=st.text(max_size=300), epoch=st.integers(0, 2**40), lat=st.one_of(st.integers(-2**70, 2**70), st.floats()),
+       rssi=st.integers(-10**6, 10**6), snr=st.floats())
+def test_whatever_the_registry_and_a_module_accept_can_be_stored(name, epoch, lat, rssi, snr):
+    """The registry and the module formats bound what a record holds: a bin they accept never
+    makes ingest raise (a crash per frame of that bin) when its reading is stored."""
+    from binlink.gateway import module_formats, registry
+    from binlink.gateway.config import ConfigError
+
+    entry = {"device_id": "a1", "bin_id": "park-3", "key": KEY.hex(), "depth_mm": 1200, "full_mm": 200, "name": name,
+             "key_epoch": epoch, "lat": lat}
+    try:
+        device = registry.parse({"device": [entry]})[0xA1]
+    except ConfigError:
+        return
+    line = ("+RCV=1,4,ABCD,%d,%r\r\n" % (rssi, snr)).encode()
+    rec = module_formats.make("rylr998").feed(line)[0]
+    if rec.frame is None:
+        return
+    reading = {"distance_mm": 700, "temperature_c": 21, "battery_mv": 3650, "flags": [], "valid_pings": 5, "pings": 5}
+    core = integrate.reading_core(device, reading, 0, 50.0, 7, rec.rssi, rec.snr, 1_789_990_000.0, 0, True, False)
+    stored = integrate.record("state", core, integrate.forecast_part(device, 1.0, None), integrate.record_tail(device, "r", "g"))
+    assert json.loads(integrate.render(stored))["name"] == (name or None)

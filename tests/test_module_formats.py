@@ -54,6 +54,9 @@ def test_garbage_never_raises_in_any_format(blob):
     (b"+RCV=1,4,ZZZZ,-50,9\r\n", "bad_line"),
     (b"+RCV=1,4\r\n", "bad_line"),
     (b"+RCV=x,2,AB,-50,9\r\n", "bad_line"),
+    (b"+RCV=1,2,AB,-99999,9\r\n", "bad_line"),  # no receiver reports that: a garbled line
+    (b"+RCV=1,2,AB,-50,nan\r\n", "bad_line"),
+    (b"+RCV=1,2,AB,-50,1e9\r\n", "bad_line"),
     (b"+ERR=13\r\n", "module_error"),
     (b"hello\r\n", "bad_line"),
     (b"\xff\xfe\r\n", "bad_line"),
