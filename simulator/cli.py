@@ -71,7 +71,8 @@ def cmd_report(args):
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
     print("sim: %d bins, %g days per policy, seed %d: fixed rounds, collection list, forecast scoring" % (
         args.bins, args.days, args.seed), flush=True)
-    comparison = policy.compare(args.bins, args.days, args.seed, keep_series=min(args.bins, args.chart_bins))
+    comparison = policy.compare(args.bins, args.days, args.seed, keep_series=min(args.bins, args.chart_bins),
+                                processes=3 if (os.cpu_count() or 1) > 1 else 1)  # the three runs at once
     report.write(args.report, comparison)
     figures = {k: v for k, v in comparison.items() if k not in ("fixed", "forecast")}
     figures.update({"collections_per_bin_month_%s" % p: comparison[p]["collections_per_bin_month"] for p in ("fixed", "forecast")})

@@ -155,7 +155,7 @@ def bench_planner():
             f.update(t, fill)
             f.full_at()
         best = min(best, (time.perf_counter() - t0) / len(series))
-    c = policy.compare(bins=300, days=30, seed=1, keep_series=0)
+    c = policy.compare(bins=300, days=30, seed=1, keep_series=0, processes=3 if (os.cpu_count() or 1) > 1 else 1)
     return {
         "forecast_us_per_reading": round(best * 1e6, 1),
         "forecast_full_at_mae_h": c["forecast_full_at_mae_h"],

@@ -48,6 +48,13 @@ def test_the_list_driven_trucks_collect_less_than_fixed_rounds(comparison):
     assert fixed["bins"] == fc["bins"] == 12 and fixed["start"] == fc["start"]
 
 
+def test_the_runs_in_worker_processes_give_the_same_figures():
+    """compare(processes=3), as the bench and the report run it: each policy in its own interpreter,
+    every figure and series as when the three run one after the other here."""
+    args = dict(bins=6, days=3, seed=4, keep_series=2)
+    assert policy.compare(processes=3, **args) == policy.compare(**args)
+
+
 class _Collect(HTMLParser):
     def __init__(self):
         super().__init__()

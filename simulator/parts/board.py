@@ -34,6 +34,17 @@ PROFILES = {
 DIVIDER_OHMS = 200_000
 
 
+class _OpNames(dict):
+    """stand-in op -> Board method name ("op_" + op), made once per op."""
+
+    def __missing__(self, op):
+        name = self[op] = "op_" + op
+        return name
+
+
+_OP_NAMES = _OpNames()
+
+
 class Board:
     def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom"):
         """cfg: the firmware's parsed config (pins, transport, sensor). battery: physics.Battery.
@@ -86,6 +97,17 @@ class Board:
         self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else air_c())
         self.parts.append(self.thermo)
         self._listened = set(self._listened_pins())
+        # the parts are wired for good: what the clock calls at every step is looked up once
+        self._pin_parts = [p for p in self.parts if hasattr(p, "on_pin")]  # parts that watch pins
+        self._steps = [p.step for p in self.parts if not getattr(p, "IDLE_STEP", False)]  # a part's step() that acts
+        self._next_events = [p.next_event for p in self.parts]
+        self._part_ma = [p.current_ma for p in self.parts]
+        self._regulator_ma = self.profile["regulator_ma"]
+        self._divider_switched = self.profile["divider_switched"]
+        self._battery_en_pin = cfg["battery_en_pin"]
+        self._rail_pin = cfg["sensor_power_pin"] if self.profile["rail_switched"] else None  # switches the sensor rail
+        has_aux = self.radio is not None and hasattr(self.radio, "aux_level")
+        self._aux_pin = cfg.get("radio_aux_pin") if has_aux else None  # reads the module's AUX line
         self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
         self._rail_on(not self.profile["rail_switched"])
 
@@ -97,60 +119,51 @@ class Board:
     def epoch(self):
         return self.epoch0 + self.now / 1000.0
 
-    def static_ma(self):
-        ma = self.profile["regulator_ma"]
-        divider_on = not self.profile["divider_switched"] or self.esp.pad(self.cfg["battery_en_pin"]) == 1
-        if divider_on:
-            ma += self.battery.mv() / DIVIDER_OHMS  # mV / ohm = mA
-        return ma
-
     def current_ma(self):
+        """What the board draws now: the chip, the regulator and divider, and every part."""
         e = self.esp
         ma = chip.DEEP_SLEEP_MA if e.asleep else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
-        ma += self.static_ma()
-        for p in self.parts:
-            ma += p.current_ma(self.now)
+        static = self._regulator_ma
+        if not self._divider_switched or e.pad(self._battery_en_pin) == 1:
+            static += self.battery.mv() / DIVIDER_OHMS  # mV / ohm = mA
+        ma += static
+        now = self.now
+        for part_ma in self._part_ma:
+            ma += part_ma(now)
         return ma
 
     def advance(self, ms):
         """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
         the watchdog bites when due (chip.Stop)."""
         e = self.esp
+        now = self.now
         if ms <= 0:  # bring the parts up to now (before something observes them)
-            for p in self.parts:
-                p.step(self.now)
+            for step in self._steps:
+                step(now)
             self._ma = self.current_ma()
-            if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
+            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             return
-        end = self.now + ms
+        end = now + ms
         while True:
             nxt = end
-            for p in self.parts:
-                t = p.next_event(self.now)
-                if t is not None and self.now < t < nxt:
+            for next_event in self._next_events:
+                t = next_event(now)
+                if t is not None and now < t < nxt:
                     nxt = t
-            if e.wdt_due is not None and not e.asleep and e.wdt_due < nxt:
-                nxt = e.wdt_due
-            if nxt > self.now:  # the current is constant between events
-                self.charge_mAs += self._ma * (nxt - self.now) / 1000.0
-                self.now = nxt
-            for p in self.parts:
-                p.step(self.now)
+            due = e.wdt_due
+            if due is not None and not e.asleep and due < nxt:
+                nxt = due
+            if nxt > now:  # the current is constant between events
+                self.charge_mAs += self._ma * (nxt - now) / 1000.0
+                self.now = now = nxt
+            for step in self._steps:
+                step(now)
             self._ma = self.current_ma()
-            if e.wdt_due is not None and not e.asleep and self.now >= e.wdt_due:
+            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
-            if self.now >= end:
+            if now >= end:
                 return
-
-    def _tick(self):
-        """The interpreter's time around one call: no part acts within it (they are stepped
-        before anything observes them), only the charge and the watchdog count."""
-        self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
-        self.now += chip.CALL_MS
-        due = self.esp.wdt_due
-        if due is not None and self.now >= due:
-            self.advance(0.0)
 
     # the wake cycle, from the simulator's side --------------------------------------------------
     def power_on(self, epoch):
@@ -196,9 +209,8 @@ class Board:
     def _pins_changed(self):
         for pin in self._listened:
             lvl = self.esp.pad(pin)
-            for p in self.parts:
-                if hasattr(p, "on_pin"):
-                    p.on_pin(pin, lvl, self.now)
+            for p in self._pin_parts:
+                p.on_pin(pin, lvl, self.now)
         if self.profile["rail_switched"]:
             self._rail_on(self.esp.pad(self.cfg["sensor_power_pin"]) == 1)
         self._ma = self.current_ma()
@@ -273,8 +285,14 @@ class Board:
                 kind = self.reset_at[1]
                 self.reset_at = None
                 raise chip.Stop(kind)
-            self._tick()
-            return getattr(self, "op_" + op)(*args)
+            # the interpreter's time around the call: no part acts within it (they are stepped
+            # before anything observes them), only the charge and the watchdog count
+            self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
+            self.now += chip.CALL_MS
+            due = self.esp.wdt_due
+            if due is not None and self.now >= due:
+                self.advance(0.0)
+            return getattr(self, _OP_NAMES[op])(*args)
         except chip.Stop as s:
             self._halt(s.kind)
             return {"halt": s.kind}
@@ -318,20 +336,18 @@ class Board:
         if pin in self._listened:
             self.advance(0.0)  # parts up to now before they see the edge
             lvl = self.esp.pad(pin)
-            for p in self.parts:
-                if hasattr(p, "on_pin"):
-                    p.on_pin(pin, lvl, self.now)
+            for p in self._pin_parts:
+                p.on_pin(pin, lvl, self.now)
         else:  # the sensor rail, the divider switch: what they draw changes
-            if pin == self.cfg["sensor_power_pin"] and self.profile["rail_switched"]:
+            if pin == self._rail_pin:
                 self._rail_on(self.esp.pad(pin) == 1)
             self._ma = self.current_ma()
 
     def op_pin_value(self, pin):
         self.advance(0.0)
-        c = self.cfg
-        if self.radio is not None and pin == c.get("radio_aux_pin") and hasattr(self.radio, "aux_level"):
+        if pin == self._aux_pin:
             return self.radio.aux_level(self.now)
-        if pin == c["tilt_pin"]:
+        if pin == self.cfg["tilt_pin"]:
             return 0 if self.tilted else 1
         p = self.esp.pins.get(pin)
         if p and p["out"]:
@@ -562,6 +578,8 @@ class Board:
 
 class _Wire:
     """A plain serial cable to the gateway: bytes go straight through."""
+
+    IDLE_STEP = True
 
     def __init__(self, transmit):
         self.transmit = transmit

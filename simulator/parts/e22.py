@@ -116,17 +116,34 @@ class E22:
         if self.inbound:
             ev.append((self.inbound[0][0], 1))
         if self.buf and self.mode == NORMAL:
-            due = self.last_rx if len(self.buf) >= self.SUBPACKET else self.last_rx + 3 * 10000.0 / self.baud()
-            ev.append((max(due, self.tx_until), 2))
+            ev.append((self._send_due(), 2))
         return ev
 
+    def _send_due(self):
+        """A packet goes on air once the UART has been idle 3 byte-times or a sub-packet is full,
+        not before the one on air is out."""
+        due = self.last_rx if len(self.buf) >= self.SUBPACKET else self.last_rx + 3 * 10000.0 / self.baud()
+        return max(due, self.tx_until)
+
     def next_event(self, now):
-        ev = [t for t, _ in self._events()]
-        if self.tx_until > now:
-            ev.append(self.tx_until)
-        return min(ev) if ev else None
+        # the earliest of _events() and the end of a transmission (no lists: the board asks at every step)
+        t = self.pending[3] if self.pending else None
+        if self.inbound:
+            a = self.inbound[0][0]
+            if t is None or a < t:
+                t = a
+        if self.buf and self.mode == NORMAL:
+            due = self._send_due()
+            if t is None or due < t:
+                t = due
+        tx = self.tx_until
+        if tx > now and (t is None or tx < t):
+            t = tx
+        return t
 
     def step(self, now):
+        if not self.pending and not self.inbound and not (self.buf and self.mode == NORMAL):
+            return  # nothing due: _events() would be empty
         while True:
             ev = self._events()
             if not ev:

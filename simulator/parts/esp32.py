@@ -70,7 +70,9 @@ class Esp32:
         return p["level"]
 
     def pin_init(self, pin, mode, pull, value, hold):
-        p = self.pins.setdefault(pin, {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0})
+        p = self.pins.get(pin)
+        if p is None:
+            p = self.pins[pin] = {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0}
         if mode is not None:
             p["out"] = mode in (3, 7)
         if pull != -1:
@@ -83,7 +85,9 @@ class Esp32:
             p["level"] = p["reg"]
 
     def pin_set(self, pin, value):
-        p = self.pins.setdefault(pin, {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0})
+        p = self.pins.get(pin)
+        if p is None:
+            p = self.pins[pin] = {"out": False, "level": 0, "pull": None, "hold": False, "reg": 0}
         p["reg"] = value
         if not p["hold"]:
             p["level"] = value

@@ -34,6 +34,7 @@ def crc8(data):
 
 class EchoSensor:
     NO_ECHO_MS = 60.0
+    IDLE_STEP = True  # step() has nothing to do: the pulse is fixed at the trigger (the board skips it)
     BURST_MS = 0.5  # trigger fall to echo rise: the 40 kHz burst goes out
     POWER_UP_MS = 100.0
     IDLE_MA, ACTIVE_MA = 5.0, 8.0
@@ -193,4 +194,5 @@ class Ds18b20:
         return self.converting[0] if self.converting and now < self.converting[0] else None
 
     def step(self, now):
-        self._finish(now)
+        if self.converting and now >= self.converting[0]:
+            self._finish(now)
