@@ -255,39 +255,16 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1)
     }
 
 
-# a worker: the run's arguments pickled on stdin, its result pickled on stdout (anything the run
-# prints goes to stderr)
-_WORKER = "import os, pickle, sys; out = os.fdopen(os.dup(1), 'wb'); os.dup2(2, 1); sys.stdout = sys.stderr; " \
-          "from binlink.sim import policy; a, kw = pickle.load(sys.stdin.buffer); " \
-          "pickle.dump(policy.simulate(*a, **kw), out); out.close()"
+def _simulate(args):
+    a, kw = args
+    return simulate(*a, **kw)
 
 
 def _in_processes(runs, processes):
-    """simulate(*a, **kw) for each (a, kw) of runs, at most `processes` at a time, each in a fresh
-    interpreter (no fork of a caller's threads, no re-import of its main module); results in order."""
-    import pickle
-    import subprocess
-    import sys
+    """simulate(*a, **kw) for each (a, kw) of runs, `processes` at a time, results in order. Fresh
+    interpreters (spawn): forking a caller that runs threads (pytest's, a CLI's) can deadlock."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    results, running, todo = [None] * len(runs), {}, list(enumerate(runs))
-    try:
-        while todo or running:
-            while todo and len(running) < processes:
-                i, run = todo.pop(0)
-                proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-                proc.stdin.write(pickle.dumps(run))
-                proc.stdin.close()
-                running[i] = proc
-            i = min(running)  # in order: each result is read whole, then its process reaped
-            proc = running.pop(i)
-            out = proc.stdout.read()
-            proc.stdout.close()
-            if proc.wait() != 0:
-                raise RuntimeError("policy run %r failed in its worker process (exit %d)" % (runs[i][0][0], proc.returncode))
-            results[i] = pickle.loads(out)
-    finally:
-        for proc in running.values():  # left only after an error: the other runs are stopped
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-    return results
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_simulate, runs))
