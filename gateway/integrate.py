@@ -22,9 +22,16 @@ from binlink.wire import codec
 PROBLEM_FLAGS = ("fire", "tilt", "sensor_fault", "low_battery")
 
 
-@lru_cache(maxsize=256)  # one group commit stamps all its messages with the same time
+_ISO = {}  # a group commit stamps all its messages with the same time: rendered once
+
+
 def iso(ts):
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    text = _ISO.get(ts)
+    if text is None:
+        if len(_ISO) >= 1024:
+            _ISO.clear()
+        text = _ISO[ts] = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return text
 
 
 def state_topic(base, bin_id):
@@ -119,14 +126,24 @@ def _none_if_nan(v):
     return None if v != v else v
 
 
-def _strings(blob, p, n):
-    out = []
-    for _ in range(n):
-        size = _LEN.unpack_from(blob, p)[0]
-        p += 2
-        out.append(blob[p:p + size].decode())
-        p += size
-    return out, p
+def _strings(text):
+    """The length-prefixed strings a record ends with."""
+    out, p = [], 0
+    while p < len(text):
+        size = _LEN.unpack_from(text, p)[0]
+        out.append(text[p + 2:p + 2 + size].decode())
+        p += 2 + size
+    return out
+
+
+_ENDS = {}  # a record's strings as stored -> as strings: the same few per bin, parsed once
+
+
+@lru_cache(maxsize=512)  # the codec's 256 battery steps
+def _volts(mv):
+    return round(mv / 1000.0, 2)
+
+_FLAG_LISTS = tuple(tuple(codec.flag_names(bits)) for bits in range(256))
 
 
 def render(blob):
@@ -135,21 +152,28 @@ def render(blob):
     (device_id, epoch, fcnt, fill, distance, temperature, battery_mv, bits, pings, rssi, snr, received_at, age_s,
      marks) = _CORE.unpack_from(blob, 2)
     p = 2 + _CORE.size
+    if kind != "uplink":
+        rate, full_at, lat, lon = _FORECAST.unpack_from(blob, p)
+        p += _FORECAST.size
+    end = blob[p:]
+    strings = _ENDS.get(end)
+    if strings is None:
+        if len(_ENDS) >= 4096:
+            _ENDS.clear()
+        strings = _ENDS[end] = _strings(end)
     body = {
         "device": "%06x" % device_id, "fcnt": fcnt, "fill_pct": _none_if_nan(fill),
         "distance_mm": None if distance == _NO_U16 else distance,
         "temperature_c": None if temperature == _NO_I8 else temperature,
-        "battery_v": round(battery_mv / 1000.0, 2), "flags": codec.flag_names(bits), "problem": bool(bits & _PROBLEM_BITS),
+        "battery_v": _volts(battery_mv), "flags": _FLAG_LISTS[bits], "problem": bool(bits & _PROBLEM_BITS),
         "valid_pings": pings >> 4, "pings": pings & 0x0F, "rssi": None if rssi == _NO_I16 else rssi,
-        "snr": _none_if_nan(snr), "received_at": iso(received_at), "measured_at": iso(received_at - age_s),
-        "time_synced": bool(marks & _SYNCED),
+        "snr": _none_if_nan(snr), "received_at": iso(received_at),
+        "measured_at": iso(received_at - age_s) if age_s else iso(received_at), "time_synced": bool(marks & _SYNCED),
+        "bin_id": strings[-3], "source": strings[-2], "gateway": strings[-1],
     }
     if kind != "uplink":
-        rate, full_at, lat, lon = _FORECAST.unpack_from(blob, p)
-        (name,), p = _strings(blob, p + _FORECAST.size, 1)
         body.update(fill_rate_pct_per_day=_none_if_nan(rate), full_at=None if full_at != full_at else iso(full_at),
-                    lat=_none_if_nan(lat), lon=_none_if_nan(lon), name=name or None)
-    (body["bin_id"], body["source"], body["gateway"]), _ = _strings(blob, p, 3)
+                    lat=_none_if_nan(lat), lon=_none_if_nan(lon), name=strings[0] or None)
     if kind != "state":
         mid = "%06x:%d:%d" % (device_id, epoch, fcnt)
         body.update(event=kind, message_id=mid if kind == "uplink" else "%s:%s" % (mid, kind),
