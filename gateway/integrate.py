@@ -11,8 +11,8 @@ Topic layout under the base topic (default binlink/<site>):
   gateway/<gw_id>/stats  periodic counters (JSON)
   gateway/<gw_id>/rejected  a frame from a known-looking device refused, and why (rate-limited):
                          what `binlink watch` shows a technician when a new bin's frames do not arrive"""
-from datetime import datetime, timezone
 import struct
+from datetime import datetime, timezone
 from functools import lru_cache
 
 import orjson
@@ -143,6 +143,7 @@ _ENDS = {}  # a record's strings as stored -> as strings: the same few per bin, 
 def _volts(mv):
     return round(mv / 1000.0, 2)
 
+
 _FLAG_LISTS = tuple(tuple(codec.flag_names(bits)) for bits in range(256))
 
 
@@ -168,7 +169,7 @@ def render(blob):
         "battery_v": _volts(battery_mv), "flags": _FLAG_LISTS[bits], "problem": bool(bits & _PROBLEM_BITS),
         "valid_pings": pings >> 4, "pings": pings & 0x0F, "rssi": None if rssi == _NO_I16 else rssi,
         "snr": _none_if_nan(snr), "received_at": iso(received_at),
-        "measured_at": iso(received_at - age_s) if age_s else iso(received_at), "time_synced": bool(marks & _SYNCED),
+        "measured_at": iso(received_at - age_s), "time_synced": bool(marks & _SYNCED),
         "bin_id": strings[-3], "source": strings[-2], "gateway": strings[-1],
     }
     if kind != "uplink":

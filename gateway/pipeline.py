@@ -389,9 +389,8 @@ class Pipeline:
         """events → integrate, for one calibrated reading (a frame's or a backlog entry's)."""
         core = integrate.reading_core(device, reading, bits, fill, fcnt, rec.rssi, rec.snr, now, age_s,
                                       self._rx_base["time_synced"], backlog)
-        mid = integrate.message_id(device, fcnt)
         topic, state_topic = self._topics(device)
-        batch.messages.append((mid, topic, integrate.uplink_record(core, tail), False, now))
+        batch.messages.append((integrate.message_id(device, fcnt), topic, integrate.uplink_record(core, tail), False, now))
         prev = self.bins.get(device.bin_id)
         if prev is not None and fcnt <= prev[0]:
             return  # older than the bin's current state: history only, no state or events
@@ -399,10 +398,12 @@ class Pipeline:
         prev_flags = prev[2] if prev else None
         forecast = integrate.forecast_part(device, *self.forecasts.update(device.bin_id, now - age_s, fill))
         for name in events.detect(prev_fill, prev_flags, fill, bits, self.cfg.events):
-            batch.messages.append(("%s:%s" % (mid, name), topic, integrate.record(name, core, forecast, tail), False, now))
+            batch.messages.append((integrate.message_id(device, fcnt, name), topic, integrate.record(name, core, forecast, tail),
+                                   False, now))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)
         # only a bin's newest state of a group is written (the outbox conflates pending states too)
-        batch.states[device.bin_id] = ("%s:state" % mid, state_topic, integrate.record("state", core, forecast, tail), True, now)
+        batch.states[device.bin_id] = (integrate.message_id(device, fcnt, "state"), state_topic,
+                                       integrate.record("state", core, forecast, tail), True, now)
         state = (fcnt, prev_fill if fill is None else fill, bits, now)  # a faulty reading keeps the last level
         self.bins[device.bin_id] = state
         batch.bins[device.bin_id] = state

@@ -90,16 +90,27 @@ class Deframer:
         self._awaiting = None  # frame waiting for its trailer byte
 
     def feed(self, data):
-        data = bytes(data)
-        if self._trailer:
-            return self._feed_with_trailer(data)
         out = []
-        blocks = data.split(b"\x00")
-        tail = blocks.pop()  # not ended by a delimiter yet
-        for block in blocks:
-            if self._skipping:  # the end of an over-long run
-                self._skipping = False
+        blocks = bytes(data).split(b"\x00")
+        last = len(blocks) - 1  # the last block is not ended by a delimiter yet
+        for i, block in enumerate(blocks):
+            ended = i < last
+            if self._awaiting is not None:  # the byte after a frame's closing delimiter
+                if not (block or ended):
+                    break  # it comes with the next chunk
+                out.append(("frame", self._awaiting, block[0] if block else None))  # a 0x00: none sent
+                self._awaiting = None
+                block = block[1:]
+            if self._skipping:  # an over-long run, dropped up to its delimiter
+                self._skipping = not ended
                 continue
+            if not ended:
+                self._buf.extend(block)
+                if len(self._buf) > self._limit:
+                    out.append(("oversize", bytes(self._buf[:16]), None))
+                    self._buf = bytearray()
+                    self._skipping = True
+                break
             if self._buf:
                 self._buf.extend(block)
                 block = bytes(self._buf)
@@ -108,44 +119,7 @@ class Deframer:
                 out.append(("oversize", block[:16], None))
             elif block:
                 kind, body = _check(block)
-                out.append((kind, body, None))
-        if not self._skipping:
-            self._buf.extend(tail)
-            if len(self._buf) > self._limit:
-                out.append(("oversize", bytes(self._buf[:16]), None))
-                self._buf = bytearray()
-                self._skipping = True
-        return out
-
-    def _feed_with_trailer(self, data):
-        out = []
-        start = 0
-        n = len(data)
-        while start <= n:
-            if self._awaiting is not None:
-                if start == n:
-                    break
-                t = data[start]
-                out.append(("frame", self._awaiting, t if t else None))
-                self._awaiting = None
-                if t:
-                    start += 1
-            i = data.find(b"\x00", start)
-            ended = i >= 0
-            part = data[start:i] if ended else data[start:]
-            start = i + 1 if ended else n + 1
-            if self._skipping:
-                self._skipping = not ended
-                continue
-            self._buf.extend(part)
-            if len(self._buf) > self._limit:
-                out.append(("oversize", bytes(self._buf[:16]), None))
-                self._buf = bytearray()
-                self._skipping = not ended
-            elif ended and self._buf:
-                kind, body = _check(bytes(self._buf))
-                self._buf = bytearray()
-                if kind == "frame":
+                if kind == "frame" and self._trailer:
                     self._awaiting = body
                 else:
                     out.append((kind, body, None))
