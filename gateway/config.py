@@ -2,6 +2,7 @@
 import os
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 
 from binlink.gateway.module_formats import FORMATS
@@ -98,42 +99,162 @@ class Config:
         return self.mqtt.client_id or "binlink-%s" % self.gateway_id
 
 
-# key -> (type, required) for each table; the schema is the documentation of the file.
-_GATEWAY = {
-    "id": (str, True), "site": (str, True), "registry": (str, True), "state_dir": (str, True),
-    "dedup_window_s": ((int, float), False), "status_interval_s": ((int, float), False),
-    "log_level": (str, False),
-}
-_SOURCE = {"name": (str, False), "port": (str, True), "baud": (int, False), "format": (str, False)}
-_MQTT = {name: (t, False) for name, t in Mqtt.__annotations__.items()}
-_EVENTS = {"full_pct": ((int, float), False), "emptied_drop_pct": ((int, float), False), "low_battery_mv": (int, False)}
-_METRICS = {"listen": (str, False)}
-_REDIS = {name: ((int, float) if t is float else t, False) for name, t in Redis.__annotations__.items()}
-_TOP = {"gateway": True, "source": True, "mqtt": False, "events": False, "metrics": False, "redis": False}
-_BAUDS = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
-_LEVELS = {"debug", "info", "warning", "error"}
+class Rule:
+    """One key of a table: its type, whether it must be given, and the values it may take. The
+    schema below is the documentation of the file: every bounded value carries its bounds here,
+    checked in one place (Rule.problems), each problem naming the key path and what is allowed.
+
+    lo..hi: inclusive bounds; above: an exclusive lower bound (value > above). Every number has an
+    upper bound, so inf and nan (TOML allows both) are refused with the rest. choices: the allowed
+    values. nonempty: a string that may not be empty or blank. check: a function of the value
+    returning a list of problem texts (for values with a format, such as HOST:PORT; a text starting
+    with "[i]" names an item of a list)."""
+
+    def __init__(self, typ, required=False, lo=None, hi=None, above=None, choices=None, nonempty=False, check=None):
+        self.typ, self.required, self.lo, self.hi, self.above = typ, required, lo, hi, above
+        self.choices, self.nonempty, self.check = choices, nonempty, check
+
+    def allowed(self):
+        """The allowed range as the problem text gives it: "0..65535", "0 < value <= 100"."""
+        if self.above is not None:
+            return "%s < value <= %s" % (_num(self.above), _num(self.hi))
+        return "%s..%s" % (_num(self.lo), _num(self.hi))
+
+    def within(self, v):
+        return (v > self.above if self.above is not None else v >= self.lo) and v <= self.hi  # nan: False
+
+    def problems(self, path, v):
+        """[] when v is a valid value for the key at path, else one problem naming path."""
+        if isinstance(v, bool) and self.typ is not bool:
+            return ["%s: expected %s, got a boolean" % (path, _tname(self.typ))]
+        if not isinstance(v, self.typ):
+            return ["%s: expected %s, got %r" % (path, _tname(self.typ), v)]
+        if self.hi is not None and not self.within(v):
+            return ["%s: %s is out of range (%s)" % (path, _num(v), self.allowed())]
+        if self.choices is not None and v not in self.choices:
+            return ["%s: %r is not one of %s" % (path, v, ", ".join(str(c) for c in sorted(self.choices)))]
+        if self.nonempty and not v.strip():
+            return ["%s: must not be empty" % path]
+        return [path + (p if p.startswith("[") else ": " + p) for p in self.check(v)] if self.check else []
 
 
-def _check_table(table, schema, path, problems):
-    for key in table:
-        if key not in schema:
-            problems.append("%s.%s: unknown key" % (path, key))
-    for key, (typ, required) in schema.items():
-        if key not in table:
-            if required:
-                problems.append("%s.%s: missing" % (path, key))
-            continue
-        v = table[key]
-        if isinstance(v, bool) and typ is not bool:
-            problems.append("%s.%s: expected %s, got a boolean" % (path, key, _tname(typ)))
-        elif not isinstance(v, typ):
-            problems.append("%s.%s: expected %s, got %r" % (path, key, _tname(typ), v))
+def _num(v):
+    return repr(v) if isinstance(v, float) else str(v)  # -1.0, nan, inf as TOML has them; bounds are ints
 
 
 def _tname(typ):
     if isinstance(typ, tuple):
         return "a number"
-    return {str: "a string", int: "an integer", bool: "true or false"}[typ]
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[typ]
+
+
+def _listen(text):
+    """[metrics] listen: "" (off) or HOST:PORT."""
+    if not text:
+        return []
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return ["expected HOST:PORT, got %r" % text]
+    return [] if PORT.lo <= int(port) <= PORT.hi else ["port %s is out of range (%s)" % (port, PORT.allowed())]
+
+
+def _sentinels(hosts):
+    """[redis] sentinels: ["HOST:PORT", ...]."""
+    out = []
+    for i, h in enumerate(hosts):
+        found = _listen(h) if isinstance(h, str) and h else ["expected HOST:PORT, got %r" % (h,)]
+        out += ["[%d]: %s" % (i, p) for p in found]
+    return out
+
+
+def _redis_url(url):
+    """[redis] url: redis://, rediss:// or unix://, a port in range, no password in it."""
+    if not url:
+        return []
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return ["expected redis://, rediss:// or unix://, got a %r scheme" % url.split(":")[0]]
+    if "@" in url:
+        return ["no credentials in the url; use redis.username and redis.password_file"]
+    if url.startswith("unix://"):
+        return []
+    netloc = urllib.parse.urlsplit(url).netloc
+    port = netloc.rpartition(":")[2] if ":" in netloc.rpartition("]")[2] else ""
+    if port and not port.isdigit():
+        return ["port %r is not a number" % port]
+    if port and not PORT.within(int(port)):
+        return ["port %s is out of range (%s)" % (port, PORT.allowed())]
+    return []
+
+
+NUMBER = (int, float)
+PORT = Rule(int, lo=1, hi=65535)
+_BAUDS = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
+_LEVELS = {"debug", "info", "warning", "error"}
+DAY_S = 86400
+
+_GATEWAY = {
+    "id": Rule(str, required=True, nonempty=True), "site": Rule(str, required=True, nonempty=True),
+    "registry": Rule(str, required=True, nonempty=True), "state_dir": Rule(str, required=True, nonempty=True),
+    # the dedup table holds every frame of the window in memory: a day at most
+    "dedup_window_s": Rule(NUMBER, above=0, hi=DAY_S),
+    "status_interval_s": Rule(NUMBER, lo=1, hi=DAY_S),
+    "log_level": Rule(str, choices=_LEVELS),
+}
+_SOURCE = {
+    "name": Rule(str, nonempty=True), "port": Rule(str, required=True, nonempty=True),
+    "baud": Rule(int, choices=_BAUDS),  # the rates every USB-serial bridge and LoRa module offers
+    "format": Rule(str, choices=set(FORMATS)),
+}
+_MQTT = {
+    "host": Rule(str, nonempty=True), "port": PORT,
+    "client_id": Rule(str), "base_topic": Rule(str),  # "": the defaults binlink-<id>, binlink/<site>
+    "username": Rule(str), "password": Rule(str), "password_file": Rule(str),
+    "tls": Rule(bool), "ca_file": Rule(str), "cert_file": Rule(str), "key_file": Rule(str),
+    # MQTT's 16-bit keepalive; 0 turns it off. A few seconds is legal but a busy Pi then risks being
+    # dropped by the broker for a missed PINGREQ (it gives 1.5 keepalives): 30 to 60 is the usual choice.
+    "keepalive": Rule(int, lo=0, hi=65535),
+    "discovery": Rule(bool), "discovery_prefix": Rule(str, nonempty=True),
+    "uplink_topic": Rule(str),  # "" turns it off
+    # packet ids are 16-bit (1..65535) and every message in flight holds one: the window stops
+    # short of that, leaving ids for the status and discovery messages sent beside it
+    "max_inflight": Rule(int, lo=1, hi=60000),
+}
+_EVENTS = {
+    "full_pct": Rule(NUMBER, above=0, hi=100), "emptied_drop_pct": Rule(NUMBER, above=0, hi=100),
+    "low_battery_mv": Rule(int, lo=2000, hi=4550),  # what the wire can carry (codec: 2000 + 10 mV steps)
+}
+_METRICS = {"listen": Rule(str, check=_listen)}
+_REDIS = {
+    "url": Rule(str, check=_redis_url), "username": Rule(str), "password_file": Rule(str),
+    "ca_file": Rule(str), "cert_file": Rule(str), "key_file": Rule(str),
+    "sentinels": Rule(list, check=_sentinels), "sentinel_master": Rule(str, nonempty=True),
+    "cluster": Rule(bool), "prefix": Rule(str, nonempty=True),
+    "timeout_s": Rule(NUMBER, above=0, hi=60),
+    "dedup_ttl_s": Rule(NUMBER, lo=1, hi=30 * DAY_S),  # whole seconds for Redis (EX): 1 at least
+    "registry_poll_s": Rule(NUMBER, above=0, hi=3600),
+}
+_TOP = {"gateway": True, "source": True, "mqtt": False, "events": False, "metrics": False, "redis": False}
+SCHEMA = {"gateway": _GATEWAY, "source": _SOURCE, "mqtt": _MQTT, "events": _EVENTS, "metrics": _METRICS, "redis": _REDIS}
+for _cls, _schema in ((Mqtt, _MQTT), (Events, _EVENTS), (Redis, _REDIS), (Source, _SOURCE)):
+    assert set(_schema) == set(_cls.__dataclass_fields__), _cls  # every setting in the schema, with its rule
+
+
+def _check_table(table, schema, path, problems):
+    """problems for table against schema; returns the table's valid entries (the rest are reported)."""
+    good = {}
+    for key in table:
+        if key not in schema:
+            problems.append("%s.%s: unknown key" % (path, key))
+    for key, rule in schema.items():
+        if key not in table:
+            if rule.required:
+                problems.append("%s.%s: missing" % (path, key))
+            continue
+        found = rule.problems("%s.%s" % (path, key), table[key])
+        problems += found
+        if not found:
+            good[key] = table[key]
+    return good
 
 
 def _table(data, key, problems):
@@ -145,13 +266,6 @@ def _table(data, key, problems):
     return {}
 
 
-def _get(table, key, typ, default):
-    """table[key] when it has the right type (a wrong type is already a reported problem). Defaults
-    come from the dataclasses above (Mqtt.port, ...): written once."""
-    v = table.get(key, default)
-    return v if isinstance(v, typ) and not (isinstance(v, bool) and typ is not bool) else default
-
-
 def parse(data):
     """Validated Config from a parsed TOML dict; raises ConfigError listing every problem."""
     problems = []
@@ -161,10 +275,7 @@ def parse(data):
     for key, required in _TOP.items():
         if required and key not in data:
             problems.append("%s: missing" % ("[[source]]" if key == "source" else "[%s]" % key))
-    gw = _table(data, "gateway", problems)
-    _check_table(gw, _GATEWAY, "gateway", problems)
-    if _get(gw, "log_level", str, Config.log_level) not in _LEVELS:
-        problems.append("gateway.log_level: one of %s" % ", ".join(sorted(_LEVELS)))
+    gw = _check_table(_table(data, "gateway", problems), _GATEWAY, "gateway", problems)
     raw_sources = data.get("source", [])
     if not isinstance(raw_sources, list):
         problems.append("source: must be an array of tables ([[source]])")
@@ -175,44 +286,20 @@ def parse(data):
         if not isinstance(s, dict):
             problems.append("%s: must be a table" % path)
             continue
-        _check_table(s, _SOURCE, path, problems)
-        fmt = _get(s, "format", str, Source.format)
-        if fmt not in FORMATS:
-            problems.append("%s.format: %r is not one of %s" % (path, fmt, ", ".join(sorted(FORMATS))))
-        baud = _get(s, "baud", int, Source.baud)
-        if baud not in _BAUDS:
-            problems.append("%s.baud: %r is not a standard rate" % (path, baud))
-        sources.append(Source(name=_get(s, "name", str, "source%d" % i), port=_get(s, "port", str, ""), baud=baud, format=fmt))
+        s = _check_table(s, _SOURCE, path, problems)
+        sources.append(Source(**dict({"name": "source%d" % i, "port": ""}, **s)))
     names = [s.name for s in sources]
     for n in sorted(set(names)):
         if names.count(n) > 1:
             problems.append("source: name %r used twice" % n)
-    mq = _table(data, "mqtt", problems)
-    _check_table(mq, _MQTT, "mqtt", problems)
-    port = _get(mq, "port", int, Mqtt.port)
-    if not 0 < port < 65536:
-        problems.append("mqtt.port: %d is not a TCP port" % port)
-    if not 0 < _get(mq, "max_inflight", int, Mqtt.max_inflight) <= 60000:
-        problems.append("mqtt.max_inflight: must be 1 to 60000")
-    if _get(mq, "password", str, "") and _get(mq, "password_file", str, ""):
+    mq = _check_table(_table(data, "mqtt", problems), _MQTT, "mqtt", problems)
+    if mq.get("password") and mq.get("password_file"):
         problems.append("mqtt.password_file: give password or password_file, not both")
-    if (_get(mq, "cert_file", str, "") or _get(mq, "key_file", str, "")) and not _get(mq, "tls", bool, False):
+    if (mq.get("cert_file") or mq.get("key_file")) and not mq.get("tls"):
         problems.append("mqtt.tls: cert_file/key_file need tls = true")
-    ev = _table(data, "events", problems)
-    _check_table(ev, _EVENTS, "events", problems)
-    if not 0 < _get(ev, "full_pct", (int, float), Events.full_pct) <= 100:
-        problems.append("events.full_pct: must be in (0, 100]")
-    met = _table(data, "metrics", problems)
-    _check_table(met, _METRICS, "metrics", problems)
-    listen = _get(met, "listen", str, "")
-    if listen and not _host_port(listen):
-        problems.append("metrics.listen: expected HOST:PORT, got %r" % listen)
-    rd = _table(data, "redis", problems)
-    _check_table(rd, _REDIS, "redis", problems)
-    if rd.get("url") and not str(rd["url"]).startswith(("redis://", "rediss://", "unix://")):
-        problems.append("redis.url: expected redis://, rediss:// or unix://, got a %r scheme" % str(rd["url"]).split(":")[0])
-    if "@" in str(rd.get("url", "")):
-        problems.append("redis.url: no credentials in the url; use redis.username and redis.password_file")
+    ev = _check_table(_table(data, "events", problems), _EVENTS, "events", problems)
+    met = _check_table(_table(data, "metrics", problems), _METRICS, "metrics", problems)
+    rd = _check_table(_table(data, "redis", problems), _REDIS, "redis", problems)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -220,13 +307,8 @@ def parse(data):
         sources=sources, mqtt=Mqtt(**mq), events=Events(**ev), redis=Redis(**rd),
         dedup_window_s=float(gw.get("dedup_window_s", Config.dedup_window_s)),
         status_interval_s=float(gw.get("status_interval_s", Config.status_interval_s)),
-        metrics_listen=listen, log_level=gw.get("log_level", Config.log_level),
+        metrics_listen=met.get("listen", ""), log_level=gw.get("log_level", Config.log_level),
     )
-
-
-def _host_port(text):
-    host, _, port = text.rpartition(":")
-    return host and port.isdigit() and 0 < int(port) < 65536
 
 
 def load(path):

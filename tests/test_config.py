@@ -1,0 +1,181 @@
+"""The gateway's config schema: every bounded value refused outside its bounds, naming its key path and
+the allowed range, at `binlink gateway check-config` and at start (issue 17)."""
+import copy
+import math
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, strategies as st
+
+from binlink.gateway import config, mqtt_wire
+from binlink.gateway.config import SCHEMA, ConfigError
+from tests.harness import BINLINK
+
+BASE = {"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"}, "source": [{"port": "/dev/x"}]}
+
+
+def with_value(table, key, value):
+    """BASE with table.key set (source: the first [[source]]) and the key path a problem names."""
+    doc = copy.deepcopy(BASE)
+    if table == "source":
+        doc["source"][0][key] = value
+        return doc, "source[0].%s" % key
+    doc.setdefault(table, {})[key] = value
+    return doc, "%s.%s" % (table, key)
+
+
+def problems(doc):
+    try:
+        config.parse(doc)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+RANGED = sorted((t, k) for t, keys in SCHEMA.items() for k, rule in keys.items() if rule.hi is not None)
+CHOICES = sorted((t, k) for t, keys in SCHEMA.items() for k, rule in keys.items() if rule.choices is not None)
+NONEMPTY = sorted((t, k) for t, keys in SCHEMA.items() for k, rule in keys.items() if rule.nonempty)
+
+
+def is_float(rule):
+    return isinstance(rule.typ, tuple)
+
+
+def inside(rule):
+    lo = rule.lo if rule.above is None else math.floor(rule.above) + 1
+    ints = st.integers(lo, rule.hi)
+    if not is_float(rule):
+        return ints
+    low = rule.lo if rule.above is None else rule.above
+    return ints | st.floats(low, rule.hi, exclude_min=rule.above is not None)
+
+
+def outside(rule):
+    lo = rule.lo if rule.above is None else rule.above  # above: the bound itself is outside too
+    below = st.integers(max_value=lo - 1 if rule.above is None else lo)
+    ints = below | st.integers(min_value=rule.hi + 1)
+    if not is_float(rule):
+        return ints
+    floats = (st.floats(max_value=lo, exclude_max=rule.above is None, allow_infinity=True)
+              | st.floats(min_value=rule.hi, exclude_min=True, allow_infinity=True))
+    return ints | floats | st.just(math.nan)
+
+
+def test_every_number_has_bounds_or_choices():
+    """So inf, nan and any other runaway value is refused (TOML has them all)."""
+    for table, keys in SCHEMA.items():
+        for key, rule in keys.items():
+            if rule.typ in (int, config.NUMBER):
+                assert rule.hi is not None or rule.choices, "%s.%s has no bounds" % (table, key)
+
+
+@given(st.data())
+def test_any_value_in_range_is_accepted(data):
+    table, key = data.draw(st.sampled_from(RANGED))
+    value = data.draw(inside(SCHEMA[table][key]))
+    doc, _ = with_value(table, key, value)
+    assert problems(doc) == []
+    cfg = config.parse(doc)
+    got = {"gateway": lambda: {"dedup_window_s": cfg.dedup_window_s, "status_interval_s": cfg.status_interval_s}.get(key),
+           "source": lambda: getattr(cfg.sources[0], key), "mqtt": lambda: getattr(cfg.mqtt, key),
+           "events": lambda: getattr(cfg.events, key), "redis": lambda: getattr(cfg.redis, key)}[table]()
+    assert got == value
+
+
+@given(st.data())
+def test_any_value_out_of_range_is_refused_naming_its_key_and_the_range(data):
+    table, key = data.draw(st.sampled_from(RANGED))
+    rule = SCHEMA[table][key]
+    value = data.draw(outside(rule))
+    doc, path = with_value(table, key, value)
+    shown = repr(value) if isinstance(value, float) else str(value)
+    assert problems(doc) == ["%s: %s is out of range (%s)" % (path, shown, rule.allowed())]
+
+
+@pytest.mark.parametrize("table,key", CHOICES)
+def test_a_value_not_in_the_choices_is_refused(table, key):
+    rule = SCHEMA[table][key]
+    for good in rule.choices:
+        assert problems(with_value(table, key, good)[0]) == []
+    bad = 1234 if rule.typ is int else "verbose"
+    doc, path = with_value(table, key, bad)
+    (problem,) = problems(doc)
+    assert problem.startswith("%s: %r is not one of " % (path, bad))
+
+
+@pytest.mark.parametrize("table,key", NONEMPTY)
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_an_empty_name_host_or_path_is_refused(table, key, blank):
+    doc, path = with_value(table, key, blank)
+    assert problems(doc) == ["%s: must not be empty" % path]
+
+
+@pytest.mark.parametrize("table,key,value,problem", [
+    ("mqtt", "keepalive", -5, "mqtt.keepalive: -5 is out of range (0..65535)"),
+    ("mqtt", "keepalive", 70000, "mqtt.keepalive: 70000 is out of range (0..65535)"),
+    ("mqtt", "port", 0, "mqtt.port: 0 is out of range (1..65535)"),
+    ("mqtt", "max_inflight", 65535, "mqtt.max_inflight: 65535 is out of range (1..60000)"),
+    ("gateway", "dedup_window_s", -1, "gateway.dedup_window_s: -1 is out of range (0 < value <= 86400)"),
+    ("gateway", "dedup_window_s", 0.0, "gateway.dedup_window_s: 0.0 is out of range (0 < value <= 86400)"),
+    ("redis", "dedup_ttl_s", 0.5, "redis.dedup_ttl_s: 0.5 is out of range (1..2592000)"),
+    ("events", "full_pct", 101, "events.full_pct: 101 is out of range (0 < value <= 100)"),
+    ("events", "low_battery_mv", 33, "events.low_battery_mv: 33 is out of range (2000..4550)"),
+    ("metrics", "listen", "127.0.0.1:70000", "metrics.listen: port 70000 is out of range (1..65535)"),
+    ("metrics", "listen", "127.0.0.1:0", "metrics.listen: port 0 is out of range (1..65535)"),
+    ("metrics", "listen", "9108", "metrics.listen: expected HOST:PORT, got '9108'"),
+    ("redis", "url", "redis://localhost:0/0", "redis.url: port 0 is out of range (1..65535)"),
+    ("redis", "url", "redis://localhost:65536/0", "redis.url: port 65536 is out of range (1..65535)"),
+    ("redis", "url", "redis://localhost:x/0", "redis.url: port 'x' is not a number"),
+    ("redis", "sentinels", ["a:26379", "b:0", 7], "redis.sentinels[1]: port 0 is out of range (1..65535)"),
+    ("redis", "sentinels", ["a:26379", 7], "redis.sentinels[1]: expected HOST:PORT, got 7"),
+    ("redis", "sentinels", "a:26379", "redis.sentinels: expected a list, got 'a:26379'"),
+    ("mqtt", "keepalive", True, "mqtt.keepalive: expected an integer, got a boolean"),
+])
+def test_examples_name_the_key_and_what_is_allowed(table, key, value, problem):
+    assert problem in problems(with_value(table, key, value)[0])
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://localhost:6380/0", "redis://[::1]:6379/0",
+                                 "redis://localhost/0", "unix:///run/redis.sock"])
+def test_redis_urls_with_a_port_in_range_are_accepted(url):
+    assert problems(with_value("redis", "url", url)[0]) == []
+
+
+def test_the_keepalive_bounds_are_what_connect_can_carry():
+    """The client packs keepalive in 16 bits: the schema's range is exactly what it can send."""
+    rule = config.SCHEMA["mqtt"]["keepalive"]
+    for ok in (rule.lo, rule.hi):
+        mqtt_wire.Session._connect_packet("c", ok, "", "", None)
+    for bad in (rule.lo - 1, rule.hi + 1):
+        with pytest.raises(struct.error):
+            mqtt_wire.Session._connect_packet("c", bad, "", "", None)
+
+
+def test_the_window_leaves_packet_ids_for_status_and_discovery():
+    """Packet ids are 16-bit and cycle through 1..65535: a full window must not wrap onto itself."""
+    s = mqtt_wire.Session.__new__(mqtt_wire.Session)
+    s._mid = 0
+    ids = {s.next_mid() for _ in range(65535)}
+    assert ids == set(range(1, 65536))
+    assert config.SCHEMA["mqtt"]["max_inflight"].hi < len(ids)
+
+
+@pytest.mark.parametrize("body,problem", [
+    ("[mqtt]\nkeepalive = -5\n", "mqtt.keepalive: -5 is out of range (0..65535)"),
+    ("[gateway]\ndedup_window_s = -1\n", "gateway.dedup_window_s: -1 is out of range (0 < value <= 86400)"),
+    ('[mqtt]\nhost = ""\n', "mqtt.host: must not be empty"),
+    ("[[source]]\nport = \"/dev/y\"\nbaud = 1234\n", "source[1].baud: 1234 is not one of"),
+])
+def test_check_config_and_start_refuse_an_out_of_range_value_naming_the_key(tmp_path, body, problem):
+    head = '[gateway]\nid = "g"\nsite = "s"\nregistry = "r.toml"\nstate_dir = "st"\n[[source]]\nport = "/dev/x"\n'
+    if body.startswith("[gateway]"):  # the same table once
+        head = head.replace("[gateway]\n", "[gateway]\n" + body.split("\n", 1)[1], 1)
+        body = ""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(head + body)
+    for args in (["gateway", "check-config", str(cfg)], ["gateway", "--config", str(cfg)]):
+        r = subprocess.run([BINLINK, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "config error: " + problem in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
