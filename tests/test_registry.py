@@ -75,9 +75,16 @@ def test_registry_round_trips_through_its_file_format(es, gone):
                        st.one_of(st.integers(-2, 2**25), st.text(max_size=40), st.booleans(), st.none()), max_size=7))
 def test_any_malformed_entry_is_a_config_error_never_a_crash(entry):
     try:
-        registry.parse({"device": [entry]})
+        devices = registry.parse({"device": [entry]})
     except ConfigError as e:
         assert e.problems and all("key:" not in p or "32 hex" in p for p in e.problems)
+    else:  # accepted: only a complete, well-formed entry may be, and it comes back as written
+        assert set(entry) == {"device_id", "bin_id", "key", "depth_mm", "full_mm"} or \
+            set(entry) == {"device_id", "bin_id", "key", "key_epoch", "depth_mm", "full_mm"}, "accepted %r" % entry
+        (dev,) = devices.values()
+        assert dev.key == bytes.fromhex(entry["key"]) and len(dev.key) == 16, "accepted %r" % entry
+        assert dev.bin_id == entry["bin_id"] and 0 <= entry["full_mm"] < entry["depth_mm"], "accepted %r" % entry
+        assert (dev.depth_mm, dev.full_mm, dev.key_epoch) == (entry["depth_mm"], entry["full_mm"], entry.get("key_epoch", 0))
 
 
 def test_registry_commands(tmp_path):
