@@ -1,12 +1,16 @@
 """The per-bin forecast on synthetic series: rhythm, noise, gaps, pickups, persistence."""
+import hashlib
+import json
 import math
+import pathlib
 import random
-import struct
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from binlink.gateway import forecast
 from binlink.gateway.forecast import BinForecast, ForecastStore
+from tests.vectors import make_forecast_vectors as vectors
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -196,154 +200,26 @@ def test_forecasts_after_three_weeks_are_near_the_truth(per_day, noise, seed, ho
         assert abs(f.full_at() - true_full) <= 0.25 * (true_full - f.t) + 3 * HOUR
 
 
-def reference_hour_and_weekday(t):
-    days = t // DAY
-    return int((t - days * DAY) // HOUR), int(days + 3) % 7
-
-
-class ReferenceBinForecast:
-    """The reference implementation: BinForecast as of commit 35acbc8, frozen (no cache, builtin
-    min/max, full_at walking hour by hour). BinForecast, rewritten for speed, must give the same
-    results to the bit; the constants are the module's. A deliberate change to the model changes both."""
-
-    def __init__(self):
-        self.t = self.level = self.raw = None
-        self.rise_sum = forecast.PRIOR_RATE * forecast.PRIOR_WEIGHT_H
-        self.shape_sum = forecast.PRIOR_WEIGHT_H
-        self.learned_h = 0.0
-        self.day_no, self.day_rise, self.day_expect, self.day_hours = -1.0, 0.0, 0.0, 0.0
-        self.day = [1.0] * 24
-        self.week = [1.0] * 7
-
-    def to_bytes(self):
-        head = (-1.0 if self.t is None else self.t, -1.0 if self.level is None else self.level,
-                -1.0 if self.raw is None else self.raw, self.rise_sum, self.shape_sum, self.learned_h,
-                self.day_no, self.day_rise, self.day_expect, self.day_hours)
-        return struct.pack("<10d24d7d", *head, *self.day, *self.week)
-
-    @property
-    def base(self):
-        return max(0.0, self.rise_sum / self.shape_sum) if self.shape_sum > 0 else 0.0
-
-    def shape_hours(self, t0, t1):
-        total = plain = 0.0
-        t = t0
-        while t < t1:
-            hour, weekday = reference_hour_and_weekday(t)
-            end = min(t1, (t // HOUR + 1) * HOUR)
-            part = (end - t) / HOUR * self.day[hour]
-            plain += part
-            total += part * self.week[weekday]
-            t = end
-        return total, plain
-
-    def update(self, t, fill, pickup_drop_pct=15.0):
-        if fill is None or (self.t is not None and t <= self.t):
-            return False
-        if self.t is None or t - self.t > forecast.MAX_GAP_H * HOUR:
-            self.t, self.level, self.raw = t, fill, fill
-            return False
-        if fill < self.level - pickup_drop_pct:
-            self.t, self.level, self.raw = t, fill, fill
-            return True
-        dt_h = (t - self.t) / HOUR
-        shape, shape_without_week = self.shape_hours(self.t, t)
-        expected = self.base * shape
-        clip = forecast.INNOVATION_CLIP
-        rise = min(max(fill - self.raw, -clip), expected + clip)
-        if shape > 0 and max(fill, self.raw) < forecast.SATURATED_PCT:
-            self._learn_week(t, rise, self.base * shape_without_week, dt_h)
-            keep = math.exp(-dt_h / forecast.BASE_TAU_H)
-            self.rise_sum = self.rise_sum * keep + rise
-            self.shape_sum = self.shape_sum * keep + shape
-            base = self.base
-            if base > 0 and dt_h <= 6.0:
-                hour, weekday = reference_hour_and_weekday((self.t + t) / 2)
-                seen_days = self.learned_h / 24.0
-                q = rise / (base * dt_h * self.week[weekday])
-                self._learn(self.day, hour, q, max(forecast.DAY_GAIN, 1.0 / (2.0 + seen_days)))
-        predicted = self.level + expected
-        self.level = max(0.0, predicted + forecast.LEVEL_GAIN * max(-clip, min(clip, fill - predicted)))
-        self.t, self.raw = t, fill
-        self.learned_h += dt_h
-        return False
-
-    def _learn_week(self, t, rise, expect_without_week, dt_h):
-        day_no = float((self.t + t) / 2 // DAY)
-        if day_no != self.day_no:
-            if self.day_hours >= forecast.MIN_DAY_HOURS and self.day_expect > 0 and self.learned_h >= forecast.WEEK_AFTER_H:
-                weekday = int(self.day_no + 3) % 7
-                weeks_seen = int(self.learned_h // (7 * 24))
-                self._learn(self.week, weekday, self.day_rise / self.day_expect, max(forecast.WEEK_GAIN, 1.0 / (1.0 + weeks_seen)))
-            self.day_no, self.day_rise, self.day_expect, self.day_hours = day_no, 0.0, 0.0, 0.0
-        self.day_rise += rise
-        self.day_expect += expect_without_week
-        self.day_hours += dt_h
-
-    @staticmethod
-    def _learn(shape, i, q, gain):
-        q = max(-forecast.SHAPE_MAX, min(forecast.SHAPE_MAX, q))
-        shape[i] = max(forecast.SHAPE_MIN, min(forecast.SHAPE_MAX, shape[i] + gain * (q - shape[i])))
-        mean = sum(shape) / len(shape)
-        if mean > 0:
-            shape[:] = [v / mean for v in shape]
-
-    def rate_pct_per_day(self):
-        return None if self.learned_h < forecast.MIN_LEARNED_H else round(self.base * 24.0, 2)
-
-    def full_at(self, full_pct=100.0):
-        if self.t is None or self.learned_h < forecast.MIN_LEARNED_H:
-            return None
-        if self.level >= full_pct:
-            return self.t
-        if self.base <= 1e-6:
-            return None
-        need = (full_pct - self.level) / self.base
-        day, week = self.day, self.week
-        hour, weekday = reference_hour_and_weekday(self.t)
-        t = (self.t // HOUR + 1) * HOUR
-        rate = day[hour] * week[weekday]
-        gain = (t - self.t) / HOUR * rate
-        if gain >= need:
-            return self.t + need / rate * HOUR
-        need -= gain
-        end = self.t + forecast.HORIZON_DAYS * DAY
-        day_sum = sum(day)
-        while t < end:
-            hour += 1
-            if hour == 24:
-                hour, weekday = 0, (weekday + 1) % 7
-            if hour == 0 and day_sum * week[weekday] < need:
-                need -= day_sum * week[weekday]
-                t += DAY
-                hour = 23
-                continue
-            rate = day[hour] * week[weekday]
-            if rate >= need:
-                at = t + need / rate * HOUR
-                return at if at <= end else None
-            need -= rate
-            t += HOUR
-        return None
-
-
 class Twins:
-    """BinForecast, ForecastStore.update (what the gateway calls) and the reference, side by side."""
+    """A BinForecast going on from its bytes now and then, one that never does (its cache lives on),
+    and ForecastStore.update (what the gateway calls), side by side: they must agree to the bit."""
 
     def __init__(self):
-        self.ref, self.f, self.store = ReferenceBinForecast(), BinForecast(), ForecastStore(":memory:")
+        self.f, self.kept, self.store = BinForecast(), BinForecast(), ForecastStore(":memory:")
 
     def step(self, t, fill, full_pct=None, reload=False):
         """One reading into all three: the same update() return, rate and full_at (for another fill
         level too: no stale or mixed-up cache) and to_bytes, each float to the bit (repr tells -0.0
-        from 0.0). reload: the BinForecast goes on from its bytes (no cache)."""
-        ref, f = self.ref, self.f
-        assert f.update(t, fill) is ref.update(t, fill)
-        assert repr(self.store.update("b", t, fill)) == repr((ref.rate_pct_per_day(), ref.full_at()))
+        from 0.0); a forecast rebuilt from the bytes (no cache at all) answers the same."""
+        f, kept = self.f, self.kept
+        assert f.update(t, fill) is kept.update(t, fill)
+        assert repr(self.store.update("b", t, fill)) == repr((f.rate_pct_per_day(), f.full_at()))
+        fresh = BinForecast.from_bytes(f.to_bytes())
         if full_pct is not None:
-            assert repr(f.full_at(full_pct)) == repr(ref.full_at(full_pct))
-        assert repr((f.rate_pct_per_day(), f.full_at())) == repr((ref.rate_pct_per_day(), ref.full_at()))
-        assert f.to_bytes() == self.store.bins["b"].to_bytes() == ref.to_bytes()
+            assert repr(f.full_at(full_pct)) == repr(kept.full_at(full_pct)) == repr(fresh.full_at(full_pct))
+        answers = [repr((x.rate_pct_per_day(), x.full_at())) for x in (f, kept, fresh)]
+        assert answers[0] == answers[1] == answers[2]
+        assert f.to_bytes() == kept.to_bytes() == self.store.bins["b"].to_bytes()
         if reload:
             self.f = BinForecast.from_bytes(f.to_bytes())
 
@@ -357,10 +233,9 @@ fills = st.one_of(st.none(), st.floats(0.0, 110.0), st.tuples(st.just("rise"), s
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(gaps, fills, st.sampled_from([None, 90.0, 100.0, 120.0]), st.booleans()), max_size=300),
        st.floats(0.0, 7 * DAY), st.one_of(st.none(), st.tuples(st.floats(0.0, 1.0), st.sampled_from([math.nan, math.inf]))))
-def test_any_series_gives_the_reference_implementations_results_to_the_bit(steps, offset, non_finite):
+def test_any_series_gives_the_same_results_cached_persisted_and_through_the_store(steps, offset, non_finite):
     """Rises, pickups, any fill to 110 %, faulty readings; repeated, out of order, seconds to two
-    days apart; now and then a NaN or infinite reading (no decoder gives one: the rewritten
-    min/max must agree with the builtins all the same)."""
+    days apart; now and then a NaN or infinite reading (no decoder gives one)."""
     twins, t, fill = Twins(), START + offset, 5.0
     for i, (gap, step, full_pct, reload) in enumerate(steps):
         t += gap
@@ -376,7 +251,7 @@ def test_any_series_gives_the_reference_implementations_results_to_the_bit(steps
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32), st.floats(0.5, 60.0), st.floats(0.0, 2.0), st.sampled_from([60.0, 600.0, 1800.0, 4 * HOUR]))
-def test_weeks_of_readings_give_the_reference_implementations_results_to_the_bit(seed, per_day, noise, every_s):
+def test_weeks_of_readings_give_the_same_results_cached_persisted_and_through_the_store(seed, per_day, noise, every_s):
     """Up to five weeks of a bin with a daily and weekly rhythm (the multipliers learn), filling in
     half a day to 200 days (the walk reaches the horizon), read every minute to every few hours with
     silences, repeats and faulty readings, emptied at 80-110 %."""
@@ -396,3 +271,46 @@ def test_weeks_of_readings_give_the_reference_implementations_results_to_the_bit
             fill = rng.uniform(0, 5)
         reading = None if rng.random() < 0.02 else max(0.0, min(110.0, fill + rng.gauss(0, noise)))
         twins.step(t, reading, rng.choice([None, 90.0]), rng.random() < 0.02)
+
+
+# Golden vectors: the frozen reference of the forecast algorithm as of 0.3 (tests/vectors/forecast.json,
+# written by tests/vectors/make_forecast_vectors.py). Every output of every step, to the bit.
+GOLDEN = json.loads((pathlib.Path(__file__).parent / "vectors" / "forecast.json").read_text())["series"]
+
+
+@pytest.mark.parametrize("series", GOLDEN, ids=[s["name"] for s in GOLDEN])
+def test_golden_vectors_give_the_frozen_reference_results_to_the_bit(series):
+    """Mixed series (rises, pickups, faulty and non-finite readings, repeated and out-of-order
+    times, silences up to two days) and weeks of rhythmic bins: update's return, rate, full_at
+    (for a second level too) and the persisted bytes after every step, through BinForecast
+    (going on from its bytes where the vector says) and ForecastStore alike."""
+    f, h, store = BinForecast(), hashlib.sha256(), ForecastStore(":memory:")
+    checkpoints = dict(series["checkpoints"])
+    last = 0
+    for n, (t, fill, full_pct, reload) in enumerate(series["steps"], 1):
+        fill = vectors.decode_fill(fill)
+        digest = vectors.digest_chain(h, vectors.outputs(f, t, fill, full_pct), f.to_bytes())
+        assert repr(store.update("b", t, fill)) == repr((f.rate_pct_per_day(), f.full_at()))
+        assert store.bins["b"].to_bytes() == f.to_bytes()
+        if n in checkpoints:
+            assert digest == checkpoints[n], "%s: an output differs from the reference in steps %d..%d" % (
+                series["name"], last + 1, n)
+            last = n
+        if reload:
+            f = BinForecast.from_bytes(f.to_bytes())
+    assert last == len(series["steps"])
+    final = series["final"]
+    assert (f.to_bytes().hex(), repr(f.rate_pct_per_day()), repr(f.full_at())) == (final["state"], final["rate"], final["full_at"])
+
+
+def test_golden_vectors_cover_what_they_claim():
+    steps = [s for series in GOLDEN for s in series["steps"]]
+    fills = [vectors.decode_fill(s[1]) for s in steps]
+    assert len(GOLDEN) >= 40 and len(steps) >= 10000
+    assert any(f is None for f in fills) and any(isinstance(f, float) and math.isnan(f) for f in fills)
+    assert any(f == math.inf for f in fills) and any(s[3] for s in steps) and {s[2] for s in steps} >= {None, 90.0, 120.0}
+    times = [[s[0] for s in series["steps"]] for series in GOLDEN]
+    assert any(b < a for ts in times for a, b in zip(ts, ts[1:]))  # out of order
+    assert any(b - a > 48 * HOUR for ts in times for a, b in zip(ts, ts[1:]))  # a silence past MAX_GAP_H
+    weeks = [s for s in GOLDEN if s["name"].startswith("weeks")]
+    assert any(s["steps"][-1][0] - s["steps"][0][0] > 20 * DAY for s in weeks)  # the weekly multipliers learn
