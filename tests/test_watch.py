@@ -1,6 +1,7 @@
 """`binlink watch BIN`: the technician's on-site check, against a real gateway process, Mosquitto and a pty."""
+import os
 import subprocess
-import time
+import tempfile
 
 import pytest
 
@@ -9,6 +10,38 @@ from binlink.wire import codec, framing
 from tests.harness import BINLINK, KEY, GatewayProcess, wait_for
 
 DEV = 0x00002A
+
+
+@pytest.fixture
+def broker():
+    """Mosquitto logging every SUBSCRIBE to a file: a test sends frames once `binlink watch` has
+    subscribed (subscribed_at), not after a guessed sleep."""
+    from binlink.sim.broker import Mosquitto
+
+    logs = tempfile.mkdtemp(prefix="binlink-watch-test-")
+    os.chmod(logs, 0o777)  # Mosquitto drops to its own user
+    b = Mosquitto(extra_conf="log_type subscribe\nlog_dest file %s/subscribe.log\n" % logs).start()
+    b.subscribe_log = os.path.join(logs, "subscribe.log")
+    yield b
+    b.stop()
+
+
+def subscribed(broker, w):
+    """Waits until the broker has every subscription of the watch process w (its client id names its pid)."""
+    base = "binlink/testcity"
+    want = ["%s/bin/library-corner-1/event" % base, "%s/gateway/+/rejected" % base, "%s/gateway/+/status" % base]
+
+    def done():
+        assert w.poll() is None, w.communicate()[0]
+        try:
+            with open(broker.subscribe_log) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return False
+        mine = {line.split(" ", 3)[3] for line in lines if line.split(" ")[1:2] == ["binlink-watch-%d" % w.pid]}
+        return set(want) <= mine
+
+    wait_for(done, timeout=20, what="binlink watch subscribed")
 
 
 def watch(tmp_path, broker, *extra):
@@ -24,8 +57,7 @@ def send_first_cycle(pty, rssi=0xA9):
     """A freshly flashed bin's first wake: hello then a reading, with the E22's RSSI byte (-87 dBm)."""
     for frame in (codec.encode_hello(KEY, DEV, 0, (1, 0, 0), 1, b"\x01\x02\x03\x04"),
                   codec.encode_reading(KEY, DEV, 1, 700, 21, 3700, 0, 5, 5)):
-        pty.write(framing.frame(frame) + bytes([rssi]))
-        time.sleep(0.2)
+        pty.write(framing.frame(frame) + bytes([rssi]))  # one radio, one bin topic: published in this order
 
 
 @pytest.fixture
@@ -44,7 +76,7 @@ def gateway(tmp_path, broker, pty):
 def test_a_new_bin_seen_end_to_end_shows_rssi_fill_and_flags(tmp_path, broker, pty, gateway):
     gw = gateway(known=True)
     w = watch(tmp_path, broker, "--timeout", "60")
-    time.sleep(1.5)  # subscribed
+    subscribed(broker, w)
     send_first_cycle(pty)
     out, _ = w.communicate(timeout=90)
     assert w.returncode == 0, out
@@ -56,7 +88,7 @@ def test_a_new_bin_seen_end_to_end_shows_rssi_fill_and_flags(tmp_path, broker, p
 def test_a_bin_the_gateway_does_not_know_is_explained(tmp_path, broker, pty, gateway):
     gateway(known=False)
     w = watch(tmp_path, broker, "--timeout", "8")
-    time.sleep(1.5)
+    subscribed(broker, w)
     send_first_cycle(pty)
     out, _ = w.communicate(timeout=60)
     assert w.returncode == 3, out
@@ -84,7 +116,11 @@ def test_rejection_notices_are_rate_limited_per_device(tmp_path, broker, pty, ga
     gateway(known=False)
     for n in range(30):
         pty.write(framing.frame(codec.encode_reading(KEY, DEV, n, 700, 21, 3700)) + b"\xa9")
-    wait_for(lambda: subscriber.on("/rejected"), what="a rejection notice")
-    time.sleep(1.0)
+    # a marker: another unknown bin's frame after the 30. The gateway reads one radio in order and
+    # publishes its notices in order on one connection: once the marker's notice is here, every
+    # notice the 30 frames caused is here too
+    pty.write(framing.frame(codec.encode_reading(KEY, DEV + 1, 0, 700, 21, 3700)) + b"\xa9")
+    wait_for(lambda: [n for n in subscriber.json("/rejected") if n["device"] == "00002b"], what="the marker's notice")
     notices = subscriber.json("/rejected")
-    assert len(notices) == 1 and notices[0]["device"] == "00002a" and notices[0]["reason"] == "unknown_device"
+    assert [n["device"] for n in notices] == ["00002a", "00002b"]
+    assert notices[0]["reason"] == "unknown_device"
