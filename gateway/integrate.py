@@ -182,6 +182,18 @@ def render(blob):
     return dumps(body)
 
 
+def state_of(stored):
+    """(fill %, flag bits) of a stored state record — what a bin's next reading is compared with —
+    or (None, None) when the row cannot be read (damaged, or not a record)."""
+    try:
+        if stored[:1] != RECORD or KINDS[stored[1]] != "state":
+            return None, None
+        fields = _CORE.unpack_from(stored, 2)
+    except (IndexError, TypeError, struct.error):
+        return None, None
+    return _none_if_nan(fields[3]), fields[7]
+
+
 def dumps(obj):
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 

@@ -17,7 +17,9 @@ from binlink.wire import codec
 from binlink.gateway import calibration, events, forecast, integrate, logs
 from binlink.gateway.clock import ClockCheck
 from binlink.gateway.dedup import Dedup, digest
-from binlink.gateway.outbox import Batch, StorageFull, StorageGuard
+from binlink.gateway.heads import BinState, Counter
+from binlink.gateway.outbox import Batch, Kind, Message
+from binlink.gateway.storage import StorageFull, StorageGuard
 
 log = logs.get("pipeline")
 NOTICE_EVERY_S = 10
@@ -42,7 +44,7 @@ class Pipeline:
         self.clock = clock
         self.shared = shared  # SharedState or None (one gateway alone)
         self.dedup = Dedup(cfg.dedup_window_s)
-        self.bins = outbox.bins()  # bin_id -> (fcnt, fill_pct, flags, updated_at)
+        self.bins = {}  # bin_id -> BinState
         self.held = {}  # device_id -> deque of (frame, source, rec, received at): not verifiable until a resync
         self._searched = {}  # device_id -> when its counter was last searched for (None: any bin)
         self.standby = {}  # (device_id, epoch, fcnt) -> (device, frame, source, rec, heard at): a peer's pending claim
@@ -70,18 +72,22 @@ class Pipeline:
         starts again at 0) gets a fresh counter; keeping the old one would call every frame a replay."""
         self.devices = devices
         self.counters = {}
-        for dev_id, (last, key_id) in self.outbox.counters().items():
+        epochs = {d.bin_id: d.key_epoch for d in devices.values()}
+        for bin_id, state in self.outbox.bins().items():  # a migrated state's epoch is its device's now
+            self.bins.setdefault(bin_id, state if state.key_epoch is not None or bin_id not in epochs
+                                 else state._replace(key_epoch=epochs[bin_id]))
+        for dev_id, counter in self.outbox.counters().items():
             device = devices.get(dev_id)
             if device is None:
                 continue
-            if device.key_id == key_id:
-                self.counters[dev_id] = last
+            if device.key_id == counter.key_id:
+                self.counters[dev_id] = counter.fcnt
             else:
                 prev = self.bins.get(device.bin_id)
-                if prev is not None:  # counters restart: the new key's readings are all newer
-                    self.bins[device.bin_id] = (-1,) + tuple(prev[1:])
+                if prev is not None and prev.key_epoch == device.key_epoch:  # a new key under the same epoch
+                    self.bins[device.bin_id] = prev._replace(fcnt=-1)  # counters restart: its readings are all newer
                 logs.event(log, logging.WARNING, "new key for device: its frame counter starts again",
-                           device=device.dev, bin=device.bin_id, last_fcnt=last)
+                           device=device.dev, bin=device.bin_id, last_fcnt=counter.fcnt)
 
     def process(self, items):
         """items: iterable of (source name, Reception). Commits once; returns readings committed."""
@@ -124,8 +130,8 @@ class Pipeline:
         """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin
         states in memory go back to what is on disk, so a copy heard later is not called a replay."""
         self.storage.refuse(error, batch.accepted)
+        self.bins = {}
         self.set_devices(self.devices)
-        self.bins = self.outbox.bins()
 
     def _reject(self, reason, source, detail=""):
         self.metrics.rejected.labels(reason).inc()
@@ -150,8 +156,8 @@ class Pipeline:
             if len(self._noticed) >= NOTICE_MAX:
                 return
         self._noticed[key] = now
-        batch.messages.append(integrate.rejection_message(self.cfg.base_topic, self.cfg.gateway_id, device_id, reason,
-                                                          source, rec.rssi, now) + (now,))
+        batch.messages.append(Message(*integrate.rejection_message(self.cfg.base_topic, self.cfg.gateway_id, device_id,
+                                                                   reason, source, rec.rssi, now), now))
 
     def _one(self, source, rec, now, batch):
         # deframe: the module format already split the stream; its rejections arrive here
@@ -275,15 +281,16 @@ class Pipeline:
         if verdict == "ok" and self.shared is not None:
             self._claims.append((device, fcnt, dig))
             mine = self.bins.get(device.bin_id)
-            if fleet_bin is not None and (mine is None or fleet_bin[0] > mine[0]):
+            if fleet_bin is not None and (mine is None or mine.is_newer(device.key_epoch, fleet_bin[0])):
                 # another gateway published this bin's newer readings: events compare with those
-                self.bins[device.bin_id] = fleet_bin + (now,)
+                self.bins[device.bin_id] = BinState(device.key_epoch, *fleet_bin, now)
         self._advance(device, fcnt, batch)
         self.dedup.remember(device_id, fcnt, frame, now)
         batch.accepted += 1
         if decoded["type"] == "hello":
             rx = dict(self._rx_base, source=source, rssi=rec.rssi, snr=rec.snr, received_at=now)
-            batch.messages.append(integrate.hello_message(self.cfg.base_topic, device, decoded, rx) + (now,))
+            batch.messages.append(Message(*integrate.hello_message(self.cfg.base_topic, device, decoded, rx), now, Kind.HELLO,
+                                          device_id, device.key_epoch, fcnt))
             logs.event(log, logging.INFO, "hello", bin=device.bin_id, device=device.dev, fw=decoded["fw_version"],
                        reset_cause=decoded["reset_cause"], rssi=rec.rssi, source=source)
             if self.firmware.get(device.dev) != decoded["fw_version"]:
@@ -346,7 +353,7 @@ class Pipeline:
     def _advance(self, device, fcnt, batch):
         if fcnt > self.counters.get(device.device_id, -1):
             self.counters[device.device_id] = fcnt
-            batch.counters[device.device_id] = (fcnt, device.key_id)
+            batch.counters[device.device_id] = Counter(fcnt, device.key_id, device.key_epoch)
 
     def _hold(self, device, frame, source, rec, now, batch):
         """Keeps a frame no counter known here verifies, until a hello names the bin's counter or
@@ -390,20 +397,23 @@ class Pipeline:
         core = integrate.reading_core(device, reading, bits, fill, fcnt, rec.rssi, rec.snr, now, age_s,
                                       self._rx_base["time_synced"], backlog)
         topic, state_topic = self._topics(device)
-        batch.messages.append((integrate.message_id(device, fcnt), topic, integrate.uplink_record(core, tail), False, now))
+        ids = (device.device_id, device.key_epoch, fcnt)
+        batch.messages.append(Message(integrate.message_id(device, fcnt), topic, integrate.uplink_record(core, tail), False,
+                                      now, Kind.UPLINK, *ids))
         prev = self.bins.get(device.bin_id)
-        if prev is not None and fcnt <= prev[0]:
+        if prev is not None and not prev.is_newer(device.key_epoch, fcnt):
             return  # older than the bin's current state: history only, no state or events
-        prev_fill = prev[1] if prev else None
-        prev_flags = prev[2] if prev else None
+        prev_fill = prev.fill_pct if prev else None
+        prev_flags = prev.flags if prev else None
         forecast = integrate.forecast_part(device, *self.forecasts.update(device.bin_id, now - age_s, fill))
         for name in events.detect(prev_fill, prev_flags, fill, bits, self.cfg.events):
-            batch.messages.append((integrate.message_id(device, fcnt, name), topic, integrate.record(name, core, forecast, tail),
-                                   False, now))
+            batch.messages.append(Message(integrate.message_id(device, fcnt, name), topic,
+                                          integrate.record(name, core, forecast, tail), False, now, Kind.ALARM, *ids))
             logs.event(log, logging.INFO, "event", event=name, bin=device.bin_id, device=device.dev, fcnt=fcnt)
         # only a bin's newest state of a group is written (the outbox conflates pending states too)
-        batch.states[device.bin_id] = (integrate.message_id(device, fcnt, "state"), state_topic,
-                                       integrate.record("state", core, forecast, tail), True, now)
-        state = (fcnt, prev_fill if fill is None else fill, bits, now)  # a faulty reading keeps the last level
+        batch.states[device.bin_id] = Message(integrate.message_id(device, fcnt, "state"), state_topic,
+                                              integrate.record("state", core, forecast, tail), True, now, Kind.STATE,
+                                              *ids, device.bin_id)
+        state = BinState(device.key_epoch, fcnt, prev_fill if fill is None else fill, bits, now)  # a fault keeps the level
         self.bins[device.bin_id] = state
         batch.bins[device.bin_id] = state

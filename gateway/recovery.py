@@ -29,13 +29,16 @@ import paho.mqtt.client as mqtt
 
 from binlink.wire import codec
 from binlink.gateway import config, logs
-from binlink.gateway.outbox import NO_LATER_ROWS, Outbox, StorageFull, is_full
+from binlink.gateway.heads import BinState, Counter
+from binlink.gateway.outbox import Outbox
+from binlink.gateway.storage import StorageFull, is_full
 
 log = logs.get("recovery")
 KEEP_DAMAGED = 2  # damaged copies kept aside; older ones go, so a bad disk cannot fill up with them
 BROKER_WAIT_S = 3.0  # asking the broker for retained states, state intact
 BROKER_WAIT_AFTER_LOSS_S = 30.0  # the same after a state loss: counters matter more than a quick start
 FULL_RETRY_S = 5.0
+NO_LATER_ROWS = 1 << 62  # upto_id for heads read from a file without the column: their table says it all
 
 
 class Report:
@@ -158,11 +161,13 @@ def _forget_old_copies(db_path):
 
 
 # step 2: salvage ------------------------------------------------------------------------------
-_TABLES = {  # table -> columns read
-    "counters": "device_id, last_fcnt, key_id, upto_id",
-    "outbox": "id, message_key, topic, payload, retain, received_at, acked_at, superseded",
-    "bins": "bin_id, fcnt, fill_pct, flags, updated_at, upto_id",
+_TABLES = {  # table -> columns read, as Outbox.carry_over writes them
+    "counters": ("device_id", "last_fcnt", "key_id", "key_epoch", "upto_id"),
+    "outbox": ("id", "message_key", "topic", "payload", "retain", "received_at", "acked_at", "superseded", "kind",
+               "device_id", "key_epoch", "fcnt", "bin_id"),
+    "bins": ("bin_id", "key_epoch", "fcnt", "fill_pct", "flags", "updated_at", "upto_id"),
 }
+_MISSING = {"upto_id": str(NO_LATER_ROWS)}  # a column a file from before lacks -> what stands for it (else NULL)
 
 
 def salvage(damaged_path):
@@ -173,12 +178,12 @@ def salvage(damaged_path):
     except sqlite3.Error:
         return out
     try:
-        for table, cols in _TABLES.items():
-            try:  # a file from before upto_id: its tables hold everything
-                if "upto_id" not in {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}:
-                    cols = cols.replace("upto_id", "%d" % NO_LATER_ROWS)
+        for table, wanted in _TABLES.items():
+            try:
+                have = {r[1] for r in db.execute("PRAGMA table_info(%s)" % table)}
             except sqlite3.Error:
-                pass
+                have = set(wanted)
+            cols = ", ".join(c if c in have else _MISSING.get(c, "NULL") for c in wanted)
             out[table] = _readable_rows(db, table, cols)
     finally:
         db.close()
@@ -284,11 +289,11 @@ def counters_from_states(states, devices, local_bins):
         if device is None or device.bin_id != bin_id:
             continue
         local = local_bins.get(bin_id)
-        if local is not None and local[3] > at and local[0] < fcnt:
+        if local is not None and local.updated_at > at and local.fcnt < fcnt:
             continue  # a newer state here with a lower counter: the bin was re-provisioned since
-        counters[device.device_id] = (fcnt, device.key_id)
-        if local is None or local[0] < fcnt:
-            bins[bin_id] = (fcnt, s.get("fill_pct"), codec.flag_bits(s.get("flags") or []), at)
+        counters[device.device_id] = Counter(fcnt, device.key_id, device.key_epoch)
+        if local is None or local.is_newer(device.key_epoch, fcnt):
+            bins[bin_id] = BinState(device.key_epoch, fcnt, s.get("fill_pct"), codec.flag_bits(s.get("flags") or []), at)
     return counters, bins, newest
 
 
@@ -307,7 +312,7 @@ def raise_counters(cfg, box, devices, report, metrics):
         return
     counters, bins, report.newest_synced_time = counters_from_states(states, devices, box.bins())
     local = box.counters()
-    raised = {d: v for d, v in counters.items() if d not in local or local[d][1] != v[1] or local[d][0] < v[0]}
+    raised = {d: c for d, c in counters.items() if d not in local or local[d].key_id != c.key_id or local[d].fcnt < c.fcnt}
     if raised:
         box.raise_counters(raised, bins)
         metrics.counters_from_broker.inc(len(raised))

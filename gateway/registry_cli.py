@@ -103,7 +103,7 @@ def cmd_rekey(args):
 def clear_retained(cfg, device, now=None):
     """Queues empty retained payloads for the bin's state and Home Assistant discovery topics in
     the gateway's durable outbox: its publisher sends them like any message."""
-    from binlink.gateway.outbox import Batch, Outbox
+    from binlink.gateway.outbox import Batch, Message, Outbox
 
     now = time.time() if now is None else now
     base = cfg.base_topic
@@ -111,7 +111,7 @@ def clear_retained(cfg, device, now=None):
     topics += [t for t, _ in homeassistant.messages(cfg.mqtt.discovery_prefix, base, cfg.site, device)]
     batch = Batch()
     for topic in topics:
-        batch.states[topic] = ("retire:%s:%s" % (device.message_prefix, topic), topic, "", True, now)
+        batch.states[topic] = Message("retire:%s:%s" % (device.message_prefix, topic), topic, "", True, now)
     box = Outbox(os.path.join(cfg.state_dir, "gateway.sqlite"))
     try:
         box.commit(batch)

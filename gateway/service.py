@@ -20,7 +20,7 @@ from binlink.gateway import config as config_mod, logs, recovery, registry
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
-from binlink.gateway.outbox import StorageFull
+from binlink.gateway.storage import StorageFull
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
 from binlink.gateway.shared_state import SharedState, status_batch
@@ -133,7 +133,7 @@ class Gateway:
                 self.metrics.outbox_depth.inc(box.commit(status_batch(cfg, shared_shown)))
                 self.publisher.notify()
             now = time.monotonic()
-            self._write_acks(box, now)
+            self._write_acks(box, pipeline.storage, now)
             dead = self._dead_workers()
             if dead and not self.stop_event.is_set():  # stopping, the readers end by themselves
                 logs.event(log, logging.ERROR, "worker died, stopping for systemd to restart the service", workers=",".join(dead))
@@ -156,7 +156,7 @@ class Gateway:
         while not self.queue.empty():
             self._process(pipeline, timeout=0)
         self.publisher.stop()
-        self._write_acks(box, time.monotonic(), force=True)
+        self._write_acks(box, pipeline.storage, time.monotonic(), force=True)
         remaining = box.depth()
         pipeline.close()
         box.close()
@@ -186,7 +186,7 @@ class Gateway:
         if self.queue.empty():
             self._memory.give_back()
 
-    def _write_acks(self, box, now, force=False):
+    def _write_acks(self, box, guard, now, force=False):
         """The broker's acknowledgements, reported by the publisher process, into the outbox: this
         thread is the outbox's only writer. They ride with the next group commit; on their own only
         when none comes soon. A power cut before they are written means those messages are
@@ -207,7 +207,9 @@ class Gateway:
         try:
             box.write_acks()
             self.metrics.acks_unwritten.set(0)
-        except StorageFull:  # kept and written once there is room; not published again meanwhile
+            guard.ok()
+        except StorageFull as e:  # kept and written once there is room; not published again meanwhile
+            guard.acks_kept(e, waiting)
             self._acks_since = now + 1.0
             return
         except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already

@@ -23,7 +23,7 @@ import time
 import redis
 
 from binlink.gateway import integrate, logs
-from binlink.gateway.outbox import Batch
+from binlink.gateway.outbox import Batch, Message
 from binlink.gateway.registry import Device, Registry
 
 log = logs.get("shared")
@@ -96,7 +96,7 @@ def status_batch(cfg, up, now=None):
     payload = json.dumps({"gateway": cfg.gateway_id, "state": "shared" if up else "local", "since": integrate.iso(now)},
                          sort_keys=True)
     batch = Batch()
-    batch.states[topic] = ("shared_state:%s:%d:%d" % (cfg.gateway_id, int(now * 1000), up), topic, payload, True, now)
+    batch.states[topic] = Message("shared_state:%s:%d:%d" % (cfg.gateway_id, int(now * 1000), up), topic, payload, True, now)
     return batch
 
 

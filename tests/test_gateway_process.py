@@ -45,7 +45,7 @@ def pid_gone(pid):
 
 def test_publisher_is_its_own_process_and_dies_with_the_gateway(gw, broker, pty, subscriber):
     pid = publisher_pid(gw)
-    assert "binlink.gateway.mqtt_publisher" in open("/proc/%d/cmdline" % pid).read()
+    assert "binlink.gateway.publisher_worker" in open("/proc/%d/cmdline" % pid).read()
     pty.write(reading(1))
     wait_for(lambda: len(subscriber.events()) == 1, what="published by the publisher process")
     gw.kill()  # SIGKILL: no clean shutdown, no chance to tell the child
@@ -191,12 +191,12 @@ def test_wheel_holds_no_firmware_modules_and_no_simulator_dependencies(tmp_path)
 def test_acknowledgements_leave_ingest_commits_fsynced(tmp_path):
     """The service writes the publisher's acks without an fsync of their own; its next commit of
     readings is synchronous=FULL again (on disk before a frame counts as accepted)."""
-    from binlink.gateway.outbox import Batch, Outbox
+    from binlink.gateway.outbox import Batch, Message, Outbox
 
     box = Outbox(str(tmp_path / "gw.sqlite"))
     try:
         batch = Batch()
-        batch.messages.append(("0000a1:1", "t", b"{}", 0, 0.0))
+        batch.messages.append(Message("0000a1:0:1", "t", b"{}", 0, 0.0))
         box.commit(batch)
         (row_id, *_), = box.pending(0, 10)
         assert box.ack([row_id]) == 1

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from hypothesis import given, strategies as st
 
 from binlink.wire import codec
-from binlink.gateway import integrate, outbox
+from binlink.gateway import integrate, payloads as outbox
 from binlink.gateway.registry import Device
 
 KEY = bytes(range(16))  # TEST KEY

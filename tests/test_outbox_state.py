@@ -12,7 +12,8 @@ from binlink.gateway import config, recovery
 from binlink.gateway.clock import RELEASED, ClockCheck
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.module_formats import Reception
-from binlink.gateway.outbox import Batch, Outbox, StorageFull
+from binlink.gateway.heads import BinState, Counter
+from binlink.gateway.outbox import Batch, Kind, Message, Outbox, StorageFull
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.registry import Device
 from tests.harness import fill_volume
@@ -48,12 +49,12 @@ def test_counters_and_bin_states_survive_a_crash_between_saves(tmp_path):
     db.close()
     assert stored < 41  # the rows carried it: the counters table was not written for every reading
     reopened = _crash_and_reopen(box)
-    assert reopened.counters() == {0xA1: (41, _devices()[0xA1].key_id), 0xB2: (5, _devices()[0xB2].key_id)}
+    assert reopened.counters() == {0xA1: Counter(41, _devices()[0xA1].key_id, 0), 0xB2: Counter(5, _devices()[0xB2].key_id, 0)}
     assert reopened.bins() == p.bins
     # a re-provisioned bin (new key, counter from 1): the old key's rows must not raise its counter
     p2 = Pipeline(CFG, _devices(KEY_A2), reopened, Metrics())
     p2.process([("r0", _reading(KEY_A2, 0xA1, 1)), ("r0", _reading(KEY_A2, 0xA1, 2))])
-    assert _crash_and_reopen(reopened).counters()[0xA1] == (2, _devices(KEY_A2)[0xA1].key_id)
+    assert _crash_and_reopen(reopened).counters()[0xA1] == Counter(2, _devices(KEY_A2)[0xA1].key_id, 0)
 
 
 def test_a_commit_on_a_full_disk_raises_storage_full_and_leaves_nothing_open(tmp_path):
@@ -67,7 +68,7 @@ def test_a_commit_on_a_full_disk_raises_storage_full_and_leaves_nothing_open(tmp
         box = Outbox(str(d / "o.sqlite"))
         filler = fill_volume(d)
         big = Batch()
-        big.messages = [("1:%d" % n, "t/bin/x/event", os.urandom(300), 0, 1.0) for n in range(1500)]
+        big.messages = [Message("1:%d" % n, "t/bin/x/event", os.urandom(300), 0, 1.0) for n in range(1500)]
         with pytest.raises(StorageFull):
             box.commit(big)
         assert not box.db.in_transaction and box.depth() == 0
@@ -83,8 +84,8 @@ def test_salvage_reads_around_a_damaged_page(tmp_path):
     box = Outbox(path)
     for n in range(1, 1001):
         b = Batch()
-        b.messages.append(("0000a1:%d" % n, "t/bin/a/event", os.urandom(200), 0, 1.0))
-        b.counters[0xA1] = (n, "k")
+        b.messages.append(Message("0000a1:0:%d" % n, "t/bin/a/event", os.urandom(200), 0, 1.0, Kind.UPLINK, 0xA1, 0, n))
+        b.counters[0xA1] = Counter(n, "k", 0)
         box.commit(b)
     box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     box.close()
@@ -108,10 +109,10 @@ def test_counters_from_retained_states_skip_other_bins_and_reprovisioned_ones():
         ("bin-x", {"device": "0000ff", "fcnt": 5, "received_at": "2026-12-01T11:00:00.000Z", "time_synced": True}),
         ("bin-b", {"device": "garbage"}),
     ]
-    local_bins = {"bin-b": (3, 10.0, 0, recovery._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
+    local_bins = {"bin-b": BinState(0, 3, 10.0, 0, recovery._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
     counters, bins, newest = recovery.counters_from_states(states, devices, local_bins)
-    assert counters == {0xA1: (70000, devices[0xA1].key_id)}
-    assert bins == {"bin-a": (70000, 40.0, codec.F_TILT, recovery._parse_time("2026-12-01T10:00:00.000Z"))}
+    assert counters == {0xA1: Counter(70000, devices[0xA1].key_id, 0)}
+    assert bins == {"bin-a": BinState(0, 70000, 40.0, codec.F_TILT, recovery._parse_time("2026-12-01T10:00:00.000Z"))}
     assert newest == recovery._parse_time("2026-12-01T11:00:00.000Z")
 
 
@@ -146,15 +147,15 @@ def test_a_state_file_from_before_opens_with_its_counters_and_pending_rows(tmp_p
     """)
     db.close()
     box = Outbox(path)
-    assert box.counters() == {0xA1: (7, "k")} and box.bins() == {"a": (7, 10.0, 0, 1.0)}
+    assert box.counters() == {0xA1: Counter(7, "k", None)} and box.bins() == {"a": BinState(None, 7, 10.0, 0, 1.0)}
     assert [r[0] for r in box.pending(0, 10)] == [1]
     indexes = {r[0] for r in box.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "outbox_pending" not in indexes and "outbox_event_key" not in indexes  # the old UNIQUE serves
     b = Batch()
-    b.messages.append(("0000a1:8", "t/bin/a/event", b"{}", 0, 2.0))
-    b.counters[0xA1] = (8, "k")
+    b.messages.append(Message("0000a1:0:8", "t/bin/a/event", b"{}", 0, 2.0, Kind.UPLINK, 0xA1, 0, 8))
+    b.counters[0xA1] = Counter(8, "k", 0)
     assert box.commit(b) == 1 and box.ack([1, 2]) == 2
-    assert _crash_and_reopen(box).counters() == {0xA1: (8, "k")}
+    assert _crash_and_reopen(box).counters() == {0xA1: Counter(8, "k", 0)}
 
 
 def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monkeypatch):
@@ -171,25 +172,12 @@ def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monke
     assert _crash_and_reopen(box).bins() == p.bins
 
 
-@given(st.integers(0, 0xFFFFFF), st.integers(0, 1000), st.integers(0, 2**32 - 1),
-       st.sampled_from(["uplink", "full", "emptied", "fire"]), st.booleans())
-def test_every_message_key_tells_its_counter(device_id, epoch, fcnt, event, state):
-    """The outbox rebuilds counters from its rows' keys: whatever integrate.py writes must parse back."""
-    from binlink.gateway import integrate
-    from binlink.gateway.outbox import message_key_counter
-
-    device = Device(device_id, "bin", KEY_A, 1200, 200, key_epoch=epoch)
-    key = integrate.message_id(device, fcnt, "state" if state else event)
-    assert message_key_counter(key) == (device_id, fcnt)
-    assert message_key_counter("%06x:%d:%s" % (device_id, fcnt, event)) == (device_id, fcnt)  # a file from before epochs
-
-
 def test_deferred_acks_ride_with_the_next_commit_and_a_crash_before_only_republishes(tmp_path):
     box = Outbox(str(tmp_path / "o.sqlite"))
 
     def batch(n):
         b = Batch()
-        b.messages.append(("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)))
+        b.messages.append(Message("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)))
         return b
 
     assert box.commit(batch(1)) == 1
@@ -207,7 +195,7 @@ def test_deferred_acks_ride_with_the_next_commit_and_a_crash_before_only_republi
 def test_deferred_acks_are_written_alone_when_no_commit_comes_and_at_close(tmp_path):
     box = Outbox(str(tmp_path / "o.sqlite"))
     b = Batch()
-    b.messages += [("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)) for n in (1, 2)]
+    b.messages += [Message("0000a1:0:%d" % n, "t/bin/a/event", b"{}", 0, float(n)) for n in (1, 2)]
     assert box.commit(b) == 2
     box.defer_acks([1])
     box.write_acks()
@@ -222,7 +210,7 @@ def test_a_state_superseded_while_its_ack_waits_is_counted_off_once(tmp_path):
 
     def state(n):
         b = Batch()
-        b.states["a"] = ("0000a1:0:%d:state" % n, "t/bin/a/state", b"{}", 1, float(n))
+        b.states["a"] = Message("0000a1:0:%d:state" % n, "t/bin/a/state", b"{}", 1, float(n))
         return b
 
     depth = box.commit(state(1))
@@ -235,7 +223,7 @@ def test_a_state_superseded_while_its_ack_waits_is_counted_off_once(tmp_path):
 @given(st.one_of(st.binary(max_size=2000).filter(lambda b: b[:1] != b"\x02"), st.text(max_size=500)))
 def test_stored_payloads_read_back_as_written(payload):
     """Any payload but a reading's record (0x02, tests/test_integrate.py): the gateway's are JSON or text."""
-    from binlink.gateway.outbox import pack, unpack
+    from binlink.gateway.payloads import pack, unpack
 
     raw = payload.encode() if isinstance(payload, str) else payload
     assert unpack(pack(payload)) == raw
@@ -244,7 +232,7 @@ def test_stored_payloads_read_back_as_written(payload):
 def test_rows_packed_by_an_earlier_release_still_read_back():
     import zlib
 
-    from binlink.gateway import outbox
+    from binlink.gateway import payloads as outbox
 
     body = b'{"event":"uplink","fcnt":7,"bin_id":"bin-a","fill_pct":42.5}'
     c = zlib.compressobj(6, zlib.DEFLATED, -10, 2, zdict=outbox._ZDICT_V1)  # as 0.2 wrote them
@@ -261,3 +249,56 @@ def test_acknowledged_ids_written_as_runs_cover_exactly_those_ids(ids):
     covered = [i for first, last in runs(ids) for i in range(first, last + 1)]
     assert covered == sorted(set(ids))
     assert all(b[0] > a[1] + 1 for a, b in zip(runs(ids), runs(ids)[1:]))  # as few runs as can be
+
+
+def test_a_0_3_state_file_with_a_retired_bins_rows_is_migrated_once(tmp_path):
+    """0.3 carried counters by parsing message keys; a retired bin's clearing rows ("retire:...")
+    made every start fail. Migrated: the counters its rows carried are in their tables, the file
+    says its format, and a second open changes nothing."""
+    path = str(tmp_path / "o.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE outbox (id INTEGER PRIMARY KEY, message_key TEXT NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL,
+            retain INTEGER NOT NULL, received_at REAL NOT NULL, acked_at REAL, superseded INTEGER NOT NULL DEFAULT 0);
+        CREATE UNIQUE INDEX outbox_event_key ON outbox(message_key) WHERE retain = 0;
+        CREATE TABLE counters (device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL, key_id TEXT NOT NULL,
+            upto_id INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE bins (bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL,
+            updated_at REAL NOT NULL, upto_id INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+        INSERT INTO counters VALUES (161, 3, 'k', 0), (178, 9, 'k2', 0);
+        INSERT INTO bins VALUES ('a', 3, 10.0, 0, 1.0, 0), ('b', 9, 50.0, 0, 1.0, 0);
+        INSERT INTO outbox(message_key, topic, payload, retain, received_at) VALUES
+            ('0000a1:0:4', 't/bin/a/event', '{}', 0, 2.0),
+            ('0000a1:0:4:state', 't/bin/a/state', '{"fill_pct": 20.0, "flags": ["tilt"]}', 1, 2.0),
+            ('retire:0000b2:0:t/bin/b/state', 't/bin/b/state', '', 1, 3.0),
+            ('rejected:0000ff:bad_tag:1000', 't/gateway/g/rejected', '{}', 0, 3.0);
+    """)
+    db.close()
+    box = Outbox(path)
+    assert box.counters() == {0xA1: Counter(4, "k", None), 0xB2: Counter(9, "k2", None)}
+    assert box.bins() == {"a": BinState(None, 4, 20.0, codec.F_TILT, 2.0), "b": BinState(None, 9, 50.0, 0, 1.0)}
+    assert box.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert [r[0] for r in box.pending(0, 10)] == [1, 2, 3, 4]  # still published
+    box.close()
+    again = Outbox(path)
+    assert again.counters()[0xA1] == Counter(4, "k", None) and again.bins()["a"].fcnt == 4
+
+
+def test_a_rekeyed_bin_keeps_its_new_state_through_a_power_cut(tmp_path):
+    """Key epochs in the rows: after a re-key the new key's low counters are the bin's newest
+    readings, before and after a restart (0.3 compared counters alone and froze the bin's state)."""
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    old = {0xA1: Device(0xA1, "bin-a", KEY_A, 1200, 200)}
+    p = Pipeline(CFG, old, box, Metrics())
+    p.process([("r0", _reading(KEY_A, 0xA1, n, dist=1000)) for n in range(1, 41)])
+    new = {0xA1: Device(0xA1, "bin-a", KEY_A2, 1200, 200, key_epoch=1)}
+    p.set_devices(new)
+    p.process([("r0", _reading(KEY_A2, 0xA1, 1, dist=300))])
+    assert p.bins["bin-a"][:2] == (1, 1)
+    reopened = _crash_and_reopen(box)
+    assert reopened.bins()["bin-a"][:2] == (1, 1)
+    p2 = Pipeline(CFG, new, reopened, Metrics())
+    p2.process([("r0", _reading(KEY_A2, 0xA1, 2, dist=1100))])  # emptied: compared with the new key's reading
+    assert p2.bins["bin-a"][:2] == (1, 2)
+    kinds = [k for (k,) in reopened.db.execute("SELECT message_key FROM outbox WHERE kind = ?", (Kind.ALARM,))]
+    assert kinds == ["0000a1:1:1:full", "0000a1:1:2:emptied"]

@@ -8,7 +8,7 @@ from binlink.wire import codec
 from binlink.gateway import calibration, events
 from binlink.gateway.config import Events
 from binlink.gateway.dedup import Dedup
-from binlink.gateway.outbox import Batch, Outbox
+from binlink.gateway.outbox import Batch, Kind, Message, Outbox
 from binlink.gateway.registry import Device
 
 DEV = Device(1, "b", bytes(16), 1200, 200)  # TEST KEY
@@ -63,21 +63,21 @@ def test_dedup_window():
 
 
 def _state(bin_id, fcnt, now):
-    return ("1:%d:state" % fcnt, "binlink/s/bin/%s/state" % bin_id, b"{}", 1, now)
+    return Message("1:%d:state" % fcnt, "binlink/s/bin/%s/state" % bin_id, b"{}", 1, now, Kind.STATE, 1, 0, fcnt, bin_id)
 
 
 def test_outbox_keeps_only_the_newest_pending_state_per_bin(tmp_path):
     box = Outbox(os.path.join(str(tmp_path), "o.sqlite"))
     for fcnt in (1, 2, 3):
         b = Batch()
-        b.messages.append(("1:%d" % fcnt, "binlink/s/bin/x/event", b"{}", 0, 1.0))
+        b.messages.append(Message("1:%d" % fcnt, "binlink/s/bin/x/event", b"{}", 0, 1.0))
         b.states["x"] = _state("x", fcnt, 1.0)
         box.commit(b)
     pending = [(t, bool(ret)) for _, t, _, ret, _ in box.pending(0, 100)]
     assert pending == [("binlink/s/bin/x/event", False)] * 3 + [("binlink/s/bin/x/state", True)]
     assert box.depth() == 4
     b = Batch()
-    b.messages.append(("1:3", "binlink/s/bin/x/event", b"{}", 0, 1.0))  # the same reading again
+    b.messages.append(Message("1:3", "binlink/s/bin/x/event", b"{}", 0, 1.0))  # the same reading again
     box.commit(b)
     assert box.depth() == 4  # stored once
 
@@ -100,7 +100,7 @@ def test_outbox_commit_and_ack_report_the_change_in_pending(tmp_path):
     """The depth gauge follows these numbers instead of counting the table on every group."""
     box = Outbox(os.path.join(str(tmp_path), "o.sqlite"))
     b = Batch()
-    b.messages.append(("1:1", "binlink/s/bin/x/event", b"{}", 0, 1.0))
+    b.messages.append(Message("1:1", "binlink/s/bin/x/event", b"{}", 0, 1.0))
     b.states["x"] = _state("x", 1, 1.0)
     assert box.commit(b) == 2 and box.depth() == 2
     first_state = [r[0] for r in box.pending(0, 10) if r[3]]

@@ -1,0 +1,79 @@
+"""Counters and bin states, as the state file holds them: their tables, carried further by the
+reading rows written after them.
+
+Counters and bin states are written to their tables only when a reading's own rows cannot tell
+them: a device or bin seen for the first time, a new key, a frame without a row of its own (a
+backlog batch's counter), and every SAVE_HEADS_S (outbox.py). Otherwise the columns of the
+reading's rows (device, key epoch, counter; a state's bin), committed in the same transaction,
+carry them: two pages fewer written per reading, and nothing a power cut can take that the rows
+keep. Rows without a counter (notices, a retired bin's clearing messages) carry nothing."""
+from typing import NamedTuple
+
+from binlink.gateway import integrate
+
+
+class Counter(NamedTuple):
+    """A device's last accepted frame counter, under the key with this fingerprint and epoch."""
+    fcnt: int
+    key_id: str
+    key_epoch: int | None  # None: migrated from a file that did not say
+
+
+class BinState(NamedTuple):
+    """A bin's newest reading: what its next reading's events are compared with."""
+    key_epoch: int | None  # the epoch fcnt counts in (None: migrated, taken as the device's now)
+    fcnt: int
+    fill_pct: float | None
+    flags: int
+    updated_at: float
+
+    def is_newer(self, key_epoch, fcnt):
+        """Does a reading (key_epoch, fcnt) come after this state? A new key's counter starts again."""
+        mine = key_epoch if self.key_epoch is None else self.key_epoch
+        return (key_epoch, fcnt) > (mine, self.fcnt)
+
+
+STATE_KIND = 1  # outbox.Kind.STATE (imported there from here would be circular)
+
+
+def load(db):
+    """(counters, bins) as committed: device_id -> Counter, bin_id -> BinState."""
+    counters = {r[0]: [Counter(*r[1:4]), r[4]] for r in db.execute(
+        "SELECT device_id, last_fcnt, key_id, key_epoch, upto_id FROM counters")}
+    bins = {r[0]: [BinState(*r[1:6]), r[6]] for r in db.execute(
+        "SELECT bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id FROM bins")}
+    uptos = [c[1] for c in counters.values()] + [b[1] for b in bins.values()]
+    rows = db.execute("SELECT id, kind, device_id, key_epoch, fcnt, bin_id, payload, received_at FROM outbox "
+                      "WHERE id > ? AND fcnt IS NOT NULL ORDER BY id", (min(uptos),)) if uptos else ()
+    for row_id, kind, device_id, epoch, fcnt, bin_id, payload, at in rows:
+        entry = counters.get(device_id)
+        if entry is not None and row_id > entry[1]:
+            c = entry[0]
+            if (c.key_epoch is None or c.key_epoch == epoch) and fcnt > c.fcnt:
+                entry[0] = c._replace(fcnt=fcnt, key_epoch=epoch)
+        entry = bins.get(bin_id) if kind == STATE_KIND else None
+        if entry is not None and row_id > entry[1] and entry[0].is_newer(epoch, fcnt):
+            b = entry[0]
+            fill, flags = integrate.state_of(payload)
+            if flags is None:  # damaged: its counter still counts, its level is unknown
+                fill, flags = None, b.flags
+            entry[0] = BinState(epoch, fcnt, b.fill_pct if fill is None else fill, flags, at)  # a fault keeps the level
+    return {d: e[0] for d, e in counters.items()}, {b: e[0] for b, e in bins.items()}
+
+
+def save(db, counters, bins):
+    """Writes heads to their tables, as of the newest outbox row. A counter only moves up (or to a
+    new key); a bin state only to a newer reading."""
+    upto = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+    db.executemany(
+        "INSERT INTO counters(device_id, last_fcnt, key_id, key_epoch, upto_id) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id, "
+        "key_epoch=excluded.key_epoch, upto_id=excluded.upto_id "
+        "WHERE excluded.last_fcnt >= last_fcnt OR excluded.key_id != key_id",
+        [(d, c.fcnt, c.key_id, c.key_epoch, upto) for d, c in counters.items()])
+    db.executemany(
+        "INSERT INTO bins(bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id) VALUES (?,?,?,?,?,?,?) "
+        "ON CONFLICT(bin_id) DO UPDATE SET key_epoch=excluded.key_epoch, fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, "
+        "flags=excluded.flags, updated_at=excluded.updated_at, upto_id=excluded.upto_id "
+        "WHERE (coalesce(excluded.key_epoch, -1), excluded.fcnt) >= (coalesce(key_epoch, excluded.key_epoch, -1), fcnt)",
+        [(b,) + tuple(s) + (upto,) for b, s in bins.items()])
