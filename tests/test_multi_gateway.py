@@ -19,9 +19,11 @@ from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, RedisServer, wait_
 from tests.test_gateway_tls import pki  # noqa: F401 - the test CA and server certificate (a fixture)
 
 KEY3 = bytes.fromhex("5445535420b1e57e57206b65792d3333")  # TEST KEY
-DEV_A, DEV_B, DEV_C = 0xA1, 0xB2, 0xC3
+KEYM = bytes.fromhex("5445535420b1e57e57206b65792d4d4d")  # TEST KEY
+DEV_A, DEV_B, DEV_C, DEV_M = 0xA1, 0xB2, 0xC3, 0xD4
 DEVICES = [(DEV_A, "bin-a", KEY, 1200, 200), (DEV_B, "bin-b", KEY2, 1000, 100), (DEV_C, "bin-c", KEY3, 1000, 100)]
-KEYS = {DEV_A: KEY, DEV_B: KEY2, DEV_C: KEY3}
+MARKER = (DEV_M, "marker", KEYM, 1200, 200)  # a bin of the tests' own: see Site.settle
+KEYS = {DEV_A: KEY, DEV_B: KEY2, DEV_C: KEY3, DEV_M: KEYM}
 
 
 def reading(dev, n, dist=700, key=None):
@@ -38,15 +40,16 @@ def redis_server(tmp_path):
 class Site:
     """n gateways, each with its own radio (pty), state, registry file copy and metrics port."""
 
-    def __init__(self, tmp_path, broker, redis_server, n, ttl_s=3600, devices=DEVICES):
+    def __init__(self, tmp_path, broker, redis_server, n, ttl_s=3600, devices=DEVICES + [MARKER]):
         self.tmp = tmp_path
         self.broker = broker
         self.redis = redis_server
         self.links, self.gws = [], []
+        self.marker_fcnt = 0
         for i in range(n):
             self.add(ttl_s, devices)
 
-    def add(self, ttl_s=3600, devices=DEVICES, start=True, extra=None):
+    def add(self, ttl_s=3600, devices=DEVICES + [MARKER], start=True, extra=None):
         i = len(self.gws)
         link = PtyLink(str(self.tmp / ("radio-gw%d" % i)))
         if extra is None:
@@ -67,6 +70,19 @@ class Site:
     def total(self, name, **labels):
         return sum(g.metric(name, **labels) for g in self.gws if g.alive())
 
+    def settle(self, subscriber):
+        """Proves that everything the live gateways published so far has reached subscriber: each
+        is sent a reading of the marker bin that it alone hears, and its uplink is waited for. A
+        gateway reads its radio in order and publishes its outbox in order on one connection, so
+        whatever it published before the marker arrived before the marker did."""
+        for i, g in enumerate(self.gws):
+            if not g.alive():
+                continue
+            self.marker_fcnt += 1
+            mid = "%06x:0:%d" % (DEV_M, self.marker_fcnt)
+            self.hear(reading(DEV_M, self.marker_fcnt), [i])
+            wait_for(lambda: mid in [e["message_id"] for e in subscriber.events()], what="gw%d's marker %s" % (i, mid))
+
     def close(self):
         for g in self.gws:
             if g.alive():
@@ -82,8 +98,21 @@ def site3(tmp_path, broker, redis_server):
     s.close()
 
 
+def readings(subscriber):
+    """The uplink events of the bins under test (not the marker's)."""
+    return [e for e in subscriber.events() if e["bin_id"] != "marker"]
+
+
 def uplink_ids(subscriber):
-    return [e["message_id"] for e in subscriber.events()]
+    return [e["message_id"] for e in readings(subscriber)]
+
+
+def confirmed(redis_server, message_ids):
+    """True when every one of these readings' claims in Redis is confirmed (":c"): the claimer has
+    it on disk, and no peer can take it over and publish it a second time (TAKEOVER needs ":p")."""
+    r = redis.Redis(port=redis_server.port, decode_responses=True)
+    keys = ["binlink:{%s}:seen:%s:%s" % tuple(m.split(":")) for m in message_ids]
+    return all(v is not None and v.endswith(":c") for v in r.mget(keys))
 
 
 def test_overlapping_coverage_publishes_each_reading_once(site3, subscriber):
@@ -95,15 +124,16 @@ def test_overlapping_coverage_publishes_each_reading_once(site3, subscriber):
             site3.hear(reading(dev, n, dist), which)
     wait_for(lambda: len(set(uplink_ids(subscriber))) == 120, timeout=60, what="120 readings")
     wait_for(lambda: site3.total("binlink_duplicates_total") == 40 + 80, what="every extra reception counted")
-    time.sleep(1.0)  # anything published twice would arrive by now
+    wait_for(lambda: confirmed(site3.redis, uplink_ids(subscriber)), what="every claim confirmed: no takeover to come")
+    site3.settle(subscriber)  # anything published twice has arrived by now
     ids = uplink_ids(subscriber)
     assert len(ids) == len(set(ids)) == 120
     emptied = [e["message_id"] for e in subscriber.events("emptied")]
     assert len(emptied) == len(set(emptied)) == 3 * 4  # once per pickup, not once per gateway
     assert site3.total("binlink_frames_rejected_total") == 0
-    by_bin = collections.Counter(e["bin_id"] for e in subscriber.events())
+    by_bin = collections.Counter(e["bin_id"] for e in readings(subscriber))
     assert by_bin == {"bin-a": 40, "bin-b": 40, "bin-c": 40}
-    assert {e["gateway"] for e in subscriber.events() if e["bin_id"] == "bin-c"} == {"gw2"}
+    assert {e["gateway"] for e in readings(subscriber) if e["bin_id"] == "bin-c"} == {"gw2"}
 
 
 def test_frame_recorded_at_one_gateway_and_replayed_at_another_is_refused(tmp_path, broker, redis_server, subscriber):
@@ -113,12 +143,14 @@ def test_frame_recorded_at_one_gateway_and_replayed_at_another_is_refused(tmp_pa
         site.hear(recorded, [0])
         site.hear(reading(DEV_A, 6), [0])
         wait_for(lambda: len(uplink_ids(subscriber)) == 2, what="2 readings via gw0")
-        time.sleep(1.5)  # past the dedup TTL: no longer a late copy of the same reception
+        r = redis.Redis(port=redis_server.port)
+        # past the dedup TTL (1 s): no longer a late copy of the same reception
+        wait_for(lambda: not r.exists("binlink:{0000a1}:seen:0:5"), what="the claim of counter 5 expired")
         site.hear(recorded, [1])  # gw1 has never heard bin-a
         wait_for(lambda: site.gws[1].metric("binlink_frames_rejected_total", reason="replay") == 1, what="replay at gw1")
         site.hear(reading(DEV_A, 7), [1])
         wait_for(lambda: len(uplink_ids(subscriber)) == 3, what="the next real reading via gw1")
-        time.sleep(0.5)
+        site.settle(subscriber)
         assert sorted(uplink_ids(subscriber)) == ["0000a1:0:5", "0000a1:0:6", "0000a1:0:7"]
     finally:
         site.close()
@@ -144,9 +176,10 @@ def test_gateway_sigkilled_while_its_peers_go_on(tmp_path, broker, redis_server,
         wait_for(lambda: want - set(uplink_ids(subscriber)) <= _claimed_by_dead(site), timeout=60, what="peer publishes")
         site.gws[0].start()  # its outbox: what it had stored but not yet published
         wait_for(lambda: set(uplink_ids(subscriber)) == want, timeout=60, what="every reading published")
-        time.sleep(1.0)
+        wait_for(lambda: confirmed(redis_server, want), what="every claim confirmed: no takeover to come")
+        site.settle(subscriber)
         gateways = collections.defaultdict(set)
-        for e in subscriber.events():
+        for e in readings(subscriber):
             gateways[e["message_id"]].add(e["gateway"])
         # A reading stored by the killed gateway is published by it after its restart, not by a peer
         # too — unless it died between storing and confirming its claim: then the peer took the claim
@@ -206,7 +239,9 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
         for n in range(31, 41):  # once reconciled: each reading once again
             site.hear(reading(DEV_A, n), (0, 1))
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(31, 41)}, what="31..40")
-        time.sleep(1.0)
+        wait_for(lambda: confirmed(redis_server, ["0000a1:0:%d" % n for n in range(31, 41)]),
+                 what="every claim confirmed: no takeover to come")
+        site.settle(subscriber)
         later = [i for i in uplink_ids(subscriber) if int(i.split(":")[2]) > 30]
         assert len(later) == 10
     finally:
@@ -275,7 +310,8 @@ def test_gateway_added_later_resynchronises_old_bins_alone(tmp_path, broker, sub
         site.hear(reading(DEV_A, base + 1), [0])  # a recovered frame again: the same bytes, not published again
         wait_for(lambda: gw.metric("binlink_duplicates_total") == 1, what="copy recognised")
         site.hear(reading(DEV_A, base - 5), [0])  # older than the resynchronised counter: never published
-        time.sleep(1.0)
+        wait_for(lambda: gw.metric("binlink_frames_rejected_total", reason="replay") == 1, what="the old frame refused")
+        site.settle(subscriber)
         assert len(uplink_ids(subscriber)) == 4
     finally:
         site.close()
@@ -325,14 +361,17 @@ def test_rekey_under_load_is_known_to_every_gateway_and_loses_nothing(tmp_path, 
                  what="gw1 learns the new key")
         wait_for(lambda: "new key for device" in site.gws[0].output(), what="gw0 learns the new key")
         site.hear(hello(DEV_A, 0, new_key), (1,))
+        wait_for(lambda: [e for e in subscriber.events("hello") if e["message_id"] == "0000a1:1:0"], what="the hello")
         for n in range(1, 7):  # counters 1..6 again, under the new key: published, not swallowed
-            time.sleep(0.3)  # a bin's frames are minutes apart; through two gateways they stay in order
             site.hear(reading(DEV_A, n, key=new_key), (0, 1) if n % 2 else (1,))
+            # a bin's frames are minutes apart: each is published before the next comes
+            wait_for(lambda: "0000a1:1:%d" % n in uplink_ids(subscriber), what="new key reading %d" % n)
         want = {"0000a1:1:%d" % n for n in range(1, 7)}
         wait_for(lambda: want <= set(uplink_ids(subscriber)), what="new key readings published")
         stop.set()
         t.join()
-        time.sleep(1.0)
+        wait_for(lambda: confirmed(redis_server, uplink_ids(subscriber)), what="every claim confirmed: no takeover to come")
+        site.settle(subscriber)
         ids = uplink_ids(subscriber)
         assert len(ids) == len(set(ids)), "a reading published twice"
         b = sorted(int(i.split(":")[2]) for i in ids if i.startswith("0000b2"))
@@ -366,8 +405,12 @@ def test_retire_clears_retained_state_and_discovery(tmp_path, broker, subscriber
         wait_for(lambda: set(last_payloads().values()) == {b""}, what="empty retained payloads on every topic")
         late = Subscriber(broker.port)
         try:
-            time.sleep(1.0)
+            # the broker queues a subscription's retained messages as it handles the SUBSCRIBE; a
+            # marker published afterwards on the same connection comes after every one of them
+            late.c.publish("binlink/testcity/test-marker", b"after the retained messages", qos=1)
+            wait_for(lambda: late.on("/test-marker"), what="the late subscriber's marker")
             assert not [t for t, _ in late.on("") if t in topics]  # nothing retained for bin-c any more
+            assert late.on("gateway/gw0/status")  # what is still retained did come
         finally:
             late.close()
         r = subprocess.run([BINLINK, "registry", "--config", site.gws[0].config, "list"], capture_output=True, text=True)
@@ -419,9 +462,10 @@ def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscrib
             site.add(extra=conf)
         for n in range(1, 6):
             site.hear(reading(DEV_A, n), (0, 1))
-        wait_for(lambda: len(uplink_ids(subscriber)) == 5, what="5 readings")
-        time.sleep(0.5)
-        assert len(uplink_ids(subscriber)) == 5 and site.total("binlink_duplicates_total") == 5
+        wait_for(lambda: len(uplink_ids(subscriber)) == 5 and site.total("binlink_duplicates_total") == 5,
+                 what="5 readings, 5 duplicates")
+        site.settle(subscriber)
+        assert len(uplink_ids(subscriber)) == 5
         for g in site.gws:
             assert g.metric("binlink_shared_state_up") == 1
             out = g.output()
@@ -444,7 +488,8 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
         key = bytes.fromhex(open(key_out).read().strip())
         ids = redis.Redis(port=redis_server.port, decode_responses=True).smembers("binlink:ids")
         assert "%06x" % dev in ids  # claimed for the whole fleet: no other registry can draw it
-        wait_for(lambda: "devices=4 added=1" in site.gws[1].output(), what="gw1 polls the shared registry")
+        wait_for(lambda: "devices=%d added=1" % (len(DEVICES) + 2) in site.gws[1].output(),  # + the marker bin
+                 what="gw1 polls the shared registry")
         site.hear(codec.encode_reading(key, dev, 1, 500, 20, 3700, 0, 5, 5), [1])  # heard by gw1 only
         wait_for(lambda: [e for e in subscriber.events() if e["bin_id"] == "bin-new"], what="gw1 publishes the new bin")
     finally:
