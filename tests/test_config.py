@@ -153,12 +153,12 @@ def test_the_keepalive_bounds_are_what_connect_can_carry():
 
 
 def test_the_window_leaves_packet_ids_for_status_and_discovery():
-    """Packet ids are 16-bit and cycle through 1..65535: a full window must not wrap onto itself."""
-    s = mqtt_wire.Session.__new__(mqtt_wire.Session)
-    s._mid = 0
-    ids = {s.next_mid() for _ in range(65535)}
-    assert ids == set(range(1, 65536))
-    assert config.SCHEMA["mqtt"]["max_inflight"].hi < len(ids)
+    """MQTT packet ids are 16-bit and never 0 (MQTT 3.1.1, 2.3.1): 65535 can be in flight at most.
+    A full window must not take them all: status, discovery and SUBSCRIBE need theirs too."""
+    ids = 2**16 - 1
+    rule = config.SCHEMA["mqtt"]["max_inflight"]
+    assert rule.lo == 1 and rule.hi < ids
+    assert problems(with_value("mqtt", "max_inflight", ids)[0]) != []
 
 
 @pytest.mark.parametrize("body,problem", [
