@@ -54,6 +54,32 @@ def rejected_topic(base, gw_id):
     return "%s/gateway/%s/rejected" % (base, gw_id)
 
 
+class Addresses:
+    """Where a bin's readings go (its event and state topics) and the end of their records (bin,
+    source, gateway): the same for most frames, built once."""
+
+    def __init__(self, base, gateway_id):
+        self.base, self.gateway_id = base, gateway_id
+        self._tails = {}  # (bin_id, source) -> record tail
+        self._topics = {}  # bin_id -> (event topic, state topic)
+
+    def tail(self, device, source, bins):
+        key = (device.bin_id, source)  # not the device: hashing a dataclass hashes every field
+        tail = self._tails.get(key)
+        if tail is None:
+            if len(self._tails) > 4 * bins + 64:  # retired bins leave entries behind
+                self._tails.clear()
+            tail = self._tails[key] = record_tail(device, source, self.gateway_id)
+        return tail
+
+    def topics(self, device):
+        topics = self._topics.get(device.bin_id)
+        if topics is None:
+            topics = self._topics[device.bin_id] = (event_topic(self.base, device.bin_id),
+                                                    state_topic(self.base, device.bin_id))
+        return topics
+
+
 def rejection_message(base, gw_id, device_id, reason, source, rssi, now):
     """Not retained; its id is unique per device, reason and millisecond (never a reading's id)."""
     mid = "rejected:%06x:%s:%d" % (device_id, reason, int(now * 1000))
@@ -95,12 +121,13 @@ def _opt(v, missing):
     return missing if v is None else v
 
 
-def reading_core(device, reading, flag_bits, fill, fcnt, rssi, snr, received_at, age_s, time_synced, backlog):
-    """The part of a reading's records its messages share (the uplink event, alarms, the state)."""
-    return _CORE.pack(device.device_id, device.key_epoch, fcnt, _opt(fill, _NAN), _opt(reading["distance_mm"], _NO_U16),
-                      _opt(reading["temperature_c"], _NO_I8), reading["battery_mv"], flag_bits,
-                      reading["valid_pings"] << 4 | reading["pings"], _opt(rssi, _NO_I16), _opt(snr, _NAN), received_at,
-                      age_s, (_SYNCED if time_synced else 0) | (_BACKLOG if backlog else 0))
+def reading_core(device, reading, rssi, snr, received_at, time_synced, backlog):
+    """The part of a reading's records its messages share (the uplink event, alarms, the state).
+    reading: an uplink.Reading."""
+    return _CORE.pack(device.device_id, device.key_epoch, reading.fcnt, _opt(reading.fill_pct, _NAN),
+                      _opt(reading.distance_mm, _NO_U16), _opt(reading.temperature_c, _NO_I8), reading.battery_mv,
+                      reading.flags, reading.valid_pings << 4 | reading.pings, _opt(rssi, _NO_I16), _opt(snr, _NAN),
+                      received_at, reading.age_s, (_SYNCED if time_synced else 0) | (_BACKLOG if backlog else 0))
 
 
 def record_tail(device, source, gateway):
@@ -203,11 +230,13 @@ def message_id(device, fcnt, event="uplink"):
     return mid if event == "uplink" else "%s:%s" % (mid, event)
 
 
-def hello_message(base, device, hello, rx):
-    mid = message_id(device, hello["fcnt"])
+def hello_message(base, device, fcnt, hello, rx):
+    """hello: (firmware version, reset cause, config hash) as codec.hello_fields gives them."""
+    mid = message_id(device, fcnt)
+    fw_version, reset_cause, config_hash = hello
     body = {
-        "event": "hello", "message_id": mid, "device": device.dev, "bin_id": device.bin_id, "fcnt": hello["fcnt"],
-        "fw_version": hello["fw_version"], "reset_cause": hello["reset_cause"], "config_hash": hello["config_hash"],
+        "event": "hello", "message_id": mid, "device": device.dev, "bin_id": device.bin_id, "fcnt": fcnt,
+        "fw_version": fw_version, "reset_cause": reset_cause, "config_hash": config_hash,
         "rssi": rx["rssi"], "snr": rx["snr"], "gateway": rx["gateway"], "source": rx["source"],
         "received_at": iso(rx["received_at"]), "time_synced": rx["time_synced"],
     }

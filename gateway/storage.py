@@ -9,6 +9,7 @@ import os
 import sqlite3
 
 from binlink.gateway import logs
+from binlink.gateway.uplink import Reason
 
 log = logs.get("storage")
 PAGE_SIZE = 1024  # a commit writes whole pages to the WAL: small pages, fewer bytes per reading
@@ -83,7 +84,7 @@ class StorageGuard:
         self._said = set()  # what the current spell has already said: each consequence once
 
     def refuse(self, error, frames):
-        self.metrics.rejected.labels("storage_full").inc(frames)
+        self.metrics.rejected.labels(Reason.STORAGE_FULL).inc(frames)
         self.refused += frames
         self._filled(error, "new frames are refused until there is room again; what the outbox holds is still published")
 

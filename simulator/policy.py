@@ -144,19 +144,14 @@ def _receiver(tr, rng, loss, rules):
             except codec.ProtocolError:  # a frame sent twice (module retry): the gateway drops it too
                 tr.rejected += 1
                 continue
-            body = codec.decode_body(frame, tr.last_fcnt)
-            if body["type"] == "reading":
-                _reading(tr, body, now, rules)
-            elif body["type"] == "batch":
-                for entry in body["readings"]:
-                    _reading(tr, entry, now - 60 * entry["age_min"], rules)
+            for _, age_min, distance, _, _, flags, _, _ in codec.readings(frame, tr.last_fcnt):  # none in a hello
+                _reading(tr, calibration.fill_pct(tr.device, distance, flags), now - 60 * age_min, rules)
         return True
 
     return receive
 
 
-def _reading(tr, reading, t, rules):
-    fill = calibration.fill_pct(tr.device, reading)
+def _reading(tr, fill, t, rules):
     tr.forecast.update(t, fill, rules.emptied_drop_pct)
     full_at = tr.forecast.full_at()
     if fill is not None:

@@ -8,6 +8,7 @@ import pytest
 
 from binlink.wire import codec
 from binlink.gateway import homeassistant, integrate
+from binlink.gateway.uplink import Reading
 from binlink.gateway.config import ConfigError
 from binlink.gateway.registry import Device
 
@@ -26,8 +27,9 @@ def configs(device=BIN, sw=None):
 
 def message(kind="state", flags=(), full_at=1_790_000_000.0, rate=24.5):
     """A state or event as the gateway publishes it: stored as a record, rendered by the publisher."""
-    reading = {"distance_mm": 700, "temperature_c": 21, "battery_mv": 3650, "flags": list(flags), "valid_pings": 5, "pings": 5}
-    core = integrate.reading_core(BIN, reading, codec.flag_bits(flags), 50.0, 7, -90, 7.5, 1_789_990_000.0, 0, True, False)
+    reading = Reading(fcnt=7, age_s=0, distance_mm=700, temperature_c=21, battery_mv=3650, flags=codec.flag_bits(flags),
+                      valid_pings=5, pings=5, fill_pct=50.0)
+    core = integrate.reading_core(BIN, reading, -90, 7.5, 1_789_990_000.0, True, False)
     tail = integrate.record_tail(BIN, "radio0", "gw1")
     if kind == "uplink":
         return integrate.render(integrate.uplink_record(core, tail)).decode()

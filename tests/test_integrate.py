@@ -8,9 +8,12 @@ from hypothesis import given, strategies as st
 from binlink.wire import codec
 from binlink.gateway import integrate, payloads as outbox
 from binlink.gateway.registry import Device
+from binlink.gateway.uplink import Reading
 
 KEY = bytes(range(16))  # TEST KEY
 FLAG_NAMES = [name for _, name in codec.FLAG_NAMES]
+READING = Reading(fcnt=7, age_s=0, distance_mm=700, temperature_c=21, battery_mv=3650, flags=0, valid_pings=5, pings=5,
+                  fill_pct=50.0)
 
 
 def _iso(ts):
@@ -58,7 +61,8 @@ def test_a_stored_record_renders_the_documented_message(kind, device, distance, 
     names = [n for n in FLAG_NAMES if n in flags]  # the order the codec lists them in
     reading = {"distance_mm": distance, "temperature_c": temperature, "battery_mv": 2000 + 10 * battery, "flags": names,
                "valid_pings": valid, "pings": pings}
-    core = integrate.reading_core(device, reading, codec.flag_bits(names), fill, fcnt, rssi, snr, received_at, age_s,
+    core = integrate.reading_core(device, Reading(fcnt, age_s, distance, temperature, 2000 + 10 * battery,
+                                                  codec.flag_bits(names), valid, pings, fill), rssi, snr, received_at,
                                   synced, backlog)
     tail = integrate.record_tail(device, source, gateway)
     if kind == "uplink":
@@ -74,8 +78,7 @@ def test_a_stored_record_renders_the_documented_message(kind, device, distance, 
 
 def test_a_record_is_smaller_than_its_deflated_json():
     device = Device(0xA1, "park-3", KEY, 1200, 200, "Park, east gate", 52.52, 13.405)
-    reading = {"distance_mm": 700, "temperature_c": 21, "battery_mv": 3650, "flags": [], "valid_pings": 5, "pings": 5}
-    core = integrate.reading_core(device, reading, 0, 50.0, 7, -90, None, 1_789_990_000.0, 0, True, False)
+    core = integrate.reading_core(device, READING, -90, None, 1_789_990_000.0, True, False)
     tail = integrate.record_tail(device, "radio0", "gw1")
     for stored in (integrate.uplink_record(core, tail),
                    integrate.record("state", core, integrate.forecast_part(device, 24.5, 1_790_000_000.0), tail)):
@@ -100,7 +103,6 @@ def test_whatever_the_registry_and_a_module_accept_can_be_stored(name, epoch, la
     rec = module_formats.make("rylr998").feed(line)[0]
     if rec.frame is None:
         return
-    reading = {"distance_mm": 700, "temperature_c": 21, "battery_mv": 3650, "flags": [], "valid_pings": 5, "pings": 5}
-    core = integrate.reading_core(device, reading, 0, 50.0, 7, rec.rssi, rec.snr, 1_789_990_000.0, 0, True, False)
+    core = integrate.reading_core(device, READING, rec.rssi, rec.snr, 1_789_990_000.0, True, False)
     stored = integrate.record("state", core, integrate.forecast_part(device, 1.0, None), integrate.record_tail(device, "r", "g"))
     assert json.loads(integrate.render(stored))["name"] == (name or None)

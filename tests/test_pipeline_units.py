@@ -15,23 +15,23 @@ DEV = Device(1, "b", bytes(16), 1200, 200)  # TEST KEY
 
 
 def r(dist, flags=()):
-    return {"distance_mm": dist, "flags": list(flags)}
+    return dist, codec.flag_bits(flags)
 
 
 def test_fill_from_calibration():
-    assert calibration.fill_pct(DEV, r(1200)) == 0.0
-    assert calibration.fill_pct(DEV, r(200)) == 100.0
-    assert calibration.fill_pct(DEV, r(700)) == 50.0
-    assert calibration.fill_pct(DEV, r(1500)) == 0.0  # deeper than the floor: clamped
-    assert calibration.fill_pct(DEV, r(100)) == 100.0  # above full: clamped
-    assert calibration.fill_pct(DEV, r(None, ["sensor_fault"])) is None
-    assert calibration.fill_pct(DEV, r(800, ["sensor_fault"])) is None  # a fault never becomes a level
-    assert calibration.fill_pct(DEV, r(240, ["blind_zone"])) == 100.0
+    assert calibration.fill_pct(DEV, *r(1200)) == 0.0
+    assert calibration.fill_pct(DEV, *r(200)) == 100.0
+    assert calibration.fill_pct(DEV, *r(700)) == 50.0
+    assert calibration.fill_pct(DEV, *r(1500)) == 0.0  # deeper than the floor: clamped
+    assert calibration.fill_pct(DEV, *r(100)) == 100.0  # above full: clamped
+    assert calibration.fill_pct(DEV, *r(None, ["sensor_fault"])) is None
+    assert calibration.fill_pct(DEV, *r(800, ["sensor_fault"])) is None  # a fault never becomes a level
+    assert calibration.fill_pct(DEV, *r(240, ["blind_zone"])) == 100.0
 
 
 @given(st.integers(0, 65534))
 def test_fill_always_in_range(dist):
-    assert 0.0 <= calibration.fill_pct(DEV, r(dist)) <= 100.0
+    assert 0.0 <= calibration.fill_pct(DEV, *r(dist)) <= 100.0
 
 
 RULES = Events(full_pct=90, emptied_drop_pct=30, low_battery_mv=3300)

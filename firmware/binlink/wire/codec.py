@@ -300,16 +300,44 @@ def search_counter(newest, older, key, floor=None):
     raise ProtocolError("bad_tag", "no counter verifies these frames")
 
 
-def _unpack_reading(frame, i):
+def _reading_fields(frame, i):
     d, t, b, flags, q = struct.unpack_from(">HbBBB", frame, i)
-    out = {
-        "distance_mm": None if d == NO_DISTANCE else d,
-        "temperature_c": None if t == NO_TEMPERATURE else t,
-        "battery_mv": 2000 + 10 * b,
-        "flags": flag_names(flags),
-        "valid_pings": q >> 4,
-        "pings": q & 0x0F,
-    }
+    return (None if d == NO_DISTANCE else d, None if t == NO_TEMPERATURE else t, 2000 + 10 * b, flags, q >> 4, q & 0x0F)
+
+
+def readings(frame, fcnt):
+    """The readings of a verified reading or backlog frame, as tuples: (fcnt, age in minutes,
+    distance_mm, temperature_c, battery_mv, flag bits, valid_pings, pings). Flags stay bits here:
+    the gateway names them only when it renders a message."""
+    ftype = frame[0] & 0x0F
+    if ftype == T_READING:
+        return [(fcnt, 0) + _reading_fields(frame, HEADER_LEN)]
+    out = []
+    if ftype == T_BACKLOG:
+        p = HEADER_LEN + 1
+        for _ in range(frame[HEADER_LEN]):
+            back, age = struct.unpack_from(">BH", frame, p)
+            if back == 0 or back > fcnt:
+                raise ProtocolError("bad_field", "backlog entry counter offset %d" % back)
+            out.append((fcnt - back, age) + _reading_fields(frame, p + 3))
+            p += ENTRY_LEN
+    return out
+
+
+def hello_fields(frame):
+    """(firmware version "x.y.z", reset cause name, config hash hex) of a verified hello."""
+    p = _hello_body_at(frame)
+    cause = frame[p + 3]
+    return ("%d.%d.%d" % (frame[p], frame[p + 1], frame[p + 2]),
+            RESET_CAUSES[cause] if cause < len(RESET_CAUSES) else "unknown", bytes(frame[p + 4 : p + 8]).hex())
+
+
+_READING_KEYS = ("distance_mm", "temperature_c", "battery_mv", "flags", "valid_pings", "pings")
+
+
+def _reading_dict(fields):
+    out = dict(zip(_READING_KEYS, fields))
+    out["flags"] = flag_names(out["flags"])
     return out
 
 
@@ -330,26 +358,17 @@ def decode_body(frame, fcnt):
     ftype = frame[0] & 0x0F
     device_id = (frame[1] << 16) | (frame[2] << 8) | frame[3]
     out = {"type": TYPE_NAMES[ftype], "version": frame[0] >> 4, "device_id": device_id, "fcnt": fcnt}
-    if ftype == T_READING:
-        out.update(_unpack_reading(frame, HEADER_LEN))
-    elif ftype == T_HELLO:
-        p = _hello_body_at(frame)
-        cause = frame[p + 3]
-        out["fw_version"] = "%d.%d.%d" % (frame[p], frame[p + 1], frame[p + 2])
-        out["reset_cause"] = RESET_CAUSES[cause] if cause < len(RESET_CAUSES) else "unknown"
-        out["config_hash"] = bytes(frame[p + 4 : p + 8]).hex()
+    if ftype == T_HELLO:
+        out["fw_version"], out["reset_cause"], out["config_hash"] = hello_fields(frame)
+    elif ftype == T_READING:
+        out.update(_reading_dict(readings(frame, fcnt)[0][2:]))
     else:
-        readings = []
-        p = HEADER_LEN + 1
-        for _ in range(frame[HEADER_LEN]):
-            back, age = struct.unpack_from(">BH", frame, p)
-            if back == 0 or back > fcnt:
-                raise ProtocolError("bad_field", "backlog entry counter offset %d" % back)
-            r = {"fcnt": fcnt - back, "age_min": age}
-            r.update(_unpack_reading(frame, p + 3))
-            readings.append(r)
-            p += ENTRY_LEN
-        out["readings"] = readings
+        entries = []
+        for r in readings(frame, fcnt):
+            entry = {"fcnt": r[0], "age_min": r[1]}
+            entry.update(_reading_dict(r[2:]))
+            entries.append(entry)
+        out["readings"] = entries
     return out
 
 
