@@ -9,8 +9,10 @@ a bin); each expires instead when its bin has been silent for EXPIRE_REPORTS rep
 what changed and clears the configs of bins no longer in the registry; when Home Assistant says
 it restarted (<prefix>/status "online") everything is sent again."""
 import hashlib
+import itertools
 import json
 import os
+from typing import NamedTuple
 
 from binlink.gateway import integrate
 
@@ -43,6 +45,26 @@ EVENT_TYPES = ("full", "emptied")
 ATTRIBUTES = '{{ {"name": value_json.name, "latitude": value_json.lat, "longitude": value_json.lon} | tojson }}'
 
 
+class BinInfo(NamedTuple):
+    """What discovery needs of a registry device, and nothing secret: the publisher process is sent
+    these, never the devices (they carry keys)."""
+    device_id: int
+    bin_id: str
+    name: str
+    lat: float | None
+    lon: float | None
+    report_s: int
+
+    @property
+    def dev(self):
+        return "%06x" % self.device_id
+
+
+def bin_infos(devices):
+    """{device id: BinInfo} for registry devices."""
+    return {k: BinInfo(d.device_id, d.bin_id, d.name, d.lat, d.lon, d.report_s) for k, d in devices.items()}
+
+
 def _slug(text):
     return "".join(c if c.isalnum() else "_" for c in text.lower())
 
@@ -52,7 +74,7 @@ def uid_prefix(site, bin_id):
 
 
 def messages(prefix, base, site, device, sw_version=None):
-    """(topic, payload JSON) pairs for one bin, all to be published retained."""
+    """(topic, payload JSON) pairs for one bin (a BinInfo or a registry device), all to be published retained."""
     node = uid_prefix(site, device.bin_id)
     dev_block = {
         "identifiers": [node],
@@ -150,3 +172,45 @@ def _legacy_topics(prefix, device):
 
 def _digest(payload):
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class Announcer:
+    """Discovery configs on their way to the broker: queued, handed out as the publisher's in-flight
+    window has room, recorded in a Discovery once acknowledged (one write per round: up to 110,000
+    configs), queued again when a session ends before their acknowledgement."""
+
+    def __init__(self, discovery):
+        self.discovery = discovery
+        self.queue = {}  # topic -> payload
+        self.in_flight = 0
+        self.acked = []  # (topic, payload) acknowledged, not yet recorded
+
+    def queue_changes(self, bins, firmware, force=False):
+        changes = self.discovery.changes(bins, firmware, force=force)
+        self.queue.update(changes)
+        return changes
+
+    def take(self, n, held_back=()):
+        """Up to n (topic, payload) to publish now; those on held_back topics (the broker denies them)
+        are dropped: not recorded, they are among the changes again next time."""
+        taken = [(topic, self.queue.pop(topic)) for topic in list(itertools.islice(self.queue, n))]
+        out = [item for item in taken if item[0] not in held_back]
+        self.in_flight += len(out)
+        return out
+
+    def acknowledged(self, item):
+        self.acked.append(item)
+        self.in_flight -= 1
+
+    def session_lost(self, unacknowledged):
+        for topic, payload in unacknowledged:
+            self.queue.setdefault(topic, payload)
+        self.in_flight = 0
+        self.record()
+
+    def record(self, final=False):
+        """Writes what was acknowledged once nothing of the round is left to send or to hear back
+        about (final: the process is ending)."""
+        if self.acked and (final or not (self.queue or self.in_flight)):
+            self.discovery.mark(self.acked)
+            self.acked = []

@@ -42,6 +42,14 @@ class Metrics:
         self.mqtt_connected = Gauge("binlink_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_connect_failures = Counter("binlink_mqtt_connect_failures", "Broker connection attempts that failed "
                                              "(unreachable, refused, TLS)", registry=r)
+        self.mqtt_sessions_lost = Counter("binlink_mqtt_sessions_lost", "Broker sessions ended by a failure, by reason: "
+                                          "silent (no PINGRESP), protocol (malformed packet), closed (by the broker or the network)",
+                                          ["reason"], registry=r)
+        self.mqtt_subscriptions_refused = Counter("binlink_mqtt_subscriptions_refused", "Subscriptions the broker refused "
+                                                  "(SUBACK 0x80: its ACL), e.g. Home Assistant's status", registry=r)
+        self.mqtt_publishes_denied = Counter("binlink_mqtt_publishes_denied", "Publishes the broker denied (PUBACK, then the "
+                                             "connection dropped): their topic is held back, its messages stay in the outbox",
+                                             registry=r)
         self.publisher_restarts = Counter("binlink_publisher_restarts", "Publisher process restarted after it died", registry=r)
         self.shared_up = Gauge("binlink_shared_state_up", "1 while the shared state (Redis) answers; 0: local state only", registry=r)
         self.shared_errors = Counter("binlink_shared_state_errors", "Failed calls to the shared state (Redis)", registry=r)
@@ -56,12 +64,19 @@ class Metrics:
         r.register(_LatencyCollector(self.publish_latency))
 
     def apply_publisher_report(self, report):
-        """Counts from the publisher process (mqtt_publisher.Worker._report); its acknowledgements
+        """Counts from the publisher process (publisher_worker.Worker._report); its acknowledgements
         are counted when the service writes them (published, outbox depth)."""
         if report.get("connect_failures"):
             self.mqtt_connect_failures.inc(report["connect_failures"])
         if report.get("unreadable_rows"):
             self.outbox_unreadable.inc(report["unreadable_rows"])
+        if report.get("subscriptions_refused"):
+            self.mqtt_subscriptions_refused.inc(report["subscriptions_refused"])
+        if report.get("publishes_denied"):
+            self.mqtt_publishes_denied.inc(report["publishes_denied"])
+        for reason in ("silent", "protocol", "closed"):
+            if report.get("lost_" + reason):
+                self.mqtt_sessions_lost.labels(reason).inc(report["lost_" + reason])
         if "connected" in report:
             self.mqtt_connected.set(1 if report["connected"] else 0)
         if report.get("latency"):

@@ -9,6 +9,14 @@ from hypothesis import given, strategies as st
 from binlink.gateway import mqtt_wire
 from binlink.sim.broker import Mosquitto
 from tests.harness import Subscriber, wait_for
+from tests.test_mqtt_hostile import ScriptedBroker
+
+
+@pytest.fixture(scope="module")
+def scripted_broker():
+    b = ScriptedBroker()
+    yield b
+    b.close()
 
 
 def _drain(session, mids, timeout=20):
@@ -47,7 +55,11 @@ def test_subscription_receives_qos1_and_acknowledges_it(broker):
     try:
         s.subscribe("homeassistant/status")
         s.flush()
-        time.sleep(0.3)  # SUBACK
+        deadline = time.monotonic() + 10
+        while "homeassistant/status" not in s.subscribed:  # the SUBACK: the broker now routes to us
+            assert time.monotonic() < deadline, "no SUBACK"
+            if select.select([s], [], [], 0.5)[0]:
+                s.read()
         _drain(pub, [pub.publish("homeassistant/status", "online", qos=1)])
         deadline, got = time.monotonic() + 10, []
         while not got and time.monotonic() < deadline:
@@ -64,10 +76,9 @@ def test_keepalive_pings_keep_an_idle_session(broker):
     try:
         end = time.monotonic() + 4  # the broker drops a client silent for 1.5 keepalives
         while time.monotonic() < end:
-            select.select([s], [], [], 0.2)
-            s.ping_if_due(time.monotonic())
-            if select.select([s], [], [], 0)[0]:
+            if select.select([s], [], [], max(0.0, min(s.next_due(), end) - time.monotonic()))[0]:
                 s.read()  # PINGRESP; a closed connection raises here
+            s.tick(time.monotonic())  # raises BrokerSilent if a PINGRESP is missing
         _drain(s, [s.publish("wire/alive", b"1")])
     finally:
         s.disconnect()
@@ -82,19 +93,6 @@ def test_refused_credentials_raise_refused():
         b.stop()
 
 
-class _Chunks:
-    """A socket whose recv returns the given chunks, then b"" (closed)."""
-
-    def __init__(self, chunks):
-        self.chunks = list(chunks)
-
-    def recv(self, n):
-        return self.chunks.pop(0) if self.chunks else b""
-
-    def sendall(self, data):
-        self.sent = getattr(self, "sent", b"") + data
-
-
 def _publish_packet(topic, payload, mid):
     body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if mid else b"") + payload
     return bytes([0x32 if mid else 0x30]) + mqtt_wire._varint(len(body)) + body
@@ -104,20 +102,28 @@ def _publish_packet(topic, payload, mid):
                           st.tuples(st.just("pub"), st.binary(min_size=1, max_size=30), st.binary(max_size=300),
                                     st.integers(0, 65535))), max_size=30),
        st.lists(st.integers(1, 50), max_size=20))
-def test_parser_reads_the_same_packets_however_the_stream_is_split(packets, cuts):
+def test_parser_reads_the_same_packets_however_the_stream_is_split(scripted_broker, packets, cuts):
+    """A real session; the scripted broker sends the stream in the given pieces, one read each, and
+    ends with a PINGRESP (the last PUBACK counts once a later packet proves the session alive)."""
     stream = b"".join(struct.pack("!BBH", 0x40, 2, p[1]) if p[0] == "ack" else _publish_packet(*p[1:]) for p in packets)
     chunks, pos = [], 0
     for c in cuts:
         chunks.append(stream[pos:pos + c])
         pos += c
-    chunks.append(stream[pos:])
-    s = object.__new__(mqtt_wire.Session)
-    s.sock, s._in, s._out, s._last_sent = _Chunks([c for c in chunks if c]), bytearray(), [], 0.0
+    chunks += [stream[pos:], b"\xd0\x00"]
+    s = mqtt_wire.Session("127.0.0.1", scripted_broker.port, "split", keepalive=0)
+    peer = scripted_broker.accept()
     acked, received = [], []
-    for _ in [c for c in chunks if c]:
-        a, r = s.read()
-        acked += a
-        received += r
+    try:
+        for chunk in filter(None, chunks):
+            peer.send(chunk)
+            assert select.select([s], [], [], 10)[0]
+            a, r = s.read()
+            acked += a
+            received += r
+    finally:
+        s.close()
+        peer.close()
     assert acked == [p[1] for p in packets if p[0] == "ack"]
     assert received == [(p[1].decode("utf-8", "replace"), p[2]) for p in packets if p[0] == "pub"]
-    assert not s._in  # nothing left over
+    assert not s._in and s.unproven_ack is None  # nothing left over
