@@ -1,7 +1,10 @@
 """MQTT client choice, measured: the same QoS 1 messages to the same Mosquitto, the gateway's
 in-flight window, one thread driving each client, until every PUBACK is in. Side by side in one run.
-Each client waits (select or a short sleep) while its window is full, as the gateway does."""
+Each client waits (select or a short sleep) while its window is full, as the gateway does.
+And how long the publisher's client takes to notice a broker gone silent after CONNACK."""
 import select
+import socket
+import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -97,6 +100,36 @@ def batched(port, n):
     return n / wall, cpu * 1000 / n
 
 
+def silent_broker_detect(keepalive=10):
+    """Seconds from CONNACK to BrokerSilent, against a listener that answers CONNECT and then
+    nothing (a SIGSTOPped broker, a black-holed path): the goal is 1.5 keepalives at most."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def answer_once():
+        sock, _ = listener.accept()
+        sock.recv(65536)  # CONNECT
+        sock.sendall(b"\x20\x02\x00\x00")
+        held.append(sock)  # open, never read again
+
+    t = threading.Thread(target=answer_once, daemon=True)
+    t.start()
+    s = mqtt_wire.Session("127.0.0.1", listener.getsockname()[1], "bench-silent", keepalive=keepalive)
+    connected = time.monotonic()
+    try:
+        while True:
+            select.select([s], [], [], max(0.0, s.next_due() - time.monotonic()))
+            s.tick(time.monotonic())
+    except mqtt_wire.BrokerSilent:
+        return time.monotonic() - connected
+    finally:
+        s.close()
+        t.join()
+        for sock in held:
+            sock.close()
+        listener.close()
+
+
 def run(n=50000):
     broker = Mosquitto().start()
     try:
@@ -106,6 +139,7 @@ def run(n=50000):
             out["mqtt_%s_msgs_per_s" % name] = round(rate)
             out["mqtt_%s_cpu_s_per_1k_msgs" % name] = round(cpu, 4)
         out["mqtt_batched_vs_paho"] = round(out["mqtt_batched_msgs_per_s"] / out["mqtt_paho_tuned_msgs_per_s"], 2)
+        out["mqtt_silent_broker_detect_s"] = round(silent_broker_detect(), 2)
         return out
     finally:
         broker.stop()
