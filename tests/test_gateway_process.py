@@ -227,3 +227,16 @@ def test_stuck_publisher_stops_the_watchdog(tmp_path, broker, pty, monkeypatch):
         if gateway.publisher.proc.poll() is None:
             gateway.publisher.proc.kill()
         t.join(30)
+
+
+def test_a_publisher_killed_again_and_again_is_restarted_at_once_each_time(gw, pty, subscriber):
+    """The restart back-off grows only for a process that never reaches the broker: one killed
+    after a good start is restarted within a second every time, and nothing is lost."""
+    for kills in range(1, 5):
+        wait_for(lambda: gw.metric("binlink_mqtt_connected") == 1, what="publisher connected")
+        os.kill(publisher_pid(gw), signal.SIGKILL)
+        pty.write(reading(kills))
+        wait_for(lambda: gw.metric("binlink_publisher_restarts_total") == kills, what="restart %d" % kills)
+    wait_for(lambda: len({e["message_id"] for e in subscriber.events()}) == 4, what="every reading published")
+    delays = [float(l.split("retry_s=")[1].split()[0]) for l in gw.output().splitlines() if "publisher process exited" in l]
+    assert len(delays) == 4 and max(delays) <= 1.0, delays
