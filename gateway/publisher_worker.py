@@ -6,12 +6,9 @@ and resends everything unacknowledged from the outbox, in order.
 
 Everything QoS 1 shares one in-flight window: outbox rows, discovery configs (an HA restart at
 10,000 bins re-announces 110,000 of them; they take at most half the window while readings flow),
-the gateway's status. A publish the broker denies costs the session (Mosquitto 2.0.11 drops the
-connection, and the PUBACKs it had queued with it): after a session lost with messages in flight,
-the next one sends them one at a time (each proven by the broker's next packet, mqtt_wire), so a
-second loss names the message. The same topic named twice in a row is held back (its rows stay in
-the outbox; logged once, counted) and tried again every DENIED_RETRY_S: one denied topic never
-stops the others."""
+the gateway's status. A topic the broker denies (found by mqtt_wire.DenialFinder) is held back:
+its rows stay in the outbox, the denial is logged once and counted, the topic is tried again every
+DENIED_RETRY_S, and every other topic flows."""
 import ctypes
 import logging
 import os
@@ -68,12 +65,9 @@ class Worker:
         self.acked = []  # outbox ids the broker acknowledged, not yet reported to the service
         self.next_connect = 0.0
         self.reconnect = mqtt_wire.Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, GOOD_SESSION_S)
-        # after a session lost with messages in flight, they go one at a time: rows up to this outbox id,
-        # and as many status and discovery messages as were in flight
-        self.careful_rows = self.careful_others = 0
-        self.suspect = None  # topic of the one message in flight when a careful session was lost
-        self.denied = {}  # topic -> when it is tried again
-        self.denial_logged = set()
+        self.denials = mqtt_wire.DenialFinder(DENIED_RETRY_S)
+        self.denied = self.denials.held_back  # topic -> when it is tried again
+        self.denials_logged = set()  # a topic's denial is logged once, however often it is tried again
         self.stop_deadline = None
         self.storage_retry = 0.0
         self.topics = {}  # topic str -> bytes: a few hundred bins, encoded once
@@ -129,45 +123,29 @@ class Worker:
                        error=str(e) or type(e).__name__, retry_s=round(delay, 1))
         self.next_connect = now + delay
         if reason == "closed" and self.inflight:
-            if self._careful() and len(self.inflight) == 1:
-                self._maybe_denied(now, next(iter(self.inflight.values()))[2])
-            rows = [entry[0] for entry in self.inflight.values() if entry[0] is not None]
-            self.careful_rows = max(self.careful_rows, max(rows, default=0))
-            self.careful_others = max(self.careful_others, len(self.inflight) - len(rows))
+            denied = self.denials.session_lost(now, [(row_id, topic) for row_id, _, topic in self.inflight.values()])
+            if denied is not None:
+                self.counts["publishes_denied"] += 1
+                if denied not in self.denials_logged:
+                    self.denials_logged.add(denied)
+                    logs.event(log, logging.ERROR, "broker denies publishing to this topic (it dropped the session "
+                               "with only this in flight, twice): its messages stay in the outbox, tried again every "
+                               "%d s" % DENIED_RETRY_S, topic=denied)
         self.announcer.session_lost(item for row_id, item, _ in self.inflight.values() if row_id is None and item is not None)
 
-    def _maybe_denied(self, now, topic):
-        """The broker dropped the session with only a publish to topic in flight. Once may be a broker
-        restart; twice in a row (or once for a topic denied before) is its ACL saying no."""
-        if topic != self.suspect and topic not in self.denial_logged:
-            self.suspect = topic
-            return
-        self.suspect = None
-        self.denied[topic] = now + DENIED_RETRY_S
-        self.counts["publishes_denied"] += 1
-        if topic not in self.denial_logged:
-            self.denial_logged.add(topic)
-            logs.event(log, logging.ERROR, "broker denies publishing to this topic (PUBACK, then connection dropped): "
-                       "its messages stay in the outbox, tried again every %d s" % DENIED_RETRY_S, topic=topic)
-
     def _retry_denied(self, now):
-        """Denied topics due again are tried in a fresh session (it reads the outbox from the start),
-        opened once the current one has nothing in flight."""
-        due = [t for t, at in self.denied.items() if at <= now]
-        if not due or (self.session is not None and self.inflight):
-            return
-        for t in due:
-            del self.denied[t]
-        if self.session is not None:
+        """Held-back topics due again are tried in a fresh session (it reads the outbox from the
+        start), opened once the current one has nothing in flight."""
+        if self.session is not None and self.inflight:
+            return  # a quiet moment comes soon enough
+        if self.denials.due(now) and self.session is not None:
             self.session.disconnect()
             self.session, self.next_connect = None, now
 
     def _careful(self):
-        if self.careful_rows and self.last_fed >= self.careful_rows and not self.inflight:
-            self.careful_rows = 0
-        if self.careful_others and not self.announcer.queue and all(e[0] is not None for e in self.inflight.values()):
-            self.careful_others = 0  # what was in flight is sent (or held back as denied)
-        return self.careful_rows or self.careful_others
+        if self.denials.careful() and not self.inflight:  # what was sent one at a time is answered
+            self.denials.progress(self.last_fed, bool(self.announcer.queue))
+        return self.denials.careful()
 
     def _publish_other(self, topic, payload, item=None):
         """Status and discovery: QoS 1, retained, in the window like rows."""
@@ -230,10 +208,8 @@ class Worker:
             if row_id is not None:
                 acked.append(row_id)
                 self.latency.observe(max(0.0, now - extra))
-            else:
-                if extra is not None:
-                    self.announcer.acknowledged(extra)
-                self.careful_others = max(0, self.careful_others - 1)
+            elif extra is not None:
+                self.announcer.acknowledged(extra)
         if mids:
             self.maybe_pending = True  # room in the window again
             self.announcer.record()

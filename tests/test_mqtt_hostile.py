@@ -495,6 +495,37 @@ def test_a_denied_topic_is_held_back_logged_once_and_the_rest_flows(tmp_path, sc
     run.stop()
 
 
+def test_a_denied_topic_is_tried_again_and_published_once_the_broker_allows_it(tmp_path, scripted, monkeypatch, log_lines):
+    monkeypatch.setattr(publisher_worker, "RECONNECT_MIN_S", 0.1)
+    monkeypatch.setattr(publisher_worker, "DENIED_RETRY_S", 2.0)
+    run = WorkerRun(tmp_path, scripted.port, monkeypatch)
+    acl = {"denied": True}
+
+    def deny(peer, topic, payload, mid):
+        if topic.endswith("/b/state") and acl["denied"]:
+            peer.close()  # Mosquitto 2.0.11: the connection dropped, no PUBACK at all
+            return True
+        return False
+
+    def serve_each():
+        while True:
+            try:
+                scripted.accept(timeout=60).serve(deny)
+            except queue.Empty:
+                return
+
+    threading.Thread(target=serve_each, daemon=True).start()
+    (denied,) = run.add("binlink/t/bin/b/state")
+    allowed = run.add("binlink/t/bin/a/state", 3)
+    wait_for(lambda: set(allowed) <= run.acked, timeout=30, what="the allowed rows published")
+    wait_for(lambda: run.count("publishes_denied") >= 2, timeout=30, what="denied, tried again, denied again")
+    assert denied not in run.acked
+    assert len(log_lines("broker denies publishing")) == 1  # logged once, however often tried again
+    acl["denied"] = False  # the ACL fixed
+    wait_for(lambda: denied in run.acked, timeout=30, what="published at the next try")
+    run.stop()
+
+
 def test_ten_thousand_bins_reannounced_while_readings_flow_reuse_no_packet_id(tmp_path, scripted, monkeypatch):
     """An HA restart at 10,000 bins: 110,000 retained configs through the in-flight window, readings
     still published, no packet id sent again while the broker has not acknowledged it."""
