@@ -210,7 +210,9 @@ class Announcer:
 
     def record(self, final=False):
         """Writes what was acknowledged once nothing of the round is left to send or to hear back
-        about (final: the process is ending)."""
+        about (final: the process is ending); returns what it wrote."""
         if self.acked and (final or not (self.queue or self.in_flight)):
             self.discovery.mark(self.acked)
-            self.acked = []
+            recorded, self.acked = self.acked, []
+            return recorded
+        return []

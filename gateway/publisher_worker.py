@@ -212,7 +212,10 @@ class Worker:
                 self.announcer.acknowledged(extra)
         if mids:
             self.maybe_pending = True  # room in the window again
-            self.announcer.record()
+            recorded = self.announcer.record()
+            if recorded:
+                logs.event(log, logging.INFO, "discovery published", configs=sum(1 for _, p in recorded if p),
+                           cleared=sum(1 for _, p in recorded if not p))
 
     # the service ------------------------------------------------------------------------------
     def _from_service(self):
