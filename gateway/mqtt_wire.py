@@ -215,9 +215,6 @@ class Session:
         """Bytes already decrypted by TLS and waiting: select() does not see them."""
         return self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
 
-    def in_flight(self):
-        return len(self._in_use)
-
     def _next_mid(self):
         in_use = self._in_use
         if len(in_use) >= MAX_MID:

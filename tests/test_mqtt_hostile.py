@@ -58,7 +58,6 @@ class Peer:
         self.pings = 0
         self.reused = []  # packet ids the client sent again while the broker had not acknowledged them
         self._outstanding = set()
-        self.closed = threading.Event()
 
     def packet(self, timeout=10.0):
         """The next packet from the client: (first byte, body); None when it closed the connection."""
@@ -82,7 +81,6 @@ class Peer:
 
     def close(self):
         self.sock.close()
-        self.closed.set()
 
     def serve(self, on_publish=None):
         """Answers like a broker, in a thread: PUBACK, SUBACK (granted), PINGRESP. on_publish(peer,
@@ -114,8 +112,6 @@ class Peer:
                         self.send(PINGRESP)
             except (OSError, ValueError):  # closed by the test meanwhile
                 pass
-            finally:
-                self.closed.set()
 
         threading.Thread(target=loop, daemon=True).start()
         return self
