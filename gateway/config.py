@@ -1,10 +1,11 @@
-"""Gateway configuration (TOML): load, apply defaults, and name every problem by its key path."""
+"""Gateway configuration (TOML): load, apply defaults, and name every problem by its key path.
+The schema (SCHEMA) is the documentation of the file; the rules it is made of are in config_rules."""
 import os
 import stat
 import tomllib
-import urllib.parse
 from dataclasses import dataclass, field
 
+from binlink.gateway.config_rules import NUMBER, PORT, Rule, listen_problems, redis_url_problems, sentinel_problems
 from binlink.gateway.module_formats import FORMATS
 
 
@@ -99,95 +100,6 @@ class Config:
         return self.mqtt.client_id or "binlink-%s" % self.gateway_id
 
 
-class Rule:
-    """One key of a table: its type, whether it must be given, and the values it may take. The
-    schema below is the documentation of the file: every bounded value carries its bounds here,
-    checked in one place (Rule.problems), each problem naming the key path and what is allowed.
-
-    lo..hi: inclusive bounds; above: an exclusive lower bound (value > above). Every number has an
-    upper bound, so inf and nan (TOML allows both) are refused with the rest. choices: the allowed
-    values. nonempty: a string that may not be empty or blank. check: a function of the value
-    returning a list of problem texts (for values with a format, such as HOST:PORT; a text starting
-    with "[i]" names an item of a list)."""
-
-    def __init__(self, typ, required=False, lo=None, hi=None, above=None, choices=None, nonempty=False, check=None):
-        self.typ, self.required, self.lo, self.hi, self.above = typ, required, lo, hi, above
-        self.choices, self.nonempty, self.check = choices, nonempty, check
-
-    def allowed(self):
-        """The allowed range as the problem text gives it: "0..65535", "0 < value <= 100"."""
-        if self.above is not None:
-            return "%s < value <= %s" % (_num(self.above), _num(self.hi))
-        return "%s..%s" % (_num(self.lo), _num(self.hi))
-
-    def within(self, v):
-        return (v > self.above if self.above is not None else v >= self.lo) and v <= self.hi  # nan: False
-
-    def problems(self, path, v):
-        """[] when v is a valid value for the key at path, else one problem naming path."""
-        if isinstance(v, bool) and self.typ is not bool:
-            return ["%s: expected %s, got a boolean" % (path, _tname(self.typ))]
-        if not isinstance(v, self.typ):
-            return ["%s: expected %s, got %r" % (path, _tname(self.typ), v)]
-        if self.hi is not None and not self.within(v):
-            return ["%s: %s is out of range (%s)" % (path, _num(v), self.allowed())]
-        if self.choices is not None and v not in self.choices:
-            return ["%s: %r is not one of %s" % (path, v, ", ".join(str(c) for c in sorted(self.choices)))]
-        if self.nonempty and not v.strip():
-            return ["%s: must not be empty" % path]
-        return [path + (p if p.startswith("[") else ": " + p) for p in self.check(v)] if self.check else []
-
-
-def _num(v):
-    return repr(v) if isinstance(v, float) else str(v)  # -1.0, nan, inf as TOML has them; bounds are ints
-
-
-def _tname(typ):
-    if isinstance(typ, tuple):
-        return "a number"
-    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[typ]
-
-
-def _listen(text):
-    """[metrics] listen: "" (off) or HOST:PORT."""
-    if not text:
-        return []
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        return ["expected HOST:PORT, got %r" % text]
-    return [] if PORT.lo <= int(port) <= PORT.hi else ["port %s is out of range (%s)" % (port, PORT.allowed())]
-
-
-def _sentinels(hosts):
-    """[redis] sentinels: ["HOST:PORT", ...]."""
-    out = []
-    for i, h in enumerate(hosts):
-        found = _listen(h) if isinstance(h, str) and h else ["expected HOST:PORT, got %r" % (h,)]
-        out += ["[%d]: %s" % (i, p) for p in found]
-    return out
-
-
-def _redis_url(url):
-    """[redis] url: redis://, rediss:// or unix://, a port in range, no password in it."""
-    if not url:
-        return []
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        return ["expected redis://, rediss:// or unix://, got a %r scheme" % url.split(":")[0]]
-    if "@" in url:
-        return ["no credentials in the url; use redis.username and redis.password_file"]
-    if url.startswith("unix://"):
-        return []
-    netloc = urllib.parse.urlsplit(url).netloc
-    port = netloc.rpartition(":")[2] if ":" in netloc.rpartition("]")[2] else ""
-    if port and not port.isdigit():
-        return ["port %r is not a number" % port]
-    if port and not PORT.within(int(port)):
-        return ["port %s is out of range (%s)" % (port, PORT.allowed())]
-    return []
-
-
-NUMBER = (int, float)
-PORT = Rule(int, lo=1, hi=65535)
 _BAUDS = {1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
 _LEVELS = {"debug", "info", "warning", "error"}
 DAY_S = 86400
@@ -223,11 +135,11 @@ _EVENTS = {
     "full_pct": Rule(NUMBER, above=0, hi=100), "emptied_drop_pct": Rule(NUMBER, above=0, hi=100),
     "low_battery_mv": Rule(int, lo=2000, hi=4550),  # what the wire can carry (codec: 2000 + 10 mV steps)
 }
-_METRICS = {"listen": Rule(str, check=_listen)}
+_METRICS = {"listen": Rule(str, check=listen_problems)}
 _REDIS = {
-    "url": Rule(str, check=_redis_url), "username": Rule(str), "password_file": Rule(str),
+    "url": Rule(str, check=redis_url_problems), "username": Rule(str), "password_file": Rule(str),
     "ca_file": Rule(str), "cert_file": Rule(str), "key_file": Rule(str),
-    "sentinels": Rule(list, check=_sentinels), "sentinel_master": Rule(str, nonempty=True),
+    "sentinels": Rule(list, check=sentinel_problems), "sentinel_master": Rule(str, nonempty=True),
     "cluster": Rule(bool), "prefix": Rule(str, nonempty=True),
     "timeout_s": Rule(NUMBER, above=0, hi=60),
     "dedup_ttl_s": Rule(NUMBER, lo=1, hi=30 * DAY_S),  # whole seconds for Redis (EX): 1 at least

@@ -26,7 +26,8 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from binlink.gateway import homeassistant, logs, mqtt_wire
+from binlink.gateway import homeassistant, logs
+from binlink.gateway.publish_policy import Backoff
 
 log = logs.get("mqtt")
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0
@@ -54,7 +55,7 @@ class Publisher:
         self._last_heard = time.monotonic()
         self._on_acks = on_acks
         self._lock = threading.Lock()  # sends to the process come from the main and the monitor thread
-        self._restart = mqtt_wire.Backoff(RESTART_MIN_S, RESTART_MAX_S, RESTART_GOOD_S)
+        self._restart = Backoff(RESTART_MIN_S, RESTART_MAX_S, RESTART_GOOD_S)
         self._monitor = threading.Thread(target=self._watch, name="publisher-monitor", daemon=True)
 
     def start(self):

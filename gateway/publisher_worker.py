@@ -6,9 +6,9 @@ and resends everything unacknowledged from the outbox, in order.
 
 Everything QoS 1 shares one in-flight window: outbox rows, discovery configs (an HA restart at
 10,000 bins re-announces 110,000 of them; they take at most half the window while readings flow),
-the gateway's status. A topic the broker denies (found by mqtt_wire.DenialFinder) is held back:
-its rows stay in the outbox, the denial is logged once and counted, the topic is tried again every
-DENIED_RETRY_S, and every other topic flows."""
+the gateway's status. A topic the broker denies (found by publish_policy.DenialFinder) is held
+back: its rows stay in the outbox, the denial is logged once and counted, the topic is tried again
+every DENIED_RETRY_S, and every other topic flows."""
 import ctypes
 import logging
 import os
@@ -24,6 +24,7 @@ from binlink.gateway import config as config_mod, homeassistant, integrate, logs
 from binlink.gateway.latency import LatencyCounts
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.outbox import Outbox
+from binlink.gateway.publish_policy import Backoff, DenialFinder
 
 log = logs.get("mqtt")
 ACK_GROUP = 2000  # acknowledgements reported at once when this many are waiting ...
@@ -64,8 +65,8 @@ class Worker:
         self.next_look = 0.0
         self.acked = []  # outbox ids the broker acknowledged, not yet reported to the service
         self.next_connect = 0.0
-        self.reconnect = mqtt_wire.Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, GOOD_SESSION_S)
-        self.denials = mqtt_wire.DenialFinder(DENIED_RETRY_S)
+        self.reconnect = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, GOOD_SESSION_S)
+        self.denials = DenialFinder(DENIED_RETRY_S)
         self.denied = self.denials.held_back  # topic -> when it is tried again
         self.denials_logged = set()  # a topic's denial is logged once, however often it is tried again
         self.stop_deadline = None

@@ -17,6 +17,7 @@ import pytest
 
 from binlink.gateway import config, homeassistant, logs, mqtt_publisher, mqtt_wire, publisher_worker
 from binlink.gateway.metrics import Metrics
+from binlink.gateway.publish_policy import Backoff
 from binlink.gateway.registry import Device
 from tests.harness import KEY, Subscriber, wait_for, write_config
 
@@ -309,7 +310,7 @@ def test_a_refused_subscription_is_reported(scripted):
 
 
 def test_backoff_doubles_with_jitter_and_resets_after_a_good_run():
-    b = mqtt_wire.Backoff(1.0, 30.0, good_after_s=60)
+    b = Backoff(1.0, 30.0, good_after_s=60)
     delays = [b.next_delay() for _ in range(8)]
     for n, d in enumerate(delays):
         ceiling = min(30.0, 2.0 ** n)

@@ -1,0 +1,96 @@
+"""How one configuration value is checked: Rule (type, bounds, choices) and the checks for values
+with a format of their own (HOST:PORT, a list of them, a Redis url). Every problem text names the
+key path. The schema built from these rules is config.py's."""
+import urllib.parse
+
+
+class Rule:
+    """One key of a table: its type, whether it must be given, and the values it may take. The
+    schema made of them (config.SCHEMA) is the documentation of the file: every bounded value carries
+    its bounds there, checked in one place (Rule.problems), each problem naming the key path and what
+    is allowed.
+
+    lo..hi: inclusive bounds; above: an exclusive lower bound (value > above). Every number has an
+    upper bound, so inf and nan (TOML allows both) are refused with the rest. choices: the allowed
+    values. nonempty: a string that may not be empty or blank. check: a function of the value
+    returning a list of problem texts (for values with a format, such as HOST:PORT; a text starting
+    with "[i]" names an item of a list)."""
+
+    def __init__(self, typ, required=False, lo=None, hi=None, above=None, choices=None, nonempty=False, check=None):
+        self.typ, self.required, self.lo, self.hi, self.above = typ, required, lo, hi, above
+        self.choices, self.nonempty, self.check = choices, nonempty, check
+
+    def allowed(self):
+        """The allowed range as the problem text gives it: "0..65535", "0 < value <= 100"."""
+        if self.above is not None:
+            return "%s < value <= %s" % (_num(self.above), _num(self.hi))
+        return "%s..%s" % (_num(self.lo), _num(self.hi))
+
+    def within(self, v):
+        return (v > self.above if self.above is not None else v >= self.lo) and v <= self.hi  # nan: False
+
+    def problems(self, path, v):
+        """[] when v is a valid value for the key at path, else one problem naming path."""
+        if isinstance(v, bool) and self.typ is not bool:
+            return ["%s: expected %s, got a boolean" % (path, _tname(self.typ))]
+        if not isinstance(v, self.typ):
+            return ["%s: expected %s, got %r" % (path, _tname(self.typ), v)]
+        if self.hi is not None and not self.within(v):
+            return ["%s: %s is out of range (%s)" % (path, _num(v), self.allowed())]
+        if self.choices is not None and v not in self.choices:
+            return ["%s: %r is not one of %s" % (path, v, ", ".join(str(c) for c in sorted(self.choices)))]
+        if self.nonempty and not v.strip():
+            return ["%s: must not be empty" % path]
+        return [path + (p if p.startswith("[") else ": " + p) for p in self.check(v)] if self.check else []
+
+
+def _num(v):
+    return repr(v) if isinstance(v, float) else str(v)  # -1.0, nan, inf as TOML has them; bounds are ints
+
+
+def _tname(typ):
+    if isinstance(typ, tuple):
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[typ]
+
+
+NUMBER = (int, float)
+PORT = Rule(int, lo=1, hi=65535)
+
+
+def listen_problems(text):
+    """[metrics] listen: "" (off) or HOST:PORT."""
+    if not text:
+        return []
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return ["expected HOST:PORT, got %r" % text]
+    return [] if PORT.lo <= int(port) <= PORT.hi else ["port %s is out of range (%s)" % (port, PORT.allowed())]
+
+
+def sentinel_problems(hosts):
+    """[redis] sentinels: ["HOST:PORT", ...]."""
+    out = []
+    for i, h in enumerate(hosts):
+        found = listen_problems(h) if isinstance(h, str) and h else ["expected HOST:PORT, got %r" % (h,)]
+        out += ["[%d]: %s" % (i, p) for p in found]
+    return out
+
+
+def redis_url_problems(url):
+    """[redis] url: redis://, rediss:// or unix://, a port in range, no password in it."""
+    if not url:
+        return []
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return ["expected redis://, rediss:// or unix://, got a %r scheme" % url.split(":")[0]]
+    if "@" in url:
+        return ["no credentials in the url; use redis.username and redis.password_file"]
+    if url.startswith("unix://"):
+        return []
+    netloc = urllib.parse.urlsplit(url).netloc
+    port = netloc.rpartition(":")[2] if ":" in netloc.rpartition("]")[2] else ""
+    if port and not port.isdigit():
+        return ["port %r is not a number" % port]
+    if port and not PORT.within(int(port)):
+        return ["port %s is out of range (%s)" % (port, PORT.allowed())]
+    return []
