@@ -91,7 +91,8 @@ def create_or_migrate(db):
                        [(fcnt, upto, dev) for dev, fcnt in heads[0].items()])
         db.executemany("UPDATE bins SET fcnt = ?, fill_pct = ?, flags = ?, updated_at = ?, upto_id = ? WHERE bin_id = ?",
                        [tuple(v) + (upto, b) for b, v in heads[1].items()])
-    db.execute("PRAGMA user_version = %d" % VERSION)
+    if version != VERSION:  # written only when it changes: the publisher opens the file on a full disk too
+        db.execute("PRAGMA user_version = %d" % VERSION)
 
 
 def legacy_heads(db):
