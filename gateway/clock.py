@@ -8,6 +8,7 @@
 A clock found implausible is logged once (and once more when it is right again), shown as the
 binlink_clock_suspect gauge, and every message says `time_synced: false` meanwhile."""
 import logging
+import os
 from datetime import datetime, timezone
 
 from binlink.gateway import logs
@@ -15,6 +16,11 @@ from binlink.gateway import logs
 log = logs.get("clock")
 RELEASED = datetime(2026, 11, 27, tzinfo=timezone.utc).timestamp()
 TOLERANCE_S = 600.0
+
+
+def clock_synced():
+    """True when systemd-timesyncd (or chrony with its flag) says the clock is synchronised."""
+    return os.path.exists("/run/systemd/timesync/synchronized")
 
 
 class ClockCheck:

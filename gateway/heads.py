@@ -12,11 +12,22 @@ from typing import NamedTuple
 from binlink.gateway import integrate
 
 
+WINDOW = 256  # a backlog entry is at most 255 counters behind its frame (codec: a one-byte offset)
+
+
 class Counter(NamedTuple):
-    """A device's last accepted frame counter, under the key with this fingerprint and epoch."""
+    """A device's last accepted frame counter, under the key with this fingerprint and epoch, and
+    which of the readings in the WINDOW below it are stored (bit k: counter fcnt - k): a backlog
+    entry repeating a stored reading is not stored again."""
     fcnt: int
     key_id: str
     key_epoch: int | None  # None: migrated from a file that did not say
+    stored: int = 0
+
+
+def shifted(stored, by):
+    """The stored-readings window of a counter that moved forward by `by`."""
+    return (stored << by) & ((1 << WINDOW) - 1) if by < WINDOW else 0
 
 
 class BinState(NamedTuple):
@@ -33,24 +44,28 @@ class BinState(NamedTuple):
         return (key_epoch, fcnt) > (mine, self.fcnt)
 
 
-STATE_KIND = 1  # outbox.Kind.STATE (imported there from here would be circular)
+UPLINK_KIND, STATE_KIND = 0, 1  # outbox.Kind.UPLINK and STATE (imported there from here would be circular)
 
 
 def load(db):
     """(counters, bins) as committed: device_id -> Counter, bin_id -> BinState."""
-    counters = {r[0]: [Counter(*r[1:4]), r[4]] for r in db.execute(
-        "SELECT device_id, last_fcnt, key_id, key_epoch, upto_id FROM counters")}
+    counters = {r[0]: [Counter(r[1], r[2], r[3], int.from_bytes(r[4] or b"", "little")), r[5]] for r in db.execute(
+        "SELECT device_id, last_fcnt, key_id, key_epoch, stored, upto_id FROM counters")}
     bins = {r[0]: [BinState(*r[1:6]), r[6]] for r in db.execute(
         "SELECT bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id FROM bins")}
     uptos = [c[1] for c in counters.values()] + [b[1] for b in bins.values()]
     rows = db.execute("SELECT id, kind, device_id, key_epoch, fcnt, bin_id, payload, received_at FROM outbox "
                       "WHERE id > ? AND fcnt IS NOT NULL ORDER BY id", (min(uptos),)) if uptos else ()
+    readings = {}  # device_id -> counters of the readings its rows after upto store
     for row_id, kind, device_id, epoch, fcnt, bin_id, payload, at in rows:
         entry = counters.get(device_id)
         if entry is not None and row_id > entry[1]:
             c = entry[0]
-            if (c.key_epoch is None or c.key_epoch == epoch) and fcnt > c.fcnt:
-                entry[0] = c._replace(fcnt=fcnt, key_epoch=epoch)
+            if c.key_epoch is None or c.key_epoch == epoch:
+                if fcnt > c.fcnt:
+                    entry[0] = c._replace(fcnt=fcnt, key_epoch=epoch, stored=shifted(c.stored, fcnt - c.fcnt))
+                if kind == UPLINK_KIND:
+                    readings.setdefault(device_id, []).append(fcnt)
         entry = bins.get(bin_id) if kind == STATE_KIND else None
         if entry is not None and row_id > entry[1] and entry[0].is_newer(epoch, fcnt):
             b = entry[0]
@@ -58,6 +73,9 @@ def load(db):
             if flags is None:  # damaged: its counter still counts, its level is unknown
                 fill, flags = None, b.flags
             entry[0] = BinState(epoch, fcnt, b.fill_pct if fill is None else fill, flags, at)  # a fault keeps the level
+    for device_id, fcnts in readings.items():
+        c = counters[device_id][0]
+        counters[device_id][0] = c._replace(stored=c.stored | sum(1 << (c.fcnt - f) for f in fcnts if c.fcnt - f < WINDOW))
     return {d: e[0] for d, e in counters.items()}, {b: e[0] for b, e in bins.items()}
 
 
@@ -66,11 +84,11 @@ def save(db, counters, bins):
     new key); a bin state only to a newer reading."""
     upto = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
     db.executemany(
-        "INSERT INTO counters(device_id, last_fcnt, key_id, key_epoch, upto_id) VALUES (?,?,?,?,?) "
+        "INSERT INTO counters(device_id, last_fcnt, key_id, key_epoch, stored, upto_id) VALUES (?,?,?,?,?,?) "
         "ON CONFLICT(device_id) DO UPDATE SET last_fcnt=excluded.last_fcnt, key_id=excluded.key_id, "
-        "key_epoch=excluded.key_epoch, upto_id=excluded.upto_id "
+        "key_epoch=excluded.key_epoch, stored=excluded.stored, upto_id=excluded.upto_id "
         "WHERE excluded.last_fcnt >= last_fcnt OR excluded.key_id != key_id",
-        [(d, c.fcnt, c.key_id, c.key_epoch, upto) for d, c in counters.items()])
+        [(d, c.fcnt, c.key_id, c.key_epoch, c.stored.to_bytes(WINDOW // 8, "little"), upto) for d, c in counters.items()])
     db.executemany(
         "INSERT INTO bins(bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id) VALUES (?,?,?,?,?,?,?) "
         "ON CONFLICT(bin_id) DO UPDATE SET key_epoch=excluded.key_epoch, fcnt=excluded.fcnt, fill_pct=excluded.fill_pct, "

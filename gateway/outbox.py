@@ -33,7 +33,7 @@ class Kind(IntEnum):
 class Message(NamedTuple):
     """One MQTT message to store. A reading's messages name their device, key epoch and counter
     (they carry the device's counter through a power cut); a state names its bin."""
-    key: str  # the message id: an event with a key already stored is not stored again
+    key: str  # the message id
     topic: str
     payload: bytes | str
     retain: bool
@@ -174,8 +174,8 @@ class Outbox:
         bins = [tuple(b[:-1]) + (min(b[-1], top),) for b in bins]
 
         def work(db):
-            db.executemany("INSERT OR REPLACE INTO counters(device_id, last_fcnt, key_id, key_epoch, upto_id) "
-                           "VALUES (?,?,?,?,?)", counters)
+            db.executemany("INSERT OR REPLACE INTO counters(device_id, last_fcnt, key_id, key_epoch, stored, upto_id) "
+                           "VALUES (?,?,?,?,?,?)", counters)
             db.executemany("INSERT OR REPLACE INTO bins(bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id) "
                            "VALUES (?,?,?,?,?,?,?)", bins)
             db.executemany("INSERT OR IGNORE INTO outbox(id, message_key, topic, payload, retain, received_at, acked_at, "
@@ -260,7 +260,7 @@ def _store_messages(db, batch, pending_states, written):
     """Inserts the batch's messages and states; returns the change in pending rows. pending_states:
     topic -> id of a retained message that may still be pending (a superset: one acknowledged since
     is left alone by the acked_at test). written gets topic -> id of the states stored, and
-    "events" the count of events stored (a copy already stored is skipped)."""
+    "events" whether every event was stored (a file from before 0.4 may refuse a copy)."""
     rows = [_row(m) for m in batch.messages]
     pending = stored = db.executemany(_INSERT, rows).rowcount
     written["events"] = stored == len(rows)  # every event of the batch is new: each carries its counter
@@ -269,7 +269,7 @@ def _store_messages(db, batch, pending_states, written):
     if superseded:
         pending -= db.executemany("UPDATE outbox SET acked_at = ?, superseded = 1 WHERE id = ? AND acked_at IS NULL",
                                   superseded).rowcount
-    for m in states:  # skipped only in a file whose whole key column is UNIQUE, for a state stored before
+    for m in states:  # refused only by a file from before 0.4 whose key column is UNIQUE, for a state stored before
         cur = db.execute(_INSERT, _row(m))
         if cur.rowcount:
             pending += 1

@@ -16,7 +16,7 @@ VERSION = 1  # PRAGMA user_version of a current file
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,             -- never reused: prune() keeps the newest row
-    message_key TEXT NOT NULL,          -- the message id consumers deduplicate by: an event is stored once
+    message_key TEXT NOT NULL,          -- the message id consumers deduplicate by
     topic TEXT NOT NULL,
     payload TEXT NOT NULL,              -- payloads.py
     retain INTEGER NOT NULL,
@@ -27,16 +27,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     device_id INTEGER, key_epoch INTEGER, fcnt INTEGER,  -- the reading's, for counters (NULL: none)
     bin_id TEXT                         -- a state's bin, for bin states
 );
--- no index on pending rows: each would be one more page written per reading and per ack
+-- No index at all: each would be one more page written per reading (a reading is stored once by
+-- its counter, a backlog entry repeating one by the counters' stored-readings window, heads.py).
 DROP INDEX IF EXISTS outbox_pending;
 DROP INDEX IF EXISTS outbox_pending_retained;
+DROP INDEX IF EXISTS outbox_event_key;
 -- Counters and bin states as of outbox row upto_id: the rows after it (the readings themselves,
 -- committed with them) may carry them further (heads.py).
 CREATE TABLE IF NOT EXISTS counters (
     device_id INTEGER PRIMARY KEY, last_fcnt INTEGER NOT NULL,
     key_id TEXT NOT NULL,               -- fingerprint of the key the counter was accepted under
     upto_id INTEGER NOT NULL DEFAULT 0,
-    key_epoch INTEGER                   -- that key's epoch (NULL: migrated, not known)
+    key_epoch INTEGER,                  -- that key's epoch (NULL: migrated, not known)
+    stored BLOB                         -- heads.Counter.stored, little-endian (NULL: none known)
 );
 CREATE TABLE IF NOT EXISTS bins (
     bin_id TEXT PRIMARY KEY, fcnt INTEGER NOT NULL, fill_pct REAL, flags INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -50,7 +53,7 @@ CREATE TABLE IF NOT EXISTS receptions (
 """
 NEW_COLUMNS = {
     "outbox": ("kind INTEGER", "device_id INTEGER", "key_epoch INTEGER", "fcnt INTEGER", "bin_id TEXT"),
-    "counters": ("upto_id INTEGER NOT NULL DEFAULT 0", "key_epoch INTEGER"),
+    "counters": ("upto_id INTEGER NOT NULL DEFAULT 0", "key_epoch INTEGER", "stored BLOB"),
     "bins": ("upto_id INTEGER NOT NULL DEFAULT 0", "key_epoch INTEGER"),
 }
 
@@ -80,11 +83,6 @@ def create_or_migrate(db):
     for stmt in SCHEMA.split(";"):
         if stmt.strip():
             db.execute(stmt)
-    # Keys unique among events: a retained state is only ever written for a newer reading, and
-    # leaving states out halves the index pages a reading touches. A file from before the partial
-    # index has the whole column UNIQUE already (its autoindex), and a second index would only add pages.
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_autoindex_outbox_1'").fetchone():
-        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS outbox_event_key ON outbox(message_key) WHERE retain = 0")
     if heads is not None:
         upto = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
         db.executemany("UPDATE counters SET last_fcnt = ?, upto_id = ? WHERE device_id = ?",

@@ -6,7 +6,7 @@ uplink/data.rs does — see Pipeline._handle:
 
 With several gateways the counter check and dedup also ask the shared state (Redis): the fleet's
 counter when the local one does not verify a frame, and a claim that makes one gateway the
-publisher of each frame (gateway/shared_state.py).
+publisher of each frame (shared_state.py).
 
 Every rejection raises codec.ProtocolError with an uplink.Reason, is counted under it and logged;
 nothing here raises on bad input."""
@@ -16,9 +16,9 @@ import time
 
 from binlink.wire import codec
 from binlink.gateway import calibration, events, forecast, integrate, logs
-from binlink.gateway.clock import ClockCheck
+from binlink.gateway.clock import ClockCheck, clock_synced
 from binlink.gateway.dedup import Dedup, digest
-from binlink.gateway.heads import BinState, Counter
+from binlink.gateway.heads import WINDOW, BinState, Counter, shifted
 from binlink.gateway.outbox import Batch, Kind, Message
 from binlink.gateway.rejections import Rejections
 from binlink.gateway.resync import Resync
@@ -27,11 +27,6 @@ from binlink.gateway.uplink import Outcome, Reading, Reason, Uplink, Verdict
 
 log = logs.get("pipeline")
 STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
-
-
-def clock_synced():
-    """True when systemd-timesyncd (or chrony with its flag) says the clock is synchronised."""
-    return os.path.exists("/run/systemd/timesync/synchronized")
 
 
 class Pipeline:
@@ -67,7 +62,8 @@ class Pipeline:
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
         starts again at 0) gets a fresh counter; keeping the old one would call every frame a replay."""
         self.devices = devices
-        self.counters = {}
+        self.counters = {}  # device_id -> last accepted fcnt
+        self.stored = {}  # device_id -> heads.Counter.stored: readings stored in the window below it
         epochs = {d.bin_id: d.key_epoch for d in devices.values()}
         for bin_id, state in self.outbox.bins().items():  # a migrated state's epoch is its device's now
             self.bins.setdefault(bin_id, state if state.key_epoch is not None or bin_id not in epochs
@@ -77,7 +73,7 @@ class Pipeline:
             if device is None:
                 continue
             if device.key_id == counter.key_id:
-                self.counters[dev_id] = counter.fcnt
+                self.counters[dev_id], self.stored[dev_id] = counter.fcnt, counter.stored
             else:
                 prev = self.bins.get(device.bin_id)
                 if prev is not None and prev.key_epoch == device.key_epoch:  # a new key under the same epoch
@@ -141,7 +137,7 @@ class Pipeline:
 
     # stages -------------------------------------------------------------------------------------
     def _deframed(self, up):
-        """deframe: the module format split the stream already; its rejections arrive here."""
+        """The module format split the stream already; its rejections arrive here."""
         rec = up.reception
         if rec.frame is not None:
             return True
@@ -185,8 +181,7 @@ class Pipeline:
         return 0
 
     def _verified_fcnt(self, device, frame, last, header):
-        """Against this gateway's counter; when that fails, against the fleet's (another gateway
-        accepted this bin's recent frames) — the claim then settles replays either way."""
+        """Against this gateway's counter, else the fleet's (the claim settles replays either way)."""
         try:
             return codec.verify(frame, device.key, last, header)
         except codec.ProtocolError as e:
@@ -248,7 +243,7 @@ class Pipeline:
     def _settle(self, up, claim, batch):
         """What the claim decided: another gateway publishes it, a replay, or this gateway's
         messages (events → integrate). Returns readings added to the batch."""
-        device, fcnt = up.device, up.fcnt
+        device, fcnt, n = up.device, up.fcnt, 0
         verdict, fleet_bin = claim
         if verdict in (Verdict.DUPLICATE, Verdict.PENDING):  # another gateway heard it first and publishes it
             self._advance(device, fcnt, batch)
@@ -277,8 +272,12 @@ class Pipeline:
         tail = self.addresses.tail(device, up.source, len(self.devices))
         backlog = up.frame_type == codec.T_BACKLOG
         for reading in up.readings:
-            self._reading(up, reading, tail, backlog, batch)
-        return len(up.readings)
+            if self._store_once(device, reading.fcnt, batch):
+                self._reading(up, reading, tail, backlog, batch)
+                n += 1
+            else:  # a backlog entry repeating a reading stored before: the bin thought it lost
+                self.metrics.duplicates.inc()
+        return n
 
     def _resync_from_hello(self, up, batch):
         """A version 2 hello names the bin's full counter: frames held for it can be verified now."""
@@ -291,9 +290,8 @@ class Pipeline:
         return self._recover(device, up.fcnt, floor, batch) if device.device_id in self.resync else 0
 
     def _recover(self, device, anchor, floor, batch):
-        """Frames held before a resynchronisation: each verified with the counter below the anchor
-        that its 16 bits name (one tag check, as for any frame), above the counter this gateway had
-        accepted before, and claimed like any frame. Returns readings accepted."""
+        """Frames held before a resynchronisation: each verified (one tag check) with the counter
+        below the anchor and above the floor that its 16 bits name, then claimed like any frame."""
         n = 0
         for up in self.resync.release(device.device_id, self.clock()):
             try:
@@ -306,8 +304,8 @@ class Pipeline:
         return n
 
     def _take_over(self, now, batch):
-        """Frames whose claim a peer never confirmed: that peer died between claim and commit;
-        the first gateway that heard the same bytes publishes them instead."""
+        """Frames whose claim a peer never confirmed (it died between claim and commit): the
+        first gateway that heard the same bytes publishes them instead."""
         n = 0
         for key, up in list(self.standby.items()):
             if now - up.received_at < STANDBY_S:
@@ -365,9 +363,24 @@ class Pipeline:
 
     # bookkeeping --------------------------------------------------------------------------------
     def _advance(self, device, fcnt, batch):
-        if fcnt > self.counters.get(device.device_id, -1):
-            self.counters[device.device_id] = fcnt
-            batch.counters[device.device_id] = Counter(fcnt, device.key_id, device.key_epoch)
+        dev = device.device_id
+        last = self.counters.get(dev)
+        if last is None or fcnt > last:
+            self.counters[dev] = fcnt
+            self.stored[dev] = shifted(self.stored.get(dev, 0), WINDOW if last is None else fcnt - last)
+            batch.counters[dev] = Counter(fcnt, device.key_id, device.key_epoch, self.stored[dev])
+
+    def _store_once(self, device, fcnt, batch):
+        """False for a reading already stored (its bit in the counter's window); else marks it."""
+        dev = device.device_id
+        behind = self.counters[dev] - fcnt  # the frame's counter advanced already
+        if behind >= WINDOW:  # a frame held for a resync, or overtaken in its group: cannot be told
+            return True
+        if self.stored[dev] >> behind & 1:
+            return False
+        self.stored[dev] |= 1 << behind
+        batch.counters[dev] = Counter(self.counters[dev], device.key_id, device.key_epoch, self.stored[dev])
+        return True
 
     def _is_duplicate(self, device, fcnt, frame, now):
         if self.dedup.is_duplicate(device.device_id, fcnt, frame, now):
@@ -378,7 +391,6 @@ class Pipeline:
         self.metrics.duplicates.inc()
         rec = up.reception
         batch.receptions.append((up.device.device_id, fcnt, up.source, rec.rssi, rec.snr, up.received_at, 1))
-        log.debug("duplicate", extra={"fields": {"device": up.device.dev, "fcnt": fcnt, "source": up.source, "rssi": rec.rssi}})
 
     def _refuse(self, batch, error):
         """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin

@@ -162,7 +162,7 @@ def _forget_old_copies(db_path):
 
 # step 2: salvage ------------------------------------------------------------------------------
 _TABLES = {  # table -> columns read, as Outbox.carry_over writes them
-    "counters": ("device_id", "last_fcnt", "key_id", "key_epoch", "upto_id"),
+    "counters": ("device_id", "last_fcnt", "key_id", "key_epoch", "stored", "upto_id"),
     "outbox": ("id", "message_key", "topic", "payload", "retain", "received_at", "acked_at", "superseded", "kind",
                "device_id", "key_epoch", "fcnt", "bin_id"),
     "bins": ("bin_id", "key_epoch", "fcnt", "fill_pct", "flags", "updated_at", "upto_id"),

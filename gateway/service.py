@@ -29,7 +29,10 @@ from binlink.gateway.wifi_input import WifiInput
 log = logs.get("service")
 MAX_GROUP = 2000  # receptions per group commit
 ACK_GROUP = 5000  # broker acknowledgements written on their own once this many wait ...
-ACK_IDLE_S = 2.0  # ... or no group commit took them along this long after the first arrived
+# ... or no group commit took them along this long after the first arrived: a transaction of their
+# own re-dirties a WAL page the last commit's fsync cleaned (4 KB on the SD card), so at a frame
+# every few seconds they wait for the next one
+ACK_IDLE_S = 10.0
 ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
 
@@ -47,7 +50,7 @@ class Gateway:
         self.wifi = WifiInput(cfg, self.queue) if cfg.mqtt.uplink_topic else None
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
                                    on_acks=lambda: self.queue.put(ACKS_READY))
-        self._acks_since = 0.0
+        self._acks_due = 0.0  # when acknowledgements no group commit took along are written on their own
         self._memory = Trimmer()
         self._log_limit = logs.RateLimit(per_minute=2)
         self.notifier = sdnotify.SystemdNotifier()
@@ -194,7 +197,7 @@ class Gateway:
         fresh = self.publisher.take_acks()
         if fresh:
             if not box.acks_waiting:
-                self._acks_since = now
+                self._acks_due = now + ACK_IDLE_S
             try:
                 self.metrics.outbox_depth.dec(box.defer_acks(fresh))
             except sqlite3.Error as e:  # a read; the ids are kept all the same
@@ -202,7 +205,7 @@ class Gateway:
             self.metrics.published.inc(len(fresh))
         waiting = box.acks_waiting
         self.metrics.acks_unwritten.set(waiting)
-        if not waiting or not (force or waiting >= ACK_GROUP or now - self._acks_since >= ACK_IDLE_S):
+        if not waiting or not (force or waiting >= ACK_GROUP or now >= self._acks_due):
             return
         try:
             box.write_acks()
@@ -210,12 +213,12 @@ class Gateway:
             guard.ok()
         except StorageFull as e:  # kept and written once there is room; not published again meanwhile
             guard.acks_kept(e, waiting)
-            self._acks_since = now + 1.0
+            self._acks_due = now + 1.0
             return
         except (sqlite3.Error, OSError) as e:  # kept, tried again: the messages are published already
             if self._log_limit.allow("ack", now):
                 logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=waiting)
-            self._acks_since = now + 1.0
+            self._acks_due = now + 1.0
 
 
 def startup_problems(cfg):

@@ -49,12 +49,16 @@ def test_counters_and_bin_states_survive_a_crash_between_saves(tmp_path):
     db.close()
     assert stored < 41  # the rows carried it: the counters table was not written for every reading
     reopened = _crash_and_reopen(box)
-    assert reopened.counters() == {0xA1: Counter(41, _devices()[0xA1].key_id, 0), 0xB2: Counter(5, _devices()[0xB2].key_id, 0)}
+    # the counters and which readings below them are stored (the backlog's 38 and 39 among them)
+    assert reopened.counters() == {0xA1: Counter(41, _devices()[0xA1].key_id, 0, p.stored[0xA1]),
+                                   0xB2: Counter(5, _devices()[0xB2].key_id, 0, p.stored[0xB2])}
+    stored = [41 - k for k in range(64) if p.stored[0xA1] >> k & 1]
+    assert sorted(stored) == list(range(1, 31)) + [38, 39, 41]  # 40 is the batch itself, no reading
     assert reopened.bins() == p.bins
     # a re-provisioned bin (new key, counter from 1): the old key's rows must not raise its counter
     p2 = Pipeline(CFG, _devices(KEY_A2), reopened, Metrics())
     p2.process([("r0", _reading(KEY_A2, 0xA1, 1)), ("r0", _reading(KEY_A2, 0xA1, 2))])
-    assert _crash_and_reopen(reopened).counters()[0xA1] == Counter(2, _devices(KEY_A2)[0xA1].key_id, 0)
+    assert _crash_and_reopen(reopened).counters()[0xA1] == Counter(2, _devices(KEY_A2)[0xA1].key_id, 0, 0b11)
 
 
 def test_a_commit_on_a_full_disk_raises_storage_full_and_leaves_nothing_open(tmp_path):
@@ -155,7 +159,7 @@ def test_a_state_file_from_before_opens_with_its_counters_and_pending_rows(tmp_p
     b.messages.append(Message("0000a1:0:8", "t/bin/a/event", b"{}", 0, 2.0, Kind.UPLINK, 0xA1, 0, 8))
     b.counters[0xA1] = Counter(8, "k", 0)
     assert box.commit(b) == 1 and box.ack([1, 2]) == 2
-    assert _crash_and_reopen(box).counters() == {0xA1: Counter(8, "k", 0)}
+    assert _crash_and_reopen(box).counters() == {0xA1: Counter(8, "k", 0, 0b1)}  # its row says reading 8 is stored
 
 
 def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monkeypatch):
@@ -302,3 +306,23 @@ def test_a_rekeyed_bin_keeps_its_new_state_through_a_power_cut(tmp_path):
     assert p2.bins["bin-a"][:2] == (1, 2)
     kinds = [k for (k,) in reopened.db.execute("SELECT message_key FROM outbox WHERE kind = ?", (Kind.ALARM,))]
     assert kinds == ["0000a1:1:1:full", "0000a1:1:2:emptied"]
+
+
+def test_a_backlog_entry_repeating_a_stored_reading_is_stored_once_through_a_power_cut(tmp_path):
+    """A bin whose transport said a send failed keeps the reading for its backlog, though the
+    gateway heard it: the entry is not stored (nor published) again, before or after a restart.
+    What tells is the counter's window of stored readings, carried by the rows between saves."""
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    p.process([("r0", _reading(KEY_A, 0xA1, n, dist=800)) for n in (1, 2)])  # 3 never arrives
+    body = codec.pack_reading(650, 20, 3700, 0, 5, 5)
+    batch = Reception(codec.encode_backlog(KEY_A, 0xA1, 4, [(2, 10, body), (3, 5, body)]))  # 2 (stored) and 3
+    assert p.process([("r0", batch)]) == 1
+    uplinks = "SELECT message_key FROM outbox WHERE kind = %d ORDER BY id" % Kind.UPLINK
+    assert [k for (k,) in box.db.execute(uplinks)] == ["0000a1:0:1", "0000a1:0:2", "0000a1:0:3"]
+    reopened = _crash_and_reopen(box)
+    p2 = Pipeline(CFG, _devices(), reopened, Metrics())
+    again = Reception(codec.encode_backlog(KEY_A, 0xA1, 6, [(2, 20, body), (3, 15, body), (5, 2, body)]))  # 2, 3 and 5
+    assert p2.process([("r0", again)]) == 1
+    assert [k for (k,) in reopened.db.execute(uplinks)] == ["0000a1:0:1", "0000a1:0:2", "0000a1:0:3", "0000a1:0:5"]
+    assert p2.metrics.value("binlink_duplicates_total") == 2

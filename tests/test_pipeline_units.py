@@ -76,10 +76,6 @@ def test_outbox_keeps_only_the_newest_pending_state_per_bin(tmp_path):
     pending = [(t, bool(ret)) for _, t, _, ret, _ in box.pending(0, 100)]
     assert pending == [("binlink/s/bin/x/event", False)] * 3 + [("binlink/s/bin/x/state", True)]
     assert box.depth() == 4
-    b = Batch()
-    b.messages.append(Message("1:3", "binlink/s/bin/x/event", b"{}", 0, 1.0))  # the same reading again
-    box.commit(b)
-    assert box.depth() == 4  # stored once
 
 
 def test_rejection_logging_is_rate_limited(caplog):
