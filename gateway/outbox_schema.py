@@ -7,6 +7,7 @@ counters and bin states their rows carry are worked out the old way (the only pl
 reads message keys) and written to their tables as of the newest row, so no old row is ever read
 for them again."""
 import json
+import sqlite3
 
 from binlink.wire import codec
 from binlink.gateway import payloads
@@ -66,8 +67,8 @@ def create_or_migrate(db):
     """Inside a write transaction: a new file gets the tables, a file from before is migrated."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > VERSION:
-        raise RuntimeError("the state file was written by a newer binlink (format %d, this one reads %d): "
-                           "downgrading needs a drained outbox and a fresh state file" % (version, VERSION))
+        raise sqlite3.DatabaseError("the state file was written by a newer binlink (format %d, this one reads %d): "
+                                    "downgrading needs a drained outbox and a fresh state file" % (version, VERSION))
     existed = bool(db.execute("SELECT 1 FROM sqlite_master WHERE name = 'outbox'").fetchone())
     heads = None
     if existed and version < VERSION:

@@ -105,8 +105,12 @@ def test_full_disk_while_the_publisher_works_off_a_backlog(tmp_path, small_disk,
         wait_for(lambda: len(set(_uplink_ids(sub))) == 200, timeout=60,
                  what="backlog published on a full disk (%d seen)" % len(set(_uplink_ids(sub))))
         assert gw.alive() and "Traceback" not in gw.output()
+        # said, though no frame was refused: the acknowledgements wait in memory
+        wait_for(lambda: gw.metric("binlink_storage_full") == 1, timeout=30, what="storage full said for acknowledgements")
+        assert gw.output().count("storage full: broker acknowledgements cannot be written") == 1
         os.unlink(filler)
         wait_for(lambda: _acks_written(gw), what="acks written after room returned")
+        assert gw.metric("binlink_storage_full") == 0 and "storage has room again" in gw.output()
         _send(pty, [201])
         wait_for(lambda: "0000a1:0:201" in _uplink_ids(sub), what="a new frame after room returned")
     finally:

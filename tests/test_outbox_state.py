@@ -326,3 +326,13 @@ def test_a_backlog_entry_repeating_a_stored_reading_is_stored_once_through_a_pow
     assert p2.process([("r0", again)]) == 1
     assert [k for (k,) in reopened.db.execute(uplinks)] == ["0000a1:0:1", "0000a1:0:2", "0000a1:0:3", "0000a1:0:5"]
     assert p2.metrics.value("binlink_duplicates_total") == 2
+
+
+def test_a_state_file_of_a_newer_release_is_refused_not_guessed_at(tmp_path):
+    path = str(tmp_path / "o.sqlite")
+    Outbox(path).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="written by a newer binlink"):
+        Outbox(path)
