@@ -155,6 +155,16 @@ class ScriptedBroker:
     def accept(self, timeout=15.0):
         return self.peers.get(timeout=timeout)
 
+    def serve_all(self, on_publish):
+        """Serves every connection to come (one after the other) with on_publish, in a thread."""
+        def serve_each():
+            while True:
+                try:
+                    self.accept(timeout=60).serve(on_publish)
+                except queue.Empty:
+                    return
+        threading.Thread(target=serve_each, daemon=True).start()
+
     def close(self):
         self.listener.close()
 
@@ -471,14 +481,7 @@ def test_a_denied_topic_is_held_back_logged_once_and_the_rest_flows(tmp_path, sc
         peer.close()
         return True
 
-    def serve_each():
-        while True:
-            try:
-                scripted.accept(timeout=60).serve(deny)
-            except queue.Empty:
-                return
-
-    threading.Thread(target=serve_each, daemon=True).start()
+    scripted.serve_all(deny)
     before = run.add("binlink/t/bin/a/state", 3)
     (denied,) = run.add(denied_topic)
     after = run.add("binlink/t/bin/a/state", 3)
@@ -504,14 +507,7 @@ def test_a_denied_topic_is_tried_again_and_published_once_the_broker_allows_it(t
             return True
         return False
 
-    def serve_each():
-        while True:
-            try:
-                scripted.accept(timeout=60).serve(deny)
-            except queue.Empty:
-                return
-
-    threading.Thread(target=serve_each, daemon=True).start()
+    scripted.serve_all(deny)
     (denied,) = run.add("binlink/t/bin/b/state")
     allowed = run.add("binlink/t/bin/a/state", 3)
     wait_for(lambda: set(allowed) <= run.acked, timeout=30, what="the allowed rows published")
