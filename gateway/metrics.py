@@ -56,6 +56,9 @@ class Metrics:
         self.resynced = Counter("binlink_counter_resyncs", "Counters taken up from a hello carrying the full counter", registry=r)
         self.recovered = Counter("binlink_frames_recovered", "Frames held until a resync, then accepted", registry=r)
         self.storage_full = Gauge("binlink_storage_full", "1 while the state disk is full and new frames are refused", registry=r)
+        self.readback_rejected = Counter("binlink_readback_rejected", "Values read back and refused (retained states, "
+                                         "Redis entries, state rows), by where they came from and why: skipped, never trusted",
+                                         ["source", "reason"], registry=r)
         self.state_problems = Counter("binlink_state_problems", "Damaged or lost state found at start, by problem", ["problem"], registry=r)
         self.state_salvaged = Counter("binlink_state_salvaged_rows", "Rows carried over from a damaged state file, by table", ["table"], registry=r)
         self.counters_from_broker = Counter("binlink_counters_from_broker", "Frame counters raised from the broker's retained bin states at start", registry=r)
