@@ -2,7 +2,7 @@
 
 Topic layout under the base topic (default binlink/<site>):
   bin/<bin_id>/state     retained JSON, the latest reading with the bin's forecast
-                         (fill_rate_pct_per_day, full_at) and position (lat, lon)
+                         (fill_rate_pct_per_day, full_at), position (lat, lon) and key_epoch
   bin/<bin_id>/event     one message per uplink (message_id "<device>:<epoch>:<fcnt>") and per alarm
                          ("<device>:<epoch>:<fcnt>:<event>"); consumers deduplicate across gateways
                          by it. <epoch> is the bin's key epoch: the counter starts again at 0 under
@@ -202,7 +202,9 @@ def render(blob):
     if kind != "uplink":
         body.update(fill_rate_pct_per_day=_none_if_nan(rate), full_at=None if full_at != full_at else iso(full_at),
                     lat=_none_if_nan(lat), lon=_none_if_nan(lon), name=strings[0] or None)
-    if kind != "state":
+    if kind == "state":
+        body["key_epoch"] = epoch  # the key fcnt counts under: recovery takes a counter only for the same key
+    else:
         mid = "%06x:%d:%d" % (device_id, epoch, fcnt)
         body.update(event=kind, message_id=mid if kind == "uplink" else "%s:%s" % (mid, kind),
                     backlog=bool(marks & _BACKLOG))

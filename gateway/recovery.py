@@ -9,26 +9,32 @@
    and whatever SQLite can still read from it — counters, bin states, outbox rows pending or not —
    is carried over into a fresh file. A damaged b-tree is read around: ranges of rows that fail are
    halved until only the unreadable rows are left out.
-3. Every bin's last counter is raised to the `fcnt` of its retained state on the broker (a
-   short-lived MQTT session), so a recorded frame is not accepted again after a state loss. The
-   same states give the clock check its evidence of the time (`received_at` of synced states).
+3. The broker's retained bin states are read (a short-lived MQTT session) and each is validated
+   as strictly as a frame (parse_state): a refused one is counted and logged, never used. Only
+   when step 1 found the state lost, or there was none (a first start), is a bin's counter raised
+   to the `fcnt` of its valid state of the device's current key epoch, so a recorded frame is not
+   accepted again; with its own state intact the gateway trusts nothing the broker says about
+   counters. Valid synced states give the clock check its evidence of the time at every start.
 
 What cannot come back: readings accepted but not yet published when their rows were lost, and
 counter values newer than the broker's retained state (a frame accepted while the broker was
 unreachable). Both are logged with what is known of them."""
 import json
 import logging
+import math
 import os
+import re
 import sqlite3
 import threading
 import time
 import uuid
 from datetime import datetime
+from typing import NamedTuple
 
 import paho.mqtt.client as mqtt
 
 from binlink.wire import codec
-from binlink.gateway import config, logs
+from binlink.gateway import clock, config, logs
 from binlink.gateway.heads import BinState, Counter
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.storage import StorageFull, is_full
@@ -49,10 +55,16 @@ class Report:
         self.salvaged = {}  # table -> rows carried over
         self.unreadable_rows = 0  # outbox rows (by id gap) that could not be read back
         self.newest_synced_time = None  # newest received_at of a synced retained state (clock check)
+        self.first_start = False  # no state file and no marker: a new gateway, or a new SD card
 
     @property
     def lost(self):
         return bool(self.problems)
+
+    @property
+    def needs_counters(self):
+        """Counters come from the broker only when this gateway's own are lost or were never here."""
+        return self.lost or self.first_start
 
 
 def marker_path(db_path):
@@ -116,6 +128,8 @@ def find_problems(db_path, report):
         if marker is not None:
             _problem(report, "state_file_missing", "the state file is gone: pending readings are lost and "
                      "counters come from the broker's retained states", path=db_path)
+        else:
+            report.first_start = True
         if os.path.exists(db_path + "-wal"):  # a WAL without its file must not be replayed into a new one
             _move_aside(db_path)
         return None
@@ -235,10 +249,86 @@ def carry_over(box, rows, report):
 
 
 # step 3: counters from the broker -------------------------------------------------------------
+MAX_STATE_BYTES = 4096  # a rendered state is about 600 bytes; anything far larger is not one of ours
+FUTURE_TOLERANCE_S = clock.TOLERANCE_S  # gateways' clocks differ a little; a state from later is no evidence
+LOGGED_REJECTIONS = 10  # refused states logged one by one at each start; the rest in one summary line
+_DEVICE_HEX = re.compile(r"[0-9a-f]{6}")
+_FLAGS = {name: bit for bit, name in codec.FLAG_NAMES}
+
+
+class RetainedState(NamedTuple):
+    """A retained bin state that passed parse_state: every field of the type and range it must have."""
+    bin_id: str
+    device: object  # registry.Device, the device the registry has for this bin now
+    fcnt: int
+    key_epoch: int | None  # None: published before states carried their key's epoch
+    fill_pct: float | None
+    flags: int
+    received_at: float
+    time_synced: bool
+
+
+def _is_u32(v):
+    return type(v) is int and 0 <= v <= 0xFFFFFFFF  # type(): bool and float are refused, not coerced
+
+
+def parse_state(bin_id, payload, devices_by_dev, now):
+    """(RetainedState, None) or (None, reason): a retained state is judged as strictly as a frame,
+    since anyone who may publish under the base topic can leave one there."""
+    if len(payload) > MAX_STATE_BYTES:
+        return None, "too_large"
+    try:
+        s = json.loads(payload)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested beyond the parser
+        return None, "not_json"
+    if not isinstance(s, dict):
+        return None, "not_object"
+    dev = s.get("device")
+    if not isinstance(dev, str) or not _DEVICE_HEX.fullmatch(dev):
+        return None, "device"
+    device = devices_by_dev.get(dev)
+    if device is None:
+        return None, "unknown_device"
+    if device.bin_id != bin_id:
+        return None, "other_bin"
+    if not _is_u32(s.get("fcnt")):
+        return None, "fcnt"
+    epoch = s.get("key_epoch")
+    if "key_epoch" in s and not _is_u32(epoch):
+        return None, "key_epoch"
+    fill = s.get("fill_pct")
+    if fill is not None and not (type(fill) in (int, float) and math.isfinite(fill) and 0 <= fill <= 100):
+        return None, "fill_pct"
+    flags = s.get("flags")
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f in _FLAGS for f in flags):
+        return None, "flags"
+    at = _parse_time(s.get("received_at"))
+    if at is None or at < clock.RELEASED:
+        return None, "received_at"
+    if at > now + FUTURE_TOLERANCE_S:
+        return None, "future"
+    synced = s.get("time_synced")
+    if type(synced) is not bool:
+        return None, "time_synced"
+    return RetainedState(bin_id, device, s["fcnt"], epoch, fill, codec.flag_bits(flags), at, synced), None
+
+
+def _parse_time(text):
+    """Seconds since the epoch of an ISO time with its zone (as the gateway writes it), else None."""
+    if not isinstance(text, str) or len(text) > 40:
+        return None
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t.timestamp() if t.tzinfo is not None else None  # a time without a zone is no time
+
+
 def retained_states(cfg, timeout_s):
-    """The retained bin states under the base topic: [(bin_id, state dict)], or None when the broker
-    cannot be reached in time. Complete: a probe published after subscribing comes back after
-    every retained message (one connection's messages arrive in order)."""
+    """The retained messages under the base topic's bin states: [(bin_id, payload)], or None when
+    the broker cannot be reached in time. Complete: a probe published after subscribing comes back
+    after every retained message (one connection's messages arrive in order). An oversized payload
+    is kept as its size only, so a broker full of them cannot fill the memory."""
     probe = "%s/gateway/%s/recovery-probe/%s" % (cfg.base_topic, cfg.gateway_id, uuid.uuid4().hex)
     states_filter = "%s/bin/+/state" % cfg.base_topic
     states, done = [], threading.Event()
@@ -253,10 +343,8 @@ def retained_states(cfg, timeout_s):
         if msg.topic == probe:
             done.set()
         elif msg.retain:
-            try:
-                states.append((msg.topic.rsplit("/", 2)[-2], json.loads(msg.payload)))
-            except ValueError:
-                pass  # not ours to judge; the state simply does not count
+            payload = msg.payload if len(msg.payload) <= MAX_STATE_BYTES else bytes(MAX_STATE_BYTES + 1)
+            states.append((msg.topic.rsplit("/", 2)[-2], payload))
 
     client.on_connect = on_connect
     client.on_subscribe = lambda c, *a: c.publish(probe, b"", qos=1)
@@ -271,38 +359,62 @@ def retained_states(cfg, timeout_s):
     return states if reached else None
 
 
-def counters_from_states(states, devices, local_bins):
-    """(counters, bins, newest synced received_at) to raise, from the retained states of our bins.
-    A state is used only when its device is the bin's device now and it is newer than what we
-    hold for the bin (a bin re-provisioned since has a newer state of its own)."""
+def valid_states(cfg, states, devices, metrics, now):
+    """The states that pass parse_state; each refused one is counted and logged (the first
+    LOGGED_REJECTIONS by topic, then one line with how many more)."""
     by_dev = {d.dev: d for d in devices.values()}
-    counters, bins, newest = {}, {}, None
-    for bin_id, s in states:
-        try:
-            device = by_dev.get(s["device"])
-            fcnt = int(s["fcnt"])
-            at = _parse_time(s["received_at"])
-        except (KeyError, TypeError, ValueError):
+    valid, refused = [], 0
+    for bin_id, payload in states:
+        state, reason = parse_state(bin_id, payload, by_dev, now)
+        if state is not None:
+            valid.append(state)
             continue
-        if s.get("time_synced") is True and (newest is None or at > newest):
-            newest = at
-        if device is None or device.bin_id != bin_id:
+        refused += 1
+        metrics.readback_rejected.labels("retained", reason).inc()
+        if refused <= LOGGED_REJECTIONS:
+            logs.event(log, logging.WARNING, "retained bin state refused: not used for counters or the clock",
+                       topic=state_topic(cfg, bin_id), reason=reason, bytes=len(payload))
+    if refused > LOGGED_REJECTIONS:
+        logs.event(log, logging.WARNING, "more retained bin states refused", more=refused - LOGGED_REJECTIONS)
+    return valid
+
+
+def state_topic(cfg, bin_id):
+    return "%s/bin/%s/state" % (cfg.base_topic, bin_id)
+
+
+def newest_synced_time(states):
+    """Clock evidence: the newest received_at of a synced state (validated, so never from the future)."""
+    return max((s.received_at for s in states if s.time_synced), default=None)
+
+
+def counters_from_states(states, local_bins):
+    """(counters, bins) the validated states support: a state counts only under the key its device
+    has now. A state without key_epoch (published by 0.4.0 or before) can be of any key the bin had, so it
+    counts only for a device never re-keyed (epoch 0); a new key's counter starts again at 0, and
+    an old key's counter taken for it would refuse the new key's frames as replays."""
+    counters, bins = {}, {}
+    for s in states:
+        device = s.device
+        epoch = device.key_epoch if s.key_epoch is None and device.key_epoch == 0 else s.key_epoch
+        if epoch != device.key_epoch:
             continue
-        local = local_bins.get(bin_id)
-        if local is not None and local.updated_at > at and local.fcnt < fcnt:
+        local = local_bins.get(s.bin_id)
+        if local is not None and local.updated_at > s.received_at and local.fcnt < s.fcnt:
             continue  # a newer state here with a lower counter: the bin was re-provisioned since
-        counters[device.device_id] = Counter(fcnt, device.key_id, device.key_epoch)
-        if local is None or local.is_newer(device.key_epoch, fcnt):
-            bins[bin_id] = BinState(device.key_epoch, fcnt, s.get("fill_pct"), codec.flag_bits(s.get("flags") or []), at)
-    return counters, bins, newest
-
-
-def _parse_time(text):
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        counter = counters.get(device.device_id)
+        if counter is not None and counter.fcnt >= s.fcnt:
+            continue
+        counters[device.device_id] = Counter(s.fcnt, device.key_id, device.key_epoch)
+        if local is None or local.is_newer(device.key_epoch, s.fcnt):
+            bins[s.bin_id] = BinState(device.key_epoch, s.fcnt, s.fill_pct, s.flags, s.received_at)
+    return counters, bins
 
 
 def raise_counters(cfg, box, devices, report, metrics):
-    wait = BROKER_WAIT_AFTER_LOSS_S if report.lost else BROKER_WAIT_S
+    """Reads the broker's retained states: clock evidence at every start; counters only when this
+    gateway's own are lost or were never here (report.needs_counters)."""
+    wait = BROKER_WAIT_AFTER_LOSS_S if report.lost else BROKER_WAIT_S  # a first start does not wait long for a broker
     states = retained_states(cfg, wait)
     if states is None:
         level = logging.ERROR if report.lost else logging.INFO
@@ -310,15 +422,19 @@ def raise_counters(cfg, box, devices, report, metrics):
                    + ("; a recorded frame of a bin whose counter was lost could be accepted" if report.lost else ""),
                    waited_s=wait)
         return
-    counters, bins, report.newest_synced_time = counters_from_states(states, devices, box.bins())
+    valid = valid_states(cfg, states, devices, metrics, time.time())
+    report.newest_synced_time = newest_synced_time(valid)
+    if not report.needs_counters:
+        return  # our own counters are whole: a retained state could only be older, or not ours
+    counters, bins = counters_from_states(valid, box.bins())
     local = box.counters()
     raised = {d: c for d, c in counters.items() if d not in local or local[d].key_id != c.key_id or local[d].fcnt < c.fcnt}
     if raised:
         box.raise_counters(raised, bins)
         metrics.counters_from_broker.inc(len(raised))
-        logs.event(log, logging.WARNING if not report.lost else logging.ERROR,
+        logs.event(log, logging.ERROR if report.lost else logging.WARNING,
                    "frame counters raised from the broker's retained states", devices=len(raised),
-                   retained_states=len(states))
+                   retained_states=len(states), valid_states=len(valid))
 
 
 # the whole start-up ---------------------------------------------------------------------------

@@ -34,7 +34,9 @@ def expected(kind, device, reading, flags, fill, fcnt, rssi, snr, gateway, sourc
     if kind != "uplink":
         body.update(fill_rate_pct_per_day=rate, full_at=None if full_at is None else _iso(round(full_at)),
                     lat=device.lat, lon=device.lon, name=device.name or None)
-    if kind != "state":
+    if kind == "state":
+        body["key_epoch"] = device.key_epoch
+    else:
         mid = "%06x:%d:%d" % (device.device_id, device.key_epoch, fcnt)
         body.update(event=kind, message_id=mid if kind == "uplink" else mid + ":" + kind, backlog=backlog)
     return body

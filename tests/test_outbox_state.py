@@ -1,5 +1,6 @@
 """The outbox and start-up recovery on their own: counters and bin states through a crash, a full
 disk, salvage around a damaged page, counters from retained states, the clock check."""
+import json
 import os
 import sqlite3
 import subprocess
@@ -103,21 +104,45 @@ def test_salvage_reads_around_a_damaged_page(tmp_path):
     assert [r[0] for r in rows["counters"]] == [0xA1]
 
 
+def _valid(states, devices, now=None):
+    """Retained (bin, state dict) pairs through the parser, as recovery reads them."""
+    now = recovery._parse_time("2026-12-02T00:00:00.000Z") if now is None else now
+    return recovery.valid_states(CFG, [(b, json.dumps(s).encode()) for b, s in states], devices, Metrics(), now)
+
+
 def test_counters_from_retained_states_skip_other_bins_and_reprovisioned_ones():
     devices = _devices()
     states = [
-        ("bin-a", {"device": "0000a1", "fcnt": 70000, "fill_pct": 40.0, "flags": ["tilt"], "received_at": "2026-12-01T10:00:00.000Z",
-                   "time_synced": True}),
-        ("bin-b", {"device": "0000b2", "fcnt": 900, "fill_pct": None, "flags": [], "received_at": "2026-12-01T09:00:00.000Z",
-                   "time_synced": False}),
-        ("bin-x", {"device": "0000ff", "fcnt": 5, "received_at": "2026-12-01T11:00:00.000Z", "time_synced": True}),
+        ("bin-a", {"device": "0000a1", "fcnt": 70000, "key_epoch": 0, "fill_pct": 40.0, "flags": ["tilt"],
+                   "received_at": "2026-12-01T10:00:00.000Z", "time_synced": True}),
+        ("bin-b", {"device": "0000b2", "fcnt": 900, "key_epoch": 0, "fill_pct": None, "flags": [],
+                   "received_at": "2026-12-01T09:00:00.000Z", "time_synced": False}),
+        ("bin-x", {"device": "0000ff", "fcnt": 5, "key_epoch": 0, "fill_pct": None, "flags": [],
+                   "received_at": "2026-12-01T11:00:00.000Z", "time_synced": True}),
         ("bin-b", {"device": "garbage"}),
     ]
     local_bins = {"bin-b": BinState(0, 3, 10.0, 0, recovery._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
-    counters, bins, newest = recovery.counters_from_states(states, devices, local_bins)
+    valid = _valid(states, devices)
+    counters, bins = recovery.counters_from_states(valid, local_bins)
     assert counters == {0xA1: Counter(70000, devices[0xA1].key_id, 0)}
     assert bins == {"bin-a": BinState(0, 70000, 40.0, codec.F_TILT, recovery._parse_time("2026-12-01T10:00:00.000Z"))}
-    assert newest == recovery._parse_time("2026-12-01T11:00:00.000Z")
+    assert recovery.newest_synced_time(valid) == recovery._parse_time("2026-12-01T10:00:00.000Z")  # bin-x is not ours
+
+
+def test_a_state_counts_only_under_the_key_epoch_its_device_has_now():
+    rekeyed = {0xA1: Device(0xA1, "bin-a", KEY_A2, 1200, 200, key_epoch=1)}
+    old_key = {"device": "0000a1", "fcnt": 40004, "key_epoch": 0, "fill_pct": 10, "flags": [],
+               "received_at": "2026-12-01T10:00:00.000Z", "time_synced": True}
+    before_epochs = dict(old_key)
+    del before_epochs["key_epoch"]
+    for state in (old_key, before_epochs):
+        assert recovery.counters_from_states(_valid([("bin-a", state)], rekeyed), {}) == ({}, {})
+    # a device never re-keyed: a state from before epochs were published can only be of its key
+    counters, _ = recovery.counters_from_states(_valid([("bin-a", before_epochs)], _devices()), {})
+    assert counters == {0xA1: Counter(40004, _devices()[0xA1].key_id, 0)}
+    new_key = dict(old_key, key_epoch=1, fcnt=4)
+    counters, _ = recovery.counters_from_states(_valid([("bin-a", new_key), ("bin-a", old_key)], rekeyed), {})
+    assert counters == {0xA1: Counter(4, rekeyed[0xA1].key_id, 1)}
 
 
 def test_clock_check_flags_a_clock_before_the_release_or_behind_the_broker(caplog):
