@@ -241,6 +241,9 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
     class HW:
         tilted = True
 
+        def wdt_start(self, ms):
+            calls.append(("wdt", ms))
+
         def deepsleep(self, ms):
             calls.append(("deepsleep", ms))
 
@@ -252,7 +255,7 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
 
     monkeypatch.setattr(config, "load", lambda path="/config.json": config.parse({}, b""))
     app.main(HW())
-    assert calls == [("deepsleep", config.SAFE_SLEEP_S * 1000)]
+    assert calls == [("wdt", config.DEFAULTS["wdt_ms"]), ("deepsleep", config.SAFE_SLEEP_S * 1000)]
     calls.clear()
     good = {"device_id": 1, "key": "00" * 16, "tilt_pin": 33}
     monkeypatch.setattr(config, "load", lambda path="/config.json": config.parse(good, b"{}"))
@@ -263,7 +266,7 @@ def test_main_sleeps_safely_and_never_arms_a_wake_that_fires_at_once(tmp_path, m
     h.tilted = False
     calls.clear()
     app.main(h)
-    assert calls == [("wake_on_pin", 33), ("deepsleep", 900000)]
+    assert calls == [("wdt", 30000), ("wake_on_pin", 33), ("deepsleep", 900000)]
 
 
 def test_e22_is_woken_for_sending_and_put_to_sleep_after(make_device):
@@ -288,3 +291,83 @@ def test_hello_with_the_full_counter_every_day(make_device):
     for h in hellos[1:]:  # each daily hello is followed directly by that wake's reading
         nxt = ds[ds.index(h) + 1]
         assert nxt["type"] in ("reading", "backlog") and nxt["fcnt"] == h["fcnt"] + 1
+
+
+def test_every_failure_ends_in_deep_sleep_with_the_watchdog_running_first(monkeypatch):
+    """An unreadable config, an invalid pin, a failing state save in the cycle's finally: the wake
+    ends in deep sleep each time (never the REPL at ~40 mA), the watchdog started before anything
+    that can hang; a Ctrl-C from the technician's tool still reaches the REPL."""
+    from binlink.firmware import app
+
+    calls = []
+
+    class HW:
+        def __init__(self, fail_at=()):
+            self.fail_at = fail_at
+
+        def _call(self, name, *args):
+            calls.append(name)
+            if name in self.fail_at:
+                raise OSError("injected: %s" % name)
+
+        def wdt_start(self, ms):
+            self._call("wdt_start")
+
+        def pin_read(self, pin):
+            self._call("pin_read")
+            return 1
+
+        def wake_on_pin(self, pin, level):
+            self._call("wake_on_pin")
+
+        def deepsleep(self, ms):
+            calls.append(("deepsleep", ms))
+
+    def broken_load(path="/config.json"):
+        raise MemoryError("heap exhausted reading the config")
+
+    monkeypatch.setattr(config, "load", broken_load)
+    app.main(HW())
+    assert calls == ["wdt_start", ("deepsleep", config.SAFE_SLEEP_S * 1000)]
+    good, _, problems = config.parse({"device_id": 1, "key": "00" * 16, "tilt_pin": 33, "wake_s": 600}, b"{}")
+    assert not problems
+    for fail in ("pin_read", "wake_on_pin", "wdt_start"):
+        calls.clear()
+        app.start(HW(fail_at=(fail,)), good, b"\0" * 4)
+        assert calls[0] == "wdt_start" and calls[-1] == ("deepsleep", (600 if fail != "wdt_start" else 3600) * 1000), (fail, calls)
+
+    def save_fails(hw, s):
+        raise OSError("RTC memory write failed")
+
+    slept = []
+    monkeypatch.setattr(app.state, "save", save_fails)
+    monkeypatch.setattr(app.state, "load", lambda hw: app.state.State())
+    monkeypatch.setattr(app.transports, "make", lambda hw, cfg: Radio())
+
+    class Radio:
+        def sleep(self):
+            slept.append(True)
+
+    monkeypatch.setattr(app, "_cycle", lambda hw, cfg, chash, s, radio: 1234)
+    calls.clear()
+    app.start(HW(), good, b"\0" * 4)
+    assert slept == [True] and calls[-1] == ("deepsleep", 600 * 1000)  # radio asleep, then the board
+
+    def interrupted(hw, cfg, chash):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "run_cycle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        app.start(HW(), good, b"\0" * 4)
+
+
+@pytest.mark.parametrize("key, pin", [("tilt_pin", 5), ("tilt_pin", 23), ("radio_m0_pin", 34), ("radio_m1_pin", 18)])
+def test_pins_that_cannot_wake_or_hold_through_deep_sleep_are_refused(key, pin):
+    cfg, _, problems = config.parse({"device_id": 1, "key": "00" * 16, key: pin}, b"{}")
+    assert any(p.startswith("%s %d cannot" % (key, pin)) for p in problems), problems
+    assert cfg[key] == config.DEFAULTS[key]
+
+
+def test_a_watchdog_timeout_the_chip_refuses_is_replaced():
+    cfg, _, problems = config.parse({"device_id": 1, "key": "00" * 16, "wdt_ms": 0}, b"{}")
+    assert "wdt_ms must be 1000..120000" in problems and cfg["wdt_ms"] == config.DEFAULTS["wdt_ms"]

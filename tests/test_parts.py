@@ -73,6 +73,31 @@ def test_a_reset_at_any_step_never_reuses_a_counter(make_device, kind):
             assert any(d["type"] == "reading" for d in decoded(dev)[-2:]), (kind, wake_no, at)
 
 
+def test_an_exception_at_any_hardware_call_ends_in_deep_sleep_and_the_bin_reports_again(make_device):
+    """A part that fails (an OSError from any stand-in call) in a cold-boot wake and in a reporting
+    wake, at every call (on the VM every 20th): the wake ends in deep sleep, not in the REPL or a
+    watchdog loop, and the next wakes report, with no counter used twice."""
+    step = 20 if make_device().interp == "micropython" else 1
+    for wake_no in (0, 1):
+        probe = make_device(report_s=900, nvs_every=4)
+        probe.vm = None
+        run(probe, wake_no)
+        before = probe.hw.ops
+        run(probe, 1)
+        for at in range(1, probe.hw.ops - before + 1, step):  # the same seed: the same calls in the same order
+            dev = make_device(report_s=900, nvs_every=4)
+            vm, dev.vm = dev.vm, None
+            run(dev, wake_no)
+            dev.vm = vm
+            dev.hw.inject_error(dev.hw.ops + at)
+            run(dev, 1)
+            assert dev.hw.halted == "deepsleep" and dev.resets == 0, (wake_no, at, dev.hw.halted)
+            run(dev, 2)
+            assert len(set(dev.counters)) == len(dev.counters), (wake_no, at, dev.counters)
+            assert gateway_accepts(dev) is None, (wake_no, at, gateway_accepts(dev))
+            assert any(d["type"] == "reading" for d in decoded(dev)[-2:]), (wake_no, at)
+
+
 # EBYTE E22 / E32 ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("transport", ["e22", "e32"])

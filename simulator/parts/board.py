@@ -60,6 +60,7 @@ class Board:
         self.halted = None
         self.ops = 0
         self.reset_at = None  # (op number, kind): inject a reset at that hardware call
+        self.error_at = None  # op number: that hardware call fails with an OSError
         self.sleep_ms = None
         self.tilted = False
         self.hot_c = None
@@ -275,6 +276,10 @@ class Board:
     def inject_reset(self, at_op, kind):
         self.reset_at = (at_op, kind)
 
+    def inject_error(self, at_op):
+        """The stand-in call number at_op fails as a faulty part would: the firmware sees an OSError."""
+        self.error_at = at_op
+
     # the firmware's side: one entry for every stand-in call ---------------------------------------
     def dispatch(self, op, args):
         if self.halted:
@@ -285,6 +290,9 @@ class Board:
                 kind = self.reset_at[1]
                 self.reset_at = None
                 raise chip.Stop(kind)
+            if self.error_at == self.ops and _OP_NAMES[op] != "op_deepsleep":  # the chip's own: no part to fail
+                self.error_at = None
+                return {"oserror": "injected fault at call %d (%s)" % (self.ops, _OP_NAMES[op])}
             # the interpreter's time around the call: no part acts within it (they are stepped
             # before anything observes them), only the charge and the watchdog count
             self.charge_mAs += self._ma * chip.CALL_MS / 1000.0

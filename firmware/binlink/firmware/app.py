@@ -11,8 +11,8 @@ _log = log.get("app")
 
 
 def run_cycle(hw, cfg, chash):
-    """One wake; returns the number of seconds to deep-sleep. State is saved before returning."""
-    hw.wdt_start(cfg["wdt_ms"])
+    """One wake (the watchdog already running); returns the number of seconds to deep-sleep.
+    State is saved and the radio put to sleep before returning, each even if the other fails."""
     s = state.load(hw)
     radio = None
     try:
@@ -20,12 +20,14 @@ def run_cycle(hw, cfg, chash):
         return _cycle(hw, cfg, chash, s, radio)
     except Exception as e:  # noqa: BLE001 - any fault: count it, sleep, try again next wake
         s.errors += 1
-        _log.error("cycle failed: %s", repr(e))
+        _failed("cycle", e)
         return cfg["wake_s"]
     finally:
-        state.save(hw, s)
-        if radio is not None:
-            radio.sleep()
+        try:
+            state.save(hw, s)
+        finally:
+            if radio is not None:
+                radio.sleep()
 
 
 def _cycle(hw, cfg, chash, s, radio):
@@ -146,21 +148,41 @@ def _flush_backlog(hw, cfg, s, radio, now):
         state.save(hw, s)
 
 
+def _failed(where, e):
+    try:
+        _log.error("%s failed: %s", where, repr(e))
+    except Exception:  # noqa: BLE001 - nothing left to tell it to: sleep all the same
+        pass
+
+
 def main(hw):
-    """Device entry point (main.py): one cycle, then deep sleep."""
-    cfg, chash, problems = config.load()
-    for p in problems:
-        _log.warning("config: %s", p)
+    """Device entry point (main.py): one cycle, then deep sleep, whatever fails on the way."""
+    cfg = chash = None
+    try:
+        cfg, chash, problems = config.load()
+        for p in problems:
+            _log.warning("config: %s", p)
+    except Exception as e:  # noqa: BLE001 - start() sleeps safely without a config
+        _failed("config", e)
     start(hw, cfg, chash)
 
 
 def start(hw, cfg, chash):
-    """Everything after reading the config: one cycle, then deep sleep (never returns on a board)."""
-    if not config.usable(cfg):
-        _log.error("no usable config: sleeping %d s", config.SAFE_SLEEP_S)
-        hw.deepsleep(config.SAFE_SLEEP_S * 1000)
-        return
-    if cfg["tilt_pin"] >= 0 and hw.pin_read(cfg["tilt_pin"]) == 1:
-        # wake when the bin tips over; not while it lies tipped, or it would wake at once forever
-        hw.wake_on_pin(cfg["tilt_pin"], 0)
-    hw.deepsleep(run_cycle(hw, cfg, chash) * 1000)
+    """Everything after reading the config: the watchdog first, one cycle, then deep sleep (never
+    returns on a board). Any exception ends in deep sleep too, never in the REPL at ~40 mA; a
+    Ctrl-C from the technician's tool is no Exception and still reaches the REPL."""
+    sleep_s = config.SAFE_SLEEP_S
+    try:
+        usable = cfg is not None and config.usable(cfg)
+        hw.wdt_start(cfg["wdt_ms"] if usable else config.DEFAULTS["wdt_ms"])
+        if not usable:
+            _log.error("no usable config: sleeping %d s", sleep_s)
+        else:
+            sleep_s = cfg["wake_s"]  # if anything below fails
+            if cfg["tilt_pin"] >= 0 and hw.pin_read(cfg["tilt_pin"]) == 1:
+                # wake when the bin tips over; not while it lies tipped, or it would wake at once forever
+                hw.wake_on_pin(cfg["tilt_pin"], 0)
+            sleep_s = run_cycle(hw, cfg, chash)
+    except Exception as e:  # noqa: BLE001 - any fault: sleep, try again next wake
+        _failed("wake", e)
+    hw.deepsleep(sleep_s * 1000)

@@ -55,6 +55,11 @@ DEFAULTS = {
 }
 CHOICES = {"transport": ("e22", "e32", "rylr998", "serial", "wifi"), "sensor": ("jsn-sr04t", "hc-sr04", "a02yyuw")}
 SAFE_SLEEP_S = 3600  # sleep for this long when the configuration is unusable
+# ESP32 pins of the RTC domain (Technical Reference Manual, "RTC IO MUX"): only these wake the chip
+# (ext0) or keep a level through deep sleep; 34-39 are inputs only
+RTC_GPIO = (0, 2, 4, 12, 13, 14, 15, 25, 26, 27, 32, 33, 34, 35, 36, 37, 38, 39)
+INPUT_ONLY = (34, 35, 36, 37, 38, 39)
+WDT_MS = (1000, 120000)  # machine.WDT refuses less than 1 s; more would leave a hung wake awake for minutes
 
 
 def load(path="/config.json"):
@@ -119,8 +124,22 @@ def parse(given, raw=b"", problems=None):
     if cfg["pings"] < 1 or cfg["pings"] > 15:
         problems.append("pings must be 1..15")
         cfg["pings"] = DEFAULTS["pings"]
+    if not WDT_MS[0] <= cfg["wdt_ms"] <= WDT_MS[1]:
+        problems.append("wdt_ms must be %d..%d" % WDT_MS)
+        cfg["wdt_ms"] = DEFAULTS["wdt_ms"]
+    _rtc_pin(cfg, "tilt_pin", "wake the board from deep sleep", True, problems)
+    if cfg["transport"] in ("e22", "e32"):  # the module's mode pins hold it asleep through deep sleep
+        for k in ("radio_m0_pin", "radio_m1_pin"):
+            _rtc_pin(cfg, k, "hold the radio asleep through deep sleep", False, problems)
     return cfg, hashlib.sha256(raw).digest()[:4], problems
 
 
 def usable(cfg):
     return cfg["device_id"] is not None and cfg["key"] is not None
+
+
+def _rtc_pin(cfg, k, job, may_be_input, problems):
+    pin = cfg[k]
+    if pin != -1 and (pin not in RTC_GPIO or (not may_be_input and pin in INPUT_ONLY)):
+        problems.append("%s %d cannot %s: not an RTC-capable %s" % (k, pin, job, "GPIO" if may_be_input else "output"))
+        cfg[k] = DEFAULTS[k]
