@@ -3,7 +3,9 @@
 
 - this release's date (RELEASED below: raise it with each release, as systemd's TIME_EPOCH);
 - the newest `received_at` among the broker's retained bin states stamped by a synced clock (read
-  at start by recovery), less a tolerance for gateways whose clocks differ a little.
+  at start by recovery), less a tolerance for gateways whose clocks differ a little. Recovery
+  refuses a state later than this clock plus the same tolerance (anyone may retain one from 2099),
+  so this catches a clock that steps back while the gateway runs, not one already behind at start.
 
 A clock found implausible is logged once (and once more when it is right again), shown as the
 binlink_clock_suspect gauge, and every message says `time_synced: false` meanwhile."""
