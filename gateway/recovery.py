@@ -21,7 +21,6 @@ counter values newer than the broker's retained state (a frame accepted while th
 unreachable). Both are logged with what is known of them."""
 import json
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -297,7 +296,7 @@ def parse_state(bin_id, payload, devices_by_dev, now):
     if "key_epoch" in s and not _is_u32(epoch):
         return None, "key_epoch"
     fill = s.get("fill_pct")
-    if fill is not None and not (type(fill) in (int, float) and math.isfinite(fill) and 0 <= fill <= 100):
+    if fill is not None and not (type(fill) in (int, float) and 0 <= fill <= 100):  # NaN compares false
         return None, "fill_pct"
     flags = s.get("flags")
     if not isinstance(flags, list) or not all(isinstance(f, str) and f in _FLAGS for f in flags):
