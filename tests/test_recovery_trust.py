@@ -11,6 +11,7 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, strategies as st
 
 from binlink.wire import framing
 from binlink.gateway import clock, config, recovery
@@ -154,6 +155,20 @@ def test_every_hostile_state_is_refused_with_its_reason_and_a_genuine_one_passes
     # up to 0.4.0 states carried no key_epoch: still a state, of an unknown key
     legacy, why = recovery.parse_state(GENUINE_BIN, state(GENUINE_DEV, GENUINE_BIN, key_epoch=DROP), by_dev, now)
     assert why is None and legacy.key_epoch is None
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                           max_leaves=12)
+
+
+@given(field=st.sampled_from(["device", "fcnt", "key_epoch", "fill_pct", "flags", "received_at", "time_synced"]),
+       value=json_values, raw=st.binary(max_size=200))
+def test_the_parser_answers_any_payload_and_never_raises(field, value, raw):
+    by_dev = {"%06x" % GENUINE_DEV: Device(GENUINE_DEV, GENUINE_BIN, KEY, 1200, 200)}
+    for payload in (state(GENUINE_DEV, GENUINE_BIN, **{field: value}), raw):
+        parsed, why = recovery.parse_state(GENUINE_BIN, payload, by_dev, time.time())
+        assert (parsed is None) != (why is None)
 
 
 def test_refused_states_are_counted_and_logged_by_topic_with_a_limit(caplog):
