@@ -36,6 +36,7 @@ from binlink.wire import codec
 from binlink.gateway import clock, config, logs
 from binlink.gateway.heads import BinState, Counter
 from binlink.gateway.outbox import Outbox
+from binlink.gateway.registry import Device
 from binlink.gateway.storage import StorageFull, is_full
 
 log = logs.get("recovery")
@@ -247,18 +248,18 @@ def carry_over(box, rows, report):
                        "outbox": len(messages), "pending": sum(1 for r in messages if r[6] is None)}
 
 
-# step 3: counters from the broker -------------------------------------------------------------
+# step 3: the broker's retained states -----------------------------------------------------------
 MAX_STATE_BYTES = 4096  # a rendered state is about 600 bytes; anything far larger is not one of ours
 FUTURE_TOLERANCE_S = clock.TOLERANCE_S  # gateways' clocks differ a little; a state from later is no evidence
 LOGGED_REJECTIONS = 10  # refused states logged one by one at each start; the rest in one summary line
 _DEVICE_HEX = re.compile(r"[0-9a-f]{6}")
-_FLAGS = {name: bit for bit, name in codec.FLAG_NAMES}
+_FLAG_NAMES = frozenset(name for _, name in codec.FLAG_NAMES)
 
 
 class RetainedState(NamedTuple):
     """A retained bin state that passed parse_state: every field of the type and range it must have."""
     bin_id: str
-    device: object  # registry.Device, the device the registry has for this bin now
+    device: Device  # the device the registry has for this bin now
     fcnt: int
     key_epoch: int | None  # None: published before states carried their key's epoch
     fill_pct: float | None
@@ -299,7 +300,7 @@ def parse_state(bin_id, payload, devices_by_dev, now):
     if fill is not None and not (type(fill) in (int, float) and 0 <= fill <= 100):  # NaN compares false
         return None, "fill_pct"
     flags = s.get("flags")
-    if not isinstance(flags, list) or not all(isinstance(f, str) and f in _FLAGS for f in flags):
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f in _FLAG_NAMES for f in flags):
         return None, "flags"
     at = _parse_time(s.get("received_at"))
     if at is None or at < clock.RELEASED:
@@ -327,7 +328,7 @@ def retained_states(cfg, timeout_s):
     """The retained messages under the base topic's bin states: [(bin_id, payload)], or None when
     the broker cannot be reached in time. Complete: a probe published after subscribing comes back
     after every retained message (one connection's messages arrive in order). An oversized payload
-    is kept as its size only, so a broker full of them cannot fill the memory."""
+    is cut just past the size a state may have, so a broker full of them cannot fill the memory."""
     probe = "%s/gateway/%s/recovery-probe/%s" % (cfg.base_topic, cfg.gateway_id, uuid.uuid4().hex)
     states_filter = "%s/bin/+/state" % cfg.base_topic
     states, done = [], threading.Event()
@@ -342,8 +343,7 @@ def retained_states(cfg, timeout_s):
         if msg.topic == probe:
             done.set()
         elif msg.retain:
-            payload = msg.payload if len(msg.payload) <= MAX_STATE_BYTES else bytes(MAX_STATE_BYTES + 1)
-            states.append((msg.topic.rsplit("/", 2)[-2], payload))
+            states.append((msg.topic.rsplit("/", 2)[-2], msg.payload[:MAX_STATE_BYTES + 1]))  # enough to refuse
 
     client.on_connect = on_connect
     client.on_subscribe = lambda c, *a: c.publish(probe, b"", qos=1)
@@ -372,7 +372,7 @@ def valid_states(cfg, states, devices, metrics, now):
         metrics.readback_rejected.labels("retained", reason).inc()
         if refused <= LOGGED_REJECTIONS:
             logs.event(log, logging.WARNING, "retained bin state refused: not used for counters or the clock",
-                       topic=state_topic(cfg, bin_id), reason=reason, bytes=len(payload))
+                       topic=state_topic(cfg, bin_id), reason=reason)
     if refused > LOGGED_REJECTIONS:
         logs.event(log, logging.WARNING, "more retained bin states refused", more=refused - LOGGED_REJECTIONS)
     return valid
@@ -410,7 +410,7 @@ def counters_from_states(states, local_bins):
     return counters, bins
 
 
-def raise_counters(cfg, box, devices, report, metrics):
+def use_retained_states(cfg, box, devices, report, metrics):
     """Reads the broker's retained states: clock evidence at every start; counters only when this
     gateway's own are lost or were never here (report.needs_counters)."""
     wait = BROKER_WAIT_AFTER_LOSS_S if report.lost else BROKER_WAIT_S  # a first start does not wait long for a broker
@@ -456,7 +456,7 @@ def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: Non
                    **report.salvaged)
     _write_marker(db_path)
     try:
-        raise_counters(cfg, box, devices, report, metrics)
+        use_retained_states(cfg, box, devices, report, metrics)
     except StorageFull:
         logs.event(log, logging.ERROR, "storage full: counters from the broker not stored")
     return box, report
