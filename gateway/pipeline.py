@@ -27,6 +27,8 @@ from binlink.gateway.uplink import Outcome, Reading, Reason, Uplink, Verdict
 
 log = logs.get("pipeline")
 STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
+RECEPTIONS_KEPT = 8  # receptions stored per frame heard again; more copies are only counted
+COPIES_TRACKED = 16384  # frames whose copies are counted (~1.5 MB), forgotten all at once beyond
 
 
 class Pipeline:
@@ -38,7 +40,8 @@ class Pipeline:
         self.shared = shared  # SharedState or None (one gateway alone)
         self.dedup = Dedup(cfg.dedup_window_s)
         self.bins = {}  # bin_id -> BinState
-        self.resync = Resync()
+        self.resync = Resync(metrics)
+        self._copies = {}  # device_id << 32 | fcnt -> copies heard
         self.standby = {}  # (device_id, epoch, fcnt) -> Uplink: a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified uplinks of this group, claimed together in one round trip
@@ -155,9 +158,8 @@ class Pipeline:
             raise codec.ProtocolError(Reason.UNKNOWN_DEVICE, "device %06x" % up.header[1])
 
     def _verify(self, up, batch):
-        """verify the tag and the counter → dedup. A copy of a frame accepted before ends here as a
-        duplicate; a frame no counter known here verifies is held (resync.py). Returns readings
-        a resynchronisation recovered."""
+        """verify the tag and the counter → dedup. A copy of a frame accepted before ends here as a duplicate;
+        a frame no counter known here verifies is held (resync.py). Returns readings a resync recovered."""
         device = up.device
         last = self.counters.get(device.device_id)
         try:
@@ -168,14 +170,9 @@ class Pipeline:
                 up.outcome = Outcome.DUPLICATE
                 self._duplicate(up, e.fcnt, batch)
                 return 0
-            if e.reason in (Reason.BAD_TAG, Reason.FCNT_GAP):  # perhaps a counter this gateway lost track of
-                found = self.resync.hold(up, last)
-                if found is not None:
-                    up.outcome = Outcome.HELD
-                    self.metrics.resynced.inc()
-                    logs.event(log, logging.INFO, "counter resynchronised from two frames", device=device.dev,
-                               fcnt=found, last_fcnt=last)
-                    return self._recover(device, found + 1, last, batch)
+            if e.reason in (Reason.BAD_TAG, Reason.FCNT_GAP) and (found := self.resync.hold(up, last)) is not None:
+                up.outcome = Outcome.HELD
+                return self._recover(device, found + 1, last, batch)
             raise codec.ProtocolError(e.reason, "device %s: %s" % (device.dev, e.detail)) from None
         up.last_fcnt = self.counters.get(device.device_id)  # the fleet's, when it knew more than this gateway
         return 0
@@ -290,16 +287,14 @@ class Pipeline:
         return self._recover(device, up.fcnt, floor, batch) if device.device_id in self.resync else 0
 
     def _recover(self, device, anchor, floor, batch):
-        """Frames held before a resynchronisation: each verified (one tag check) with the counter
-        below the anchor and above the floor that its 16 bits name, then claimed like any frame."""
+        """Frames held before a resynchronisation, verified below the anchor (resync.release), claimed like any frame."""
         n = 0
-        for up in self.resync.release(device.device_id, self.clock()):
+        for up in self.resync.release(device, anchor, floor, self.clock()):
             try:
-                up.fcnt = codec.verify_before(up.frame, device.key, anchor, floor)
                 self._decode(up)
                 n += self._settle(up, self._claim(up), batch)
             except codec.ProtocolError:
-                continue  # corrupt or forged after all: already counted when it arrived
+                continue  # the fleet refused it (a peer's counter is past it)
             self.metrics.recovered.inc()
         return n
 
@@ -388,9 +383,14 @@ class Pipeline:
         return self.shared is not None and self.shared.is_duplicate(device, fcnt, digest(frame).hex())
 
     def _duplicate(self, up, fcnt, batch):
+        """Counted every time; a reception row for the first copies only (a flood costs no disk)."""
         self.metrics.duplicates.inc()
-        rec = up.reception
-        batch.receptions.append((up.device.device_id, fcnt, up.source, rec.rssi, rec.snr, up.received_at, 1))
+        if len(self._copies) > COPIES_TRACKED:
+            self._copies.clear()  # a frame forgotten here may store RECEPTIONS_KEPT more rows: still bounded
+        key = up.device.device_id << 32 | fcnt
+        self._copies[key] = copies = self._copies.get(key, 0) + 1
+        if copies <= RECEPTIONS_KEPT:
+            batch.receptions.append((up.device.device_id, fcnt, up.source, up.reception.rssi, up.reception.snr, up.received_at, 1))
 
     def _refuse(self, batch, error):
         """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin

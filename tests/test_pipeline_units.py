@@ -192,3 +192,44 @@ def test_dedup_answers_as_a_plain_window_would(ops):
         else:
             want = (dev, fcnt) in model and model[(dev, fcnt)][0] == frame and now - model[(dev, fcnt)][1] <= 30
             assert d.is_duplicate(dev, fcnt, frame, now) == want
+
+
+def test_copies_of_a_frame_store_a_bounded_number_of_receptions(tmp_path):
+    """20,000 copies over Wi-Fi cost no disk: the first few are stored as receptions, all counted."""
+    from binlink.wire import codec
+    from binlink.gateway.pipeline import RECEPTIONS_KEPT
+
+    p, box = _pipeline(tmp_path)
+    frame = codec.encode_reading(DEV.key, 1, 5, 700, 20, 3700, 0, 5, 5)
+    assert p.process([_rec(frame)]) == 1
+    for _ in range(4):
+        p.process([_rec(frame)] * 500)
+    assert box.db.execute("SELECT COUNT(*) FROM receptions").fetchone()[0] == RECEPTIONS_KEPT
+    assert p.metrics.value("binlink_duplicates_total") == 2000
+
+
+@pytest.mark.parametrize("forged_first,decoys", [(False, 0), (True, 0), (True, 16)])
+def test_ten_forged_frames_per_report_do_not_keep_a_bin_from_resynchronising(forged_first, decoys):
+    """A forger follows (or precedes) each report of a bin this gateway lost track of with ten
+    forged frames naming it, and as many naming each of 16 decoy bins: the bin is placed again
+    from its second report, as without a forger."""
+    from tests.bench_resync import reports_needed
+
+    assert reports_needed(forged_per_report=10, decoys=decoys, forged_first=forged_first) <= 3
+
+
+def test_forged_frames_naming_1000_bins_are_held_within_a_memory_bound():
+    from binlink.gateway.resync import HELD_TOTAL
+    from tests.bench_resync import held_frames_mb
+
+    mb, held = held_frames_mb(bins=1000, frames_per_bin=10)
+    assert held == HELD_TOTAL and mb <= 16
+
+
+def test_a_forged_hello_naming_its_counter_is_not_held(tmp_path):
+    """A version 2 hello verifies on its own: one that does not is forged, nothing to wait for."""
+    from binlink.wire import codec
+
+    p, _ = _pipeline(tmp_path)
+    p.process([_rec(codec.encode_hello(bytes(range(16)), 1, 70000, (1, 0, 0), 1, bytes(4)))])  # TEST KEY, not the device's
+    assert p.metrics.value("binlink_frames_rejected_total", reason="bad_tag") == 1 and len(p.resync) == 0
