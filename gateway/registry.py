@@ -23,12 +23,13 @@ import tomli_w
 
 from binlink.gateway.config import ConfigError
 
-_BIN_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_BIN_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline through
 
 
 def valid_bin_id(bin_id):
-    """Bin ids go into MQTT topics and Home Assistant ids: lowercase letters, digits, - and _."""
-    return isinstance(bin_id, str) and _BIN_ID.match(bin_id) is not None
+    """Bin ids go into MQTT topics and Home Assistant ids: lowercase letters, digits, - and _ (never
+    `/`, `+`, `#` or NUL, which would change or break the topic), 64 characters at most."""
+    return isinstance(bin_id, str) and _BIN_ID.fullmatch(bin_id) is not None
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,45 @@ class Registry(dict):
         return set(self) | set(self.retired)
 
 
+def parse_device(d, p):
+    """(Device, []) for one [[device]] table, or (None, problems naming p): the one set of rules for
+    an entry, whether it comes from the registry file or from the shared state (Redis)."""
+    if not isinstance(d, dict):
+        return None, ["%s: must be a table ([[device]])" % p]
+    found = []
+    dev_id = None
+    try:
+        dev_id = parse_device_id(d.get("device_id"))
+    except ValueError as e:
+        found.append("%s.device_id: %s" % (p, e))
+    key_hex = d.get("key", "")
+    if not (isinstance(key_hex, str) and re.fullmatch(r"[0-9a-fA-F]{32}", key_hex)):
+        found.append("%s.key: must be 32 hex digits (128 bits)" % p)  # never echo the value
+    bin_id = d.get("bin_id", "")
+    if not valid_bin_id(bin_id):
+        found.append("%s.bin_id: %r must be lowercase letters, digits, - or _" % (p, bin_id))
+    depth, full = d.get("depth_mm"), d.get("full_mm")
+    if not (type(depth) is int and type(full) is int and 0 <= full < depth):
+        found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
+    epoch = d.get("key_epoch", 0)
+    if not (type(epoch) is int and 0 <= epoch < 2**32):  # 32 bits in the outbox's records
+        found.append("%s.key_epoch: must be an integer from 0 to 4294967295, got %r" % (p, epoch))
+    for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
+        if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
+            found.append("%s.%s: wrong type" % (p, opt))
+    if isinstance(d.get("name"), str) and len(d["name"]) > NAME_MAX:
+        found.append("%s.name: at most %d characters" % (p, NAME_MAX))
+    if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
+        found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
+    unknown = set(d) - _DEVICE_KEYS
+    if unknown:
+        found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
+    if found:
+        return None, found
+    return Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"), d.get("lon"),
+                  epoch, d.get("report_s", 3600)), []
+
+
 def parse(data, path="registry"):
     problems = []
     devices = {}
@@ -110,46 +150,15 @@ def parse(data, path="registry"):
         raise ConfigError(["%s: [[device]] must be an array of tables" % path])
     for i, d in enumerate(entries):
         p = "%s: device[%d]" % (path, i)
-        if not isinstance(d, dict):
-            problems.append("%s: must be a table ([[device]])" % p)
-            continue
-        found = []
-        dev_id = None
-        try:
-            dev_id = parse_device_id(d.get("device_id"))
-        except ValueError as e:
-            found.append("%s.device_id: %s" % (p, e))
-        key_hex = d.get("key", "")
-        if not (isinstance(key_hex, str) and re.fullmatch(r"[0-9a-fA-F]{32}", key_hex)):
-            found.append("%s.key: must be 32 hex digits (128 bits)" % p)  # never echo the value
-        bin_id = d.get("bin_id", "")
-        if not (isinstance(bin_id, str) and _BIN_ID.match(bin_id)):
-            found.append("%s.bin_id: %r must be lowercase letters, digits, - or _" % (p, bin_id))
-        depth, full = d.get("depth_mm"), d.get("full_mm")
-        if not (type(depth) is int and type(full) is int and 0 <= full < depth):
-            found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
-        epoch = d.get("key_epoch", 0)
-        if not (type(epoch) is int and 0 <= epoch < 2**32):  # 32 bits in the outbox's records
-            found.append("%s.key_epoch: must be an integer from 0 to 4294967295, got %r" % (p, epoch))
-        for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
-            if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
-                found.append("%s.%s: wrong type" % (p, opt))
-        if isinstance(d.get("name"), str) and len(d["name"]) > NAME_MAX:
-            found.append("%s.name: at most %d characters" % (p, NAME_MAX))
-        if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
-            found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
-        unknown = set(d) - _DEVICE_KEYS
-        if unknown:
-            found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
-        if dev_id is not None and dev_id in devices:
-            found.append("%s.device_id: %06x listed twice" % (p, dev_id))
-        if isinstance(bin_id, str) and bin_id in bins:
-            found.append("%s.bin_id: %r listed twice" % (p, bin_id))
+        device, found = parse_device(d, p)
+        if device is not None and device.device_id in devices:
+            found.append("%s.device_id: %06x listed twice" % (p, device.device_id))
+        if device is not None and device.bin_id in bins:
+            found.append("%s.bin_id: %r listed twice" % (p, device.bin_id))
         problems += found
         if not found:
-            bins.add(bin_id)
-            devices[dev_id] = Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"),
-                                     d.get("lon"), epoch, d.get("report_s", 3600))
+            bins.add(device.bin_id)
+            devices[device.device_id] = device
     retired = {}
     gone = data.get("retired", [])
     if not isinstance(gone, list):
@@ -202,19 +211,22 @@ def allocate_id(taken, rng=secrets.randbelow):
             return n
 
 
+def device_entry(d):
+    """A Device as its [[device]] table (the inverse of parse_device)."""
+    entry = {"device_id": d.dev, "bin_id": d.bin_id, "key": d.key.hex(), "key_epoch": d.key_epoch,
+             "depth_mm": d.depth_mm, "full_mm": d.full_mm}
+    if d.name:
+        entry["name"] = d.name
+    if d.lat is not None:
+        entry["lat"], entry["lon"] = d.lat, d.lon
+    if d.report_s != Device.report_s:
+        entry["report_s"] = d.report_s
+    return entry
+
+
 def to_data(reg):
     """The TOML document for a Registry (the inverse of parse)."""
-    devices = []
-    for d in sorted(reg.values(), key=lambda d: d.bin_id):
-        entry = {"device_id": d.dev, "bin_id": d.bin_id, "key": d.key.hex(), "key_epoch": d.key_epoch,
-                 "depth_mm": d.depth_mm, "full_mm": d.full_mm}
-        if d.name:
-            entry["name"] = d.name
-        if d.lat is not None:
-            entry["lat"], entry["lon"] = d.lat, d.lon
-        if d.report_s != Device.report_s:
-            entry["report_s"] = d.report_s
-        devices.append(entry)
+    devices = [device_entry(d) for d in sorted(reg.values(), key=lambda d: d.bin_id)]
     retired = [{"device_id": "%06x" % dev, "bin_id": b, "retired_at": at} for dev, (b, at) in sorted(reg.retired.items())]
     return {"device": devices, "retired": retired}
 
