@@ -5,7 +5,8 @@ import stat
 import tomllib
 from dataclasses import dataclass, field
 
-from binlink.gateway.config_rules import NUMBER, PORT, Rule, listen_problems, redis_url_problems, sentinel_problems
+from binlink.gateway.config_rules import (NUMBER, PORT, Rule, listen_problems, redis_url_problems, sentinel_problems,
+                                          shared_state_problems)
 from binlink.gateway.module_formats import FORMATS
 
 
@@ -49,10 +50,12 @@ class Mqtt:
 class Redis:
     """[redis]: state shared by several gateways (gateway/shared_state.py); off when url and
     sentinels are empty. TLS: a rediss:// url (with ca_file, and cert_file/key_file for client
-    certificates). Auth: an ACL user and a password in a file only the service user can read."""
+    certificates). Auth: an ACL user and a password in a file only the service user can read; the
+    registry secret seals the registry entries in Redis (docs/gateway.md §5)."""
     url: str = ""  # redis://host:6379/0 or rediss://host:6380/0; no password in it
     username: str = ""
     password_file: str = ""
+    registry_secret_file: str = ""  # the same file on every gateway of the site, mode 0600
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -138,6 +141,7 @@ _EVENTS = {
 _METRICS = {"listen": Rule(str, check=listen_problems)}
 _REDIS = {
     "url": Rule(str, check=redis_url_problems), "username": Rule(str), "password_file": Rule(str),
+    "registry_secret_file": Rule(str),
     "ca_file": Rule(str), "cert_file": Rule(str), "key_file": Rule(str),
     "sentinels": Rule(list, check=sentinel_problems), "sentinel_master": Rule(str, nonempty=True),
     "cluster": Rule(bool), "prefix": Rule(str, nonempty=True),
@@ -212,6 +216,7 @@ def parse(data):
     ev = _check_table(_table(data, "events", problems), _EVENTS, "events", problems)
     met = _check_table(_table(data, "metrics", problems), _METRICS, "metrics", problems)
     rd = _check_table(_table(data, "redis", problems), _REDIS, "redis", problems)
+    problems += shared_state_problems(rd)
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -264,8 +269,13 @@ def apply_mqtt_settings(client, m):
                        cert_reqs=ssl.CERT_REQUIRED)
 
 
-def _readable(path, key, problems, secret=False):
-    """Opens path as the gateway will; a secret must not be readable by other users."""
+OTHERS = stat.S_IROTH | stat.S_IWOTH
+GROUP_OR_OTHERS = stat.S_IRGRP | stat.S_IWGRP | OTHERS
+
+
+def _readable(path, key, problems, secret=False, private=False):
+    """Opens path as the gateway will; a secret must not be readable by other users, a private
+    secret (a key to the shared state) not by its group either."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -273,7 +283,9 @@ def _readable(path, key, problems, secret=False):
     except OSError as e:
         problems.append("%s: cannot read %s: %s" % (key, path, e.strerror or e))
         return None
-    if secret and mode & (stat.S_IROTH | stat.S_IWOTH):
+    if private and mode & GROUP_OR_OTHERS:
+        problems.append("%s: %s is readable by its group or other users; it holds a secret (chmod 600)" % (key, path))
+    elif secret and mode & OTHERS:
         problems.append("%s: %s is readable by other users; it holds a secret (chmod 640)" % (key, path))
     return data
 
@@ -301,7 +313,27 @@ def check_files(cfg):
         except (ssl.SSLError, OSError) as e:
             key = "mqtt.cert_file" if m.cert_file and "cafile" not in str(e) else "mqtt.ca_file"
             problems.append("%s: not usable for TLS (%s, %s): %s" % (key, m.ca_file or "system store", m.cert_file or "-", e))
+    if cfg.redis.enabled:
+        problems += _redis_file_problems(cfg.redis)
     problems += _state_dir_problems(cfg.state_dir)
+    return problems
+
+
+REGISTRY_SECRET_MIN = 32  # bytes: a 256-bit secret written as hex or base64 is longer
+
+
+def _redis_file_problems(rc):
+    """The password and the registry secret: present, readable, private, long enough to matter."""
+    problems = []
+    for key, path, least, what in (("redis.password_file", rc.password_file, 1, "is empty"),
+                                   ("redis.registry_secret_file", rc.registry_secret_file, REGISTRY_SECRET_MIN,
+                                    "holds fewer than %d characters (openssl rand -hex 32)" % REGISTRY_SECRET_MIN)):
+        data = _readable(path, key, problems, private=True)
+        if data is not None and len(data.strip()) < least:
+            problems.append("%s: %s %s" % (key, path, what))
+    for key, path in (("redis.ca_file", rc.ca_file), ("redis.cert_file", rc.cert_file), ("redis.key_file", rc.key_file)):
+        if path:
+            _readable(path, key, problems, private=key == "redis.key_file")
     return problems
 
 

@@ -1,6 +1,7 @@
 """How one configuration value is checked: Rule (type, bounds, choices) and the checks for values
 with a format of their own (HOST:PORT, a list of them, a Redis url). Every problem text names the
 key path. The schema built from these rules is config.py's."""
+import ipaddress
 import urllib.parse
 
 
@@ -94,3 +95,32 @@ def redis_url_problems(url):
     if port and not PORT.within(int(port)):
         return ["port %s is out of range (%s)" % (port, PORT.allowed())]
     return []
+
+
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def shared_state_problems(rd):
+    """[redis], once its values are valid: a shared state is trusted with every bin's counters and
+    claims, so it needs authentication (an ACL user and a password file, a registry secret to seal
+    the registry), and TLS to any Redis that is not on this machine."""
+    if not (rd.get("url") or rd.get("sentinels")):
+        return []
+    out = ["redis.%s: missing: a shared state needs %s" % (key, why) for key, why in (
+        ("username", "authentication (an ACL user, docs/gateway.md §5)"),
+        ("password_file", "authentication (the ACL user's password, in a file of mode 0600)"),
+        ("registry_secret_file", "the site's registry secret (the same file, mode 0600, on every gateway)"))
+        if not rd.get(key)]
+    url = rd.get("url", "")
+    if url.startswith("redis://") and not _loopback(urllib.parse.urlsplit(url).hostname or ""):
+        out.append("redis.url: %s is not on this machine: use rediss:// (TLS) with redis.ca_file" % url)
+    remote = [h for h in rd.get("sentinels", []) if not _loopback(h.rpartition(":")[0].strip("[]"))]
+    if remote and not rd.get("ca_file"):
+        out.append("redis.sentinels: %s not on this machine: TLS needs redis.ca_file" % ", ".join(remote))
+    return out

@@ -2,6 +2,7 @@
 the allowed range, at `binlink gateway check-config` and at start (issue 17)."""
 import copy
 import math
+import os
 import struct
 import subprocess
 
@@ -136,10 +137,67 @@ def test_examples_name_the_key_and_what_is_allowed(table, key, value, problem):
     assert problem in problems(with_value(table, key, value)[0])
 
 
+AUTH = {"username": "binlink", "password_file": "/etc/binlink/redis.password",
+        "registry_secret_file": "/etc/binlink/registry.secret"}
+
+
+def with_redis(**table):
+    doc = copy.deepcopy(BASE)
+    doc["redis"] = table
+    return doc
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://localhost:6380/0", "redis://[::1]:6379/0",
-                                 "redis://localhost/0", "unix:///run/redis.sock"])
+                                 "redis://localhost/0", "unix:///run/redis.sock", "rediss://10.0.0.5:6380/0"])
 def test_redis_urls_with_a_port_in_range_are_accepted(url):
-    assert problems(with_value("redis", "url", url)[0]) == []
+    assert problems(with_redis(url=url, **AUTH)) == []
+
+
+def test_a_shared_state_needs_authentication_and_a_registry_secret():
+    assert problems(with_redis(url="redis://127.0.0.1:6379/0")) == [
+        "redis.username: missing: a shared state needs authentication (an ACL user, docs/gateway.md §5)",
+        "redis.password_file: missing: a shared state needs authentication (the ACL user's password, in a file of mode 0600)",
+        "redis.registry_secret_file: missing: a shared state needs the site's registry secret (the same file, "
+        "mode 0600, on every gateway)"]
+    assert problems(with_redis(url="", **AUTH)) == []  # no shared state: nothing needed
+
+
+@pytest.mark.parametrize("table,problem", [
+    ({"url": "redis://10.0.0.5:6379/0"}, "redis.url: redis://10.0.0.5:6379/0 is not on this machine: use rediss:// (TLS)"),
+    ({"url": "redis://redis.city.example/0"}, "redis.url: redis://redis.city.example/0 is not on this machine"),
+    ({"sentinels": ["127.0.0.1:26379", "10.0.0.6:26379"]}, "redis.sentinels: 10.0.0.6:26379 not on this machine: TLS needs redis.ca_file"),
+])
+def test_a_shared_state_off_this_machine_needs_tls(table, problem):
+    found = problems(with_redis(**table, **AUTH))
+    assert len(found) == 1 and found[0].startswith(problem), found
+    assert problems(with_redis(**table, **AUTH, ca_file="/etc/binlink/redis-ca.crt")) == ([] if "sentinels" in table else found)
+
+
+@pytest.mark.parametrize("mode,text,key,problem", [
+    (0o640, "pw", "password_file", "is readable by its group or other users; it holds a secret (chmod 600)"),
+    (0o604, "pw", "password_file", "is readable by its group or other users"),
+    (0o600, "", "password_file", "is empty"),
+    (0o660, "s" * 64, "registry_secret_file", "is readable by its group or other users"),
+    (0o600, "short", "registry_secret_file", "holds fewer than 32 characters"),
+    (None, "", "registry_secret_file", "cannot read"),
+])
+def test_check_config_refuses_loose_or_empty_redis_secrets_naming_the_key(tmp_path, mode, text, key, problem):
+    files = {}
+    for k, content in (("password_file", "pw"), ("registry_secret_file", "s" * 64)):
+        path = tmp_path / k
+        files[k] = path
+        if k == key and mode is None:
+            continue
+        path.write_text(text if k == key else content)
+        os.chmod(path, mode if k == key else 0o600)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid = "g"\nsite = "s"\nregistry = "r.toml"\nstate_dir = "st"\n[[source]]\nport = "/dev/x"\n'
+                   '[redis]\nurl = "redis://127.0.0.1:1/0"\nusername = "binlink"\npassword_file = "%s"\n'
+                   'registry_secret_file = "%s"\n' % (files["password_file"], files["registry_secret_file"]))
+    r = subprocess.run([BINLINK, "gateway", "check-config", str(cfg)], capture_output=True, text=True, timeout=30)
+    line = [x for x in r.stderr.splitlines() if x.startswith("config error: redis.%s: " % key)]
+    assert r.returncode == 2 and len(line) == 1 and str(files[key]) in line[0] and problem in line[0], r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_the_keepalive_bounds_are_what_connect_can_carry():
