@@ -62,9 +62,21 @@ def _write_key(path, device):
 
 
 def _publish(shared, path):
+    """Pushes the registry file to the shared state. A file readable by other users is refused
+    (its keys may have leaked: re-key, then chmod 600), as is a damaged one (ConfigError naming
+    the entry); entries of the shared state that are not trusted are replaced, and counted here."""
     if shared is not None:
-        n = shared.push_registry(registry.load(path, check_permissions=False))
+        n = shared.push_registry(registry.load(path))
         print("shared registry: %d entries written" % n)
+        refused = _refused(shared.metrics)
+        if refused:
+            print("warning: %d entries of the shared registry were not trusted (forged or damaged) and were "
+                  "skipped or replaced: see binlink_readback_rejected_total{source=\"redis\"}" % refused, file=sys.stderr)
+
+
+def _refused(metrics):
+    return sum(s.value for m in metrics.readback_rejected.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels.get("source") == "redis")
 
 
 def _done(device, what, key_out):
