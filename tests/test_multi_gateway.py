@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
+import tomllib
 
 import pytest
 import redis
@@ -30,9 +31,38 @@ def reading(dev, n, dist=700, key=None):
     return codec.encode_reading(key or KEYS[dev], dev, n, dist, 20, 3700, 0, 5, 5)
 
 
+PASSWORD = "test-password-5f1e"  # TEST PASSWORD
+ACL = ["user default off",  # the ACL user docs/gateway.md sets up, limited to binlink's keys and commands
+       "user binlink on >%s ~binlink:* resetchannels -@all +@read +@write +@scripting +ping +info" % PASSWORD]
+
+
+def shared_config(server, ttl_s=3600, ca_file=None):
+    """The [redis] table of every gateway of the test site: the ACL user, its password and the site's
+    registry secret in files of mode 0600 (check-config refuses anything looser)."""
+    pw_file, secret_file = os.path.join(server.tmp, "redis.password"), os.path.join(server.tmp, "registry.secret")
+    for path, text in ((pw_file, PASSWORD), (secret_file, "5445535420" * 8)):  # TEST SECRET
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text + "\n")
+    return ('[redis]\nurl = "%s"\nusername = "binlink"\npassword_file = "%s"\nregistry_secret_file = "%s"\n'
+            'dedup_ttl_s = %s\nregistry_poll_s = 0.5\n%s' % (server.url, pw_file, secret_file, ttl_s,
+                                                             'ca_file = "%s"\n' % ca_file if ca_file else ""))
+
+
+def shared_settings(server, **kw):
+    """The same [redis] table as SharedState takes it, for tests that drive it directly."""
+    from binlink.gateway.config import Redis
+
+    return Redis(**{**tomllib.loads(shared_config(server))["redis"], **kw})
+
+
+def admin(server, **kw):
+    """A client of the test's own (the ACL user): what a Redis writer could do, the tests do with it."""
+    return redis.Redis(port=server.port, username="binlink", password=PASSWORD, **kw)
+
+
 @pytest.fixture
 def redis_server(tmp_path):
-    r = RedisServer(tmp_path).start()
+    r = RedisServer(tmp_path, ACL).start()
     yield r
     r.stop()
 
@@ -53,7 +83,7 @@ class Site:
         i = len(self.gws)
         link = PtyLink(str(self.tmp / ("radio-gw%d" % i)))
         if extra is None:
-            extra = self.redis.config(ttl_s) if self.redis else ""
+            extra = shared_config(self.redis, ttl_s) if self.redis else ""
         gw = GatewayProcess(self.tmp / ("gw%d" % i), self.broker.port, [("radio0", link.link, "raw")], devices=devices,
                             gateway_id="gw%d" % i, extra=extra)
         self.links.append(link)
@@ -110,7 +140,7 @@ def uplink_ids(subscriber):
 def confirmed(redis_server, message_ids):
     """True when every one of these readings' claims in Redis is confirmed (":c"): the claimer has
     it on disk, and no peer can take it over and publish it a second time (TAKEOVER needs ":p")."""
-    r = redis.Redis(port=redis_server.port, decode_responses=True)
+    r = admin(redis_server, decode_responses=True)
     keys = ["binlink:{%s}:seen:%s:%s" % tuple(m.split(":")) for m in message_ids]
     return all(v is not None and v.endswith(":c") for v in r.mget(keys))
 
@@ -143,7 +173,7 @@ def test_frame_recorded_at_one_gateway_and_replayed_at_another_is_refused(tmp_pa
         site.hear(recorded, [0])
         site.hear(reading(DEV_A, 6), [0])
         wait_for(lambda: len(uplink_ids(subscriber)) == 2, what="2 readings via gw0")
-        r = redis.Redis(port=redis_server.port)
+        r = admin(redis_server)
         # past the dedup TTL (1 s): no longer a late copy of the same reception
         wait_for(lambda: not r.exists("binlink:{0000a1}:seen:0:5"), what="the claim of counter 5 expired")
         site.hear(recorded, [1])  # gw1 has never heard bin-a
@@ -234,7 +264,7 @@ def test_redis_killed_and_restarted(tmp_path, broker, redis_server, subscriber):
                      what="retained shared_state topic back to shared")
             assert "counters_reconciled" in g.output()
         wait_for(lambda: set(uplink_ids(subscriber)) >= {"0000a1:0:%d" % n for n in range(21, 31)}, what="after restart")
-        r = redis.Redis(port=redis_server.port, decode_responses=True)
+        r = admin(redis_server, decode_responses=True)
         assert int(r.hget("binlink:{0000a1}:ctr", "fcnt")) >= 20  # the outage's counters were pushed back
         for n in range(31, 41):  # once reconciled: each reading once again
             site.hear(reading(DEV_A, n), (0, 1))
@@ -423,7 +453,6 @@ def test_shared_registry_newer_key_and_retirement_win(redis_server, tmp_path):
     """Two gateways' registry files, merged through Redis: a newer key epoch wins, a retirement
     wins for good, a bin added at one gateway appears at the other; Redis down: the file alone."""
     from binlink.gateway import registry
-    from binlink.gateway.config import Redis
     from binlink.gateway.metrics import Metrics
     from binlink.gateway.shared_state import SharedState
 
@@ -434,30 +463,26 @@ def test_shared_registry_newer_key_and_retirement_win(redis_server, tmp_path):
     registry.rekey(a, "bin-a")
     registry.retire(a, "bin-c")
     new = registry.provision(a, "bin-d", 900, 100)
-    shared = SharedState(Redis(url=redis_server.url), Metrics(), "gw-a")
+    shared = SharedState(shared_settings(redis_server), Metrics(), "gw-a")
     merged_a = shared.merge(registry.load(a))
-    merged_b = SharedState(Redis(url=redis_server.url), Metrics(), "gw-b").merge(registry.load(b))
+    merged_b = SharedState(shared_settings(redis_server), Metrics(), "gw-b").merge(registry.load(b))
     assert merged_b[DEV_A].key_epoch == 1 and merged_b[DEV_A].key == merged_a[DEV_A].key != KEY
     assert DEV_C not in merged_b and DEV_C in merged_b.retired
     assert merged_b[new.device_id].bin_id == "bin-d"
     assert not shared.claim_id(new.device_id) and not shared.claim_id(DEV_C)  # ids the fleet holds
     redis_server.kill()
-    alone = SharedState(Redis(url=redis_server.url, timeout_s=0.2), Metrics(), "gw-b")
+    alone = SharedState(shared_settings(redis_server, timeout_s=0.2), Metrics(), "gw-b")
     assert not alone.up and alone.merge(registry.load(b))[DEV_A].key == KEY
 
 
 def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscriber):
     """Redis with the default user off and an ACL user limited to binlink's keys and commands (the
     lines docs/gateway.md gives); two gateways log in with a password file; nothing secret is logged."""
-    password = "test-password-5f1e"  # TEST PASSWORD
-    acl = ["user default off",
-           "user binlink on >%s ~binlink:* resetchannels -@all +@read +@write +@scripting +ping +info" % password]
-    server = RedisServer(tmp_path, acl).start()
-    pw_file = tmp_path / "redis.password"
-    pw_file.write_text(password + "\n")
+    server = RedisServer(tmp_path, ACL).start()
     site = Site(tmp_path, broker, None, 0)
     try:
-        conf = '[redis]\nurl = "%s"\nusername = "binlink"\npassword_file = "%s"\n' % (server.url, pw_file)
+        conf = shared_config(server)
+        secret = open(os.path.join(server.tmp, "registry.secret")).read().strip()
         for i in range(2):
             site.add(extra=conf)
         for n in range(1, 6):
@@ -469,7 +494,7 @@ def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscrib
         for g in site.gws:
             assert g.metric("binlink_shared_state_up") == 1
             out = g.output()
-            assert password not in out and KEY.hex() not in out and KEY2.hex() not in out
+            assert PASSWORD not in out and secret not in out and KEY.hex() not in out and KEY2.hex() not in out
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port).ping()  # the default user is off
     finally:
@@ -486,7 +511,7 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
         assert r.returncode == 0, r.stderr
         dev = int(r.stdout.split("is device ")[1].split(",")[0], 16)
         key = bytes.fromhex(open(key_out).read().strip())
-        ids = redis.Redis(port=redis_server.port, decode_responses=True).smembers("binlink:ids")
+        ids = admin(redis_server, decode_responses=True).smembers("binlink:ids")
         assert "%06x" % dev in ids  # claimed for the whole fleet: no other registry can draw it
         wait_for(lambda: "devices=%d added=1" % (len(DEVICES) + 2) in site.gws[1].output(),  # + the marker bin
                  what="gw1 polls the shared registry")
@@ -498,10 +523,10 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
 
 def test_tls_to_redis(tmp_path, broker, subscriber, pki):
     """rediss:// with the site's CA, as docs/gateway.md sets it up: two gateways, one reading once."""
-    server = RedisServer(tmp_path, tls_dir=str(pki)).start()
+    server = RedisServer(tmp_path, ACL, tls_dir=str(pki)).start()
     site = Site(tmp_path, broker, None, 0)
     try:
-        conf = '[redis]\nurl = "%s"\nca_file = "%s"\n' % (server.url, pki / "ca.crt")
+        conf = shared_config(server, ca_file=pki / "ca.crt")
         for _ in range(2):
             site.add(extra=conf)
         site.hear(reading(DEV_A, 1), (0, 1))
