@@ -106,3 +106,14 @@ def test_registry_commands(tmp_path):
     assert dev in r.stdout and "retired" in r.stdout and key not in r.stdout
     r = run("rekey", "park-1")
     assert r.returncode == 2 and "not in registry" in r.stderr
+
+
+@pytest.mark.parametrize("bin_id", ["evil/#", "a+b", "bin#", "a/b", "bin\x00", "bin\n", "Bin", "-bin", "b" * 65, ""])
+def test_a_bin_id_unfit_for_an_mqtt_topic_is_refused(bin_id):
+    """The file and the shared state (Redis) hold entries to these same rules (registry.parse_device)."""
+    entry = {"device_id": "0000a1", "bin_id": bin_id, "key": "00" * 16, "depth_mm": 1000, "full_mm": 100}
+    device, problems = registry.parse_device(entry, "redis device")
+    assert device is None and problems == ["redis device.bin_id: %r must be lowercase letters, digits, - or _" % bin_id]
+    with pytest.raises(ConfigError):
+        registry.parse({"device": [entry]})
+    assert registry.parse_device(dict(entry, bin_id="b" * 64), "x")[0].bin_id == "b" * 64
