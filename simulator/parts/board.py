@@ -61,6 +61,7 @@ class Board:
         self.ops = 0
         self.reset_at = None  # (op number, kind): inject a reset at that hardware call
         self.error_at = None  # op number: that hardware call fails with an OSError
+        self.cell_sags = False  # a cold, passivated cell: the radio's transmit pulse browns the chip out
         self.sleep_ms = None
         self.tilted = False
         self.hot_c = None
@@ -75,9 +76,9 @@ class Board:
         ruart = cfg["radio_uart"]
         if kind in ("e22", "e32"):
             cls = E22 if kind == "e22" else E32
-            self.radio = cls(cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], transmit)
+            self.radio = cls(cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], self._key_up)
         elif kind == "rylr998":
-            self.radio = Rylr998(transmit)
+            self.radio = Rylr998(self._key_up)
         elif kind == "serial":
             self.radio = _Wire(transmit)
         if self.radio is not None:
@@ -272,6 +273,14 @@ class Board:
             self.wifi["broker"] = "down" if down else "ok"
         else:
             self.radio.dead = down
+
+    def _key_up(self, payload, on_air_len, sf, bw, dbm):
+        """The radio keys up: on a sagging cell the current pulse pulls the supply under the ESP32's
+        brown-out threshold before the packet leaves (the chip then reports a power-on reset with
+        RTC memory intact: ports/esp32/modmachine.c)."""
+        if self.cell_sags:
+            raise chip.Stop("brownout")
+        return self.transmit(payload, on_air_len, sf, bw, dbm)
 
     def inject_reset(self, at_op, kind):
         self.reset_at = (at_op, kind)

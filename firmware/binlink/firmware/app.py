@@ -5,8 +5,9 @@ from binlink.wire import airtime, codec
 
 from binlink.firmware import config, log, measure, sensors, state, transports
 
-FW_VERSION = (1, 1, 0)  # 1.1: the hello carries the full counter, and is sent daily too
+FW_VERSION = (1, 2, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off
 DAY_S = 86400
+POWER_ON, DEEPSLEEP = 1, 4  # hw.reset_cause(): codec.RESET_CAUSES
 _log = log.get("app")
 
 
@@ -33,7 +34,16 @@ def run_cycle(hw, cfg, chash):
 def _cycle(hw, cfg, chash, s, radio):
     now = hw.time_s()
     cause = hw.reset_cause()
-    if cause != 4 or not s.restored:  # cold boot: check the radio module's settings, say hello
+    if s.restored and cause == POWER_ON:
+        # power came back with RTC memory intact (a real power loss clears it): the supply browned
+        # out — the ESP32 reports a brown-out as a power-on — on a cell sagging under the radio's
+        # pulse or the sensor's inrush. Set-up, hello and sending would brown it out again:
+        # measure, keep the readings, back off.
+        s.brownouts = min(255, s.brownouts + 1)
+        s.quiet_until = now + _backoff_s(cfg, s.brownouts)
+        _log.warning("brown-out %d in a row: no transmission for %d s", s.brownouts, s.quiet_until - now)
+    quiet = now < s.quiet_until
+    if not quiet and (cause != DEEPSLEEP or not s.restored):  # cold boot: check the radio module's settings, say hello
         if not radio.setup():
             s.errors += 1
         _hello(hw, cfg, chash, s, radio, now, cause)
@@ -54,7 +64,13 @@ def _cycle(hw, cfg, chash, s, radio):
     if new_alarm:
         flags |= codec.F_ALARM_WAKE
     fill = _fill_pct(cfg, dist)
-    if not _due(cfg, s, now, dist, fill, new_alarm):
+    if not _due(cfg, s, now, dist, fill, new_alarm, quiet):
+        return _sleep_s(cfg, s)
+    if quiet:  # kept for when the cell has recovered, sent then as a backlog batch
+        state.push_backlog(s, state.next_fcnt(hw, s, cfg["nvs_every"]), now,
+                           codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"]))
+        s.last_report, s.alarm_flags = now, alarm
+        s.last_distance = state.NO_DISTANCE if dist is None else dist
         return _sleep_s(cfg, s)
     if s.last_report and now // DAY_S != s.last_report // DAY_S:
         # the first report of each day: the hello's full counter lets a gateway that never heard
@@ -100,8 +116,8 @@ def _fill_pct(cfg, dist):
     return 0 if pct < 0 else 100 if pct > 100 else pct
 
 
-def _due(cfg, s, now, dist, fill, new_alarm):
-    if new_alarm or not s.last_report or s.backlog:
+def _due(cfg, s, now, dist, fill, new_alarm, quiet=False):
+    if new_alarm or not s.last_report or (s.backlog and not quiet):  # quiet: the backlog waits for the cell
         return True
     interval = cfg["report_near_full_s"] if fill is not None and fill >= cfg["near_full_pct"] else cfg["report_s"]
     if now - s.last_report >= interval - cfg["wake_s"] // 10:  # the wake jitter must not skip a report
@@ -127,7 +143,15 @@ def _send(hw, cfg, s, radio, frame, now):
             _log.info("duty cycle: %d ms of airtime left, frame needs %d", s.budget_ms, toa)
             return False
         s.budget_ms -= int(toa + 0.999)
-    return radio.send(frame)
+    sent = radio.send(frame)
+    if sent:
+        s.brownouts = 0
+    return sent
+
+
+def _backoff_s(cfg, brownouts):
+    """Twice the wake interval after one brown-out, doubling with each in a row, at most a day."""
+    return min(DAY_S, cfg["wake_s"] << min(brownouts, 7))
 
 
 def _flush_backlog(hw, cfg, s, radio, now):

@@ -4,7 +4,9 @@
 #   0  magic "BL" | 2 layout version | 3 reserved
 #   4  fcnt u32 | 8 errors u16 | 10 dropped u16 | 12 last report time u32 | 16 last distance u16
 #   18 reserved | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
-#   24 airtime budget ms u16 | 26 last alarm flags u8 | 27..31 reserved
+#   24 airtime budget ms u16 | 26 last alarm flags u8 | 27 brown-outs in a row u8
+#   28 no transmission before u32 (s)
+# (27..31 were reserved, always zero, in layout 1's first firmware: it reads the same)
 #   32 backlog: entries of 14 bytes: fcnt u32, measured at u32 (s), reading body (6 bytes)
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
 # the reservation, so no value is ever sent twice.
@@ -12,7 +14,7 @@ import struct
 
 MAGIC = b"BL"
 LAYOUT = 1
-HEADER = "<2sBxIHHIHxBIHB5x"
+HEADER = "<2sBxIHHIHxBIHBBI"
 HEADER_LEN = 32
 ENTRY = "<II6s"
 ENTRY_LEN = 14
@@ -31,13 +33,15 @@ class State:
         self.budget_at = 0  # duty cycle: airtime budget (token bucket), as of budget_at
         self.budget_ms = -1  # -1: never transmitted; starts full
         self.alarm_flags = 0
+        self.brownouts = 0  # brown-outs in a row (power-on resets with RTC memory intact)
+        self.quiet_until = 0  # no transmission before this time (s): the cell recovers meanwhile
         self.backlog = []  # [fcnt, measured_at_s, body bytes]
         self.restored = False  # True when RTC memory held a valid state
 
     def pack(self):
         head = struct.pack(HEADER, MAGIC, LAYOUT, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
                            self.last_report, self.last_distance, len(self.backlog),
-                           self.budget_at, max(0, self.budget_ms), self.alarm_flags)
+                           self.budget_at, max(0, self.budget_ms), self.alarm_flags, self.brownouts, self.quiet_until)
         parts = [head]
         for e in self.backlog:
             parts.append(struct.pack(ENTRY, e[0], e[1], e[2]))
@@ -51,7 +55,7 @@ def unpack(data):
     if len(data) < HEADER_LEN or data[:2] != MAGIC or data[2] != LAYOUT:
         return s
     (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, n,
-     s.budget_at, s.budget_ms, s.alarm_flags) = struct.unpack(HEADER, data[:HEADER_LEN])
+     s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_LEN])
     if HEADER_LEN + n * ENTRY_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)
     for i in range(n):
