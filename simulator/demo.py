@@ -5,6 +5,7 @@ pseudo-terminal through pyserial and publishing to a real broker, which the view
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -49,21 +50,32 @@ URBAN = {"path_loss_exp": 3.8, "shadowing_db": 8.0}
 
 
 def _start_redis(work):
-    """(process, url) of a real redis-server on a free port, or (None, why not)."""
+    """(process, [redis] table, where) of a real redis-server on a free port, set up as docs/gateway.md
+    §5 says (the default user off, an ACL user with a password, a registry secret; files of mode
+    0600), or (None, "", why not)."""
     from binlink.sim import broker as brokers
 
     exe = shutil.which("redis-server")
     if exe is None:
-        return None, "redis-server is not installed (Debian: apt install redis-server)"
+        return None, "", "redis-server is not installed (Debian: apt install redis-server)"
     port = brokers.free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    password, files = secrets.token_hex(16), {}
+    for name, text in (("redis.password", password), ("registry.secret", secrets.token_hex(32)),
+                       ("redis.conf", "user default off\nuser binlink on >%s ~binlink:* resetchannels -@all +@read "
+                                      "+@write +@scripting +ping +info\n" % password)):
+        files[name] = os.path.join(work, name)
+        with open(os.open(files[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(text + "\n")
+    proc = subprocess.Popen([exe, files["redis.conf"], "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         brokers.wait_port(port, timeout=10, proc=proc)
     except (RuntimeError, TimeoutError) as e:
         proc.kill()
-        return None, "redis-server did not start: %s" % e
-    return proc, "redis://127.0.0.1:%d/0" % port
+        return None, "", "redis-server did not start: %s" % e
+    table = ('[redis]\nurl = "redis://127.0.0.1:%d/0"\nusername = "binlink"\npassword_file = "%s"\n'
+             'registry_secret_file = "%s"\n' % (port, files["redis.password"], files["registry.secret"]))
+    return proc, table, "127.0.0.1:%d" % port
 
 
 class View:
@@ -206,7 +218,7 @@ def cmd_demo(args):
     broker = None
     view = None
     fleet = None
-    redis_proc, redis_url, gateways = None, "", []  # gateways: (process, metrics port)
+    redis_proc, redis_table, gateways = None, "", []  # gateways: (process, metrics port)
     try:
         if args.broker:
             host, _, port = args.broker.rpartition(":")
@@ -219,13 +231,13 @@ def cmd_demo(args):
             host, port = "127.0.0.1", broker.port
         n_gw = max(1, args.gateways)
         if n_gw > 1:
-            redis_proc, redis_url = _start_redis(work)
+            redis_proc, redis_table, where = _start_redis(work)
             if redis_proc is None:
-                console.print("==> running ONE gateway, not %d: %s" % (n_gw, redis_url))
-                n_gw, redis_url = 1, ""
+                console.print("==> running ONE gateway, not %d: %s" % (n_gw, where))
+                n_gw, redis_table = 1, ""
             else:
                 console.print("==> %d gateways sharing counters, dedup and the registry through redis-server at %s"
-                              % (n_gw, redis_url))
+                              % (n_gw, where))
         links = [os.path.join(work, "radio%d" % i) for i in range(n_gw)]
         registry = os.path.join(work, "devices.toml")
         console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, ", ".join(links)))
@@ -243,8 +255,7 @@ def cmd_demo(args):
                         '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
                         '[metrics]\nlisten = "127.0.0.1:%d"\n' % (i or "", registry, os.path.join(work, "state%d" % i), link,
                                                                   args.format, host, port, metrics_port))
-                if redis_url:
-                    f.write('[redis]\nurl = "%s"\n' % redis_url)
+                f.write(redis_table)
             console.print("==> starting gateway %d (log: %s)" % (i, os.path.join(work, "gateway%d.log" % i)))
             log = open(os.path.join(work, "gateway%d.log" % i), "ab")
             # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order

@@ -185,15 +185,21 @@ class GatewayProcess:
             return f.read()
 
 
+REDIS_PASSWORD = "test-password-5f1e"  # TEST PASSWORD
+REDIS_ACL = ["user default off",  # the ACL user docs/gateway.md sets up, limited to binlink's keys and commands
+             "user binlink on >%s ~binlink:* resetchannels -@all +@read +@write +@scripting +ping +info" % REDIS_PASSWORD]
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, no persistence; killable and restartable on
     the same port (gateways reconnect to it)."""
 
-    def __init__(self, tmp, conf_lines=(), tls_dir=None):
+    def __init__(self, tmp, conf_lines=None, tls_dir=None):
         """tls_dir: a folder with ca.crt, server.crt, server.key: TLS only (rediss://), no plain port."""
         self.port = free_port()
         self.tmp = str(tmp)
         self.tls_dir = tls_dir
+        conf_lines = REDIS_ACL if conf_lines is None else conf_lines
         if tls_dir:
             conf_lines = list(conf_lines) + ["tls-cert-file %s/server.crt" % tls_dir, "tls-key-file %s/server.key" % tls_dir,
                                              "tls-ca-cert-file %s/ca.crt" % tls_dir, "tls-auth-clients no"]
@@ -214,8 +220,16 @@ class RedisServer:
     def url(self):
         return ("rediss://localhost:%d/0" if self.tls_dir else "redis://127.0.0.1:%d/0") % self.port
 
-    def config(self, ttl_s=3600):
-        return '[redis]\nurl = "%s"\ndedup_ttl_s = %s\nregistry_poll_s = 0.5\n' % (self.url, ttl_s)
+    def config(self, ttl_s=3600, ca_file=None):
+        """The [redis] table of every gateway of the test site: the ACL user, its password and the
+        site's registry secret in files of mode 0600 (check-config refuses anything looser)."""
+        pw_file, secret_file = os.path.join(self.tmp, "redis.password"), os.path.join(self.tmp, "registry.secret")
+        for path, text in ((pw_file, REDIS_PASSWORD), (secret_file, "5445535420" * 8)):  # TEST SECRET
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(text + "\n")
+        return ('[redis]\nurl = "%s"\nusername = "binlink"\npassword_file = "%s"\nregistry_secret_file = "%s"\n'
+                'dedup_ttl_s = %s\nregistry_poll_s = 0.5\n%s' % (self.url, pw_file, secret_file, ttl_s,
+                                                                 'ca_file = "%s"\n' % ca_file if ca_file else ""))
 
     def kill(self):
         self.proc.kill()

@@ -16,7 +16,7 @@ import redis
 
 from binlink.wire import codec, framing
 from binlink.sim.serial_link import PtyLink
-from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, RedisServer, wait_for
+from tests.harness import BINLINK, KEY, KEY2, REDIS_PASSWORD as PASSWORD, GatewayProcess, RedisServer, wait_for
 from tests.test_gateway_tls import pki  # noqa: F401 - the test CA and server certificate (a fixture)
 
 KEY3 = bytes.fromhex("5445535420b1e57e57206b65792d3333")  # TEST KEY
@@ -31,28 +31,11 @@ def reading(dev, n, dist=700, key=None):
     return codec.encode_reading(key or KEYS[dev], dev, n, dist, 20, 3700, 0, 5, 5)
 
 
-PASSWORD = "test-password-5f1e"  # TEST PASSWORD
-ACL = ["user default off",  # the ACL user docs/gateway.md sets up, limited to binlink's keys and commands
-       "user binlink on >%s ~binlink:* resetchannels -@all +@read +@write +@scripting +ping +info" % PASSWORD]
-
-
-def shared_config(server, ttl_s=3600, ca_file=None):
-    """The [redis] table of every gateway of the test site: the ACL user, its password and the site's
-    registry secret in files of mode 0600 (check-config refuses anything looser)."""
-    pw_file, secret_file = os.path.join(server.tmp, "redis.password"), os.path.join(server.tmp, "registry.secret")
-    for path, text in ((pw_file, PASSWORD), (secret_file, "5445535420" * 8)):  # TEST SECRET
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(text + "\n")
-    return ('[redis]\nurl = "%s"\nusername = "binlink"\npassword_file = "%s"\nregistry_secret_file = "%s"\n'
-            'dedup_ttl_s = %s\nregistry_poll_s = 0.5\n%s' % (server.url, pw_file, secret_file, ttl_s,
-                                                             'ca_file = "%s"\n' % ca_file if ca_file else ""))
-
-
 def shared_settings(server, **kw):
     """The same [redis] table as SharedState takes it, for tests that drive it directly."""
     from binlink.gateway.config import Redis
 
-    return Redis(**{**tomllib.loads(shared_config(server))["redis"], **kw})
+    return Redis(**{**tomllib.loads(server.config())["redis"], **kw})
 
 
 def admin(server, **kw):
@@ -62,7 +45,7 @@ def admin(server, **kw):
 
 @pytest.fixture
 def redis_server(tmp_path):
-    r = RedisServer(tmp_path, ACL).start()
+    r = RedisServer(tmp_path).start()
     yield r
     r.stop()
 
@@ -83,7 +66,7 @@ class Site:
         i = len(self.gws)
         link = PtyLink(str(self.tmp / ("radio-gw%d" % i)))
         if extra is None:
-            extra = shared_config(self.redis, ttl_s) if self.redis else ""
+            extra = self.redis.config(ttl_s) if self.redis else ""
         gw = GatewayProcess(self.tmp / ("gw%d" % i), self.broker.port, [("radio0", link.link, "raw")], devices=devices,
                             gateway_id="gw%d" % i, extra=extra)
         self.links.append(link)
@@ -478,10 +461,10 @@ def test_shared_registry_newer_key_and_retirement_win(redis_server, tmp_path):
 def test_acl_user_as_documented_and_no_secret_in_logs(tmp_path, broker, subscriber):
     """Redis with the default user off and an ACL user limited to binlink's keys and commands (the
     lines docs/gateway.md gives); two gateways log in with a password file; nothing secret is logged."""
-    server = RedisServer(tmp_path, ACL).start()
+    server = RedisServer(tmp_path).start()
     site = Site(tmp_path, broker, None, 0)
     try:
-        conf = shared_config(server)
+        conf = server.config()
         secret = open(os.path.join(server.tmp, "registry.secret")).read().strip()
         for i in range(2):
             site.add(extra=conf)
@@ -523,10 +506,10 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
 
 def test_tls_to_redis(tmp_path, broker, subscriber, pki):
     """rediss:// with the site's CA, as docs/gateway.md sets it up: two gateways, one reading once."""
-    server = RedisServer(tmp_path, ACL, tls_dir=str(pki)).start()
+    server = RedisServer(tmp_path, tls_dir=str(pki)).start()
     site = Site(tmp_path, broker, None, 0)
     try:
-        conf = shared_config(server, ca_file=pki / "ca.crt")
+        conf = server.config(ca_file=pki / "ca.crt")
         for _ in range(2):
             site.add(extra=conf)
         site.hear(reading(DEV_A, 1), (0, 1))

@@ -192,11 +192,10 @@ def test_registry_push_refuses_a_world_readable_file_and_names_a_damaged_entry(t
     import subprocess
 
     from tests.harness import BINLINK
-    from tests.test_multi_gateway import shared_config
 
     conf, path = tmp_path / "gw.toml", tmp_path / "devices.toml"
     conf.write_text('[gateway]\nid = "g"\nsite = "s"\nregistry = "%s"\nstate_dir = "%s"\n[[source]]\nport = "/dev/null"\n%s'
-                    % (path, tmp_path / "state", shared_config(redis_server)))
+                    % (path, tmp_path / "state", redis_server.config()))
     registry.add(str(path), DEV_A, "bin-a", KEY, 1200, 200)
     registry.add(str(path), DEV_B, "bin-b", KEY2, 1000, 100)
 
