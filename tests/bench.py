@@ -181,8 +181,17 @@ def bench_state():
     return bench_state.run()
 
 
+def bench_trust():
+    """Poisoned retained states, a re-key through restarts (tests/bench_recovery.py), resync under
+    forgery and the memory it holds (tests/bench_resync.py)."""
+    from tests import bench_recovery, bench_resync
+
+    return {**bench_recovery.run(), **bench_resync.run()}
+
+
 SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet,
-            "multi_gateway": bench_multi_gateway, "state": bench_state, "planner": bench_planner}
+            "multi_gateway": bench_multi_gateway, "state": bench_state, "trust": bench_trust,
+            "planner": bench_planner}
 
 
 def main(names):
