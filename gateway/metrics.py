@@ -2,10 +2,22 @@
 
 The publisher process keeps its own counts and reports them to the service as deltas
 (`apply_publisher_report`): one registry, one endpoint, one stats message for both processes."""
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import ipaddress
+import logging
+import socket
+import threading
+from collections import OrderedDict
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, MetricsHandler
 from prometheus_client.core import HistogramMetricFamily
 
+from binlink.gateway import logs
 from binlink.gateway.latency import LATENCY_BUCKETS, LatencyCounts
+
+log = logs.get("metrics")
+MAX_CONNECTIONS = 32  # open at once; one more closes the oldest, so idle connections cannot lock scrapes out
+CONNECTION_TIMEOUT_S = 10.0  # a connection silent this long (no request, or not reading the answer) is closed
 
 
 class _LatencyCollector:
@@ -62,6 +74,9 @@ class Metrics:
         self.state_problems = Counter("binlink_state_problems", "Damaged or lost state found at start, by problem", ["problem"], registry=r)
         self.state_salvaged = Counter("binlink_state_salvaged_rows", "Rows carried over from a damaged state file, by table", ["table"], registry=r)
         self.counters_from_broker = Counter("binlink_counters_from_broker", "Frame counters raised from the broker's retained bin states at start", registry=r)
+        self.wifi_takeovers = Counter("binlink_wifi_uplink_takeovers", "Wi-Fi uplink connection taken over: the broker "
+                                      "closed it for another client with the same client id (or closed it again and "
+                                      "again right after connecting)", registry=r)
         self.clock_suspect = Gauge("binlink_clock_suspect", "1 while the system clock cannot be right (before the release date or behind the broker's states)", registry=r)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
@@ -104,4 +119,57 @@ class Metrics:
         return out
 
     def serve(self, host, port):
-        return start_http_server(port, addr=host, registry=self.registry)
+        """The text exposition on HTTP: (server, its thread). Said at start when it listens beyond
+        this host: the metrics name bins and count their frames and rejections."""
+        host = host.strip("[]")  # "[::1]:9108"
+        server = _MetricsServer((host, port), MetricsHandler.factory(self.registry))
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
+        if not _loopback(host):
+            logs.event(log, logging.WARNING, "metrics endpoint reachable from other hosts: it names bins and counts "
+                       "their frames and rejections; listen on 127.0.0.1 or firewall it", listen="%s:%d" % (host, port))
+        return server, thread
+
+
+class _MetricsServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS open, each closed after CONNECTION_TIMEOUT_S of silence: idle
+    connections cannot use up the process's file descriptors or keep a scrape out."""
+    daemon_threads = True
+    request_queue_size = 128  # a burst of connections waits to be accepted, rather than retrying a second later
+
+    def __init__(self, address, handler):
+        self._open = OrderedDict()  # socket -> None, oldest first
+        self._open_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        request.settimeout(CONNECTION_TIMEOUT_S)
+        with self._open_lock:
+            if len(self._open) >= MAX_CONNECTIONS:
+                oldest, _ = self._open.popitem(last=False)
+                try:
+                    oldest.shutdown(socket.SHUT_RDWR)  # its thread reads the end and closes it
+                except OSError:
+                    pass  # the peer closed it meanwhile
+            self._open[request] = None
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def open_connections(self):
+        with self._open_lock:
+            return len(self._open)
+
+
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "" (every address) or a name
+        return False

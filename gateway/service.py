@@ -47,7 +47,7 @@ class Gateway:
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
-        self.wifi = WifiInput(cfg, self.queue) if cfg.mqtt.uplink_topic else None
+        self.wifi = WifiInput(cfg, self.queue, self.metrics) if cfg.mqtt.uplink_topic else None
         self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
                                    on_acks=lambda: self.queue.put(ACKS_READY))
         self._acks_due = 0.0  # when acknowledgements no group commit took along are written on their own
