@@ -26,14 +26,15 @@ from binlink.gateway import logs
 log = logs.get("pipeline")
 WAITING_PER_DEVICE = 32  # frames not placed yet, per bin
 ANCHORS_PER_DEVICE = 2  # frames that verified alone, per bin
-HELD_TOTAL = 8192  # across bins, however many bins a forger names (~4 MB)
+HELD_TOTAL = 8192  # across bins, however many bins a forger names (~6 MB)
 HELD_MAX_AGE_S = 2 * 86400  # the hello comes daily; older frames are not waited for
 SLICE = 256  # high halves tried per step: counters below 2^24 in a frame's first step
 HMACS_PER_S = 16384  # the budget across bins: ~2 % of an x86 core, ~8 % of a Pi's
-HMACS_BURST = 65536  # one whole search at once: 0.07 s (x86) to 0.3 s (Pi) of the pipeline's thread
+HMACS_BURST = 65536  # spent after a quiet spell by frames in quick succession, a whole search's worth
 BIN_HMACS_PER_S = 65536 / 60  # one whole search a minute per bin, when few bins ask
-BIN_HMACS_BURST = WAITING_PER_DEVICE * SLICE  # a step for each waiting frame; no more stored, so that
-# decoys cannot save up turns and spend them when a genuine bin's frame comes
+# A step for each waiting frame, no more stored: decoys cannot save up turns to spend when a genuine
+# bin's frame comes, and one frame's arrival costs the pipeline's thread at most ~10 ms (x86), ~40 ms (Pi)
+BIN_HMACS_BURST = WAITING_PER_DEVICE * SLICE
 
 
 class _Held:
@@ -106,7 +107,9 @@ class Resync:
         if codec.explicit_fcnt(up.frame) is not None:
             return None  # a hello naming its counter verifies alone: this one is forged, not worth holding
         device_id, key, now = up.device.device_id, up.device.key, up.received_at
-        b = self.bins.get(device_id) or self.bins.setdefault(device_id, _Bin(now))
+        b = self.bins.get(device_id)
+        if b is None:
+            b = self.bins[device_id] = _Bin(now)
         if any(held.frame == up.frame for held in b.frames()):
             return None  # a copy: holding it twice proves nothing more
         self._add(device_id, b, _Held(up, 0 if floor is None else floor >> 16))
