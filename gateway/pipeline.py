@@ -77,6 +77,8 @@ class Pipeline:
                 continue
             if device.key_id == counter.key_id:
                 self.counters[dev_id], self.stored[dev_id] = counter.fcnt, counter.stored
+                if self.shared is not None:  # pushed again whenever Redis comes back empty
+                    self.shared.remember(device, counter.fcnt)
             else:
                 prev = self.bins.get(device.bin_id)
                 if prev is not None and prev.key_epoch == device.key_epoch:  # a new key under the same epoch
@@ -187,12 +189,12 @@ class Pipeline:
             fleet = self.shared.last(device)
             if fleet is None or (last is not None and fleet <= last):
                 raise e from None
+            fcnt = codec.verify(frame, device.key, fleet, header)  # first: a number in Redis alone moves nothing
             self.counters[device.device_id] = fleet
-            return codec.verify(frame, device.key, fleet, header)
+            return fcnt
 
     def _decode(self, up):
-        """decode → calibrate: the hello's fields, or each reading with its fill level and the
-        gateway's low-battery flag."""
+        """decode → calibrate: the hello's fields, or each reading with its fill and low-battery flag."""
         frame, device = up.frame, up.device
         up.frame_type = frame[0] & 0x0F
         if up.frame_type == codec.T_HELLO:
@@ -206,8 +208,7 @@ class Pipeline:
                                        calibration.fill_pct(device, distance, flags)))
 
     def _queue_claim(self, up, batch):
-        """Several gateways: a reading is claimed with the rest of its group, in one round trip; as
-        of now a second copy in this group is a duplicate. A hello is claimed on its own, in order."""
+        """Several gateways: a reading is claimed with its group in one round trip (a hello alone, in order)."""
         if self.shared is None or codec.explicit_fcnt(up.frame) is not None:
             return False
         self._advance(up.device, up.fcnt, batch)
@@ -299,8 +300,7 @@ class Pipeline:
         return n
 
     def _take_over(self, now, batch):
-        """Frames whose claim a peer never confirmed (it died between claim and commit): the
-        first gateway that heard the same bytes publishes them instead."""
+        """Frames a peer claimed but never stored (it died): the first gateway that heard them publishes them."""
         n = 0
         for key, up in list(self.standby.items()):
             if now - up.received_at < STANDBY_S:

@@ -233,3 +233,40 @@ def test_a_forged_hello_naming_its_counter_is_not_held(tmp_path):
     p, _ = _pipeline(tmp_path)
     p.process([_rec(codec.encode_hello(bytes(range(16)), 1, 70000, (1, 0, 0), 1, bytes(4)))])  # TEST KEY, not the device's
     assert p.metrics.value("binlink_frames_rejected_total", reason="bad_tag") == 1 and len(p.resync) == 0
+
+
+def test_a_fleet_counter_alone_moves_no_counter_here(tmp_path):
+    """Several gateways: a counter in Redis far above this gateway's (a Redis writer's) is used only
+    to verify a frame this gateway cannot; a forged frame that does not verify at it either leaves
+    the local counter alone, so the bin's next genuine frame is still accepted."""
+    from binlink.gateway import config, pipeline
+    from binlink.gateway.metrics import Metrics
+    from binlink.gateway.module_formats import Reception
+
+    class Fleet:  # the shared state as a Redis writer left it: bin 0xA1's counter raised
+        def last(self, device):
+            return 40_000
+
+        def claim_many(self, frames, ttl_s):
+            return [("ok", None)] * len(frames)
+
+        def confirm(self, claims):
+            pass
+
+        def remember(self, device, fcnt):
+            pass
+
+        def is_duplicate(self, device, fcnt, digest):
+            return False
+
+    cfg = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": str(tmp_path)},
+                        "source": [{"port": "/x"}]})
+    key = bytes(range(16))  # TEST KEY
+    dev = Device(0xA1, "bin-a", key, 1200, 200)
+    p = pipeline.Pipeline(cfg, {0xA1: dev}, Outbox(os.path.join(str(tmp_path), "o.sqlite")), Metrics(), shared=Fleet())
+    assert p.process([("r0", Reception(codec.encode_reading(key, 0xA1, 1, 700, 20, 3700, 0, 5, 5)))]) == 1
+    forged = bytearray(codec.encode_reading(key, 0xA1, 2, 700, 20, 3700, 0, 5, 5))
+    forged[-1] ^= 0xFF  # a bad tag: verified against the fleet's counter too, and refused
+    assert p.process([("r0", Reception(bytes(forged)))]) == 0
+    assert p.counters[0xA1] == 1
+    assert p.process([("r0", Reception(codec.encode_reading(key, 0xA1, 2, 700, 20, 3700, 0, 5, 5)))]) == 1
