@@ -277,29 +277,6 @@ def verify_before(frame, key, anchor, floor=None):
     return full
 
 
-def search_counter(newest, older, key, floor=None):
-    """Gateway side, for a bin whose counter it lost (never heard, or moved on past 65 536): the
-    full counter of `newest` found by trying each possible high half, accepted only when one of
-    the `older` frames also verifies with the counter its 16 bits then name below it. Two tags
-    must match: a false match is about 2^16 x 2^-32 x 2^-32 = 2^-48 per search, less likely than
-    forging one frame (2^-32); counters not above floor are never returned. Up to 65 536 HMACs:
-    the caller limits how often it searches. Returns the counter or raises bad_tag."""
-    _check_key(key)
-    low = parse_header(newest)[2]
-    first = 0 if floor is None else floor >> 16
-    for epoch in range(first, 0x10000):
-        full = (epoch << 16) | low
-        if (floor is not None and full <= floor) or not _tag_ok(key, full, newest):
-            continue
-        for frame in older:
-            try:
-                verify_before(frame, key, full, floor)
-                return full
-            except ProtocolError:
-                pass
-    raise ProtocolError("bad_tag", "no counter verifies these frames")
-
-
 def _reading_fields(frame, i):
     d, t, b, flags, q = struct.unpack_from(">HbBBB", frame, i)
     return (None if d == NO_DISTANCE else d, None if t == NO_TEMPERATURE else t, 2000 + 10 * b, flags, q >> 4, q & 0x0F)
