@@ -45,7 +45,7 @@ class RawRssiFormat(RawFormat):
     trailer = True
 
     def _rssi(self, extra):
-        return None if extra is None else -(256 - extra)
+        return None if not extra else -(256 - extra)  # 0 would be -256 dBm, which no receiver reports: unknown
 
 
 class Rylr998Format:
