@@ -39,7 +39,7 @@ class Outcome(Enum):
 
 
 class Verdict(StrEnum):
-    """The shared state's answer to a claim (shared_state.py's script returns these words)."""
+    """The shared state's answer to a claim (shared_scripts.py's claim script returns these words)."""
     MINE = "claimed"  # one gateway alone, or a claim this gateway already holds
     OK = "ok"  # claimed now, fleet-wide: this gateway publishes it
     DUPLICATE = "duplicate"  # a peer stored it already
