@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from binlink.wire import codec
-from binlink.gateway import config, recovery
+from binlink.gateway import config, recovery, retained
+from binlink.gateway.salvage import salvage
 from binlink.gateway.clock import RELEASED, ClockCheck
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.module_formats import Reception
@@ -98,7 +99,7 @@ def test_salvage_reads_around_a_damaged_page(tmp_path):
         f.seek(os.path.getsize(path) // 2 // 1024 * 1024)
         f.write(b"\xff" * 2048)
     assert recovery.check(path) is not None
-    rows = recovery.salvage(path)
+    rows = salvage(path)
     ids = [r[0] for r in rows["outbox"]]
     assert 900 < len(ids) < 1000 and len(set(ids)) == len(ids)
     assert [r[0] for r in rows["counters"]] == [0xA1]
@@ -106,8 +107,8 @@ def test_salvage_reads_around_a_damaged_page(tmp_path):
 
 def _valid(states, devices, now=None):
     """Retained (bin, state dict) pairs through the parser, as recovery reads them."""
-    now = recovery._parse_time("2026-12-02T00:00:00.000Z") if now is None else now
-    return recovery.valid_states(CFG, [(b, json.dumps(s).encode()) for b, s in states], devices, Metrics(), now)
+    now = retained._parse_time("2026-12-02T00:00:00.000Z") if now is None else now
+    return retained.valid_states(CFG, [(b, json.dumps(s).encode()) for b, s in states], devices, Metrics(), now)
 
 
 def test_counters_from_retained_states_skip_other_bins_and_reprovisioned_ones():
@@ -121,12 +122,12 @@ def test_counters_from_retained_states_skip_other_bins_and_reprovisioned_ones():
                    "received_at": "2026-12-01T11:00:00.000Z", "time_synced": True}),
         ("bin-b", {"device": "garbage"}),
     ]
-    local_bins = {"bin-b": BinState(0, 3, 10.0, 0, recovery._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
+    local_bins = {"bin-b": BinState(0, 3, 10.0, 0, retained._parse_time("2026-12-01T09:30:00.000Z"))}  # newer, lower: re-provisioned
     valid = _valid(states, devices)
-    counters, bins = recovery.counters_from_states(valid, local_bins)
+    counters, bins = retained.counters_from_states(valid, local_bins)
     assert counters == {0xA1: Counter(70000, devices[0xA1].key_id, 0)}
-    assert bins == {"bin-a": BinState(0, 70000, 40.0, codec.F_TILT, recovery._parse_time("2026-12-01T10:00:00.000Z"))}
-    assert recovery.newest_synced_time(valid) == recovery._parse_time("2026-12-01T10:00:00.000Z")  # bin-x is not ours
+    assert bins == {"bin-a": BinState(0, 70000, 40.0, codec.F_TILT, retained._parse_time("2026-12-01T10:00:00.000Z"))}
+    assert retained.newest_synced_time(valid) == retained._parse_time("2026-12-01T10:00:00.000Z")  # bin-x is not ours
 
 
 def test_a_state_counts_only_under_the_key_epoch_its_device_has_now():
@@ -136,12 +137,12 @@ def test_a_state_counts_only_under_the_key_epoch_its_device_has_now():
     before_epochs = dict(old_key)
     del before_epochs["key_epoch"]
     for state in (old_key, before_epochs):
-        assert recovery.counters_from_states(_valid([("bin-a", state)], rekeyed), {}) == ({}, {})
+        assert retained.counters_from_states(_valid([("bin-a", state)], rekeyed), {}) == ({}, {})
     # a device never re-keyed: a state from before epochs were published can only be of its key
-    counters, _ = recovery.counters_from_states(_valid([("bin-a", before_epochs)], _devices()), {})
+    counters, _ = retained.counters_from_states(_valid([("bin-a", before_epochs)], _devices()), {})
     assert counters == {0xA1: Counter(40004, _devices()[0xA1].key_id, 0)}
     new_key = dict(old_key, key_epoch=1, fcnt=4)
-    counters, _ = recovery.counters_from_states(_valid([("bin-a", new_key), ("bin-a", old_key)], rekeyed), {})
+    counters, _ = retained.counters_from_states(_valid([("bin-a", new_key), ("bin-a", old_key)], rekeyed), {})
     assert counters == {0xA1: Counter(4, rekeyed[0xA1].key_id, 1)}
 
 

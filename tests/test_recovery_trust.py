@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, strategies as st
 
 from binlink.wire import framing
-from binlink.gateway import clock, config, recovery
+from binlink.gateway import clock, config
 from binlink.gateway.metrics import Metrics
+from binlink.gateway.retained import LOGGED_REJECTIONS, newest_synced_time, parse_state, valid_states
 from binlink.gateway.registry import Device
 from tests.harness import BINLINK, KEY, GatewayProcess, wait_for
-from tests.test_gateway import DEV_A, DEVICES, reading
+from tests.test_gateway import DEVICES, reading
 
 BASE = "binlink/testcity"
 POISON_FCNT = 40000  # were a hostile state believed, every frame of its bin below this would be a replay
@@ -148,12 +149,12 @@ def test_every_hostile_state_is_refused_with_its_reason_and_a_genuine_one_passes
     by_dev = {"%06x" % d: Device(d, b, k, depth, full) for d, b, k, depth, full in devices}
     now = time.time()
     for (name, (_, reason)), (topic, payload) in zip(HOSTILE.items(), retained):
-        parsed, why = recovery.parse_state(topic.split("/")[-2], payload, by_dev, now)
+        parsed, why = parse_state(topic.split("/")[-2], payload, by_dev, now)
         assert (parsed, why) == (None, reason), name
-    genuine, why = recovery.parse_state(GENUINE_BIN, state(GENUINE_DEV, GENUINE_BIN, flags=["tilt"]), by_dev, now)
+    genuine, why = parse_state(GENUINE_BIN, state(GENUINE_DEV, GENUINE_BIN, flags=["tilt"]), by_dev, now)
     assert why is None and (genuine.fcnt, genuine.key_epoch, genuine.fill_pct, genuine.time_synced) == (POISON_FCNT, 0, 40.0, True)
     # up to 0.4.0 states carried no key_epoch: still a state, of an unknown key
-    legacy, why = recovery.parse_state(GENUINE_BIN, state(GENUINE_DEV, GENUINE_BIN, key_epoch=DROP), by_dev, now)
+    legacy, why = parse_state(GENUINE_BIN, state(GENUINE_DEV, GENUINE_BIN, key_epoch=DROP), by_dev, now)
     assert why is None and legacy.key_epoch is None
 
 
@@ -167,7 +168,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 def test_the_parser_answers_any_payload_and_never_raises(field, value, raw):
     by_dev = {"%06x" % GENUINE_DEV: Device(GENUINE_DEV, GENUINE_BIN, KEY, 1200, 200)}
     for payload in (state(GENUINE_DEV, GENUINE_BIN, **{field: value}), raw):
-        parsed, why = recovery.parse_state(GENUINE_BIN, payload, by_dev, time.time())
+        parsed, why = parse_state(GENUINE_BIN, payload, by_dev, time.time())
         assert (parsed is None) != (why is None)
 
 
@@ -176,16 +177,16 @@ def test_refused_states_are_counted_and_logged_by_topic_with_a_limit(caplog):
     registry = {d: Device(d, b, k, depth, full) for d, b, k, depth, full in devices}
     cfg = config.parse({"gateway": {"id": "g", "site": "testcity", "registry": "r", "state_dir": "d"}, "source": [{"port": "/x"}]})
     m = Metrics()
-    valid = recovery.valid_states(cfg, [(t.split("/")[-2], p) for t, p in retained], registry, m, time.time())
+    valid = valid_states(cfg, [(t.split("/")[-2], p) for t, p in retained], registry, m, time.time())
     assert valid == []
     assert m.value("binlink_readback_rejected_total", source="retained", reason="fcnt") == 10
     assert sum(m.value("binlink_readback_rejected_total", source="retained", reason=r) for r in
                {r for _, r in HOSTILE.values()}) == len(HOSTILE)
     logged = [r.fields for r in caplog.records if r.getMessage() == "retained bin state refused: not used for counters or the clock"]
-    assert len(logged) == recovery.LOGGED_REJECTIONS
+    assert len(logged) == LOGGED_REJECTIONS
     assert logged[0] == {"topic": "binlink/testcity/bin/bin-p0/state", "reason": "not_json"}
     [summary] = [r.fields for r in caplog.records if r.getMessage() == "more retained bin states refused"]
-    assert summary == {"more": len(HOSTILE) - recovery.LOGGED_REJECTIONS}
+    assert summary == {"more": len(HOSTILE) - LOGGED_REJECTIONS}
 
 
 def test_a_state_from_the_future_is_no_clock_evidence():
@@ -194,9 +195,9 @@ def test_a_state_from_the_future_is_no_clock_evidence():
     now = time.time()
     near = state(GENUINE_DEV, GENUINE_BIN, received_at=_iso(now + clock.TOLERANCE_S / 2))
     far = state(GENUINE_DEV, GENUINE_BIN, received_at=_iso(now + 3 * 365 * 86400))
-    assert len(recovery.valid_states(cfg, [(GENUINE_BIN, near)], registry, Metrics(), now)) == 1  # clocks differ a little
+    assert len(valid_states(cfg, [(GENUINE_BIN, near)], registry, Metrics(), now)) == 1  # clocks differ a little
     m = Metrics()
-    assert recovery.newest_synced_time(recovery.valid_states(cfg, [(GENUINE_BIN, far)], registry, m, now)) is None
+    assert newest_synced_time(valid_states(cfg, [(GENUINE_BIN, far)], registry, m, now)) is None
     assert m.value("binlink_readback_rejected_total", source="retained", reason="future") == 1
 
 
