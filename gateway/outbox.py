@@ -166,7 +166,7 @@ class Outbox:
         self._heads = None
 
     def carry_over(self, counters, bins, rows):
-        """What was read from a damaged state file (recovery.salvage: counters and bin states with
+        """What was read from a damaged state file (salvage.salvage: counters and bin states with
         their upto_id, outbox rows), written as it was: rows keep their ids."""
         # rows after the newest one carried over are new ones: they must carry the heads further
         top = max((r[0] for r in rows), default=0)
