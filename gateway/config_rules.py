@@ -1,7 +1,10 @@
 """How one configuration value is checked: Rule (type, bounds, choices) and the checks for values
 with a format of their own (HOST:PORT, a list of them, a Redis url). Every problem text names the
-key path. The schema built from these rules is config.py's."""
+key path. The schema built from these rules is config.py's. filesystem_of: which filesystem a path
+is on (a state directory in RAM is refused)."""
 import ipaddress
+import os
+import re
 import urllib.parse
 
 
@@ -124,3 +127,41 @@ def shared_state_problems(rd):
     if remote and not rd.get("ca_file"):
         out.append("redis.sentinels: %s not on this machine: TLS needs redis.ca_file" % ", ".join(remote))
     return out
+
+
+MOUNTINFO = "/proc/self/mountinfo"  # a module-level path: tests point it at a fake table
+VOLATILE = {"tmpfs", "ramfs"}  # kept in RAM: a power cut empties them
+
+
+def _unescape(field):
+    """A mountinfo path: space, tab, newline and backslash are written \\040, \\011, \\012, \\134."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def filesystem_of(path, mountinfo=None):
+    """(mount point, fstype) of the filesystem path is on (or, while it does not exist, its nearest
+    existing parent is), from mountinfo (default MOUNTINFO); None when it cannot be read (not Linux)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        with open(mountinfo or MOUNTINFO, encoding="utf-8", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    return mount_of(os.path.realpath(path), table)  # a symlink to /run/... is on /run
+
+
+def mount_of(path, table):
+    """(mount point, fstype) for an absolute path from a mountinfo table: the mount point that is
+    the longest prefix of the path by whole components; of mounts stacked on one point, the last."""
+    best = None
+    for line in table.splitlines():
+        fields = line.split(" ")  # id parent dev root POINT options [optional...] - FSTYPE source options
+        if "-" not in fields[6:-1]:
+            continue
+        point, fstype = _unescape(fields[4]), fields[fields.index("-", 6) + 1]
+        inside = point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype)
+    return best

@@ -78,6 +78,10 @@ class Metrics:
                                       "closed it for another client with the same client id (or closed it again and "
                                       "again right after connecting)", registry=r)
         self.clock_suspect = Gauge("binlink_clock_suspect", "1 while the system clock cannot be right (before the release date or behind the broker's states)", registry=r)
+        self.counter_headroom = Gauge("binlink_counter_headroom_min", "Frames left before the busiest bin's counter "
+                                      "is used up (2^32-1 minus the highest last accepted counter): re-key the bin "
+                                      "(binlink registry rekey BIN) long before 0", registry=r)
+        self.counter_headroom.set(2**32 - 1)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
 

@@ -35,6 +35,8 @@ ACK_GROUP = 5000  # broker acknowledgements written on their own once this many 
 ACK_IDLE_S = 10.0
 ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
 EXIT_WORKER_DIED = 3
+COUNTER_END = 2**32 - 1  # a counter never wraps: there the key is used up (docs/protocol.md, Edge cases)
+COUNTER_WARN = 2**31  # past half of it, a WARNING once per device: time to re-key
 
 
 class Gateway:
@@ -56,6 +58,7 @@ class Gateway:
         self.notifier = sdnotify.SystemdNotifier()
         self._metrics_server = None
         self._reload = False
+        self._counters_warned = set()  # devices whose counter passed COUNTER_WARN, said once
 
     def _registry(self, local):
         """The file's registry, merged with the fleet's when several gateways share state."""
@@ -145,6 +148,7 @@ class Gateway:
             self.notifier.notify("WATCHDOG=1")
             if now - last_stats >= cfg.status_interval_s:
                 last_stats = now
+                counter_headroom(pipeline.counters, self.devices, self.metrics, self._counters_warned)
                 self.publisher.publish_stats(self.metrics.snapshot())
             if now - last_prune >= 3600:
                 last_prune = now
@@ -219,6 +223,19 @@ class Gateway:
             if self._log_limit.allow("ack", now):
                 logs.event(log, logging.ERROR, "cannot record acknowledgements in the outbox", error=str(e), waiting=waiting)
             self._acks_due = now + 1.0
+
+
+def counter_headroom(counters, devices, metrics, warned):
+    """binlink_counter_headroom_min from counters (device_id -> last accepted fcnt); a WARNING once
+    per device (warned: those said already) whose counter passed COUNTER_WARN."""
+    metrics.counter_headroom.set(COUNTER_END - max(counters.values(), default=0))
+    for dev, fcnt in counters.items():
+        if fcnt >= COUNTER_WARN and dev not in warned:
+            warned.add(dev)
+            bin_id = devices[dev].bin_id if dev in devices else "?"
+            logs.event(log, logging.WARNING, "frame counter past 2^31: re-key the bin before it reaches 2^32-1 "
+                       "(binlink registry rekey %s)" % bin_id, device="%06x" % dev, bin=bin_id, fcnt=fcnt,
+                       left=COUNTER_END - fcnt)
 
 
 def startup_problems(cfg):

@@ -115,7 +115,10 @@ def write_config(path, *, registry_path, state_dir, broker_port, sources, metric
                  gateway_id="gw-test", extra=""):
     lines = [
         "[gateway]", 'id = "%s"' % gateway_id, 'site = "testcity"', 'registry = "%s"' % registry_path,
-        'state_dir = "%s"' % state_dir, "status_interval_s = 1", 'log_level = "info"', "",
+        'state_dir = "%s"' % state_dir, "status_interval_s = 1", 'log_level = "info"',
+        # the state dir is under pytest's tmp_path, a tmpfs on some CI runners, and the full-disk tests
+        # mount a small tmpfs on purpose: a real gateway refuses a state dir in RAM without this
+        "allow_volatile_state = true", "",
     ]
     for name, link, fmt in sources:
         lines += ["[[source]]", 'name = "%s"' % name, 'port = "%s"' % link, 'format = "%s"' % fmt, ""]

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from binlink.gateway import config, mqtt_wire
+from binlink.gateway import cli, config, config_rules, mqtt_wire, registry
 from binlink.gateway.config import SCHEMA, ConfigError
 from tests.harness import BINLINK
 
@@ -237,3 +237,90 @@ def test_check_config_and_start_refuse_an_out_of_range_value_naming_the_key(tmp_
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "config error: " + problem in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+# a state directory in RAM -------------------------------------------------------------------
+# mountinfo lines: id parent major:minor root MOUNT-POINT options [optional fields] - FSTYPE source options
+FAKE_MOUNTS = """\
+22 1 8:2 / / rw,relatime shared:1 - ext4 /dev/mmcblk0p2 rw
+30 22 0:25 / /run rw,nosuid shared:5 - tmpfs tmpfs rw,size=189524k,mode=755
+31 22 8:1 / /var/lib rw,relatime shared:7 - ext4 /dev/sda1 rw
+32 31 0:40 / /var/lib/binlink-ram rw,relatime - tmpfs tmpfs rw,size=16m
+33 31 0:41 / /var/lib/ramdisk rw,relatime master:3 - ramfs ramfs rw
+34 31 0:42 / /var/lib/my\\040state rw,relatime - tmpfs tmpfs rw
+35 22 0:43 / /mnt rw,relatime - tmpfs tmpfs rw
+36 22 8:3 / /mnt rw,relatime - ext4 /dev/sdb1 rw
+"""
+
+
+@pytest.fixture
+def mounts(tmp_path, monkeypatch):
+    """config_rules reads this table instead of /proc/self/mountinfo."""
+    path = tmp_path / "mountinfo"
+    path.write_text(FAKE_MOUNTS)
+    monkeypatch.setattr(config_rules, "MOUNTINFO", str(path))
+    return path
+
+
+@pytest.mark.parametrize("state_dir,found", [
+    ("/var/lib/binlink", ("/var/lib", "ext4")),  # the longest mount point that is a prefix wins, not "/"
+    ("/var/lib/binlink-ram", ("/var/lib/binlink-ram", "tmpfs")),
+    ("/var/lib/binlink-ramx", ("/var/lib", "ext4")),  # whole components: /var/lib/binlink-ram is no prefix of it
+    ("/var/lib/ramdisk/state", ("/var/lib/ramdisk", "ramfs")),
+    ("/var/lib/my state/x", ("/var/lib/my state", "tmpfs")),  # \040 in mountinfo is a space
+    ("/run/binlink", ("/run", "tmpfs")),
+    ("/mnt/state", ("/mnt", "ext4")),  # stacked on one point: the last mount is the one seen
+    ("/srv/binlink", ("/", "ext4")),
+])
+def test_the_filesystem_of_a_state_dir_is_its_longest_mount_point_prefix(state_dir, found):
+    assert config_rules.mount_of(state_dir, FAKE_MOUNTS) == found
+
+
+def test_a_state_dir_not_made_yet_is_on_its_nearest_existing_parents_filesystem(tmp_path, mounts):
+    (tmp_path / "ram").mkdir()
+    mounts.write_text(FAKE_MOUNTS + "40 22 0:50 / %s rw - tmpfs tmpfs rw\n" % (tmp_path / "ram"))
+    assert config_rules.filesystem_of(str(tmp_path / "ram/not/made/yet")) == (str(tmp_path / "ram"), "tmpfs")
+    (tmp_path / "link").symlink_to(tmp_path / "ram")  # a symlink into RAM is in RAM
+    assert config_rules.filesystem_of(str(tmp_path / "link/state")) == (str(tmp_path / "ram"), "tmpfs")
+    assert config_rules.filesystem_of(str(tmp_path / "disk/state"))[1] != "tmpfs"
+
+
+def test_no_mount_table_no_problem(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_rules, "MOUNTINFO", str(tmp_path / "absent"))  # not Linux: nothing to say
+    assert config_rules.filesystem_of("/run/binlink") is None and config.volatile_state_problems("/run/binlink") == []
+
+
+def volatile_config(tmp_path, state_dir, allow=None):
+    if not (tmp_path / "r.toml").exists():
+        registry.add(str(tmp_path / "r.toml"), 0xA1, "bin-a", bytes(range(16)), 1200, 200)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid = "g"\nsite = "s"\nregistry = "r.toml"\nstate_dir = "%s"\n%s[[source]]\nport = "/dev/x"\n'
+                   % (state_dir, "" if allow is None else "allow_volatile_state = %s\n" % str(allow).lower()))
+    return str(cfg)
+
+
+@pytest.mark.parametrize("allow", [None, False])
+def test_check_config_and_start_refuse_a_state_dir_in_ram_naming_the_key_and_filesystem(tmp_path, mounts, capsys, allow):
+    """tmpfs/ramfs state: a power cut lost 1,094 of 2,206 accepted readings and let 4 of 8 replays in."""
+    state = tmp_path / "st"
+    state.mkdir()
+    mounts.write_text(FAKE_MOUNTS + "40 22 0:50 / %s rw - tmpfs tmpfs rw\n" % state)
+    path = volatile_config(tmp_path, state, allow)
+    for args in (["gateway", "check-config", path], ["gateway", "--config", path]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        line = [x for x in err.splitlines() if x.startswith("config error: gateway.state_dir: ")]
+        assert len(line) == 1, (args, err)
+        assert "%s is on a tmpfs (mounted at %s)" % (state, state) in line[0]
+        assert "a power cut loses every reading not yet published" in line[0] and "counters" in line[0]
+        assert "gateway.allow_volatile_state = true" in line[0]
+
+
+def test_a_state_dir_in_ram_is_accepted_when_allowed_and_a_persistent_one_always(tmp_path, mounts, capsys):
+    state = tmp_path / "st"
+    state.mkdir()
+    mounts.write_text(FAKE_MOUNTS + "40 22 0:50 / %s rw - ramfs ramfs rw\n" % state)
+    assert cli.main(["gateway", "check-config", volatile_config(tmp_path, state, True)]) == 0, capsys.readouterr().err
+    mounts.write_text(FAKE_MOUNTS + "40 22 8:9 / %s rw - ext4 /dev/sdc1 rw\n" % tmp_path)
+    assert cli.main(["gateway", "check-config", volatile_config(tmp_path, state)]) == 0, capsys.readouterr().err
+    assert config.parse(BASE).allow_volatile_state is False
