@@ -47,6 +47,8 @@ class Report:
         self.problems = []
         self.salvaged = {}  # table -> rows carried over
         self.unreadable_rows = 0  # outbox rows (by id gap) that could not be read back
+        self.highest_row_id = 0  # the newest outbox row carried over from a damaged file
+        self.rebuilt = {}  # counters, bins -> how many were rebuilt from salvaged outbox rows
         self.newest_synced_time = None  # newest received_at of a synced retained state (clock check)
         self.first_start = False  # no state file and no marker: a new gateway, or a new SD card
 
@@ -205,19 +207,42 @@ def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: Non
     box = _open(db_path, stop_event, keepalive)
     if damaged is not None:
         try:
-            carry_over(box, salvage(damaged), report)
+            carry_over(box, salvage(damaged), report, devices)
         except StorageFull:
             logs.event(log, logging.ERROR, "storage full: nothing carried over from the damaged state file", copy=damaged)
         for table, n in report.salvaged.items():
             metrics.state_salvaged.labels(table).inc(n)
         logs.event(log, logging.ERROR, "carried over from the damaged state file", unreadable_outbox_rows=report.unreadable_rows,
-                   **report.salvaged)
+                   highest_row_id=report.highest_row_id, **report.salvaged)
+        if any(report.rebuilt.values()):
+            logs.event(log, logging.ERROR, "counters and bin states rebuilt from the salvaged outbox rows (their table "
+                       "was lost or behind them)", **{k + "_rebuilt": v for k, v in report.rebuilt.items()})
+    if "wal_missing" in report.problems:
+        _say_wal_loss(box, report)
     _write_marker(db_path)
     try:
         use_retained_states(cfg, box, devices, report, metrics)
     except StorageFull:
         logs.event(log, logging.ERROR, "storage full: counters from the broker not stored")
     return box, report
+
+
+def _say_wal_loss(box, report):
+    """The WAL is gone: the commits in it are lost, and nothing here knows how many. Said with what
+    is known: the rows still pending, the newest row id left, the counters' upto_id (rows up to it
+    were committed once), and the gap between them when the counters name a row that is gone."""
+    try:
+        db = box.db
+        highest = db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+        upto = db.execute("SELECT coalesce(max(upto_id), 0) FROM counters").fetchone()[0]
+        pending = db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
+    except sqlite3.Error as e:
+        logs.event(log, logging.ERROR, "pending readings may be lost with the WAL; the state file cannot say more",
+                   error=str(e))
+        return
+    logs.event(log, logging.ERROR, "pending readings may be lost with the WAL: readings accepted after the last "
+               "checkpoint are gone, their number is not known here", pending_rows_left=pending,
+               highest_row_id=highest, counters_upto_id=upto, rows_known_lost=max(0, upto - highest))
 
 
 def _open(db_path, stop_event, keepalive):

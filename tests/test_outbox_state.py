@@ -362,3 +362,113 @@ def test_a_state_file_of_a_newer_release_is_refused_not_guessed_at(tmp_path):
     db.close()
     with pytest.raises(sqlite3.DatabaseError, match="written by a newer binlink"):
         Outbox(path)
+
+
+# damaged or lost state, at start (issue 18) -----------------------------------------------
+def _no_broker(monkeypatch):
+    monkeypatch.setattr(recovery, "retained_states", lambda cfg, wait: None)  # unreachable: no help from it
+
+
+def _pending_file(path, n, devices=None):
+    """A state file as a crash leaves it after n readings of bin-a accepted with the broker down."""
+    box = Outbox(path)
+    p = Pipeline(CFG, devices or _devices(), box, Metrics())
+    for fcnt in range(1, n + 1):
+        p.process([("r0", _reading(KEY_A, 0xA1, fcnt, dist=300 + fcnt % 500))])
+    return box
+
+
+def _open_state(path):
+    import threading
+    m = Metrics()
+    box, report = recovery.open_state(CFG, path, _devices(), m, threading.Event())
+    return box, report, m
+
+
+def test_a_state_file_cut_to_half_gives_back_the_pending_rows_of_its_first_half(tmp_path, monkeypatch):
+    _no_broker(monkeypatch)
+    path = str(tmp_path / "o.sqlite")
+    box = _pending_file(path, 1000)
+    pending = box.depth()
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.db.close()
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    box, report, m = _open_state(path)
+    assert report.problems == ["state_file_damaged"]
+    # measured: 489 of the 1,003 pending rows (1,000 events, 3 states) come back, 977 rows in all:
+    # the first half of the file. Before the padded copy, none did (SQLite refuses a b-tree that
+    # points past the end of the file)
+    assert pending == 1003 and report.salvaged["pending"] >= 450
+    assert box.depth() == report.salvaged["pending"]
+    assert m.value("binlink_state_salvaged_rows_total", table="outbox") == report.salvaged["outbox"]
+    assert not [f for f in os.listdir(tmp_path) if ".padded" in f]  # the padded copy is gone
+    # the readings carried over carry their counter: the newest of them is a replay now
+    top = max(r[0] for r in box.db.execute("SELECT fcnt FROM outbox WHERE device_id = ?", (0xA1,)))
+    assert box.counters()[0xA1].fcnt >= top > 400
+
+
+def _drop_counters(path):
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE counters")
+    db.commit()
+    db.close()
+
+
+def _scribble_counters(path):
+    db = sqlite3.connect(path)
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'counters'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * 1024)
+        f.write(b"\xa5" * 1024)
+
+
+@pytest.mark.parametrize("damage", [_drop_counters, _scribble_counters], ids=lambda f: f.__name__.strip("_"))
+def test_counters_lost_with_their_table_are_rebuilt_from_the_outbox_rows_and_a_replay_is_refused(
+        tmp_path, monkeypatch, damage):
+    _no_broker(monkeypatch)  # so the broker's retained states cannot stand in for them
+    path = str(tmp_path / "o.sqlite")
+    box = _pending_file(path, 60)
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.db.close()
+    damage(path)
+    box, report, m = _open_state(path)
+    assert report.problems == ["state_file_damaged"]
+    assert report.salvaged["counters"] == 0 and report.salvaged["pending"] == 61  # 60 events, the newest state
+    assert report.rebuilt["counters"] == 1  # the bins table survived: its rows carry it as ever
+    assert box.counters()[0xA1].fcnt == 60 and box.counters()[0xA1].key_id == _devices()[0xA1].key_id
+    assert box.bins()["bin-a"].fcnt == 60
+    p = Pipeline(CFG, _devices(), box, m)
+    p.process([("r0", _reading(KEY_A, 0xA1, 60, dist=360))])  # a recorded copy of a pending frame
+    p.process([("r0", _reading(KEY_A, 0xA1, 31, dist=331))])
+    assert m.value("binlink_frames_rejected_total", reason="replay") == 2
+    assert m.value("binlink_frames_accepted_total") == 0
+    p.process([("r0", _reading(KEY_A, 0xA1, 61))])
+    assert m.value("binlink_frames_accepted_total") == 1
+
+
+def test_a_lost_wal_is_said_with_what_is_known(tmp_path, monkeypatch, caplog):
+    _no_broker(monkeypatch)
+    path = str(tmp_path / "o.sqlite")
+    box = _pending_file(path, 300)
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the first 300 in the file
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    for fcnt in range(301, 321):  # 20 more only in the WAL
+        p.process([("r0", _reading(KEY_A, 0xA1, fcnt))])
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-shm"):  # what a crash leaves, less its WAL
+        with open(path + suffix, "rb") as src, open(str(crashed / "o.sqlite") + suffix, "wb") as dst:
+            dst.write(src.read())
+    box.db.close()
+    box, report, m = _open_state(str(crashed / "o.sqlite"))
+    assert report.problems == ["wal_missing"]
+    assert m.value("binlink_state_problems_total", problem="wal_missing") == 1
+    said = [r for r in caplog.records if r.getMessage().startswith("pending readings may be lost with the WAL")]
+    assert len(said) == 1 and said[0].levelname == "ERROR"
+    # 300 events and the newest state left (each reading's state row supersedes the one before);
+    # the 20 readings of the WAL are gone and, without the broker, nothing here can count them
+    assert said[0].fields["pending_rows_left"] == box.depth() == 301
+    assert said[0].fields["highest_row_id"] == 600
+    assert box.counters()[0xA1].fcnt == 300
