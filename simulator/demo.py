@@ -252,6 +252,7 @@ def cmd_demo(args):
             config = os.path.join(work, "gateway%d.toml" % i)
             with open(config, "w") as f:
                 f.write('[gateway]\nid = "demo%s"\nsite = "demo"\nregistry = "%s"\nstate_dir = "%s"\nstatus_interval_s = 10\n'
+                        'allow_volatile_state = true\n'  # the demo's state is thrown away; /tmp may be a tmpfs
                         '[[source]]\nname = "radio0"\nport = "%s"\nformat = "%s"\n[mqtt]\nhost = "%s"\nport = %d\n'
                         '[metrics]\nlisten = "127.0.0.1:%d"\n' % (i or "", registry, os.path.join(work, "state%d" % i), link,
                                                                   args.format, host, port, metrics_port))

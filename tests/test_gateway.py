@@ -329,7 +329,9 @@ def test_registry_problems_are_named_and_keys_never_echoed(tmp_path):
     reg.write_text('[[device]]\ndevice_id = "a1"\nbin_id = "b"\nkey = "secretsecretsecret"\ndepth_mm = 100\nfull_mm = 200\n')
     reg.chmod(0o600)
     cfg = tmp_path / "gw.toml"
-    cfg.write_text('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\nstate_dir="st"\n[[source]]\nport="/dev/x"\n')
+    cfg.write_text('[gateway]\nid="g"\nsite="s"\nregistry="r.toml"\nstate_dir="st"\n'
+                   'allow_volatile_state=true\n'  # tmp_path may be a tmpfs: this test is about the registry
+                   '[[source]]\nport="/dev/x"\n')
     r = subprocess.run([BINLINK, "gateway", "check-config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "device[0].key: must be 32 hex digits" in r.stderr and "secretsecret" not in r.stderr
