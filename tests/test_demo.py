@@ -5,7 +5,7 @@ import signal
 import subprocess
 import threading
 
-from tests.harness import BINLINK, Subscriber, wait_for
+from tests.harness import BINLINK, Subscriber, wait_for, wait_port
 
 
 def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
@@ -27,6 +27,7 @@ def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
         line = wait_for(lambda: next((m for m in map(re.compile(r"broker .* on 127\.0\.0\.1:(\d+)").search, out) if m), None)
                         or p.poll() is not None, timeout=60, what="the demo's broker")
         assert p.poll() is None, "".join(out + err)[-2000:]
+        wait_port(int(line.group(1)), timeout=30)  # named as it starts: on a loaded host it may not listen yet
         sub = Subscriber(int(line.group(1)), topics=("binlink/demo/#",))
         wait_for(lambda: len(sub.events()) >= 20 or p.poll() is not None, timeout=90, what="readings published")
         assert p.poll() is None, "".join(out + err)[-2000:]

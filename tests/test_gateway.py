@@ -232,8 +232,11 @@ def _broker_kill_scenario(gw, pty, broker, subscriber):
     for _, p in events:
         by_id.setdefault(json.loads(p)["message_id"], set()).add(p)
     assert all(len(payloads) == 1 for payloads in by_id.values()), "a copy differs from its first publication"
+    # In flight at the kill: what the broker took but never acknowledged, and a last PUBACK the broker's
+    # closing socket leaves unproven (publish_policy: not proof of delivery). About a second of this
+    # 50 frames/s stream on a loaded host (54 seen once under the full suite; 0-20 alone).
     copies = len(events) - len(by_id)
-    assert copies <= 20, "%d readings published twice" % copies
+    assert copies <= 75, "%d readings published twice" % copies
     wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
 
 
