@@ -20,6 +20,7 @@ class Dedup:
     def __init__(self, window_s):
         self.window_s = window_s
         self._seen = {}  # device_id << 32 | fcnt -> frame
+        self._copies = {}  # the same key -> times heard again: forgotten with the frame
         self._groups = deque()  # (first seen at, [keys]) oldest first: what expire() drops
 
     def remember(self, device_id, fcnt, frame, now):
@@ -36,8 +37,15 @@ class Dedup:
         self.expire(now)
         return self._seen.get(device_id << 32 | fcnt) == frame
 
+    def heard_again(self, device_id, fcnt):
+        """A remembered frame heard once more: how many times so far (call remember() first)."""
+        key = device_id << 32 | fcnt
+        copies = self._copies[key] = self._copies.get(key, 0) + 1
+        return copies
+
     def expire(self, now):
-        groups, seen = self._groups, self._seen
+        groups, seen, copies = self._groups, self._seen, self._copies
         while groups and now - groups[0][0] > self.window_s:
             for key in groups.popleft()[1]:
                 seen.pop(key, None)
+                copies.pop(key, None)

@@ -47,17 +47,40 @@ class BinState(NamedTuple):
 UPLINK_KIND, STATE_KIND = 0, 1  # outbox.Kind.UPLINK and STATE (imported there from here would be circular)
 
 
+def _uint32(v):
+    return type(v) is int and 0 <= v <= 0xFFFFFFFF
+
+
+def _epoch(v):
+    return v is None or _uint32(v)
+
+
+def _counter_row(last, key_id, epoch, stored, upto):
+    """A counters row read back, checked as strictly as a frame (a damaged row is passed over)."""
+    return (_uint32(last) and type(key_id) is str and _epoch(epoch) and type(upto) is int
+            and (stored is None or type(stored) is bytes and len(stored) <= WINDOW // 8))
+
+
+def _bin_row(epoch, fcnt, fill, flags, at, upto):
+    return (_epoch(epoch) and _uint32(fcnt) and type(flags) is int and 0 <= flags <= 0xFF
+            and (fill is None or type(fill) in (int, float) and 0 <= fill <= 100)
+            and type(at) in (int, float) and type(upto) is int)
+
+
 def load(db):
-    """(counters, bins) as committed: device_id -> Counter, bin_id -> BinState."""
+    """(counters, bins) as committed: device_id -> Counter, bin_id -> BinState. What the file holds
+    is input like a frame: rows with values no writer of it makes are passed over."""
     counters = {r[0]: [Counter(r[1], r[2], r[3], int.from_bytes(r[4] or b"", "little")), r[5]] for r in db.execute(
-        "SELECT device_id, last_fcnt, key_id, key_epoch, stored, upto_id FROM counters")}
+        "SELECT device_id, last_fcnt, key_id, key_epoch, stored, upto_id FROM counters") if _counter_row(*r[1:])}
     bins = {r[0]: [BinState(*r[1:6]), r[6]] for r in db.execute(
-        "SELECT bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id FROM bins")}
+        "SELECT bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id FROM bins") if _bin_row(*r[1:])}
     uptos = [c[1] for c in counters.values()] + [b[1] for b in bins.values()]
     rows = db.execute("SELECT id, kind, device_id, key_epoch, fcnt, bin_id, payload, received_at FROM outbox "
                       "WHERE id > ? AND fcnt IS NOT NULL ORDER BY id", (min(uptos),)) if uptos else ()
     readings = {}  # device_id -> counters of the readings its rows after upto store
     for row_id, kind, device_id, epoch, fcnt, bin_id, payload, at in rows:
+        if not (_uint32(fcnt) and _uint32(epoch) and type(at) in (int, float)):
+            continue  # damaged: carries nothing
         entry = counters.get(device_id)
         if entry is not None and row_id > entry[1]:
             c = entry[0]

@@ -23,7 +23,7 @@ SAVE_HEADS_S = 600.0  # counters and bin states proven by their rows are written
 
 class Kind(IntEnum):
     """What an outbox row is (its `kind` column). Stored: never renumber."""
-    UPLINK = 0  # a reading's event
+    UPLINK = heads.UPLINK_KIND  # a reading's event
     STATE = heads.STATE_KIND  # a bin's retained state
     ALARM = 2  # an event detected in a reading (emptied, full, fire, ...)
     HELLO = 3

@@ -27,8 +27,7 @@ from binlink.gateway.uplink import Outcome, Reading, Reason, Uplink, Verdict
 
 log = logs.get("pipeline")
 STANDBY_S = 3.0  # a peer's pending claim older than this: the peer died before its commit
-RECEPTIONS_KEPT = 8  # receptions stored per frame heard again; more copies are only counted
-COPIES_TRACKED = 16384  # frames whose copies are counted (~1.5 MB), forgotten all at once beyond
+RECEPTIONS_KEPT = 8  # receptions stored per frame heard again within the dedup window; more are only counted
 
 
 class Pipeline:
@@ -41,7 +40,6 @@ class Pipeline:
         self.dedup = Dedup(cfg.dedup_window_s)
         self.bins = {}  # bin_id -> BinState
         self.resync = Resync(metrics)
-        self._copies = {}  # device_id << 32 | fcnt -> copies heard
         self.standby = {}  # (device_id, epoch, fcnt) -> Uplink: a peer's pending claim
         self._claims = []  # (device, fcnt, digest hex) claimed in this group, confirmed after the commit
         self._to_claim = []  # verified uplinks of this group, claimed together in one round trip
@@ -211,7 +209,8 @@ class Pipeline:
         """Several gateways: a reading is claimed with its group in one round trip (a hello alone, in order)."""
         if self.shared is None or codec.explicit_fcnt(up.frame) is not None:
             return False
-        self._advance(up.device, up.fcnt, batch)
+        if self._advance(up.device, up.fcnt):
+            self._book(up.device, batch)
         self.dedup.remember(up.device.device_id, up.fcnt, up.frame, up.received_at)
         up.digest = digest(up.frame).hex()
         up.outcome = Outcome.CLAIMING
@@ -244,8 +243,8 @@ class Pipeline:
         device, fcnt, n = up.device, up.fcnt, 0
         verdict, fleet_bin = claim
         if verdict in (Verdict.DUPLICATE, Verdict.PENDING):  # another gateway heard it first and publishes it
-            self._advance(device, fcnt, batch)
-            self.dedup.remember(device.device_id, fcnt, up.frame, up.received_at)
+            if self._advance(device, fcnt):
+                self._book(device, batch)
             self._duplicate(up, fcnt, batch)
             up.outcome = Outcome.DUPLICATE
             if verdict == Verdict.PENDING:  # ... unless it dies before its commit
@@ -260,21 +259,21 @@ class Pipeline:
             if fleet_bin is not None and (mine is None or mine.is_newer(device.key_epoch, fleet_bin[0])):
                 # another gateway published this bin's newer readings: events compare with those
                 self.bins[device.bin_id] = BinState(device.key_epoch, *fleet_bin, up.received_at)
-        self._advance(device, fcnt, batch)
+        moved = self._advance(device, fcnt)
         self.dedup.remember(device.device_id, fcnt, up.frame, up.received_at)
         batch.accepted += 1
         up.outcome = Outcome.ACCEPTED
         if up.hello is not None:
             self._hello(up, batch)
-            return 0
         tail = self.addresses.tail(device, up.source, len(self.devices))
-        backlog = up.frame_type == codec.T_BACKLOG
-        for reading in up.readings:
-            if self._store_once(device, reading.fcnt, batch):
-                self._reading(up, reading, tail, backlog, batch)
+        for reading in up.readings:  # none in a hello
+            if self._store_once(device, reading.fcnt):
+                self._reading(up, reading, tail, up.frame_type == codec.T_BACKLOG, batch)
                 n += 1
             else:  # a backlog entry repeating a reading stored before: the bin thought it lost
                 self.metrics.duplicates.inc()
+        if moved or n:  # one booking of the counter and its window per frame
+            self._book(device, batch)
         return n
 
     def _resync_from_hello(self, up, batch):
@@ -357,15 +356,21 @@ class Pipeline:
         batch.bins[device.bin_id] = state
 
     # bookkeeping --------------------------------------------------------------------------------
-    def _advance(self, device, fcnt, batch):
+    def _advance(self, device, fcnt):
+        """True when fcnt moves the device's counter (and its stored-readings window) forward."""
         dev = device.device_id
         last = self.counters.get(dev)
-        if last is None or fcnt > last:
-            self.counters[dev] = fcnt
-            self.stored[dev] = shifted(self.stored.get(dev, 0), WINDOW if last is None else fcnt - last)
-            batch.counters[dev] = Counter(fcnt, device.key_id, device.key_epoch, self.stored[dev])
+        if last is not None and fcnt <= last:
+            return False
+        self.counters[dev] = fcnt
+        self.stored[dev] = shifted(self.stored.get(dev, 0), WINDOW if last is None else fcnt - last)
+        return True
 
-    def _store_once(self, device, fcnt, batch):
+    def _book(self, device, batch):
+        dev = device.device_id
+        batch.counters[dev] = Counter(self.counters[dev], device.key_id, device.key_epoch, self.stored[dev])
+
+    def _store_once(self, device, fcnt):
         """False for a reading already stored (its bit in the counter's window); else marks it."""
         dev = device.device_id
         behind = self.counters[dev] - fcnt  # the frame's counter advanced already
@@ -374,7 +379,6 @@ class Pipeline:
         if self.stored[dev] >> behind & 1:
             return False
         self.stored[dev] |= 1 << behind
-        batch.counters[dev] = Counter(self.counters[dev], device.key_id, device.key_epoch, self.stored[dev])
         return True
 
     def _is_duplicate(self, device, fcnt, frame, now):
@@ -385,16 +389,12 @@ class Pipeline:
     def _duplicate(self, up, fcnt, batch):
         """Counted every time; a reception row for the first copies only (a flood costs no disk)."""
         self.metrics.duplicates.inc()
-        if len(self._copies) > COPIES_TRACKED:
-            self._copies.clear()  # a frame forgotten here may store RECEPTIONS_KEPT more rows: still bounded
-        key = up.device.device_id << 32 | fcnt
-        self._copies[key] = copies = self._copies.get(key, 0) + 1
-        if copies <= RECEPTIONS_KEPT:
+        self.dedup.remember(up.device.device_id, fcnt, up.frame, up.received_at)  # a peer's too: counted from now
+        if self.dedup.heard_again(up.device.device_id, fcnt) <= RECEPTIONS_KEPT:
             batch.receptions.append((up.device.device_id, fcnt, up.source, up.reception.rssi, up.reception.snr, up.received_at, 1))
 
     def _refuse(self, batch, error):
-        """Disk full: the batch's frames are refused (reason storage_full) and the counters and bin
-        states in memory go back to what is on disk, so a copy heard later is not called a replay."""
+        """Disk full: the batch's frames are refused (storage_full), counters and states back to the disk's."""
         self.storage.refuse(error, batch.accepted)
         self.bins = {}
         self.set_devices(self.devices)

@@ -472,3 +472,29 @@ def test_a_lost_wal_is_said_with_what_is_known(tmp_path, monkeypatch, caplog):
     assert said[0].fields["pending_rows_left"] == box.depth() == 301
     assert said[0].fields["highest_row_id"] == 600
     assert box.counters()[0xA1].fcnt == 300
+
+
+def test_state_rows_with_values_no_writer_makes_are_passed_over_not_trusted(tmp_path):
+    """The state file is input like a frame: a counter of text or beyond 32 bits, a window that is
+    not bytes, a bin fill of 400 %, an outbox row whose counter is text — none stops the start or
+    raises a counter; the sound rows still count."""
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    p.process([("r0", _reading(KEY_A, 0xA1, n)) for n in (1, 2)] + [("r0", _reading(KEY_B, 0xB2, 1))])
+    box.close()
+    db = sqlite3.connect(box.path)
+    db.execute("UPDATE counters SET last_fcnt = 'lots' WHERE device_id = ?", (0xB2,))
+    db.execute("INSERT INTO counters(device_id, last_fcnt, key_id, key_epoch, stored, upto_id) VALUES (?, ?, 'k', 0, 7, 0)",
+               (0xC3, 1 << 40))
+    db.execute("INSERT INTO bins(bin_id, key_epoch, fcnt, fill_pct, flags, updated_at, upto_id) VALUES "
+               "('bin-x', 0, 3, 400.0, 0, 1.0, 0)")
+    db.execute("INSERT INTO outbox(message_key, topic, payload, retain, received_at, kind, device_id, key_epoch, fcnt) "
+               "VALUES ('x', 't', '', 0, 1.0, 0, ?, 0, 'nine thousand')", (0xA1,))
+    db.commit()
+    db.close()
+    reopened = Outbox(box.path)
+    counters, bins = reopened.counters(), reopened.bins()
+    assert set(counters) == {0xA1} and counters[0xA1].fcnt == 2
+    assert set(bins) == {"bin-a", "bin-b"}
+    p2 = Pipeline(CFG, _devices(), reopened, Metrics())
+    assert p2.process([("r0", _reading(KEY_A, 0xA1, 3)), ("r0", _reading(KEY_B, 0xB2, 2))]) == 2

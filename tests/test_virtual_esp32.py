@@ -123,6 +123,22 @@ def board_files(board):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
+def test_a_board_whose_firmware_does_not_load_sleeps_instead_of_idling_in_the_repl(tmp_path):
+    """main.py flashed, its package missing (a flash cut short, a damaged file): the import fails
+    before app.main's own guard, and the board must still deep-sleep (and wake to try again), not
+    sit in the REPL drawing ~40 mA until the cell is flat."""
+    flash = tmp_path / "flash"
+    flash.mkdir()
+    (flash / "main.py").write_text((ROOT / "firmware" / "main.py").read_text())
+    board = VirtualESP32(str(flash), bench_board(), sleep_scale=0.001)
+    try:
+        wait_for(lambda: any(cause == DEEPSLEEP_RESET for cause, _ in board.boots), timeout=30,
+                 what="a wake from deep sleep after the failed import")
+        assert any("binlink did not load" in text for text in board.log)
+    finally:
+        board.close()
+
+
 def test_mpremote_talks_to_the_virtual_board(tmp_path):
     board = VirtualESP32(str(tmp_path / "flash"), bench_board())
     try:
