@@ -26,8 +26,11 @@ def children(pid):
     """Children of every thread of pid (the publisher is restarted from a monitor thread)."""
     out = []
     for path in glob.glob("/proc/%d/task/*/children" % pid):
-        with open(path) as f:
-            out += [int(c) for c in f.read().split()]
+        try:
+            with open(path) as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:  # the thread ended between the listing and the read
+            continue
     return out
 
 
