@@ -43,6 +43,8 @@ class Mqtt:
     keepalive: int = 30
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    # "device": one retained config per bin (Home Assistant 2024.12 and later); "entity": one per entity
+    discovery_mode: str = "device"
     uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
     max_inflight: int = 4000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
 
@@ -133,6 +135,7 @@ _MQTT = {
     # dropped by the broker for a missed PINGREQ (it gives 1.5 keepalives): 30 to 60 is the usual choice.
     "keepalive": Rule(int, lo=0, hi=65535),
     "discovery": Rule(bool), "discovery_prefix": Rule(str, nonempty=True),
+    "discovery_mode": Rule(str, choices={"device", "entity"}),
     "uplink_topic": Rule(str),  # "" turns it off
     # packet ids are 16-bit (1..65535) and every message in flight holds one: the window stops
     # short of that, leaving ids for the status and discovery messages sent beside it
