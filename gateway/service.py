@@ -16,7 +16,7 @@ import time
 
 import sdnotify
 
-from binlink.gateway import config as config_mod, logs, recovery, registry
+from binlink.gateway import config as config_mod, logs, recovery, registry, simclock
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
@@ -44,7 +44,7 @@ class Gateway:
         self.cfg = cfg
         self.metrics = Metrics()
         self.shared = SharedState(cfg.redis, self.metrics, cfg.gateway_id) if cfg.redis.enabled else None
-        self.devices = self._registry(registry.load(cfg.registry))
+        self.devices = self._registry(registry.load_for_service(cfg.registry, self.metrics))
         self.outbox_path = os.path.join(cfg.state_dir, "gateway.sqlite")
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
@@ -75,7 +75,7 @@ class Gateway:
         registry is reported and the one in use is kept."""
         self._reload = False
         try:
-            devices = self._registry(registry.load(self.cfg.registry))
+            devices = self._registry(registry.load_for_service(self.cfg.registry, self.metrics))
         except config_mod.ConfigError as e:
             for problem in e.problems:
                 logs.event(log, logging.ERROR, "registry not reloaded", problem=problem)
@@ -107,7 +107,7 @@ class Gateway:
                                              keepalive=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
         except (OSError, sqlite3.Error) as e:
             raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
-        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared)
+        pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared, clock=simclock.from_env(log))
         pipeline.clock_check.broker_time = state.newest_synced_time
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
         self.publisher.firmware = dict(pipeline.firmware)  # sw_version in discovery; a new version republishes
@@ -244,7 +244,7 @@ def startup_problems(cfg):
     problems = config_mod.check_files(cfg)
     devices = None
     try:
-        devices = registry.load(cfg.registry)
+        devices = registry.load(cfg.registry, strict=False)  # a bad entry costs its bin, not the site
     except config_mod.ConfigError as e:
         problems = ["gateway.registry: %s" % p for p in e.problems] + problems
     return problems, devices

@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--chart-bins", type=int, default=6, help="with --report: bins drawn (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--vm", default="cpython", choices=["cpython", "micropython"], help="interpreter for the firmware")
+    p.add_argument("--clock-file", help="write the simulated clock here: a gateway started with BINLINK_SIM_CLOCK=<file> "
+                                        "and `binlink planner --sim-clock <file>` then live on simulated time (forecasts, rounds)")
     p.add_argument("--truth", help="write the ground truth (JSON) here at the end")
     p.add_argument("--loss", type=float, default=0.01, help="base loss rate of the radio channel")
     p.add_argument("--duplicates", type=float, default=0.01)
@@ -46,7 +48,7 @@ def cmd_sim(args):
 
         vm = FirmwareVM()
     fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=args.link, registry_path=args.registry, vm=vm,
-                  speed=args.speed, channel={"loss": args.loss, "duplicates": args.duplicates, "bit_errors": args.bit_errors})
+                  speed=args.speed, clock_file=args.clock_file, channel={"loss": args.loss, "duplicates": args.duplicates, "bit_errors": args.bit_errors})
     print("sim: %d bins, format %s, links %s, registry %s, %s firmware" % (
         args.bins, args.format, ", ".join(args.link), args.registry, args.vm), flush=True)
     try:

@@ -242,6 +242,7 @@ def cmd_demo(args):
         registry = os.path.join(work, "devices.toml")
         console.print("==> simulating %d bins (firmware on CPython), radio on the pty %s" % (args.bins, ", ".join(links)))
         fleet = Fleet(args.bins, seed=args.seed, fmt=args.format, links=links, registry_path=registry, speed=args.speed,
+                      clock_file=os.path.join(work, "simclock"),  # the gateways live on simulated time (forecasts)
                       **({"sites": _sites(n_gw), "channel": URBAN} if n_gw > 1 else {}))
         if n_gw > 1:
             heard = [len(v) for v in fleet.coverage().values()]
@@ -261,7 +262,8 @@ def cmd_demo(args):
             log = open(os.path.join(work, "gateway%d.log" % i), "ab")
             # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order
             gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env=dict(os.environ, BINLINK_SIM_CLOCK=os.path.join(work, "simclock")))
             gateways.append((gateway, metrics_port))
             brokers.wait_port(metrics_port, timeout=30, proc=gateway)
         view = View(host, port, "binlink/demo", lambda: fleet.now)

@@ -30,9 +30,11 @@ class Truth:
 class Fleet:
     def __init__(self, bins, seed=1, fmt="raw", links=(), registry_path=None, vm=None, speed=0.0, t0=None,
                  radius_m=1500.0, channel=None, alarm_rate_per_week=0.05, wake_s=900, report_s=3600, sf=9,
-                 sites=None):
+                 sites=None, clock_file=None):
         """sites: one (x, y, extra loss dB) per link, where that gateway's radio stands (default: a
-        row 300 m apart); with `channel` shadowing, a bin is heard by one, several or no gateway."""
+        row 300 m apart); with `channel` shadowing, a bin is heard by one, several or no gateway.
+        clock_file: where the simulated clock is written for a gateway and a planner on simulated
+        time (gateway/simclock.py)."""
         self.rng = random.Random(seed)
         self.fmt = fmt
         self.speed = speed
@@ -62,6 +64,12 @@ class Fleet:
         if registry_path:
             self.write_registry(registry_path)
         self._stop = threading.Event()
+        self.clock_out = None
+        if clock_file:
+            from binlink.gateway.simclock import ClockWriter
+
+            self.clock_out = ClockWriter(clock_file, speed)
+            self.clock_out.set(self.now, running=False)
 
     def latlon(self, d, centre=(52.52, 13.405)):
         """A bin's simulated position as WGS84 degrees around a city centre."""
@@ -113,6 +121,8 @@ class Fleet:
                     if self._stop.wait(delay):
                         break
             self.now = t
+            if self.clock_out is not None:
+                self.clock_out.set(t)
             d = self.devices[i]
             self._world(d, t)
             sleep = d.wake()
@@ -123,6 +133,8 @@ class Fleet:
                 on_progress(self)
         self.now = min(end, self.now) if queue else self.now
         self.channel.flush(self.now, force=True)
+        if self.clock_out is not None:
+            self.clock_out.set(self.now, running=False)
 
     def _world(self, d, t):
         """Physics up to t: filling, collections (scheduled and on demand), random alarms."""
@@ -151,5 +163,7 @@ class Fleet:
         return self.channel.lost
 
     def close(self):
+        if self.clock_out is not None:
+            self.clock_out.close(self.now)
         for link in self.links:
             link.close()
