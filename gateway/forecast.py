@@ -258,7 +258,7 @@ class ForecastStore:
     (almost) nothing. Saved every SAVE_EVERY_S, not with each group commit: at a site's few frames
     a minute, a transaction per reading would double what the SD card is written."""
 
-    def __init__(self, path, pickup_drop_pct=15.0):
+    def __init__(self, path, pickup_drop_pct=15.0, full_pct=100.0):
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         # derived data: no fsync per commit (WAL + NORMAL); a power cut costs a few readings' learning,
@@ -268,6 +268,7 @@ class ForecastStore:
         # beside it, for Home Assistant's sw_version: the firmware each device said it runs
         self.db.execute("CREATE TABLE IF NOT EXISTS firmware (device TEXT PRIMARY KEY, version TEXT NOT NULL)")
         self.pickup_drop_pct = pickup_drop_pct
+        self.full_pct = full_pct  # the site's events.full_pct: full_at is when the bin reaches it
         self.bins = {bin_id: BinForecast.from_bytes(blob) for bin_id, blob in self.db.execute("SELECT bin_id, state FROM forecast")}
         self._dirty = set()
         self._saved_at = time.monotonic()
@@ -279,7 +280,7 @@ class ForecastStore:
             f = self.bins[bin_id] = BinForecast()
         f.update(t, fill, self.pickup_drop_pct)
         self._dirty.add(bin_id)
-        return f.rate_pct_per_day(), f.full_at()
+        return f.rate_pct_per_day(), f.full_at(self.full_pct)
 
     def save(self, force=False):
         """One transaction for the bins updated since the last save, when SAVE_EVERY_S has passed

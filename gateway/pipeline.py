@@ -47,7 +47,7 @@ class Pipeline:
         self.set_devices(devices)
         # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
         self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
-                                                cfg.events.emptied_drop_pct)
+                                                cfg.events.emptied_drop_pct, cfg.events.full_pct)
         self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
         self.on_new_firmware = None  # called when a hello brings a version not seen before
         self.time_synced = False

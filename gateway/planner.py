@@ -1,23 +1,33 @@
-"""The collection list: which bins to empty on the next round, most urgent first.
+"""The collection list: which bins to empty on the next round, most urgent first, and the trucks'
+routes through them.
 
 `binlink planner` is a small service of its own that reads the bins' retained states over MQTT
 and publishes one retained list at <base>/plan. It sits behind the broker, not inside a gateway,
 so it works the same with one gateway or several: it sees every bin whichever gateway heard it,
 and there is exactly one writer of the list (gateways each publishing a list would overwrite one
-another with partial ones). `binlink plan` prints the list.
+another with partial ones). `binlink plan` prints the list (planner_cli.py).
 
-A bin is on the list when its forecast says it reaches full before the round after the next one
-(the trucks that go out next are the last chance to empty it), when it is full already, or when
-it has no forecast yet (new, or just restarted learning) but is fuller than `unknown_fill_pct`."""
+Words, one meaning each:
+- full: the site's `events.full_pct` (the gateway's `full` event, its `full_at` forecast);
+- listed: full already; or forecast to be full before the round after the next one (plus a
+  margin: the trucks that go out next are the last chance to empty it); or no forecast yet (new,
+  or just restarted learning) but at least `unknown_fill_pct`;
+- quiet: silent for more than `stale_s`. Its last reading is not trusted: it is neither listed nor
+  routed, but named under `quiet` with its age, for someone to look at.
+Round times are in the site's time zone (zoneinfo): 07:00 stays 07:00 across daylight saving."""
 import json
 import logging
-import sys
+import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, time as dtime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DAY = 86400.0
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+FULL_PCT = 90.0  # config.Events.full_pct's default: the planner without a gateway config
+STALE_S = 12 * 3600.0
+log = logging.getLogger("binlink.planner")
 
 
 def parse_iso(text):
@@ -28,61 +38,127 @@ def iso(ts):
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-class Routes:
-    """Route days (0 = Monday) and the hour (UTC) trucks leave."""
+def zone(name):
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("time zone: %r is not an IANA zone name (e.g. Europe/Berlin, UTC)" % name) from None
 
-    def __init__(self, days=(0, 1, 2, 3, 4, 5), hour=7.0):
+
+class Routes:
+    """Route days (0 = Monday) and the local time trucks leave, in the site's time zone."""
+
+    def __init__(self, days=(0, 1, 2, 3, 4, 5), hour=7.0, tz="UTC"):
         if not days or any(d not in range(7) for d in days):
             raise ValueError("route days must be weekdays 0..6 (Monday = 0), got %r" % (days,))
+        if not isinstance(hour, (int, float)) or not 0 <= hour < 24:
+            raise ValueError("route hour must be from 0 to below 24 (local time), got %r" % (hour,))
         self.days = tuple(sorted(set(days)))
-        self.hour = hour
+        self.hour = float(hour)
+        self.tz = zone(tz) if isinstance(tz, str) else tz
+        minutes = int(round(self.hour * 60))
+        self._at = dtime(minutes // 60 % 24, minutes % 60)
 
     @classmethod
-    def parse(cls, days_text, hour):
+    def parse(cls, days_text, hour, tz="UTC"):
         try:
             days = [WEEKDAYS.index(d.strip().lower()[:3]) for d in days_text.split(",") if d.strip()]
         except ValueError:
             raise ValueError("route days: expected names like mon,tue,...; got %r" % days_text) from None
-        return cls(days, hour)
+        return cls(days, hour, tz)
+
+    def start(self, day):
+        """The round's start (UTC seconds) on a local date."""
+        return datetime.combine(day, self._at, tzinfo=self.tz).timestamp()
 
     def next_after(self, t):
         """The first round strictly after t."""
-        day0 = t // DAY * DAY
-        for k in range(8):
-            start = day0 + k * DAY + self.hour * 3600
-            if start > t and int(start // DAY + 3) % 7 in self.days:
-                return start
+        today = datetime.fromtimestamp(t, self.tz).date()
+        for k in range(9):
+            day = today + timedelta(days=k)
+            if day.weekday() in self.days:
+                start = self.start(day)
+                if start > t:
+                    return start
         raise AssertionError("unreachable: a week holds every route day")
 
+    def local(self, t, fmt="%a %d %b %H:%M"):
+        return datetime.fromtimestamp(t, self.tz).strftime(fmt)
 
-def plan(states, now, horizon, unknown_fill_pct=70.0, full_pct=100.0):
-    """states: {bin_id: retained state dict}. Bins due before `horizon` (UTC seconds), most urgent first."""
-    due = []
+
+def _age_h(now, measured):
+    return None if measured is None else round(max(0.0, now - measured) / 3600.0, 1)
+
+
+def plan(states, now, horizon, unknown_fill_pct=70.0, full_pct=FULL_PCT, stale_s=STALE_S, routes=None):
+    """states: {bin_id: retained state dict}. Returns (listed, quiet): bins due before `horizon`
+    (UTC seconds), most urgent first, and bins silent for more than stale_s (oldest first)."""
+    due, quiet = [], []
     for bin_id, s in states.items():
         fill = s.get("fill_pct")
+        measured = parse_iso(s.get("measured_at"))
         full_at = parse_iso(s.get("full_at"))
+        age = _age_h(now, measured)
+        if stale_s is not None and (measured is None or now - measured > stale_s):
+            quiet.append((-(age or 1e9), bin_id, _entry(bin_id, s, age, "quiet", "silent %s: last reading not trusted"
+                                                          % ("ever" if age is None else "for %.0f h" % age))))
+            continue
         if fill is not None and fill >= full_pct:
-            reason, when = "full", now
+            reason, when, why = "full", now, "full: %.0f %% >= %g %%" % (fill, full_pct)
         elif full_at is not None and full_at <= horizon:
             reason, when = "forecast", full_at
+            why = "full (%g %%) by %s" % (full_pct, routes.local(full_at) if routes else iso(full_at))
         elif full_at is None and fill is not None and fill >= unknown_fill_pct:
-            reason, when = "no_forecast", now
+            reason, when, why = "no_forecast", now, "no forecast yet, %.0f %% >= %g %%" % (fill, unknown_fill_pct)
         else:
             continue
-        due.append((when, -(fill or 0.0), bin_id, reason, s))
+        due.append((when, -(fill or 0.0), bin_id, _entry(bin_id, s, age, reason, why)))
     due.sort(key=lambda x: x[:3])
-    return [{"bin_id": bin_id, "name": s.get("name"), "lat": s.get("lat"), "lon": s.get("lon"), "fill_pct": s.get("fill_pct"),
-             "full_at": s.get("full_at"), "fill_rate_pct_per_day": s.get("fill_rate_pct_per_day"), "reason": reason,
-             "measured_at": s.get("measured_at")}
-            for _, _, bin_id, reason, s in due]
+    quiet.sort(key=lambda x: x[:2])
+    return [e for *_, e in due], [e for *_, e in quiet]
 
 
-def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0):
-    """The retained list: for the next round, bins due before the round after it (plus a margin)."""
+def _entry(bin_id, s, age_h, reason, why):
+    return {"bin_id": bin_id, "name": s.get("name"), "lat": s.get("lat"), "lon": s.get("lon"), "fill_pct": s.get("fill_pct"),
+            "full_at": s.get("full_at"), "fill_rate_pct_per_day": s.get("fill_rate_pct_per_day"), "reason": reason,
+            "why": why, "measured_at": s.get("measured_at"), "age_h": age_h}
+
+
+def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0, full_pct=FULL_PCT, stale_s=STALE_S,
+                 trucks=None, matrix=None, solved=None):
+    """The retained list: for the next round, bins due before the round after it (plus a margin);
+    with `trucks` (routes.Trucks), the trucks' routes through them. solved: a previous message's
+    routes, reused when the same bins are listed (the solver runs when the list changes)."""
     next_round = routes.next_after(now)
     horizon = routes.next_after(next_round) + margin_s
-    bins = plan(states, now, horizon, unknown_fill_pct)
-    return {"next_round": iso(next_round), "horizon": iso(horizon), "bins_known": len(states), "bins": bins}
+    bins, quiet = plan(states, now, horizon, unknown_fill_pct, full_pct, stale_s, routes)
+    body = {"next_round": iso(next_round), "next_round_local": routes.local(next_round, "%Y-%m-%d %H:%M %Z"),
+            "horizon": iso(horizon), "bins_known": len(states), "full_pct": full_pct, "stale_h": None if stale_s is None else stale_s / 3600,
+            "bins": bins, "quiet": quiet}
+    if trucks is not None:
+        ids = sorted(b["bin_id"] for b in bins)
+        if solved is not None and solved.get("bin_ids") == ids:
+            body["routes"] = solved
+        else:
+            body["routes"] = route_plan(bins, next_round, trucks, matrix)
+    return body
+
+
+def route_plan(bins, start, trucks, matrix=None):
+    from binlink.gateway import routes as solver
+
+    t = time.perf_counter()
+    r = solver.solve(bins, trucks, matrix)
+    by_id = {b["bin_id"]: b for b in bins}
+    for truck in r["trucks"]:
+        for stop in truck["stops"]:
+            b = by_id[stop["bin_id"]]
+            stop.update(arrive=iso(start + stop.pop("arrive_s")), name=b.get("name"), lat=b.get("lat"), lon=b.get("lon"),
+                        fill_pct=b.get("fill_pct"))
+    depot = solver.problem(bins, trucks, matrix)[1][0]
+    r.update(bin_ids=sorted(by_id), depot=None if depot is None else list(depot), list_order_km=solver.list_order_km(bins, trucks, matrix),
+             solve_s=round(time.perf_counter() - t, 3), trucks_available=trucks.count, capacity_bins=trucks.capacity_bins)
+    return r
 
 
 def plan_topic(base):
@@ -102,35 +178,50 @@ def mqtt_client(m, client_id):
 
 class Planner:
     """Subscribes to <base>/bin/+/state, publishes <base>/plan (retained) when it changes, at most
-    every `interval_s`, and at least when a round starts."""
+    every `interval_s`, and at least when a round starts. `settings`: plan_message's keyword
+    arguments (unknown_fill_pct, full_pct, stale_s, trucks, matrix)."""
 
-    def __init__(self, mqtt_cfg, base, routes, margin_s=6 * 3600.0, interval_s=60.0, unknown_fill_pct=70.0, clock=time.time):
+    def __init__(self, mqtt_cfg, base, routes, margin_s=6 * 3600.0, interval_s=60.0, clock=time.time, **settings):
         self.base = base
         self.routes = routes
         self.margin_s = margin_s
         self.interval_s = interval_s
-        self.unknown_fill_pct = unknown_fill_pct
+        self.settings = settings
         self.clock = clock
         self.states = {}
         self.changed = threading.Event()
         self.stopping = threading.Event()
-        self.log = logging.getLogger("binlink.planner")
+        self.connected = threading.Event()
         self.client = mqtt_client(mqtt_cfg, "binlink-planner-%s" % base.replace("/", "-"))
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 30)
         self.mqtt_cfg = mqtt_cfg
         self._last = None
+        self._solved = None
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if not reason_code.is_failure:
-            client.subscribe("%s/bin/+/state" % self.base, qos=1)
+        if reason_code.is_failure:
+            log.warning("broker %s:%d refused the planner: %s", self.mqtt_cfg.host, self.mqtt_cfg.port, reason_code)
+            return
+        log.info("connected to the broker at %s:%d", self.mqtt_cfg.host, self.mqtt_cfg.port)
+        client.subscribe("%s/bin/+/state" % self.base, qos=1)
+        self.connected.set()
+        self._last = None  # published again on every session: one published while away may be lost
+        self.changed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self.connected.is_set() and not self.stopping.is_set():
+            log.warning("lost the broker at %s:%d (%s): reconnecting with back-off", self.mqtt_cfg.host, self.mqtt_cfg.port, reason_code)
+        self.connected.clear()
 
     def _on_message(self, client, userdata, msg):
         try:
             s = json.loads(msg.payload)
             bin_id = s["bin_id"]
         except (ValueError, KeyError, TypeError):
-            self.log.warning("ignored a state that is not binlink JSON on %s", msg.topic)
+            log.warning("ignored a state that is not binlink JSON on %s", msg.topic)
             return
         old = self.states.get(bin_id)
         # two gateways may deliver out of order: the newer measurement wins
@@ -138,24 +229,64 @@ class Planner:
             self.states[bin_id] = s
             self.changed.set()
 
+    def message(self):
+        body = plan_message(dict(self.states), self.clock(), self.routes, self.margin_s, solved=self._solved, **self.settings)
+        self._solved = body.get("routes")
+        return body
+
     def publish_once(self):
-        body = plan_message(dict(self.states), self.clock(), self.routes, self.margin_s, self.unknown_fill_pct)
-        key = json.dumps([body["next_round"], body["bins_known"], body["bins"]], sort_keys=True)
-        if key == self._last:
+        body = self.message()
+        key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes")], sort_keys=True)
+        if key == self._last or not self.connected.is_set():
             return False
-        self._last = key
         body["generated_at"] = iso(self.clock())
-        self.client.publish(plan_topic(self.base), json.dumps(body, sort_keys=True), qos=1, retain=True)
+        info = self.client.publish(plan_topic(self.base), json.dumps(body, sort_keys=True), qos=1, retain=True)
+        if info.rc != 0:
+            return False  # not connected after all: published again on the next session
+        self._last = key
+        counts = {}
+        for b in body["bins"]:
+            counts[b["reason"]] = counts.get(b["reason"], 0) + 1
+        r = body.get("routes")
+        log.info("published %s: round %s, %d of %d bins listed (%s), %d quiet%s", plan_topic(self.base), body["next_round_local"],
+                 len(body["bins"]), body["bins_known"], ", ".join("%s %d" % kv for kv in sorted(counts.items())) or "none",
+                 len(body["quiet"]), "" if r is None else ", %d trucks %.1f km, %d unrouted" % (len(r["trucks"]), r["km"], len(r["unrouted"])))
         return True
 
+    def connect(self, max_delay=30.0):
+        """Reaches the broker, retrying with back-off (1, 2, 4 ... max_delay s, jittered) while it
+        is down: one log line when it first fails and one when it is reached, never a traceback.
+        False when stopped first. After this, paho reconnects on its own (reconnect_delay_set)."""
+        delay, failures = 1.0, 0
+        while not self.stopping.is_set():
+            try:
+                self.client.connect(self.mqtt_cfg.host, self.mqtt_cfg.port, keepalive=self.mqtt_cfg.keepalive)
+            except OSError as e:
+                if failures == 0:
+                    log.warning("broker %s:%d unreachable (%s): retrying with back-off up to %.0f s",
+                                self.mqtt_cfg.host, self.mqtt_cfg.port, e.strerror or e, max_delay)
+                failures += 1
+                self.stopping.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(max_delay, delay * 2)
+                continue
+            if failures:
+                log.info("broker %s:%d reached after %d failed attempts", self.mqtt_cfg.host, self.mqtt_cfg.port, failures)
+            return True
+        return False
+
     def run(self):
-        self.client.connect(self.mqtt_cfg.host, self.mqtt_cfg.port, keepalive=self.mqtt_cfg.keepalive)
+        if not self.connect():
+            return
         self.client.loop_start()
         try:
             while not self.stopping.is_set():
                 self.changed.wait(self.interval_s)
                 self.changed.clear()
-                self.publish_once()
+                try:
+                    self.publish_once()
+                except ValueError as e:  # a distance matrix without a listed bin: said, the list still goes out
+                    log.error("cannot route this round: %s", e)
+                    self.settings["trucks"] = None
                 self.stopping.wait(min(self.interval_s, 1.0))
         finally:
             self.client.loop_stop()
@@ -166,106 +297,7 @@ class Planner:
         self.changed.set()
 
 
-# command line ----------------------------------------------------------------------------------
 def add_parsers(sub):
-    p = sub.add_parser("planner", help="publish the collection list (retained <base>/plan) from the bins' states")
-    _common(p)
-    p.add_argument("--route-days", default="mon,tue,wed,thu,fri,sat", help="days the trucks go out (default: %(default)s)")
-    p.add_argument("--route-hour", type=float, default=7.0, help="hour (UTC) the round starts (default: %(default)s)")
-    p.add_argument("--margin-h", type=float, default=6.0, help="safety margin after the horizon, hours (default: %(default)s)")
-    p.add_argument("--unknown-fill-pct", type=float, default=70.0, help="bins without a forecast yet go on the list from this fill")
-    p.add_argument("--interval", type=float, default=60.0, help="publish at most this often, seconds (default: %(default)s)")
-    p.set_defaults(func=cmd_planner)
-    v = sub.add_parser("plan", help="print the collection list the planner published")
-    _common(v)
-    v.add_argument("--json", action="store_true", help="print the message as JSON")
-    v.add_argument("--timeout", type=float, default=5.0)
-    v.set_defaults(func=cmd_plan)
+    from binlink.gateway import planner_cli
 
-
-def _common(p):
-    p.add_argument("--config", help="gateway TOML: its [mqtt] settings and site are used")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--site", default=None)
-
-
-def _mqtt_and_base(args):
-    from binlink.gateway import config
-
-    if args.config:
-        cfg = config.load(args.config)
-        m, base = cfg.mqtt, cfg.base_topic
-    else:
-        m, base = config.Mqtt(), "binlink/%s" % (args.site or "default")
-    if args.host:
-        m.host = args.host
-    if args.port:
-        m.port = args.port
-    if args.site:
-        base = "binlink/%s" % args.site
-    return m, base
-
-
-def cmd_planner(args):
-    import signal
-
-    from binlink.gateway import config
-
-    try:
-        m, base = _mqtt_and_base(args)
-        routes = Routes.parse(args.route_days, args.route_hour)
-    except (ValueError, config.ConfigError) as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    planner = Planner(m, base, routes, args.margin_h * 3600, args.interval, args.unknown_fill_pct)
-    signal.signal(signal.SIGTERM, planner.stop)
-    signal.signal(signal.SIGINT, planner.stop)
-    print("planner: %s -> %s" % ("%s/bin/+/state" % base, plan_topic(base)), flush=True)
-    planner.run()
-    return 0
-
-
-def cmd_plan(args):
-    from binlink.gateway import config
-
-    try:
-        m, base = _mqtt_and_base(args)
-    except config.ConfigError as e:
-        print("error: %s" % e, file=sys.stderr)
-        return 2
-    got = threading.Event()
-    box = []
-    c = mqtt_client(m, "binlink-plan-view-%d" % (time.time() * 1000 % 1_000_000))
-    c.on_connect = lambda client, *a: client.subscribe(plan_topic(base), qos=1)
-    c.on_message = lambda client, userdata, msg: (box.append(msg.payload), got.set())
-    try:
-        c.connect(m.host, m.port)
-    except OSError as e:
-        print("error: cannot reach the broker at %s:%d: %s" % (m.host, m.port, e), file=sys.stderr)
-        return 2
-    c.loop_start()
-    ok = got.wait(args.timeout)
-    c.loop_stop()
-    c.disconnect()
-    if not ok:
-        print("no collection list at %s (is `binlink planner` running?)" % plan_topic(base), file=sys.stderr)
-        return 1
-    body = json.loads(box[0])
-    if args.json:
-        print(json.dumps(body, indent=1, sort_keys=True))
-        return 0
-    print(format_plan(body))
-    return 0
-
-
-def format_plan(body):
-    lines = ["next round %s, bins due before %s: %d of %d" % (body["next_round"], body["horizon"], len(body["bins"]), body["bins_known"]),
-             "%-3s %-16s %6s %-21s %9s %-11s %s" % ("#", "bin", "fill%", "full at", "%/day", "why", "position")]
-    for i, b in enumerate(body["bins"], 1):
-        pos = "%.5f,%.5f" % (b["lat"], b["lon"]) if b.get("lat") is not None else "-"
-        lines.append("%-3d %-16s %6s %-21s %9s %-11s %s" % (
-            i, b["bin_id"], "-" if b["fill_pct"] is None else "%.1f" % b["fill_pct"], b["full_at"] or "-",
-            "-" if b["fill_rate_pct_per_day"] is None else "%.1f" % b["fill_rate_pct_per_day"], b["reason"], pos))
-    return "\n".join(lines)
+    planner_cli.add_parsers(sub)

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from binlink.gateway import planner
+from binlink.gateway import planner, planner_cli
 from binlink.wire import codec, framing
 from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, Subscriber, wait_for
 
@@ -36,14 +36,16 @@ def test_plan_lists_due_bins_most_urgent_first():
         "new-empty": {"fill_pct": 10.0, "full_at": None},
         "faulty": {"fill_pct": None, "full_at": None},
     }
-    body = planner.plan_message(states, now, planner.Routes(), margin_s=6 * 3600)
+    for st in states.values():
+        st["measured_at"] = iso(now - 600)
+    body = planner.plan_message(states, now, planner.Routes(), margin_s=6 * 3600, full_pct=100.0)
     assert body["next_round"] == "2026-11-27T07:00:00Z" and body["horizon"] == "2026-11-28T13:00:00Z"
     assert [b["bin_id"] for b in body["bins"]] == ["full", "new", "sooner", "soon"]
     assert [b["reason"] for b in body["bins"]] == ["full", "no_forecast", "forecast", "forecast"]
     soon = body["bins"][3]
     assert (soon["lat"], soon["lon"], soon["name"]) == (52.5, 13.4, "Market")
-    text = planner.format_plan(dict(body, bins_known=len(states)))
-    assert "4 of 7" in text and "52.50000,13.40000" in text
+    text = planner_cli.format_plan(dict(body, bins_known=len(states)))
+    assert "4 of 7" in text and "Market" in text
 
 
 def test_planner_and_plan_over_mosquitto_with_the_gateway_feeding_it(tmp_path, broker, pty):
@@ -106,7 +108,7 @@ def test_gateway_learns_the_forecast_and_keeps_it_through_a_restart(tmp_path, br
         assert 30 < state["fill_rate_pct_per_day"] < 42  # 1.5 points an hour = 36 a day
         full_at = planner.parse_iso(state["full_at"])
         measured = planner.parse_iso(state["measured_at"])
-        assert 30 * 3600 < full_at - measured < 60 * 3600  # 46 points to go at ~1.5 an hour
+        assert 18 * 3600 < full_at - measured < 40 * 3600  # to the site's full (90 %): 36 points at ~1.5 an hour
         gw.terminate()
         gw.start()
         pty.write(framing.frame(codec.encode_reading(KEY, 0xA1, 26, 1200 - 10 * (10 + 1.5 * 25), 20, 3700, 0, 5, 5)))
@@ -116,3 +118,100 @@ def test_gateway_learns_the_forecast_and_keeps_it_through_a_restart(tmp_path, br
     finally:
         sub.close()
         gw.kill()
+
+
+# one meaning per word -------------------------------------------------------------------------
+def fresh(now, **kw):
+    return dict({"measured_at": planner.iso(now - 600), "full_at": None}, **kw)
+
+
+def test_full_is_the_sites_full_pct_and_the_list_says_why():
+    """A bin at 93 % is full at a site whose full event fires at 90 % (it was `no_forecast` when
+    the planner's full meant 100 %); the printed list names it, its fill, its age and why."""
+    now = ts("2026-11-27T06:00")
+    states = {"b93": fresh(now, fill_pct=93.0, name="Market square"), "b89": fresh(now, fill_pct=89.0),
+              "b50": fresh(now, fill_pct=50.0)}
+    body = planner.plan_message(states, now, planner.Routes(), 6 * 3600, full_pct=90.0)
+    assert [(b["bin_id"], b["reason"]) for b in body["bins"]] == [("b93", "full"), ("b89", "no_forecast")]
+    text = planner_cli.format_plan(body)
+    row = next(line for line in text.splitlines() if "b93" in line)
+    assert "Market square" in row and "93.0" in row and "0.2" in row and ">= 90 %" in row  # name, fill, age (h), why
+    assert "full = 90 %" in text
+
+
+def test_a_silent_bin_is_quiet_not_trusted_and_not_listed():
+    now = ts("2026-11-27T06:00")
+    states = {"silent": {"fill_pct": 99.0, "full_at": planner.iso(now - 86400), "measured_at": planner.iso(now - 3 * 86400)},
+              "never": {"fill_pct": None, "full_at": None},
+              "ok": fresh(now, fill_pct=95.0)}
+    body = planner.plan_message(states, now, planner.Routes(), 6 * 3600, stale_s=12 * 3600)
+    assert [b["bin_id"] for b in body["bins"]] == ["ok"]
+    assert [b["bin_id"] for b in body["quiet"]] == ["never", "silent"]
+    assert body["quiet"][1]["age_h"] == 72.0 and "72 h" in body["quiet"][1]["why"]
+    assert "quiet sensors" in planner_cli.format_plan(body)
+    # the same bin, heard an hour ago, is listed again
+    states["silent"]["measured_at"] = planner.iso(now - 3600)
+    assert "silent" in [b["bin_id"] for b in planner.plan_message(states, now, planner.Routes(), 0)["bins"]]
+
+
+def test_rounds_are_in_the_sites_time_zone_across_daylight_saving():
+    """07:00 in Berlin is 05:00 UTC in summer time and 06:00 UTC after the clocks go back
+    (Sunday 25 October 2026)."""
+    r = planner.Routes.parse("mon,sat", 7, "Europe/Berlin")
+    assert r.next_after(ts("2026-10-23T12:00")) == ts("2026-10-24T05:00")  # Saturday, summer time
+    assert r.next_after(ts("2026-10-24T05:00")) == ts("2026-10-26T06:00")  # Monday, winter time
+    body = planner.plan_message({}, ts("2026-10-23T12:00"), r, 0)
+    assert body["next_round_local"] == "2026-10-24 07:00 CEST"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--route-hour", "25"], "route hour must be from 0 to below 24"),
+    (["--route-hour", "-1"], "route hour"),
+    (["--tz", "Mars/Olympus"], "not an IANA zone name"),
+    (["--route-days", "mon,funday"], "route days"),
+    (["--margin-h", "-3"], "--margin-h"),
+    (["--stale-h", "0"], "--stale-h"),
+    (["--full-pct", "150"], "--full-pct"),
+    (["--trucks", "2", "--truck-capacity", "0"], "capacity"),
+    (["--trucks", "2", "--depot", "52.5"], "LAT,LON"),
+])
+def test_route_settings_are_refused_with_a_clear_error(args, message):
+    r = subprocess.run([BINLINK, "planner", "--port", "1"] + args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_planner_waits_for_a_broker_that_is_down_and_republishes_after_it_comes_back(tmp_path):
+    """Broker down at start: the planner retries with back-off (one log line, no traceback, no
+    exit); once it is up the list is published; the broker restarts without its retained
+    messages: the planner is back on its own and publishes the list again."""
+    from binlink.sim.broker import Mosquitto, free_port
+
+    port = free_port()
+    log_path = tmp_path / "planner.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([BINLINK, "planner", "--port", str(port), "--site", "downcity", "--interval", "0.2"],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+    b = None
+    try:
+        wait_for(lambda: "unreachable" in log_path.read_text(), timeout=30, what="the unreachable line")
+        assert proc.poll() is None
+        b = Mosquitto(port).start()
+        sub = Subscriber(port, topics=("binlink/downcity/plan",))
+        wait_for(lambda: sub.json("/plan"), timeout=30, what="the list once the broker is up")
+        sub.close()
+        b.kill()
+        b.start()
+        sub = Subscriber(port, topics=("binlink/downcity/plan",))
+        wait_for(lambda: sub.json("/plan"), timeout=60, what="the list again after the broker restarted")
+        sub.close()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if b is not None:
+            b.stop()
+    out = log_path.read_text()
+    assert proc.returncode == 0
+    assert "Traceback" not in out and out.count("unreachable") == 1, out
+    assert "published binlink/downcity/plan" in out and "lost the broker" in out
+
