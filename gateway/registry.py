@@ -19,9 +19,8 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 
-import tomli_w
-
 from binlink.gateway.config import ConfigError
+from binlink.gateway.registry_file import write  # noqa: F401 (registry.write: the one writer)
 
 _BIN_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline through
 
@@ -76,13 +75,27 @@ def parse_device_id(v):
     return n
 
 
-DEFAULT_PATH = "/etc/binlink/devices.toml"
+DEFAULT_PATH = "/etc/binlink/devices.toml"  # a gateway's registry
+GATEWAY_CONFIG = "/etc/binlink/gateway.toml"  # present on a gateway (make install-gateway)
 NAME_MAX = 200  # a bin's display name (Home Assistant, the outbox's records)
+DEPTH_MAX = 10000  # mm: sensor to bin floor; the sensors themselves measure 300-5000 (make flash checks that)
 _DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s"}
 
 
+def workstation_path():
+    """A technician's registry, outside build/ (which `make clean` deletes)."""
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "binlink", "devices.toml")
+
+
 def default_path():
-    return os.environ.get("BINLINK_REGISTRY", DEFAULT_PATH)
+    """The one rule every tool follows (`make flash`, `binlink registry`, `binlink watch`):
+    $BINLINK_REGISTRY when set; else on a gateway (/etc/binlink/gateway.toml exists) the gateway's
+    /etc/binlink/devices.toml; else the workstation's ~/.local/share/binlink/devices.toml. A bin
+    flashed on a workstation reaches a gateway with `binlink registry import` (docs/gateway.md)."""
+    if os.environ.get("BINLINK_REGISTRY"):
+        return os.environ["BINLINK_REGISTRY"]
+    return DEFAULT_PATH if os.path.exists(GATEWAY_CONFIG) else workstation_path()
 
 
 class Registry(dict):
@@ -91,6 +104,7 @@ class Registry(dict):
     def __init__(self, devices=(), retired=None):
         super().__init__(devices)
         self.retired = dict(retired or {})
+        self.rejected = []  # problems of the entries skipped by a lenient load (parse(strict=False))
 
     def by_bin(self, bin_id):
         for d in self.values():
@@ -104,13 +118,26 @@ class Registry(dict):
 
 def parse_device(d, p):
     """(Device, []) for one [[device]] table, or (None, problems naming p): the one set of rules for
-    an entry, whether it comes from the registry file or from the shared state (Redis)."""
+    an entry, whether it comes from the registry file, the shared state (Redis), `make flash`'s
+    arguments or `binlink registry add|import` (entry_problems)."""
     if not isinstance(d, dict):
         return None, ["%s: must be a table ([[device]])" % p]
+    found = entry_problems(d, p)
+    if found:
+        return None, found
+    return Device(parse_device_id(d["device_id"]), d["bin_id"], bytes.fromhex(d["key"]), d["depth_mm"], d["full_mm"],
+                  d.get("name", ""), d.get("lat"), d.get("lon"), d.get("key_epoch", 0), d.get("report_s", 3600)), []
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def entry_problems(d, p):
+    """Every problem of one registry entry (a dict as in the file), each naming p and the key."""
     found = []
-    dev_id = None
     try:
-        dev_id = parse_device_id(d.get("device_id"))
+        parse_device_id(d.get("device_id"))
     except ValueError as e:
         found.append("%s.device_id: %s" % (p, e))
     key_hex = d.get("key", "")
@@ -120,79 +147,149 @@ def parse_device(d, p):
     if not valid_bin_id(bin_id):
         found.append("%s.bin_id: %r must be lowercase letters, digits, - or _" % (p, bin_id))
     depth, full = d.get("depth_mm"), d.get("full_mm")
-    if not (type(depth) is int and type(full) is int and 0 <= full < depth):
-        found.append("%s: need integers 0 <= full_mm < depth_mm, got full_mm=%r depth_mm=%r" % (p, full, depth))
+    if not (type(depth) is int and type(full) is int and 0 <= full < depth <= DEPTH_MAX):
+        found.append("%s: need integers 0 <= full_mm < depth_mm <= %d, got full_mm=%r depth_mm=%r" % (p, DEPTH_MAX, full, depth))
     epoch = d.get("key_epoch", 0)
     if not (type(epoch) is int and 0 <= epoch < 2**32):  # 32 bits in the outbox's records
         found.append("%s.key_epoch: must be an integer from 0 to 4294967295, got %r" % (p, epoch))
     for opt, typ in (("name", str), ("lat", (int, float)), ("lon", (int, float)), ("report_s", int)):
         if opt in d and (not isinstance(d[opt], typ) or isinstance(d[opt], bool)):
             found.append("%s.%s: wrong type" % (p, opt))
-    if isinstance(d.get("name"), str) and len(d["name"]) > NAME_MAX:
-        found.append("%s.name: at most %d characters" % (p, NAME_MAX))
+    name = d.get("name")
+    if isinstance(name, str) and (len(name) > NAME_MAX or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        found.append("%s.name: at most %d characters, no control characters (got %d characters)" % (p, NAME_MAX, len(name)))
+    for opt, bound in (("lat", 90), ("lon", 180)):
+        v = d.get(opt)
+        if _number(v) and not -bound <= v <= bound:  # nan fails too
+            found.append("%s.%s: %r is out of range (-%d..%d)" % (p, opt, v, bound, bound))
+    if ("lat" in d) != ("lon" in d):
+        found.append("%s: give both lat and lon, or neither" % p)
     if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
         found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
     unknown = set(d) - _DEVICE_KEYS
     if unknown:
         found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
-    if found:
-        return None, found
-    return Device(dev_id, bin_id, bytes.fromhex(key_hex), depth, full, d.get("name", ""), d.get("lat"), d.get("lon"),
-                  epoch, d.get("report_s", 3600)), []
+    return found
 
 
-def parse(data, path="registry"):
+_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*(device|retired)[ \t]*\]\]", re.M)
+
+
+def entry_lines(text):
+    """{"device": [line of each [[device]] header], "retired": [...]} in the file's order (1-based):
+    problems name the line an installer opens the file at, not an index."""
+    lines = {"device": [], "retired": []}
+    for m in _HEADER.finditer(text or ""):
+        lines[m.group(1)].append(text.count("\n", 0, m.start()) + 1)
+    return lines
+
+
+def _where(path, kind, i, lines, entry):
+    """'registry PATH line 14, bin market-1: device[3]': the line and the bin first, the index kept."""
+    at = lines.get(kind, [])
+    line = " line %d" % at[i] if i < len(at) else ""
+    bin_id = entry.get("bin_id") if isinstance(entry, dict) else None
+    named = ", bin %s" % (bin_id if valid_bin_id(bin_id) else repr(bin_id)) if bin_id is not None else ""
+    return "%s%s%s: %s[%d]" % (path, line, named, kind, i)
+
+
+def parse(data, path="registry", text=None, strict=True):
+    """The Registry of a parsed file. strict: any problem raises ConfigError listing them all. Not
+    strict (the gateway's start and reload): an entry with a problem is skipped and its problems
+    are kept in `.rejected` (each naming the file, line and bin); every other bin is loaded. A file
+    that is not a registry at all ([[device]] not a list) raises either way."""
     problems = []
+    rejected = []
     devices = {}
-    bins = set()
+    lines = entry_lines(text)
     entries = data.get("device", []) if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(["%s: [[device]] must be an array of tables" % path])
+    parsed = []
     for i, d in enumerate(entries):
-        p = "%s: device[%d]" % (path, i)
+        p = _where(path, "device", i, lines, d)
         device, found = parse_device(d, p)
-        if device is not None and device.device_id in devices:
-            found.append("%s.device_id: %06x listed twice" % (p, device.device_id))
-        if device is not None and device.bin_id in bins:
-            found.append("%s.bin_id: %r listed twice" % (p, device.bin_id))
-        problems += found
-        if not found:
-            bins.add(device.bin_id)
-            devices[device.device_id] = device
-    retired = {}
+        parsed.append((p, device, found))
+    ids = [dev.device_id for _, dev, _ in parsed if dev is not None]
+    bins = [dev.bin_id for _, dev, _ in parsed if dev is not None]
     gone = data.get("retired", [])
     if not isinstance(gone, list):
         problems.append("%s: [[retired]] must be an array of tables" % path)
         gone = []
+    retired = {}
     for i, r in enumerate(gone):
-        p = "%s: retired[%d]" % (path, i)
+        p = _where(path, "retired", i, lines, r)
         try:
             dev_id = parse_device_id(r.get("device_id") if isinstance(r, dict) else None)
         except ValueError as e:
             problems.append("%s.device_id: %s" % (p, e))
             continue
-        if dev_id in devices:
-            problems.append("%s.device_id: %06x is retired and also listed as a device: ids are never reused" % (p, dev_id))
         retired[dev_id] = (str(r.get("bin_id", "")), str(r.get("retired_at", "")))
-    if problems:
+    for p, device, found in parsed:
+        if device is not None:  # listed twice: which key is right is not known, so neither is used
+            if ids.count(device.device_id) > 1:
+                found.append("%s.device_id: %06x listed twice" % (p, device.device_id))
+            if bins.count(device.bin_id) > 1:
+                found.append("%s.bin_id: %r listed twice" % (p, device.bin_id))
+            if device.device_id in retired:
+                found.append("%s.device_id: %06x is retired (ids are never reused)" % (p, device.device_id))
+        if found:
+            rejected += found
+        else:
+            devices[device.device_id] = device
+    if strict and (problems or rejected):
+        raise ConfigError(rejected + problems)
+    if problems:  # [[retired]] damaged: a retired id could be taken again, so no registry at all
         raise ConfigError(problems)
-    return Registry(devices, retired)
+    reg = Registry(devices, retired)
+    reg.rejected = rejected
+    return reg
 
 
-def load(path, check_permissions=True):
+def load(path, check_permissions=True, strict=True):
+    """The registry file at path (see parse for strict). A file that cannot be read, is not TOML or
+    is readable by other users raises ConfigError."""
     try:
         st = os.stat(path)
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
+        text = raw.decode("utf-8", "replace")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(["registry %s: no such file" % path]) from None
     except PermissionError:
         raise ConfigError(["registry %s: permission denied (the service user must be able to read it)" % path]) from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ConfigError(["registry %s: is a directory" % path]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(["registry %s: not valid TOML: %s" % (path, e)]) from None
     if check_permissions and st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
         raise ConfigError(["registry %s: readable by other users; it holds device keys (chmod 640)" % path])
-    return parse(data, "registry %s" % path)
+    return parse(data, "registry %s" % path, text=text, strict=strict)
+
+
+def load_for_service(path, metrics=None):
+    """The gateway's registry at start and on reload: an entry with a problem costs its bin only. Each
+    one skipped is logged at ERROR naming the file, line and bin, and counted in the gauge
+    binlink_registry_entries_rejected (also in the stats topic); every other bin works."""
+    import logging
+
+    from binlink.gateway import logs
+
+    reg = load(path, strict=False)
+    for problem in reg.rejected:
+        logs.event(logs.get("registry"), logging.ERROR, "REGISTRY ENTRY SKIPPED: its bin's frames are refused until "
+                   "the entry is fixed (binlink gateway check-config)", problem=problem)
+    if metrics is not None:
+        gauge = getattr(metrics, "registry_rejected", None)
+        if gauge is None:
+            from prometheus_client import Gauge
+
+            gauge = metrics.registry_rejected = Gauge(
+                "binlink_registry_entries_rejected", "Registry entries skipped at the last load (start or reload) "
+                "because of a problem; their bins are unknown", registry=metrics.registry)
+        gauge.set(len(reg.rejected))
+    return reg
 
 
 def load_or_empty(path):
@@ -236,7 +333,7 @@ def save(path, reg):
     write(path, to_data(reg))
 
 
-def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None, report_s=None):
+def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None, report_s=None, key_epoch=None):
     """Registers device_id as bin_id, or gives it a new key and calibration. A new key for a bin
     already registered raises its key_epoch. A retired id, or a bin id held by another device, is
     refused: ids never move between bins."""
@@ -250,6 +347,11 @@ def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=
     if old is not None and old.bin_id != bin_id:
         raise ConfigError(["device %s is bin %s, not %s" % (old.dev, old.bin_id, bin_id)])
     epoch = 0 if old is None else old.key_epoch + (old.key != key)
+    if key_epoch is not None:  # a key made elsewhere (binlink registry add --key-out) keeps its epoch
+        if old is not None and key_epoch < old.key_epoch:
+            raise ConfigError(["bin %s: key epoch %d is older than this registry's %d: not taken"
+                               % (bin_id, key_epoch, old.key_epoch)])
+        epoch = key_epoch
     reg[device_id] = Device(device_id, bin_id, key, depth_mm, full_mm, name or (old.name if old else ""),
                             lat if lat is not None else (old.lat if old else None),
                             lon if lon is not None else (old.lon if old else None), epoch,
@@ -258,13 +360,13 @@ def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=
     return reg[device_id]
 
 
-def provision(path, bin_id, depth_mm, full_mm, name="", key=None, taken=()):
+def provision(path, bin_id, depth_mm, full_mm, name="", key=None, taken=(), lat=None, lon=None, report_s=None):
     """The bin's device (new key): a bin already registered keeps its id (re-flash, re-key), a new
     bin gets a fresh random id not in the registry nor in `taken` (ids the fleet claimed)."""
     reg = load_or_empty(path)
     holder = reg.by_bin(bin_id)
     device_id = holder.device_id if holder else allocate_id(reg.taken() | set(taken))
-    return add(path, device_id, bin_id, key or secrets.token_bytes(16), depth_mm, full_mm, name)
+    return add(path, device_id, bin_id, key or secrets.token_bytes(16), depth_mm, full_mm, name, lat, lon, report_s)
 
 
 def rekey(path, bin_id, key=None):
@@ -285,15 +387,3 @@ def retire(path, bin_id, now=None):
     reg.retired[d.device_id] = (bin_id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
     save(path, reg)
     return d
-
-
-def write(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"# binlink device registry: holds device keys, keep it mode 0600/0640\n")
-        tomli_w.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
