@@ -16,15 +16,17 @@ MAX_RESETS = 5  # resets in a row before the simulation gives up on a wake (a re
 
 class SimDevice:
     def __init__(self, rng, device_id, key, clock, transmit=None, vm=None, depth_mm=1200, full_mm=250,
-                 transport="e22", sensor="jsn-sr04t", weather=None, profile="custom", **overrides):
+                 transport="e22", sensor="jsn-sr04t", weather=None, profile="custom", cell=None, **overrides):
+        """cell: keyword arguments for the Li-SOCl2 cell (parts/cell.py: used_mah, age_years,
+        passivation); it sits in the bin, at the air's temperature."""
         self.device_id = device_id
         self.key = key
         self.clock = clock
         self.vm = vm  # a simulator.vm.FirmwareVM, or None for CPython
         self.bin = physics.Bin(rng, depth_mm=depth_mm, full_mm=full_mm, t0=clock())
         self.sensor = physics.UltrasonicSensor(rng)
-        self.battery = physics.Battery()
         self.weather = weather or physics.Weather()
+        self.battery = physics.Battery(temp_c=lambda: self.weather.air_c(self.clock()), **(cell or {}))
         self.sent = []  # (time, payload bytes as the module put them on air)
         self.counters = []  # frame counter of every protocol frame put on air, in order
         self.truth = {}  # fcnt -> (true fill %, true surface mm) when that reading was measured

@@ -164,16 +164,6 @@ class UltrasonicSensor:
         return bytes([0xFF, h, l, (0xFF + h + l) & 0xFF])
 
 
-class Battery:
-    """A 3.6 V Li-SOCl2 D cell (19 Ah): flat voltage, dropping near the end."""
-
-    def __init__(self, capacity_mah=19000.0, used_mah=0.0):
-        self.capacity_mah = capacity_mah
-        self.used_mah = used_mah
-
-    def draw(self, ma, seconds):
-        self.used_mah += ma * seconds / 3600.0
-
-    def mv(self):
-        left = max(0.0, 1.0 - self.used_mah / self.capacity_mah)
-        return int(3000 + 650 * min(1.0, left * 5))  # 3.65 V until the last 20 %
+# The cell: a Li-SOCl2 bobbin D cell with internal resistance, passivation and the cold
+# (simulator/parts/cell.py; the flat 3.65 V cell it replaces could never brown a board out).
+from binlink.sim.parts.cell import LiSOCl2Cell as Battery  # noqa: E402

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+from binlink.sim.parts import cell as cell_model
 from binlink.sim.parts import esp32 as chip
 from binlink.sim.parts.e22 import E22, E32
 from binlink.sim.parts.rylr998 import Rylr998
@@ -24,12 +25,15 @@ UPY_MODULES = ("_host", "time", "machine", "esp32", "onewire", "ds18x20", "netwo
 
 # Board profiles (docs/energy.md): what draws current besides the parts.
 PROFILES = {
-    # ESP32 DevKitC-style board from a Li-SOCl2 cell: AMS1117 LDO (5 mA quiescent), sensor on the
-    # 5 V/3V3 rail all the time, 2 x 100 kOhm battery divider always across the cell.
-    "devboard": {"regulator_ma": 5.0, "rail_switched": False, "divider_switched": False},
-    # Custom board: low-Iq LDO (MCP1700, 1.6 uA), sensor rail switched by a P-MOSFET (off unless
-    # its pin drives it on), divider switched by a MOSFET on its low side.
-    "custom": {"regulator_ma": 0.0016, "rail_switched": True, "divider_switched": True},
+    # ESP32 DevKitC-style board as a devboard is powered: from USB or a 5 V supply through its AMS1117
+    # LDO (5 mA quiescent; 1.1 V dropout, so a 3.6 V cell would leave the chip ~2.5 V, at the
+    # brown-out threshold: it cannot run from the cell). Sensor on the rail all the time; the
+    # 2 x 100 kOhm divider always across the cell it measures. The supply never browns out.
+    "devboard": {"regulator_ma": 5.0, "rail_switched": False, "divider_switched": False, "supply": "usb"},
+    # Custom board from the Li-SOCl2 cell: low-Iq LDO (MCP1700, 1.6 uA, 178 mV dropout at 250 mA),
+    # sensor rail switched by a P-MOSFET (off unless its pin drives it on), divider switched by a
+    # MOSFET on its low side. No reservoir capacitor across the cell: the radio's pulse is the cell's.
+    "custom": {"regulator_ma": 0.0016, "rail_switched": True, "divider_switched": True, "supply": "cell"},
 }
 DIVIDER_OHMS = 200_000
 
@@ -61,7 +65,7 @@ class Board:
         self.ops = 0
         self.reset_at = None  # (op number, kind): inject a reset at that hardware call
         self.error_at = None  # op number: that hardware call fails with an OSError
-        self.cell_sags = False  # a cold, passivated cell: the radio's transmit pulse browns the chip out
+        self.brownouts = 0  # resets by the ESP32's brown-out detector (the cell sagging under a load)
         self.sleep_ms = None
         self.tilted = False
         self.hot_c = None
@@ -111,6 +115,8 @@ class Board:
         has_aux = self.radio is not None and hasattr(self.radio, "aux_level")
         self._aux_pin = cfg.get("radio_aux_pin") if has_aux else None  # reads the module's AUX line
         self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
+        self._on_cell = self.profile["supply"] == "cell" and hasattr(battery, "vdd_mv")
+        self.bod_mv = cell_model.BOD_MV
         self._rail_on(not self.profile["rail_switched"])
 
     def _attach_uart(self, uid, part):
@@ -127,7 +133,7 @@ class Board:
         ma = chip.DEEP_SLEEP_MA if e.asleep else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
         static = self._regulator_ma
         if not self._divider_switched or e.pad(self._battery_en_pin) == 1:
-            static += self.battery.mv() / DIVIDER_OHMS  # mV / ohm = mA
+            static += self.battery.mv(ma) / DIVIDER_OHMS  # mV / ohm = mA
         ma += static
         now = self.now
         for part_ma in self._part_ma:
@@ -143,6 +149,7 @@ class Board:
             for step in self._steps:
                 step(now)
             self._ma = self.current_ma()
+            self._supply_check()
             if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             return
@@ -158,14 +165,24 @@ class Board:
                 nxt = due
             if nxt > now:  # the current is constant between events
                 self.charge_mAs += self._ma * (nxt - now) / 1000.0
+                if self._on_cell:
+                    self.battery.load(self._ma, nxt - now)
                 self.now = now = nxt
             for step in self._steps:
                 step(now)
             self._ma = self.current_ma()
+            self._supply_check()
             if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             if now >= end:
                 return
+
+    def _supply_check(self):
+        """The ESP32's brown-out detector: a load that pulls VDD (the cell's loaded voltage through
+        the LDO) under its threshold resets the chip, reported as a power-on with RTC memory intact."""
+        if self._on_cell and not self.esp.asleep and self.battery.vdd_mv(self._ma) < self.bod_mv:
+            self.brownouts += 1
+            raise chip.Stop("brownout")
 
     # the wake cycle, from the simulator's side --------------------------------------------------
     def power_on(self, epoch):
@@ -242,6 +259,8 @@ class Board:
         else:
             self._reset_cause = {"watchdog": chip.WDT, "brownout": chip.PWRON, "soft": chip.SOFT,
                                  "hard": chip.HARD}.get(kind, chip.PWRON)
+            if kind == "brownout" and self.brownouts and hasattr(self.radio, "power_on"):
+                self.radio.power_on()  # the supply sagged under the module too: its buffers are gone
             if kind == "power_loss":
                 self.esp.power_loss()
                 self.thermo.power_on()
@@ -275,11 +294,12 @@ class Board:
             self.radio.dead = down
 
     def _key_up(self, payload, on_air_len, sf, bw, dbm):
-        """The radio keys up: on a sagging cell the current pulse pulls the supply under the ESP32's
-        brown-out threshold before the packet leaves (the chip then reports a power-on reset with
-        RTC memory intact: ports/esp32/modmachine.c)."""
-        if self.cell_sags:
-            raise chip.Stop("brownout")
+        """The radio keys up: its current pulse through the cell's internal resistance may pull the
+        supply under the brown-out threshold before the packet is out (the module on the same rail
+        drops out with the chip)."""
+        if self._on_cell:
+            self._ma = self.current_ma()
+            self._supply_check()
         return self.transmit(payload, on_air_len, sf, bw, dbm)
 
     def inject_reset(self, at_op, kind):
@@ -391,7 +411,7 @@ class Board:
             return 0
         if self.profile["divider_switched"] and self.esp.pad(self.cfg["battery_en_pin"]) != 1:
             return 0  # divider switched off: the ADC pin is pulled to ground
-        return min(self.battery.mv() * 500, 3_100_000)  # 1:2 divider, 11 dB range ends ~3.1 V
+        return min(self.battery.mv(self._ma) * 500, 3_100_000)  # the loaded cell, 1:2 divider, 11 dB range ends ~3.1 V
 
     # UART ------------------------------------------------------------------------------------------
     def op_uart_init(self, uid, baud, tx, rx, timeout, rxbuf):
