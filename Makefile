@@ -52,6 +52,8 @@ firmware: $(STAMP)
 	@$(PY) tools/flash.py build
 
 # make flash PORT=/dev/ttyUSB0 BIN=market-square-1 [DRY_RUN=1] [NAME=... LAT=... LON=...] [MIP=0]
+#   [REGISTRY=...] (default ~/.local/share/binlink/devices.toml; /etc/binlink/devices.toml on a gateway)
+#   [KEY_FILE=...] (the key `binlink registry add --key-out` made on the gateway, instead of a new one)
 #   [TRANSPORT=wifi WIFI_SSID=... WIFI_PASSWORD_FILE=... BROKER=host:port]
 #   [FLASH_MICROPYTHON=1 MICROPYTHON_BIN=... MICROPYTHON_SHA256=...]
 flash: $(STAMP)
@@ -64,5 +66,6 @@ flash: $(STAMP)
 		$(if $(NAME),--name "$(NAME)") $(if $(LAT),--lat $(LAT)) $(if $(LON),--lon $(LON)) \
 		$(if $(WIFI_SSID),--wifi-ssid "$(WIFI_SSID)") $(if $(WIFI_PASSWORD_FILE),--wifi-password-file "$(WIFI_PASSWORD_FILE)") \
 		$(if $(BROKER),--broker "$(BROKER)") $(if $(filter 0,$(MIP)),--no-mip) $(if $(PROVISION_DIR),--provision-dir "$(PROVISION_DIR)") \
+		$(if $(KEY_FILE),--key-file "$(KEY_FILE)") \
 		$(if $(filter 1,$(DRY_RUN)),--dry-run) $(if $(filter 1,$(FLASH_MICROPYTHON)),--flash-micropython) \
 		$(if $(MICROPYTHON_BIN),--micropython-bin "$(MICROPYTHON_BIN)") $(if $(MICROPYTHON_SHA256),--micropython-sha256 $(MICROPYTHON_SHA256))

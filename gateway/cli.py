@@ -51,6 +51,8 @@ def build_parser():
     gsub = g.add_subparsers(dest="gateway_command")
     cc = gsub.add_parser("check-config", help="validate a config and its device registry, naming every problem")
     cc.add_argument("path")
+    cc.add_argument("--offline", action="store_true", help="do not connect to the MQTT broker")
+    cc.add_argument("--user", default=None, help="run as root: check as this user (default: binlink, the service's)")
     cc.set_defaults(func=cmd_check_config)
 
     from binlink.gateway import planner, registry_cli, watch
@@ -72,25 +74,12 @@ def _config_errors(problems):
 
 
 def cmd_check_config(args):
-    from binlink.gateway import config, service
+    from binlink.gateway import config, config_checks
 
     try:
-        cfg = config.load(args.path)
+        return config_checks.run(args.path, offline=args.offline, user=args.user)
     except config.ConfigError as e:
         return _config_errors(e.problems)
-    problems, devices = service.startup_problems(cfg)
-    if problems:
-        return _config_errors(problems)
-    print("%s: ok (%d sources, %d devices, publishing under %s)" % (args.path, len(cfg.sources), len(devices), cfg.base_topic))
-    if cfg.redis.enabled:  # a warning, not an error: the gateway starts and works without Redis
-        from binlink.gateway.metrics import Metrics
-        from binlink.gateway.shared_state import SharedState
-
-        up = SharedState(cfg.redis, Metrics(), cfg.gateway_id).up
-        print("redis %s: %s" % (cfg.redis.url or cfg.redis.sentinel_master,
-                                "reachable" if up else "NOT reachable (the gateway will work on local state)"),
-              file=sys.stdout if up else sys.stderr)
-    return 0
 
 
 def cmd_gateway(args):
@@ -102,8 +91,38 @@ def cmd_gateway(args):
         return _config_errors(e.problems)
 
 
+def _permission_hint(args, e):
+    """One line for a PermissionError: the file, the user, and what to do."""
+    import getpass
+
+    what = e.filename or str(e)
+    line = "error: permission denied: %s (as user %s)" % (what, getpass.getuser())
+    if getattr(args, "command", None) == "registry":
+        line += ": run it as root (sudo binlink registry ...): the registry keeps its owner, group and mode"
+    return line
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Every command ends in one line, never a traceback, for what a user can meet: Ctrl-C (exit
+    130), a missing permission or an unreachable service (exit 1), a bad config (exit 2)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except PermissionError as e:
+        print(_permission_hint(locals().get("args"), e), file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `binlink registry list | head`
+        sys.stderr.close()
+        return 1
+    except ConnectionError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 1
+
+
+def _run(args):
     if args.command == "registry":
         import redis
 

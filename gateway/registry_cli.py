@@ -1,14 +1,17 @@
-"""`binlink registry add|rekey|retire|list|push`: the fleet's bins, by the commands an operator uses.
+"""`binlink registry add|rekey|retire|list|import|export|push`: the fleet's bins, by the commands an
+operator uses.
 
-The registry file is the gateway's (its config's `gateway.registry`, /etc/binlink/devices.toml by
-default). With a [redis] table in the config, a new id is claimed fleet-wide and every change is
-pushed to the shared registry, which every gateway polls: no restart needed. Keys are never printed;
-`--key-out FILE` writes one (mode 0600) for flashing a bin by hand."""
+The registry file is the gateway's (its config's `gateway.registry`, else registry.default_path()).
+Changes keep the file's owner, group and mode (run as root: `sudo binlink registry ...`). With a
+[redis] table in the config, a new id is claimed fleet-wide and every change is pushed to the shared
+registry, which every gateway polls: no restart needed. Keys are never printed; `--key-out FILE`
+writes the bin's entry with its key (a new file, mode 0600, owned by the user who ran sudo) for
+`make flash KEY_FILE=FILE`."""
 import os
 import sys
 import time
 
-from binlink.gateway import config as config_mod, homeassistant, integrate, registry
+from binlink.gateway import config as config_mod, homeassistant, integrate, registry, registry_file, registry_merge
 
 
 def add_parser(sub):
@@ -16,17 +19,35 @@ def add_parser(sub):
     r.add_argument("--config", default=None, help="gateway config (default: /etc/binlink/gateway.toml when present)")
     r.add_argument("--registry", default=None, help="registry file (default: the config's, else %s)" % registry.DEFAULT_PATH)
     rsub = r.add_subparsers(dest="registry_command", required=True)
-    a = rsub.add_parser("add", help="register a bin: a new random device id, or a new key for a bin already known")
+    a = rsub.add_parser("add", help="register a new bin (a new random device id); a bin already registered is "
+                                    "refused unless --rekey")
     a.add_argument("bin_id")
     a.add_argument("--depth-mm", type=int, required=True, help="sensor to bin floor")
     a.add_argument("--full-mm", type=int, required=True, help="sensor to surface at which the bin is full")
     a.add_argument("--name", default="")
-    a.add_argument("--key-out", default=None, help="write the new key (hex, mode 0600) to this file")
+    a.add_argument("--lat", type=float, default=None)
+    a.add_argument("--lon", type=float, default=None)
+    a.add_argument("--report-s", type=int, default=None, help="the bin's report interval (default 3600)")
+    a.add_argument("--rekey", action="store_true", help="the bin is registered already: give it a new key "
+                   "(same device id, key epoch + 1) and this calibration")
+    a.add_argument("--key-out", default=None, help=KEY_OUT_HELP)
     a.set_defaults(func=cmd_add)
     k = rsub.add_parser("rekey", help="a new key for a bin: same device id, key epoch + 1")
     k.add_argument("bin_id")
-    k.add_argument("--key-out", default=None)
+    k.add_argument("--key-out", default=None, help=KEY_OUT_HELP)
     k.set_defaults(func=cmd_rekey)
+    im = rsub.add_parser("import", help="merge a technician's registry: new bins added, bins known here kept "
+                                        "(--update takes the file's), conflicts reported (exit 1)")
+    im.add_argument("file")
+    im.add_argument("--update", action="store_true", help="bins known here take the file's entry (its key epoch "
+                    "must not be older)")
+    im.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    im.set_defaults(func=cmd_import)
+    ex = rsub.add_parser("export", help="the registry without keys (an inventory); --with-keys -o FILE for "
+                                        "another gateway's `registry import`")
+    ex.add_argument("-o", "--output", default=None, help="a new file (mode 0600) instead of standard output")
+    ex.add_argument("--with-keys", action="store_true", help="include the keys (needs -o)")
+    ex.set_defaults(func=cmd_export)
     t = rsub.add_parser("retire", help="remove a bin for good: its id is never reused; its retained state and "
                                        "Home Assistant discovery are cleared")
     t.add_argument("bin_id")
@@ -55,10 +76,42 @@ def _context(args):
     return cfg, path, shared
 
 
-def _write_key(path, device):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(device.key.hex() + "\n")
+KEY_OUT_HELP = ("write the bin's entry with its new key to this new file (mode 0600; under sudo owned by you) "
+                "for `make flash BIN=... KEY_FILE=FILE`")
+
+
+def _open_key_out(path):
+    """The --key-out file, created before the registry changes (a key that cannot be written must
+    not be registered); None without --key-out."""
+    if not path:
+        return None
+    try:
+        return registry_file.create_private(path, registry_file.sudo_owner())
+    except FileExistsError:
+        raise config_mod.ConfigError(["--key-out %s: the file exists; give a new file (it would hold another "
+                                      "key)" % path]) from None
+    except OSError as e:
+        raise config_mod.ConfigError(["--key-out %s: cannot create it: %s" % (path, e.strerror or e)]) from None
+
+
+def _with_key_out(args, change):
+    """Runs change() (which returns the Device) with the --key-out file open; writes the entry
+    there, or removes the empty file when the change failed."""
+    f = _open_key_out(args.key_out)
+    try:
+        device = change()
+    except BaseException:
+        if f is not None:
+            f.close()
+            os.unlink(args.key_out)
+        raise
+    if f is not None:
+        with f:
+            import tomli_w
+
+            f.write(b"# binlink key file: bin %s, for make flash KEY_FILE=...; delete it after flashing\n" % device.bin_id.encode())
+            tomli_w.dump(registry.to_data(registry.Registry({device.device_id: device})), f)
+    return device
 
 
 def _publish(shared, path):
@@ -90,13 +143,22 @@ def cmd_add(args):
     if shared is not None:
         taken = shared.claimed_ids()
     known = registry.load_or_empty(path).by_bin(args.bin_id)
-    device = registry.provision(path, args.bin_id, args.depth_mm, args.full_mm, name=args.name, taken=taken)
+    if known is not None and not args.rekey:
+        raise config_mod.ConfigError(["bin %s is already registered (device %s, key epoch %d): nothing changed; give "
+                                      "--rekey to give it a new key (its board must then be flashed with it)"
+                                      % (args.bin_id, known.dev, known.key_epoch)])
+    if known is None and args.rekey:
+        raise config_mod.ConfigError(["bin %s is not in registry %s: --rekey is for a bin already registered"
+                                      % (args.bin_id, path)])
+    device = _with_key_out(args, lambda: registry.provision(
+        path, args.bin_id, args.depth_mm, args.full_mm, name=args.name, taken=taken, lat=args.lat, lon=args.lon,
+        report_s=args.report_s))
     if shared is not None and known is None and not shared.claim_id(device.device_id):
         registry.retire(path, args.bin_id)  # claimed meanwhile elsewhere: never use it, try again
+        if args.key_out:
+            os.unlink(args.key_out)
         print("error: device id %s was claimed by another registry meanwhile; run add again" % device.dev, file=sys.stderr)
         return 1
-    if args.key_out:
-        _write_key(args.key_out, device)
     _publish(shared, path)
     _done(device, "re-keyed" if known else "added", args.key_out)
     return 0
@@ -104,9 +166,7 @@ def cmd_add(args):
 
 def cmd_rekey(args):
     _, path, shared = _context(args)
-    device = registry.rekey(path, args.bin_id)
-    if args.key_out:
-        _write_key(args.key_out, device)
+    device = _with_key_out(args, lambda: registry.rekey(path, args.bin_id))
     _publish(shared, path)
     _done(device, "re-keyed", args.key_out)
     return 0
@@ -148,12 +208,55 @@ def cmd_retire(args):
 
 def cmd_list(args):
     _, path, _ = _context(args)
-    reg = registry.load(path, check_permissions=False)
+    reg = registry.load(path, check_permissions=False, strict=False)
+    for problem in reg.rejected:
+        print("registry error: %s (the gateway skips this entry)" % problem, file=sys.stderr)
     print("%-8s %-6s %-32s %s" % ("device", "epoch", "bin", "name"))
     for d in sorted(reg.values(), key=lambda d: d.bin_id):
         print("%-8s %-6d %-32s %s" % (d.dev, d.key_epoch, d.bin_id, d.name))
     for dev, (bin_id, at) in sorted(reg.retired.items()):
         print("%-8s %-6s %-32s retired %s" % ("%06x" % dev, "-", bin_id, at))
+    return 0
+
+
+def cmd_import(args):
+    _, path, shared = _context(args)
+    theirs = registry.load(args.file, strict=False)
+    ours = registry.load_or_empty(path)
+    merged, rep = registry_merge.merge(ours, theirs, update=args.update)
+    for line in rep.lines(args.file):
+        print(line)
+    for c in rep.conflicts:
+        print("conflict: %s" % c, file=sys.stderr)
+    if args.dry_run:
+        print("dry run: %s not changed" % path)
+    elif rep.added or rep.updated or rep.retired:
+        registry.save(path, merged)
+        _publish(shared, path)
+        print("written: %s; `systemctl reload binlink-gateway` so this gateway uses it" % path)
+    return 1 if rep.conflicts else 0
+
+
+def cmd_export(args):
+    import tomli_w
+
+    _, path, _ = _context(args)
+    reg = registry.load(path, check_permissions=False)
+    data = registry_merge.export_data(reg, with_keys=args.with_keys)
+    if args.output is None:
+        if args.with_keys:
+            print("error: --with-keys writes keys only to a file: give -o FILE (created mode 0600)", file=sys.stderr)
+            return 2
+        sys.stdout.write(tomli_w.dumps(data))
+        return 0
+    try:
+        f = registry_file.create_private(args.output, registry_file.sudo_owner())
+    except FileExistsError:
+        print("error: %s exists: give a new file" % args.output, file=sys.stderr)
+        return 1
+    with f:
+        tomli_w.dump(data, f)
+    print("exported %d bins%s to %s" % (len(reg), " with their keys" if args.with_keys else " (no keys)", args.output))
     return 0
 
 

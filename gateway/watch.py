@@ -25,8 +25,10 @@ HINTS = {
 def add_parser(sub):
     w = sub.add_parser("watch", help="after flashing: a bin's hello and first reading as the gateways see them")
     w.add_argument("bin", help="bin id, as given to make flash BIN=...")
-    w.add_argument("--registry", default=os.environ.get("REGISTRY", "/etc/binlink/devices.toml"),
-                   help="registry that names the bin's device id (default: $REGISTRY or %(default)s)")
+    w.add_argument("--registry", default=os.environ.get("REGISTRY") or None,
+                   help="registry that names the bin's device id (default: $REGISTRY, else the one make flash and "
+                        "binlink registry use: /etc/binlink/devices.toml on a gateway, ~/.local/share/binlink/devices.toml "
+                        "on a workstation)")
     w.add_argument("--broker", default="127.0.0.1:1883", help="host[:port] the gateways publish to")
     w.add_argument("--site", help="the gateways' site; topics binlink/<site>/... (or give --base-topic)")
     w.add_argument("--base-topic", help="the gateways' base topic, if not binlink/<site>")
@@ -44,8 +46,9 @@ def _say(text):
 def _device_of(args):
     from binlink.gateway import config, registry
 
+    args.registry = args.registry or registry.default_path()
     try:
-        devices = registry.load(args.registry, check_permissions=False)
+        devices = registry.load(args.registry, check_permissions=False, strict=False)
     except config.ConfigError as e:
         raise SystemExit("error: %s" % e.problems[0])
     for dev in devices.values():

@@ -159,6 +159,49 @@ class View:
         self.c.disconnect()
 
 
+class Leftovers:
+    """On a broker the demo did not start: every topic the demo's gateways retain something on
+    (bin states, gateway status, Home Assistant discovery), recorded from before they start, so
+    that `clear()` can publish an empty retained payload to each when the demo stops. A topic is
+    the demo's when it is under binlink/demo/ or its payload names that base (discovery configs)."""
+
+    BASE = "binlink/demo/"
+
+    def __init__(self, host, port, discovery_prefix="homeassistant"):
+        import paho.mqtt.client as mqtt
+
+        self.topics = set()
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="binlink-demo-cleanup-%d" % os.getpid())
+        self.c.on_connect = lambda c, u, f, rc, p: c.subscribe([(self.BASE + "#", 1), (discovery_prefix + "/#", 1)])
+        self.c.on_subscribe = lambda *a: self.subscribed.set()
+        self.c.on_message = self._on_message
+        self.c.connect(host, port)
+        self.c.loop_start()
+        if not self.subscribed.wait(10):
+            raise RuntimeError("the broker at %s:%d did not take a subscription" % (host, port))
+
+    def _on_message(self, client, userdata, msg):
+        if msg.payload and (msg.topic.startswith(self.BASE) or self.BASE.encode() in msg.payload):
+            with self.lock:
+                self.topics.add(msg.topic)
+
+    def clear(self, timeout_s=10.0):
+        """Empty retained payloads to every recorded topic, each acknowledged (QoS 1); returns how many."""
+        self.c.on_message = None  # our own clears are not leftovers
+        with self.lock:
+            topics = sorted(self.topics)
+        infos = [self.c.publish(t, b"", qos=1, retain=True) for t in topics]
+        deadline = time.monotonic() + timeout_s
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        done = sum(info.is_published() for info in infos)
+        self.c.loop_stop()
+        self.c.disconnect()
+        return done, len(topics)
+
+
 def _metrics(port):
     """name -> {labels: value} from the gateway's endpoint; {} when it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -219,11 +262,14 @@ def cmd_demo(args):
     view = None
     fleet = None
     redis_proc, redis_table, gateways = None, "", []  # gateways: (process, metrics port)
+    leftovers = None
     try:
         if args.broker:
             host, _, port = args.broker.rpartition(":")
             host, port = host or "127.0.0.1", int(port)
-            console.print("==> using the broker at %s:%d" % (host, port))
+            console.print("==> using the broker at %s:%d: the simulated bins' retained states and Home Assistant "
+                          "discovery are removed from it when the demo stops" % (host, port))
+            leftovers = Leftovers(host, port)
         else:
             broker = brokers.embedded(args.embedded)
             console.print("==> starting an embedded MQTT broker (%s) on 127.0.0.1:%d" % (type(broker).__name__, broker.port))
@@ -311,6 +357,11 @@ def cmd_demo(args):
             redis_proc.kill()
         if fleet is not None:
             fleet.close()
+        if leftovers is not None:  # the gateways are stopped: nothing republishes what is cleared
+            done, total = leftovers.clear()
+            console.print("==> removed %d of %d retained messages the demo left on the broker at %s (bin states, "
+                          "gateway status, Home Assistant discovery)%s" % (done, total, args.broker,
+                                                                           "" if done == total else ": not all acknowledged"))
         if broker is not None:
             broker.stop()
         shutil.rmtree(work, ignore_errors=True)

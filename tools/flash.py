@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from binlink.gateway import registry  # noqa: E402
+from binlink.gateway import config_rules, registry  # noqa: E402
 
 FIRMWARE = os.path.join(ROOT, "firmware")
 BUILD = os.path.join(ROOT, "build", "firmware")
@@ -91,9 +91,34 @@ def build(dry_run=False):
 
 
 def default_registry():
-    """Outside build/ (which `make clean` deletes): the workstation's data directory."""
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data, "binlink", "devices.toml")
+    """The one registry location rule (registry.default_path): the workstation's
+    ~/.local/share/binlink/devices.toml, or the gateway's /etc/binlink/devices.toml on a gateway."""
+    return registry.default_path()
+
+
+def read_key_file(path, bin_id):
+    """(device id or None, key, key epoch or None) from KEY_FILE: the entry `binlink registry add
+    --key-out` wrote (a one-bin registry: id, epoch and key), or a bare line of 32 hex digits.
+    A key file readable by other users is refused, as the registry is."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        raise FlashError("KEY_FILE=%s: cannot read it: %s" % (path, e.strerror or e)) from None
+    if st.st_mode & (0o004 | 0o002):
+        raise FlashError("KEY_FILE=%s is readable by other users; it holds a key (chmod 600)" % path)
+    if re.fullmatch(r"\s*[0-9a-fA-F]{32}\s*", text):
+        return None, bytes.fromhex(text.strip()), None
+    try:
+        reg = registry.load(path)
+    except registry.ConfigError as e:
+        raise FlashError("KEY_FILE=%s: %s" % (path, "; ".join(e.problems))) from None
+    d = reg.by_bin(bin_id)
+    if d is None or len(reg) != 1:
+        raise FlashError("KEY_FILE=%s holds %s, not bin %s alone" % (path, ", ".join(sorted(x.bin_id for x in reg.values()))
+                                                                      or "no bin", bin_id))
+    return d.device_id, d.key, d.key_epoch
 
 
 def provision(bin_id, reg_path, out_dir, depth_mm, full_mm, transport, sensor, name="", dry_run=False):
@@ -187,18 +212,30 @@ BOARD_MPY_SCRIPT = "import sys; print(sys.implementation._mpy & 0xff)"  # the .m
 KEEP_ON_BOARD = ("/lib/",)  # MicroPython packages installed with mip: not ours to remove
 
 
+ENTRY_VARS = (("entry.bin_id:", "BIN:"), ("entry.name:", "NAME:"), ("entry.lat:", "LAT:"), ("entry.lon:", "LON:"),
+              ("entry: give both lat and lon", "give both LAT and LON"), ("entry: need integers", "need integers"),
+              ("full_mm", "FULL_MM"), ("depth_mm", "DEPTH_MM"))
+
+
 def validate(args):
     """Every input checked before the board is touched (also in a dry run). Returns the problems."""
     from binlink.firmware import config as fw_config
 
     problems = []
-    if not registry.valid_bin_id(args.bin):
-        problems.append("BIN=%r: use lowercase letters, digits, - and _ (e.g. library-corner-1)" % args.bin)
-    if not 0 <= args.full_mm < args.depth_mm:
-        problems.append("need 0 <= FULL_MM < DEPTH_MM, got FULL_MM=%d DEPTH_MM=%d" % (args.full_mm, args.depth_mm))
+    # the registry entry this flash will write, checked by the registry's own rules (the gateway's)
+    entry = {"device_id": 1, "bin_id": args.bin, "key": "00" * 16, "depth_mm": args.depth_mm, "full_mm": args.full_mm}
+    entry.update({k: v for k, v in (("name", args.name), ("lat", args.lat), ("lon", args.lon)) if v not in ("", None)})
+    for problem in registry.entry_problems(entry, "entry"):
+        for ours, make_var in ENTRY_VARS:
+            problem = problem.replace(ours, make_var, 1)
+        problems.append(problem)
     if not 300 <= args.depth_mm <= 5000:
         problems.append("DEPTH_MM=%d: the sensors measure 300-5000 mm (sensor to the bin's floor)" % args.depth_mm)
     folder = os.path.dirname(os.path.abspath(args.registry))
+    inside_build = os.path.join(os.path.realpath(ROOT), "build") + os.sep
+    if (os.path.realpath(folder) + os.sep).startswith(inside_build):
+        problems.append("REGISTRY=%s is under build/, which `make clean` deletes with every key in it: keep it at "
+                        "%s (the default) or elsewhere" % (args.registry, registry.workstation_path()))
     if args.registry == default_registry() and not args.dry_run:
         os.makedirs(folder, mode=0o700, exist_ok=True)  # the workstation's own data folder, made on first use
     if not os.path.isdir(folder):
@@ -211,17 +248,34 @@ def validate(args):
             registry.load(args.registry, check_permissions=False)
         except registry.ConfigError as e:
             problems += ["REGISTRY: %s" % p for p in e.problems]
+    wifi = []
     if args.transport == "wifi" and not (args.wifi_ssid and args.wifi_password_file and args.broker):
-        problems.append("TRANSPORT=wifi needs WIFI_SSID, WIFI_PASSWORD_FILE and BROKER=host[:port]")
-    elif args.wifi_password_file and not os.path.isfile(args.wifi_password_file):
-        problems.append("WIFI_PASSWORD_FILE=%s: no such file" % args.wifi_password_file)
-    elif args.broker and not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", args.broker):
-        problems.append("BROKER=%s: give host or host:port" % args.broker)
-    else:
+        wifi.append("TRANSPORT=wifi needs WIFI_SSID, WIFI_PASSWORD_FILE and BROKER=host[:port]")
+    if args.wifi_password_file and not os.path.isfile(args.wifi_password_file):
+        wifi.append("WIFI_PASSWORD_FILE=%s: no such file" % args.wifi_password_file)
+    elif args.wifi_password_file and os.stat(args.wifi_password_file).st_mode & 0o006:
+        wifi.append("WIFI_PASSWORD_FILE=%s is readable by other users; it holds the Wi-Fi password (chmod 600)"
+                    % args.wifi_password_file)
+    if args.broker and not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", args.broker):
+        wifi.append("BROKER=%s: give host or host:port" % args.broker)
+    elif args.broker and ":" in args.broker and config_rules.listen_problems(args.broker):
+        wifi.append("BROKER=%s: %s" % (args.broker, config_rules.listen_problems(args.broker)[0]))
+    problems += wifi
+    if not wifi:
         _, _, cfg_problems = fw_config.parse(board_config(args, 1, b"\0" * 16))
         problems += ["config: %s" % p for p in cfg_problems]
-    if (args.lat is None) != (args.lon is None):
-        problems.append("give both LAT and LON, or neither")
+    if args.key_file:
+        try:
+            dev, _, _ = read_key_file(args.key_file, args.bin)
+            holder = registry.load_or_empty(args.registry).by_bin(args.bin) if os.path.exists(args.registry) else None
+            if dev is not None and holder is not None and holder.device_id != dev:
+                problems.append("KEY_FILE=%s is for device %06x, but REGISTRY lists bin %s as device %s"
+                                % (args.key_file, dev, args.bin, holder.dev))
+            if dev is None and holder is None:
+                problems.append("KEY_FILE=%s holds a bare key: bin %s must be in REGISTRY for its device id (or use the "
+                                "file `binlink registry add --key-out` wrote)" % (args.key_file, args.bin))
+        except (FlashError, registry.ConfigError) as e:
+            problems.append(str(e))
     if args.flash_micropython and not (args.micropython_bin and os.path.exists(args.micropython_bin)):
         problems.append("MICROPYTHON_BIN=%s not found: download the ESP32 firmware .bin first" % args.micropython_bin)
     return problems
@@ -239,11 +293,15 @@ def board_config(args, device_id, key):
 
 
 def identity(args):
-    """(device id, key): a bin already in the registry keeps its id (its history follows it), a new
-    bin gets a random id never used in this registry; the key is new on every flash."""
+    """(device id, key, key epoch or None): a bin already in the registry keeps its id (its history
+    follows it), a new bin gets a random id never used in this registry; the key is new on every
+    flash, unless KEY_FILE gives the one a gateway made (`binlink registry add --key-out`)."""
     reg = registry.load_or_empty(args.registry)
     holder = reg.by_bin(args.bin)
-    return (holder.device_id if holder else registry.allocate_id(reg.taken())), secrets.token_bytes(16)
+    if args.key_file:
+        dev, key, epoch = read_key_file(args.key_file, args.bin)
+        return (dev if dev is not None else holder.device_id), key, epoch
+    return (holder.device_id if holder else registry.allocate_id(reg.taken())), secrets.token_bytes(16), None
 
 
 def mpremote(port, *chain, dry_run=False):
@@ -345,8 +403,9 @@ def flash(args):
         if board_mpy != want:
             raise FlashError("the board's MicroPython loads .mpy version %s, this build is version %s: "
                              "flash a current MicroPython (FLASH_MICROPYTHON=1)" % (board_mpy, want))
-    device_id, key = identity(args)
-    say("provisioning bin %s as device %06x (key generated, not shown)" % (args.bin, device_id))
+    device_id, key, key_epoch = identity(args)
+    say("provisioning bin %s as device %06x (key %s, not shown)"
+        % (args.bin, device_id, "from %s" % args.key_file if args.key_file else "generated"))
     staging = tempfile.mkdtemp(prefix="binlink-provision-")  # the key exists nowhere else until the board verifies
     try:
         cfg_path = os.path.join(staging, "config.json")
@@ -382,7 +441,7 @@ def flash(args):
         if not dry:
             os.makedirs(out_dir, exist_ok=True)
             registry.add(args.registry, device_id, args.bin, key, args.depth_mm, args.full_mm, name=args.name,
-                         lat=args.lat, lon=args.lon)
+                         lat=args.lat, lon=args.lon, key_epoch=key_epoch)
             os.replace(cfg_path, os.path.join(out_dir, "config.json"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -427,6 +486,8 @@ def main(argv=None):
         q.add_argument("--sensor", default="jsn-sr04t", choices=["jsn-sr04t", "hc-sr04", "a02yyuw"])
         q.add_argument("--dry-run", action="store_true")
     q.add_argument("--port", required=True)
+    q.add_argument("--key-file", default="", help="flash this key (the file `binlink registry add --key-out` wrote on "
+                   "the gateway) instead of a new one")
     q.add_argument("--name", default="", help="name shown to planners, e.g. 'Library Corner 1'")
     q.add_argument("--lat", type=float, default=None)
     q.add_argument("--lon", type=float, default=None)
