@@ -9,6 +9,7 @@ space, skipping every id the registry lists, active or retired, and is never reu
 it when it is re-flashed or re-keyed. Each new key raises the bin's `key_epoch`, so message ids
 `<device>:<epoch>:<fcnt>` stay unique when the counter starts again under a new key.
 `provision()` is what `make flash` and `binlink registry add` use."""
+import collections
 import hashlib
 import os
 import re
@@ -179,8 +180,11 @@ def entry_lines(text):
     """{"device": [line of each [[device]] header], "retired": [...]} in the file's order (1-based):
     problems name the line an installer opens the file at, not an index."""
     lines = {"device": [], "retired": []}
-    for m in _HEADER.finditer(text or ""):
-        lines[m.group(1)].append(text.count("\n", 0, m.start()) + 1)
+    line, pos = 1, 0
+    for m in _HEADER.finditer(text or ""):  # counted on from the last header: 10,000 bins in linear time
+        line += text.count("\n", pos, m.start())
+        pos = m.start()
+        lines[m.group(1)].append(line)
     return lines
 
 
@@ -210,8 +214,8 @@ def parse(data, path="registry", text=None, strict=True):
         p = _where(path, "device", i, lines, d)
         device, found = parse_device(d, p)
         parsed.append((p, device, found))
-    ids = [dev.device_id for _, dev, _ in parsed if dev is not None]
-    bins = [dev.bin_id for _, dev, _ in parsed if dev is not None]
+    ids = collections.Counter(dev.device_id for _, dev, _ in parsed if dev is not None)
+    bins = collections.Counter(dev.bin_id for _, dev, _ in parsed if dev is not None)
     gone = data.get("retired", [])
     if not isinstance(gone, list):
         problems.append("%s: [[retired]] must be an array of tables" % path)
@@ -227,9 +231,9 @@ def parse(data, path="registry", text=None, strict=True):
         retired[dev_id] = (str(r.get("bin_id", "")), str(r.get("retired_at", "")))
     for p, device, found in parsed:
         if device is not None:  # listed twice: which key is right is not known, so neither is used
-            if ids.count(device.device_id) > 1:
+            if ids[device.device_id] > 1:
                 found.append("%s.device_id: %06x listed twice" % (p, device.device_id))
-            if bins.count(device.bin_id) > 1:
+            if bins[device.bin_id] > 1:
                 found.append("%s.bin_id: %r listed twice" % (p, device.bin_id))
             if device.device_id in retired:
                 found.append("%s.device_id: %06x is retired (ids are never reused)" % (p, device.device_id))
