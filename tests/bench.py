@@ -191,7 +191,7 @@ def bench_trust():
 
 SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet,
             "multi_gateway": bench_multi_gateway, "state": bench_state, "trust": bench_trust,
-            "planner": bench_planner}
+            "planner": bench_planner, "start": lambda: __import__("tests.bench_start").bench_start.run()}
 
 
 def main(names):
