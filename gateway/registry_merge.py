@@ -2,7 +2,7 @@
 gateway's without overwriting either.
 
 merge(ours, theirs): a bin new to ours is added; a bin both know under the same device id is
-kept as ours (unless update: then theirs when its key epoch is not older); anything that would
+kept as ours (unless update: then theirs when its key epoch is newer, or the same with the same key); anything that would
 move an id between bins, reuse a retired id or take a bin id another device holds is a conflict,
 reported and never imported. Ids retired there are retired here too (never reused)."""
 from binlink.gateway import registry
@@ -48,6 +48,10 @@ def merge(ours, theirs, update=False):
         elif not update:
             rep.kept.append("bin %s differs (key epoch %d here, %d in the file): kept as it is here; --update takes "
                             "the file's" % (d.bin_id, here.key_epoch, d.key_epoch))
+        elif d.key != here.key and d.key_epoch <= here.key_epoch:  # which key the board holds cannot be told
+            rep.conflicts.append("bin %s: the file has another key at key epoch %d, this registry %d: not taken (a new "
+                                 "key always raises the epoch; re-flash the bin if unsure)" % (d.bin_id, d.key_epoch,
+                                                                                              here.key_epoch))
         elif d.key_epoch < here.key_epoch:
             rep.conflicts.append("bin %s: the file's key epoch %d is older than this registry's %d: not taken"
                                  % (d.bin_id, d.key_epoch, here.key_epoch))

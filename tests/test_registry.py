@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from hypothesis import given, strategies as st
 
-from binlink.gateway import registry
+from binlink.gateway import registry, registry_merge
 from binlink.gateway.config import ConfigError
 from tests.harness import BINLINK
 
@@ -117,3 +117,195 @@ def test_a_bin_id_unfit_for_an_mqtt_topic_is_refused(bin_id):
     with pytest.raises(ConfigError):
         registry.parse({"device": [entry]})
     assert registry.parse_device(dict(entry, bin_id="b" * 64), "x")[0].bin_id == "b" * 64
+
+
+# --- one validator, problems by line and bin (issue 22) ---------------------------------------------
+
+def _entry(**kw):
+    return dict({"device_id": "0000a1", "bin_id": "park-1", "key": "00" * 16, "depth_mm": 1200, "full_mm": 200}, **kw)
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-400, 400)),
+       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-400, 400)),
+       st.text(max_size=260))
+def test_position_and_name_are_accepted_exactly_within_their_bounds(lat, lon, name):
+    ok = -90 <= lat <= 90 and -180 <= lon <= 180 and len(name) <= 200 and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+    device, problems = registry.parse_device(_entry(lat=lat, lon=lon, name=name), "x")
+    assert (device is not None) == ok, problems
+    if ok:
+        assert (device.lat, device.lon, device.name) == (lat, lon, name)
+    else:
+        assert all(p.startswith("x") for p in problems) and problems
+
+
+def test_lat_without_lon_is_refused():
+    assert "give both lat and lon" in registry.parse_device(_entry(lat=52.0), "x")[1][0]
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=12), st.integers(0, 3))
+def test_a_bad_entry_is_named_by_its_line_and_bin_and_costs_only_its_bin(bad, blank):
+    """The file as an installer writes it (comments, blank lines); each bad entry's problem names
+    the line its [[device]] starts on and its bin; the lenient load keeps every good one."""
+    lines, starts = ["# registry"], []
+    for i, is_bad in enumerate(bad):
+        lines += [""] * blank
+        starts.append(len(lines) + 1)
+        lines += ["[[device]]", 'device_id = "%06x"' % (i + 1), 'bin_id = "bin-%d"' % i,
+                  'key = "%s"' % ("zz" * 16 if is_bad else "%032x" % (i + 1)), "depth_mm = 1200", "full_mm = 200"]
+    text = "\n".join(lines) + "\n"
+    import tomllib
+
+    reg = registry.parse(tomllib.loads(text), "registry r.toml", text=text, strict=False)
+    assert sorted(d.bin_id for d in reg.values()) == sorted("bin-%d" % i for i, b in enumerate(bad) if not b)
+    assert reg.rejected == ["registry r.toml line %d, bin bin-%d: device[%d].key: must be 32 hex digits (128 bits)"
+                            % (starts[i], i, i) for i, b in enumerate(bad) if b]
+    if any(bad):
+        with pytest.raises(ConfigError):
+            registry.parse(tomllib.loads(text), "registry r.toml", text=text)
+
+
+def test_an_id_listed_twice_rejects_both_entries_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "d.toml"
+    reg = registry.Registry({1: registry.Device(1, "a", bytes(16), 1000, 100), 2: registry.Device(2, "b", bytes(16), 1000, 100)})
+    registry.write(str(path), registry.to_data(reg))
+    path.write_text(path.read_text().replace('bin_id = "b"', 'bin_id = "a"'))
+    loaded = registry.load(str(path), strict=False)
+    assert not loaded and len(loaded.rejected) == 2 and all("listed twice" in p for p in loaded.rejected)
+
+
+# --- writing keeps owner, group and mode -----------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_root_editing_the_registry_keeps_its_owner_group_and_mode(tmp_path):
+    path = str(tmp_path / "devices.toml")
+    registry.provision(path, "park-1", 1200, 200)
+    os.chown(path, 4321, 4322)
+    os.chmod(path, 0o640)
+    registry.provision(path, "park-2", 1200, 200)
+    registry.retire(path, "park-1")
+    st_ = os.stat(path)
+    assert (st_.st_uid, st_.st_gid, oct(st_.st_mode & 0o777)) == (4321, 4322, "0o640")
+    assert [f for f in os.listdir(tmp_path) if f != "devices.toml"] == []  # no temporary file left
+
+
+def test_a_new_registry_is_private(tmp_path):
+    path = str(tmp_path / "sub" / "devices.toml")
+    registry.provision(path, "park-1", 1200, 200)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+# --- merge (registry import) ----------------------------------------------------------------------
+
+def _reg(devs, retired=()):
+    return registry.Registry({d: registry.Device(d, b, bytes([k]) * 16, 1000, 100, key_epoch=e) for d, b, k, e in devs},
+                             {r: ("gone-%d" % r, "2026-01-01T00:00:00Z") for r in retired})
+
+
+regs = st.builds(lambda devs, retired: _reg(devs, [r for r in retired if r not in {d[0] for d in devs}]),
+                 st.lists(st.tuples(st.integers(1, 12), st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 3),
+                                    st.integers(0, 3)), max_size=5, unique_by=(lambda e: e[0], lambda e: e[1])),
+                 st.lists(st.integers(1, 12), max_size=3))
+
+
+@given(regs, regs, st.booleans())
+def test_import_never_moves_an_id_reuses_a_retired_one_or_loses_a_bin(ours, theirs, update):
+    merged, rep = registry_merge.merge(ours, theirs, update=update)
+    registry.parse(registry.to_data(merged))  # a valid registry: no id or bin twice, no retired id active
+    for dev, d in ours.items():  # every bin known here stays, under its id; changed only when asked
+        assert merged[dev].bin_id == d.bin_id
+        if merged[dev] != d:
+            assert update and merged[dev] == theirs[dev]
+            assert theirs[dev].key_epoch > d.key_epoch or (theirs[dev].key_epoch == d.key_epoch and theirs[dev].key == d.key)
+    assert set(ours.retired) <= set(merged.retired)
+    for dev, d in theirs.items():
+        if dev in merged:
+            assert merged[dev].bin_id == d.bin_id or dev in ours
+        if dev not in merged and dev not in merged.retired:
+            assert rep.conflicts  # not imported: said
+    again, rep2 = registry_merge.merge(merged, theirs, update=update)
+    assert again == merged and not rep2.added and not rep2.updated  # importing twice changes nothing more
+
+
+def test_export_has_no_keys_unless_asked(tmp_path):
+    path = str(tmp_path / "devices.toml")
+    d = registry.provision(path, "park-1", 1200, 200)
+
+    def run(*args):
+        return subprocess.run([BINLINK, "registry", "--registry", path, *args], capture_output=True, text=True)
+
+    r = run("export")
+    assert r.returncode == 0 and "park-1" in r.stdout and d.key.hex() not in r.stdout and "key =" not in r.stdout
+    assert run("export", "--with-keys").returncode == 2  # keys only into a file
+    out = tmp_path / "with-keys.toml"
+    r = run("export", "--with-keys", "-o", str(out))
+    assert r.returncode == 0 and d.key.hex() not in r.stdout and oct(out.stat().st_mode & 0o777) == "0o600"
+    assert registry.load(str(out)).by_bin("park-1").key == d.key
+
+
+def test_import_a_technicians_registry(tmp_path):
+    gw, tech = str(tmp_path / "gw.toml"), str(tmp_path / "tech.toml")
+    here = registry.provision(gw, "on-gateway", 1200, 200)
+    shared = registry.provision(gw, "both", 1200, 200)
+    registry.add(tech, shared.device_id, "both", bytes(16), 1200, 200, key_epoch=1)  # the technician re-flashed it
+    new = registry.provision(tech, "from-depot", 1100, 150)
+    registry.add(tech, here.device_id ^ 0x10, "on-gateway", bytes(16), 1200, 200)  # a second id for the same bin
+
+    def run(*args):
+        return subprocess.run([BINLINK, "registry", "--registry", gw, "import", tech, *args], capture_output=True, text=True)
+
+    r = run()
+    assert r.returncode == 1 and "1 added" in r.stdout and "kept as it is here" in r.stdout, r.stdout + r.stderr
+    assert "conflict: bin on-gateway" in r.stderr and "Traceback" not in r.stderr
+    after = registry.load(gw)
+    assert after.by_bin("from-depot").key == new.key and after.by_bin("both").key == shared.key  # kept
+    assert after.by_bin("on-gateway").device_id == here.device_id
+    r = run("--update")
+    assert registry.load(gw).by_bin("both").key == bytes(16) and registry.load(gw).by_bin("both").key_epoch == 1
+
+
+# --- registry add on a bin already registered; --key-out ---------------------------------------------
+
+def test_add_refuses_a_bin_already_registered_unless_rekey(tmp_path):
+    path = str(tmp_path / "devices.toml")
+
+    def run(*args):
+        return subprocess.run([BINLINK, "registry", "--registry", path, *args], capture_output=True, text=True)
+
+    assert run("add", "park-1", "--depth-mm", "1200", "--full-mm", "200").returncode == 0
+    first = registry.load(path).by_bin("park-1")
+    r = run("add", "park-1", "--depth-mm", "1300", "--full-mm", "200")
+    assert r.returncode == 2 and "already registered" in r.stderr and "--rekey" in r.stderr
+    assert registry.load(path).by_bin("park-1") == first  # untouched
+    r = run("add", "park-1", "--depth-mm", "1300", "--full-mm", "200", "--rekey")
+    again = registry.load(path).by_bin("park-1")
+    assert r.returncode == 0 and again.key != first.key and again.key_epoch == 1 and again.depth_mm == 1300
+
+
+def test_key_out_never_overwrites_and_a_failed_add_leaves_no_key(tmp_path):
+    path = str(tmp_path / "devices.toml")
+    key_file = tmp_path / "k.toml"
+    key_file.write_text("someone else's key\n")
+
+    def run(*args):
+        return subprocess.run([BINLINK, "registry", "--registry", path, *args], capture_output=True, text=True)
+
+    r = run("add", "park-1", "--depth-mm", "1200", "--full-mm", "200", "--key-out", str(key_file))
+    assert r.returncode == 2 and "exists" in r.stderr and not os.path.exists(path)
+    assert key_file.read_text() == "someone else's key\n"
+    r = run("add", "park-1", "--depth-mm", "1200", "--full-mm", "20000", "--key-out", str(tmp_path / "new.toml"))
+    assert r.returncode == 2 and not (tmp_path / "new.toml").exists()  # refused entry: no key file either
+    r = run("add", "park-1", "--depth-mm", "1200", "--full-mm", "200", "--lat", "95", "--lon", "5")
+    assert r.returncode == 2 and "lat: 95.0 is out of range (-90..90)" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sudo's hand-over of the key file needs root")
+def test_key_out_under_sudo_belongs_to_the_administrator(tmp_path):
+    path = str(tmp_path / "devices.toml")
+    out = tmp_path / "ms1.key"
+    r = subprocess.run([BINLINK, "registry", "--registry", path, "add", "ms-1", "--depth-mm", "1200", "--full-mm", "250",
+                        "--key-out", str(out)], capture_output=True, text=True,
+                       env=dict(os.environ, SUDO_UID="4321", SUDO_GID="4322"))
+    assert r.returncode == 0, r.stderr
+    st_ = out.stat()
+    assert (st_.st_uid, st_.st_gid, oct(st_.st_mode & 0o777)) == (4321, 4322, "0o600")
+    assert registry.load(str(out)).by_bin("ms-1").key == registry.load(path).by_bin("ms-1").key
