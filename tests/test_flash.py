@@ -12,6 +12,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import flash  # noqa: E402
+from tests.test_virtual_esp32 import bench, make_flash  # noqa: E402,F401 (the virtual board and its make flash)
 
 pytestmark = pytest.mark.xdist_group("build")  # these share build/ (firmware, wheels): one worker runs them all
 
@@ -114,3 +115,89 @@ def test_chip_check(line, ok):
     else:
         with pytest.raises(flash.FlashError, match="wrong chip"):
             flash.check_chip(out)
+
+
+# --- one validator; secrets and the registry's place (issue 22) ----------------------------------------
+
+@pytest.mark.parametrize("extra,problem", [
+    (["NAME=" + "n" * 201], "NAME: at most 200 characters"),
+    (["LAT=95", "LON=5"], "LAT: 95.0 is out of range (-90..90)"),
+    (["LAT=52", "LON=500"], "LON: 500.0 is out of range (-180..180)"),
+    (["LAT=52"], "give both LAT and LON"),
+    (["TRANSPORT=wifi", "WIFI_SSID=x", "WIFI_PASSWORD_FILE={pw}", "BROKER=host:99999"], "BROKER=host:99999: port 99999 is out of range (1..65535)"),
+    (["TRANSPORT=wifi", "WIFI_SSID=x", "WIFI_PASSWORD_FILE={open_pw}", "BROKER=host"], "is readable by other users; it holds the Wi-Fi password"),
+    (["REGISTRY={build}"], "is under build/, which `make clean` deletes"),
+])
+def test_make_flash_refuses_what_the_gateway_would_refuse(tmp_path, extra, problem):
+    pw, open_pw = tmp_path / "pw", tmp_path / "open-pw"
+    pw.write_text("secret\n")
+    pw.chmod(0o600)
+    open_pw.write_text("secret\n")
+    open_pw.chmod(0o644)
+    extra = [e.format(pw=pw, open_pw=open_pw, build=ROOT / "build" / "devices.toml") for e in extra]
+    reg = tmp_path / "devices.toml"
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, *extra)
+    assert r.returncode != 0 and problem in r.stderr and "nothing was done" in r.stderr, r.stderr
+    assert "esptool" not in r.stdout and not reg.exists()
+
+
+def test_a_name_the_gateway_takes_is_taken_by_make_flash():
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "NAME=" + "n" * 200, "LAT=-90", "LON=180",
+             "REGISTRY=/tmp/binlink-test-never-written/devices.toml")
+    assert "NAME:" not in r.stderr and "LAT:" not in r.stderr and "LON:" not in r.stderr
+
+
+def test_the_registry_location_is_one_rule(tmp_path, monkeypatch):
+    """make flash, binlink registry and binlink watch agree: $BINLINK_REGISTRY, else the gateway's file
+    on a gateway, else the workstation's; never build/."""
+    monkeypatch.delenv("BINLINK_REGISTRY", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setattr(registry, "GATEWAY_CONFIG", str(tmp_path / "no-gateway.toml"))
+    assert registry.default_path() == flash.default_registry() == str(tmp_path / "data" / "binlink" / "devices.toml")
+    (tmp_path / "no-gateway.toml").write_text("")
+    assert registry.default_path() == flash.default_registry() == registry.DEFAULT_PATH
+    monkeypatch.setenv("BINLINK_REGISTRY", str(tmp_path / "r.toml"))
+    assert registry.default_path() == flash.default_registry() == str(tmp_path / "r.toml")
+    from binlink.gateway import cli
+
+    args = cli.build_parser().parse_args(["watch", "b", "--site", "s"])
+    assert args.registry is None  # resolved by registry.default_path() when run
+
+
+def test_a_key_file_readable_by_others_or_for_another_bin_is_refused(tmp_path):
+    gw = str(tmp_path / "gw.toml")
+    key = tmp_path / "k.toml"
+    r = subprocess.run([sys.executable, "-m", "binlink.gateway.cli", "registry", "--registry", gw, "add", "park-1",
+                        "--depth-mm", "1200", "--full-mm", "200", "--key-out", str(key)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    reg = tmp_path / "devices.toml"
+    r = make("flash", "PORT=/dev/null", "BIN=park-2", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
+    assert r.returncode != 0 and "not bin park-2" in r.stderr
+    key.chmod(0o644)
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
+    assert r.returncode != 0 and "readable by other users" in r.stderr
+    key.chmod(0o600)
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
+    assert r.returncode == 0 and "key from %s" % key in r.stdout, r.stderr
+    assert registry.load(gw).by_bin("park-1").key.hex() not in r.stdout + r.stderr
+
+
+def test_a_key_made_on_the_gateway_is_flashed(bench, tmp_path):
+    """docs/gateway.md: `sudo binlink registry add BIN --key-out FILE` on the gateway, then
+    `make flash BIN=... KEY_FILE=FILE` at the depot: the board holds the gateway's key and id."""
+    board, esptool = bench
+    gw = str(tmp_path / "gateway-devices.toml")
+    key_file = tmp_path / "lc1.key"
+    r = subprocess.run([sys.executable, "-m", "binlink.gateway.cli", "registry", "--registry", gw, "add", "library-corner-1",
+                        "--depth-mm", "1200", "--full-mm", "250", "--key-out", str(key_file)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    on_gateway = registry.load(gw).by_bin("library-corner-1")
+    r = make_flash(esptool, board, tmp_path, "KEY_FILE=%s" % key_file)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    cfg = json.loads((tmp_path / "flash" / "config.json").read_text())
+    assert (cfg["device_id"], bytes.fromhex(cfg["key"])) == (on_gateway.device_id, on_gateway.key)
+    at_depot = registry.load(str(tmp_path / "devices.toml")).by_bin("library-corner-1")
+    assert (at_depot.device_id, at_depot.key, at_depot.key_epoch) == (on_gateway.device_id, on_gateway.key, 0)
+    assert on_gateway.key.hex() not in r.stdout + r.stderr
