@@ -5,8 +5,8 @@ mqtt_wire ends a session on anything malformed or on silence; the loop reconnect
 and resends everything unacknowledged from the outbox, in order.
 
 Everything QoS 1 shares one in-flight window: outbox rows, discovery configs (an HA restart at
-10,000 bins re-announces 110,000 of them; they take at most half the window while readings flow),
-the gateway's status. A topic the broker denies (found by publish_policy.DenialFinder) is held
+10,000 bins re-announces 10,000 of them, 110,000 in per-entity mode; they take at most half the
+window while readings flow), the gateway's status. A topic the broker denies (found by publish_policy.DenialFinder) is held
 back: its rows stay in the outbox, the denial is logged once and counted, the topic is tried again
 every DENIED_RETRY_S, and every other topic flows."""
 import ctypes
@@ -20,7 +20,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from binlink.gateway import config as config_mod, homeassistant, integrate, logs, mqtt_wire
+from binlink.gateway import config as config_mod, discovery, homeassistant, integrate, logs, mqtt_wire
 from binlink.gateway.latency import LatencyCounts
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.outbox import Outbox
@@ -34,6 +34,7 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 GOOD_SESSION_S = 30.0  # a session that lasted this long resets the reconnect back-off
 DENIED_RETRY_S = 600.0  # a denied topic is tried again this often (an ACL may have been fixed)
 LOOK_S = 2.0  # the outbox is also read this often unwoken: rows other writers left (`binlink registry retire`)
+DISCOVERY_WINDOW = 256  # discovery messages in flight at most: each is a device's config (~5 KB), held until acked
 PR_SET_PDEATHSIG = 1
 
 
@@ -45,10 +46,11 @@ class Worker:
         self.cfg = cfg
         self.bins = bins
         self.firmware = {}
-        # what discovery was acknowledged, kept across restarts: at 10,000 bins a reconnect must not
-        # queue 110,000 retained configs when nothing changed (only changes, or all on HA's restart)
-        self.announcer = homeassistant.Announcer(homeassistant.Discovery(
-            os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix, cfg.base_topic, cfg.site))
+        # what discovery was acknowledged, kept across restarts: a restart with nothing changed
+        # publishes no config (only changes, or all on Home Assistant's restart)
+        self.announcer = discovery.Announcer(discovery.Discovery(
+            os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix, cfg.base_topic, cfg.site,
+            cfg.mqtt.discovery_mode, homeassistant.GatewayInfo.of(cfg)))
         self.box = Outbox(outbox_path, durable=False)
         self.status_topic = integrate.status_topic(cfg.base_topic, cfg.gateway_id)
         self.discovery_status = "%s/status" % cfg.mqtt.discovery_prefix
@@ -56,25 +58,21 @@ class Worker:
         m = cfg.mqtt
         self.tls = mqtt_wire.tls_context(m.ca_file, m.cert_file, m.key_file) if m.tls else None
         self.password = config_mod.mqtt_password(cfg.mqtt)
-        self.session = None
-        self.session_started = 0.0
-        # mid -> (outbox id, received_at, topic) for a row; (None, (topic, payload) or None, topic) for discovery or status
+        self.session, self.session_started = None, 0.0
+        # mid -> (outbox id, received_at, topic) for a row; (None, discovery item or None, topic) for discovery or status
         self.inflight = {}
         self.last_fed = 0  # highest outbox id handed to the broker in this session
         self.maybe_pending = True  # the outbox may hold rows after last_fed
         self.next_look = 0.0
-        self.acked = []  # outbox ids the broker acknowledged, not yet reported to the service
-        self.next_connect = 0.0
+        self.acked, self.next_connect = [], 0.0  # outbox ids the broker acknowledged, not yet reported to the service
         self.reconnect = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, GOOD_SESSION_S)
         self.denials = DenialFinder(DENIED_RETRY_S)
         self.denied = self.denials.held_back  # topic -> when it is tried again
         self.denials_logged = set()  # a topic's denial is logged once, however often it is tried again
-        self.stop_deadline = None
-        self.storage_retry = 0.0
+        self.stop_deadline, self.storage_retry = None, 0.0
         self.topics = {}  # topic str -> bytes: a few hundred bins, encoded once
         self._log_limit = logs.RateLimit(per_minute=1)
-        self.latency = LatencyCounts()
-        self.memory = Trimmer()
+        self.latency, self.memory = LatencyCounts(), Trimmer()
         self.counts = dict.fromkeys(("connect_failures", "unreadable_rows", "subscriptions_refused", "publishes_denied",
                                      "lost_silent", "lost_protocol", "lost_closed"), 0)
         self.connected_reported = None
@@ -98,6 +96,8 @@ class Worker:
         self._publish_other(self.status_topic, "online")
         if m.discovery:
             s.subscribe(self.discovery_status)
+            for topic in self.announcer.listen(m.discovery_prefix):  # what an old binlink left retained, if anything
+                s.subscribe(topic)
             self._queue_discovery()
         s.flush()
 
@@ -145,7 +145,7 @@ class Worker:
 
     def _careful(self):
         if self.denials.careful() and not self.inflight:  # what was sent one at a time is answered
-            self.denials.progress(self.last_fed, bool(self.announcer.queue))
+            self.denials.progress(self.last_fed, bool(self.announcer))
         return self.denials.careful()
 
     def _publish_other(self, topic, payload, item=None):
@@ -155,22 +155,23 @@ class Worker:
         self.inflight[self.session.publish(topic, payload, retain=True)] = (None, item, topic)
 
     def _queue_discovery(self, force=False):
-        changes = self.announcer.queue_changes(self.bins, self.firmware, force=force)
-        logs.event(log, logging.INFO, "discovery queued" if changes else "discovery unchanged",
-                   configs=sum(1 for _, p in changes if p), cleared=sum(1 for _, p in changes if not p))
+        jobs = self.announcer.queue_changes(self.bins, self.firmware, force=force)
+        logs.event(log, logging.INFO, "discovery queued" if jobs else "discovery unchanged", mode=self.cfg.mqtt.discovery_mode,
+                   devices=sum(1 for j in jobs if j[2]), cleared=sum(1 for j in jobs if not j[2]))
 
     # outbox -----------------------------------------------------------------------------------
     def _feed(self):
         """Hands the broker what the window has room for; a quarter-window at least, so rounds are few and large."""
         window = 1 if self._careful() else self.window
         room = window - len(self.inflight)
-        queue = self.announcer.queue
+        queue = bool(self.announcer)
         if not (self.maybe_pending or queue) or room <= 0 or (room < window // 4 and self.inflight):
             return
         s = self.session
         if queue:  # readings keep at least half the room while a re-announce is under way
-            for topic, payload in self.announcer.take(room // 2 if self.maybe_pending and room > 1 else room, self.denied):
-                self._publish_other(topic, payload, (topic, payload))
+            share = min(room // 2 if self.maybe_pending and room > 1 else room, DISCOVERY_WINDOW - self.announcer.in_flight)
+            for item in self.announcer.take(share, self.denied):
+                self._publish_other(item[0], item[1], item)
             room = window - len(self.inflight)
         rows = self.box.pending(self.last_fed, room) if self.maybe_pending and room > 0 else []
         if len(rows) < room:
@@ -215,8 +216,8 @@ class Worker:
             self.maybe_pending = True  # room in the window again
             recorded = self.announcer.record()
             if recorded:
-                logs.event(log, logging.INFO, "discovery published", configs=sum(1 for _, p in recorded if p),
-                           cleared=sum(1 for _, p in recorded if not p))
+                logs.event(log, logging.INFO, "discovery published", devices=sum(1 for _, v in recorded if v),
+                           cleared=sum(1 for _, v in recorded if v is None))
 
     # the service ------------------------------------------------------------------------------
     def _from_service(self):
@@ -266,7 +267,7 @@ class Worker:
         self.last_report = now
 
     def _drained(self):
-        if self.inflight or self.announcer.queue:
+        if self.inflight or self.announcer:
             return False
         if self.maybe_pending and self.box.pending(self.last_fed, 1):
             return False
@@ -356,9 +357,12 @@ class Worker:
                     self.counts["subscriptions_refused"] += 1
                     logs.event(log, logging.ERROR, "broker refused the subscription (SUBACK 0x80): check its ACL", topic=topic)
                 self.session.refused.clear()
-                if any(t == self.discovery_status and p == b"online" for t, p in received):
-                    logs.event(log, logging.INFO, "Home Assistant restarted, republishing discovery")
-                    self._queue_discovery(force=True)
+                for t, p in received:
+                    if t != self.discovery_status:
+                        self.announcer.retained(t, p)
+                    elif p == b"online":
+                        logs.event(log, logging.INFO, "Home Assistant restarted, republishing discovery")
+                        self._queue_discovery(force=True)
             except OSError as e:  # ConnectionError, ProtocolError included
                 self._lost(e)
         return True

@@ -45,19 +45,23 @@ def test_valid_frames_become_state_events_and_discovery(gw, pty, broker, subscri
         wait_for(lambda: late.on("bin/bin-a/state") and late.on("gateway/gw-test/status"), what="retained messages")
         assert json.loads(late.on("bin/bin-a/state")[-1][1])["fcnt"] == 3
         assert late.on("gateway/gw-test/status")[-1][1] == b"online"
-        wait_for(lambda: b"1.2.3" in dict(late.on("/config")).get("homeassistant/sensor/binlink_testcity_bin_a/fill/config", b""),
+        wait_for(lambda: b"1.2.3" in dict(late.on("/config")).get("homeassistant/device/binlink_testcity_bin_a/config", b""),
                  what="discovery with the firmware version from the hello")
-        configs = {t: json.loads(p) for t, p in late.on("/config")}
-        fill = configs["homeassistant/sensor/binlink_testcity_bin_a/fill/config"]
-        assert fill["state_class"] == "measurement" and fill["unit_of_measurement"] == "%"
-        assert fill["device"]["identifiers"] == ["binlink_testcity_bin_a"] and "object_id" not in fill
+        configs = {t: json.loads(p) for t, p in late.on("/config")}  # device-based: one config per bin
+        bin_a, bin_b = (configs["homeassistant/device/binlink_testcity_%s/config" % b] for b in ("bin_a", "bin_b"))
+        fill = bin_a["cmps"]["fill"]
+        assert fill["p"] == "sensor" and fill["state_class"] == "measurement" and fill["unit_of_measurement"] == "%"
+        assert bin_a["dev"]["identifiers"] == ["binlink_testcity_bin_a"] and "object_id" not in fill
         assert fill["default_entity_id"] == "sensor.binlink_testcity_bin_a_fill"
-        assert fill["device"]["sw_version"] == "1.2.3"  # from the hello
-        assert fill["expire_after"] == 3 * 3600 and "availability_topic" not in fill
-        assert configs["homeassistant/sensor/binlink_testcity_bin_b/rssi/config"]["entity_category"] == "diagnostic"
-        assert configs["homeassistant/sensor/binlink_testcity_bin_a/full_at/config"]["device_class"] == "timestamp"
-        assert configs["homeassistant/binary_sensor/binlink_testcity_bin_a/fire/config"]["device_class"] == "heat"
-        assert configs["homeassistant/event/binlink_testcity_bin_a/collection/config"]["event_types"] == ["full", "emptied"]
+        assert bin_a["dev"]["sw_version"] == "1.2.3"  # from the hello
+        assert bin_a["dev"]["via_device"] == "binlink_testcity__gw_gw_test"
+        assert fill["expire_after"] == 3 * 3600 and "availability" not in fill and "availability" not in bin_a
+        assert bin_b["cmps"]["rssi"]["entity_category"] == "diagnostic"
+        assert bin_a["cmps"]["full_at"]["device_class"] == "timestamp"
+        assert bin_a["cmps"]["fire"]["device_class"] == "heat" and bin_a["cmps"]["fire"]["p"] == "binary_sensor"
+        assert bin_a["cmps"]["collection"]["event_types"] == ["full", "emptied"]
+        gateway = configs["homeassistant/device/binlink_testcity__gw_gw_test/config"]
+        assert gateway["cmps"]["outbox_depth"]["availability"][0]["topic"] == "binlink/testcity/gateway/gw-test/status"
         assert state["fill_rate_pct_per_day"] is None and state["full_at"] is None  # three readings teach no forecast
     finally:
         late.close()
@@ -72,14 +76,14 @@ def configs_sent(subscriber):
 
 
 def test_home_assistant_restart_gets_discovery_again(gw, broker, subscriber):
-    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery: 11 entities a bin")
+    wait_for(lambda: len(configs_sent(subscriber)) == 3, what="discovery: a config per bin and the gateway's")
     n = len(configs_sent(subscriber))
     subscriber.c.publish("homeassistant/status", "online", qos=1)
     wait_for(lambda: len(configs_sent(subscriber)) >= 2 * n, what="discovery republished")
 
 
 def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_cleared(gw, broker, subscriber):
-    wait_for(lambda: len(configs_sent(subscriber)) == 22, what="discovery")
+    wait_for(lambda: len(configs_sent(subscriber)) == 3, what="discovery")
     gw.terminate()
     n = len(subscriber.on("/config"))
     gw.start()  # same registry: nothing to send
@@ -92,10 +96,10 @@ def test_discovery_is_sent_again_only_when_it_changed_and_retired_bins_are_clear
     gw.terminate()
     gw.start()
     cleared = wait_for(lambda: [t for t, p in subscriber.on("/config") if p == b"" and "bin_b" in t], what="bin-b cleared")
-    assert len(cleared) == 11
+    assert cleared == ["homeassistant/device/binlink_testcity_bin_b/config"]
     renamed = wait_for(lambda: [json.loads(p) for t, p in subscriber.on("/config") if p and "Market square" in p.decode()],
                        what="bin-a republished")
-    assert len(renamed) == 11 and len(configs_sent(subscriber)) == 22 + 11
+    assert len(renamed) == 1 and len(configs_sent(subscriber)) == 3 + 1
 
 
 def test_first_run_clears_the_old_discovery_scheme(tmp_path, broker, pty):
@@ -113,7 +117,7 @@ def test_first_run_clears_the_old_discovery_scheme(tmp_path, broker, pty):
                 last = dict(late.on("/config"))
                 return {t for t, p in last.items() if p}
 
-            topics = wait_for(lambda: standing() if len(standing()) == 22 and old not in standing() else None,
+            topics = wait_for(lambda: standing() if len(standing()) == 3 and old not in standing() else None,
                               what="old config gone, the new ones retained")
             assert all("binlink_testcity_" in t for t in topics)
         finally:

@@ -360,7 +360,8 @@ class WorkerRun:
         path = str(tmp_path / "gateway.toml")
         write_config(path, registry_path="devices.toml", state_dir="state", broker_port=port,
                      sources=[("radio0", "/dev/null", "raw")], metrics_port=9, mqtt_extra="keepalive = %d\ndiscovery = %s\nmax_inflight = %d"
-                     % (keepalive, str(discovery).lower(), window))
+                     % (keepalive, str(bool(discovery)).lower(), window)
+                     + ('\ndiscovery_mode = "%s"' % discovery if isinstance(discovery, str) else ""))
         cfg = config.load(path)
         os.makedirs(cfg.state_dir, exist_ok=True)
         self.ours, theirs = Pipe()
@@ -520,12 +521,12 @@ def test_a_denied_topic_is_tried_again_and_published_once_the_broker_allows_it(t
 
 
 def test_ten_thousand_bins_reannounced_while_readings_flow_reuse_no_packet_id(tmp_path, scripted, monkeypatch):
-    """An HA restart at 10,000 bins: 110,000 retained configs through the in-flight window, readings
-    still published, no packet id sent again while the broker has not acknowledged it."""
+    """An HA restart at 10,000 bins in per-entity mode: 130,000 retained configs through the in-flight
+    window, readings still published, no packet id sent again while the broker has not acknowledged it."""
     bins = {i: homeassistant.BinInfo(i, "bin-%d" % i, "", None, None, 3600) for i in range(10000)}
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "discovery.json").write_text("{}")  # not a first run: no legacy topics to clear
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch, discovery=True, bins=bins)
+    run = WorkerRun(tmp_path, scripted.port, monkeypatch, discovery="entity", bins=bins)
+    n = 10000 * len(homeassistant.messages("ha", "b", "s", bins[0])) + len(
+        homeassistant.gateway_messages("ha", homeassistant.GatewayInfo.of(run.worker.cfg), "entity"))
     held = []  # (packet id, when to acknowledge it)
 
     def hold_first_reading(peer, topic, payload, mid):
@@ -540,15 +541,15 @@ def test_ten_thousand_bins_reannounced_while_readings_flow_reuse_no_packet_id(tm
         return [t for t, _, _ in peer.published[start:] if t.startswith("homeassistant/")]
 
     peer = scripted.accept().serve(hold_first_reading)
-    wait_for(lambda: len(configs()) == 110000, timeout=60, what="first announcement")
+    wait_for(lambda: len(configs()) == n, timeout=60, what="first announcement")
     rows = run.add("binlink/t/bin/bin-0/state", 20)
     restart = len(peer.published)
     peer.send(publish_packet(b"homeassistant/status", b"online", 1))  # Home Assistant restarted
-    while len(configs(restart)) < 100000:  # readings go on arriving during the re-announce
+    while len(configs(restart)) < n - 10000:  # readings go on arriving during the re-announce
         rows += run.add("binlink/t/bin/bin-%d/state" % len(rows), 20)
-        wait_for(lambda: len(peer.published) > restart + len(rows) * 5 or len(configs(restart)) >= 100000, what="progress")
+        wait_for(lambda: len(peer.published) > restart + len(rows) * 5 or len(configs(restart)) >= n - 10000, what="progress")
     wait_for(lambda: set(rows) <= run.acked, timeout=60, what="every reading acknowledged")
-    wait_for(lambda: len(set(configs(restart))) == 110000, timeout=60, what="every config announced again")
+    wait_for(lambda: len(set(configs(restart))) == n, timeout=60, what="every config announced again")
     readings = [i for i, (t, _, _) in enumerate(peer.published[restart:]) if t.startswith("binlink/t/bin/")]
     assert readings[len(readings) // 2] < len(peer.published) - restart - 20000  # not starved behind discovery
     assert held and peer.reused == [], peer.reused[:10]
