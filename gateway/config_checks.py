@@ -132,28 +132,34 @@ def checks(cfg, path, offline, who):
 
 
 def as_user(user, fn):
-    """fn() in a child process running as user (its groups too); its result comes back as JSON."""
+    """fn() in a child process running as user (with its groups); its JSON-able result comes back.
+    A failure in the child raises RuntimeError with its one-line reason."""
     pw = pwd.getpwnam(user)
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: drop to the user, run, report, exit without cleanup handlers
-        code = 0
+    if pid == 0:  # the child: drop to the user, run, report, exit without the parent's cleanup
         try:
             os.close(r)
             os.setgroups(os.getgrouplist(user, pw.pw_gid))
             os.setgid(pw.pw_gid)
             os.setuid(pw.pw_uid)
-            out = json.dumps(fn()).encode()
-        except BaseException as e:  # noqa: BLE001 (reported to the parent, never a traceback)
-            out, code = json.dumps([["check-config as %s failed: %s" % (user, e)], [], 0]).encode(), 1
-        with os.fdopen(w, "wb") as f:
-            f.write(out)
-        os._exit(code)
+            out = {"ok": fn()}
+        except BaseException as e:  # noqa: BLE001 (said by the parent in one line, never a traceback)
+            out = {"error": "%s: %s" % (type(e).__name__, e)}
+        with os.fdopen(w, "w") as f:
+            json.dump(out, f)
+        os._exit(0)
     os.close(w)
-    with os.fdopen(r, "rb") as f:
+    with os.fdopen(r) as f:
         data = f.read()
     os.waitpid(pid, 0)
-    return json.loads(data)
+    try:
+        out = json.loads(data)
+    except ValueError:
+        raise RuntimeError("the check as user %s ended without an answer" % user) from None
+    if "error" in out:
+        raise RuntimeError("as user %s: %s" % (user, out["error"]))
+    return out["ok"]
 
 
 def who_checks(user):
@@ -176,7 +182,10 @@ def run(path, offline=False, user=None):
     if run_as is None:
         errors, warnings, devices = checks(cfg, path, offline, who)
     else:
-        errors, warnings, devices = as_user(run_as, lambda: checks(cfg, path, offline, who))
+        try:
+            errors, warnings, devices = as_user(run_as, lambda: checks(cfg, path, offline, who))
+        except RuntimeError as e:
+            errors, warnings, devices = ["check-config %s" % e], [], 0
     errors += inline_secret_problems(cfg, path)
     for w in warnings:
         print("warning: %s" % w, file=sys.stderr)

@@ -184,12 +184,35 @@ def clear_retained(cfg, device, now=None):
     batch = Batch()
     for topic in topics:
         batch.states[topic] = Message("retire:%s:%s" % (device.message_prefix, topic), topic, "", True, now)
-    box = Outbox(os.path.join(cfg.state_dir, "gateway.sqlite"))
-    try:
-        box.commit(batch)
-    finally:
-        box.close()
+
+    def commit():
+        box = Outbox(os.path.join(cfg.state_dir, "gateway.sqlite"))
+        try:
+            box.commit(batch)
+        finally:
+            box.close()
+
+    owner = _state_owner(cfg.state_dir)
+    if owner is None:
+        commit()
+    else:  # root: the state files (and SQLite's -wal, -shm) must stay the service user's
+        from binlink.gateway.config_checks import as_user
+
+        as_user(owner, commit)
     return topics
+
+
+def _state_owner(state_dir):
+    """The state dir's owner's name when running as root and it is someone else's, else None."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid = os.stat(state_dir).st_uid
+        return None if uid == 0 else pwd.getpwuid(uid).pw_name
+    except (OSError, KeyError):
+        return None
 
 
 def cmd_retire(args):
