@@ -73,3 +73,33 @@ def test_sd_notify_ready_and_watchdog(tmp_path, broker, pty, monkeypatch):
         if g.alive():
             g.kill()
         s.close()
+
+
+def test_local_unit_changes_survive_a_reinstall(tmp_path):
+    """Drop-ins are never touched; a unit edited in place is kept (the new one written beside it);
+    a unit nobody edited is upgraded."""
+    assert install(tmp_path).returncode == 0
+    units = tmp_path / "etc/systemd/system"
+    dropin = units / "binlink-gateway.service.d" / "override.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nEnvironment=BINLINK_LOCAL=1\n")
+    planner = units / "binlink-planner.service"
+    planner.write_text(planner.read_text().replace("RestartSec=5", "RestartSec=60"))  # edited in place
+    shipped = (ROOT / "gateway/systemd/binlink-gateway.service").read_text()
+    # the gateway unit as an older release installed it (unedited): it is upgraded
+    older = shipped.replace("RestartSec=2", "RestartSec=3")
+    (units / "binlink-gateway.service").write_text(older)
+    (tmp_path / "opt/binlink/share/systemd/binlink-gateway.service").write_text(older)
+    r = install(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert dropin.read_text() == "[Service]\nEnvironment=BINLINK_LOCAL=1\n" and "drop-ins kept: override.conf" in r.stdout
+    assert "RestartSec=60" in planner.read_text() and "KEEPING" in r.stdout
+    assert (units / "binlink-planner.service.binlink-new").read_text() == (ROOT / "gateway/systemd/binlink-planner.service").read_text()
+    assert (units / "binlink-gateway.service").read_text() == shipped
+
+
+def test_binlink_is_on_the_administrators_path(tmp_path):
+    assert install(tmp_path).returncode == 0
+    assert os.readlink(tmp_path / "usr/local/bin/binlink") == "/opt/binlink/venv/bin/binlink"
+    unit = (tmp_path / "etc/systemd/system/binlink-gateway.service").read_text()
+    assert "ExecStartPre=-/opt/binlink/venv/bin/binlink gateway check-config --offline" in unit
