@@ -9,8 +9,9 @@
 
 A clock found implausible is logged once (and once more when it is right again), shown as the
 binlink_clock_suspect gauge, and every message says `time_synced: false` meanwhile."""
+import ctypes
+import ctypes.util
 import logging
-import os
 from datetime import datetime, timezone
 
 from binlink.gateway import logs
@@ -19,10 +20,59 @@ log = logs.get("clock")
 RELEASED = datetime(2026, 11, 27, tzinfo=timezone.utc).timestamp()
 TOLERANCE_S = 600.0
 
+# The kernel's own answer (adjtimex(2), modes 0: read only), which every NTP client keeps up to
+# date: chrony, systemd-timesyncd, ntpd, ntpsec. STA_UNSYNC set, or a maximum error of 16 s or more
+# (the kernel raises maxerror by 500 ppm while nobody disciplines the clock, and sets STA_UNSYNC
+# past 16 s), or the TIME_ERROR state: not synchronised. The same test as systemd's
+# `timedatectl` ("System clock synchronized").
+STA_UNSYNC = 0x0040
+TIME_ERROR = 5
+MAXERROR_LIMIT_US = 16_000_000
+
+
+class _Timex(ctypes.Structure):
+    """struct timex (linux/timex.h): the fields read here, then room for the rest."""
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long), ("tick", ctypes.c_long),
+                ("rest", ctypes.c_byte * 256)]
+
+
+def _libc_adjtimex():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return getattr(libc, "ntp_adjtime", None) or libc.adjtimex
+    except (OSError, AttributeError):
+        return None  # not Linux/glibc: nothing to ask
+
+
+_adjtimex = _libc_adjtimex()
+
+
+def kernel_clock():
+    """(adjtimex's return value: the clock state, status bits, maxerror in µs), or None when the
+    kernel cannot be asked."""
+    if _adjtimex is None:
+        return None
+    tx = _Timex()
+    state = _adjtimex(ctypes.byref(tx))
+    if state < 0:
+        return None
+    return state, tx.status, tx.maxerror
+
+
+def synced(answer):
+    """Whether the kernel's answer (kernel_clock()) says the clock is synchronised."""
+    if answer is None:
+        return False
+    state, status, maxerror = answer
+    return state != TIME_ERROR and not status & STA_UNSYNC and 0 <= maxerror < MAXERROR_LIMIT_US
+
 
 def clock_synced():
-    """True when systemd-timesyncd (or chrony with its flag) says the clock is synchronised."""
-    return os.path.exists("/run/systemd/timesync/synchronized")
+    """True when the kernel says an NTP client (chrony, systemd-timesyncd, ntpd) synchronised the clock."""
+    return synced(kernel_clock())
 
 
 class ClockCheck:
