@@ -324,3 +324,93 @@ def test_a_state_dir_in_ram_is_accepted_when_allowed_and_a_persistent_one_always
     mounts.write_text(FAKE_MOUNTS + "40 22 8:9 / %s rw - ext4 /dev/sdc1 rw\n" % tmp_path)
     assert cli.main(["gateway", "check-config", volatile_config(tmp_path, state)]) == 0, capsys.readouterr().err
     assert config.parse(BASE).allow_volatile_state is False
+
+
+# --- check-config tries what it names (issue 22) ------------------------------------------------------
+
+def _site(tmp_path, mqtt="", port=None, source=None):
+    """A config whose registry is valid and state dir writable: only the part under test can fail."""
+    reg = tmp_path / "devices.toml"
+    registry.provision(str(reg), "park-1", 1200, 200)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[gateway]\nid = "g"\nsite = "s"\nregistry = "%s"\nstate_dir = "%s"\nallow_volatile_state = true\n'
+                   '[[source]]\nport = "%s"\n[mqtt]\nhost = "127.0.0.1"\nport = %d\n%s\n'
+                   % (reg, tmp_path / "state", source or os.devnull, port or 1, mqtt))
+    cfg.chmod(0o640)
+    return cfg
+
+
+def check(*args):
+    r = subprocess.run([BINLINK, "gateway", "check-config", *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def test_check_config_connects_to_the_broker(tmp_path, broker):
+    r = check(_site(tmp_path, port=broker.port))
+    assert r.returncode == 0 and ": ok (" in r.stdout and "warning" not in r.stderr, r.stdout + r.stderr
+
+
+def test_a_broker_nobody_answers_on_is_a_warning_and_offline_skips_it(tmp_path):
+    from binlink.sim.broker import free_port
+
+    cfg = _site(tmp_path, port=free_port())
+    r = check(cfg)
+    assert r.returncode == 0 and "warning: mqtt: cannot reach the broker at 127.0.0.1:" in r.stderr, r.stderr
+    r = check("--offline", cfg)
+    assert r.returncode == 0 and "broker not checked: --offline" in r.stdout and "mqtt" not in r.stderr
+
+
+def test_credentials_the_broker_refuses_are_an_error(tmp_path):
+    from binlink.sim.broker import Mosquitto
+
+    b = Mosquitto()
+    pw = os.path.join(b.dir, "passwd")
+    subprocess.run(["mosquitto_passwd", "-b", "-c", pw, "gateway", "right-test-password"], check=True, capture_output=True)
+    os.chmod(pw, 0o644)
+    with open(b.conf, "a") as f:
+        f.write("password_file %s\nallow_anonymous false\n" % pw)
+    b.start()
+    try:
+        secret = tmp_path / "mqtt-password"
+        secret.write_text("wrong-test-password\n")
+        secret.chmod(0o600)
+        cfg = _site(tmp_path, 'username = "gateway"\npassword_file = "%s"\n' % secret, port=b.port)
+        r = check(cfg)
+        assert r.returncode == 2 and "the broker at 127.0.0.1:%d refused user 'gateway'" % b.port in r.stderr, r.stderr
+        assert "wrong-test-password" not in r.stdout + r.stderr
+        secret.write_text("right-test-password\n")
+        assert check(cfg).returncode == 0
+    finally:
+        b.stop()
+
+
+def test_an_inline_password_in_a_world_readable_config_is_refused(tmp_path):
+    cfg = _site(tmp_path, 'username = "u"\npassword = "inline-test-password"\n')
+    cfg.chmod(0o644)
+    r = check("--offline", cfg)
+    assert r.returncode == 2 and "mqtt.password: written in %s, which is readable by other users" % cfg in r.stderr
+    assert "inline-test-password" not in r.stderr
+    cfg.chmod(0o640)
+    assert check("--offline", cfg).returncode == 0
+
+
+def test_a_missing_serial_port_is_a_warning_naming_the_source(tmp_path):
+    r = check("--offline", _site(tmp_path, source="/dev/serial/by-id/usb-not-plugged"))
+    assert r.returncode == 0 and "warning: source[0].port: /dev/serial/by-id/usb-not-plugged does not exist" in r.stderr
+
+
+def test_a_state_dir_that_cannot_be_created_is_an_error(tmp_path):
+    cfg = _site(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "state"), str(blocker / "state")))
+    r = check("--offline", cfg)
+    assert r.returncode == 2 and "gateway.state_dir: %s is not a directory" % blocker in r.stderr, r.stderr
+    if os.geteuid() != 0:  # root may write anywhere: tests/test_installed.py checks as the service user
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        cfg.write_text(cfg.read_text().replace(str(blocker / "state"), str(ro / "state")))
+        r = check("--offline", cfg)
+        assert r.returncode == 2 and "cannot create %s in %s" % (ro / "state", ro) in r.stderr
+    assert not (tmp_path / "state").exists()  # check-config leaves nothing behind
