@@ -27,6 +27,7 @@ DAY = 86400.0
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_PCT = 90.0  # config.Events.full_pct's default: the planner without a gateway config
 STALE_S = 12 * 3600.0
+HOT_EVERY_S = 600.0
 log = logging.getLogger("binlink.planner")
 
 
@@ -125,7 +126,7 @@ def _entry(bin_id, s, age_h, reason, why):
 
 
 def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0, full_pct=FULL_PCT, stale_s=STALE_S,
-                 trucks=None, matrix=None, solved=None):
+                 trucks=None, matrix=None, solved=None, hot_spots=None):
     """The retained list: for the next round, bins due before the round after it (plus a margin);
     with `trucks` (routes.Trucks), the trucks' routes through them. solved: a previous message's
     routes, reused when the same bins are listed (the solver runs when the list changes)."""
@@ -135,6 +136,8 @@ def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0, full_pct=
     body = {"next_round": iso(next_round), "next_round_local": routes.local(next_round, "%Y-%m-%d %H:%M %Z"),
             "horizon": iso(horizon), "bins_known": len(states), "full_pct": full_pct, "stale_h": None if stale_s is None else stale_s / 3600,
             "bins": bins, "quiet": quiet}
+    if hot_spots is not None:
+        body["hot_spots"] = hot_spots  # bins that overflowed again and again (history.hot_spots)
     if trucks is not None:
         ids = sorted(b["bin_id"] for b in bins)
         if solved is not None and solved.get("bin_ids") == ids:
@@ -181,8 +184,11 @@ class Planner:
     every `interval_s`, and at least when a round starts. `settings`: plan_message's keyword
     arguments (unknown_fill_pct, full_pct, stale_s, trucks, matrix)."""
 
-    def __init__(self, mqtt_cfg, base, routes, margin_s=6 * 3600.0, interval_s=60.0, clock=time.time, **settings):
+    def __init__(self, mqtt_cfg, base, routes, margin_s=6 * 3600.0, interval_s=60.0, clock=time.time, history=None,
+                 **settings):
         self.base = base
+        self.history = history  # history.History: every state kept, hot spots named
+        self._hot = (None, None)  # (computed at, list)
         self.routes = routes
         self.margin_s = margin_s
         self.interval_s = interval_s
@@ -228,15 +234,33 @@ class Planner:
         if old is None or (s.get("measured_at") or "") >= (old.get("measured_at") or ""):
             self.states[bin_id] = s
             self.changed.set()
+        if self.history is not None:
+            self.history.add(s)
+
+    def hot_spots(self, now):
+        """From the history, at most every HOT_EVERY_S (28 days of every bin is a second's work)."""
+        if self.history is None:
+            return None
+        at, hot = self._hot
+        if at is None or abs(now - at) >= HOT_EVERY_S:
+            from binlink.gateway import history
+
+            self.history.flush(now)
+            hot = history.hot_spots(self.history, now)
+            self._hot = (now, hot)
+        return hot
 
     def message(self):
-        body = plan_message(dict(self.states), self.clock(), self.routes, self.margin_s, solved=self._solved, **self.settings)
+        now = self.clock()
+        body = plan_message(dict(self.states), now, self.routes, self.margin_s, solved=self._solved,
+                            hot_spots=self.hot_spots(now), **self.settings)
         self._solved = body.get("routes")
         return body
 
     def publish_once(self):
         body = self.message()
-        key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes")], sort_keys=True)
+        key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes"), body.get("hot_spots")],
+                         sort_keys=True)
         if key == self._last or not self.connected.is_set():
             return False
         body["generated_at"] = iso(self.clock())
@@ -287,10 +311,14 @@ class Planner:
                 except ValueError as e:  # a distance matrix without a listed bin: said, the list still goes out
                     log.error("cannot route this round: %s", e)
                     self.settings["trucks"] = None
+                if self.history is not None:
+                    self.history.flush(self.clock())
                 self.stopping.wait(min(self.interval_s, 1.0))
         finally:
             self.client.loop_stop()
             self.client.disconnect()
+            if self.history is not None:
+                self.history.close()
 
     def stop(self, *_):
         self.stopping.set()

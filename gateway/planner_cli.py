@@ -31,6 +31,8 @@ def add_parsers(sub):
     p.add_argument("--speed-kmh", type=float, default=25.0, help="average truck speed (default: %(default)s)")
     p.add_argument("--service-min", type=float, default=2.0, help="minutes to empty a bin (default: %(default)s)")
     p.add_argument("--distance-matrix", help="CSV of metres between bins (header ids; the depot is 'depot'), instead of straight lines")
+    p.add_argument("--history", metavar="FILE", help="keep every published state here (SQLite): hot spots in the list, "
+                                                     "and `binlink report` builds the site's report from it")
     p.add_argument("--sim-clock", help="a simulator's clock file (binlink sim --clock-file): rounds on simulated time")
     p.set_defaults(func=cmd_planner)
     v = sub.add_parser("plan", help="print the collection list and routes the planner published")
@@ -40,6 +42,14 @@ def add_parsers(sub):
     v.add_argument("--geojson", metavar="FILE", help="also write bins and routes as GeoJSON (points and lines)")
     v.add_argument("--timeout", type=float, default=5.0)
     v.set_defaults(func=cmd_plan)
+    r = sub.add_parser("report", help="the report of a real site from the planner's history (as `binlink sim --report`)")
+    r.add_argument("--history", required=True, metavar="FILE", help="the planner's --history file")
+    r.add_argument("--out", required=True, metavar="FILE", help="the HTML report to write")
+    r.add_argument("--days", type=float, default=30.0, help="days up to the newest reading (default: %(default)s)")
+    r.add_argument("--full-pct", type=float, default=planner.FULL_PCT, help="the site's full, %% (default: %(default)s)")
+    r.add_argument("--stale-h", type=float, default=planner.STALE_S / 3600, help="quiet after this many hours (default: %(default)s)")
+    r.add_argument("--chart-bins", type=int, default=12, help="bins charted, the most overflowing first (default: %(default)s)")
+    r.set_defaults(func=cmd_report)
 
 
 def _common(p):
@@ -103,7 +113,15 @@ def planner_from_args(args, clock=None):
             clock = simclock.SimClock(args.sim_clock)
         except OSError as e:
             raise ValueError("--sim-clock: %s (start the simulator first)" % e) from None
-    return planner.Planner(m, base, route_days, args.margin_h * 3600, args.interval, clock=clock or time.time,
+    hist = None
+    if args.history:
+        from binlink.gateway import history
+
+        try:
+            hist = history.History(args.history)
+        except Exception as e:  # sqlite3.Error, OSError: said, not a traceback
+            raise ValueError("--history %s: %s" % (args.history, e)) from None
+    return planner.Planner(m, base, route_days, args.margin_h * 3600, args.interval, clock=clock or time.time, history=hist,
                            unknown_fill_pct=args.unknown_fill_pct, full_pct=full_pct, stale_s=args.stale_h * 3600,
                            trucks=trucks, matrix=matrix)
 
@@ -181,6 +199,10 @@ def format_plan(body, now=None):
         lines.append("quiet sensors (not trusted, not listed): %d" % len(quiet))
         for b in quiet:
             lines.append("    %-12s %-24s last %6s %%  %s" % (b["bin_id"], (b.get("name") or "-")[:24], _f(b["fill_pct"]), b["why"]))
+    hot = body.get("hot_spots") or []
+    if hot:
+        lines.append("overflow hot spots (28 days): " + ", ".join("%s %s (%d overflows, %.0f h)" % (
+            h["bin_id"], h.get("name") or "", h["overflows"], h["overflow_h"]) for h in hot))
     r = body.get("routes")
     if r:
         lines.append("routes: %d of %d trucks, %.1f km (list order: %.1f km), depot %s" % (
@@ -248,3 +270,26 @@ def geojson(body):
 def write_geojson(path, body):
     with open(path, "w") as f:
         json.dump(geojson(body), f, indent=1)
+
+
+def cmd_report(args):
+    import os
+
+    from binlink.gateway import history
+    from binlink.sim import report
+
+    if not os.path.exists(args.history):
+        print("error: no history at %s (start `binlink planner --history %s`)" % (args.history, args.history), file=sys.stderr)
+        return 2
+    h = history.History(args.history)
+    try:
+        site = report.site_figures(h, args.days, args.full_pct, args.stale_h * 3600, args.chart_bins)
+    finally:
+        h.close()
+    if site is None:
+        print("error: %s holds no readings" % args.history, file=sys.stderr)
+        return 1
+    report.write_site(args.out, site)
+    print(json.dumps({k: v for k, v in site.items() if k not in ("series", "hot_spots", "quiet", "bins_info")}, sort_keys=True))
+    print("report: %s" % args.out)
+    return 0

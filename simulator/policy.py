@@ -28,7 +28,7 @@ TRUCK_SPREAD_S = 6 * 3600.0
 START = 1_790_000_000.0 // (7 * DAY) * (7 * DAY) + 4 * DAY  # a Monday, 00:00 UTC
 FORECAST_LEAD_S = 24 * 3600.0
 WARMUP_S = 3 * DAY
-# reactive: no rounds, a truck comes 1-6 h after a bin reports full (how the forecast is scored:
+# reactive: no rounds, a truck comes 1-6 h after a bin reports 100 %, the brim (how the forecast is scored:
 # every bin then reaches full many times a month, on every day of the week)
 POLICIES = ("fixed", "forecast", "reactive")  # forecasts before this much history are not scored
 
@@ -49,8 +49,10 @@ def fixed_pattern(days_to_fill, safety=0.8):
 class Tracked:
     """One bin as the back office sees it: its registry entry, state and forecast."""
 
-    def __init__(self, dev, device, keep_series):
+    def __init__(self, dev, device, keep_series, scored=False, history=None):
         self.dev = dev
+        self.scored = scored  # keep predictions at 100 % for _forecast_errors
+        self.history = history  # gateway.history.History: what a real site's planner would keep
         self.device = device
         self.last_fcnt = None
         self.rejected = 0
@@ -63,12 +65,20 @@ class Tracked:
         self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
 
 
-def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START):
+def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None):
     """Runs one policy over `days` after `warmup_days` on fixed rounds (the forecasts learn, as
     they would have on a fleet already in service); returns its figures for those days, and
-    per-bin series for the first keep_series bins."""
+    per-bin series for the first keep_series bins. trucks (routes.Trucks): each counted listed
+    round is routed, and its length compared with visiting the same bins in list order.
+
+    Every published state goes into a planner history (gateway/history.py), and the site's figures
+    (hot spots, quiet sensors, collections seen) come from it by the code `binlink report` runs on a
+    real site's history: the same report from either."""
     if policy not in POLICIES:
         raise ValueError("policy must be one of %s, got %r" % (", ".join(POLICIES), policy))
+    from binlink.gateway.history import History
+
+    hist = History(":memory:") if policy != "reactive" else None
     fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
     rng = random.Random(seed * 31 + 5)
     rules = Events()
@@ -79,7 +89,7 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
         lat, lon = fleet.latlon(d)
         device = registry.Device(d.device_id, d.bin_id, d.key, d.bin.nominal_depth_mm, d.bin.full_mm,
                                  "Simulated bin %s" % d.bin_id[4:], lat, lon)
-        tr = Tracked(d, device, i < keep_series)
+        tr = Tracked(d, device, i < keep_series, scored=policy == "reactive", history=hist)
         d._transmit = _receiver(tr, rng, loss, rules)
         tracked.append(tr)
     patterns = [fixed_pattern(tr.dev.bin.days_to_fill) for tr in tracked]
@@ -89,6 +99,7 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
     heapq.heapify(wakes)
     next_round = ROUTES.next_after(t0)
     collections = 0
+    route_km = [0.0, 0.0]  # solver, list order
     overflow_before = None
     while wakes:
         t, i = wakes[0]
@@ -99,7 +110,8 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
         if next_round <= t and next_round < end and policy != "reactive":
             fleet.now = next_round
             counted = next_round >= start
-            chosen = _round(policy if counted else "fixed", next_round, tracked, patterns, rng, margin_h)
+            chosen = _round(policy if counted else "fixed", next_round, tracked, patterns, rng, margin_h, rules.full_pct,
+                            trucks if counted else None, route_km)
             collections += chosen if counted else 0
             next_round = ROUTES.next_after(next_round)
             continue
@@ -120,6 +132,13 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
     fleet.close()
     errors, unpredicted = _forecast_errors(tracked, t0)
     overflow_h = (sum(tr.dev.bin.overflow_s for tr in tracked) - (overflow_before or 0.0)) / 3600.0
+    site = None
+    if hist is not None:
+        from binlink.sim import report
+
+        hist.flush(end)
+        site = report.site_figures(hist, days, rules.full_pct, chart_bins=0, emptied_drop_pct=rules.emptied_drop_pct)
+        hist.close()
     return {
         "policy": policy, "bins": bins, "days": days,
         "collections": collections,
@@ -127,7 +146,8 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
         "overflow_bin_hours": round(overflow_h, 1),
         "forecast_errors_h": errors, "forecast_unpredicted": unpredicted,
         "series": {tr.device.bin_id: dict(tr.series, name=tr.device.name) for tr in tracked if tr.series is not None},
-        "t0": t0, "start": start, "end": end,
+        "t0": t0, "start": start, "end": end, "site": site,
+        "route_km": round(route_km[0], 1), "route_km_list_order": round(route_km[1], 1),
     }
 
 
@@ -153,17 +173,20 @@ def _receiver(tr, rng, loss, rules):
 
 def _reading(tr, fill, t, rules):
     tr.forecast.update(t, fill, rules.emptied_drop_pct)
-    full_at = tr.forecast.full_at()
+    full_at = tr.forecast.full_at(rules.full_pct)  # what the gateway publishes: when it reaches the site's full
     if fill is not None:
         tr.state.update(fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
                         fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t))
-    tr.predictions.append((t, full_at))
+        if tr.history is not None:
+            tr.history.add(tr.state)
+    if tr.scored:  # the forecast's accuracy is scored against the true time the bin is full to the brim
+        tr.predictions.append((t, tr.forecast.full_at(100.0)))
     s = tr.series
     if s is not None:
         s["truth"].append((t, tr.dev.bin.true_fill_pct() if tr.dev.bin.level <= 1 else 100.0 * tr.dev.bin.level))
         if fill is not None:
             s["published"].append((t, fill))
-        s["forecast"].append((t, full_at))
+        s["forecast"].append((t, full_at))  # to the site's full (the report draws it so)
         if "emptied" in events.detect(tr.prev_fill, None, fill, 0, rules):
             s["emptied"].append(t)
     if fill is not None:
@@ -182,7 +205,7 @@ def dispatch_order(listed, round_end):
     return sorted(now, key=due) + sorted(later, key=due, reverse=True)
 
 
-def _round(policy, t, tracked, patterns, rng, margin_h):
+def _round(policy, t, tracked, patterns, rng, margin_h, full_pct=100.0, trucks=None, route_km=None):
     """One round of the trucks at t; returns how many bins it empties. A round visits its bins one
     after another over TRUCK_SPREAD_S: a fixed round in its route's order (unrelated to how full
     the bins are), a listed round in `dispatch_order`."""
@@ -193,8 +216,14 @@ def _round(policy, t, tracked, patterns, rng, margin_h):
     else:
         by_id = {tr.device.bin_id: tr for tr in tracked}
         # the list as published just before the trucks leave: this round, bins due before the next one
-        listed = planner.plan_message({tr.device.bin_id: tr.state for tr in tracked}, t - 1.0, ROUTES, margin_h * 3600.0)
+        listed = planner.plan_message({tr.device.bin_id: tr.state for tr in tracked}, t - 1.0, ROUTES, margin_h * 3600.0,
+                                      full_pct=full_pct)
         chosen = [by_id[b["bin_id"]] for b in dispatch_order(listed["bins"], t + TRUCK_SPREAD_S)]
+        if trucks is not None and listed["bins"]:
+            from binlink.gateway import routes
+
+            route_km[0] += routes.solve(listed["bins"], trucks)["km"]
+            route_km[1] += routes.list_order_km(listed["bins"], trucks)
     for k, tr in enumerate(chosen):
         tr.dev.bin.collect_at(t + TRUCK_SPREAD_S * (k + rng.random()) / len(chosen))
     return len(chosen)
@@ -223,7 +252,7 @@ def _forecast_errors(tracked, t0):
     return errors, unpredicted
 
 
-def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1):
+def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1, trucks=None):
     """Both policies over the same month, and the forecast scored where every bin fills up (the
     reactive run: under the two policies most bins are emptied before they are full, and the few
     that fill are the weekend's fastest, a biased sample). The figures the bench and the report use.
@@ -232,7 +261,7 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1)
     at once; the figures are the same as one after the other. Three on two cores: all three share
     the cores and finish together, in half the time of one after the other."""
     runs = [(("fixed", bins, days, seed, margin_h), {"keep_series": keep_series}),
-            (("forecast", bins, days, seed, margin_h), {"keep_series": keep_series}),
+            (("forecast", bins, days, seed, margin_h), {"keep_series": keep_series, "trucks": trucks}),
             (("reactive", bins, days, seed), {"keep_series": 0})]
     if processes > 1:
         fixed, fc, scored = _in_processes(runs, processes)
@@ -240,13 +269,14 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1)
         fixed, fc, scored = [simulate(*a, **kw) for a, kw in runs]
     errors = scored["forecast_errors_h"]
     return {
-        "fixed": fixed, "forecast": fc,
+        "fixed": fixed, "forecast": fc, "full_pct": Events().full_pct,
         "collections_saved_pct": round(100.0 * (1 - fc["collections"] / fixed["collections"]), 1) if fixed["collections"] else None,
         "overflow_bin_hours_fixed": fixed["overflow_bin_hours"],
         "overflow_bin_hours_forecast": fc["overflow_bin_hours"],
         "forecast_full_at_mae_h": round(sum(errors) / len(errors), 2) if errors else None,
         "forecast_scored": len(errors),
         "forecast_unpredicted": scored["forecast_unpredicted"],
+        "route_km_saved_pct": round(100.0 * (1 - fc["route_km"] / fc["route_km_list_order"]), 1) if fc["route_km_list_order"] else None,
     }
 
 

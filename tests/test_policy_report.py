@@ -120,7 +120,7 @@ def test_sim_report_command(tmp_path):
     figures = json.loads(r.stdout.strip().splitlines()[-2])
     assert {"collections_saved_pct", "overflow_bin_hours_fixed", "overflow_bin_hours_forecast",
             "forecast_full_at_mae_h"} <= set(figures)
-    assert out.read_text().count('class="bin"') == 2
+    assert out.read_text().count('class="bin"') == 2 and out.read_text().count('class="bin-fixed"') == 2  # both policies charted
     bad = subprocess.run([BINLINK, "sim", "--bins", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--link and --registry are required" in bad.stderr
     assert os.path.exists(out)
