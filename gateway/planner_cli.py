@@ -101,6 +101,10 @@ def planner_from_args(args, clock=None):
     if args.trucks < 0:
         raise ValueError("--trucks must be 0 (no routes) or more, got %d" % args.trucks)
     if args.trucks:
+        try:
+            import vroom  # noqa: F401
+        except ImportError:
+            raise ValueError("--trucks needs the routing solver: pip install 'binlink[planner]' (pyvroom)") from None
         trucks = routes.Trucks(args.trucks, args.truck_capacity, routes.parse_latlon(args.depot) if args.depot else None,
                                args.shift_h, args.speed_kmh, args.service_min * 60).check()
         if args.distance_matrix:
