@@ -309,3 +309,27 @@ def test_key_out_under_sudo_belongs_to_the_administrator(tmp_path):
     st_ = out.stat()
     assert (st_.st_uid, st_.st_gid, oct(st_.st_mode & 0o777)) == (4321, 4322, "0o600")
     assert registry.load(str(out)).by_bin("ms-1").key == registry.load(path).by_bin("ms-1").key
+
+
+def test_ctrl_c_or_a_missing_permission_in_a_registry_command_is_one_line(tmp_path, monkeypatch, capsys):
+    from binlink.gateway import cli, registry_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry_cli, "cmd_list", interrupted)
+    assert cli.main(["registry", "--registry", str(tmp_path / "d.toml"), "list"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "devices.toml"
+    registry.provision(str(path), "park-1", 1200, 200)
+    folder.chmod(0o500)
+    try:
+        if os.geteuid() == 0:  # root writes anywhere: tests/test_installed.py runs this as the service user
+            return
+        r = subprocess.run([BINLINK, "registry", "--registry", str(path), "add", "park-2", "--depth-mm", "1200",
+                            "--full-mm", "200"], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "permission denied" in r.stderr
+    finally:
+        folder.chmod(0o700)

@@ -124,3 +124,32 @@ def test_rejection_notices_are_rate_limited_per_device(tmp_path, broker, pty, ga
     notices = subscriber.json("/rejected")
     assert [n["device"] for n in notices] == ["00002a", "00002b"]
     assert notices[0]["reason"] == "unknown_device"
+
+
+def _subscribed(broker, client_prefix, topic):
+    """True once the broker's log shows a client whose id starts with client_prefix subscribing to topic."""
+    try:
+        with open(broker.subscribe_log) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return False
+    return any(len(p) > 3 and p[1].startswith(client_prefix) and p[3] == topic for p in (line.split(" ", 3) for line in lines))
+
+
+@pytest.mark.parametrize("command", ["watch", "plan"])
+def test_ctrl_c_ends_watch_and_plan_in_one_line_with_130(tmp_path, broker, command):
+    """Ctrl-C while waiting on the broker: `interrupted`, exit status 130, no traceback."""
+    import signal
+
+    if command == "watch":
+        w = watch(tmp_path, broker, "--timeout", "120")
+        subscribed(broker, w)
+    else:
+        w = subprocess.Popen([BINLINK, "plan", "--port", str(broker.port), "--site", "testcity", "--timeout", "120"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: w.poll() is not None or _subscribed(broker, "binlink-plan-view-", "binlink/testcity/plan"),
+                 timeout=20, what="binlink plan subscribed")
+    w.send_signal(signal.SIGINT)
+    out, _ = w.communicate(timeout=30)
+    assert w.returncode == 130, out
+    assert "Traceback" not in out and out.strip().splitlines()[-1] == "interrupted", out
