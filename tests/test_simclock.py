@@ -63,3 +63,15 @@ def test_without_the_variable_the_gateway_keeps_the_wall_clock(tmp_path, broker,
     finally:
         sub.close()
         gw.kill()
+
+
+def test_the_fleet_drives_the_clock_file(tmp_path):
+    from binlink.sim.fleet import Fleet
+
+    path = str(tmp_path / "clock")
+    fleet = Fleet(2, seed=1, t0=T0, clock_file=path)
+    clock = simclock.SimClock(path)
+    assert clock() == T0
+    fleet.run(6 * 3600)
+    assert T0 + 5 * 3600 < clock() <= T0 + 6 * 3600  # the last wake; stopped: it stands still
+    fleet.close()
