@@ -46,3 +46,49 @@ def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
     fields = {k: int(v) for k, v in (kv.split("=") for kv in out.strip().splitlines()[-1].split())}
     assert fields["sent"] > 0 and fields["lost_after_gateway"] == 0
     assert fields["sent"] == fields["published"] + fields["hellos"] + fields["lost_on_air"] + fields["rejected"]
+
+
+def retained(port, topics=("#",)):
+    """Every retained message under topics right now: a fresh subscription gets them first, then a
+    marker published after subscribing arrives after all of them (one connection, in order)."""
+    import paho.mqtt.client as mqtt
+
+    got, done = [], threading.Event()
+    marker = "binlink-test/marker/%d" % os.getpid()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-retained-%d" % os.getpid())
+
+    def on_message(client, userdata, msg):
+        if msg.topic == marker:
+            done.set()
+        elif msg.retain:
+            got.append((msg.topic, msg.payload))
+
+    c.on_message = on_message
+    c.on_subscribe = lambda client, *a: client.publish(marker, b"x", qos=1)
+    c.on_connect = lambda client, *a: client.subscribe([(t, 1) for t in topics] + [(marker, 1)])
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        assert done.wait(30), "the marker never came back"
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got
+
+
+def test_the_demo_on_a_real_broker_removes_what_it_retained(broker):
+    """`binlink demo --broker HOST:PORT` on the user's broker: bin states, gateway status and Home
+    Assistant discovery of the simulated bins are gone when it ends, and it says so; a retained
+    message of someone else's is left alone."""
+    import paho.mqtt.publish as publish
+
+    publish.single("homeassistant/sensor/kitchen/config", b'{"name": "kitchen"}', retain=True, hostname="127.0.0.1",
+                   port=broker.port)
+    r = subprocess.run([BINLINK, "demo", "--bins", "3", "--seconds", "3", "--broker", "127.0.0.1:%d" % broker.port],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    m = re.search(r"removed (\d+) of (\d+) retained messages the demo left", r.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 3, r.stdout[-2000:]
+    left = retained(broker.port)
+    assert left == [("homeassistant/sensor/kitchen/config", b'{"name": "kitchen"}')], left
