@@ -94,6 +94,7 @@ class Outbox:
         self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
         self._saved_at = time.monotonic()
         self._acks, self._deferred = [], set()  # broker acknowledgements not written yet: see defer_acks
+        self._data_version = None  # SQLite's data_version when last looked at (written_elsewhere)
 
     def close(self):
         if self._acks:
@@ -230,6 +231,19 @@ class Outbox:
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
         return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
+
+    def gauge_depth(self):
+        """depth() less the acknowledgements deferred (the gauge counted them off as they came):
+        the gauge's value counted again, after another process wrote (written_elsewhere)."""
+        count = "SELECT count(*) FROM outbox WHERE id BETWEEN ? AND ? AND acked_at IS NULL"
+        return self.depth() - sum(self.db.execute(count, run).fetchone()[0] for run in runs(self._acks))
+
+    def written_elsewhere(self):
+        """True when another connection committed to the file since the last call (SQLite's
+        data_version): `binlink registry retire` queues its clearing messages here."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        seen, self._data_version = self._data_version, version
+        return seen is not None and version != seen
 
     def prune(self, now=None):
         """Forgets old acknowledged messages; the newest row stays so that its id is never handed

@@ -112,6 +112,7 @@ class Gateway:
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
         self.publisher.firmware = dict(pipeline.firmware)  # sw_version in discovery; a new version republishes
         pipeline.on_new_firmware = self.publisher.set_firmware
+        box.written_elsewhere()  # from here on, rows another process commits are counted again
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
@@ -123,7 +124,7 @@ class Gateway:
             self.wifi.start()
         self.notifier.notify("READY=1")
         code = 0
-        last_stats = last_prune = last_poll = time.monotonic()
+        last_stats = last_prune = last_poll = recount_at = time.monotonic()
         shared_shown = None
         while not self.stop_event.is_set():
             if self.shared is not None and time.monotonic() - last_poll >= cfg.redis.registry_poll_s:
@@ -139,6 +140,9 @@ class Gateway:
                 self.metrics.outbox_depth.inc(box.commit(status_batch(cfg, shared_shown)))
                 self.publisher.notify()
             now = time.monotonic()
+            if now >= recount_at:
+                recount_at = now + 1.0
+                self._recount(box)
             self._write_acks(box, pipeline.storage, now)
             dead = self._dead_workers()
             if dead and not self.stop_event.is_set():  # stopping, the readers end by themselves
@@ -193,6 +197,17 @@ class Gateway:
         if self.queue.empty():
             self._memory.give_back()
 
+    def _recount(self, box):
+        """binlink_outbox_depth follows this process's commits and acknowledgements; rows another
+        process committed (`registry retire`'s clearing messages) were never counted, and their
+        acknowledgements took the gauge below zero: counted again from the table when SQLite says
+        another connection wrote."""
+        try:
+            if box.written_elsewhere():
+                self.metrics.outbox_depth.set(box.gauge_depth())
+        except sqlite3.Error as e:
+            logs.event(log, logging.ERROR, "cannot count the outbox", error=str(e))
+
     def _write_acks(self, box, guard, now, force=False):
         """The broker's acknowledgements, reported by the publisher process, into the outbox: this
         thread is the outbox's only writer. They ride with the next group commit; on their own only
@@ -200,6 +215,7 @@ class Gateway:
         published again, under the same ids."""
         fresh = self.publisher.take_acks()
         if fresh:
+            self._recount(box)  # rows another process wrote are counted before their acknowledgements are
             if not box.acks_waiting:
                 self._acks_due = now + ACK_IDLE_S
             try:
