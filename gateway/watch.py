@@ -10,10 +10,10 @@ import queue
 import time
 
 HINTS = {
-    "unknown_device": "the gateway does not know this bin yet: copy the registry to it and run "
-                      "`systemctl reload binlink-gateway` (or wait for the shared registry to sync)",
+    "unknown_device": "the gateway does not know this bin yet: `sudo binlink registry import` this registry there "
+                      "and `systemctl reload binlink-gateway` (or wait for the shared registry to sync)",
     "bad_tag": "the frame's key does not match the gateway's registry: the gateway has an older key for this "
-               "bin; copy the registry written by this flash to the gateway and reload it",
+               "bin; `sudo binlink registry import --update` the registry written by this flash there and reload it",
     "replay": "the counter is behind what the gateway accepted before: an old frame, or the board's state was "
               "restored from an old backup",
     "fcnt_gap": "the counter jumped far ahead of what the gateway last accepted; the bin resynchronises with its "
