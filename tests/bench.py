@@ -155,8 +155,21 @@ def bench_planner():
             f.update(t, fill)
             f.full_at()
         best = min(best, (time.perf_counter() - t0) / len(series))
-    c = policy.compare(bins=300, days=30, seed=1, keep_series=0, processes=3 if (os.cpu_count() or 1) > 1 else 1)
+    from binlink.gateway import routes
+
+    t0 = time.perf_counter()
+    # routes for each counted listed round: 3 trucks of 40 full bins (routes.Trucks), against list order
+    c = policy.compare(bins=300, days=30, seed=1, keep_series=0, processes=3 if (os.cpu_count() or 1) > 1 else 1,
+                       trucks=routes.Trucks(3, 40.0))
+    wall = time.perf_counter() - t0
     return {
+        "route_km_saved_pct": c["route_km_saved_pct"],
+        "route_km_forecast_month": c["forecast"]["route_km"],
+        "route_km_list_order_month": c["forecast"]["route_km_list_order"],
+        "hot_spots_forecast": len(c["forecast"]["site"]["hot_spots"]),
+        "planner_month_wall_s": round(wall, 1),
+        # the three runs' simulated bin-days (a week's learning + 30 days each) per wall second
+        "policy_sim_bin_days_per_s": round(3 * 300 * 37 / wall, 1),
         "forecast_us_per_reading": round(best * 1e6, 1),
         "forecast_full_at_mae_h": c["forecast_full_at_mae_h"],
         "forecast_full_at_scored": c["forecast_scored"],
