@@ -113,6 +113,11 @@ def inline_secret_problems(cfg, path):
 
 def checks(cfg, path, offline, who):
     """(errors, warnings, device count) as the current user."""
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        return (["%s: cannot be read by %s: %s (the service reads it: chown root:binlink, chmod 640)"
+                 % (path, who, e.strerror or e)], [], 0)
     own = state_dir_problems(cfg.state_dir, who)  # tried for real; check_files asks os.access
     errors = [p for p in config.check_files(cfg) if not (own and p.startswith("gateway.state_dir:"))] + own
     warnings = []

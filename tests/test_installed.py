@@ -126,6 +126,12 @@ def test_check_config_runs_as_the_service_user(stage, service_user):
     r = installed(stage, "gateway", "check-config", "--offline", "--user", SERVICE_USER, cfg)
     assert r.returncode == 0 and "checked as user %s" % SERVICE_USER in r.stdout, r.stdout + r.stderr
     assert "warning: source[0].port" in r.stderr  # the sample's radio is not plugged in here: said, not fatal
+    cfg.chmod(0o600)  # root's alone: the service could not read its config
+    try:
+        r = installed(stage, "gateway", "check-config", "--offline", "--user", SERVICE_USER, cfg)
+        assert r.returncode == 2 and "%s: cannot be read by user %s" % (cfg, SERVICE_USER) in r.stderr, r.stderr
+    finally:
+        cfg.chmod(0o640)
     state = stage / "var/lib/binlink"
     os.chown(state, 0, 0)  # a state dir the service user cannot write: root could, check-config says so
     try:
