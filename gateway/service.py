@@ -40,11 +40,12 @@ COUNTER_WARN = 2**31  # past half of it, a WARNING once per device: time to re-k
 
 
 class Gateway:
-    def __init__(self, cfg):
+    def __init__(self, cfg, devices=None):
+        """devices: the registry as startup_problems() loaded it, or None to load it here."""
         self.cfg = cfg
         self.metrics = Metrics()
         self.shared = SharedState(cfg.redis, self.metrics, cfg.gateway_id) if cfg.redis.enabled else None
-        self.devices = self._registry(registry.load_for_service(cfg.registry, self.metrics))
+        self.devices = self._registry(registry.load_for_service(cfg.registry, self.metrics, loaded=devices))
         self.outbox_path = os.path.join(cfg.state_dir, "gateway.sqlite")
         self.queue = queue.Queue()
         self.stop_event = threading.Event()
@@ -270,11 +271,12 @@ def run(config_path):
     """Raises ConfigError (one line per problem, naming the key and the file) for anything that
     stops the gateway from starting."""
     cfg = config_mod.load(config_path)
-    problems, _ = startup_problems(cfg)
+    problems, devices = startup_problems(cfg)
     if problems:
         raise config_mod.ConfigError(problems)
     logs.setup(cfg.log_level)
-    gw = Gateway(cfg)
+    gw = Gateway(cfg, devices)  # the registry read once: 10,000 bins take a second to parse on a Pi
+    del devices
     signal.signal(signal.SIGTERM, gw.request_stop)
     signal.signal(signal.SIGINT, gw.request_stop)
     signal.signal(signal.SIGHUP, gw.request_reload)
