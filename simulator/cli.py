@@ -19,6 +19,9 @@ def add_parser(sub):
                         "--days (after a week of learning) and write a self-contained HTML report")
     p.add_argument("--days", type=float, default=30.0, help="with --report: simulated days compared (default: %(default)s)")
     p.add_argument("--chart-bins", type=int, default=6, help="with --report: bins drawn (default: %(default)s)")
+    p.add_argument("--trucks", type=int, default=0,
+                   help="with --report: route each listed round for this many trucks (VROOM) and compare with list order")
+    p.add_argument("--truck-capacity", type=float, default=40.0, help="with --report --trucks: full bins' worth a truck carries")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--vm", default="cpython", choices=["cpython", "micropython"], help="interpreter for the firmware")
     p.add_argument("--clock-file", help="write the simulated clock here: a gateway started with BINLINK_SIM_CLOCK=<file> "
@@ -73,10 +76,21 @@ def cmd_report(args):
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
     print("sim: %d bins, %g days per policy, seed %d: fixed rounds, collection list, forecast scoring" % (
         args.bins, args.days, args.seed), flush=True)
+    trucks = None
+    if args.trucks:
+        from binlink.gateway import routes
+
+        try:
+            trucks = routes.Trucks(args.trucks, args.truck_capacity).check()
+        except ValueError as e:
+            print("binlink sim: %s" % e, file=sys.stderr)
+            return 2
     comparison = policy.compare(args.bins, args.days, args.seed, keep_series=min(args.bins, args.chart_bins),
-                                processes=3 if (os.cpu_count() or 1) > 1 else 1)  # the three runs at once
+                                processes=3 if (os.cpu_count() or 1) > 1 else 1, trucks=trucks)  # the three runs at once
     report.write(args.report, comparison)
     figures = {k: v for k, v in comparison.items() if k not in ("fixed", "forecast")}
+    site = comparison["forecast"].get("site") or {}
+    figures.update(hot_spots=len(site.get("hot_spots", ())), quiet_sensors=len(site.get("quiet", ())))
     figures.update({"collections_per_bin_month_%s" % p: comparison[p]["collections_per_bin_month"] for p in ("fixed", "forecast")})
     print(json.dumps(figures, sort_keys=True), flush=True)
     print("report: %s" % args.report, flush=True)

@@ -114,12 +114,14 @@ def test_report_charts_rasterise(comparison, tmp_path):
 
 def test_sim_report_command(tmp_path):
     out = tmp_path / "r.html"
-    r = subprocess.run([BINLINK, "sim", "--report", str(out), "--bins", "6", "--days", "4", "--chart-bins", "2"],
+    r = subprocess.run([BINLINK, "sim", "--report", str(out), "--bins", "6", "--days", "4", "--chart-bins", "2", "--trucks", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     figures = json.loads(r.stdout.strip().splitlines()[-2])
     assert {"collections_saved_pct", "overflow_bin_hours_fixed", "overflow_bin_hours_forecast",
-            "forecast_full_at_mae_h"} <= set(figures)
+            "forecast_full_at_mae_h", "route_km_saved_pct", "hot_spots", "quiet_sensors"} <= set(figures)
+    assert figures["route_km_saved_pct"] >= 0  # the solver's routes are never longer than list order
+    assert "shorter.</p>" in out.read_text()
     assert out.read_text().count('class="bin"') == 2 and out.read_text().count('class="bin-fixed"') == 2  # both policies charted
     bad = subprocess.run([BINLINK, "sim", "--bins", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--link and --registry are required" in bad.stderr
