@@ -181,6 +181,23 @@ def bench_planner():
     }
 
 
+def bench_city(bins=1000, days=30):
+    """`binlink sim --report --bins 1000 --days 30` as a city would run it, timed end to end (goal:
+    five minutes on two cores). Long: its own section, not part of `planner`."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "binlink"), "sim", "--report", os.path.join(d, "r.html"),
+                            "--bins", str(bins), "--days", str(days)], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError("binlink sim --report failed: %s" % r.stderr[-2000:])
+    return {"sim_report_%d_bins_%d_days_s" % (bins, days): round(wall, 1),
+            "sim_report_bin_days_per_s": round(3 * bins * (days + 7) / wall, 1)}
+
+
 def bench_multi_gateway():
     from tests import bench_multi_gateway
 
@@ -205,6 +222,7 @@ def bench_trust():
 SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt, "gateway": bench_gateway, "fleet": bench_fleet,
             "multi_gateway": bench_multi_gateway, "state": bench_state, "trust": bench_trust,
             "planner": bench_planner, "start": lambda: __import__("tests.bench_start").bench_start.run()}
+SECTIONS["city"] = bench_city  # issue 21: the simulated report at city scale (long: not in `planner`)
 
 
 def main(names):
