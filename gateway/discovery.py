@@ -124,8 +124,8 @@ class Discovery:
         (topic, "") clears of that radio id's old configs; [] for anything else."""
         node = topic.split("/")[-3] if topic.count("/") >= 3 else ""
         m = _LEGACY_NODE.match(node)
-        if not payload or m is None or node in self.nodes:
-            return []
+        if not payload or m is None or node in self.nodes or node.startswith(ha.uid_prefix(self.site, "")):
+            return []  # (a site named like a radio id with a bin "fill": its own config, never cleared)
         return ["%s/%s/binlink_%s_%s/%s/config" % (self.prefix, c, m.group(1), e, e) for c, e in _LEGACY]
 
     def mark(self, records, legacy_checked=False):

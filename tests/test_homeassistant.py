@@ -275,6 +275,8 @@ def test_old_scheme_configs_are_cleared_only_where_the_broker_still_retains_them
     clears = sorted(t for t, p in sent if p == "")
     assert clears == sorted("homeassistant/%s/binlink_0000a1_%s/%s/config" % (c, e, e) for c, e in discovery._LEGACY)
     assert json.loads(path.read_text())["legacy_checked"] is True
+    own = discovery.Discovery(str(tmp_path / "other.json"), "homeassistant", "binlink/c0ffee", "c0ffee", "entity")
+    assert own.legacy_clears("homeassistant/sensor/binlink_c0ffee_fill/fill/config", b"{}") == []  # its own bin "fill"
     a = discovery.Announcer(discovery.Discovery(str(path), "homeassistant", "binlink/city", "city"))
     assert a.listen("homeassistant") == []  # checked once, never subscribed to again
 
