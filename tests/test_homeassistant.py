@@ -132,7 +132,9 @@ def test_gateway_templates_render_its_real_stats_and_the_planner_list():
     plan = json.dumps({"next_round": "2026-12-07T07:00:00.000Z", "horizon": "x", "bins_known": 3,
                        "bins": [{"bin_id": "park-3", "reason": "full"}, {"bin_id": "bin-b", "reason": "forecast"}]})
     cl = cmps["collection_list"]
-    assert cl["state_topic"] == "binlink/city/plan"  # gateway/planner.py's plan_topic
+    from binlink.gateway.planner import plan_topic
+
+    assert cl["state_topic"] == cl["json_attributes_topic"] == plan_topic("binlink/city")  # where the planner publishes
     assert render(cl["value_template"], plan) == "2"
     assert json.loads(render(cl["json_attributes_template"], plan)) == {"next_round": "2026-12-07T07:00:00.000Z",
                                                                         "bins": ["park-3", "bin-b"]}
