@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from binlink.gateway.config import ConfigError
-from binlink.gateway.registry_file import write  # noqa: F401 (registry.write: the one writer)
+from binlink.gateway.registry_file import exclusive, write  # noqa: F401 (registry.write: the one writer)
 
 _BIN_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would let a trailing newline through
 
@@ -338,10 +338,11 @@ def save(path, reg):
     write(path, to_data(reg))
 
 
+@exclusive
 def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=None, report_s=None, key_epoch=None):
     """Registers device_id as bin_id, or gives it a new key and calibration. A new key for a bin
     already registered raises its key_epoch. A retired id, or a bin id held by another device, is
-    refused: ids never move between bins."""
+    refused: ids never move between bins. The file is locked meanwhile (registry_file.locked)."""
     reg = load_or_empty(path)
     if device_id in reg.retired:
         raise ConfigError(["device %06x was retired (bin %s): ids are never reused" % (device_id, reg.retired[device_id][0])])
@@ -382,6 +383,7 @@ def rekey(path, bin_id, key=None):
     return add(path, d.device_id, bin_id, key or secrets.token_bytes(16), d.depth_mm, d.full_mm)
 
 
+@exclusive
 def retire(path, bin_id, now=None):
     """Removes the bin, keeping its id on the retired list for good. Returns its last Device."""
     reg = load_or_empty(path)

@@ -245,16 +245,18 @@ def cmd_list(args):
 def cmd_import(args):
     _, path, shared = _context(args)
     theirs = registry.load(args.file, strict=False)
-    ours = registry.load_or_empty(path)
-    merged, rep = registry_merge.merge(ours, theirs, update=args.update)
+    with registry_file.locked(path):
+        merged, rep = registry_merge.merge(registry.load_or_empty(path), theirs, update=args.update)
+        changed = not args.dry_run and (rep.added or rep.updated or rep.retired)
+        if changed:
+            registry.save(path, merged)
     for line in rep.lines(args.file):
         print(line)
     for c in rep.conflicts:
         print("conflict: %s" % c, file=sys.stderr)
     if args.dry_run:
         print("dry run: %s not changed" % path)
-    elif rep.added or rep.updated or rep.retired:
-        registry.save(path, merged)
+    elif changed:
         _publish(shared, path)
         print("written: %s; `systemctl reload binlink-gateway` so this gateway uses it" % path)
     return 1 if rep.conflicts else 0

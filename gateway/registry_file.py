@@ -2,6 +2,7 @@
 group and mode (docs/gateway.md, Device registry), and key files for `--key-out`."""
 import contextlib
 import errno
+import functools
 import os
 import stat
 import tempfile
@@ -67,3 +68,44 @@ def sudo_owner():
         return int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"])
     except (KeyError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock (flock) on the registry file while it is read, changed and replaced: two
+    `make flash` at one workstation, or two administrators, never lose each other's bin. The file
+    is replaced by a rename, so a lock taken on the old file is taken again on the new one. With no
+    file yet, its folder is locked (when the folder is missing too, there is nobody to exclude)."""
+    import fcntl
+
+    path = os.path.abspath(path)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            try:
+                fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            except FileNotFoundError:
+                yield
+                return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino or (current is None and stat.S_ISDIR(os.fstat(fd).st_mode)):
+            break
+        os.close(fd)  # replaced (or created) while we waited: lock what is there now
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def exclusive(fn):
+    """fn(path, ...) run holding locked(path)."""
+    @functools.wraps(fn)
+    def run(path, *args, **kw):
+        with locked(path):
+            return fn(path, *args, **kw)
+    return run

@@ -333,3 +333,27 @@ def test_ctrl_c_or_a_missing_permission_in_a_registry_command_is_one_line(tmp_pa
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "permission denied" in r.stderr
     finally:
         folder.chmod(0o700)
+
+
+def _provision_many(path, prefix, n, barrier):
+    barrier.wait()
+    for i in range(n):
+        registry.provision(path, "%s-%d" % (prefix, i), 1200, 200)
+
+
+def test_bins_registered_at_the_same_time_are_all_kept(tmp_path):
+    """Two technicians' `make flash` (or two administrators) writing one registry at once: the file
+    is locked while it is read, changed and replaced, so no bin's key is lost."""
+    import multiprocessing
+
+    path = str(tmp_path / "devices.toml")
+    registry.provision(path, "first", 1200, 200)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_provision_many, args=(path, "w%d" % w, 6, barrier)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(registry.load(path)) == 1 + 4 * 6
