@@ -91,12 +91,17 @@ def workstation_path():
 
 def default_path():
     """The one rule every tool follows (`make flash`, `binlink registry`, `binlink watch`):
-    $BINLINK_REGISTRY when set; else on a gateway (/etc/binlink/gateway.toml exists) the gateway's
-    /etc/binlink/devices.toml; else the workstation's ~/.local/share/binlink/devices.toml. A bin
-    flashed on a workstation reaches a gateway with `binlink registry import` (docs/gateway.md)."""
-    if os.environ.get("BINLINK_REGISTRY"):
-        return os.environ["BINLINK_REGISTRY"]
-    return DEFAULT_PATH if os.path.exists(GATEWAY_CONFIG) else workstation_path()
+    $BINLINK_REGISTRY when set; else on a gateway (/etc/binlink/gateway.toml exists) its config's
+    registry (/etc/binlink/devices.toml); else the workstation's ~/.local/share/binlink/devices.toml.
+    A bin flashed on a workstation reaches a gateway by `binlink registry import` (docs/gateway.md)."""
+    if os.environ.get("BINLINK_REGISTRY") or not os.path.exists(GATEWAY_CONFIG):
+        return os.environ.get("BINLINK_REGISTRY") or workstation_path()
+    from binlink.gateway import config
+
+    try:
+        return config.load(GATEWAY_CONFIG).registry
+    except ConfigError:  # check-config names what is wrong with it
+        return DEFAULT_PATH
 
 
 class Registry(dict):
@@ -130,10 +135,6 @@ def parse_device(d, p):
                   d.get("name", ""), d.get("lat"), d.get("lon"), d.get("key_epoch", 0), d.get("report_s", 3600)), []
 
 
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def entry_problems(d, p):
     """Every problem of one registry entry (a dict as in the file), each naming p and the key."""
     found = []
@@ -161,7 +162,7 @@ def entry_problems(d, p):
         found.append("%s.name: at most %d characters, no control characters (got %d characters)" % (p, NAME_MAX, len(name)))
     for opt, bound in (("lat", 90), ("lon", 180)):
         v = d.get(opt)
-        if _number(v) and not -bound <= v <= bound:  # nan fails too
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not -bound <= v <= bound:  # nan fails too
             found.append("%s.%s: %r is out of range (-%d..%d)" % (p, opt, v, bound, bound))
     if ("lat" in d) != ("lon" in d):
         found.append("%s: give both lat and lon, or neither" % p)

@@ -63,7 +63,8 @@ def _context(args):
     """(gateway config or None, registry path, SharedState or None)."""
     cfg_path = args.config or ("/etc/binlink/gateway.toml" if os.path.exists("/etc/binlink/gateway.toml") else None)
     cfg = config_mod.load(cfg_path) if cfg_path else None
-    path = args.registry or (cfg.registry if cfg else registry.default_path())
+    # the one location rule (registry.default_path), the gateway's config naming the gateway's file
+    path = args.registry or os.environ.get("BINLINK_REGISTRY") or (cfg.registry if cfg else registry.default_path())
     shared = None
     if cfg is not None and cfg.redis.enabled:
         from binlink.gateway.metrics import Metrics

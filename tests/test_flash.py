@@ -154,8 +154,11 @@ def test_the_registry_location_is_one_rule(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setattr(registry, "GATEWAY_CONFIG", str(tmp_path / "no-gateway.toml"))
     assert registry.default_path() == flash.default_registry() == str(tmp_path / "data" / "binlink" / "devices.toml")
-    (tmp_path / "no-gateway.toml").write_text("")
+    (tmp_path / "no-gateway.toml").write_text("[gateway\n")  # a gateway whose config is broken: the usual place
     assert registry.default_path() == flash.default_registry() == registry.DEFAULT_PATH
+    (tmp_path / "no-gateway.toml").write_text('[gateway]\nid = "g"\nsite = "s"\nregistry = "/srv/d.toml"\n'
+                                               'state_dir = "/var/lib/binlink"\n[[source]]\nport = "/dev/x"\n')
+    assert registry.default_path() == flash.default_registry() == "/srv/d.toml"  # the gateway's config names it
     monkeypatch.setenv("BINLINK_REGISTRY", str(tmp_path / "r.toml"))
     assert registry.default_path() == flash.default_registry() == str(tmp_path / "r.toml")
     from binlink.gateway import cli
