@@ -143,7 +143,10 @@ def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0, full_pct=
         if solved is not None and solved.get("bin_ids") == ids:
             body["routes"] = solved
         else:
-            body["routes"] = route_plan(bins, next_round, trucks, matrix)
+            try:
+                body["routes"] = route_plan(bins, next_round, trucks, matrix)
+            except ValueError as e:  # a distance matrix without a listed bin: the list still goes out, saying why
+                body["routes_error"] = str(e)
     return body
 
 
@@ -259,8 +262,8 @@ class Planner:
 
     def publish_once(self):
         body = self.message()
-        key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes"), body.get("hot_spots")],
-                         sort_keys=True)
+        key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes"), body.get("hot_spots"),
+                          body.get("routes_error")], sort_keys=True)
         if key == self._last or not self.connected.is_set():
             return False
         body["generated_at"] = iso(self.clock())
@@ -268,6 +271,8 @@ class Planner:
         if info.rc != 0:
             return False  # not connected after all: published again on the next session
         self._last = key
+        if body.get("routes_error"):
+            log.error("no routes for this list: %s", body["routes_error"])
         counts = {}
         for b in body["bins"]:
             counts[b["reason"]] = counts.get(b["reason"], 0) + 1
@@ -306,11 +311,7 @@ class Planner:
             while not self.stopping.is_set():
                 self.changed.wait(self.interval_s)
                 self.changed.clear()
-                try:
-                    self.publish_once()
-                except ValueError as e:  # a distance matrix without a listed bin: said, the list still goes out
-                    log.error("cannot route this round: %s", e)
-                    self.settings["trucks"] = None
+                self.publish_once()
                 if self.history is not None:
                     self.history.flush(self.clock())
                 self.stopping.wait(min(self.interval_s, 1.0))

@@ -207,6 +207,8 @@ def format_plan(body, now=None):
     if hot:
         lines.append("overflow hot spots (28 days): " + ", ".join("%s %s (%d overflows, %.0f h)" % (
             h["bin_id"], h.get("name") or "", h["overflows"], h["overflow_h"]) for h in hot))
+    if body.get("routes_error"):
+        lines.append("no routes: %s" % body["routes_error"])
     r = body.get("routes")
     if r:
         lines.append("routes: %d of %d trucks, %.1f km (list order: %.1f km), depot %s" % (

@@ -74,6 +74,13 @@ def test_a_distance_matrix_file_replaces_straight_lines(tmp_path):
     assert abs(order.index("a") - order.index("c")) == 1
     with pytest.raises(ValueError, match="no entry"):
         routes.solve(bins + [{"bin_id": "d", "fill_pct": 90.0, "lat": 52.5, "lon": 13.5}], routes.Trucks(1, 40), matrix)
+    # in the planner: the list still goes out, saying why it has no routes
+    now = planner.parse_iso("2026-11-27T05:00:00Z")
+    states = {b["bin_id"]: dict(b, full_at=None, measured_at=planner.iso(now)) for b in bins + [
+        {"bin_id": "d", "fill_pct": 95.0, "lat": 52.5, "lon": 13.5}]}
+    body = planner.plan_message(states, now, planner.Routes(), 0, trucks=routes.Trucks(1, 40), matrix=matrix)
+    assert len(body["bins"]) == 4 and "routes" not in body and body["routes_error"].endswith("no entry for depot -> d")
+    assert "no routes: distance matrix" in planner_cli.format_plan(body)
 
 
 def test_the_plan_carries_the_routes_and_exports_them(tmp_path):
