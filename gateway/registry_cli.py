@@ -181,7 +181,7 @@ def clear_retained(cfg, device, now=None):
     now = time.time() if now is None else now
     base = cfg.base_topic
     topics = [integrate.state_topic(base, device.bin_id)]
-    topics += [t for t, _ in homeassistant.messages(cfg.mqtt.discovery_prefix, base, cfg.site, device)]
+    topics += homeassistant.discovery_topics(cfg.mqtt.discovery_prefix, base, cfg.site, device)  # either mode
     batch = Batch()
     for topic in topics:
         batch.states[topic] = Message("retire:%s:%s" % (device.message_prefix, topic), topic, "", True, now)
