@@ -17,7 +17,6 @@ import pytest
 
 from binlink.gateway import registry
 from tests.conftest import ROOT
-from tests.harness import KEY, GatewayProcess, wait_for
 
 pytestmark = [pytest.mark.xdist_group("build"),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates the service user, gives files its "
@@ -160,28 +159,3 @@ def test_a_serial_port_the_service_user_cannot_open_is_an_error(stage, service_u
         cfg.unlink()
     assert r.returncode == 2 and "source[0].port" in r.stderr and "permission denied" in r.stderr, r.stderr
     assert "as user %s" % SERVICE_USER in r.stderr
-
-
-def test_one_bad_registry_entry_costs_its_bin_not_the_site(tmp_path, broker, pty):
-    """At start a registry with a bad entry: that entry is skipped with an ERROR naming its bin and
-    line and counted (binlink_registry_entries_rejected); the other bins' frames are accepted."""
-    from binlink.wire import codec, framing
-
-    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=[(0xA1, "good-bin", KEY, 1200, 200)])
-    with open(g.registry, "a") as f:
-        f.write('\n[[device]]\ndevice_id = "0000b2"\nbin_id = "bad-bin"\nkey = "%s"\ndepth_mm = 1200\nfull_mm = 200\n'
-                'lat = 95.0\nlon = 5.0\n' % KEY.hex())
-    lines = open(g.registry).read().splitlines()
-    line = len(lines) - lines[::-1].index("[[device]]")  # the bad entry's header, 1-based
-    r = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "binlink"), "gateway", "check-config", "--offline",
-                        g.config], capture_output=True, text=True)
-    assert r.returncode == 2 and "line %d, bin bad-bin: device[1].lat: 95.0 is out of range" % line in r.stderr, r.stderr
-    g.start()
-    try:
-        assert g.metric("binlink_registry_entries_rejected") == 1
-        pty.write(framing.frame(codec.encode_reading(KEY, 0xA1, 1, 700, 20, 3700, 0, 5, 5)))
-        wait_for(lambda: g.metric("binlink_frames_accepted_total") == 1, what="the good bin's frame accepted")
-        log = g.output()
-        assert "REGISTRY ENTRY SKIPPED" in log and "line %d, bin bad-bin" % line in log and KEY.hex() not in log
-    finally:
-        g.terminate()
