@@ -71,12 +71,19 @@ class Discovery:
     def _digest(self, *what):
         return hashlib.sha1(repr((SCHEMA, self.mode, self.prefix, self.base, self.site, self.via) + what).encode()).hexdigest()[:20]
 
-    def changes(self, bins, firmware=None, force=False):
+    def changes(self, bins, firmware=None, force=False, only=None):
         """Jobs, in order: (node, digest, make) for each device to (re)announce, make() giving its
-        (topic, payload) list; (node, None, None) for a device to clear. Nothing is rendered here."""
+        (topic, payload) list; (node, None, None) for a device to clear. Nothing is rendered here.
+        only: device hex ids to look at (a hello's new firmware), not the whole fleet."""
         firmware = firmware or {}
         jobs = []
         wanted = set()
+        if only is not None:
+            for device in bins.values():
+                sw = firmware.get(device.dev)
+                if device.dev in only and self._stale(ha.uid_prefix(self.site, device.bin_id), self._bin_digest(device, sw)):
+                    jobs.append(self._bin_job(device, sw))
+            return jobs
         if self.gateway is not None:
             node = ha.gateway_node(self.gateway.site, self.gateway.gateway_id)
             wanted.add(node)
@@ -87,12 +94,17 @@ class Discovery:
             node = ha.uid_prefix(self.site, device.bin_id)
             wanted.add(node)
             sw = firmware.get(device.dev)
-            digest = self._digest((device.device_id, device.bin_id, device.name, device.lat, device.lon, device.report_s), sw)
-            if force or self._stale(node, digest):
-                jobs.append((node, digest, lambda d=device, sw=sw: ha.bin_messages(self.prefix, self.base, self.site, d,
-                                                                                   self.mode, sw, self.via)))
+            if force or self._stale(node, self._bin_digest(device, sw)):
+                jobs.append(self._bin_job(device, sw))
         jobs += [(node, None, None) for node in self.nodes if node not in wanted]
         return jobs
+
+    def _bin_digest(self, device, sw):
+        return self._digest((device.device_id, device.bin_id, device.name, device.lat, device.lon, device.report_s), sw)
+
+    def _bin_job(self, device, sw):
+        return (ha.uid_prefix(self.site, device.bin_id), self._bin_digest(device, sw),
+                lambda: ha.bin_messages(self.prefix, self.base, self.site, device, self.mode, sw, self.via))
 
     def _stale(self, node, digest):
         rec = self.nodes.get(node)
@@ -164,8 +176,8 @@ class Announcer:
     def __bool__(self):
         return bool(self.jobs or self.ready)
 
-    def queue_changes(self, bins, firmware, force=False):
-        jobs = self.discovery.changes(bins, firmware, force=force)
+    def queue_changes(self, bins, firmware, force=False, only=None):
+        jobs = self.discovery.changes(bins, firmware, force=force, only=only)
         for job in jobs:
             self.jobs.pop(job[0], None)
             self.jobs[job[0]] = job

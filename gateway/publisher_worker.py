@@ -154,8 +154,8 @@ class Worker:
             return
         self.inflight[self.session.publish(topic, payload, retain=True)] = (None, item, topic)
 
-    def _queue_discovery(self, force=False):
-        jobs = self.announcer.queue_changes(self.bins, self.firmware, force=force)
+    def _queue_discovery(self, force=False, only=None):
+        jobs = self.announcer.queue_changes(self.bins, self.firmware, force=force, only=only)
         logs.event(log, logging.INFO, "discovery queued" if jobs else "discovery unchanged", mode=self.cfg.mqtt.discovery_mode,
                    devices=sum(1 for j in jobs if j[2]), cleared=sum(1 for j in jobs if not j[2]))
 
@@ -235,7 +235,7 @@ class Worker:
                 elif kind == "stats" and self.session is not None:
                     self.session.publish(integrate.stats_topic(self.cfg.base_topic, self.cfg.gateway_id), args[0], qos=0)
                 if (kind == "bins" or kind == "firmware" and news) and self.session is not None and self.cfg.mqtt.discovery:
-                    self._queue_discovery()
+                    self._queue_discovery(only=None if kind == "bins" else news)  # a hello: that bin alone
         except (EOFError, OSError):
             return False
         if self.session is not None:

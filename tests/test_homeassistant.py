@@ -297,3 +297,16 @@ def test_configs_are_rendered_as_the_window_takes_them_and_requeued_when_a_sessi
     a.session_lost(batch[1:])  # nine unacknowledged: sent again first
     assert [i[0] for i in a.take(9)] == [i[0] for i in batch[1:]]
     assert a.record() == [] and not d.nodes  # written once the round is over, not before
+
+
+def test_a_hello_with_new_firmware_looks_at_its_bin_alone(tmp_path):
+    path = tmp_path / "discovery.json"
+    bins = {i: homeassistant.BinInfo(i, "bin-%d" % i, "", None, None, 3600) for i in range(1, 2001)}
+    announce(path, bins)
+    d = discovery.Discovery(str(path), "homeassistant", "binlink/city", "city", "device", GW)
+    looked = []
+    stale = d._stale
+    d._stale = lambda node, digest: looked.append(node) or stale(node, digest)
+    (job,) = d.changes(bins, {"000007": "1.3.0"}, only={"000007": "1.3.0"})
+    assert looked == ["binlink_city_bin_7"] and job[0] == "binlink_city_bin_7"  # not 2,000 digests per hello
+    assert d.changes(bins, {"000007": "1.3.0"}, only={"000008": "1.3.0"}) == []  # bin 8 runs what it announced
