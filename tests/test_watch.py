@@ -153,3 +153,11 @@ def test_ctrl_c_ends_watch_and_plan_in_one_line_with_130(tmp_path, broker, comma
     out, _ = w.communicate(timeout=30)
     assert w.returncode == 130, out
     assert "Traceback" not in out and out.strip().splitlines()[-1] == "interrupted", out
+
+
+def test_plan_without_a_broker_is_one_line():
+    from binlink.sim.broker import free_port
+
+    r = subprocess.run([BINLINK, "plan", "--port", str(free_port()), "--site", "x", "--timeout", "5"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot reach the broker" in r.stderr, r.stderr
