@@ -1,6 +1,7 @@
 """`binlink` command line: decode, gateway (and check-config), registry, watch, plan; sim and demo (extra binlink[sim])."""
 import argparse
 import json
+import os
 import sys
 
 import binlink
@@ -93,10 +94,14 @@ def cmd_gateway(args):
 
 def _permission_hint(args, e):
     """One line for a PermissionError: the file, the user, and what to do."""
-    import getpass
+    import pwd
 
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = "uid %d" % os.geteuid()
     what = e.filename or str(e)
-    line = "error: permission denied: %s (as user %s)" % (what, getpass.getuser())
+    line = "error: permission denied: %s (as user %s)" % (what, user)
     if getattr(args, "command", None) == "registry":
         line += ": run it as root (sudo binlink registry ...): the registry keeps its owner, group and mode"
     return line

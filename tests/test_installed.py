@@ -94,7 +94,7 @@ def test_registry_commands_on_the_installed_gateway(stage, service_user, tmp_pat
     # as the service user: the registry is root's to change; one line saying so, nothing changed
     r = installed(stage, "registry", "--config", cfg, "add", "ms-1", "--depth-mm", 1200, "--full-mm", 250, user=SERVICE_USER)
     assert r.returncode == 1 and one_line_error(r) and "permission denied" in r.stderr, r.stderr
-    assert "sudo binlink registry" in r.stderr and reg.read_bytes() == before
+    assert "sudo binlink registry" in r.stderr and "as user %s" % SERVICE_USER in r.stderr and reg.read_bytes() == before
     # as root, through sudo: owner, group and mode kept; the key file handed to the administrator
     admin = Path(tempfile.mkdtemp(prefix="binlink-admin-"))
     try:
