@@ -6,7 +6,9 @@ forecast could never learn a daily rhythm. So in a simulation the whole site liv
 time: the fleet writes its clock to a small file, and a gateway started with
 BINLINK_SIM_CLOCK=<that file> (and a planner with --sim-clock) takes its time from it. Then
 `received_at`, `measured_at`, `full_at` and the planner's rounds are all simulated time, one
-consistent timeline, and the forecast sees the days the bins lived.
+consistent timeline, and the forecast sees the days the bins lived. Every message says
+`time_synced: false` (its times are not a synchronised wall clock's), so a gateway meeting these
+states on a broker later takes no clock evidence from them.
 
 Only what is started that way changes: a gateway without the variable keeps the wall clock and
 its checks (gateway/clock.py) as they are. The gateway says at start, at WARNING, that its time is
@@ -46,7 +48,10 @@ class ClockWriter:
 class SimClock:
     """The reader: a callable returning the simulated time, never going back. Between the
     simulator's writes it runs on at the simulation's speed, for at most MAX_AHEAD_S wall
-    seconds (a stalled or finished simulation stops the clock rather than invent time)."""
+    seconds (a stalled or finished simulation stops the clock rather than invent time).
+    `simulated`: the pipeline marks what it stamps with this clock `time_synced: false`."""
+
+    simulated = True
 
     def __init__(self, path):
         self.path = path

@@ -42,6 +42,7 @@ def test_gateway_on_simulated_time_publishes_a_forecast_after_simulated_hours(tm
             pty.write(framing.frame(codec.encode_reading(KEY, 0xA1, n, 1200 - 10 * (10 + 1.5 * n), 20, 3700, 0, 5, 5)))
             state = wait_for(lambda: [s for s in sub.json("bin-a/state") if s["fcnt"] == n], what="state %d" % n)[-1]
         assert planner.parse_iso(state["measured_at"]) == T0 + 20 * 3600
+        assert state["time_synced"] is False  # simulated time is not a synchronised clock's, and says so
         assert 30 < state["fill_rate_pct_per_day"] < 42
         full_at = planner.parse_iso(state["full_at"])
         assert 20 * 3600 < full_at - (T0 + 20 * 3600) < 50 * 3600  # 90 % from 40 %: ~33 h at 1.5 an hour
