@@ -4,7 +4,8 @@ the state file; salvage.py reads a damaged file, retained.py judges the broker's
 1. The state file is checked: missing (though a marker says this gateway had state), empty,
    unreadable, or failing SQLite's quick_check; its WAL gone while its -shm is still there (SQLite
    removes both on a clean close, a crash leaves both). Each problem
-   is logged loudly and counted (binlink_state_problems_total{problem=...}); nothing here raises on
+   is logged loudly and counted; a WAL cut short or damaged (walcheck.py: committed frames SQLite
+   would drop without a word) too (binlink_state_problems_total{problem=...}); nothing here raises on
    a damaged file, so a bad disk never becomes a crash loop.
 2. A damaged file is moved aside (gateway.sqlite.damaged-<time>, with its -wal) for inspection,
    and whatever SQLite can still read from it — counters, bin states, outbox rows pending or not —
@@ -23,11 +24,12 @@ unreachable). Both are logged with what is known of them."""
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from datetime import datetime
 
-from binlink.gateway import logs
+from binlink.gateway import logs, walcheck
 from binlink.gateway.outbox import Outbox
 from binlink.gateway.retained import counters_from_states, newest_synced_time, retained_states, valid_states
 from binlink.gateway.salvage import carry_over, salvage
@@ -135,6 +137,11 @@ def find_problems(db_path, report):
     if os.path.exists(db_path + "-shm") and not os.path.exists(db_path + "-wal"):
         _problem(report, "wal_missing", "the state file's WAL is gone after an unclean stop: the newest "
                  "readings and counters in it are lost", path=db_path + "-wal")
+    wal = walcheck.check(db_path)  # before anything opens the file: SQLite rebuilds the -shm on open
+    if wal.damaged:
+        _problem(report, "wal_damaged", "the state file's WAL is cut short or damaged: the commits in its lost "
+                 "frames (readings, counter moves) are gone", path=db_path + "-wal", detail=wal.damaged,
+                 frames_kept=wal.kept_frames, frames_lost=wal.lost_frames, copy=_copy_wal_aside(db_path))
     problem = check(db_path)
     if problem is not None:
         _problem(report, "state_file_damaged", "the state file is damaged", path=db_path, detail=problem[:300])
@@ -158,9 +165,21 @@ def _move_aside(db_path):
     return aside
 
 
-def _forget_old_copies(db_path):
+def _copy_wal_aside(db_path):
+    """A copy of a damaged WAL for inspection; the file itself stays, SQLite replays what it can."""
+    copy = "%s.wal-damaged-%s" % (db_path, datetime.now().strftime("%Y%m%dT%H%M%S"))
+    try:
+        shutil.copyfile(db_path + "-wal", copy)
+    except OSError as e:
+        logs.event(log, logging.WARNING, "damaged WAL not copied aside", error=e)
+        return None
+    _forget_old_copies(db_path, ".wal-damaged-")
+    return copy
+
+
+def _forget_old_copies(db_path, kind=".damaged-"):
     folder, name = os.path.split(os.path.abspath(db_path))
-    copies = sorted(f for f in os.listdir(folder) if f.startswith(name + ".damaged-") and not f.endswith(("-wal", "-shm")))
+    copies = sorted(f for f in os.listdir(folder) if f.startswith(name + kind) and not f.endswith(("-wal", "-shm")))
     for old in copies[:-KEEP_DAMAGED]:
         for suffix in ("", "-wal", "-shm"):
             try:

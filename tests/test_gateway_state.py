@@ -11,6 +11,7 @@ import time
 import pytest
 
 from binlink.wire import framing
+from binlink.gateway import storage, walcheck
 from tests.harness import BINLINK, KEY, GatewayProcess, Subscriber, fill_volume, wait_for
 from tests.test_gateway import DEV_A, DEV_B, DEVICES, KEY2, reading
 
@@ -183,6 +184,28 @@ def _delete_wal(db_path):
     os.unlink(db_path + "-wal")
 
 
+def _wal_chain(db_path):
+    """The WAL's bytes and the frames SQLite would replay of it (a cut must land inside those)."""
+    with open(db_path + "-wal", "rb") as f:
+        wal = f.read()
+    kept = walcheck.read(wal).kept_frames
+    assert kept >= 4, "too few WAL frames to cut: %d" % kept
+    return wal, kept
+
+
+def _cut_wal_end(db_path):
+    wal, kept = _wal_chain(db_path)
+    with open(db_path + "-wal", "wb") as f:
+        f.write(wal[:32 + (kept - 2) * (24 + storage.PAGE_SIZE)])
+
+
+def _cut_wal_middle(db_path):
+    wal, kept = _wal_chain(db_path)
+    cut = 32 + kept // 2 * (24 + storage.PAGE_SIZE) + 100
+    with open(db_path + "-wal", "wb") as f:
+        f.write(wal[:cut] + wal[cut + 700:])
+
+
 def _empty(db_path):
     _checkpoint(db_path)
     open(db_path, "w").close()
@@ -194,6 +217,8 @@ DAMAGE = {  # how the file is hurt -> (problem reported, damaged copy kept aside
     _scribble_middle: ("state_file_damaged", True),
     _delete: ("state_file_missing", False),
     _delete_wal: ("wal_missing", None),  # the file may also be mid-checkpoint, so damaged as well
+    _cut_wal_end: ("wal_damaged", None),
+    _cut_wal_middle: ("wal_damaged", None),
     _empty: ("state_file_empty", True),
 }
 
