@@ -7,9 +7,12 @@ backlog batch's counter), and every SAVE_HEADS_S (outbox.py). Otherwise the colu
 reading's rows (device, key epoch, counter; a state's bin), committed in the same transaction,
 carry them: two pages fewer written per reading, and nothing a power cut can take that the rows
 keep. Rows without a counter (notices, a retired bin's clearing messages) carry nothing."""
+import logging
 from typing import NamedTuple
 
-from binlink.gateway import integrate
+from binlink.gateway import integrate, logs
+
+log = logs.get("pipeline")
 
 
 WINDOW = 256  # a backlog entry is at most 255 counters behind its frame (codec: a one-byte offset)
@@ -23,6 +26,19 @@ class Counter(NamedTuple):
     key_id: str
     key_epoch: int | None  # None: migrated from a file that did not say
     stored: int = 0
+
+
+def without_older_keys(devices, counters):
+    """The registry's devices less those whose key epoch is older than the one their counter was
+    last accepted under: an old registry backup restored would accept the old key's recorded
+    frames again (and roll the retained state back). Each one left out is said."""
+    older = {d for d, c in counters.items() if d in devices and c.key_epoch is not None
+             and devices[d].key_epoch < c.key_epoch}
+    for d in sorted(older):
+        logs.event(log, logging.ERROR, "registry entry refused: its key epoch is older than the one this gateway "
+                   "already accepted (an old registry backup?); the bin is not heard until it is re-keyed",
+                   bin=devices[d].bin_id, registry_key_epoch=devices[d].key_epoch, state_key_epoch=counters[d].key_epoch)
+    return {d: v for d, v in devices.items() if d not in older}
 
 
 def shifted(stored, by):

@@ -18,7 +18,7 @@ from binlink.wire import codec
 from binlink.gateway import calibration, events, forecast, integrate, logs
 from binlink.gateway.clock import ClockCheck, clock_synced
 from binlink.gateway.dedup import Dedup, digest
-from binlink.gateway.heads import WINDOW, BinState, Counter, shifted
+from binlink.gateway.heads import WINDOW, BinState, Counter, shifted, without_older_keys
 from binlink.gateway.outbox import Batch, Kind, Message
 from binlink.gateway.rejections import Rejections
 from binlink.gateway.resync import Resync
@@ -46,12 +46,11 @@ class Pipeline:
         self.addresses = integrate.Addresses(cfg.base_topic, cfg.gateway_id)
         self.set_devices(devices)
         # derived data beside the outbox, saved every few minutes: a crash costs the last minutes' learning
-        self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)), "forecast.sqlite"),
-                                                cfg.events.emptied_drop_pct, cfg.events.full_pct)
+        self.forecasts = forecast.ForecastStore(os.path.join(os.path.dirname(os.path.abspath(outbox.path)),
+                                                             "forecast.sqlite"), cfg.events.emptied_drop_pct, cfg.events.full_pct)
         self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
         self.on_new_firmware = None  # called when a hello brings a version not seen before
-        self.time_synced = False
-        self._log_limit = logs.RateLimit(per_minute=20)
+        self.time_synced, self._log_limit = False, logs.RateLimit(per_minute=20)
         self.rejections = Rejections(cfg, metrics, clock)
         self.storage = StorageGuard(metrics, outbox.path)
         self.clock_check = ClockCheck(metrics)
@@ -61,8 +60,9 @@ class Pipeline:
 
     def set_devices(self, devices):
         """Uses this registry from now on. A device whose key changed (re-provisioned: its counter
-        starts again at 0) gets a fresh counter; keeping the old one would call every frame a replay."""
-        self.devices = devices
+        starts again at 0) gets a fresh counter; keeping the old one would call every frame a replay.
+        An entry of an older key epoch than its counter's (an old backup restored) is left out."""
+        self.devices = devices = without_older_keys(devices, self.outbox.counters())
         self.counters = {}  # device_id -> last accepted fcnt
         self.stored = {}  # device_id -> heads.Counter.stored: readings stored in the window below it
         epochs = {d.bin_id: d.key_epoch for d in devices.values()}

@@ -334,6 +334,27 @@ def test_a_rekeyed_bin_keeps_its_new_state_through_a_power_cut(tmp_path):
     assert kinds == ["0000a1:1:1:full", "0000a1:1:2:emptied"]
 
 
+def test_an_old_registry_backup_restored_after_a_rekey_accepts_no_recorded_old_key_frame(tmp_path, caplog):
+    """A backup from before a re-key names the old key at the old epoch: the entry is refused and
+    said, so recorded frames of the old key are not accepted again and the state does not roll back."""
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    old = {0xA1: Device(0xA1, "bin-a", KEY_A, 1200, 200), 0xB2: Device(0xB2, "bin-b", KEY_B, 1000, 100)}
+    recorded = [_reading(KEY_A, 0xA1, n, dist=1000) for n in range(1, 6)]
+    p = Pipeline(CFG, old, box, Metrics())
+    p.process([("r0", rec) for rec in recorded])
+    p.set_devices({0xA1: Device(0xA1, "bin-a", KEY_A2, 1200, 200, key_epoch=1), 0xB2: old[0xB2]})
+    p.process([("r0", _reading(KEY_A2, 0xA1, 1, dist=300))])
+    reopened = _crash_and_reopen(box)
+    metrics = Metrics()
+    p2 = Pipeline(CFG, old, reopened, metrics)  # the backup restored, then a restart
+    refused = [r.fields for r in caplog.records if r.getMessage().startswith("registry entry refused")]
+    assert [(f["bin"], f["registry_key_epoch"], f["state_key_epoch"]) for f in refused] == [("bin-a", 0, 1)]
+    assert p2.process([("r0", rec) for rec in recorded]) == 0
+    assert metrics.value("binlink_frames_accepted_total") == 0
+    assert p2.bins["bin-a"][:2] == (1, 1)  # the re-keyed bin's newest reading stays its state
+    assert p2.process([("r0", _reading(KEY_B, 0xB2, 1))]) == 1  # every other bin is heard
+
+
 def test_a_backlog_entry_repeating_a_stored_reading_is_stored_once_through_a_power_cut(tmp_path):
     """A bin whose transport said a send failed keeps the reading for its backlog, though the
     gateway heard it: the entry is not stored (nor published) again, before or after a restart.
