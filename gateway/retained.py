@@ -102,7 +102,10 @@ def retained_states(cfg, timeout_s):
     probe = "%s/gateway/%s/recovery-probe/%s" % (cfg.base_topic, cfg.gateway_id, uuid.uuid4().hex)
     states_filter = "%s/bin/+/state" % cfg.base_topic
     states, done = [], threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="%s-recovery" % cfg.client_id, clean_session=True)
+    # an id of this session alone: a fixed one could be taken over (the broker drops the older
+    # session) by another start of the same config or by anyone who knows the name
+    client_id = "%s-recovery-%s" % (cfg.client_id, uuid.uuid4().hex[:8])
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     config.apply_mqtt_settings(client, cfg.mqtt)
 
     def on_connect(c, userdata, flags, reason_code, properties):

@@ -299,3 +299,24 @@ def test_a_rekeyed_bin_is_heard_after_a_restart_a_power_cut_or_a_lost_state(tmp_
 def test_an_old_key_past_40000_does_not_lock_the_new_key_out_after_a_state_loss(tmp_path, broker, pty, subscriber):
     climb = (1, 16001, 32001, 40004)  # each jump within the allowed counter gap
     assert rekey_then("state_lost", tmp_path, broker, pty, subscriber, old_key_counters=climb) == 0
+
+
+def test_two_starts_reading_retained_states_at_once_do_not_take_each_others_session(broker):
+    """Each start's recovery session has an id of its own: with one fixed id the broker drops the
+    older session, and that start waits out its timeout and trusts no counter from the broker."""
+    from concurrent.futures import ThreadPoolExecutor
+    from binlink.gateway.retained import retained_states
+    cfg = config.parse({"gateway": {"id": "g", "site": "s", "registry": "r", "state_dir": "d"},
+                        "source": [{"port": "/x"}], "mqtt": {"host": "127.0.0.1", "port": broker.port}})
+    publish_retained(broker.port, [("%s/bin/bin-x/state" % cfg.base_topic, b"{}")])
+    squatter = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="%s-recovery" % cfg.client_id)
+    squatter.connect("127.0.0.1", broker.port)
+    squatter.loop_start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: retained_states(cfg, 10), range(4)))
+        assert answers == [[("bin-x", b"{}")]] * 4
+        assert squatter.is_connected()
+    finally:
+        squatter.disconnect()
+        squatter.loop_stop()
