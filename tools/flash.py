@@ -212,7 +212,7 @@ BOARD_MPY_SCRIPT = "import sys; print(sys.implementation._mpy & 0xff)"  # the .m
 KEEP_ON_BOARD = ("/lib/",)  # MicroPython packages installed with mip: not ours to remove
 
 
-ENTRY_VARS = (("entry.bin_id:", "BIN:"), ("entry.name:", "NAME:"), ("entry.lat:", "LAT:"), ("entry.lon:", "LON:"),
+ENTRY_VARS = (("entry.bin_id: ", "BIN="), ("entry.name:", "NAME:"), ("entry.lat:", "LAT:"), ("entry.lon:", "LON:"),
               ("entry: give both lat and lon", "give both LAT and LON"), ("entry: need integers", "need integers"),
               ("full_mm", "FULL_MM"), ("depth_mm", "DEPTH_MM"))
 
