@@ -241,3 +241,10 @@ class RedisServer:
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
             self.kill()
+
+
+def key_from_key_file(path):
+    """The key in a `registry add/rekey --key-out` file (one [[device]] entry, TOML)."""
+    import tomllib
+    with open(path, "rb") as f:
+        return bytes.fromhex(tomllib.load(f)["device"][0]["key"])

@@ -16,7 +16,7 @@ import redis
 
 from binlink.wire import codec, framing
 from binlink.sim.serial_link import PtyLink
-from tests.harness import BINLINK, KEY, KEY2, REDIS_PASSWORD as PASSWORD, GatewayProcess, RedisServer, wait_for
+from tests.harness import BINLINK, KEY, KEY2, REDIS_PASSWORD as PASSWORD, GatewayProcess, RedisServer, key_from_key_file, wait_for
 from tests.test_gateway_tls import pki  # noqa: F401 - the test CA and server certificate (a fixture)
 
 KEY3 = bytes.fromhex("5445535420b1e57e57206b65792d3333")  # TEST KEY
@@ -366,7 +366,7 @@ def test_rekey_under_load_is_known_to_every_gateway_and_loses_nothing(tmp_path, 
         r = subprocess.run([BINLINK, "registry", "--config", site.gws[0].config, "rekey", "bin-a", "--key-out", key_out],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        new_key = bytes.fromhex(open(key_out).read().strip())
+        new_key = key_from_key_file(key_out)
         assert new_key.hex() not in r.stdout + r.stderr
         assert "epoch 1" in r.stdout
         # gw1's registry file was never touched: it learns the new key from the shared registry
@@ -493,7 +493,7 @@ def test_bin_added_at_one_gateway_is_known_to_the_others_without_restart(tmp_pat
                             "--full-mm", "100", "--key-out", key_out], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         dev = int(r.stdout.split("is device ")[1].split(",")[0], 16)
-        key = bytes.fromhex(open(key_out).read().strip())
+        key = key_from_key_file(key_out)
         ids = admin(redis_server, decode_responses=True).smembers("binlink:ids")
         assert "%06x" % dev in ids  # claimed for the whole fleet: no other registry can draw it
         wait_for(lambda: "devices=%d added=1" % (len(DEVICES) + 2) in site.gws[1].output(),  # + the marker bin

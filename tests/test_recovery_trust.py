@@ -18,7 +18,7 @@ from binlink.gateway import clock, config
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.retained import LOGGED_REJECTIONS, newest_synced_time, parse_state, valid_states
 from binlink.gateway.registry import Device
-from tests.harness import BINLINK, KEY, GatewayProcess, wait_for
+from tests.harness import BINLINK, KEY, GatewayProcess, key_from_key_file, wait_for
 from tests.test_gateway import DEVICES, reading
 
 BASE = "binlink/testcity"
@@ -266,7 +266,7 @@ def rekey_then(order, tmp, broker, pty, subscriber, old_key_counters=(1, 2, 3, 4
         r = subprocess.run([BINLINK, "registry", "--config", gw.config, "rekey", "bin-a", "--key-out", key_out],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        new_key = bytes.fromhex(open(key_out).read().strip())
+        new_key = key_from_key_file(key_out)
         if order == "restart":
             assert gw.terminate() == 0
         else:
