@@ -39,7 +39,7 @@ fi
 if [ "$INSTALL_VENV" = 1 ]; then
     say "installing binlink into $ROOT$VENV"
     [ -x "$ROOT$VENV/bin/python" ] || "$PYTHON" -m venv "$ROOT$VENV"
-    "$ROOT$VENV/bin/pip" install --quiet --upgrade "$SRC"
+    "$ROOT$VENV/bin/python" -m pip install --quiet --upgrade "$SRC"  # not bin/pip: a relocated stage's scripts name /opt
     if [ -n "$ROOT" ]; then
         say "relocating the venv to its final path $VENV"
         grep -rlI --null -F "$ROOT$VENV" "$ROOT$VENV/bin" "$ROOT$VENV/pyvenv.cfg" 2>/dev/null \
