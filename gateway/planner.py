@@ -133,7 +133,7 @@ def plan_message(states, now, routes, margin_s, unknown_fill_pct=70.0, full_pct=
     next_round = routes.next_after(now)
     horizon = routes.next_after(next_round) + margin_s
     bins, quiet = plan(states, now, horizon, unknown_fill_pct, full_pct, stale_s, routes)
-    body = {"next_round": iso(next_round), "next_round_local": routes.local(next_round, "%Y-%m-%d %H:%M %Z"),
+    body = {"next_round": iso(next_round), "next_round_local": routes.local(next_round, "%Y-%m-%d %H:%M %Z"), "tz": str(routes.tz),
             "horizon": iso(horizon), "bins_known": len(states), "full_pct": full_pct, "stale_h": None if stale_s is None else stale_s / 3600,
             "bins": bins, "quiet": quiet}
     if hot_spots is not None:

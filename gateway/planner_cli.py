@@ -189,14 +189,24 @@ def _f(v, fmt="%.1f"):
     return "-" if v is None else fmt % v
 
 
+def _local(text, tz, fmt="%a %d %b %H:%M"):
+    """An ISO time of the message in the site's time zone (UTC when the message names none)."""
+    if not text:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(planner.parse_iso(text), planner.zone(tz) if tz else timezone.utc).strftime(fmt)
+
+
 def format_plan(body, now=None):
+    tz = body.get("tz")
     lines = ["next round %s, bins due before %s: %d of %d (full = %s %%)" % (
-        body.get("next_round_local") or body["next_round"], body["horizon"], len(body["bins"]), body["bins_known"],
-        _f(body.get("full_pct"), "%g")),
-        "%-3s %-12s %-24s %6s %6s %-21s %7s  %s" % ("#", "bin", "name", "fill%", "age h", "full at", "%/day", "why")]
+        body.get("next_round_local") or body["next_round"], _local(body["horizon"], tz, "%a %d %b %H:%M %Z"), len(body["bins"]),
+        body["bins_known"], _f(body.get("full_pct"), "%g")),
+        "%-3s %-12s %-24s %6s %6s %-16s %7s  %s" % ("#", "bin", "name", "fill%", "age h", "full at", "%/day", "why")]
     for i, b in enumerate(body["bins"], 1):
-        lines.append("%-3d %-12s %-24s %6s %6s %-21s %7s  %s" % (
-            i, b["bin_id"], (b.get("name") or "-")[:24], _f(b["fill_pct"]), _f(b.get("age_h")), b["full_at"] or "-",
+        lines.append("%-3d %-12s %-24s %6s %6s %-16s %7s  %s" % (
+            i, b["bin_id"], (b.get("name") or "-")[:24], _f(b["fill_pct"]), _f(b.get("age_h")), _local(b["full_at"], tz),
             _f(b["fill_rate_pct_per_day"]), b.get("why") or b["reason"]))
     quiet = body.get("quiet") or []
     if quiet:
@@ -217,7 +227,8 @@ def format_plan(body, now=None):
         for t in r["trucks"]:
             lines.append("  truck %d: %d bins, %.1f km, %.1f h, load %.1f bins (%.0f %% of capacity)" % (
                 t["truck"], len(t["stops"]), t["km"], t["hours"], t["load_bins"], t["load_pct"]))
-            lines.append("    " + " -> ".join(["depot"] + ["%s (%s)" % (s["bin_id"], s["arrive"][11:16]) for s in t["stops"]] + ["depot"]))
+            lines.append("    " + " -> ".join(["depot"] + ["%s (%s)" % (s["bin_id"], _local(s["arrive"], tz, "%H:%M")) for s in t["stops"]]
+                                            + ["depot"]))
         if r["unrouted"]:
             lines.append("  not routed (capacity, hours or no position): %s" % ", ".join(r["unrouted"]))
     return "\n".join(lines)
