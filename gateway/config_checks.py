@@ -170,7 +170,11 @@ def as_user(user, fn):
 def who_checks(user):
     """(user to run the checks as or None for this process, the words naming it)."""
     if os.geteuid() != 0:
-        return None, "user %s (uid %d)" % (pwd.getpwuid(os.geteuid()).pw_name, os.geteuid())
+        try:
+            name = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a container's uid without a passwd entry
+            name = "?"
+        return None, "user %s (uid %d)" % (name, os.geteuid())
     name = user or SERVICE_USER
     try:
         pw = pwd.getpwnam(name)
