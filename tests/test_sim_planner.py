@@ -3,7 +3,6 @@ into a real gateway process and a real Mosquitto; the planner on the same clock 
 with forecasts and a truck's route; `binlink plan` prints it and exports it."""
 import csv
 import json
-import os
 import subprocess
 import threading
 

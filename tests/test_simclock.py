@@ -1,6 +1,5 @@
 """Simulated time reaches the gateway: a gateway started with BINLINK_SIM_CLOCK stamps the
 simulator's time, so its forecast sees the days the bins lived (issue 21)."""
-import os
 import time
 
 from binlink.gateway import planner, simclock
