@@ -182,6 +182,13 @@ def test_a_key_file_readable_by_others_or_for_another_bin_is_refused(tmp_path):
     key.chmod(0o600)
     r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
     assert r.returncode == 0 and "key from %s" % key in r.stdout, r.stderr
+    dev = registry.load(gw).by_bin("park-1").device_id
+    registry.add(str(reg), dev, "park-1", bytes(16), 1200, 200, key_epoch=3)  # the depot has a newer key for it
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
+    assert r.returncode != 0 and "key epoch 0, older than REGISTRY's 3" in r.stderr, r.stderr
+    registry.retire(str(reg), "park-1")
+    r = make("flash", "PORT=/dev/null", "BIN=park-1", "DRY_RUN=1", "REGISTRY=%s" % reg, "KEY_FILE=%s" % key)
+    assert r.returncode != 0 and "which REGISTRY has as retired" in r.stderr, r.stderr
     assert registry.load(gw).by_bin("park-1").key.hex() not in r.stdout + r.stderr
 
 

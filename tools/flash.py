@@ -266,11 +266,19 @@ def validate(args):
         problems += ["config: %s" % p for p in cfg_problems]
     if args.key_file:
         try:
-            dev, _, _ = read_key_file(args.key_file, args.bin)
-            holder = registry.load_or_empty(args.registry).by_bin(args.bin) if os.path.exists(args.registry) else None
+            dev, _, epoch = read_key_file(args.key_file, args.bin)
+            reg = registry.load_or_empty(args.registry) if os.path.exists(args.registry) else registry.Registry()
+            holder, other = reg.by_bin(args.bin), reg.get(dev)
             if dev is not None and holder is not None and holder.device_id != dev:
                 problems.append("KEY_FILE=%s is for device %06x, but REGISTRY lists bin %s as device %s"
                                 % (args.key_file, dev, args.bin, holder.dev))
+            elif dev in reg.retired or (other is not None and other.bin_id != args.bin):
+                problems.append("KEY_FILE=%s is for device %06x, which REGISTRY has as %s: ids never move between bins"
+                                % (args.key_file, dev, "retired" if dev in reg.retired else "bin " + other.bin_id))
+            elif holder is not None and epoch is not None and epoch < holder.key_epoch:
+                problems.append("KEY_FILE=%s has key epoch %d, older than REGISTRY's %d for bin %s: ask the gateway for "
+                                "a new key (binlink registry rekey --key-out)" % (args.key_file, epoch, holder.key_epoch,
+                                                                                  args.bin))
             if dev is None and holder is None:
                 problems.append("KEY_FILE=%s holds a bare key: bin %s must be in REGISTRY for its device id (or use the "
                                 "file `binlink registry add --key-out` wrote)" % (args.key_file, args.bin))
