@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import serial
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from binlink.gateway import registry
 from tests.conftest import ROOT
@@ -211,3 +212,21 @@ def test_a_key_made_on_the_gateway_is_flashed(bench, tmp_path):
     at_depot = registry.load(str(tmp_path / "devices.toml")).by_bin("library-corner-1")
     assert (at_depot.device_id, at_depot.key, at_depot.key_epoch) == (on_gateway.device_id, on_gateway.key, 0)
     assert on_gateway.key.hex() not in r.stdout + r.stderr
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=64).map(lambda b: b.hex()),
+                 st.sampled_from(["[[device]]\n", '[[device]]\ndevice_id = "a1"\nbin_id = "park-1"\n'])))
+def test_any_key_file_gives_the_bins_key_or_a_flash_error(tmp_path, text):
+    """KEY_FILE's parser: whatever the file holds, a clear FlashError or a 128-bit key."""
+    path = tmp_path / "k"
+    path.write_text(text)
+    path.chmod(0o600)
+    try:
+        dev, key, epoch = flash.read_key_file(str(path), "park-1")
+    except flash.FlashError as e:
+        assert str(e).startswith("KEY_FILE=")
+    else:
+        assert len(key) == 16 and (dev is None) == (epoch is None)
+        if dev is None:
+            assert key == bytes.fromhex(text.strip())
