@@ -193,7 +193,7 @@ def test_a_key_file_readable_by_others_or_for_another_bin_is_refused(tmp_path):
     assert registry.load(gw).by_bin("park-1").key.hex() not in r.stdout + r.stderr
 
 
-def test_a_key_made_on_the_gateway_is_flashed(bench, tmp_path):
+def test_a_key_made_on_the_gateway_is_flashed(bench, tmp_path):  # noqa: F811 (the fixture)
     """docs/gateway.md: `sudo binlink registry add BIN --key-out FILE` on the gateway, then
     `make flash BIN=... KEY_FILE=FILE` at the depot: the board holds the gateway's key and id."""
     board, esptool = bench
