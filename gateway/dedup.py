@@ -31,6 +31,8 @@ class Dedup:
                 self._groups[-1][1].append(key)
             else:
                 self._groups.append((now, [key]))
+        elif self._seen[key] != frame:  # another frame at this counter (a new key's): its copies count anew
+            self._copies.pop(key, None)
         self._seen[key] = frame
 
     def is_duplicate(self, device_id, fcnt, frame, now):

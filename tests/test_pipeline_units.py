@@ -52,6 +52,15 @@ def test_events(prev_fill, prev_flags, fill, flags, want):
     assert events.detect(prev_fill, prev_flags, fill, codec.flag_bits(flags), RULES) == want
 
 
+def test_copies_count_anew_for_another_frame_at_the_same_counter():
+    """A re-keyed bin's first frames reuse low counters within the window: their copies are theirs."""
+    d = Dedup(30)
+    d.remember(1, 5, b"old key's frame", now=100)
+    assert [d.heard_again(1, 5) for _ in range(3)] == [1, 2, 3]
+    d.remember(1, 5, b"new key's frame", now=101)
+    assert d.heard_again(1, 5) == 1
+
+
 def test_dedup_window():
     d = Dedup(30)
     d.remember(1, 5, b"frame", now=100)
