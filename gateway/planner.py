@@ -209,6 +209,7 @@ class Planner:
         self.mqtt_cfg = mqtt_cfg
         self._last = None
         self._solved = None
+        self.last_body = None  # the latest list computed (the page shows it)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -261,7 +262,7 @@ class Planner:
         return body
 
     def publish_once(self):
-        body = self.message()
+        body = self.last_body = self.message()
         key = json.dumps([body["next_round"], body["bins_known"], body["bins"], body["quiet"], body.get("routes"), body.get("hot_spots"),
                           body.get("routes_error")], sort_keys=True)
         if key == self._last or not self.connected.is_set():

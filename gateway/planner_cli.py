@@ -33,6 +33,7 @@ def add_parsers(sub):
     p.add_argument("--distance-matrix", help="CSV of metres between bins (header ids; the depot is 'depot'), instead of straight lines")
     p.add_argument("--history", metavar="FILE", help="keep every published state here (SQLite): hot spots in the list, "
                                                      "and `binlink report` builds the site's report from it")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve the planner's page (bins on a map, routes, hot spots, quiet sensors)")
     p.add_argument("--sim-clock", help="a simulator's clock file (binlink sim --clock-file): rounds on simulated time")
     p.set_defaults(func=cmd_planner)
     v = sub.add_parser("plan", help="print the collection list and routes the planner published")
@@ -141,13 +142,28 @@ def cmd_planner(args):
     except (ValueError, config.ConfigError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2
+    page = None
+    if args.http:
+        from binlink.gateway import planner_page
+
+        host, _, port = args.http.rpartition(":")
+        try:
+            page = planner_page.PageServer(p, host or "127.0.0.1", int(port)).start()
+        except (ValueError, OSError) as e:
+            print("error: --http %s: %s" % (args.http, getattr(e, "strerror", None) or e), file=sys.stderr)
+            return 2
+        print("planner page: http://%s:%d/" % (host or "127.0.0.1", page.port), flush=True)
     signal.signal(signal.SIGTERM, p.stop)
     signal.signal(signal.SIGINT, p.stop)
     print("planner: %s -> %s, rounds %s at %02d:%02d %s, full = %g %%%s" % (
         "%s/bin/+/state" % p.base, plan_topic(p.base), ",".join(planner.WEEKDAYS[d] for d in p.routes.days), int(p.routes.hour),
         round(p.routes.hour % 1 * 60), p.routes.tz, p.settings["full_pct"],
         ", %d trucks" % p.settings["trucks"].count if p.settings["trucks"] else ""), flush=True)
-    p.run()
+    try:
+        p.run()
+    finally:
+        if page is not None:
+            page.close()
     return 0
 
 
