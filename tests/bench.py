@@ -181,6 +181,25 @@ def bench_planner():
     }
 
 
+def bench_planner_page(bins=300):
+    """planner_page_bins: the bins a real headless Chromium saw on the planner's page for a site of
+    `bins` bins (tests/test_planner_page.py; skipped without playwright and a Chromium)."""
+    import tempfile
+
+    from binlink.sim.broker import Mosquitto
+    from tests import test_planner_page as pp
+
+    if pp._playwright() is None or pp.browser_path() is None:
+        return {}
+    b = Mosquitto().start()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            drawn, routes, updated = pp.page_run(b.port, d, bins)
+    finally:
+        b.stop()
+    return {"planner_page_bins": len(drawn), "planner_page_updates": updated}
+
+
 def bench_city(bins=1000, days=30):
     """`binlink sim --report --bins 1000 --days 30` as a city would run it, timed end to end (goal:
     five minutes on two cores). Long: its own section, not part of `planner`."""
@@ -223,6 +242,7 @@ SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt
             "multi_gateway": bench_multi_gateway, "state": bench_state, "trust": bench_trust,
             "planner": bench_planner, "start": lambda: __import__("tests.bench_start").bench_start.run()}
 SECTIONS["city"] = bench_city  # issue 21: the simulated report at city scale (long: not in `planner`)
+SECTIONS["planner_page"] = bench_planner_page  # issue 21: the planner's page in a headless browser
 
 
 def main(names):
