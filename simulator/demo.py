@@ -312,6 +312,8 @@ def cmd_demo(args):
                                        env=dict(os.environ, BINLINK_SIM_CLOCK=os.path.join(work, "simclock")))
             gateways.append((gateway, metrics_port))
             brokers.wait_port(metrics_port, timeout=30, proc=gateway)
+        console.print("==> a planner on the simulation's clock (list, routes, page): binlink planner --host %s --port %d --site demo "
+                      "--sim-clock %s --trucks 2 --http 127.0.0.1:8021" % (host, port, os.path.join(work, "simclock")))
         view = View(host, port, "binlink/demo", lambda: fleet.now)
         runner = threading.Thread(target=fleet.run, args=(10 * 365 * 86400.0,), daemon=True)
         runner.start()
