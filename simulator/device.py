@@ -16,7 +16,8 @@ MAX_RESETS = 5  # resets in a row before the simulation gives up on a wake (a re
 
 class SimDevice:
     def __init__(self, rng, device_id, key, clock, transmit=None, vm=None, depth_mm=1200, full_mm=250,
-                 transport="e22", sensor="jsn-sr04t", weather=None, profile="custom", cell=None, **overrides):
+                 transport="e22", sensor="jsn-sr04t", weather=None, profile="custom", cell=None,
+                 timing="random", **overrides):
         """cell: keyword arguments for the Li-SOCl2 cell (parts/cell.py: used_mah, age_years,
         passivation); it sits in the bin, at the air's temperature."""
         self.device_id = device_id
@@ -24,7 +25,8 @@ class SimDevice:
         self.clock = clock
         self.vm = vm  # a simulator.vm.FirmwareVM, or None for CPython
         self.bin = physics.Bin(rng, depth_mm=depth_mm, full_mm=full_mm, t0=clock())
-        self.sensor = physics.UltrasonicSensor(rng)
+        # blind zone: JSN-SR04T 23-25 cm (drawn per unit), A02YYUW 3 cm (DFRobot SEN0311), HC-SR04 2 cm
+        self.sensor = physics.UltrasonicSensor(rng, blind_mm={"a02yyuw": 30.0, "hc-sr04": 20.0}.get(sensor))
         self.weather = weather or physics.Weather()
         self.battery = physics.Battery(temp_c=lambda: self.weather.air_c(self.clock()), **(cell or {}))
         self.sent = []  # (time, payload bytes as the module put them on air)
@@ -42,7 +44,7 @@ class SimDevice:
         if problems:
             raise ValueError("simulated device config: %s" % "; ".join(problems))
         self.hw = Board(self.cfg, self.battery, self._surface, lambda: self.weather.air_c(self.clock()), self.sensor,
-                        self._on_air, rng, profile=profile)
+                        self._on_air, rng, profile=profile, timing=timing)
         self.fuel = []
         self.frames_sent = 0
         self.resets = 0

@@ -132,8 +132,10 @@ class Bin:
 class UltrasonicSensor:
     """What a JSN-SR04T-class sensor reports for a surface at distance d through air at T."""
 
-    def __init__(self, rng, noise_mm=4.0, p_spurious=0.03, p_no_echo=0.02, blind_mm=220, max_mm=4500, rh=None):
+    def __init__(self, rng, noise_mm=4.0, p_spurious=0.03, p_no_echo=0.02, blind_mm=None, max_mm=4500, rh=None):
         self.rng = rng
+        if blind_mm is None:  # JSN-SR04T: 23-25 cm, this unit's own edge
+            blind_mm = rng.uniform(230.0, 250.0)
         self.rh = rng.uniform(0.6, 0.95) if rh is None else rh  # relative humidity of the air in the bin
         self.noise_mm = noise_mm
         self.p_spurious = p_spurious
@@ -150,7 +152,9 @@ class UltrasonicSensor:
         d = surface_mm
         if r.random() < self.p_spurious:
             d = r.uniform(self.blind_mm, max(self.blind_mm + 1, d))  # a stray echo off the wall or lid
-        d = max(d, self.blind_mm * r.uniform(0.95, 1.05)) + r.gauss(0.0, self.noise_mm)
+        d += r.gauss(0.0, self.noise_mm)
+        if d < self.blind_mm:
+            return -2  # the echo returns while the transducer still rings: lost, not clamped
         c = speed_of_sound(air_c, self.rh)  # m/s = mm/ms
         us = int(2 * d / c * 1000)
         return us if us <= timeout_us else -2

@@ -16,6 +16,9 @@ BOOT = (
     "sys.path.insert(0, '/input')\n"
     "import _host\n"
     "from binlink.firmware import app, config\n"
+    # app imports the radio code only when a wake needs it; compiling it inside a cycle would add
+    # ~100 KB to that cycle's allocations (this WASI build cannot collect garbage): loaded up front
+    "from binlink.firmware import transports\n"
 )
 
 

@@ -69,6 +69,29 @@ def test_no_echo_is_a_fault_flag_not_a_level(make_device):
     assert "sensor_fault" in r["flags"] and r["distance_mm"] is None and r["valid_pings"] == 0
 
 
+def test_a_bin_filled_into_the_blind_zone_reads_full_not_faulty(make_device):
+    """A JSN-SR04T loses the echo inside its blind zone (23-25 cm) rather than clamping it. A
+    no-echo right after a reading at the blind zone's edge is the bin filling up to the lid: full
+    (blind_zone), not a sensor fault; a sensor that goes silent on a half-empty bin is a fault."""
+    dev = make_device(report_s=900)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    surface = [300.0]
+    dev.bin.surface_mm = lambda: surface[0]
+    run(dev, 2)  # at the blind zone's edge
+    surface[0] = 150.0  # overfilled: inside it
+    run(dev, 3)
+    full = readings(dev)[-3:]
+    for r in full:
+        assert "sensor_fault" not in r["flags"] and "blind_zone" in r["flags"], r
+        assert r["distance_mm"] == dev.cfg["blind_mm"], r
+    surface[0] = 900.0  # emptied
+    run(dev, 1)
+    assert readings(dev)[-1]["flags"] == [] and abs(readings(dev)[-1]["distance_mm"] - 900) < 60
+    dev.sensor.broken = True  # silent now, far from full: a fault
+    run(dev, 1)
+    assert "sensor_fault" in readings(dev)[-1]["flags"]
+
+
 def test_transport_outage_fills_backlog_then_delivers_it(make_device):
     dev = make_device(transport="rylr998", report_s=900)
     run(dev, 1)
@@ -342,13 +365,15 @@ def test_every_failure_ends_in_deep_sleep_with_the_watchdog_running_first(monkey
     slept = []
     monkeypatch.setattr(app.state, "save", save_fails)
     monkeypatch.setattr(app.state, "load", lambda hw: app.state.State())
-    monkeypatch.setattr(app.transports, "make", lambda hw, cfg: Radio())
+    from binlink.firmware import transports
+
+    monkeypatch.setattr(transports, "make", lambda hw, cfg: Radio())
 
     class Radio:
         def sleep(self):
             slept.append(True)
 
-    monkeypatch.setattr(app, "_cycle", lambda hw, cfg, chash, s, radio: 1234)
+    monkeypatch.setattr(app, "_cycle", lambda hw, cfg, chash, s, radio: (radio.get(), 1234)[1])
     calls.clear()
     app.start(HW(), good, b"\0" * 4)
     assert slept == [True] and calls[-1] == ("deepsleep", 600 * 1000)  # radio asleep, then the board

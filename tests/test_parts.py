@@ -4,14 +4,18 @@ MicroPython VM; the firmware's own hw.py drives the models through machine/esp32
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from binlink.firmware import config, state
 from binlink.sim.device import SimDevice
+from binlink.sim.parts.board import Board
 from tests.harness import decoded
 from binlink.sim import physics
 from binlink.sim.parts import cell as cell_model
 from binlink.sim.parts import e22 as e22_model
-from binlink.wire import codec
+from binlink.sim.parts.rylr998 import Rylr998 as Rylr998Model
+from binlink.wire import airtime, codec
 
 KEY = bytes(range(16))  # TEST KEY
 T0 = 1_790_000_000.0
@@ -158,11 +162,15 @@ def test_the_cell_sags_with_load_cold_and_age_and_passivation_clears_under_load(
 
 # EBYTE E22 / E32 ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("timing", ["random", "slow"])
 @pytest.mark.parametrize("transport", ["e22", "e32"])
-def test_every_first_frame_after_wake_reaches_the_air(make_device, transport):
-    """The module reconfigures for a few ms after M0/M1 change (AUX low); bytes written before the
-    new mode is in force are lost. Every frame written must go on air whole."""
-    dev = make_device(transport=transport, report_s=900)
+def test_every_first_frame_after_wake_reaches_the_air(make_device, transport, timing):
+    """The module notices an M0/M1 change within a few ms, then reloads its parameters with AUX
+    low for a time the manual does not state; bytes written before the new mode is in force are
+    lost. At the slow end it notices only after 3 ms: the old firmware's AUX sample 2 ms after the
+    change saw the old mode's AUX high and wrote into a reconfiguring module. Every frame written
+    must go on air whole."""
+    dev = make_device(transport=transport, report_s=900, timing=timing)
     run(dev, 4)
     assert dev.hw.radio.lost_bytes == 0
     kinds = [d["type"] for d in decoded(dev)]
@@ -179,17 +187,19 @@ def test_e22_sleeps_through_deep_sleep_with_held_mode_pins(make_device):
     assert hw.radio.mode == e22_model.MODE3 and hw.radio.current_ma(hw.now + 10) < 0.01
 
 
+@pytest.mark.parametrize("timing", ["random", "slow"])
 @pytest.mark.parametrize("transport", ["e22", "e32"])
-def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, transport):
+def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, transport, timing):
     """Factory modules transmit at 20-22 dBm (above EU868's 14 dBm ERP) at an air rate the duty
     cycle maths knows nothing of: the firmware writes power and air rate, and after a module swap
-    (factory settings again) a cold boot writes them again."""
-    dev = make_device(transport=transport, sf=10)
+    (factory settings again) a cold boot writes them again — also when the module takes the
+    slowest documented times to reconfigure (40 ms) and to answer (125 ms)."""
+    dev = make_device(transport=transport, sf=10, timing=timing)
     run(dev, 1)
     r = dev.hw.radio
     assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14
     assert r.air() == (10, 125)
-    fresh = type(r)(r.m0, r.m1, r.aux, r.transmit)
+    fresh = type(r)(r.m0, r.m1, r.aux, r.transmit, r.draw)
     r.regs[:] = fresh.regs
     if transport == "e32":
         r.params[:] = fresh.params
@@ -271,6 +281,10 @@ def test_sleeping_custom_board_draws_microamps(make_device):
     dev = make_device(report_s=900)
     run(dev, 2)
     hw = dev.hw
+    asleep_at = hw.now
+    assert hw.radio.tx_until > asleep_at  # the chip sleeps while the module still sends (its fast sleep) ...
+    hw.advance(3000.0)
+    assert hw.radio.mode == e22_model.MODE3  # ... and the module goes to sleep by itself after the packet
     assert hw.current_ma() < 0.02, hw.current_ma()
     for r in [d for d in decoded(dev) if d["type"] == "reading"]:  # and both were on when needed
         assert "sensor_fault" not in r["flags"] and "low_battery" not in r["flags"], r
@@ -340,8 +354,8 @@ def test_a_dead_e22_costs_one_timeout_per_wake_and_the_readings_wait(make_device
 
 # the models themselves, as their sources say -----------------------------------------------------
 
-def _board(**kw):
-    d = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0, **kw)
+def _board(timing="random", **kw):
+    d = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0, timing=timing, **kw)
     d.hw.power_on(T0)
     return d.hw
 
@@ -380,25 +394,135 @@ def test_esp32_nvs_needs_commit_and_held_pins_ignore_value():
     assert hw.esp.pad(25) == 0 and hw.esp.pad(23) is None  # held pad kept; unheld pads float
 
 
-def test_e22_drops_bytes_written_before_the_new_mode_is_in_force():
+def _e22_in_mode(m0, m1):
+    """A board whose E22 (M0 on GPIO 25, M1 on 14, AUX on 13) has settled in the mode M0/M1 give."""
     hw = _board()
-    r = hw.radio
     hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])
-    hw.dispatch("pin_init", [25, 3, -1, 1, True])
-    hw.dispatch("pin_init", [14, 3, -1, 1, True])
-    hw.dispatch("sleep_us", [20_000])
+    hw.dispatch("pin_init", [25, 3, -1, m0, True])
+    hw.dispatch("pin_init", [14, 3, -1, m1, True])
+    hw.dispatch("sleep_us", [100_000])
+    return hw, hw.radio
+
+
+def test_e22_drops_bytes_written_before_the_new_mode_is_in_force():
+    hw, r = _e22_in_mode(1, 1)
     assert r.mode == e22_model.MODE3
     hw.dispatch("pin_init", [25, 3, -1, 0, True])
     hw.dispatch("pin_init", [14, 3, -1, 0, True])  # sleep -> normal
     hw.dispatch("uart_write", [1, "00112233"])  # at once: the module is still reconfiguring
-    hw.dispatch("sleep_us", [50_000])
+    hw.dispatch("sleep_us", [100_000])
     assert r.lost_bytes == 4 and not r.packets
     assert hw.dispatch("pin_value", [13]) == 1
+
+
+def test_e22_aux_rises_when_the_data_reach_the_rf_chip_not_at_the_end_of_transmission():
+    """E22/E32 manuals: AUX is low while data wait in the module and rises once they are handed to
+    the RF chip; the packet is then still on air (the old model held AUX low to the end)."""
+    hw, r = _e22_in_mode(0, 0)
     hw.dispatch("uart_write", [1, "00112233"])
+    hw.dispatch("sleep_us", [2_000])
+    assert hw.dispatch("pin_value", [13]) == 0  # buffered
     hw.dispatch("sleep_us", [10_000])
-    assert hw.dispatch("pin_value", [13]) == 0  # on air
-    hw.dispatch("sleep_us", [300_000])
-    assert len(r.packets) == 1 and hw.dispatch("pin_value", [13]) == 1
+    assert len(r.packets) == 1 and r.tx_until > hw.now  # on air ...
+    assert hw.dispatch("pin_value", [13]) == 1  # ... and AUX already high
+    assert r.current_ma(hw.now) >= 70.0  # 13 dBm (the legal power) costs far more than 13/22 of 22 dBm's 110 mA
+
+
+def test_e22_mode_pins_float_to_sleep_and_the_slow_end_of_its_timings():
+    """M0/M1 have weak pull-ups (floating = 1 = sleep; the old model: normal mode). Leaving sleep
+    at the slow end: AUX still high 2 ms after the change (not yet noticed), low from 3 ms until the
+    parameters are reloaded (43 ms); a configuration reply after 125 ms."""
+    hw = _board(timing="slow")
+    r = hw.radio
+    hw.dispatch("sleep_us", [10_000])
+    assert r.mode == e22_model.MODE3 and r.current_ma(hw.now) < 0.01  # nothing drives M0/M1 yet
+    hw.dispatch("uart_init", [1, 9600, 26, 27, 0, 256])
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("pin_init", [14, 3, -1, 1, True])  # sleep -> configuration
+    t0 = hw.now
+    hw.dispatch("sleep_us", [2_000])
+    assert hw.dispatch("pin_value", [13]) == 1  # not noticed yet: a sample here proves nothing
+    hw.dispatch("sleep_us", [1_500])
+    assert hw.dispatch("pin_value", [13]) == 0
+    hw.dispatch("sleep_us", [int((t0 + 42.0 - hw.now) * 1000)])
+    assert hw.dispatch("pin_value", [13]) == 0  # still reloading its parameters
+    hw.dispatch("sleep_us", [int((t0 + 46.0 - hw.now) * 1000)])
+    assert hw.dispatch("pin_value", [13]) == 1 and r.mode == e22_model.MODE2
+    hw.dispatch("uart_write", [1, "c10204"])
+    hw.dispatch("sleep_us", [120_000])
+    assert hw.dispatch("uart_read", [1, -1]) is None  # the reply takes up to ~125 ms
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1]))[:3] == b"\xc1\x02\x04"
+
+
+def test_non_rtc_pads_lose_their_hold_in_deep_sleep():
+    """ESP32: only RTC-domain pads keep a held level through deep sleep (digital pads would need
+    gpio_deep_sleep_hold): a module's mode pins on GPIO 19/23 float and its pull-ups sleep it."""
+    cfg = config.parse({"device_id": 0xA1, "key": KEY.hex()})[0]
+    cfg["radio_m0_pin"], cfg["radio_m1_pin"] = 19, 23  # as a board wired before provisioning refused it
+    rng = random.Random(1)
+    hw = Board(cfg, physics.Battery(), lambda: 1000.0, lambda: 20.0, physics.UltrasonicSensor(rng), lambda *a: True, rng)
+    hw.power_on(T0)
+    hw.dispatch("pin_init", [19, 3, -1, 0, True])
+    hw.dispatch("pin_init", [23, 3, -1, 0, True])
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("sleep_us", [100_000])
+    assert hw.radio.mode == e22_model.NORMAL
+    hw.dispatch("deepsleep", [1000])
+    assert hw.esp.pad(19) is None and hw.esp.pad(23) is None and hw.esp.pad(25) == 0
+    hw.advance(100.0)
+    assert hw.radio.mode == e22_model.MODE3
+
+
+def test_jsn_sr04t_loses_the_echo_inside_its_blind_zone_instead_of_clamping_it():
+    acoustics = physics.UltrasonicSensor(random.Random(3), p_no_echo=0.0, p_spurious=0.0)
+    assert 230.0 <= acoustics.blind_mm <= 250.0  # this unit's edge, from the 23-25 cm range
+    assert all(acoustics.echo_us(200.0, 10.0, 60_000) == -2 for _ in range(50))
+    assert all(acoustics.echo_us(400.0, 10.0, 60_000) > 0 for _ in range(50))
+
+
+def test_jsn_sr04t_ignores_a_trigger_shorter_than_20us():
+    hw = _board()
+    s = hw.sensor
+    hw.dispatch("pin_init", [23, 3, -1, 1, False])  # sensor rail on
+    hw.dispatch("sleep_us", [200_000])
+    for width_ms, answered in ((0.015, False), (0.020, True)):
+        s.on_pin(s.trig, 1, hw.now)
+        s.on_pin(s.trig, 0, hw.now + width_ms)
+        assert (len(s.pings) == 1) is answered, width_ms
+        hw.advance(100.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["rylr998", "e22", "e32"]), st.integers(5, 13), st.sampled_from([125, 250, 500, 62]))
+def test_every_spreading_factor_and_bandwidth_the_config_keeps_is_one_the_module_takes(transport, sf, bw):
+    """RYLR998: SF7-9 only at 125 kHz, SF7-10 at 250, SF7-11 at 500 (the module refuses the rest);
+    EBYTE air rates: 125 kHz. Whatever is provisioned, the parsed config is one the module takes,
+    and a refusal is said."""
+    cfg, _, problems = config.parse({"device_id": 1, "key": KEY.hex(), "transport": transport, "sf": sf,
+                                     "bandwidth_khz": bw})
+    code = {125: 7, 250: 8, 500: 9}[cfg["bandwidth_khz"]]
+    if transport == "rylr998":
+        assert Rylr998Model.parameter_ok("%d,%d,1,12" % (cfg["sf"], code)), (sf, bw, cfg["sf"], cfg["bandwidth_khz"])
+        ok_as_given = bw in (125, 250, 500) and Rylr998Model.parameter_ok("%d,%d,1,12" % (sf, {125: 7, 250: 8, 500: 9}[bw]))
+    else:
+        assert cfg["bandwidth_khz"] == 125
+        ok_as_given = bw == 125 and 7 <= sf <= 12
+    assert (not problems) == ok_as_given, (transport, sf, bw, problems)
+
+
+def test_rylr998_refuses_sf10_at_125khz_and_times_the_12_symbol_preamble():
+    hw = _board(transport="rylr998")
+    hw.dispatch("uart_init", [1, 115200, 26, 27, 0, 256])
+    for cmd, reply in ((b"AT+PARAMETER=10,7,1,12", b"+ERR=4"), (b"AT+PARAMETER=9,7,1,12", b"+OK")):
+        hw.dispatch("uart_write", [1, (cmd + b"\r\n").hex()])
+        hw.dispatch("sleep_us", [20_000])
+        assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])).strip() == reply
+    t0 = hw.now
+    hw.dispatch("uart_write", [1, (b"AT+SEND=0,4,ABCD\r\n").hex()])
+    hw.dispatch("sleep_us", [20_000])
+    on_air = hw.radio.tx_until - hw.radio.sent[-1][0]
+    assert abs(on_air - airtime.time_on_air_ms(12, 9, 125, preamble=12)) < 0.01 and hw.now > t0
 
 
 def test_rylr998_second_send_while_on_air_gets_err17():

@@ -10,6 +10,7 @@ A simulated clock (milliseconds) drives every timing; `dispatch` advances it by 
 takes. Faults and resets are injected from tests (`inject_reset`, part attributes)."""
 import builtins
 import os
+import random
 import shutil
 import tempfile
 
@@ -50,9 +51,11 @@ _OP_NAMES = _OpNames()
 
 
 class Board:
-    def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom"):
+    def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom", timing="random"):
         """cfg: the firmware's parsed config (pins, transport, sensor). battery: physics.Battery.
-        surface_mm()/air_c(): the bin. transmit(payload, on_air_len, sf, bw, dbm) -> bool."""
+        surface_mm()/air_c(): the bin. transmit(payload, on_air_len, sf, bw, dbm) -> bool.
+        timing: the parts' timings a manual gives as a range (or not at all) are drawn from it
+        ("random", a stream of its own per device) or always at its slow end ("slow")."""
         self.cfg = cfg
         self.profile = PROFILES[profile]
         self.battery = battery
@@ -75,12 +78,17 @@ class Board:
         self.mqtt_sent = []
         self.parts = []
         self._peers = {}  # UART id -> the part on its other end
+        if timing == "slow":
+            self.draw = lambda lo_hi: lo_hi[1]
+        else:
+            trng = random.Random(cfg["device_id"] or 0)  # not the world's stream: timings do not shift the bin
+            self.draw = lambda lo_hi: trng.uniform(lo_hi[0], lo_hi[1])
         kind = cfg["transport"]
         self.radio = None
         ruart = cfg["radio_uart"]
         if kind in ("e22", "e32"):
             cls = E22 if kind == "e22" else E32
-            self.radio = cls(cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], self._key_up)
+            self.radio = cls(cfg["radio_m0_pin"], cfg["radio_m1_pin"], cfg["radio_aux_pin"], self._key_up, self.draw)
         elif kind == "rylr998":
             self.radio = Rylr998(self._key_up)
         elif kind == "serial":

@@ -7,7 +7,9 @@
   reset leaves it running; it bites when not fed in time.
 - Pins (machine_pin.c): Pin(..., hold=True) latches the pad; a held pad ignores value() until
   re-initialised (init always drops the hold, applies the new config, re-holds if asked). In deep
-  sleep every pad that is not held stops driving (high impedance).
+  sleep every pad that is not held stops driving (high impedance), and so does a held pad outside
+  the RTC domain: the digital pads' hold needs esp32.gpio_deep_sleep_hold(True), which the
+  firmware never calls (ESP32 datasheet, table "RTC IO"; ESP-IDF gpio_deep_sleep_hold_en).
 - Reset causes (modmachine.c): brown-out reports PWRON_RESET; deep-sleep wake DEEPSLEEP_RESET.
 - UARTs: bytes take 10 bit-times each at the configured baud; write() returns once queued, flush()
   waits until the last bit is out; the receive buffer holds rxbuf bytes and drops what overflows.
@@ -17,10 +19,20 @@
 PWRON, HARD, WDT, DEEPSLEEP, SOFT = 1, 2, 3, 4, 5
 WAKE_EXT0, WAKE_TIMER = 2, 4
 RTC_BYTES = 2048
+RTC_PADS = frozenset((0, 2, 4, 12, 13, 14, 15, 25, 26, 27, 32, 33, 34, 35, 36, 37, 38, 39))  # ESP32 datasheet, RTC_GPIO0-17
 ACTIVE_MA = 40.0
 WIFI_MA = 120.0  # average while associating / exchanging (RX ~100 mA, TX bursts ~240 mA)
 DEEP_SLEEP_MA = 0.010
-BOOT_MS = 250.0  # deep-sleep wake to main.py: ROM bootloader, image check, MicroPython start
+# Wake to the first line of main.py, measured by glenn20/upy-esp32-experiments
+# "OptimisingMicropythonBootTime" (stock MicroPython v1.19.1-660, on an ESP32-S3 FeatherS3; no such
+# split is published for the plain ESP32): ROM + 2nd-stage bootloader + image validation (217 ms of
+# it) to app_main() 264 ms; nvs_flash_init 7.8 + gc_init 12.5 + app_main to _boot.py 0.8 ms;
+# _boot.py (filesystem mount), boot.py and a trivial main.py to its deepsleep() 350 ms: 635 ms.
+# The firmware's own imports come on top (simulator/energy.py, IMPORT_MS).
+ROM_BOOTLOADER_MS = 264.0
+MPY_INIT_MS = 7.8 + 12.5 + 0.8
+FS_BOOT_PY_MS = 350.0
+BOOT_MS = ROM_BOOTLOADER_MS + MPY_INIT_MS + FS_BOOT_PY_MS
 CALL_MS = 0.02  # interpreter time around one hardware call
 
 
@@ -65,7 +77,7 @@ class Esp32:
     def pad(self, pin):
         """What a part wired to the pin sees: 0/1 when driven, None when floating."""
         p = self.pins.get(pin)
-        if p is None or not p["out"] or (self.asleep and not p["hold"]):
+        if p is None or not p["out"] or (self.asleep and not (p["hold"] and pin in RTC_PADS)):
             return None
         return p["level"]
 

@@ -8,6 +8,9 @@ RYLR998/RYLR498, and the RYLR998 datasheet):
   len > 240: +ERR=13; len not matching the data: +ERR=5.
 - AT+MODE=1 sleeps the module; UART activity wakes it, and the command that woke it is not
   executed (no reply) — the guide does not say it is, so the model takes the cautious reading.
+- AT+PARAMETER=<SF>,<BW>,<CR>,<preamble>: SF7-9 only at 125 kHz, SF7-10 at 250 kHz, SF7-11 at
+  500 kHz (the 2023 guide); anything else is refused (+ERR=4 here: the guide names no code for it).
+  The packet's time on air counts the programmed preamble (12 by default), not LoRa's usual 8.
 - Factory: BAND 915000000, NETWORKID 18, CRFOP 22 dBm, PARAMETER 9,7,1,12 (SF9, 125 kHz, 4/5, 12).
   Settings are kept in the module's flash (they survive power loss).
 - Current (datasheet): TX ~120 mA at 22 dBm (~45 mA at 14 dBm), RX ~17 mA, sleep ~8 uA."""
@@ -16,6 +19,7 @@ from binlink.wire import airtime
 OVERHEAD = 8
 REPLY_MS = 4.0  # command processed, reply starts
 BW_KHZ = {7: 125, 8: 250, 9: 500}
+MAX_SF = {7: 9, 8: 10, 9: 11}  # highest spreading factor the module takes at each bandwidth code
 
 
 class Rylr998:
@@ -39,6 +43,17 @@ class Rylr998:
     def sf_bw(self):
         p = self.settings["PARAMETER"].split(",")
         return int(p[0]), BW_KHZ.get(int(p[1]), 125)
+
+    def preamble(self):
+        return int(self.settings["PARAMETER"].split(",")[3])
+
+    @staticmethod
+    def parameter_ok(arg):
+        p = arg.split(",")
+        if len(p) != 4 or not all(x.isdigit() for x in p):
+            return False
+        sf, bw, cr, pre = (int(x) for x in p)
+        return bw in MAX_SF and 7 <= sf <= MAX_SF[bw] and 1 <= cr <= 4 and 4 <= pre <= 24
 
     def dbm(self):
         return int(self.settings["CRFOP"])
@@ -99,6 +114,8 @@ class Rylr998:
         if name == "IPR":
             self.baud = int(arg)
             return "+OK"
+        if name == "PARAMETER" and not self.parameter_ok(arg):
+            return "+ERR=4"
         if name in self.settings:
             self.settings[name] = arg
             return "+OK"
@@ -118,7 +135,7 @@ class Rylr998:
             return "+ERR=17"
         sf, bw = self.sf_bw()
         start = at + REPLY_MS
-        self.tx_until = start + airtime.time_on_air_ms(n + OVERHEAD, sf, bw)
+        self.tx_until = start + airtime.time_on_air_ms(n + OVERHEAD, sf, bw, preamble=self.preamble())
         self.sent.append((start, data))
         self.transmit(data, n + OVERHEAD, sf, bw, self.dbm())
         return "+OK"

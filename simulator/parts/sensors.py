@@ -2,8 +2,8 @@
 does in the bin — echo time for a surface through air at T, stray echoes, blind zone — comes
 from binlink.sim.physics.UltrasonicSensor.
 
-JSN-SR04T (v3 datasheet) / HC-SR04 (Elecfreaks datasheet): a trigger pulse of >= 10 us starts a
-burst; echo goes high when the burst is out and stays high for the round trip. With no echo it
+JSN-SR04T (v3 datasheet) / HC-SR04 (Elecfreaks datasheet): a trigger pulse of >= 20 us (JSN-SR04T:
+the vendor's note; a shorter one is ignored) / >= 10 us (HC-SR04) starts a burst; echo goes high when the burst is out and stays high for the round trip. With no echo it
 stays high ~60 ms (JSN-SR04T; HC-SR04 ~38 ms). Blind zone ~25 cm (JSN) / 2 cm (HC-SR04). Needs
 ~100 ms after power-up before it answers a trigger. Current: JSN-SR04T ~5 mA standing by, ~8 mA
 measuring; HC-SR04 ~2 mA / 15 mA.
@@ -33,6 +33,7 @@ def crc8(data):
 
 
 class EchoSensor:
+    TRIGGER_MS = 0.020  # JSN-SR04T: 20 us
     NO_ECHO_MS = 60.0
     IDLE_STEP = True  # step() has nothing to do: the pulse is fixed at the trigger (the board skips it)
     BURST_MS = 0.5  # trigger fall to echo rise: the 40 kHz burst goes out
@@ -58,7 +59,7 @@ class EchoSensor:
         if level:
             self.trig_high_at = now
         elif self.trig_high_at is not None:
-            wide = now - self.trig_high_at >= 0.010
+            wide = now - self.trig_high_at >= self.TRIGGER_MS - 1e-9
             ready = now - self.powered_at >= self.POWER_UP_MS
             busy = self.high is not None and now < self.high[1]
             self.trig_high_at = None
@@ -86,6 +87,7 @@ class EchoSensor:
 
 
 class HcSr04(EchoSensor):
+    TRIGGER_MS = 0.010
     NO_ECHO_MS = 38.0
     POWER_UP_MS = 50.0
     IDLE_MA, ACTIVE_MA = 2.0, 15.0

@@ -1,12 +1,17 @@
 # The wake cycle: boot → read config → measure → decide → encode → transmit → deep sleep.
 # Every millisecond awake costs battery, so the cycle does only what this wake needs, and any
 # failure ends in deep sleep — never a crash loop that drains the battery.
-from binlink.wire import airtime, codec
+# The radio code (transports, framing, airtime) is imported only by a wake that needs the radio:
+# three wakes in four only measure, and every module loaded costs boot time (docs/energy.md).
+from binlink.wire import codec
 
-from binlink.firmware import config, log, measure, sensors, state, transports
+from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 2, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off
+FW_VERSION = (1, 3, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+# 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full
 DAY_S = 86400
+NEAR_FULL_MM = 100  # an echo this close above the blind zone: the bin is about to fill it
+NEAR_FULL_WAKES = 96  # a no-echo reads as full for at most this many wakes in a row (a day at 15 min), then as a fault
 POWER_ON, DEEPSLEEP = 1, 4  # hw.reset_cause(): codec.RESET_CAUSES
 _log = log.get("app")
 
@@ -15,9 +20,8 @@ def run_cycle(hw, cfg, chash):
     """One wake (the watchdog already running); returns the number of seconds to deep-sleep.
     State is saved and the radio put to sleep before returning, each even if the other fails."""
     s = state.load(hw)
-    radio = None
+    radio = _Radio(hw, cfg)
     try:
-        radio = transports.make(hw, cfg)
         return _cycle(hw, cfg, chash, s, radio)
     except Exception as e:  # noqa: BLE001 - any fault: count it, sleep, try again next wake
         s.errors += 1
@@ -27,13 +31,32 @@ def run_cycle(hw, cfg, chash):
         try:
             state.save(hw, s)
         finally:
-            if radio is not None:
-                radio.sleep()
+            radio.sleep()
+
+
+class _Radio:
+    """The transport, made (and its code imported) the first time this wake uses it."""
+
+    def __init__(self, hw, cfg):
+        self.hw, self.cfg, self.t = hw, cfg, None
+
+    def get(self):
+        if self.t is None:
+            from binlink.firmware import transports
+
+            self.t = transports.make(self.hw, self.cfg)
+        return self.t
+
+    def sleep(self):
+        if self.t is not None:
+            self.t.sleep()
 
 
 def _cycle(hw, cfg, chash, s, radio):
     now = hw.time_s()
     cause = hw.reset_cause()
+    if cause != DEEPSLEEP:
+        radio.get()  # after any reset the module may be left awake (pins held mid-send): it is put to sleep
     if s.restored and cause == POWER_ON:
         # power came back with RTC memory intact (a real power loss clears it): the supply browned
         # out — the ESP32 reports a brown-out as a power-on — on a cell sagging under the radio's
@@ -44,12 +67,15 @@ def _cycle(hw, cfg, chash, s, radio):
         _log.warning("brown-out %d in a row: no transmission for %d s", s.brownouts, s.quiet_until - now)
     quiet = now < s.quiet_until
     if not quiet and (cause != DEEPSLEEP or not s.restored):  # cold boot: check the radio module's settings, say hello
-        if not radio.setup():
+        if not radio.get().setup():
             s.errors += 1
         _hello(hw, cfg, chash, s, radio, now, cause)
     hw.wdt_feed()
-    temp = hw.temperature_c(cfg["temp_pin"], cfg["temp_bits"])
-    dist, valid, flags = measure.take(hw, sensors.make(hw, cfg), cfg, temp)
+    job = hw.temperature_start(cfg["temp_pin"], cfg["temp_bits"])  # converts while the sensor powers up
+    samples = measure.pings(hw, sensors.make(hw, cfg), cfg)
+    temp = hw.temperature_c(cfg["temp_pin"], cfg["temp_bits"], job)
+    dist, valid, flags = measure.reading(samples, cfg["pings"], temp, cfg["blind_mm"], cfg["max_mm"])
+    dist, flags = _blind_zone(cfg, s, dist, valid, flags)
     battery = hw.battery_mv(cfg["battery_pin"], cfg["battery_en_pin"])
     hw.wdt_feed()
     alarm = 0
@@ -89,6 +115,19 @@ def _cycle(hw, cfg, chash, s, radio):
     s.last_distance = state.NO_DISTANCE if dist is None else dist
     s.alarm_flags = alarm
     return _sleep_s(cfg, s)
+
+
+def _blind_zone(cfg, s, dist, valid, flags):
+    """A JSN-SR04T inside its blind zone (~23-25 cm) loses the echo rather than reporting it: a
+    no-echo right after a reading at the blind zone's edge is the bin filling it, not a fault."""
+    if dist is None and valid == 0:
+        if 0 < s.near_full <= NEAR_FULL_WAKES:
+            s.near_full += 1
+            return cfg["blind_mm"], (flags & ~codec.F_SENSOR_FAULT) | codec.F_BLIND_ZONE
+        s.near_full = 0
+        return dist, flags
+    s.near_full = 1 if dist is not None and dist <= cfg["blind_mm"] + NEAR_FULL_MM else 0
+    return dist, flags
 
 
 def _hello(hw, cfg, chash, s, radio, now, cause):
@@ -131,19 +170,22 @@ def _due(cfg, s, now, dist, fill, new_alarm, quiet=False):
 
 def _send(hw, cfg, s, radio, frame, now):
     """Sends if the duty cycle allows; books the off-time. False: not sent (caller keeps it)."""
-    if transports.duty_limited(cfg):
+    t = radio.get()
+    if cfg["transport"] in ("e22", "e32", "rylr998"):  # transports.duty_limited, without importing it
+        from binlink.wire import airtime
+
         dc = cfg["duty_cycle"]
         if s.budget_ms < 0:
             s.budget_ms = airtime.budget_cap_ms(dc)
         else:
             s.budget_ms = airtime.refill_ms(s.budget_ms, now - s.budget_at, dc)
         s.budget_at = now
-        toa = airtime.time_on_air_ms(radio.on_air_len(frame), cfg["sf"], cfg["bandwidth_khz"])
+        toa = airtime.time_on_air_ms(t.on_air_len(frame), cfg["sf"], cfg["bandwidth_khz"], preamble=t.PREAMBLE)
         if toa > s.budget_ms:
             _log.info("duty cycle: %d ms of airtime left, frame needs %d", s.budget_ms, toa)
             return False
         s.budget_ms -= int(toa + 0.999)
-    sent = radio.send(frame)
+    sent = t.send(frame)
     if sent:
         s.brownouts = 0
     return sent

@@ -121,6 +121,7 @@ def parse(given, raw=b"", problems=None):
     if cfg["bandwidth_khz"] not in (125, 250, 500):
         problems.append("bandwidth_khz must be 125, 250 or 500")
         cfg["bandwidth_khz"] = DEFAULTS["bandwidth_khz"]
+    _radio_settings(cfg, problems)
     if cfg["pings"] < 1 or cfg["pings"] > 15:
         problems.append("pings must be 1..15")
         cfg["pings"] = DEFAULTS["pings"]
@@ -132,6 +133,21 @@ def parse(given, raw=b"", problems=None):
         for k in ("radio_m0_pin", "radio_m1_pin"):
             _rtc_pin(cfg, k, "hold the radio asleep through deep sleep", False, problems)
     return cfg, hashlib.sha256(raw).digest()[:4], problems
+
+
+# spreading factor / bandwidth a transport can carry: RYLR998 refuses SF10-12 at 125 kHz (SF7-9),
+# SF11-12 at 250 kHz, SF12 at 500 kHz (its AT command guide); EBYTE's air rates are 125 kHz only
+RYLR_MAX_SF = {125: 9, 250: 10, 500: 11}
+
+
+def _radio_settings(cfg, problems):
+    t, sf, bw = cfg["transport"], cfg["sf"], cfg["bandwidth_khz"]
+    if t in ("e22", "e32") and bw != 125:
+        problems.append("bandwidth_khz %d: EBYTE air rates are at 125 kHz" % bw)
+        cfg["bandwidth_khz"] = 125
+    elif t == "rylr998" and sf > RYLR_MAX_SF[bw]:
+        problems.append("sf %d at %d kHz: RYLR998 takes SF7-%d there" % (sf, bw, RYLR_MAX_SF[bw]))
+        cfg["sf"] = RYLR_MAX_SF[bw]
 
 
 def usable(cfg):

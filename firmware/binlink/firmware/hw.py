@@ -88,13 +88,14 @@ def pin_read(pin):
 
 
 def pulse_us(trig, echo, timeout_us):
-    """10 us trigger, then the echo's high time; -1/-2 are time_pulse_us's timeouts."""
+    """20 us trigger (the JSN-SR04T's vendor note; the HC-SR04 wants 10), then the echo's high
+    time; -1/-2 are time_pulse_us's timeouts."""
     t = machine.Pin(trig, machine.Pin.OUT)
     e = machine.Pin(echo, machine.Pin.IN)
     t.value(0)
     time.sleep_us(5)
     t.value(1)
-    time.sleep_us(10)
+    time.sleep_us(20)
     t.value(0)
     return machine.time_pulse_us(e, 1, timeout_us)
 
@@ -169,28 +170,65 @@ def battery_mv(pin, enable_pin=-1):
 POWER_ON_C = 85.0  # the DS18B20's scratchpad after power-on, until a conversion completes
 
 
-def temperature_c(pin, bits=9):
+def _ds18(pin, bits):
+    import onewire
+    import ds18x20
+
+    ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
+    roms = ds.scan()
+    if not roms:
+        return None, None
+    ds.write_scratch(roms[0], bytes([0, 0, ((bits - 9) << 5) | 0x1F]))  # TH, TL, config register
+    return ds, roms[0]
+
+
+def temperature_start(pin, bits=9):
+    """Starts a DS18B20 conversion and returns at once, so that it runs while the ultrasonic
+    sensor powers up; temperature_c(pin, bits, started) reads it. None when absent or failing
+    (temperature_c then converts on its own)."""
+    try:
+        ds, rom = _ds18(pin, bits)
+        if ds is None:
+            return None
+        ds.convert_temp()
+        return ds, rom, time.ticks_ms()
+    except Exception:  # noqa: BLE001 - ImportError, OneWireError: the reading goes on without it
+        return None
+
+
+def temperature_c(pin, bits=9, started=None):
     """DS18B20 on a 1-Wire pin at `bits` resolution (9: 0.5 °C in 94 ms; 12: 0.0625 °C in
     750 ms); None when absent or unreadable. ds18x20 raises OneWireError when the sensor does not
-    answer a reset and Exception("CRC error") on a corrupted scratchpad: up to three attempts,
-    then None, so a bad sensor costs the temperature, never the reading. 85.0 is the power-on value: it counts
-    only when a second conversion confirms it (a fire reads 85 twice; a lost conversion once)."""
-    try:
-        import onewire
-        import ds18x20
-    except ImportError:
-        return None
-    ds = ds18x20.DS18X20(onewire.OneWire(machine.Pin(pin)))
+    answer a reset and Exception("CRC error") on a corrupted scratchpad: up to three attempts
+    (the conversion temperature_start began is the first), then None, so a bad sensor costs the
+    temperature, never the reading. 85.0 is the power-on value: it counts only when a second
+    conversion confirms it (a fire reads 85 twice; a lost conversion once)."""
+    conv_ms = (750 >> (12 - bits)) + 5
     last = None
-    for _ in range(3):
+    attempts = 3
+    if started is not None:
+        ds, rom, t0 = started
+        left = conv_ms - time.ticks_diff(time.ticks_ms(), t0)
+        if left > 0:
+            time.sleep_ms(left)
+        attempts = 2
         try:
-            roms = ds.scan()
-            if not roms:
+            t = ds.read_temp(rom)
+            if t != POWER_ON_C:
+                return t
+            last = t
+        except Exception:  # noqa: BLE001 - as below
+            pass
+    for _ in range(attempts):
+        try:
+            ds, rom = _ds18(pin, bits)
+            if ds is None:
                 return None
-            ds.write_scratch(roms[0], bytes([0, 0, ((bits - 9) << 5) | 0x1F]))  # TH, TL, config register
             ds.convert_temp()
-            time.sleep_ms((750 >> (12 - bits)) + 5)
-            t = ds.read_temp(roms[0])
+            time.sleep_ms(conv_ms)
+            t = ds.read_temp(rom)
+        except ImportError:
+            return None
         except Exception:  # noqa: BLE001 - OneWireError and the driver's bare CRC Exception
             continue
         if t != POWER_ON_C or last == POWER_ON_C:

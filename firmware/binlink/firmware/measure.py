@@ -33,8 +33,8 @@ def reading(samples, pings, temp_c, blind_mm, max_mm):
     return int(d + 0.5), len(kept), 0
 
 
-def take(hw, sensor, cfg, temp_c):
-    """Powers the sensor (where a pin switches it), pings cfg pings times, returns reading()."""
+def pings(hw, sensor, cfg):
+    """Powers the sensor (where a pin switches it) and pings it cfg pings times: ping() results."""
     power = cfg["sensor_power_pin"]
     if power >= 0:
         hw.pin_write(power, 1)
@@ -48,4 +48,4 @@ def take(hw, sensor, cfg, temp_c):
     finally:
         if power >= 0:
             hw.pin_write(power, 0)
-    return reading(samples, cfg["pings"], temp_c, cfg["blind_mm"], cfg["max_mm"])
+    return samples

@@ -3,10 +3,10 @@
 # RTC layout, little-endian:
 #   0  magic "BL" | 2 layout version | 3 reserved
 #   4  fcnt u32 | 8 errors u16 | 10 dropped u16 | 12 last report time u32 | 16 last distance u16
-#   18 reserved | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
+#   18 near-full streak u8 | 19 backlog count u8 | 20 airtime budget updated at u32 (s)
 #   24 airtime budget ms u16 | 26 last alarm flags u8 | 27 brown-outs in a row u8
 #   28 no transmission before u32 (s)
-# (27..31 were reserved, always zero, in layout 1's first firmware: it reads the same)
+# (18 and 27..31 were reserved, always zero, in layout 1's first firmware: it reads the same)
 #   32 backlog: entries of 14 bytes: fcnt u32, measured at u32 (s), reading body (6 bytes)
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
 # the reservation, so no value is ever sent twice.
@@ -14,7 +14,7 @@ import struct
 
 MAGIC = b"BL"
 LAYOUT = 1
-HEADER = "<2sBxIHHIHxBIHBBI"
+HEADER = "<2sBxIHHIHBBIHBBI"
 HEADER_LEN = 32
 ENTRY = "<II6s"
 ENTRY_LEN = 14
@@ -35,12 +35,13 @@ class State:
         self.alarm_flags = 0
         self.brownouts = 0  # brown-outs in a row (power-on resets with RTC memory intact)
         self.quiet_until = 0  # no transmission before this time (s): the cell recovers meanwhile
+        self.near_full = 0  # 1: the last wake's echo was at the blind zone's edge; n > 1: n - 1 wakes read full since
         self.backlog = []  # [fcnt, measured_at_s, body bytes]
         self.restored = False  # True when RTC memory held a valid state
 
     def pack(self):
         head = struct.pack(HEADER, MAGIC, LAYOUT, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
-                           self.last_report, self.last_distance, len(self.backlog),
+                           self.last_report, self.last_distance, self.near_full, len(self.backlog),
                            self.budget_at, max(0, self.budget_ms), self.alarm_flags, self.brownouts, self.quiet_until)
         parts = [head]
         for e in self.backlog:
@@ -54,7 +55,7 @@ def unpack(data):
     s = State()
     if len(data) < HEADER_LEN or data[:2] != MAGIC or data[2] != LAYOUT:
         return s
-    (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, n,
+    (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.near_full, n,
      s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_LEN])
     if HEADER_LEN + n * ENTRY_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)

@@ -24,10 +24,12 @@ class UartFramed:
     """Wired serial, or an EBYTE E22/E32 in transparent mode: COBS + CRC frames on the UART.
     E22/E32 give no acknowledgement, so a frame written is a frame sent. With its mode pins
     wired (M0, M1, AUX), the module is woken for the send and put to sleep (~2 uA) afterwards;
-    M0/M1 are held through deep sleep (an unheld pad floats: the module would wake into normal
-    mode and listen at ~12 mA all night)."""
+    M0/M1 are held through deep sleep (their weak pull-ups would sleep the module too, but a pad
+    that floats near a threshold is no state to rely on for years)."""
 
     AUX_TIMEOUT_MS = 3000  # the longest packet at SF12 is ~2.8 s on air
+    PREAMBLE = 8  # LoRa's usual; EBYTE publishes none
+    AUX_FALL_MS = 10  # a mode change is noticed (AUX falls) within a few ms; no change: AUX never falls
     # EBYTE air-rate codes for the spreading factor the duty-cycle maths uses (125 kHz, CR 4/5):
     # 0.3k ~ SF12, 1.2k ~ SF10, 2.4k ~ SF9 (factory), 4.8k ~ SF8, 9.6k ~ SF7; no rate is SF11:
     # the faster 1.2k keeps the duty-cycle maths on the safe side (it books more than is sent)
@@ -39,34 +41,45 @@ class UartFramed:
         self.kind = kind
         self.m0, self.m1, self.aux = m0, m1, aux
         self.cfg = cfg
+        self.pins = None  # (M0, M1) as written this wake; None: not yet (the module sleeps, pins held 1/1)
         self.stuck = False  # AUX never rose: not waited on again this wake (each wait costs 3 s awake)
 
     def _mode(self, m0, m1):
-        """M0/M1, then the manual's sequence: the module notices within ~1 ms and holds AUX low
-        while it reconfigures; the new mode is in force 2 ms after AUX rises."""
+        """M0/M1, then the manual's sequence: the module notices the change (AUX falls), reloads its
+        parameters with AUX low for a time the manual does not state, and the new mode is in force
+        2 ms after AUX rises. Waiting for the fall first: a sample taken before the module noticed
+        would see the old mode's AUX high."""
         if self.m0 < 0 or self.m1 < 0:
+            return True
+        if self.pins == (m0, m1):
             return True
         self.hw.pin_write(self.m0, m0, True)
         self.hw.pin_write(self.m1, m1, True)
-        self.hw.sleep_ms(2)
+        self.pins = (m0, m1)
         ok = self._wait_idle()
         self.hw.sleep_ms(2)
         return ok
 
     def _wait_idle(self):
-        """AUX is low while the module is busy (reconfiguring, holding data, transmitting)."""
+        """AUX low, then high: low while the module reconfigures or holds data not yet handed to
+        its RF chip. Both waits are bounded; a module whose AUX never rises is not waited on again."""
         if self.aux < 0:
             return True
         if self.stuck:
             return False
+        hw = self.hw
         waited = 0
-        while self.hw.pin_read(self.aux) == 0:
+        while waited < self.AUX_FALL_MS and hw.pin_read(self.aux) == 1:
+            hw.sleep_ms(1)
+            waited += 1
+        waited = 0
+        while hw.pin_read(self.aux) == 0:
             if waited >= self.AUX_TIMEOUT_MS:
                 _log.warning("radio module busy for %d ms", waited)
                 self.stuck = True
                 return False
-            step = 2 if waited < 20 else 10  # mode changes take a few ms; a packet on air ~50-2800 ms
-            self.hw.sleep_ms(step)
+            step = 2 if waited < 60 else 10  # reconfiguring: a few to ~40 ms; data behind a packet on air: up to ~2.8 s
+            hw.sleep_ms(step)
             waited += step
         return True
 
@@ -75,10 +88,17 @@ class UartFramed:
             return False
         self.hw.uart_write(self.port, framing.frame(frame))
         self.hw.uart_flush(self.port)  # every byte in the module before AUX means anything
-        return self._wait_idle()  # out on air before the next frame or deep sleep
+        return self._wait_idle()  # handed to the RF chip: AUX rises while the packet is still on air
 
     def sleep(self):
-        self._mode(1, 1)  # E22 deep sleep / E32 sleep: ~2 uA
+        """M0 = M1 = 1 (E22 deep sleep / E32 sleep, ~2 uA), held through deep sleep. Not waited on:
+        the module finishes the packet on air and then sleeps by itself (the manuals' fast sleep),
+        so the ESP32 need not stay awake for the time on air."""
+        if self.m0 < 0 or self.m1 < 0:
+            return
+        self.hw.pin_write(self.m0, 1, True)
+        self.hw.pin_write(self.m1, 1, True)
+        self.pins = (1, 1)
 
     def on_air_len(self, frame):
         return framing.framed_len(len(frame))
@@ -134,6 +154,7 @@ class Rylr998:
 
     REPLY_TIMEOUT_MS = 1000
     OVERHEAD = 8
+    PREAMBLE = 12  # the module's programmed preamble (PARAMETER's 4th field), in its time on air
 
     def __init__(self, hw, port, addr, cfg=None):
         self.hw = hw
@@ -174,7 +195,7 @@ class Rylr998:
             reply = self._command(b"AT+SEND=%d,%d,%s" % (self.addr, len(data), data.encode()), self.REPLY_TIMEOUT_MS)
             if reply == b"+OK":
                 c = self.cfg
-                toa = airtime.time_on_air_ms(len(data) + self.OVERHEAD, c["sf"], c["bandwidth_khz"])
+                toa = airtime.time_on_air_ms(len(data) + self.OVERHEAD, c["sf"], c["bandwidth_khz"], preamble=self.PREAMBLE)
                 self.busy_until = self.hw.ticks_ms() + int(toa) + 10
                 return True
             if reply != b"+ERR=17":  # 17: still on air (a send booked too short): wait once more
@@ -188,7 +209,7 @@ class Rylr998:
         bw = {125: 7, 250: 8, 500: 9}[c["bandwidth_khz"]]
         return [(b"BAND", b"%d" % c["rylr_band_hz"]), (b"NETWORKID", b"%d" % c["radio_netid"]),
                 (b"CRFOP", b"%d" % legal_dbm(range(0, 23), c["antenna_dbi"])),
-                (b"PARAMETER", b"%d,%d,1,12" % (c["sf"], bw))]
+                (b"PARAMETER", b"%d,%d,1,%d" % (c["sf"], bw, self.PREAMBLE))]
 
     def setup(self):
         """Cold boot: band, network id, legal output power, SF/bandwidth as the airtime maths
