@@ -243,6 +243,7 @@ SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt
             "planner": bench_planner, "start": lambda: __import__("tests.bench_start").bench_start.run()}
 SECTIONS["city"] = bench_city  # issue 21: the simulated report at city scale (long: not in `planner`)
 SECTIONS["planner_page"] = bench_planner_page  # issue 21: the planner's page in a headless browser
+SECTIONS["energy"] = lambda: __import__("tests.bench_energy", fromlist=["run"]).run()  # issue 19: battery range, boot, faults, cold cell
 
 
 def main(names):

