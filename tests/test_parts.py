@@ -208,6 +208,56 @@ def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, trans
     assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14 and r.air() == (10, 125)
 
 
+# EU868: ERC Recommendation 70-03 annex 1 (ETSI EN 300 220-2), the test's own reading of it:
+# (low MHz, high MHz, max ERP dBm, max duty cycle)
+EU868 = ((865.0, 868.0, 14, 0.01), (868.0, 868.6, 14, 0.01), (868.7, 869.2, 14, 0.001),
+         (869.4, 869.65, 27, 0.1), (869.7, 870.0, 14, 0.01))
+LORAWAN = (868.1, 868.3, 868.5, 869.525, 867.1, 867.3, 867.5, 867.7, 867.9)  # defaults, RX2, TTN's five
+
+
+def _sub_band(f_mhz, bw_khz):
+    half = bw_khz / 2000.0
+    return next((b for b in EU868 if b[0] <= f_mhz - half and f_mhz + half <= b[1]), None)
+
+
+def _on_lorawan(f_mhz, bw_khz):
+    return any(abs(f_mhz - c) < bw_khz / 2000.0 + 0.0625 for c in LORAWAN)
+
+
+@pytest.mark.parametrize("transport", ["e22", "e32", "rylr998"])
+def test_by_default_the_module_sends_inside_a_sub_band_and_off_the_lorawan_channels(make_device, transport):
+    """A city's LoRaWAN traffic sits on 868.1/868.3/868.5 (and 867.1-867.9): the old defaults
+    (E22 868.125, RYLR998 868.5 MHz) overlapped it. After a cold boot the module itself is set to a
+    channel wholly inside one EU868 sub-band, off every LoRaWAN channel, within its power rule."""
+    dev = make_device(transport=transport)
+    run(dev, 1)
+    r = dev.hw.radio
+    f = r.freq_mhz()
+    band = _sub_band(f, dev.cfg["bandwidth_khz"])
+    assert band is not None and not _on_lorawan(f, dev.cfg["bandwidth_khz"]), f
+    dbm = r.tx_dbm() if transport != "rylr998" else r.dbm()
+    assert dbm + dev.cfg["antenna_dbi"] - 2.15 <= band[2] and dev.cfg["duty_cycle"] <= band[3]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["e22", "e32", "rylr998"]), st.integers(-1, 40), st.integers(860_000_000, 872_000_000),
+       st.sampled_from([0.1, 0.01, 0.001]))
+def test_a_provisioned_channel_is_kept_inside_its_sub_band_rule(transport, channel, band_hz, duty):
+    cfg, _, problems = config.parse({"device_id": 1, "key": KEY.hex(), "transport": transport, "radio_channel": channel,
+                                     "rylr_band_hz": band_hz, "duty_cycle": duty})
+    f = {"e22": 850.125 + cfg["radio_channel"], "e32": 862.0 + cfg["radio_channel"],
+         "rylr998": cfg["rylr_band_hz"] / 1e6}[transport]
+    band = _sub_band(f, cfg["bandwidth_khz"])
+    assert band is not None, (transport, channel, band_hz, f)
+    assert cfg["duty_cycle"] <= band[3] and config.erp_dbm(cfg) <= band[2]
+    asked = {"e22": 850.125 + channel, "e32": 862.0 + channel, "rylr998": band_hz / 1e6}[transport]
+    if channel >= 0 or transport == "rylr998":
+        kept = _sub_band(asked, 125) is not None
+        assert kept == (abs(f - asked) < 1e-9), (asked, f, problems)  # refused (with a problem) only when outside
+        assert kept or any("sub-band" in p for p in problems)
+        assert (kept and _on_lorawan(asked, 125)) == any("LoRaWAN" in p for p in problems), (asked, problems)
+
+
 # REYAX RYLR998 -----------------------------------------------------------------------------------
 
 def test_rylr998_backlog_drains_without_err17_and_module_sleeps(make_device):
@@ -224,7 +274,7 @@ def test_rylr998_backlog_drains_without_err17_and_module_sleeps(make_device):
     assert r.err17 == 0
     assert not state.unpack(dev.hw.rtc).backlog
     assert r.baud == 115200 and dev.cfg["radio_uart"][1] == 115200
-    assert r.settings["BAND"] == "868500000" and int(r.settings["CRFOP"]) <= 14
+    assert r.settings["BAND"] == "866125000" and int(r.settings["CRFOP"]) <= 14
     assert r.settings["PARAMETER"].startswith("%d,7" % dev.cfg["sf"])
     assert r.asleep  # AT+MODE=1 before deep sleep: ~8 uA, not ~17 mA listening
     rs = [x for d in decoded(dev) for x in (d.get("readings") or [d] if d["type"] != "hello" else [])]

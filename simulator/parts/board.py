@@ -202,6 +202,8 @@ class Board:
         """Deep sleep (or the reset that ended the last run) until `epoch`; then boot."""
         slept = max(0.0, (epoch - self.epoch()) * 1000.0)
         charge0 = self.charge_mAs
+        if self._on_cell:
+            self.battery.hold_temperature()
         if self.sleep_ms is not None:
             try:
                 self.advance(slept)
@@ -215,6 +217,8 @@ class Board:
 
     def _start(self, epoch, cause):
         self.epoch0 = epoch - self.now / 1000.0
+        if self._on_cell:
+            self.battery.hold_temperature()
         self.esp.boot(cause)
         ext0 = self.esp.wake_ext0
         if cause != chip.DEEPSLEEP:

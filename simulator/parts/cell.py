@@ -44,6 +44,19 @@ class LiSOCl2Cell:
         self.age_years = age_years
         self.temp_c = temp_c or (lambda: 20.0)
         self.passivation = passivation
+        self._held = None  # (cold factor, layer growth time constant ms): hold_temperature()
+
+    def hold_temperature(self):
+        """Takes the temperature now and keeps it until called again (the board calls it at each
+        wake and each sleep: the air changes over hours, a wake lasts a second)."""
+        t = self.temp_c()
+        self._held = (math.exp(COLD_PER_C * (20.0 - t)), PASSIVE_DAYS_20C * 86400000.0 * 2.0 ** ((20.0 - t) / 10.0))
+
+    def _cold_tau(self, temp_c=None):
+        if temp_c is None and self._held is not None:
+            return self._held
+        t = self.temp_c() if temp_c is None else temp_c
+        return math.exp(COLD_PER_C * (20.0 - t)), PASSIVE_DAYS_20C * 86400000.0 * 2.0 ** ((20.0 - t) / 10.0)
 
     # capacity (the bench's accounting: SimDevice books each wake's integrated charge) ------------
     def draw(self, ma, seconds):
@@ -61,8 +74,7 @@ class LiSOCl2Cell:
         return 2000.0 + (OCV_MV - 50.0 - 2000.0) * left / 0.05
 
     def resistance_ohm(self, temp_c=None):
-        t = self.temp_c() if temp_c is None else temp_c
-        cold = math.exp(COLD_PER_C * (20.0 - t))
+        cold = self._cold_tau(temp_c)[0]
         r = R20_OHM * cold * (1.0 + AGE_PER_YEAR * self.age_years)
         d = self.depth()
         if d > 0.8:  # the resistance climbs towards the end of the capacity
@@ -87,9 +99,9 @@ class LiSOCl2Cell:
         """`ms` at a constant `ma`: the layer grows at rest, the load above CLEAR_MIN_MA breaks it."""
         if ms <= 0:
             return
-        t = self.temp_c()
-        tau_ms = PASSIVE_DAYS_20C * 86400000.0 * 2.0 ** ((20.0 - t) / 10.0)
-        p = 1.0 - (1.0 - self.passivation) * math.exp(-ms / tau_ms)
+        tau_ms = self._cold_tau()[1]
+        x = ms / tau_ms
+        p = 1.0 - (1.0 - self.passivation) * (1.0 - x if x < 1e-4 else math.exp(-x))
         if ma > CLEAR_MIN_MA:
             p *= math.exp(-(ma - CLEAR_MIN_MA) * ms / 1000.0 / CLEAR_MAS)
         self.passivation = p

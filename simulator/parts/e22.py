@@ -85,6 +85,9 @@ class E22:
     def rssi_byte(self):
         return bool(self.regs[6] & 0x80)
 
+    def freq_mhz(self):
+        return 850.125 + self.regs[5]  # REG2: 850.125 + CH MHz
+
     # pins ---------------------------------------------------------------------------------------
     def mode_from_pins(self):
         m0 = self.levels.get(self.m0)
@@ -254,6 +257,9 @@ class E32(E22):
 
     def rssi_byte(self):
         return False
+
+    def freq_mhz(self):
+        return 862.0 + self.params[3]  # CHAN: 862 + CH MHz
 
     def _config(self, at):
         b = self.buf

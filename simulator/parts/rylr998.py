@@ -55,6 +55,9 @@ class Rylr998:
         sf, bw, cr, pre = (int(x) for x in p)
         return bw in MAX_SF and 7 <= sf <= MAX_SF[bw] and 1 <= cr <= 4 and 4 <= pre <= 24
 
+    def freq_mhz(self):
+        return int(self.settings["BAND"]) / 1e6
+
     def dbm(self):
         return int(self.settings["CRFOP"])
 

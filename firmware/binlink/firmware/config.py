@@ -28,13 +28,13 @@ DEFAULTS = {
     "radio_m1_pin": 14,
     "radio_aux_pin": 13,
     "rylr_addr": 0,  # RYLR998 destination address (0 = broadcast)
-    "rylr_band_hz": 868500000,  # RYLR998 centre frequency: inside EU868 g1 (868.0-868.6 MHz)
+    "rylr_band_hz": 866125000,  # RYLR998 centre frequency: EU868 865-868 MHz band, off the LoRaWAN channels
     "radio_netid": 18,  # E22 NETID / RYLR998 NETWORKID (RYLR998: 3-15 or 18)
-    "radio_channel": -1,  # EBYTE channel; -1: 868.125 MHz (E22 18) / 868 MHz (E32 6)
+    "radio_channel": -1,  # EBYTE channel; -1: 866.125 MHz (E22 16) / 866 MHz (E32 4), off the LoRaWAN channels
     "antenna_dbi": 2.15,  # antenna gain: the module's power is chosen for <= 14 dBm ERP
     "sf": 9,  # LoRa spreading factor, for time on air and the duty cycle
     "bandwidth_khz": 125,
-    "duty_cycle": 0.01,  # EU868 g1 sub-band
+    "duty_cycle": 0.01,  # at most the sub-band's (SUB_BANDS)
     "wifi_ssid": "",
     "wifi_password": "",
     "mqtt_host": "",
@@ -122,6 +122,7 @@ def parse(given, raw=b"", problems=None):
         problems.append("bandwidth_khz must be 125, 250 or 500")
         cfg["bandwidth_khz"] = DEFAULTS["bandwidth_khz"]
     _radio_settings(cfg, problems)
+    _channel(cfg, problems)
     if cfg["pings"] < 1 or cfg["pings"] > 15:
         problems.append("pings must be 1..15")
         cfg["pings"] = DEFAULTS["pings"]
@@ -133,6 +134,70 @@ def parse(given, raw=b"", problems=None):
         for k in ("radio_m0_pin", "radio_m1_pin"):
             _rtc_pin(cfg, k, "hold the radio asleep through deep sleep", False, problems)
     return cfg, hashlib.sha256(raw).digest()[:4], problems
+
+
+# EU868 sub-bands for non-specific short-range devices (ERC Recommendation 70-03 annex 1 bands
+# h1.4-h1.7 and 869.7-870; ETSI EN 300 220-2): (low MHz, high MHz, ERP dBm, duty cycle)
+SUB_BANDS = ((865.0, 868.0, 14, 0.01), (868.0, 868.6, 14, 0.01), (868.7, 869.2, 14, 0.001),
+             (869.4, 869.65, 27, 0.1), (869.7, 870.0, 14, 0.01))
+# LoRaWAN EU868: the three default channels, RX2, and the five a network commonly adds (TTN):
+# a city is full of their traffic, a bin on them collides with it
+LORAWAN_MHZ = (868.1, 868.3, 868.5, 869.525, 867.1, 867.3, 867.5, 867.7, 867.9)
+DEFAULT_CHANNEL = {"e22": 16, "e32": 4}  # 850.125 + 16 = 866.125 MHz; 862 + 4 = 866 MHz
+
+
+def channel_mhz(cfg):
+    t = cfg["transport"]
+    if t == "e22":
+        return 850.125 + cfg["radio_channel"]
+    if t == "e32":
+        return 862.0 + cfg["radio_channel"]
+    if t == "rylr998":
+        return cfg["rylr_band_hz"] / 1e6
+    return None
+
+
+def sub_band(cfg):
+    """The SUB_BANDS entry the radio's whole channel (centre +/- half the bandwidth) lies in, or None."""
+    f = channel_mhz(cfg)
+    if f is None:
+        return None
+    half = cfg["bandwidth_khz"] / 2000.0
+    for b in SUB_BANDS:
+        if b[0] <= f - half and f + half <= b[1]:
+            return b
+    return None
+
+
+def erp_dbm(cfg):
+    b = sub_band(cfg)
+    return 14 if b is None else b[2]
+
+
+def _channel(cfg, problems):
+    """The radio's channel inside one sub-band, the duty cycle within its rule (the power:
+    erp_dbm()); a LoRaWAN channel overlapped is said."""
+    t = cfg["transport"]
+    if t in DEFAULT_CHANNEL and cfg["radio_channel"] < 0:
+        cfg["radio_channel"] = DEFAULT_CHANNEL[t]
+    f = channel_mhz(cfg)
+    if f is None:
+        return
+    half = cfg["bandwidth_khz"] / 2000.0
+    band = sub_band(cfg)
+    if band is None:
+        problems.append("channel %.4f MHz is not inside one EU868 sub-band: using the default" % f)
+        if t in DEFAULT_CHANNEL:
+            cfg["radio_channel"] = DEFAULT_CHANNEL[t]
+        else:
+            cfg["rylr_band_hz"] = DEFAULTS["rylr_band_hz"]
+        return _channel(cfg, problems)
+    if cfg["duty_cycle"] > band[3]:
+        problems.append("duty_cycle %s above the sub-band's %s" % (cfg["duty_cycle"], band[3]))
+        cfg["duty_cycle"] = band[3]
+    for c in LORAWAN_MHZ:
+        if abs(f - c) < half + 0.0625:
+            problems.append("channel %.4f MHz overlaps the LoRaWAN channel %.3f MHz" % (f, c))
 
 
 # spreading factor / bandwidth a transport can carry: RYLR998 refuses SF10-12 at 125 kHz (SF7-9),

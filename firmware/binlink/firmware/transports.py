@@ -4,18 +4,18 @@
 # sleep() before deep sleep.
 from binlink.wire import airtime, framing
 
-from binlink.firmware import log
+from binlink.firmware import config, log
 
 _log = log.get("transport")
 
-ERP_LIMIT_DBM = 14  # EU868 g1 (868.0-868.6 MHz): 25 mW ERP
+ERP_LIMIT_DBM = 14  # EU868 865-868.6 MHz: 25 mW ERP (config.erp_dbm gives the channel's sub-band's)
 
 
-def legal_dbm(levels, antenna_dbi):
+def legal_dbm(levels, antenna_dbi, erp_dbm=ERP_LIMIT_DBM):
     """Highest module power level whose ERP (dBm + antenna gain - 2.15 dB) stays within the limit."""
     best = None
     for p in levels:
-        if p + antenna_dbi - 2.15 <= ERP_LIMIT_DBM + 1e-9 and (best is None or p > best):
+        if p + antenna_dbi - 2.15 <= erp_dbm + 1e-9 and (best is None or p > best):
             best = p
     return best if best is not None else min(levels)
 
@@ -108,14 +108,14 @@ class UartFramed:
         c = self.cfg
         air = self.AIR_CODE[c["sf"]]
         if self.kind == "e22":
-            dbm = legal_dbm((22, 17, 13, 10), c["antenna_dbi"])
+            dbm = legal_dbm((22, 17, 13, 10), c["antenna_dbi"], config.erp_dbm(c))
             power = {22: 0, 17: 1, 13: 2, 10: 3}[dbm]
-            chan = 18 if c["radio_channel"] < 0 else c["radio_channel"]  # 850.125 + 18 = 868.125 MHz
+            chan = c["radio_channel"]  # 850.125 + CH MHz (config: 16, 866.125 MHz, by default)
             # 02h NETID, 03h REG0 (9600 8N1 | air rate), 04h REG1 (240-byte packets | power), 05h REG2 channel
             return 0x02, bytes([c["radio_netid"] & 0xFF, 0x60 | air, power, chan])
-        dbm = legal_dbm((20, 17, 14, 10), c["antenna_dbi"])
+        dbm = legal_dbm((20, 17, 14, 10), c["antenna_dbi"], config.erp_dbm(c))
         power = {20: 0, 17: 1, 14: 2, 10: 3}[dbm]
-        chan = 6 if c["radio_channel"] < 0 else c["radio_channel"]  # 862 + 6 = 868 MHz
+        chan = c["radio_channel"]  # 862 + CH MHz (config: 4, 866 MHz, by default)
         # ADDH ADDL SPED (8N1, 9600 | air rate) CHAN OPTION (push-pull, 250 ms, FEC | power)
         return 0, bytes([0, 0, 0x18 | air, chan, 0x44 | power])
 
@@ -208,7 +208,7 @@ class Rylr998:
         c = self.cfg
         bw = {125: 7, 250: 8, 500: 9}[c["bandwidth_khz"]]
         return [(b"BAND", b"%d" % c["rylr_band_hz"]), (b"NETWORKID", b"%d" % c["radio_netid"]),
-                (b"CRFOP", b"%d" % legal_dbm(range(0, 23), c["antenna_dbi"])),
+                (b"CRFOP", b"%d" % legal_dbm(range(0, 23), c["antenna_dbi"], config.erp_dbm(c))),
                 (b"PARAMETER", b"%d,%d,1,%d" % (c["sf"], bw, self.PREAMBLE))]
 
     def setup(self):
