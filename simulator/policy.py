@@ -126,7 +126,7 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
         tr = tracked[i]
         tr.collections += [c for c, _ in tr.dev.bin.advance(t)]
         heapq.heappush(wakes, (t + tr.dev.wake(), i))
-        if policy == "reactive" and (tr.state["fill_pct"] or 0) >= 100.0 and tr.dev.bin.next_collection == math.inf:
+        if policy == "reactive" and (tr.prev_fill or 0) >= 100.0 and tr.dev.bin.next_collection == math.inf:
             tr.dev.bin.collect_at(t + rng.uniform(3600, 6 * 3600))
             collections += t >= start
     for tr in tracked:
@@ -178,11 +178,12 @@ def _receiver(tr, rng, loss, rules):
 def _reading(tr, fill, t, rules):
     tr.forecast.update(t, fill, rules.emptied_drop_pct)
     full_at = tr.forecast.full_at(rules.full_pct)  # what the gateway publishes: when it reaches the site's full
-    if fill is not None:
-        tr.state.update(fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
-                        fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t))
-        if tr.history is not None:
-            tr.history.add(tr.state)
+    # the state as the gateway publishes it after every reading, a faulty one too (fill null: an
+    # overfull bin often reads nothing, its forecast stays): the bin is heard, not quiet
+    tr.state.update(fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
+                    fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t))
+    if tr.history is not None:
+        tr.history.add(tr.state)
     if tr.scored:  # the forecast's accuracy is scored against the true time the bin is full to the brim
         tr.predictions.append((t, tr.forecast.full_at(100.0)))
     s = tr.series

@@ -126,3 +126,25 @@ def test_sim_report_command(tmp_path):
     bad = subprocess.run([BINLINK, "sim", "--bins", "2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--link and --registry are required" in bad.stderr
     assert os.path.exists(out)
+
+
+def test_a_faulty_reading_keeps_the_simulated_bin_heard_as_the_gateway_does():
+    """An overfull bin often reads nothing (fill null). The gateway still publishes its state after
+    that reading, so the planner must not take it for a quiet sensor: the simulation's state too."""
+    from binlink.gateway import planner as planner_mod, registry
+    from binlink.gateway.config import Events
+
+    device = registry.Device(0x101, "bin-001", b"k" * 16, 1200, 250, "Bin", 52.5, 13.4)
+    tr = policy.Tracked(None, device, False)
+    rules = Events()
+    t0 = policy.START
+    for k in range(30):  # 2 points an hour: learned, forecast to 90 %
+        policy._reading(tr, 30.0 + 2.0 * k, t0 + k * 3600, rules)
+    full_at = tr.state["full_at"]
+    assert full_at is not None
+    for k in range(30, 50):  # a day of faulty readings
+        policy._reading(tr, None, t0 + k * 3600, rules)
+    assert tr.state["measured_at"] == planner_mod.iso(t0 + 49 * 3600) and tr.state["fill_pct"] is None
+    assert tr.state["full_at"] == full_at
+    body = planner_mod.plan_message({"bin-001": tr.state}, t0 + 49 * 3600 + 60, policy.ROUTES, 0)
+    assert [b["bin_id"] for b in body["bins"]] == ["bin-001"] and body["quiet"] == []
