@@ -91,12 +91,28 @@ def _age_h(now, measured):
     return None if measured is None else round(max(0.0, now - measured) / 3600.0, 1)
 
 
+def merge_state(old, new):
+    """A bin's state as the planner keeps it: the newer measurement wins (two gateways may deliver
+    out of order); a reading without a fill (a sensor fault: an overfull bin often reads nothing)
+    keeps the last valid fill as `last_fill_pct`, so the bin is judged by it, not forgotten."""
+    if old is not None and (new.get("measured_at") or "") < (old.get("measured_at") or ""):
+        return old
+    if new.get("fill_pct") is None and old is not None:
+        last = old.get("fill_pct") if old.get("fill_pct") is not None else old.get("last_fill_pct")
+        if last is not None:
+            return dict(new, last_fill_pct=last)
+    return new
+
+
 def plan(states, now, horizon, unknown_fill_pct=70.0, full_pct=FULL_PCT, stale_s=STALE_S, routes=None):
     """states: {bin_id: retained state dict}. Returns (listed, quiet): bins due before `horizon`
     (UTC seconds), most urgent first, and bins silent for more than stale_s (oldest first)."""
     due, quiet = [], []
     for bin_id, s in states.items():
         fill = s.get("fill_pct")
+        no_reading = fill is None and s.get("last_fill_pct") is not None
+        if no_reading:  # the sensor reads nothing now: judged by its last valid fill, and said so
+            fill = s["last_fill_pct"]
         measured = parse_iso(s.get("measured_at"))
         full_at = parse_iso(s.get("full_at"))
         age = _age_h(now, measured)
@@ -113,6 +129,8 @@ def plan(states, now, horizon, unknown_fill_pct=70.0, full_pct=FULL_PCT, stale_s
             reason, when, why = "no_forecast", now, "no forecast yet, %.0f %% >= %g %%" % (fill, unknown_fill_pct)
         else:
             continue
+        if no_reading:
+            why += " (last valid reading: the sensor reads nothing now)"
         due.append((when, -(fill or 0.0), bin_id, _entry(bin_id, s, age, reason, why)))
     due.sort(key=lambda x: x[:3])
     quiet.sort(key=lambda x: x[:2])
@@ -234,9 +252,9 @@ class Planner:
             log.warning("ignored a state that is not binlink JSON on %s", msg.topic)
             return
         old = self.states.get(bin_id)
-        # two gateways may deliver out of order: the newer measurement wins
-        if old is None or (s.get("measured_at") or "") >= (old.get("measured_at") or ""):
-            self.states[bin_id] = s
+        new = merge_state(old, s)
+        if new is not old:
+            self.states[bin_id] = new
             self.changed.set()
         if self.history is not None:
             self.history.add(s)

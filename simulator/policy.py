@@ -180,8 +180,8 @@ def _reading(tr, fill, t, rules):
     full_at = tr.forecast.full_at(rules.full_pct)  # what the gateway publishes: when it reaches the site's full
     # the state as the gateway publishes it after every reading, a faulty one too (fill null: an
     # overfull bin often reads nothing, its forecast stays): the bin is heard, not quiet
-    tr.state.update(fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
-                    fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t))
+    tr.state = planner.merge_state(tr.state, dict(tr.state, fill_pct=fill, full_at=None if full_at is None else planner.iso(full_at),
+                                                  fill_rate_pct_per_day=tr.forecast.rate_pct_per_day(), measured_at=planner.iso(t)))
     if tr.history is not None:
         tr.history.add(tr.state)
     if tr.scored:  # the forecast's accuracy is scored against the true time the bin is full to the brim

@@ -215,3 +215,19 @@ def test_planner_waits_for_a_broker_that_is_down_and_republishes_after_it_comes_
     assert "Traceback" not in out and out.count("unreachable") == 1, out
     assert "published binlink/downcity/plan" in out and "lost the broker" in out
 
+
+
+def test_a_bin_that_reads_nothing_now_is_judged_by_its_last_valid_fill():
+    """An overfull bin often reads nothing (the waste is inside the sensor's blind zone): the
+    gateway publishes fill null. The planner keeps the last valid fill and lists the bin as full,
+    saying why; an older state arriving late (another gateway) does not replace a newer one."""
+    now = ts("2026-11-27T06:00")
+    old = fresh(now - 3600, fill_pct=96.0)
+    faulty = fresh(now, fill_pct=None)
+    kept = planner.merge_state(old, faulty)
+    assert kept["fill_pct"] is None and kept["last_fill_pct"] == 96.0
+    assert planner.merge_state(kept, fresh(now, fill_pct=None))["last_fill_pct"] == 96.0  # faults in a row
+    assert planner.merge_state(kept, old) is kept  # older: ignored
+    body = planner.plan_message({"b": kept}, now, planner.Routes(), 0)
+    assert [b["reason"] for b in body["bins"]] == ["full"] and "sensor reads nothing" in body["bins"][0]["why"]
+    assert planner.merge_state(kept, fresh(now + 60, fill_pct=5.0))["fill_pct"] == 5.0  # emptied, read again
