@@ -19,7 +19,7 @@ def add_parsers(sub):
     p.add_argument("--tz", default="UTC", help="the site's time zone, an IANA name such as Europe/Berlin (default: %(default)s)")
     p.add_argument("--margin-h", type=float, default=6.0, help="safety margin after the horizon, hours (default: %(default)s)")
     p.add_argument("--full-pct", type=float, default=None,
-                   help="what full means, %% (default: the gateway config's [events] full_pct, else %g)" % planner.FULL_PCT)
+                   help="what full means, in %%%% (default: the gateway config's [events] full_pct, else %g)" % planner.FULL_PCT)
     p.add_argument("--unknown-fill-pct", type=float, default=70.0, help="bins without a forecast yet go on the list from this fill")
     p.add_argument("--stale-h", type=float, default=planner.STALE_S / 3600,
                    help="a bin silent longer than this is quiet: not trusted, not listed (default: %(default)s)")

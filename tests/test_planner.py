@@ -231,3 +231,9 @@ def test_a_bin_that_reads_nothing_now_is_judged_by_its_last_valid_fill():
     body = planner.plan_message({"b": kept}, now, planner.Routes(), 0)
     assert [b["reason"] for b in body["bins"]] == ["full"] and "sensor reads nothing" in body["bins"][0]["why"]
     assert planner.merge_state(kept, fresh(now + 60, fill_pct=5.0))["fill_pct"] == 5.0  # emptied, read again
+
+
+@pytest.mark.parametrize("command", ["planner", "plan", "report"])
+def test_help_prints(command):
+    r = subprocess.run([BINLINK, command, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage: binlink %s" % command in r.stdout, r.stderr
