@@ -1,6 +1,7 @@
 """Routing solvers measured on the same instances (docs/planner.md): VROOM (pyvroom, the one the
 planner uses) against OR-Tools routing, and both against visiting the bins in list order.
 
+    .venv/bin/pip install ortools                 # not a dependency: only this comparison uses it
     .venv/bin/python -m tests.bench_routes        # prints one JSON line per instance
 """
 import json
@@ -30,6 +31,11 @@ def measure(n, trucks, seed=1, ortools_s=(1.0, 5.0)):
     t = time.perf_counter()
     v = routes.solve(bins, trucks)
     row["vroom_s"], row["vroom_km"], row["vroom_unrouted"] = round(time.perf_counter() - t, 3), v["km"], len(v["unrouted"])
+    try:
+        import ortools  # noqa: F401
+    except ImportError:
+        row["ortools"] = "not installed (pip install ortools)"
+        ortools_s = ()
     for limit in ortools_s:
         t = time.perf_counter()
         o = routes.ortools_solve(bins, trucks, seconds=limit)
