@@ -396,3 +396,16 @@ def test_pins_that_cannot_wake_or_hold_through_deep_sleep_are_refused(key, pin):
 def test_a_watchdog_timeout_the_chip_refuses_is_replaced():
     cfg, _, problems = config.parse({"device_id": 1, "key": "00" * 16, "wdt_ms": 0}, b"{}")
     assert "wdt_ms must be 1000..120000" in problems and cfg["wdt_ms"] == config.DEFAULTS["wdt_ms"]
+
+
+def test_the_trigger_pulse_is_wide_enough_on_its_own(make_device, monkeypatch):
+    """The JSN-SR04T answers a trigger of 20 us or more. On a fast interpreter the pulse is only
+    what the firmware asks for: with the interpreter's time around each call taken out, the
+    firmware's own pulse must still make the sensor ping (10 us, as before 1.3.0, does not)."""
+    from binlink.sim.parts import esp32
+    monkeypatch.setattr(esp32, "CALL_MS", 0.0)
+    dev = make_device(report_s=900)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    run(dev, 1)
+    r = readings(dev)[-1]
+    assert "sensor_fault" not in r["flags"] and r["valid_pings"] > 0, r  # a pulse too short: no ping at all
