@@ -7,7 +7,7 @@ duplicates (the same packet heard twice, e.g. via a repeater); bit errors. What 
 written to each receiver's pseudo-terminal in its module format."""
 import math
 
-from binlink.wire import airtime
+from binlink.sim.parts import lora
 from binlink.gateway.module_formats import rylr998_line
 
 SENSITIVITY_DBM = {7: -123, 8: -126, 9: -129, 10: -132, 11: -134.5, 12: -137}  # SX1262, 125 kHz
@@ -64,7 +64,7 @@ class Channel:
     def transmit(self, sender, t, dev_xy, payload, on_air_len, sf):
         """sender's module sends payload at simulated time t (or when its previous packet is out:
         a module sends one packet at a time). Returns True (the module sent it)."""
-        toa = airtime.time_on_air_ms(on_air_len or len(payload), sf) / 1000.0
+        toa = lora.time_on_air_s(on_air_len or len(payload), sf)
         start = max(t, self._busy.get(sender, t))
         self._busy[sender] = start + toa + 0.01
         self.pending.append({"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender})

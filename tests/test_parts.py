@@ -602,3 +602,32 @@ def test_ds18b20_power_on_value_until_a_conversion_completes():
     assert bytes.fromhex(hw.dispatch("ds_read_scratch", [4, rom]))[:2] != b"\x50\x05"
     ds.absent = True
     assert hw.dispatch("ow_reset", [4]) is False
+
+
+@given(st.integers(1, 255), st.sampled_from([(sf, bw) for sf in range(7, 13) for bw in (125, 250, 500)]),
+       st.sampled_from([8, 12]))
+def test_the_worlds_time_on_air_is_the_datasheets_and_the_firmware_agrees(payload, sf_bw, preamble):
+    """The part models time packets by their own reading of the SX127x datasheet
+    (simulator/parts/lora.py); the firmware's duty-cycle arithmetic (binlink.wire.airtime) must
+    agree with it, except where the firmware's shortcut for low data rate optimisation (SF11/12 at
+    125 kHz) differs from the datasheet's rule (a symbol over 16 ms): SF12 at 250 kHz, which no
+    binlink transport uses (RYLR998 refuses it)."""
+    from binlink.sim.parts import lora
+    from binlink.wire import airtime
+    sf, bw = sf_bw
+    world = lora.time_on_air_s(payload, sf, bw * 1000, preamble=preamble) * 1000
+    firmware = airtime.time_on_air_ms(payload, sf, bw, preamble=preamble)
+    if (sf, bw) == (12, 250):
+        assert firmware <= world
+    else:
+        assert abs(world - firmware) < 1e-6, (payload, sf, bw)
+
+
+def test_time_on_air_at_points_worked_by_hand():
+    """CR 4/5, CRC on, explicit header, preamble 8. SF7, 16 bytes: 12.25 + 8 + ceil(144/28)*5 = 50.25
+    symbols of 1.024 ms; SF9: 12.25 + 28 symbols of 4.096 ms; SF12, 51 bytes (low data rate
+    optimisation on): 12.25 + 8 + ceil(404/40)*5 = 75.25 symbols of 32.768 ms."""
+    from binlink.sim.parts import lora
+    assert abs(lora.time_on_air_s(16, 7, 125000) * 1000 - 51.456) < 0.01
+    assert abs(lora.time_on_air_s(16, 9, 125000) * 1000 - 164.864) < 0.01
+    assert abs(lora.time_on_air_s(51, 12, 125000) * 1000 - 2465.792) < 0.01

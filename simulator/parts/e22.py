@@ -29,7 +29,7 @@ The air rate has no published spreading factor; the model maps it to the LoRa ra
 Timings the manuals leave open are drawn per event from a range (`timing="slow"`: always the slow
 end, what the tests hold the firmware to): noticing a pin change DETECT_MS, reconfiguring
 RECONFIG_MS (library authors wait up to 40 ms), the configuration reply REPLY_MS."""
-from binlink.wire import airtime
+from binlink.sim.parts import lora
 
 NORMAL, MODE1, MODE2, MODE3 = 0, 1, 2, 3
 DETECT_MS = (0.5, 3.0)  # "~1 ms"; ASSUMED range, its slow end past a 2 ms sample
@@ -200,7 +200,7 @@ class E22:
         payload = bytes(self.buf[: self.SUBPACKET])
         del self.buf[: self.SUBPACKET]
         sf, bw = self.air()
-        self.tx_until = t + airtime.time_on_air_ms(len(payload), sf, bw)
+        self.tx_until = t + 1000.0 * lora.time_on_air_s(len(payload), sf, bw * 1000)
         self.packets.append((t, payload))
         self.transmit(payload, len(payload), sf, bw, self.tx_dbm())
 

@@ -14,7 +14,7 @@ RYLR998/RYLR498, and the RYLR998 datasheet):
 - Factory: BAND 915000000, NETWORKID 18, CRFOP 22 dBm, PARAMETER 9,7,1,12 (SF9, 125 kHz, 4/5, 12).
   Settings are kept in the module's flash (they survive power loss).
 - Current (datasheet): TX ~120 mA at 22 dBm (~45 mA at 14 dBm), RX ~17 mA, sleep ~8 uA."""
-from binlink.wire import airtime
+from binlink.sim.parts import lora
 
 OVERHEAD = 8
 REPLY_MS = 4.0  # command processed, reply starts
@@ -138,7 +138,7 @@ class Rylr998:
             return "+ERR=17"
         sf, bw = self.sf_bw()
         start = at + REPLY_MS
-        self.tx_until = start + airtime.time_on_air_ms(n + OVERHEAD, sf, bw, preamble=self.preamble())
+        self.tx_until = start + 1000.0 * lora.time_on_air_s(n + OVERHEAD, sf, bw * 1000, preamble=self.preamble())
         self.sent.append((start, data))
         self.transmit(data, n + OVERHEAD, sf, bw, self.dbm())
         return "+OK"

@@ -1,0 +1,27 @@
+"""LoRa time on air as the radio chip's datasheet gives it, for the part models and the channel.
+
+Semtech SX1276/77/78/79 datasheet rev. 7, section 4.1.1.7 "Time on air" (the SX1262 inside the
+E22-900T22 and the RYLR998's chip follow the same formula, SX1261/2 datasheet section 6.1.4):
+
+    Tsym = 2^SF / BW
+    Tpreamble = (Npreamble + 4.25) * Tsym
+    payloadSymbNb = 8 + max(ceil((8 PL - 4 SF + 28 + 16 CRC - 20 IH) / (4 (SF - 2 DE))) * (CR + 4), 0)
+    Tpacket = Tpreamble + payloadSymbNb * Tsym
+
+with DE (low data rate optimisation) on whenever a symbol lasts more than 16 ms (section 4.1.1.6),
+CR 1..4 for coding rate 4/5..4/8. Written here from the datasheet, not taken from the firmware's
+`binlink.wire.airtime`: the world the firmware is tested against must not share its arithmetic
+(tests/test_parts.py compares the two)."""
+import math
+
+
+def symbol_s(sf, bw_hz):
+    return (2 ** sf) / bw_hz
+
+
+def time_on_air_s(payload_len, sf, bw_hz=125000, preamble=8, cr=1, crc=True, implicit_header=False):
+    t_sym = symbol_s(sf, bw_hz)
+    de = 1 if t_sym > 0.016 else 0
+    bits = 8 * payload_len - 4 * sf + 28 + (16 if crc else 0) - (20 if implicit_header else 0)
+    payload_symbols = 8 + max(math.ceil(bits / (4 * (sf - 2 * de))) * (cr + 4), 0)
+    return (preamble + 4.25) * t_sym + payload_symbols * t_sym
