@@ -609,18 +609,14 @@ def test_ds18b20_power_on_value_until_a_conversion_completes():
 def test_the_worlds_time_on_air_is_the_datasheets_and_the_firmware_agrees(payload, sf_bw, preamble):
     """The part models time packets by their own reading of the SX127x datasheet
     (simulator/parts/lora.py); the firmware's duty-cycle arithmetic (binlink.wire.airtime) must
-    agree with it, except where the firmware's shortcut for low data rate optimisation (SF11/12 at
-    125 kHz) differs from the datasheet's rule (a symbol over 16 ms): SF12 at 250 kHz, which no
-    binlink transport uses (RYLR998 refuses it)."""
+    agree with it. (It did not at SF12 / 250 kHz: the firmware turned low data rate optimisation on
+    for SF11/12 at 125 kHz only, the datasheet for any symbol over 16 ms.)"""
     from binlink.sim.parts import lora
     from binlink.wire import airtime
     sf, bw = sf_bw
     world = lora.time_on_air_s(payload, sf, bw * 1000, preamble=preamble) * 1000
     firmware = airtime.time_on_air_ms(payload, sf, bw, preamble=preamble)
-    if (sf, bw) == (12, 250):
-        assert firmware <= world
-    else:
-        assert abs(world - firmware) < 1e-6, (payload, sf, bw)
+    assert abs(world - firmware) < 1e-6, (payload, sf, bw)
 
 
 def test_time_on_air_at_points_worked_by_hand():

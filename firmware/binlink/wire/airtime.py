@@ -3,9 +3,10 @@
 
 
 def time_on_air_ms(payload_len, sf, bw_khz=125, cr=1, preamble=8, explicit_header=True, crc=True):
-    """cr: 1..4 for coding rate 4/5..4/8. Low data rate optimisation on for SF11/12 at 125 kHz."""
+    """cr: 1..4 for coding rate 4/5..4/8. Low data rate optimisation on when a symbol lasts more
+    than 16 ms (SX127x datasheet 4.1.1.6: SF11/12 at 125 kHz, SF12 at 250 kHz)."""
     t_sym = (1 << sf) / float(bw_khz)  # ms
-    de = 1 if (sf >= 11 and bw_khz <= 125) else 0
+    de = 1 if t_sym > 16 else 0
     ih = 0 if explicit_header else 1
     num = 8 * payload_len - 4 * sf + 28 + (16 if crc else 0) - 20 * ih
     den = 4 * (sf - 2 * de)
