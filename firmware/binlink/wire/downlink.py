@@ -11,6 +11,7 @@ import struct
 from binlink.wire import codec
 
 T_DOWNLINK = 4
+F_LISTENING = 0x80  # uplink flag: the bin listens for a downlink after this frame
 DIRECTION_LABEL = b"binlink downlink key v1"
 MAX_LEN = 51  # the smallest LoRa payload of the plan (EU868 SF12 at 125 kHz): every window can carry it
 
