@@ -25,6 +25,10 @@ class Source:
     port: str
     baud: int = 115200
     format: str = "raw"
+    downlink: bool = True  # answer bins that listen (downlink.py); false: this radio never transmits
+    sf: int = 9  # the radio's LoRa settings, for the time on air of the gateway's own downlinks ...
+    bandwidth_khz: int = 125
+    duty_cycle: float = 0.01  # ... kept within the sub-band's duty cycle (EU868 g/g1: 1 %)
 
 
 @dataclass
@@ -125,6 +129,8 @@ _SOURCE = {
     "name": Rule(str, nonempty=True), "port": Rule(str, required=True, nonempty=True),
     "baud": Rule(int, choices=_BAUDS),  # the rates every USB-serial bridge and LoRa module offers
     "format": Rule(str, choices=set(FORMATS)),
+    "downlink": Rule(bool), "sf": Rule(int, lo=7, hi=12), "bandwidth_khz": Rule(int, choices={125, 250, 500}),
+    "duty_cycle": Rule(NUMBER, above=0, hi=1),  # a fraction: 0.01 is 1 %, 0.1 the 869.4-869.65 MHz sub-band's 10 %
 }
 _MQTT = {
     "host": Rule(str, nonempty=True), "port": PORT,

@@ -82,6 +82,13 @@ class Metrics:
                                       "is used up (2^32-1 minus the highest last accepted counter): re-key the bin "
                                       "(binlink registry rekey BIN) long before 0", registry=r)
         self.counter_headroom.set(2**32 - 1)
+        self.downlinks_sent = Counter("binlink_downlinks_sent", "Downlinks written to a radio, by command carried (every "
+                                      "downlink carries ack: kind=ack counts the downlinks)", ["kind"], registry=r)
+        self.downlink_write_errors = Counter("binlink_downlink_write_errors", "Downlinks that could not be written to "
+                                             "the radio's serial port (closed, failed or timed out)", registry=r)
+        self.downlinks_skipped = Counter("binlink_downlinks_skipped", "Uplinks asking for an answer that got none, by "
+                                         "reason: duty_cycle (over the radio's airtime budget), late (the bin's window "
+                                         "passed), no_radio (a Wi-Fi uplink, or downlink = false), too_long", ["reason"], registry=r)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
 

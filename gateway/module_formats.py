@@ -4,7 +4,7 @@ Each decoder turns a byte stream, fed in any chunking, into Receptions: a protoc
 the signal figures the module reported, or a rejection with its reason code."""
 from dataclasses import dataclass
 
-from binlink.wire.framing import Deframer
+from binlink.wire.framing import Deframer, frame as framed
 
 
 @dataclass(slots=True)  # slots, not frozen: a burst queues thousands of them, and a frozen __init__ costs 3x
@@ -14,6 +14,7 @@ class Reception:
     rssi: int | None = None  # dBm
     snr: float | None = None  # dB
     detail: str = ""
+    addr: int | None = None  # RYLR998: the sender's module address (+RCV's first field), where an answer goes
 
 
 class RawFormat:
@@ -98,7 +99,7 @@ class Rylr998Format:
         addr, length = head[0], head[1]
         payload, rssi, snr = tail
         try:
-            int(addr)
+            sender = int(addr)
             n = int(length)
             rssi_dbm = int(rssi)
             snr_db = float(snr)
@@ -112,7 +113,7 @@ class Rylr998Format:
             frame = bytes.fromhex(payload)
         except ValueError:
             return Reception(None, "bad_line", detail="data is not hex")
-        return Reception(frame, rssi=rssi_dbm, snr=snr_db)
+        return Reception(frame, rssi=rssi_dbm, snr=snr_db, addr=sender)
 
 
 FORMATS = {f.name: f for f in (RawFormat, RawRssiFormat, Rylr998Format)}
@@ -129,3 +130,20 @@ def rylr998_line(frame, addr=1, rssi=-80, snr=9.5):
     """What a RYLR998 prints for a received frame (the simulator writes this; tests parse it)."""
     data = frame.hex().upper()
     return ("+RCV=%d,%d,%s,%d,%s\r\n" % (addr, len(data), data, rssi, snr)).encode()
+
+
+RYLR998_OVERHEAD = 8  # the module adds 8 bytes to the payload on air (REYAX AT command guide)
+RYLR998_PREAMBLE = 12  # its programmed preamble (PARAMETER's 4th field), which the bins set too
+
+
+def transmission(format_name, frame, addr=None):
+    """How a downlink goes out through a module: (bytes to write to its serial port, payload bytes
+    on air, preamble symbols). The mirror of what each format reads: raw / raw+rssi (an EBYTE
+    E22/E32 in transparent mode sends what it is given) COBS + CRC framed; rylr998 an AT+SEND to
+    the address the uplink came from, the frame as upper-case ASCII hex, as the bins send theirs."""
+    if format_name == Rylr998Format.name:
+        data = frame.hex().upper().encode()
+        return (b"AT+SEND=%d,%d,%s\r\n" % (addr or 0, len(data), data), len(data) + RYLR998_OVERHEAD,
+                RYLR998_PREAMBLE)
+    out = framed(frame)
+    return out, len(out), 8

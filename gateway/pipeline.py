@@ -8,14 +8,13 @@ With several gateways the counter check and dedup also ask the shared state (Red
 counter when the local one does not verify a frame, and a claim that makes one gateway the
 publisher of each frame (shared_state.py).
 
-Every rejection raises codec.ProtocolError with an uplink.Reason, is counted under it and logged;
-nothing here raises on bad input."""
+Every rejection raises codec.ProtocolError with an uplink.Reason, is counted and logged; nothing raises on bad input."""
 import logging
 import os
 import time
 
 from binlink.wire import codec
-from binlink.gateway import calibration, events, forecast, integrate, logs
+from binlink.gateway import calibration, downlink, events, forecast, integrate, logs
 from binlink.gateway.clock import ClockCheck, clock_synced
 from binlink.gateway.dedup import Dedup, digest
 from binlink.gateway.heads import WINDOW, BinState, Counter, shifted, without_older_keys
@@ -50,7 +49,7 @@ class Pipeline:
                                                              "forecast.sqlite"), cfg.events.emptied_drop_pct, cfg.events.full_pct)
         self.firmware = self.forecasts.firmware()  # device hex -> version from its last hello
         self.on_new_firmware = None  # called when a hello brings a version not seen before
-        self.time_synced, self._log_limit = False, logs.RateLimit(per_minute=20)
+        self.time_synced, self._log_limit, self.listening = False, logs.RateLimit(per_minute=20), []
         self.rejections = Rejections(cfg, metrics, clock)
         self.storage = StorageGuard(metrics, outbox.path)
         self.clock_check = ClockCheck(metrics)
@@ -89,7 +88,7 @@ class Pipeline:
         now = self.clock()
         # per group, not once at start: a Pi without an RTC boots unsynchronised and syncs later
         self.time_synced = self.clock_check.plausible(now) and clock_synced() and not getattr(self.clock, "simulated", False)
-        batch = Batch()
+        batch, self.listening = Batch(), []  # listening: accepted uplinks to answer or learn from (downlink.py)
         readings = self._take_over(now, batch) if self.standby else 0
         read = {}
         for source, rec in items:
@@ -261,8 +260,9 @@ class Pipeline:
                 self.bins[device.bin_id] = BinState(device.key_epoch, *fleet_bin, up.received_at)
         moved = self._advance(device, fcnt)
         self.dedup.remember(device.device_id, fcnt, up.frame, up.received_at)
-        batch.accepted += 1
-        up.outcome = Outcome.ACCEPTED
+        batch.accepted, up.outcome = batch.accepted + 1, Outcome.ACCEPTED
+        if up.hello is not None or downlink.asks(up):  # answer (after the commit) or reported settings
+            self.listening.append(up)
         if up.hello is not None:
             self._hello(up, batch)
         tail = self.addresses.tail(device, up.source, len(self.devices))

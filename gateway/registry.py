@@ -1,14 +1,12 @@
 """Device registry: one TOML file listing every bin, its 128-bit key and its calibration.
 
 The file is secret (keys): the gateway refuses one readable by other users, and never logs or
-publishes a key. Its home is /etc/binlink/devices.toml on a gateway (BINLINK_REGISTRY overrides);
-never under build/, which `make clean` deletes.
+publishes a key. Its home is /etc/binlink/devices.toml on a gateway (BINLINK_REGISTRY overrides), never build/.
 
-Identity (docs/gateway.md, Bin identity): a bin's device id is drawn at random from the 24-bit
-space, skipping every id the registry lists, active or retired, and is never reused; the bin keeps
-it when it is re-flashed or re-keyed. Each new key raises the bin's `key_epoch`, so message ids
-`<device>:<epoch>:<fcnt>` stay unique when the counter starts again under a new key.
-`provision()` is what `make flash` and `binlink registry add` use."""
+Identity (docs/gateway.md, Bin identity): a bin's device id is drawn at random from the 24-bit space, skipping every
+id the registry lists, active or retired, and is never reused; the bin keeps it when it is re-flashed or re-keyed.
+Each new key raises the bin's `key_epoch`, so message ids `<device>:<epoch>:<fcnt>` stay unique when the counter
+starts again under a new key. `provision()` serves `make flash` and `registry add`; `registry set`: registry_settings."""
 import collections
 import hashlib
 import os
@@ -20,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 
+from binlink.gateway import registry_settings
 from binlink.gateway.config import ConfigError
 from binlink.gateway.registry_file import exclusive, write  # noqa: F401 (registry.write: the one writer)
 
@@ -44,6 +43,7 @@ class Device:
     lon: float | None = None
     key_epoch: int = 0  # raised by one at every new key: message ids stay unique across keys
     report_s: int = 3600  # the bin's longest time between reports (Home Assistant's expire_after follows it)
+    settings: tuple = ()  # desired settings the registry sets, (name, value) sorted (registry_settings.py)
 
     @cached_property  # asked for every frame
     def key_id(self):
@@ -80,7 +80,7 @@ DEFAULT_PATH = "/etc/binlink/devices.toml"  # a gateway's registry
 GATEWAY_CONFIG = "/etc/binlink/gateway.toml"  # present on a gateway (make install-gateway)
 NAME_MAX = 200  # a bin's display name (Home Assistant, the outbox's records)
 DEPTH_MAX = 10000  # mm: sensor to bin floor; the sensors themselves measure 300-5000 (make flash checks that)
-_DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s"}
+_DEVICE_KEYS = {"device_id", "key", "key_epoch", "bin_id", "depth_mm", "full_mm", "name", "lat", "lon", "report_s", "settings"}
 
 
 def workstation_path():
@@ -132,7 +132,8 @@ def parse_device(d, p):
     if found:
         return None, found
     return Device(parse_device_id(d["device_id"]), d["bin_id"], bytes.fromhex(d["key"]), d["depth_mm"], d["full_mm"],
-                  d.get("name", ""), d.get("lat"), d.get("lon"), d.get("key_epoch", 0), d.get("report_s", 3600)), []
+                  d.get("name", ""), d.get("lat"), d.get("lon"), d.get("key_epoch", 0), d.get("report_s", 3600),
+                  registry_settings.parse(d.get("settings"))), []
 
 
 def entry_problems(d, p):
@@ -168,6 +169,7 @@ def entry_problems(d, p):
         found.append("%s: give both lat and lon, or neither" % p)
     if isinstance(d.get("report_s"), int) and not 60 <= d["report_s"] <= 7 * 86400:
         found.append("%s.report_s: must be 60 s to a week, got %r" % (p, d["report_s"]))
+    found += registry_settings.problems(d, p)
     unknown = set(d) - _DEVICE_KEYS
     if unknown:
         found.append("%s: unknown keys %s" % (p, ", ".join(sorted(unknown))))
@@ -324,6 +326,7 @@ def device_entry(d):
         entry["lat"], entry["lon"] = d.lat, d.lon
     if d.report_s != Device.report_s:
         entry["report_s"] = d.report_s
+    entry.update({"settings": dict(d.settings)} if d.settings else {})
     return entry
 
 
@@ -362,7 +365,7 @@ def add(path, device_id, bin_id, key, depth_mm, full_mm, name="", lat=None, lon=
     reg[device_id] = Device(device_id, bin_id, key, depth_mm, full_mm, name or (old.name if old else ""),
                             lat if lat is not None else (old.lat if old else None),
                             lon if lon is not None else (old.lon if old else None), epoch,
-                            report_s or (old.report_s if old else Device.report_s))
+                            report_s or (old.report_s if old else Device.report_s), old.settings if old else ())
     save(path, reg)
     return reg[device_id]
 

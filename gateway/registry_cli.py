@@ -1,4 +1,4 @@
-"""`binlink registry add|rekey|retire|list|import|export|push`: the fleet's bins, by the commands an
+"""`binlink registry add|rekey|retire|list|import|export|set|push`: the fleet's bins, by the commands an
 operator uses.
 
 The registry file is the gateway's (its config's `gateway.registry`, else registry.default_path()).
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from binlink.gateway import config as config_mod, homeassistant, integrate, registry, registry_file, registry_merge
+from binlink.gateway import config as config_mod, homeassistant, integrate, registry, registry_file, registry_merge, registry_settings
 
 
 def add_parser(sub):
@@ -54,6 +54,11 @@ def add_parser(sub):
     t.set_defaults(func=cmd_retire)
     li = rsub.add_parser("list", help="every bin and retired id (never keys)")
     li.set_defaults(func=cmd_list)
+    st = rsub.add_parser("set", help="desired settings: BIN... KEY=VALUE... or --all KEY=VALUE... (KEY= unsets); "
+                                     "sent in each bin's next receive window, refused when the bin would refuse them")
+    st.add_argument("words", nargs="+", metavar="BIN|KEY=VALUE", help="bin ids or globs ('market-*'), then settings")
+    st.add_argument("--all", action="store_true", help="every bin of the registry")
+    st.set_defaults(func=lambda args: registry_settings.cmd_set(args, _context, _publish))
     p = rsub.add_parser("push", help="publish this registry to the shared state (Redis)")
     p.set_defaults(func=cmd_push)
     r.set_defaults(func=lambda args: r.print_help() or 2)

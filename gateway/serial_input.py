@@ -20,6 +20,7 @@ log = logs.get("serial")
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 10.0
 WATCH_S = 0.1  # how often a missing or unopenable port's path is looked at
+WRITE_TIMEOUT_S = 0.5  # a downlink write blocked longer (flow control, a hung module) fails: the bin's window is short
 
 
 class SerialSource(threading.Thread):
@@ -30,6 +31,23 @@ class SerialSource(threading.Thread):
         self.metrics = metrics
         self.stop_event = stop_event
         self.connected = threading.Event()
+        self._port = None  # the open port, for send(); reads stay on this thread
+        self._write_lock = threading.Lock()
+
+    def send(self, data):
+        """Writes data (a downlink in the module's format) from any thread: True when written. A port
+        that is closed, or a write that fails or times out, returns False; the reader carries on (a
+        lost port is its to notice and reopen)."""
+        with self._write_lock:
+            port = self._port
+            if port is None:
+                return False
+            try:
+                port.write(data)  # into the kernel's buffer: no tcdrain, which would hold the caller for the line's time
+                return True
+            except (serial.SerialException, serial.SerialTimeoutException, OSError, ValueError, TypeError) as e:
+                logs.event(log, logging.WARNING, "cannot write to the serial port", source=self.source.name, error=_short(e))
+                return False
 
     def run(self):
         backoff = BACKOFF_MIN_S
@@ -37,7 +55,8 @@ class SerialSource(threading.Thread):
         opened_before = False
         while not self.stop_event.is_set():
             try:
-                port = serial.Serial(self.source.port, self.source.baud, timeout=0.05, exclusive=True)
+                port = serial.Serial(self.source.port, self.source.baud, timeout=0.05, write_timeout=WRITE_TIMEOUT_S,
+                                     exclusive=True)
             except (serial.SerialException, OSError, ValueError) as e:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:  # log the first failure, then now and then
@@ -53,12 +72,16 @@ class SerialSource(threading.Thread):
             logs.event(log, logging.INFO, "serial port open", source=self.source.name, port=self.source.port,
                        baud=self.source.baud, format=self.source.format)
             backoff, failures = BACKOFF_MIN_S, 0
+            with self._write_lock:
+                self._port = port
             self.connected.set()
             try:
                 self._read(port)
             except (serial.SerialException, OSError) as e:
                 logs.event(log, logging.WARNING, "serial port lost", source=self.source.name, error=_short(e))
             finally:
+                with self._write_lock:  # no write lands on a port being closed
+                    self._port = None
                 self.connected.clear()
                 self.metrics.serial_connected.labels(self.source.name).set(0)
                 try:

@@ -17,6 +17,7 @@ import time
 import sdnotify
 
 from binlink.gateway import config as config_mod, logs, recovery, registry, simclock
+from binlink.gateway.downlink import Answerer
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
@@ -60,6 +61,7 @@ class Gateway:
         self._metrics_server = None
         self._reload = False
         self._counters_warned = set()  # devices whose counter passed COUNTER_WARN, said once
+        self.answerer = None  # downlink.Answerer, once the state is open
 
     def _registry(self, local):
         """The file's registry, merged with the fleet's when several gateways share state."""
@@ -85,6 +87,7 @@ class Gateway:
         self.devices = devices
         pipeline.set_devices(devices)
         self.publisher.set_devices(devices)
+        self.answerer.publish_settings(pipeline.outbox, pipeline.devices.values())  # `registry set` shows at once
         logs.event(log, logging.INFO, "registry reloaded", devices=len(devices), added=added)
 
     def _dead_workers(self):
@@ -113,6 +116,8 @@ class Gateway:
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
         self.publisher.firmware = dict(pipeline.firmware)  # sw_version in discovery; a new version republishes
         pipeline.on_new_firmware = self.publisher.set_firmware
+        self.answerer = Answerer(cfg, self.metrics, self.sources, cfg.state_dir, clock=pipeline.clock)
+        self.answerer.publish_settings(box, pipeline.devices.values())  # desired vs reported, where it changed
         box.written_elsewhere()  # from here on, rows another process commits are counted again
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
@@ -171,6 +176,7 @@ class Gateway:
         self._write_acks(box, pipeline.storage, time.monotonic(), force=True)
         remaining = box.depth()
         pipeline.close()
+        self.answerer.close()
         box.close()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
@@ -193,6 +199,8 @@ class Gateway:
         items = [(source, rec) for source, recs in chunks for rec in recs]
         if items:
             pipeline.process(items)
+            if pipeline.listening:  # committed: answered now, in the bin's receive window (downlink.py)
+                self.answerer.after_commit(pipeline)
             self.publisher.notify()
         self._memory.count(len(items))
         if self.queue.empty():

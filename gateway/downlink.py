@@ -1,0 +1,270 @@
+"""The answer path (issue 20): a bin that sets downlink.F_LISTENING in an uplink keeps its radio in
+receive after it; once that uplink is committed, the gateway that stored it answers on the radio
+it came in on. docs/protocol.md "Downlink" is the contract, binlink.wire.downlink the codec.
+
+What the answer carries:
+- `ack`: bit k set when uplink (answered - k) is stored here: the counter's stored-readings window
+  (heads.Counter.stored), read after the commit, never before (the ack means "on disk"). Bit 0 is
+  the answered uplink itself (a backlog batch's own counter included).
+- `time`: the gateway's clock as the frame goes to the radio, only while clock.py finds it
+  plausible and the kernel says it is synchronised (pipeline.time_synced).
+- `config`: when the bin's desired settings (registry_settings.desired) differ from the hash it
+  reported in its last hello (or none was heard): up to four settings per answer, the registry's
+  own first, then the firmware defaults the desired set includes, in turns.
+
+Who answers: only an uplink this gateway accepted is collected (pipeline.listening); with several
+gateways that is the claim's winner, the one that published it. A hello has no flags byte and is
+never answered; its settings hash is recorded (a bin wanting an answer after it sets the flag in
+the report that follows). Skipped, and counted (binlink_downlinks_skipped_total{reason}): over the
+radio's duty-cycle budget, later than LATE_S after reception, a source with no radio (Wi-Fi) or
+`downlink = false`, the commit refused (a full disk).
+
+Desired vs reported is published retained on `<base>/bin/<bin>/settings` through the outbox, and
+the last reported hash per bin is kept in `downlink.sqlite` beside the state file."""
+import json
+import logging
+import os
+import sqlite3
+import time
+
+from binlink.wire import airtime, downlink
+from binlink.gateway import integrate, logs, module_formats, registry_settings
+from binlink.gateway.outbox import Batch, Kind, Message
+from binlink.gateway.storage import StorageFull
+
+log = logs.get("downlink")
+LATE_S = 2.0  # an uplink received longer ago than this: the bin's receive window has closed
+SETTINGS_FROM = (1, 4, 0)  # firmware from which the hello's config hash is downlink.settings_hash
+
+
+def asks(up):
+    """Does this accepted uplink ask for an answer? F_LISTENING in a reading's flags (a backlog
+    batch: in any entry's). Cheap: on the per-frame path."""
+    for r in up.readings:
+        if r.flags & downlink.F_LISTENING:
+            return True
+    return False
+
+
+def ack_bitmap(head, stored, answered):
+    """u32: bit k set when uplink answered - k is stored; head, stored: the device's counter and its
+    window (bit j: head - j stored) after the commit."""
+    behind = head - answered
+    bits = (stored >> behind) & 0xFFFFFFFF if 0 <= behind < 256 else 0
+    return bits | 1  # the answered uplink was just committed
+
+
+def reports_settings(fw_version):
+    try:
+        return tuple(int(x) for x in fw_version.split(".")) >= SETTINGS_FROM
+    except (AttributeError, ValueError):
+        return False
+
+
+def config_chunks(device):
+    """The desired full set, cut in commands of at most MAX_SETTINGS: the registry's own settings
+    first (what the operator asked for), then the defaults the desired set includes."""
+    want = registry_settings.desired(device)
+    own = [n for n, _ in device.settings]
+    order = own + [n for n in sorted(want, key=lambda n: downlink.SETTING_IDS[n]) if n not in own]
+    step = downlink.MAX_SETTINGS
+    return [{n: want[n] for n in order[i:i + step]} for i in range(0, len(order), step)]
+
+
+def settings_payload(device, reported):
+    """The retained settings message: desired vs reported. reported: (hash hex, fw, at) or None."""
+    want = registry_settings.desired_hash(device)
+    hash_hex, fw, at = reported or (None, None, None)
+    comparable = reported is not None and reports_settings(fw)
+    return json.dumps({"bin_id": device.bin_id, "device": device.dev, "desired": registry_settings.desired(device),
+                       "registry": dict(device.settings), "desired_hash": want, "reported_hash": hash_hex,
+                       "reported_at": integrate.iso(at) if at is not None else None, "fw_version": fw,
+                       "in_sync": (hash_hex == want) if comparable else None}, sort_keys=True)
+
+
+def settings_topic(base, bin_id):
+    return "%s/bin/%s/settings" % (base, bin_id)
+
+
+class Reported:
+    """Per device: the settings hash of its last hello and what was last published on its settings
+    topic. A small SQLite file beside the state file (not the outbox: one writer each, and a
+    damaged file costs only this: it is started again)."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as e:
+            logs.event(log, logging.ERROR, "reported settings unreadable: started again", path=path, error=str(e))
+            os.replace(path, path + ".damaged")
+            self.db = self._open()
+        self.rows = {}
+        for dev, h, fw, at, pub in self.db.execute("SELECT device_id, hash, fw, at, published FROM reported"):
+            if type(dev) is int and (h is None or type(h) is str and len(h) == 8) and (at is None or type(at) in (int, float)):
+                self.rows[dev] = [(h, fw, at) if h is not None else None, pub]
+
+    def _open(self):
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS reported (device_id INTEGER PRIMARY KEY, hash TEXT, fw TEXT, at REAL, "
+                   "published TEXT)")
+        return db
+
+    def get(self, dev):
+        row = self.rows.get(dev)
+        return row[0] if row else None
+
+    def published(self, dev):
+        row = self.rows.get(dev)
+        return row[1] if row else None
+
+    def save(self, dev, reported, published):
+        self.rows[dev] = [reported, published]
+        h, fw, at = reported or (None, None, None)
+        self.db.execute("INSERT OR REPLACE INTO reported VALUES (?,?,?,?,?)", (dev, h, fw, at, published))
+
+    def close(self):
+        self.db.close()
+
+
+class Radio:
+    """One serial source's transmit side: its writer, its module format, its airtime budget."""
+
+    def __init__(self, source, clock=time.monotonic):
+        self.writer = source
+        self.cfg = source.source
+        self.clock = clock
+        self.budget_ms = airtime.budget_cap_ms(self.cfg.duty_cycle)
+        self.at = clock()
+
+    def time_on_air_ms(self, payload_len, preamble):
+        return airtime.time_on_air_ms(payload_len, self.cfg.sf, self.cfg.bandwidth_khz, preamble=preamble)
+
+    def take(self, cost_ms):
+        """Books cost_ms of airtime when the budget holds it (token bucket, wire.airtime)."""
+        now = self.clock()
+        self.budget_ms = airtime.refill_ms(self.budget_ms, now - self.at, self.cfg.duty_cycle)
+        self.at = now
+        if cost_ms > self.budget_ms:
+            return False
+        self.budget_ms -= cost_ms
+        return True
+
+
+class Answerer:
+    def __init__(self, cfg, metrics, sources, state_dir, clock=time.time):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.clock = clock
+        self.radios = {s.source.name: Radio(s) for s in sources if s.source.downlink}
+        self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
+        self._turn = {}  # device_id -> next config chunk
+        self._log_limit = logs.RateLimit(per_minute=10)
+
+    def close(self):
+        self.reported.close()
+
+    def after_commit(self, pipeline):
+        """Answers what pipeline.process just committed and records the hellos' reports. Never raises
+        for a radio or storage problem (counted and logged)."""
+        ups = pipeline.listening
+        if not ups:
+            return
+        pipeline.listening = []
+        if pipeline.storage.full:  # the group was refused: nothing of it is stored, nothing is acknowledged
+            self.metrics.downlinks_skipped.labels("not_stored").inc(sum(1 for u in ups if u.hello is None))
+            return
+        changed = {}
+        for up in ups:
+            if up.hello is not None:
+                fw, _, hash_hex = up.hello
+                self.reported.rows.setdefault(up.device.device_id, [None, None])[0] = (hash_hex, fw, up.received_at)
+                changed[up.device.device_id] = up.device
+            else:
+                self._answer(pipeline, up)
+        if changed:
+            self.publish_settings(pipeline.outbox, changed.values())
+
+    def _answer(self, pipeline, up):
+        radio = self.radios.get(up.source)
+        if radio is None:
+            self.metrics.downlinks_skipped.labels("no_radio").inc()
+            return
+        if pipeline.clock() - up.received_at > LATE_S:
+            self.metrics.downlinks_skipped.labels("late").inc()
+            return
+        device = up.device
+        dev = device.device_id
+        ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt)
+        config = self._config(device)
+        time_ms = int(time.time() * 1000) if pipeline.time_synced else None
+        try:
+            frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
+        except ValueError as e:  # a registry entry the bin would refuse never gets here (registry_settings)
+            self.metrics.downlinks_skipped.labels("too_long").inc()
+            logs.event(log, logging.ERROR, "downlink not built", bin=device.bin_id, device=device.dev, error=str(e))
+            return
+        data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
+        if not radio.take(radio.time_on_air_ms(on_air, preamble)):
+            self.metrics.downlinks_skipped.labels("duty_cycle").inc()
+            if self._log_limit.allow("duty", pipeline.clock()):
+                logs.event(log, logging.WARNING, "downlink skipped: the radio's duty-cycle budget is spent",
+                           source=up.source, bin=device.bin_id)
+            return
+        if not radio.writer.send(data):
+            self.metrics.downlink_write_errors.inc()
+            return
+        self.metrics.downlinks_sent.labels("ack").inc()
+        if time_ms is not None:
+            self.metrics.downlinks_sent.labels("time").inc()
+        if config is not None:
+            self.metrics.downlinks_sent.labels("config").inc()
+            self._turn[dev] = self._turn.get(dev, 0) + 1
+        logs.event(log, logging.DEBUG, "downlink sent", bin=device.bin_id, device=device.dev, fcnt=up.fcnt,
+                   ack="%08x" % ack, time=time_ms is not None, config=sorted(config[1]) if config else None,
+                   source=up.source)
+
+    def _config(self, device):
+        """(desired hash, settings to send) when the bin should change something, else None."""
+        if not device.settings:  # no desired settings in the registry: the bin is left as it is
+            return None
+        want = registry_settings.desired_hash(device)
+        reported = self.reported.get(device.device_id)
+        if reported is not None and reported[0] == want:
+            return None
+        chunks = config_chunks(device)
+        return bytes.fromhex(want), chunks[self._turn.get(device.device_id, 0) % len(chunks)]
+
+    def publish_settings(self, box, devices):
+        """Commits the retained settings message of each device whose message changed; the record
+        of what was published moves only after the commit."""
+        batch, done = Batch(), []
+        now = self.clock()
+        for device in devices:
+            dev = device.device_id
+            reported = self.reported.get(dev)
+            if not device.settings and self.reported.published(dev) is None and (
+                    reported is None or not reports_settings(reported[1])):
+                continue  # nothing wanted, nothing comparable heard: no message
+            payload = settings_payload(device, reported)
+            if payload == self.reported.published(dev):
+                continue
+            topic = settings_topic(self.cfg.base_topic, device.bin_id)
+            mid = "settings:%s:%s:%s:%d" % (device.message_prefix, registry_settings.desired_hash(device),
+                                            reported[0] if reported else "-", int(now * 1000))
+            batch.states[topic] = Message(mid, topic, payload, True, now, Kind.NOTICE)
+            done.append((dev, reported, payload))
+        if not done:
+            return 0
+        try:
+            self.metrics.outbox_depth.inc(box.commit(batch))
+            for dev, reported, payload in done:
+                self.reported.save(dev, reported, payload)
+        except (StorageFull, sqlite3.Error, OSError) as e:  # tried again at the next hello or start
+            if self._log_limit.allow("settings", self.clock()):
+                logs.event(log, logging.ERROR, "settings messages not stored", error=str(e))
+            return 0
+        return len(done)
+

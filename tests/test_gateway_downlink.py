@@ -1,0 +1,242 @@
+"""The gateway answers bins that listen (issue 20): a real gateway process, real pseudo-terminals
+(pyserial), a real Mosquitto; what the gateway writes back is read from the pty's other end and
+checked with the bin's own parser (binlink.wire.downlink.parse) under the bin's key."""
+import json
+import os
+import select
+import subprocess
+import time
+import types
+
+import pytest
+from hypothesis import given, strategies as st
+
+from binlink.wire import codec, downlink, framing
+from binlink.gateway import module_formats, registry, registry_settings
+from binlink.gateway.clock import clock_synced
+from binlink.gateway.metrics import Metrics
+from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, wait_for
+
+DEV_A, DEV_B = 0xA1, 0xB2
+DEVICES = [(DEV_A, "bin-a", KEY, 1200, 200), (DEV_B, "bin-b", KEY2, 1000, 100)]
+LISTEN = downlink.F_LISTENING
+
+
+def reading(n, flags=0, dev=DEV_A, key=KEY):
+    return codec.encode_reading(key, dev, n, 700, 20, 3700, flags, 5, 5)
+
+
+class Radio:
+    """The radio's side of the pty: what the gateway writes to its module, read as it comes."""
+
+    def __init__(self, pty):
+        self.pty = pty
+        self.buf = b""
+
+    def read_until(self, done, timeout=10.0, what="bytes from the gateway"):
+        deadline = time.monotonic() + timeout
+        while not done(self.buf):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("timed out waiting for %s; got %r" % (what, self.buf))
+            ready, _, _ = select.select([self.pty.master], [], [], left)
+            if ready:
+                self.buf += os.read(self.pty.master, 4096)
+        return self.buf
+
+    def frames(self, n, timeout=10.0):
+        """The first n COBS+CRC frames the gateway wrote (raw / raw+rssi format)."""
+        def deframed(buf):
+            out = [body for kind, body, _ in framing.Deframer().feed(buf) if kind == "frame"]
+            return out if len(out) >= n else None
+        self.read_until(deframed, timeout, "%d downlink frames" % n)
+        return deframed(self.buf)
+
+
+def expect_answer(radio, answered, key=KEY, dev=DEV_A, index=0):
+    """The index-th frame written, parsed as the bin that sent uplink `answered` would."""
+    frame = radio.frames(index + 1)[index]
+    return downlink.parse(frame, key, dev, answered)
+
+
+def settings_state(subscriber, bin_id="bin-a"):
+    msgs = subscriber.json("bin/%s/settings" % bin_id)
+    return msgs[-1] if msgs else None
+
+
+def test_a_listening_uplink_is_answered_with_what_was_stored_and_others_are_not(gw, pty, subscriber):
+    radio = Radio(pty)
+    for n in (1, 2):  # not listening: no answer
+        pty.write(framing.frame(reading(n)))
+    pty.write(framing.frame(reading(4, flags=LISTEN)))  # 3 was lost on air
+    got = expect_answer(radio, 4)  # the first thing written answers 4: nothing was sent for 1 and 2
+    assert got["ack"] == 0b1101  # 4, 2 and 1 stored; 3 not
+    assert "config" not in got  # no desired settings in the registry: the bin is left alone
+    assert ("time_ms" in got) == clock_synced()  # the gateway's clock only when the kernel says it is synced
+    if "time_ms" in got:
+        assert abs(got["time_ms"] / 1000 - time.time()) < 5
+    # the bin resends 3 in a backlog batch and listens again: 3 is acknowledged now
+    body = codec.pack_reading(650, 20, 3700, LISTEN, 5, 5)
+    pty.write(framing.frame(codec.encode_backlog(KEY, DEV_A, 6, [(3, 30, body)])))
+    got = expect_answer(radio, 6, index=1)
+    assert got["ack"] & 0b111111 == 0b111101  # 6 (the batch), 4, 3, 2, 1; 5 never sent
+    wait_for(lambda: gw.metric("binlink_downlinks_sent_total", kind="ack") == 2, what="2 downlinks counted")
+    # an uplink of another bin without the flag, then bin-a again: still nothing more than the answers
+    pty.write(framing.frame(reading(1, dev=DEV_B, key=KEY2)))
+    pty.write(framing.frame(reading(7, flags=LISTEN)))
+    assert expect_answer(radio, 7, index=2)["ack"] & 1
+    wait_for(lambda: len(subscriber.events()) == 6, what="every reading published")
+    assert KEY.hex() not in gw.output() and KEY2.hex() not in gw.output()
+
+
+def test_registry_set_reaches_the_bin_and_its_report_shows_in_sync(gw, pty, subscriber, tmp_path):
+    radio = Radio(pty)
+    r = subprocess.run([BINLINK, "registry", "--registry", gw.registry, "set", "bin-a", "report_s=1800", "fire_c=60"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    gw.proc.send_signal(1)  # SIGHUP: systemctl reload
+    want = registry_settings.desired_hash(registry.load(gw.registry).by_bin("bin-a"))
+    state = wait_for(lambda: settings_state(subscriber), what="desired settings on MQTT")
+    assert state["desired"]["report_s"] == 1800 and state["desired"]["fire_c"] == 60
+    assert state["desired"]["wake_s"] == 900  # the firmware's default for what the registry does not set
+    assert state["desired_hash"] == want and state["in_sync"] is None and state["reported_hash"] is None
+    wait_for(lambda: "registry reloaded" in gw.output(), what="reload")
+    pty.write(framing.frame(reading(1, flags=LISTEN)))
+    got = expect_answer(radio, 1)
+    want_hash, settings = got["config"]
+    assert want_hash.hex() == want
+    assert settings["report_s"] == 1800 and settings["fire_c"] == 60  # the registry's own first
+    # the bin applies them and says so in its hello (firmware 1.4.0: the settings hash)
+    pty.write(framing.frame(codec.encode_hello(KEY, DEV_A, 2, (1, 4, 0), 4, bytes.fromhex(want))))
+    synced = wait_for(lambda: (s := settings_state(subscriber)) and s["in_sync"] and s, what="in_sync on MQTT")
+    assert synced["reported_hash"] == want and synced["fw_version"] == "1.4.0"
+    pty.write(framing.frame(reading(3, flags=LISTEN)))
+    assert "config" not in expect_answer(radio, 3, index=1)  # in sync: nothing to change
+    # a restart keeps the bin's report: still in sync, no config sent
+    gw.terminate()
+    gw.start()
+    pty.write(framing.frame(reading(4, flags=LISTEN)))
+    assert "config" not in expect_answer(radio, 4, index=2)
+    assert gw.metric("binlink_downlinks_sent_total", kind="config") == 0  # counted by the new process
+    # a bin reporting other settings is out of sync on MQTT, and gets the config again
+    pty.write(framing.frame(codec.encode_hello(KEY, DEV_A, 5, (1, 4, 0), 4, b"\x00\x00\x00\x01")))
+    wait_for(lambda: settings_state(subscriber)["in_sync"] is False, what="in_sync false")
+    pty.write(framing.frame(reading(6, flags=LISTEN)))
+    assert expect_answer(radio, 6, index=3)["config"][0].hex() == want
+    assert KEY.hex() not in json.dumps(subscriber.json("bin/bin-a/settings"))
+
+
+def test_rylr998_answer_is_an_at_send_to_the_sender(tmp_path, broker, pty):
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "rylr998")], devices=DEVICES).start()
+    try:
+        radio = Radio(pty)
+        pty.write(module_formats.rylr998_line(reading(1, flags=LISTEN), addr=7))
+        line = radio.read_until(lambda b: b"\r\n" in b, what="an AT+SEND line")
+        head, _, data = line.split(b"\r\n")[0].partition(b",")[2].partition(b",")
+        assert line.startswith(b"AT+SEND=7,") and int(head) == len(data)
+        assert data == data.upper()  # hex as the bins send theirs
+        got = downlink.parse(bytes.fromhex(data.decode()), KEY, DEV_A, 1)
+        assert got["ack"] & 1
+    finally:
+        g.kill()
+
+
+def test_over_the_duty_cycle_the_gateway_stays_silent_and_counts_it(tmp_path, broker, pty):
+    # 0.1 %: a budget of 600 ms of airtime; each answer at SF12 takes ~1 s: the first is over it
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES)
+    with open(g.config) as f:
+        text = f.read()
+    with open(g.config, "w") as f:
+        f.write(text.replace('format = "raw"', 'format = "raw"\nsf = 12\nduty_cycle = 0.001'))
+    g.start()
+    try:
+        pty.write(framing.frame(reading(1, flags=LISTEN)))
+        wait_for(lambda: g.metric("binlink_downlinks_skipped_total", reason="duty_cycle") == 1, what="skip counted")
+        assert g.metric("binlink_downlinks_sent_total") == 0
+        assert not select.select([pty.master], [], [], 0)[0]  # nothing written to the radio
+    finally:
+        g.kill()
+
+
+def test_an_invalid_setting_is_refused_with_one_line_and_nothing_changes(tmp_path):
+    path = str(tmp_path / "devices.toml")
+    registry.add(path, DEV_A, "bin-a", KEY, 1200, 200)
+    before = open(path).read()
+    for words, says in ((["bin-a", "fire_c=200"], "fire_c: 200 outside 40..100"),
+                        (["bin-a", "report_s=600"], "report_s 600 is shorter than wake_s 900"),
+                        (["bin-a", "colour=3"], "colour: not a setting"),
+                        (["bin-a", "fire_c=hot"], "must be a whole number"),
+                        (["bin-*", "nope-*", "fire_c=50"], "nope-*: no bin")):
+        r = subprocess.run([BINLINK, "registry", "--registry", path, "set"] + words, capture_output=True, text=True)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert open(path).read() == before
+    r = subprocess.run([BINLINK, "registry", "--registry", path, "set", "--all", "report_s=1800", "wake_s=600"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert dict(registry.load(path).by_bin("bin-a").settings) == {"report_s": 1800, "wake_s": 600}
+
+
+def test_a_write_error_is_counted_and_never_raises(tmp_path):
+    """A radio whose port is gone: the answer is counted as a write error, the service carries on."""
+    from binlink.gateway import config, downlink as gw_downlink
+    from binlink.gateway.serial_input import SerialSource
+    from binlink.gateway.uplink import Reading, Uplink
+
+    metrics = Metrics()
+    src = SerialSource(config.Source("radio0", "/nonexistent"), None, metrics, None)
+    cfg = types.SimpleNamespace(base_topic="binlink/t")
+    answerer = gw_downlink.Answerer(cfg, metrics, [src], str(tmp_path))
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
+    up = Uplink("radio0", module_formats.Reception(reading(5, flags=LISTEN)), time.time(), device=device, fcnt=5,
+                readings=[Reading(5, 0, 700, 20, 3700, LISTEN, 5, 5)])
+    pipeline = types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=time.time,
+                                     counters={DEV_A: 5}, stored={DEV_A: 1}, time_synced=False, outbox=None)
+    answerer.after_commit(pipeline)  # the port is not open: send() fails
+    assert metrics.value("binlink_downlink_write_errors_total") == 1
+    assert metrics.value("binlink_downlinks_sent_total", kind="ack") == 0
+    import serial
+
+    class Broken:
+        def write(self, data):
+            raise serial.SerialTimeoutException("Write timeout")
+    src._port = Broken()
+    pipeline.listening = [up]
+    answerer.after_commit(pipeline)
+    assert metrics.value("binlink_downlink_write_errors_total") == 2
+    answerer.close()
+
+
+def test_the_gateway_knows_the_firmware_defaults():
+    from binlink.firmware import config as fw_config
+
+    assert registry_settings.FIRMWARE_DEFAULTS == {n: fw_config.DEFAULTS[n] for n in downlink.SETTING_IDS}
+    assert not downlink.setting_problems(registry_settings.FIRMWARE_DEFAULTS)
+
+
+def test_ack_bitmap_reads_the_stored_window_at_the_answered_counter():
+    from binlink.gateway.downlink import ack_bitmap
+
+    stored = 0b1011  # head 10: 10, 9 and 7 stored
+    assert ack_bitmap(10, stored, 10) == 0b1011
+    assert ack_bitmap(10, stored, 9) == 0b101  # answered 9: 9, 7
+    assert ack_bitmap(300, stored, 9) == 1  # beyond the window: only the answered uplink itself
+
+
+NAMES = sorted(downlink.SETTING_IDS)
+
+
+@given(st.dictionaries(st.sampled_from(NAMES), st.integers(0, 10**9)))
+def test_key_value_words_round_trip(settings):
+    words = ["%s=%d" % kv for kv in settings.items()]
+    assert registry_settings.parse_assignments(words) == settings
+
+
+@given(st.lists(st.text(max_size=30), max_size=5))
+def test_any_words_give_settings_or_one_clear_error(words):
+    try:
+        got = registry_settings.parse_assignments(words)
+    except ValueError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert set(got) <= set(NAMES)
+    assert all(v is None or (type(v) is int and v >= 0) for v in got.values())
