@@ -240,3 +240,31 @@ def test_any_words_give_settings_or_one_clear_error(words):
         return
     assert set(got) <= set(NAMES)
     assert all(v is None or (type(v) is int and v >= 0) for v in got.values())
+
+
+def test_with_several_gateways_only_the_one_that_published_a_reading_answers(tmp_path, broker, subscriber):
+    from tests.harness import RedisServer
+    from tests.test_multi_gateway import MARKER, Site
+
+    server = RedisServer(tmp_path).start()
+    site = Site(tmp_path, broker, server, 2, devices=DEVICES + [MARKER])
+    try:
+        for n in range(1, 7):  # both gateways hear every frame
+            site.hear(reading(n, flags=LISTEN), [0, 1])
+        wait_for(lambda: len({e["message_id"] for e in subscriber.events() if e["bin_id"] == "bin-a"}) == 6,
+                 what="6 readings published")
+        wait_for(lambda: site.total("binlink_duplicates_total") == 6, what="each heard twice, stored once")
+        wait_for(lambda: site.total("binlink_downlinks_sent_total", kind="ack") == 6, what="6 answers")
+        publisher = {e["fcnt"]: e["gateway"] for e in subscriber.events() if e["bin_id"] == "bin-a"}
+        for i, link in enumerate(site.links):
+            written = b""
+            while select.select([link.master], [], [], 0)[0]:
+                written += os.read(link.master, 4096)
+            frames = [body for kind, body, _ in framing.Deframer().feed(written) if kind == "frame"]
+            answered = sorted(int.from_bytes(f[4:6], "big") for f in frames)
+            assert answered == sorted(n for n, g in publisher.items() if g == "gw%d" % i)
+            for f in frames:
+                assert downlink.parse(f, KEY, DEV_A, int.from_bytes(f[4:6], "big"))["ack"] & 1
+    finally:
+        site.close()
+        server.stop()
