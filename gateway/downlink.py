@@ -5,7 +5,8 @@ it came in on. docs/protocol.md "Downlink" is the contract, binlink.wire.downlin
 What the answer carries:
 - `ack`: bit k set when uplink (answered - k) is stored here: the counter's stored-readings window
   (heads.Counter.stored), read after the commit, never before (the ack means "on disk"). Bit 0 is
-  the answered uplink itself (a backlog batch's own counter included).
+  the answered uplink itself; for a backlog batch it acknowledges every entry (one commit), also
+  those more than 31 counters behind, which no other bit can name.
 - `time`: the gateway's clock as the frame goes to the radio, only while clock.py finds it
   plausible and the kernel says it is synchronised (pipeline.time_synced).
 - `config`: when the bin's desired settings (registry_settings.desired) differ from the hash it
@@ -93,19 +94,27 @@ class Reported:
 
     def __init__(self, path):
         self.path = path
-        try:
-            self.db = self._open()
-        except sqlite3.DatabaseError as e:
-            logs.event(log, logging.ERROR, "reported settings unreadable: started again", path=path, error=str(e))
-            os.replace(path, path + ".damaged")
-            self.db = self._open()
         self.rows = {}
-        for dev, h, fw, at, pub in self.db.execute("SELECT device_id, hash, fw, at, published FROM reported"):
-            if type(dev) is int and (h is None or type(h) is str and len(h) == 8) and (at is None or type(at) in (int, float)):
+        try:
+            self.db = self._open(path)
+            found = self.db.execute("SELECT device_id, hash, fw, at, published FROM reported").fetchall()
+        except (sqlite3.Error, OSError) as e:  # damaged: set aside and started again; no room: kept in memory
+            logs.event(log, logging.ERROR, "reported settings file unusable: started again (bins report again in "
+                       "their next hello)", path=path, error=str(e))
+            try:
+                os.replace(path, path + ".damaged")
+                self.db = self._open(path)
+            except (sqlite3.Error, OSError):
+                self.db = self._open(":memory:")
+            found = []
+        for dev, h, fw, at, pub in found:  # read back like any input: a row no writer makes is passed over
+            if (type(dev) is int and (h is None or type(h) is str and len(h) == 8) and (fw is None or type(fw) is str)
+                    and (at is None or type(at) in (int, float)) and (pub is None or type(pub) is str)):
                 self.rows[dev] = [(h, fw, at) if h is not None else None, pub]
 
-    def _open(self):
-        db = sqlite3.connect(self.path, isolation_level=None)
+    @staticmethod
+    def _open(path):
+        db = sqlite3.connect(path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("CREATE TABLE IF NOT EXISTS reported (device_id INTEGER PRIMARY KEY, hash TEXT, fw TEXT, at REAL, "

@@ -268,3 +268,15 @@ def test_with_several_gateways_only_the_one_that_published_a_reading_answers(tmp
     finally:
         site.close()
         server.stop()
+
+
+def test_a_damaged_reported_settings_file_is_set_aside_not_a_crash(tmp_path):
+    from binlink.gateway.downlink import Reported
+
+    path = tmp_path / "downlink.sqlite"
+    path.write_bytes(b"not a database" * 100)
+    r = Reported(str(path))
+    assert r.rows == {} and (tmp_path / "downlink.sqlite.damaged").exists()
+    r.save(DEV_A, ("0badf00d", "1.4.0", 1.0), "{}")
+    r.close()
+    assert Reported(str(path)).get(DEV_A) == ("0badf00d", "1.4.0", 1.0)  # kept across a restart
