@@ -280,3 +280,62 @@ def test_a_damaged_reported_settings_file_is_set_aside_not_a_crash(tmp_path):
     r.save(DEV_A, ("0badf00d", "1.4.0", 1.0), "{}")
     r.close()
     assert Reported(str(path)).get(DEV_A) == ("0badf00d", "1.4.0", 1.0)  # kept across a restart
+
+
+class Capture:
+    """A radio writer that keeps what it is given (the Answerer's side of SerialSource.send)."""
+
+    def __init__(self, name="radio0", **source):
+        from binlink.gateway import config
+
+        self.source = config.Source(name, "/dev/null", **source)
+        self.sent = []
+
+    def send(self, data):
+        self.sent.append(data)
+        return True
+
+
+def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None):
+    """Answers one listening reading per counter with a stand-in pipeline; returns the downlinks parsed."""
+    from binlink.gateway import downlink as gw_downlink
+    from binlink.gateway.uplink import Reading, Uplink
+
+    answerer = gw_downlink.Answerer(types.SimpleNamespace(base_topic="binlink/t"), Metrics(), [writer], str(tmp_path))
+    out = []
+    for n in fcnts:
+        up = Uplink("radio0", module_formats.Reception(b""), received_at or time.time(), device=device, fcnt=n,
+                    readings=[Reading(n, 0, 700, 20, 3700, LISTEN, 5, 5)])
+        pipeline = types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=time.time,
+                                         counters={device.device_id: n}, stored={device.device_id: 1},
+                                         time_synced=synced, outbox=None)
+        before = len(writer.sent)
+        answerer.after_commit(pipeline)
+        out.append(downlink.parse(framing.Deframer().feed(writer.sent[-1])[0][1], device.key, device.device_id, n)
+                   if len(writer.sent) > before else None)
+    answerer.close()
+    return out, answerer.metrics
+
+
+def test_time_only_from_a_synced_clock_and_a_config_in_turns_until_the_bin_reports_it(tmp_path):
+    table = (("fire_c", 60), ("near_full_pct", 80), ("report_s", 1800))
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200, settings=table)
+    got, metrics = answering(tmp_path, device, [1, 2, 3], Capture())
+    assert all(abs(g["time_ms"] / 1000 - time.time()) < 2 for g in got)
+    first, second = got[0]["config"][1], got[1]["config"][1]
+    assert set(dict(table)) <= set(first)  # what the operator asked for goes first
+    assert {**first, **second} == registry_settings.desired(device)  # two answers carry the whole desired set
+    assert got[2]["config"][1] == first and all(g["config"][0].hex() == registry_settings.desired_hash(device) for g in got)
+    assert metrics.value("binlink_downlinks_sent_total", kind="config") == 3
+    unsynced, _ = answering(tmp_path / "b", device, [1], Capture(), synced=False)
+    assert "time_ms" not in unsynced[0]
+
+
+def test_an_answer_past_the_window_is_skipped(tmp_path):
+    from binlink.gateway.downlink import LATE_S
+
+    writer = Capture()
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
+    got, metrics = answering(tmp_path, device, [1], writer, received_at=time.time() - LATE_S - 1)
+    assert got == [None] and writer.sent == []
+    assert metrics.value("binlink_downlinks_skipped_total", reason="late") == 1
