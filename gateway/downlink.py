@@ -141,7 +141,7 @@ class Reported:
 class Radio:
     """One serial source's transmit side: its writer, its module format, its airtime budget."""
 
-    def __init__(self, source, clock=time.monotonic):
+    def __init__(self, source, clock=time.time):
         self.writer = source
         self.cfg = source.source
         self.clock = clock
@@ -167,7 +167,8 @@ class Answerer:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
-        self.radios = {s.source.name: Radio(s) for s in sources if s.source.downlink}
+        # the pipeline's clock: a simulated site's (simclock) books airtime on the time its channel lives in
+        self.radios = {s.source.name: Radio(s, clock) for s in sources if s.source.downlink}
         self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         self._turn = {}  # device_id -> next config chunk
         self._log_limit = logs.RateLimit(per_minute=10)
