@@ -29,6 +29,7 @@ class Source:
     sf: int = 9  # the radio's LoRa settings, for the time on air of the gateway's own downlinks ...
     bandwidth_khz: int = 125
     duty_cycle: float = 0.01  # ... kept within the sub-band's duty cycle (EU868 g/g1: 1 %)
+    answer_within_ms: int = 150  # later than this after the uplink (group start to write), an answer is skipped
 
 
 @dataclass
@@ -130,6 +131,7 @@ _SOURCE = {
     "baud": Rule(int, choices=_BAUDS),  # the rates every USB-serial bridge and LoRa module offers
     "format": Rule(str, choices=set(FORMATS)),
     "downlink": Rule(bool), "sf": Rule(int, lo=7, hi=12), "bandwidth_khz": Rule(int, choices={125, 250, 500}),
+    "answer_within_ms": Rule(int, lo=10, hi=60000),  # the bins' turnaround budget is 200 ms (docs/protocol.md)
     "duty_cycle": Rule(NUMBER, above=0, hi=1),  # a fraction: 0.01 is 1 %, 0.1 the 869.4-869.65 MHz sub-band's 10 %
 }
 _MQTT = {

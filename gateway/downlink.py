@@ -3,22 +3,26 @@ receive after it; once that uplink is committed, the gateway that stored it answ
 it came in on. docs/protocol.md "Downlink" is the contract, binlink.wire.downlink the codec.
 
 What the answer carries:
-- `ack`: bit k set when uplink (answered - k) is stored here: the counter's stored-readings window
-  (heads.Counter.stored), read after the commit, never before (the ack means "on disk"). Bit 0 is
-  the answered uplink itself; for a backlog batch it acknowledges every entry (one commit), also
-  those more than 31 counters behind, which no other bit can name.
-- `time`: the gateway's clock as the frame goes to the radio, only while clock.py finds it
-  plausible and the kernel says it is synchronised (pipeline.time_synced).
+- `ack`: bit k set when frame (answered - k) is stored here: a reading frame by the counter's
+  stored-readings window (heads.Counter.stored), a backlog batch or a hello by the frames of them
+  this gateway committed (kept here, in memory: after a restart a bin may resend a batch's readings
+  once, which the window then recognises); read after the commit, never before (the ack means "on
+  disk"). A batch's bit acknowledges every entry in it (one commit), also those more than 31
+  counters behind.
+- `time`: the gateway's clock as the frame goes on air (now + its bytes' time on the module's
+  UART), only while clock.py finds it plausible and the kernel says it is synchronised.
 - `config`: when the bin's desired settings (registry_settings.desired) differ from the hash it
   reported in its last hello (or none was heard): up to four settings per answer, the registry's
   own first, then the firmware defaults the desired set includes, in turns.
 
-Who answers: only an uplink this gateway accepted is collected (pipeline.listening); with several
+Who answers: only uplinks this gateway accepted are collected (pipeline.listening: hellos, backlog
+batches, and readings with the flag); with several
 gateways that is the claim's winner, the one that published it. A hello has no flags byte and is
 never answered; its settings hash is recorded (a bin wanting an answer after it sets the flag in
 the report that follows). Skipped, and counted (binlink_downlinks_skipped_total{reason}): over the
-radio's duty-cycle budget, later than LATE_S after reception, a source with no radio (Wi-Fi) or
-`downlink = false`, the commit refused (a full disk).
+radio's duty-cycle budget, later than the source's answer_within_ms after the group began (150: the
+bins wait 200 ms from their uplink's end to the answer on air, the modules' serial hand-overs
+included), a source with no radio (Wi-Fi) or `downlink = false`, the commit refused (a full disk).
 
 Desired vs reported is published retained on `<base>/bin/<bin>/settings` through the outbox, and
 the last reported hash per bin is kept in `downlink.sqlite` beside the state file."""
@@ -28,13 +32,12 @@ import os
 import sqlite3
 import time
 
-from binlink.wire import airtime, downlink
+from binlink.wire import airtime, codec, downlink
 from binlink.gateway import integrate, logs, module_formats, registry_settings
 from binlink.gateway.outbox import Batch, Kind, Message
 from binlink.gateway.storage import StorageFull
 
 log = logs.get("downlink")
-LATE_S = 2.0  # an uplink received longer ago than this: the bin's receive window has closed
 SETTINGS_FROM = (1, 4, 0)  # firmware from which the hello's config hash is downlink.settings_hash
 
 
@@ -47,11 +50,15 @@ def asks(up):
     return False
 
 
-def ack_bitmap(head, stored, answered):
-    """u32: bit k set when uplink answered - k is stored; head, stored: the device's counter and its
-    window (bit j: head - j stored) after the commit."""
+def ack_bitmap(head, stored, answered, frames=()):
+    """u32: bit k set when frame answered - k is stored; head, stored: the device's counter and its
+    readings' window (bit j: head - j stored) after the commit; frames: counters of other frames
+    (batches, hellos) committed."""
     behind = head - answered
     bits = (stored >> behind) & 0xFFFFFFFF if 0 <= behind < 256 else 0
+    for f in frames:
+        if 0 <= answered - f < 32:
+            bits |= 1 << (answered - f)
     return bits | 1  # the answered uplink was just committed
 
 
@@ -171,6 +178,7 @@ class Answerer:
         self.radios = {s.source.name: Radio(s, clock) for s in sources if s.source.downlink}
         self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         self._turn = {}  # device_id -> next config chunk
+        self._frames = {}  # device_id -> counters of its batches and hellos committed, the last 32 counters'
         self._log_limit = logs.RateLimit(per_minute=10)
 
     def close(self):
@@ -184,15 +192,19 @@ class Answerer:
             return
         pipeline.listening = []
         if pipeline.storage.full:  # the group was refused: nothing of it is stored, nothing is acknowledged
-            self.metrics.downlinks_skipped.labels("not_stored").inc(sum(1 for u in ups if u.hello is None))
+            self.metrics.downlinks_skipped.labels("not_stored").inc(sum(1 for u in ups if asks(u)))
             return
         changed = {}
+        for up in ups:  # first every frame of the group: an answer names those before it
+            if up.frame_type != codec.T_READING:
+                dev = up.device.device_id
+                self._frames[dev] = [f for f in self._frames.get(dev, ()) if up.fcnt - f < 32] + [up.fcnt]
         for up in ups:
             if up.hello is not None:
                 fw, _, hash_hex = up.hello
                 self.reported.rows.setdefault(up.device.device_id, [None, None])[0] = (hash_hex, fw, up.received_at)
                 changed[up.device.device_id] = up.device
-            else:
+            elif asks(up):
                 self._answer(pipeline, up)
         if changed:
             self.publish_settings(pipeline.outbox, changed.values())
@@ -202,21 +214,25 @@ class Answerer:
         if radio is None:
             self.metrics.downlinks_skipped.labels("no_radio").inc()
             return
-        if pipeline.clock() - up.received_at > LATE_S:
+        if pipeline.clock() - up.received_at > radio.cfg.answer_within_ms / 1000:  # the bin's window is closing
             self.metrics.downlinks_skipped.labels("late").inc()
             return
         device = up.device
         dev = device.device_id
-        ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt)
+        ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt, self._frames.get(dev, ()))
         config = self._config(device)
         time_ms = int(time.time() * 1000) if pipeline.time_synced else None
         try:
             frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
+            data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
+            if time_ms is not None:  # the instant it goes on air: after its bytes crossed to the module (8N1)
+                time_ms += len(data) * 10 * 1000 // radio.cfg.baud
+                frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
+                data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
         except ValueError as e:  # a registry entry the bin would refuse never gets here (registry_settings)
             self.metrics.downlinks_skipped.labels("too_long").inc()
             logs.event(log, logging.ERROR, "downlink not built", bin=device.bin_id, device=device.dev, error=str(e))
             return
-        data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
         if not radio.take(radio.time_on_air_ms(on_air, preamble)):
             self.metrics.downlinks_skipped.labels("duty_cycle").inc()
             if self._log_limit.allow("duty", pipeline.clock()):

@@ -261,7 +261,7 @@ class Pipeline:
         moved = self._advance(device, fcnt)
         self.dedup.remember(device.device_id, fcnt, up.frame, up.received_at)
         batch.accepted, up.outcome = batch.accepted + 1, Outcome.ACCEPTED
-        if up.hello is not None or downlink.asks(up):  # answer (after the commit) or reported settings
+        if up.frame_type != codec.T_READING or downlink.asks(up):  # hellos, batches, listening (answered after the commit)
             self.listening.append(up)
         if up.hello is not None:
             self._hello(up, batch)

@@ -53,6 +53,26 @@ class Radio:
         return deframed(self.buf)
 
 
+def gateway(tmp_path, broker, pty, fmt="raw", answer_within_ms=5000, **keys):
+    """A gateway process with these [[source]] keys. The answers' deadline is the bins' 200 ms in
+    service; the tests here check what is written (test_an_answer_past_the_window_is_skipped, when)."""
+    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, fmt)], devices=DEVICES)
+    keys["answer_within_ms"] = answer_within_ms
+    with open(g.config) as f:
+        text = f.read()
+    with open(g.config, "w") as f:
+        f.write(text.replace('format = "%s"' % fmt, 'format = "%s"\n' % fmt + "\n".join("%s = %s" % kv for kv in keys.items())))
+    return g.start()
+
+
+@pytest.fixture
+def gw(tmp_path, broker, pty):
+    g = gateway(tmp_path, broker, pty)
+    yield g
+    if g.alive():
+        g.kill()
+
+
 def expect_answer(radio, answered, key=KEY, dev=DEV_A, index=0):
     """The index-th frame written, parsed as the bin that sent uplink `answered` would."""
     frame = radio.frames(index + 1)[index]
@@ -84,7 +104,7 @@ def test_a_listening_uplink_is_answered_with_what_was_stored_and_others_are_not(
     # an uplink of another bin without the flag, then bin-a again: still nothing more than the answers
     pty.write(framing.frame(reading(1, dev=DEV_B, key=KEY2)))
     pty.write(framing.frame(reading(7, flags=LISTEN)))
-    assert expect_answer(radio, 7, index=2)["ack"] & 1
+    assert expect_answer(radio, 7, index=2)["ack"] & 0x7F == 0b1111011  # the batch (6) is a stored frame too
     wait_for(lambda: len(subscriber.events()) == 6, what="every reading published")
     assert KEY.hex() not in gw.output() and KEY2.hex() not in gw.output()
 
@@ -127,7 +147,7 @@ def test_registry_set_reaches_the_bin_and_its_report_shows_in_sync(gw, pty, subs
 
 
 def test_rylr998_answer_is_an_at_send_to_the_sender(tmp_path, broker, pty):
-    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "rylr998")], devices=DEVICES).start()
+    g = gateway(tmp_path, broker, pty, fmt="rylr998")
     try:
         radio = Radio(pty)
         pty.write(module_formats.rylr998_line(reading(1, flags=LISTEN), addr=7))
@@ -143,12 +163,7 @@ def test_rylr998_answer_is_an_at_send_to_the_sender(tmp_path, broker, pty):
 
 def test_over_the_duty_cycle_the_gateway_stays_silent_and_counts_it(tmp_path, broker, pty):
     # 0.1 %: a budget of 600 ms of airtime; each answer at SF12 takes ~1 s: the first is over it
-    g = GatewayProcess(tmp_path, broker.port, [("radio0", pty.link, "raw")], devices=DEVICES)
-    with open(g.config) as f:
-        text = f.read()
-    with open(g.config, "w") as f:
-        f.write(text.replace('format = "raw"', 'format = "raw"\nsf = 12\nduty_cycle = 0.001'))
-    g.start()
+    g = gateway(tmp_path, broker, pty, sf=12, duty_cycle=0.001)
     try:
         pty.write(framing.frame(reading(1, flags=LISTEN)))
         wait_for(lambda: g.metric("binlink_downlinks_skipped_total", reason="duty_cycle") == 1, what="skip counted")
@@ -188,7 +203,7 @@ def test_a_write_error_is_counted_and_never_raises(tmp_path):
     answerer = gw_downlink.Answerer(cfg, metrics, [src], str(tmp_path))
     device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
     up = Uplink("radio0", module_formats.Reception(reading(5, flags=LISTEN)), time.time(), device=device, fcnt=5,
-                readings=[Reading(5, 0, 700, 20, 3700, LISTEN, 5, 5)])
+                frame_type=codec.T_READING, readings=[Reading(5, 0, 700, 20, 3700, LISTEN, 5, 5)])
     pipeline = types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=time.time,
                                      counters={DEV_A: 5}, stored={DEV_A: 1}, time_synced=False, outbox=None)
     answerer.after_commit(pipeline)  # the port is not open: send() fails
@@ -220,6 +235,7 @@ def test_ack_bitmap_reads_the_stored_window_at_the_answered_counter():
     assert ack_bitmap(10, stored, 10) == 0b1011
     assert ack_bitmap(10, stored, 9) == 0b101  # answered 9: 9, 7
     assert ack_bitmap(300, stored, 9) == 1  # beyond the window: only the answered uplink itself
+    assert ack_bitmap(10, stored, 10, frames=[8, 10, 3, 11]) == 0b1111 | 1 << 7  # batches and hellos committed
 
 
 NAMES = sorted(downlink.SETTING_IDS)
@@ -247,8 +263,15 @@ def test_with_several_gateways_only_the_one_that_published_a_reading_answers(tmp
     from tests.test_multi_gateway import MARKER, Site
 
     server = RedisServer(tmp_path).start()
-    site = Site(tmp_path, broker, server, 2, devices=DEVICES + [MARKER])
+    site = Site(tmp_path, broker, server, 0)
     try:
+        for _ in range(2):
+            g, _ = site.add(devices=DEVICES + [MARKER], start=False)
+            with open(g.config) as f:
+                text = f.read()
+            with open(g.config, "w") as f:
+                f.write(text.replace('format = "raw"', 'format = "raw"\nanswer_within_ms = 5000'))
+            g.start()
         for n in range(1, 7):  # both gateways hear every frame
             site.hear(reading(n, flags=LISTEN), [0, 1])
         wait_for(lambda: len({e["message_id"] for e in subscriber.events() if e["bin_id"] == "bin-a"}) == 6,
@@ -305,7 +328,7 @@ def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None):
     out = []
     for n in fcnts:
         up = Uplink("radio0", module_formats.Reception(b""), received_at or time.time(), device=device, fcnt=n,
-                    readings=[Reading(n, 0, 700, 20, 3700, LISTEN, 5, 5)])
+                    frame_type=codec.T_READING, readings=[Reading(n, 0, 700, 20, 3700, LISTEN, 5, 5)])
         pipeline = types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=time.time,
                                          counters={device.device_id: n}, stored={device.device_id: 1},
                                          time_synced=synced, outbox=None)
@@ -332,10 +355,10 @@ def test_time_only_from_a_synced_clock_and_a_config_in_turns_until_the_bin_repor
 
 
 def test_an_answer_past_the_window_is_skipped(tmp_path):
-    from binlink.gateway.downlink import LATE_S
-
-    writer = Capture()
+    writer = Capture()  # the default deadline: 150 ms after the group began
     device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
-    got, metrics = answering(tmp_path, device, [1], writer, received_at=time.time() - LATE_S - 1)
+    got, metrics = answering(tmp_path, device, [1], writer, received_at=time.time() - 0.2)
     assert got == [None] and writer.sent == []
     assert metrics.value("binlink_downlinks_skipped_total", reason="late") == 1
+    got, _ = answering(tmp_path / "b", device, [1], writer, received_at=time.time() - 0.05)
+    assert got[0]["ack"] == 1
