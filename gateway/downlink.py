@@ -73,8 +73,9 @@ def config_chunks(device):
     """The desired full set, cut in commands of at most MAX_SETTINGS: the registry's own settings
     first (what the operator asked for), then the defaults the desired set includes."""
     want = registry_settings.desired(device)
-    own = [n for n, _ in device.settings]
-    order = own + [n for n in sorted(want, key=lambda n: downlink.SETTING_IDS[n]) if n not in own]
+    by_id = sorted(want, key=lambda n: downlink.SETTING_IDS[n])  # wake_s and report_s, checked together, side by side
+    own = [n for n in by_id if n in dict(device.settings)]
+    order = own + [n for n in by_id if n not in own]
     step = downlink.MAX_SETTINGS
     return [{n: want[n] for n in order[i:i + step]} for i in range(0, len(order), step)]
 
