@@ -91,10 +91,6 @@ def settings_payload(device, reported):
                        "in_sync": (hash_hex == want) if comparable else None}, sort_keys=True)
 
 
-def settings_topic(base, bin_id):
-    return "%s/bin/%s/settings" % (base, bin_id)
-
-
 class Reported:
     """Per device: the settings hash of its last hello and what was last published on its settings
     topic. A small SQLite file beside the state file (not the outbox: one writer each, and a
@@ -278,7 +274,7 @@ class Answerer:
             payload = settings_payload(device, reported)
             if payload == self.reported.published(dev):
                 continue
-            topic = settings_topic(self.cfg.base_topic, device.bin_id)
+            topic = integrate.settings_topic(self.cfg.base_topic, device.bin_id)
             mid = "settings:%s:%s:%s:%d" % (device.message_prefix, registry_settings.desired_hash(device),
                                             reported[0] if reported else "-", int(now * 1000))
             batch.states[topic] = Message(mid, topic, payload, True, now, Kind.NOTICE)

@@ -132,6 +132,14 @@ def bin_entities(base, device):
             "name": name, "device_class": device_class, "expire_after": expire, "state_topic": state,
             "value_template": "{{ 'ON' if '%s' in value_json.flags else 'OFF' }}" % flag,
         })
+    settings = integrate.settings_topic(base, device.bin_id)
+    out["settings_pending"] = ("binary_sensor", {  # the gateway's downlink.py publishes it; unknown before a 1.4.0 hello
+        "name": "Settings pending", "device_class": "problem", "entity_category": "diagnostic", "state_topic": settings,
+        "value_template": "{{ 'None' if value_json.in_sync is none else ('OFF' if value_json.in_sync else 'ON') }}",
+        "json_attributes_topic": settings,
+        "json_attributes_template": "{{ {'desired': value_json.desired, 'desired_hash': value_json.desired_hash, "
+                                    "'reported_hash': value_json.reported_hash} | tojson }}",
+    })
     out["collection"] = ("event", {
         "name": "Collection", "state_topic": integrate.event_topic(base, device.bin_id), "event_types": list(EVENT_TYPES),
         # other events on the topic render to {} and Home Assistant ignores them

@@ -34,6 +34,11 @@ def iso(ts):
     return text
 
 
+def settings_topic(base, bin_id):
+    """A bin's desired and reported settings (downlink.py), retained."""
+    return "%s/bin/%s/settings" % (base, bin_id)
+
+
 def state_topic(base, bin_id):
     return "%s/bin/%s/state" % (base, bin_id)
 

@@ -60,7 +60,7 @@ def render(template, payload):
 
 def test_every_entity_is_keyed_on_site_and_bin_and_uses_default_entity_id():
     cfgs = configs(sw="1.2.3", via=VIA)
-    assert len(cfgs) == 8 + 4 + 1
+    assert len(cfgs) == 8 + 4 + 1 + 1  # sensors, alarms, the collection event, settings pending
     for topic, cfg in cfgs.items():
         _, component, node, entity, _ = topic.split("/")
         assert node == "binlink_city_park_3"
@@ -72,7 +72,7 @@ def test_every_entity_is_keyed_on_site_and_bin_and_uses_default_entity_id():
                                  "model": "ultrasonic bin sensor", "serial_number": "0000a1", "sw_version": "1.2.3",
                                  "via_device": VIA}
         assert cfg["origin"] == {"name": "binlink", "sw_version": __version__, "support_url": homeassistant.SUPPORT_URL}
-        if component != "event":
+        if component != "event" and entity != "settings_pending":  # settings change rarely: they never expire
             assert cfg["expire_after"] == 3 * 3600  # three missed hourly reports
     assert "sw_version" not in configs()["homeassistant/sensor/binlink_city_park_3/fill/config"]["device"]
 
@@ -245,16 +245,17 @@ def test_a_restart_with_nothing_changed_publishes_nothing_and_a_change_costs_one
 def test_switching_mode_migrates_each_entity_as_home_assistant_documents(tmp_path):
     path = tmp_path / "discovery.json"
     bins = {1: homeassistant.BinInfo(1, "b1", "", None, None, 3600)}
+    n = len(homeassistant.bin_entities("binlink/city", bins[1]))
     per_entity = announce(path, bins, mode="entity", gateway=None)
-    assert len(per_entity) == 13
+    assert len(per_entity) == n
     moved = announce(path, bins, mode="device", gateway=None)
-    assert [p for _, p in moved[:13]] == ['{"migrate_discovery": true}'] * 13  # entities and history kept
-    assert moved[13][0] == "homeassistant/device/binlink_city_b1/config"
-    assert moved[14:] == [(t, "") for t, _ in per_entity]  # then the old topics cleared
+    assert [p for _, p in moved[:n]] == ['{"migrate_discovery": true}'] * n  # entities and history kept
+    assert moved[n][0] == "homeassistant/device/binlink_city_b1/config"
+    assert moved[n + 1:] == [(t, "") for t, _ in per_entity]  # then the old topics cleared
     assert announce(path, bins, mode="device", gateway=None) == []
     back = announce(path, bins, mode="entity", gateway=None)
     assert back[0] == ("homeassistant/device/binlink_city_b1/config", '{"migrate_discovery": true}')
-    assert back[-1] == ("homeassistant/device/binlink_city_b1/config", "") and len(back) == 15
+    assert back[-1] == ("homeassistant/device/binlink_city_b1/config", "") and len(back) == n + 2
 
 
 def test_upgrade_from_the_per_entity_record_moves_to_device_discovery_once(tmp_path):
@@ -310,3 +311,19 @@ def test_a_hello_with_new_firmware_looks_at_its_bin_alone(tmp_path):
     (job,) = d.changes(bins, {"000007": "1.3.0"}, only={"000007": "1.3.0"})
     assert looked == ["binlink_city_bin_7"] and job[0] == "binlink_city_bin_7"  # not 2,000 digests per hello
     assert d.changes(bins, {"000007": "1.3.0"}, only={"000008": "1.3.0"}) == []  # bin 8 runs what it announced
+
+
+def test_settings_pending_shows_desired_against_reported():
+    """Home Assistant shows whether a bin runs the settings the registry wants (issue 20): from the
+    retained settings topic the gateway's downlink publishes, unknown until a 1.4.0 hello."""
+    from binlink.gateway import downlink as gw_downlink
+    from binlink.gateway import integrate
+    kind, cfg = homeassistant.bin_entities("binlink/city", BIN)["settings_pending"]
+    assert kind == "binary_sensor" and cfg["state_topic"] == integrate.settings_topic("binlink/city", BIN.bin_id)
+    import dataclasses
+    wants = dataclasses.replace(BIN, settings=(("report_s", 1800),))
+    for reported, want in ((None, "None"), (("00000000", "1.4.0", 1.0), "ON"),
+                           ((gw_downlink.registry_settings.desired_hash(wants), "1.4.0", 1.0), "OFF")):
+        payload = gw_downlink.settings_payload(wants, reported)
+        assert render(cfg["value_template"], payload) == want, (reported, payload)
+        assert json.loads(render(cfg["json_attributes_template"], payload))["desired"]["report_s"] == 1800
