@@ -627,3 +627,61 @@ def test_time_on_air_at_points_worked_by_hand():
     assert abs(lora.time_on_air_s(16, 7, 125000) * 1000 - 51.456) < 0.01
     assert abs(lora.time_on_air_s(16, 9, 125000) * 1000 - 164.864) < 0.01
     assert abs(lora.time_on_air_s(51, 12, 125000) * 1000 - 2465.792) < 0.01
+
+
+def test_e22_hands_a_packet_heard_in_normal_mode_to_the_uart_and_loses_one_while_asleep_or_sending():
+    """E22 receive side (issue 20): in normal mode the whole packet, then AUX low 2-3 ms before its
+    bytes go out on the UART until the last; asleep, or keyed up during it (half-duplex), lost.
+    The firmware's light sleep wakes on that AUX edge: the bytes after it are all there."""
+    hw, r = _e22_in_mode(0, 0)
+    sf, bw = r.air()
+    end = hw.air_packet(b"\x00hello\x00", hw.now + 50.0, sf, bw)
+    assert end - hw.now > 50.0 + 20.0  # a packet's time on air at SF9
+    hw.dispatch("sleep_us", [int((end - hw.now - 1.0) * 1000)])
+    assert hw.dispatch("uart_any", [1]) == 0 and hw.dispatch("pin_value", [13]) == 1  # still on air
+    hw.dispatch("pin_init", [13, 1, 2, None, None])
+    hw.dispatch("wake_on_ext0", [13, 0])
+    t0 = hw.now
+    hw.dispatch("lightsleep", [5000])  # woken by AUX falling, not by the 5 s
+    assert hw.now - t0 < 10.0
+    hw.dispatch("sleep_us", [20_000])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"\x00hello\x00"
+    assert r.current_ma(hw.now) == e22_model.E22.RX_MA
+    # asleep: lost
+    hw.dispatch("pin_init", [25, 3, -1, 1, True])
+    hw.dispatch("pin_init", [14, 3, -1, 1, True])
+    hw.dispatch("sleep_us", [100_000])
+    end = hw.air_packet(b"\x00asleep\x00", hw.now + 10.0, sf, bw)
+    hw.dispatch("sleep_us", [int((end - hw.now + 50.0) * 1000)])
+    assert hw.dispatch("uart_read", [1, -1]) is None and r.missed[-1][1] == b"\x00asleep\x00"
+    # sending when it begins: lost
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("pin_init", [14, 3, -1, 0, True])
+    hw.dispatch("sleep_us", [100_000])
+    hw.dispatch("uart_write", [1, "0011223344"])
+    hw.dispatch("sleep_us", [15_000])
+    assert r.tx_until > hw.now
+    end = hw.air_packet(b"\x00busy\x00", hw.now + 1.0, sf, bw)
+    hw.dispatch("sleep_us", [int((end - hw.now + 50.0) * 1000)])
+    assert hw.dispatch("uart_read", [1, -1]) is None and r.missed[-1][1] == b"\x00busy\x00"
+    # another air rate: not heard
+    end = hw.air_packet(b"\x00other\x00", hw.now + 1.0, 12, 125)
+    hw.dispatch("sleep_us", [int((end - hw.now + 50.0) * 1000)])
+    assert hw.dispatch("uart_read", [1, -1]) is None
+
+
+def test_rylr998_reports_a_packet_as_rcv_and_loses_one_while_asleep():
+    hw = _board(transport="rylr998")
+    hw.dispatch("uart_init", [1, 115200, 26, 27, 0, 256])
+    r = hw.radio
+    sf, bw = r.sf_bw()
+    end = hw.air_packet(b"0A0B0C", hw.now + 10.0, sf, bw, address=7)
+    hw.dispatch("sleep_us", [int((end - hw.now + 10.0) * 1000)])
+    assert bytes.fromhex(hw.dispatch("uart_read", [1, -1])) == b"+RCV=7,6,0A0B0C,-60,10\r\n"
+    assert r.current_ma(hw.now) == 17.0
+    hw.dispatch("uart_write", [1, b"AT+MODE=1\r\n".hex()])
+    hw.dispatch("sleep_us", [20_000])
+    hw.dispatch("uart_read", [1, -1])
+    end = hw.air_packet(b"0A0B0C", hw.now + 10.0, sf, bw)
+    hw.dispatch("sleep_us", [int((end - hw.now + 10.0) * 1000)])
+    assert hw.dispatch("uart_read", [1, -1]) is None and r.missed

@@ -62,6 +62,7 @@ class Board:
         self.esp = chip.Esp32()
         self.now = 0.0
         self.epoch0 = 0.0
+        self.rtc_error_s = 0.0  # the chip's RTC minus true time (its clock, as time.time() reads it)
         self.charge_mAs = 0.0
         self.sleep_charge_mAs = 0.0  # of charge_mAs: spent in the deep sleep before this wake
         self.halted = None
@@ -93,6 +94,7 @@ class Board:
             self.radio = Rylr998(self._key_up)
         elif kind == "serial":
             self.radio = _Wire(transmit)
+            self.radio.baud = ruart[1]
         if self.radio is not None:
             self._attach_uart(ruart[0], self.radio)
             self.parts.append(self.radio)
@@ -138,7 +140,7 @@ class Board:
     def current_ma(self):
         """What the board draws now: the chip, the regulator and divider, and every part."""
         e = self.esp
-        ma = chip.DEEP_SLEEP_MA if e.asleep else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
+        ma = chip.DEEP_SLEEP_MA if e.asleep else chip.LIGHT_SLEEP_MA if e.light else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
         static = self._regulator_ma
         if not self._divider_switched or e.pad(self._battery_en_pin) == 1:
             static += self.battery.mv(ma) / DIVIDER_OHMS  # mV / ohm = mA
@@ -355,7 +357,20 @@ class Board:
         self.advance(us / 1000.0)
 
     def op_time(self):
-        return int(self.epoch())
+        return int(self.epoch() + self.rtc_error_s)
+
+    def op_time_ns(self):
+        return int((self.epoch() + self.rtc_error_s) * 1000.0) * 1000000
+
+    # the air, from the simulator's side ---------------------------------------------------------
+    def air_packet(self, payload, start_ms, sf, bw_khz, freq_mhz=None, **kw):
+        """A packet on air reaching this bin's antenna from start_ms (board time) for its time on
+        air at sf/bw_khz: the radio module receives it if it is listening then (its datasheet's
+        rules, parts/e22.py, parts/rylr998.py); a serial cable delivers it as is. Returns the
+        packet's end (ms) or None when this board has no radio."""
+        if self.radio is None or not hasattr(self.radio, "air_rx"):
+            return None
+        return self.radio.air_rx(bytes(payload), start_ms, sf, bw_khz, freq_mhz, **kw)
 
     def op_reset_cause(self):
         return self.esp.cause
@@ -371,7 +386,41 @@ class Board:
         raise chip.Stop("hard")
 
     def op_wake_on_ext0(self, pin, level):
-        self.esp.wake_ext0 = (pin, level)
+        self.esp.wake_ext0 = None if pin is None else (pin, level)
+
+    def op_lightsleep(self, ms):
+        """machine.lightsleep: the chip at its light-sleep current until ms pass or the ext0 pin
+        reaches its level (the UARTs receive nothing meanwhile: their clock stops)."""
+        e = self.esp
+        begin = self.now
+        end = begin + ms
+        ext0 = e.wake_ext0
+        e.light = True
+        self._ma = self.current_ma()
+        try:
+            while self.now < end:
+                self.advance(0.0)
+                if ext0 is not None and self._level(ext0[0]) == ext0[1]:
+                    break
+                nxt = end
+                for next_event in self._next_events:
+                    t = next_event(self.now)
+                    if t is not None and self.now < t < nxt:
+                        nxt = t
+                self.advance(nxt - self.now)
+        finally:
+            e.light = False
+            self._ma = self.current_ma()
+            for u in e.uarts.values():  # bytes that came meanwhile were never received
+                u.rx = [r for r in u.rx if not begin < r[0] <= self.now]
+        self.advance(chip.LIGHT_WAKE_MS)
+
+    def _level(self, pin):
+        if pin == self._aux_pin:
+            return self.radio.aux_level(self.now)
+        if pin == self.cfg["tilt_pin"]:
+            return 0 if self.tilted else 1
+        return None
 
     def op_pin_init(self, pin, mode, pull, value, hold):
         self.esp.pin_init(pin, mode, pull, value, hold)
@@ -498,7 +547,7 @@ class Board:
             raise ValueError("RTC memory holds %d bytes" % chip.RTC_BYTES)
         self.esp.rtc = data
 
-    def op_nvs_get(self, ns, key):
+    def op_nvs_get(self, ns, key):  # an int (i32) or a blob as hex
         return self.esp.nvs.get((ns, key))
 
     def op_nvs_set(self, ns, key, value):
@@ -626,13 +675,20 @@ class Board:
 
 
 class _Wire:
-    """A plain serial cable to the gateway: bytes go straight through."""
+    """A plain serial cable to the gateway: bytes go straight through, both ways."""
 
     IDLE_STEP = True
 
     def __init__(self, transmit):
         self.transmit = transmit
         self.deliver = None
+        self.baud = 9600
+
+    def air_rx(self, payload, start_ms, sf=0, bw_khz=0, freq_mhz=None, **kw):
+        """What the gateway writes to the cable: here at start_ms at the line's rate."""
+        if self.deliver:
+            self.deliver(payload, start_ms, self.baud)
+        return start_ms + len(payload) * 10000.0 / self.baud
 
     def uart_rx(self, data, start, byte_ms, baud):
         self.transmit(bytes(data), len(data), 0, 0, 0)

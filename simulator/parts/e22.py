@@ -19,7 +19,15 @@ E32-868T20D "Operating modes", "Parameter setting"):
 - Factory settings: E22 22 dBm, air rate 2.4k, channel 18 (868.125 MHz), UART 9600.
   E32 20 dBm, 2.4k, channel 6 (868 MHz). 22 dBm exceeds EU868 g1's 14 dBm ERP.
 - E22 REG3 bit 7: one RSSI byte after each received packet (dBm = -(256 - value)).
-- Current (datasheet "Electrical parameters"): E22 TX 110 mA at 22 dBm, RX ~12 mA, deep sleep
+- Receiving (E22-900T22S manual "Normal mode (mode 0)": the module receives wireless data and
+  outputs it through the serial port; E32-868T20D manual "AUX": AUX outputs low 2-3 ms before the
+  serial output starts, to wake the MCU, and rises when it ends): only in normal mode, only at the
+  same air rate and channel, the whole packet before any byte of it goes out on the UART. A packet
+  that begins while the module sleeps, reconfigures or transmits, or during which it leaves normal
+  mode or keys up (half-duplex), is lost; two packets that overlap on air are both lost (no capture
+  effect modelled).
+- Current (datasheet "Electrical parameters"): E22 TX 110 mA at 22 dBm, RX ~12 mA (receiving or
+  idle in normal mode: the radio listens all the time there), deep sleep
   2 uA. E32 TX 110 mA at 20 dBm, RX ~14 mA, sleep 2 uA. At lower powers the module keeps its PA
   biased for full power and only lowers the drive, so the current falls far less than the power
   (SX1276 PA_BOOST: ~87 mA at 17 dBm; no EBYTE figure: docs/hardware.md).
@@ -36,6 +44,7 @@ DETECT_MS = (0.5, 3.0)  # "~1 ms"; ASSUMED range, its slow end past a 2 ms sampl
 SETTLE_MS = 2.0
 RECONFIG_MS = (4.0, 40.0)  # AUX low while reconfiguring; ASSUMED range (xreef's libraries wait 40 ms)
 REPLY_MS = (5.0, 125.0)  # configuration command -> reply (issue 19: up to ~125 ms)
+AUX_LEAD_MS = (2.0, 3.0)  # AUX low this long before a received packet's first byte on the UART
 
 
 def slow_end(lo_hi):
@@ -71,6 +80,11 @@ class E22:
         self.lost_bytes = 0
         self.packets = []  # (start ms, payload) as sent on air
         self.dead = False  # fault: module not answering (no power, broken)
+        self.incoming = []  # packets reaching the antenna: [start ms, end ms, payload, heard so far (None: not begun)]
+        self.rx_out = None  # (AUX low from, AUX high at): a received packet going out on the UART
+        self.tx_start = -1.0  # when the last own packet went on air
+        self.received = []  # (end ms, payload) handed to the UART
+        self.missed = []  # (start ms, payload, why) lost
 
     # registers ----------------------------------------------------------------------------------
     def air(self):
@@ -109,6 +123,8 @@ class E22:
             return 0
         if self.pending and self.pending[1] <= now < self.pending[2]:
             return 0
+        if self.rx_out and self.rx_out[0] <= now < self.rx_out[1]:
+            return 0
         if self.buf:  # data not yet handed to the RF chip (the packet on air does not hold AUX low)
             return 0
         return 1
@@ -144,6 +160,10 @@ class E22:
     def next_event(self, now):
         # the earliest of _events() and the end of a transmission (no lists: the board asks at every step)
         t = self.pending[3] if self.pending else None
+        for p in self.incoming:
+            a = p[0] if p[3] is None else p[1]
+            if t is None or a < t:
+                t = a
         if self.inbound:
             a = self.inbound[0][0]
             if t is None or a < t:
@@ -158,6 +178,8 @@ class E22:
         return t
 
     def step(self, now):
+        if self.incoming:
+            self._air(now)
         if not self.pending and not self.inbound and not (self.buf and self.mode == NORMAL):
             return  # nothing due: _events() would be empty
         while True:
@@ -175,6 +197,51 @@ class E22:
                 self._byte(at, b, baud)
             else:
                 self._send(t)
+
+    # the air ----------------------------------------------------------------------------------------
+    def air_rx(self, payload, start, sf, bw_khz, freq_mhz=None, **kw):
+        """A packet on air reaching the antenna from `start` (ms); returns its end. Heard only at
+        the module's own air rate and channel, and alone on air."""
+        end = start + 1000.0 * lora.time_on_air_s(len(payload), sf, bw_khz * 1000)
+        ok = (sf, bw_khz) == self.air() and (freq_mhz is None or abs(freq_mhz - self.freq_mhz()) < 0.001)
+        for p in self.incoming:
+            if p[0] < end and start < p[1]:  # overlapping on air: neither is demodulated
+                p[3] = False
+                ok = False
+        p = [start, end, bytes(payload), None if ok else False]
+        if not ok:
+            self.missed.append((start, p[2], "other rate, channel or a collision"))
+        self.incoming.append(p)
+        return end
+
+    def _rx_ready(self, at):
+        """Receiving: normal mode in force, not reconfiguring, not sending."""
+        return (not self.dead and self.mode == NORMAL and not (self.pending and self.pending[1] <= at)
+                and self.tx_until <= at)
+
+    def _air(self, now):
+        for p in list(self.incoming):
+            start, end, payload = p[0], p[1], p[2]
+            if p[3] is None and start <= now:
+                p[3] = self._rx_ready(start)
+                if not p[3]:
+                    self.missed.append((start, payload, "not receiving (asleep, reconfiguring or sending)"))
+            if end <= now:
+                self.incoming.remove(p)
+                if p[3] and self._rx_ready(end) and self.tx_start < start:
+                    self._output(payload, end)
+                elif p[3]:
+                    p[3] = False
+                    self.missed.append((start, payload, "left normal mode or keyed up while receiving"))
+
+    def _output(self, payload, end):
+        lead = self.draw(AUX_LEAD_MS)
+        data = payload + (bytes([256 - 60]) if self.rssi_byte() else b"")  # -60 dBm: a near gateway
+        first = end + lead
+        self.rx_out = (end, first + len(data) * 10000.0 / self.baud())
+        self.received.append((end, payload))
+        if self.deliver:
+            self.deliver(data, first, self.baud())
 
     def _listening(self, at):
         return not self.dead and not (self.pending and self.pending[1] <= at)
@@ -201,6 +268,7 @@ class E22:
         del self.buf[: self.SUBPACKET]
         sf, bw = self.air()
         self.tx_until = t + 1000.0 * lora.time_on_air_s(len(payload), sf, bw * 1000)
+        self.tx_start = t
         self.packets.append((t, payload))
         self.transmit(payload, len(payload), sf, bw, self.tx_dbm())
 

@@ -23,6 +23,8 @@ RTC_PADS = frozenset((0, 2, 4, 12, 13, 14, 15, 25, 26, 27, 32, 33, 34, 35, 36, 3
 ACTIVE_MA = 40.0
 WIFI_MA = 120.0  # average while associating / exchanging (RX ~100 mA, TX bursts ~240 mA)
 DEEP_SLEEP_MA = 0.010
+LIGHT_SLEEP_MA = 0.8  # datasheet table "Power consumption by power modes": Light-sleep 0.8 mA
+LIGHT_WAKE_MS = 1.0  # light sleep to running code again (ESP-IDF sleep_modes: well under 1 ms plus the interpreter)
 # Wake to the first line of main.py, measured by glenn20/upy-esp32-experiments
 # "OptimisingMicropythonBootTime" (stock MicroPython v1.19.1-660, on an ESP32-S3 FeatherS3; no such
 # split is published for the plain ESP32): ROM + 2nd-stage bootloader + image validation (217 ms of
@@ -71,6 +73,7 @@ class Esp32:
         self.pins = {}  # pin -> {"out": bool, "level": 0/1, "pull": None/"up"/"down", "hold": bool}
         self.uarts = {}
         self.asleep = False
+        self.light = False  # in light sleep (machine.lightsleep)
         self.wifi_on = False
 
     # pins ---------------------------------------------------------------------------------------

@@ -13,7 +13,13 @@ RYLR998/RYLR498, and the RYLR998 datasheet):
   The packet's time on air counts the programmed preamble (12 by default), not LoRa's usual 8.
 - Factory: BAND 915000000, NETWORKID 18, CRFOP 22 dBm, PARAMETER 9,7,1,12 (SF9, 125 kHz, 4/5, 12).
   Settings are kept in the module's flash (they survive power loss).
-- Current (datasheet): TX ~120 mA at 22 dBm (~45 mA at 14 dBm), RX ~17 mA, sleep ~8 uA."""
+- Receiving: awake and not sending (AT+MODE=0, the transceiver mode), a packet from a module on the
+  same BAND, NETWORKID and PARAMETER comes out on the UART once received whole, as
+  +RCV=<address>,<length>,<data>,<RSSI>,<SNR> (the guide's "+RCV" unsolicited line; data as sent, in
+  ASCII). A packet that begins while the module sleeps or sends, or during which it is put to sleep
+  or sends, is lost; overlapping packets are both lost (no capture effect modelled).
+- Current (datasheet): TX ~120 mA at 22 dBm (~45 mA at 14 dBm), RX ~17 mA (awake: it receives all
+  the time), sleep ~8 uA."""
 from binlink.sim.parts import lora
 
 OVERHEAD = 8
@@ -39,6 +45,10 @@ class Rylr998:
         self.dead = False
         self.err17 = 0
         self.sent = []  # (start ms, payload bytes)
+        self.incoming = []  # [start ms, end ms, data, heard so far (None: not begun), sender address]
+        self.tx_start = -1.0
+        self.received = []  # (end ms, data)
+        self.missed = []  # (start ms, data, why)
 
     def sf_bw(self):
         p = self.settings["PARAMETER"].split(",")
@@ -73,14 +83,51 @@ class Rylr998:
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
 
     def next_event(self, now):
-        ev = []
+        ev = [p[0] if p[3] is None else p[1] for p in self.incoming]
         if self.inbound:
             ev.append(self.inbound[0][0])
         if self.tx_until > now:
             ev.append(self.tx_until)
         return min(ev) if ev else None
 
+    def air_rx(self, data, start, sf, bw_khz, freq_mhz=None, netid=None, address=0, preamble=12, **kw):
+        """A packet (its data as the sending module's AT+SEND carried them) on air from `start` (ms)
+        at sf/bw_khz; returns its end. Heard only on this module's band, network id and parameters."""
+        end = start + 1000.0 * lora.time_on_air_s(len(data) + OVERHEAD, sf, bw_khz * 1000, preamble=preamble)
+        ok = ((sf, bw_khz) == self.sf_bw() and (freq_mhz is None or abs(freq_mhz - self.freq_mhz()) < 0.001)
+              and (netid is None or str(netid) == self.settings["NETWORKID"]))
+        for p in self.incoming:
+            if p[0] < end and start < p[1]:
+                p[3] = False
+                ok = False
+        if not ok:
+            self.missed.append((start, bytes(data), "other band, network, parameters or a collision"))
+        self.incoming.append([start, end, bytes(data), None if ok else False, address])
+        return end
+
+    def _rx_ready(self, at):
+        return not self.dead and not self.asleep and self.tx_until <= at
+
+    def _air(self, now):
+        for p in list(self.incoming):
+            start, end, data = p[0], p[1], p[2]
+            if p[3] is None and start <= now:
+                p[3] = self._rx_ready(start)
+                if not p[3]:
+                    self.missed.append((start, data, "not receiving (asleep or sending)"))
+            if end <= now:
+                self.incoming.remove(p)
+                if p[3] and self._rx_ready(end) and self.tx_start < start:
+                    self.received.append((end, data))
+                    line = b"+RCV=%d,%d,%s,-60,10" % (p[4], len(data), data)  # RSSI -60 dBm, SNR 10 dB: a near gateway
+                    self._reply(line.decode("latin-1"), end)
+                elif p[3]:
+                    p[3] = False
+                    self.missed.append((start, data, "put to sleep or sent while receiving"))
+
     def step(self, now):
+        if self.incoming:
+            self._air(now)
         while self.inbound and self.inbound[0][0] <= now:
             at, b, baud = self.inbound.pop(0)
             if self.dead:
@@ -140,6 +187,7 @@ class Rylr998:
         start = at + REPLY_MS
         self.tx_until = start + 1000.0 * lora.time_on_air_s(n + OVERHEAD, sf, bw * 1000, preamble=self.preamble())
         self.sent.append((start, data))
+        self.tx_start = start
         self.transmit(data, n + OVERHEAD, sf, bw, self.dbm())
         return "+OK"
 

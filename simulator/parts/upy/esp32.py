@@ -5,8 +5,8 @@ WAKEUP_ALL_LOW = False
 WAKEUP_ANY_HIGH = True
 
 
-def wake_on_ext0(pin, level):
-    call("wake_on_ext0", pin.id, level)
+def wake_on_ext0(pin, level=WAKEUP_ALL_LOW):
+    call("wake_on_ext0", None if pin is None else pin.id, level)
 
 
 class NVS:
@@ -21,6 +21,19 @@ class NVS:
 
     def set_i32(self, key, value):
         call("nvs_set", self.ns, key, value)
+
+    def set_blob(self, key, value):
+        call("nvs_set", self.ns, key, bytes(value).hex())
+
+    def get_blob(self, key, buf):
+        v = call("nvs_get", self.ns, key)
+        if v is None:
+            raise OSError(-4354)
+        data = bytes.fromhex(v)
+        if len(data) > len(buf):
+            raise OSError(-4364)  # ESP_ERR_NVS_INVALID_LENGTH: the buffer is too small
+        buf[:len(data)] = data
+        return len(data)
 
     def commit(self):
         call("nvs_commit", self.ns)

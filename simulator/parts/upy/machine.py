@@ -25,7 +25,7 @@ def deepsleep(ms=0):
 
 
 def lightsleep(ms=0):
-    call("sleep_us", ms * 1000)
+    call("lightsleep", ms)
 
 
 def reset():

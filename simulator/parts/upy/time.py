@@ -32,3 +32,7 @@ def sleep(s):
 
 def time():
     return call("time")
+
+
+def time_ns():
+    return call("time_ns")
