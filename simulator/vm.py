@@ -19,6 +19,7 @@ BOOT = (
     # app imports the radio code only when a wake needs it; compiling it inside a cycle would add
     # ~100 KB to that cycle's allocations (this WASI build cannot collect garbage): loaded up front
     "from binlink.firmware import transports\n"
+    "from binlink.firmware import listen\n"  # the receive window (and the downlink codec), likewise
 )
 
 

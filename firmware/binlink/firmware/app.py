@@ -7,13 +7,17 @@ from binlink.wire import codec
 
 from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 3, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
-# 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full
+FW_VERSION = (1, 4, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+# 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full;
+# 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings
+F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
+CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by seconds a day: reset weekly
 DAY_S = 86400
 NEAR_FULL_MM = 100  # an echo this close above the blind zone: the bin is about to fill it
 NEAR_FULL_WAKES = 96  # a no-echo reads as full for at most this many wakes in a row (a day at 15 min), then as a fault
 POWER_ON, DEEPSLEEP = 1, 4  # hw.reset_cause(): codec.RESET_CAUSES
 _log = log.get("app")
+_stored = {}  # settings downlinks changed, as kept in NVS (start() reads them)
 
 
 def run_cycle(hw, cfg, chash):
@@ -102,19 +106,55 @@ def _cycle(hw, cfg, chash, s, radio):
         # the first report of each day: the hello's full counter lets a gateway that never heard
         # this bin (or lost track of it) take up its counter (docs/protocol.md, Counter)
         _hello(hw, cfg, chash, s, radio, now, cause)
-    _flush_backlog(hw, cfg, s, radio, now)
+    listening = _wants_listen(cfg, s, now)
+    if listening or s.dl & (state.DL_HEARD | state.DL_MISSED) != state.DL_HEARD | state.DL_MISSED:
+        _flush_backlog(hw, cfg, s, radio, now, listening)  # a link that went silent: the backlog waits for a window
     if s.backlog:
         flags |= codec.F_BACKLOG
     body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
     fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
-    if not _send(hw, cfg, s, radio, codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, body), now):
+    frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening))
+    if not _send(hw, cfg, s, radio, frame, now):
         state.push_backlog(s, fcnt, now, body)
         state.save(hw, s)  # a reset before the end of the cycle must not lose the reading
+    else:
+        s.since_listen = min(255, s.since_listen + 1)
+        if listening or s.dl & state.DL_HEARD:  # kept until acknowledged, resent if shown missing
+            state.push_unconfirmed(s, fcnt, fcnt, now, body)
+        if listening:
+            from binlink.firmware import listen
+
+            state.save(hw, s)
+            if listen.run(hw, cfg, s, radio.get(), frame, fcnt, chash, _stored):
+                state.save(hw, s)
+                _hello(hw, cfg, chash, s, radio, now, cause)  # the settings the bin runs now, by their hash
     # reported (or queued): this is the new reference for the next decision
     s.last_report = now
     s.last_distance = state.NO_DISTANCE if dist is None else dist
     s.alarm_flags = alarm
     return _sleep_s(cfg, s)
+
+
+def _flagged(body, listening):
+    """The reading as sent: F_LISTENING asks for an answer (kept out of the stored body: a
+    backlog batch's readings carry the bit reserved)."""
+    if not listening:
+        return body
+    b = bytearray(body)
+    b[4] |= F_LISTENING
+    return bytes(b)
+
+
+def _wants_listen(cfg, s, now):
+    """Every listen_every-th report; sooner with a backlog, a clock never set or stale, or settings
+    not yet confirmed; not sooner after a window that stayed silent (the link may be down)."""
+    if cfg["transport"] == "wifi":
+        return False  # not built: a Wi-Fi bin would read its MQTT topic (docs/protocol.md)
+    if s.since_listen + 1 >= cfg["listen_every"]:
+        return True
+    if s.dl & state.DL_MISSED:
+        return False
+    return bool(s.backlog or s.clock_at == 0 or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
 
 
 def _blind_zone(cfg, s, dist, valid, flags):
@@ -133,8 +173,13 @@ def _blind_zone(cfg, s, dist, valid, flags):
 def _hello(hw, cfg, chash, s, radio, now, cause):
     _log.info("hello device=%06x fw=%d.%d.%d reset_cause=%d fcnt=%d", cfg["device_id"], FW_VERSION[0], FW_VERSION[1],
               FW_VERSION[2], cause, s.fcnt)
+    from binlink.wire import downlink
+
+    settings = {}
+    for i in downlink.SETTINGS:  # from 1.4.0 the hash names the settings the bin runs, as a gateway computes it
+        settings[downlink.SETTINGS[i][0]] = cfg[downlink.SETTINGS[i][0]]
     _send(hw, cfg, s, radio, codec.encode_hello(cfg["key"], cfg["device_id"], state.next_fcnt(hw, s, cfg["nvs_every"]),
-                                                FW_VERSION, cause, chash), now)
+                                                FW_VERSION, cause, downlink.settings_hash(settings)), now)
 
 
 def _sleep_s(cfg, s):
@@ -196,9 +241,17 @@ def _backoff_s(cfg, brownouts):
     return min(DAY_S, cfg["wake_s"] << min(brownouts, 7))
 
 
-def _flush_backlog(hw, cfg, s, radio, now):
-    """Oldest first, in batches; each batch gets a new counter above all of its readings."""
+def _flush_backlog(hw, cfg, s, radio, now, listening=False):
+    """Oldest first, in batches; each batch gets a new counter above all of its readings. Before
+    a window (or to a gateway known to answer) the readings sent stay unconfirmed until
+    acknowledged, as many as an answer can judge; after a silent window, one batch a wake."""
+    track = listening or s.dl & state.DL_HEARD
+    batches = 0
     while s.backlog:
+        if track and (len(s.unconfirmed) + cfg["backlog_per_frame"] >= state.UNCONFIRMED_CAP
+                      or (batches and s.dl & state.DL_MISSED)):
+            return
+        batches += 1
         hw.wdt_feed()
         fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
         while s.backlog and fcnt - s.backlog[0][0] > 255:  # too far behind to encode: count, drop
@@ -211,6 +264,9 @@ def _flush_backlog(hw, cfg, s, radio, now):
         if not _send(hw, cfg, s, radio, frame, now):
             return
         s.backlog = s.backlog[len(chunk):]
+        if track:
+            for e in chunk:
+                state.push_unconfirmed(s, fcnt, e[0], e[1], e[2])
         state.save(hw, s)
 
 
@@ -237,6 +293,7 @@ def start(hw, cfg, chash):
     """Everything after reading the config: the watchdog first, one cycle, then deep sleep (never
     returns on a board). Any exception ends in deep sleep too, never in the REPL at ~40 mA; a
     Ctrl-C from the technician's tool is no Exception and still reaches the REPL."""
+    global _stored
     sleep_s = config.SAFE_SLEEP_S
     try:
         usable = cfg is not None and config.usable(cfg)
@@ -244,6 +301,12 @@ def start(hw, cfg, chash):
         if not usable:
             _log.error("no usable config: sleeping %d s", sleep_s)
         else:
+            cfg = dict(cfg)  # the settings downlinks changed go over the file's
+            _stored = {}
+            try:
+                _stored = config.stored(hw, cfg, chash)
+            except Exception as e:  # noqa: BLE001 - unreadable: the config file's settings, as before 1.4
+                _failed("settings", e)
             sleep_s = cfg["wake_s"]  # if anything below fails
             if cfg["tilt_pin"] >= 0 and hw.pin_read(cfg["tilt_pin"]) == 1:
                 # wake when the bin tips over; not while it lies tipped, or it would wake at once forever

@@ -50,6 +50,7 @@ DEFAULTS = {
     "fire_c": 70,
     "low_battery_mv": 3300,
     "backlog_per_frame": 4,  # readings per backlog batch (51-byte payload at SF12)
+    "listen_every": 6,  # listen for a downlink after every Nth report (and with a backlog, clock or settings stale)
     "nvs_every": 16,  # counter written to flash every N frames (skip N after power loss)
     "wdt_ms": 30000,
 }
@@ -60,6 +61,35 @@ SAFE_SLEEP_S = 3600  # sleep for this long when the configuration is unusable
 RTC_GPIO = (0, 2, 4, 12, 13, 14, 15, 25, 26, 27, 32, 33, 34, 35, 36, 37, 38, 39)
 INPUT_ONLY = (34, 35, 36, 37, 38, 39)
 WDT_MS = (1000, 120000)  # machine.WDT refuses less than 1 s; more would leave a hung wake awake for minutes
+
+
+STORED_KEY = "settings"  # NVS blob: settings a downlink changed, JSON + 4 bytes of its SHA-256
+STORED_MAX = 256
+
+
+def stored(hw, cfg, chash):
+    """Puts the settings a downlink changed (validated before they were stored) over the config
+    file's, and returns them ({} when none). They count only over the config file they were made
+    over: a bin re-provisioned with a new file runs that file. A blob that does not check out is
+    ignored."""
+    blob = hw.nvs_get_blob(STORED_KEY, STORED_MAX)
+    if not blob or len(blob) < 5 or hashlib.sha256(blob[:-4]).digest()[:4] != blob[-4:]:
+        return {}
+    doc = json.loads(blob[:-4])
+    if doc.get("over") != chash.hex():
+        return {}
+    given = doc.get("s") or {}
+    for k in given:
+        if k in cfg and type(given[k]) is int:
+            cfg[k] = given[k]
+    return given
+
+
+def store(hw, chash, settings):
+    """Keeps {name: value} (every setting downlinks changed) across resets and power loss, in one
+    NVS entry (written whole or not at all)."""
+    raw = json.dumps({"over": chash.hex(), "s": settings}).encode()
+    hw.nvs_set_blob(STORED_KEY, raw + hashlib.sha256(raw).digest()[:4])
 
 
 def load(path="/config.json"):

@@ -34,6 +34,11 @@ def time_s():
     return time.time()  # the RTC keeps counting through deep sleep
 
 
+def time_ms():
+    """Wall-clock milliseconds by the RTC (the same clock as time_s, finer)."""
+    return time.time_ns() // 1000000
+
+
 def sleep_ms(ms):
     time.sleep_ms(ms)
 
@@ -42,8 +47,28 @@ def deepsleep(ms):
     machine.deepsleep(ms)
 
 
+_ext0 = None  # (pin, level) the next deep sleep wakes on
+
+
 def wake_on_pin(pin, level):
+    global _ext0
+    _ext0 = (pin, level)
     esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
+
+
+def light_sleep(ms, pin=-1, level=0):
+    """machine.lightsleep(ms) (~0.8 mA, the UART stops receiving), woken early when `pin` is at
+    `level` (ext0 serves light sleep too). The deep sleep's own ext0 wake is set back after."""
+    if pin >= 0:
+        esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
+    try:
+        machine.lightsleep(ms)
+    finally:
+        if pin >= 0:
+            if _ext0 is None:
+                esp32.wake_on_ext0(None)
+            else:
+                esp32.wake_on_ext0(machine.Pin(_ext0[0], machine.Pin.IN), _ext0[1])
 
 
 def rtc_read():
@@ -71,6 +96,23 @@ def nvs_get(key):
 def nvs_set(key, value):
     store = _nvs_store()
     store.set_i32(key, value)
+    store.commit()
+
+
+def nvs_get_blob(key, size):
+    """The blob stored under key (at most size bytes), or None."""
+    buf = bytearray(size)
+    try:
+        n = _nvs_store().get_blob(key, buf)
+    except OSError:
+        return None
+    return bytes(buf[:n])
+
+
+def nvs_set_blob(key, data):
+    """One key, one commit: NVS writes a blob whole or not at all (ESP-IDF's NVS is atomic per entry)."""
+    store = _nvs_store()
+    store.set_blob(key, data)
     store.commit()
 
 
@@ -139,6 +181,11 @@ def uart_readline(port, timeout_ms):
         else:
             time.sleep_ms(2)
     return buf
+
+
+def uart_read_any(port):
+    """What has arrived on the UART so far (b"" when nothing), without waiting."""
+    return _uart(port).read() or b""
 
 
 def uart_flush(port):

@@ -7,20 +7,34 @@
 #   24 airtime budget ms u16 | 26 last alarm flags u8 | 27 brown-outs in a row u8
 #   28 no transmission before u32 (s)
 # (18 and 27..31 were reserved, always zero, in layout 1's first firmware: it reads the same)
-#   32 backlog: entries of 14 bytes: fcnt u32, measured at u32 (s), reading body (6 bytes)
+# layout 2 (firmware 1.4, the downlink) adds:
+#   32 clock offset ms i64 (wall clock = RTC + offset) | 40 clock set at u32 (RTC s; 0: never)
+#   44 reports since the last listen u8 | 45 downlink flags u8 (DL_*) | 46 unconfirmed count u8
+#   47 backlog: entries of 14 bytes: fcnt u32, measured at u32 (RTC s), reading body (6 bytes);
+#      then the unconfirmed readings (sent, not yet acknowledged), 18 bytes: the counter of the
+#      frame that carried it u32 (its own, or its backlog batch's), then an entry as above
+# Layout 1 memory (firmware 1.3) is not trusted: the counter comes from NVS (a re-flash resets the chip anyway).
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
 # the reservation, so no value is ever sent twice.
 import struct
 
 MAGIC = b"BL"
-LAYOUT = 1
+LAYOUT = 2
 HEADER = "<2sBxIHHIHBBIHBBI"
-HEADER_LEN = 32
+HEADER_V1_LEN = 32
+EXT = "<qIBBB"
+HEADER_LEN = 47
 ENTRY = "<II6s"
 ENTRY_LEN = 14
+SENT = "<III6s"
+SENT_LEN = 18
 RTC_BYTES = 2048
-BACKLOG_CAP = 100  # 32 + 100 * 14 = 1432 bytes of RTC memory; the oldest is dropped (and counted) beyond
+BACKLOG_CAP = 100  # the oldest is dropped (and counted) beyond
+UNCONFIRMED_CAP = 24  # 47 + 100 * 14 + 24 * 18 = 1879 bytes of RTC memory; beyond, the oldest is taken as delivered
 NO_DISTANCE = 0xFFFF
+DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are worth resending
+DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
+DL_SETTINGS = 4  # settings changed by a downlink, not yet seen confirmed by the gateway
 
 
 class State:
@@ -37,15 +51,23 @@ class State:
         self.quiet_until = 0  # no transmission before this time (s): the cell recovers meanwhile
         self.near_full = 0  # 1: the last wake's echo was at the blind zone's edge; n > 1: n - 1 wakes read full since
         self.backlog = []  # [fcnt, measured_at_s, body bytes]
+        self.clock_ms = 0  # wall clock minus RTC clock, ms (set by a downlink's time)
+        self.clock_at = 0  # RTC time (s) the clock was set at; 0: never
+        self.since_listen = 255  # reports since the bin last listened (255: never: the first report listens)
+        self.dl = 0  # DL_* flags
+        self.unconfirmed = []  # readings sent, not acknowledged yet: [frame fcnt, fcnt, measured_at_s, body]
         self.restored = False  # True when RTC memory held a valid state
 
     def pack(self):
         head = struct.pack(HEADER, MAGIC, LAYOUT, self.fcnt, self.errors & 0xFFFF, self.dropped & 0xFFFF,
                            self.last_report, self.last_distance, self.near_full, len(self.backlog),
                            self.budget_at, max(0, self.budget_ms), self.alarm_flags, self.brownouts, self.quiet_until)
-        parts = [head]
+        parts = [head, struct.pack(EXT, self.clock_ms, self.clock_at, min(255, self.since_listen), self.dl,
+                                   len(self.unconfirmed))]
         for e in self.backlog:
             parts.append(struct.pack(ENTRY, e[0], e[1], e[2]))
+        for e in self.unconfirmed:
+            parts.append(struct.pack(SENT, e[0], e[1], e[2], e[3]))
         out = b"".join(parts)
         assert len(out) <= RTC_BYTES
         return out
@@ -56,12 +78,18 @@ def unpack(data):
     if len(data) < HEADER_LEN or data[:2] != MAGIC or data[2] != LAYOUT:
         return s
     (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.near_full, n,
-     s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_LEN])
-    if HEADER_LEN + n * ENTRY_LEN > len(data):
+     s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_V1_LEN])
+    s.clock_ms, s.clock_at, s.since_listen, s.dl, u = struct.unpack(EXT, data[HEADER_V1_LEN:HEADER_LEN])
+    at = HEADER_LEN
+    if at + n * ENTRY_LEN + u * SENT_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)
     for i in range(n):
-        fcnt, t, body = struct.unpack_from(ENTRY, data, HEADER_LEN + i * ENTRY_LEN)
+        fcnt, t, body = struct.unpack_from(ENTRY, data, at + i * ENTRY_LEN)
         s.backlog.append([fcnt, t, bytes(body)])
+    at += n * ENTRY_LEN
+    for i in range(u):
+        frame, fcnt, t, body = struct.unpack_from(SENT, data, at + i * SENT_LEN)
+        s.unconfirmed.append([frame, fcnt, t, bytes(body)])
     s.restored = True
     return s
 
@@ -90,6 +118,14 @@ def next_fcnt(hw, s, nvs_every):
         hw.nvs_set("fcnt", f + nvs_every)
     save(hw, s)
     return f
+
+
+def push_unconfirmed(s, frame_fcnt, fcnt, at_s, body):
+    """A reading sent in frame frame_fcnt, kept until a downlink acknowledges that frame (or shows
+    it missing: back to the backlog)."""
+    s.unconfirmed.append([frame_fcnt, fcnt, at_s, body])
+    while len(s.unconfirmed) > UNCONFIRMED_CAP:
+        s.unconfirmed.pop(0)  # too old to be in an acknowledgement's 32 counters: taken as delivered
 
 
 def push_backlog(s, fcnt, now_s, body):

@@ -103,6 +103,37 @@ class UartFramed:
     def on_air_len(self, frame):
         return framing.framed_len(len(frame))
 
+    def out_ms(self, n):
+        """How long the module takes to hand n received bytes to the ESP32's UART (10 bits a byte)."""
+        return n * 10000 // self.port[1] + 1
+
+    def receive(self, until):
+        """Frames that arrive on the UART before ticks_ms `until`, one at a time (a generator). The
+        module is left in normal mode after the send (M0 = M1 = 0: it receives when not sending):
+        it hands a packet heard on air to the UART whole, as COBS + CRC framed bytes."""
+        from binlink.wire import downlink
+
+        hw = self.hw
+        d = framing.Deframer(downlink.MAX_LEN + 8)
+        while True:
+            left = hw.ticks_diff(until, hw.ticks_ms())
+            if left <= 0:
+                return
+            data = hw.uart_read_any(self.port)
+            if not data:
+                if self.aux >= 0 and hw.pin_read(self.aux) == 1:
+                    # nothing coming: light sleep (~0.8 mA) until AUX falls, 2-3 ms before the module
+                    # starts handing a received packet over (the manuals' "wake up the MCU")
+                    hw.light_sleep(left, self.aux, 0)
+                else:
+                    hw.sleep_ms(self.POLL_MS)  # the packet is coming over (AUX low), or no AUX wired
+                continue
+            for kind, body, _ in d.feed(data):
+                if kind == "frame":
+                    yield body
+
+    POLL_MS = 10  # the UART buffer (256 bytes) holds a whole downlink: polling only sets how late it is read
+
     def wanted(self):
         """Register values for this config: legal power, the air rate the airtime maths assumes."""
         c = self.cfg
@@ -232,6 +263,59 @@ class Rylr998:
 
     def on_air_len(self, frame):
         return 2 * len(frame) + self.OVERHEAD  # the ASCII hex characters, plus the module's own 8 bytes
+
+    def out_ms(self, n):
+        """+RCV=<addr>,<len>,<2n hex>,<rssi>,<snr> at the UART's rate: about 2n + 24 characters."""
+        return (2 * n + 24) * 10000 // self.port[1] + 1
+
+    def receive(self, until):
+        """Frames the module reports as +RCV lines before ticks_ms `until` (a generator). The module
+        receives whenever it is awake and not sending (AT+MODE=0, its transceiver mode)."""
+        hw = self.hw
+        if self.earliest is not None:
+            # nothing can come before the uplink is off the air and a shortest answer has been on air:
+            # light sleep until then (no AUX to wake on, and the UART does not receive in light sleep)
+            left = hw.ticks_diff(self.earliest, hw.ticks_ms())
+            if left > 0:
+                hw.light_sleep(left)
+        buf = b""
+        while True:
+            left = hw.ticks_diff(until, hw.ticks_ms())
+            if left <= 0:
+                return
+            data = hw.uart_read_any(self.port)
+            if not data:
+                hw.sleep_ms(self.POLL_MS)
+                continue
+            buf += data
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                frame = _rcv(line.strip())
+                if frame is not None:
+                    yield frame
+
+    POLL_MS = 20  # a +RCV line of a longest downlink (~130 characters) fits the UART buffer: no loss
+    earliest = None  # ticks_ms before which no answer can arrive (set by the listener)
+
+
+def _rcv(line):
+    """The frame in a +RCV=<addr>,<len>,<data>,<rssi>,<snr> line (data in ASCII hex), or None.
+    Split on the first two and the last two commas, as the gateway does."""
+    if not line.startswith(b"+RCV="):
+        return None
+    i = line.find(b",")
+    j = line.find(b",", i + 1)
+    k = line.rfind(b",")
+    k2 = line.rfind(b",", 0, k)
+    if i < 0 or j < 0 or k2 <= j:
+        return None
+    data = line[j + 1:k2]
+    try:
+        if int(line[i + 1:j]) != len(data):
+            return None
+        return bytes.fromhex(data.decode())
+    except ValueError:
+        return None
 
 
 class WifiMqtt:

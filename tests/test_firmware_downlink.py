@@ -1,0 +1,329 @@
+"""The bin's side of the downlink (issue 20), the real firmware on CPython and the MicroPython VM
+against the part models' receive side: a scripted gateway hears each uplink on air and, when the
+bin asks (F_LISTENING), answers in its window with downlink.encode, on air at the bin's rate."""
+import random
+
+import pytest
+
+from binlink.wire import codec, downlink, framing
+
+from binlink.firmware import listen, state
+from binlink.sim.device import SimDevice
+from binlink.sim.parts import lora
+from tests.harness import decoded
+
+KEY = bytes(range(16))  # TEST KEY
+DEV = 0xA1
+T0 = 1_790_000_000.0
+
+
+class Gateway:
+    """Hears every uplink the bin puts on air (unless told to lose it), stores what verifies, and
+    answers a frame flagged F_LISTENING TURNAROUND_MS after it leaves the air. `make(fcnt, frame)`
+    may replace the answer (None: stay silent)."""
+
+    TURNAROUND_MS = 120.0
+
+    def __init__(self, dev, ack=True, time=True, config=None):
+        self.dev = dev
+        self.ack, self.time, self.config = ack, time, config
+        self.stored = {}  # fcnt of every uplink frame stored -> decoded frame
+        self.lose = set()  # uplink counters lost on air (not stored, not answered)
+        self.answers = []  # (answered fcnt, downlink bytes, start ms)
+        self.make = None
+        self.last = None
+        dev._transmit = self._heard
+
+    def _heard(self, dev, payload, on_air_len):
+        hw = dev.hw
+        rylr = dev.cfg["transport"] == "rylr998"
+        if rylr:
+            sf, bw = hw.radio.sf_bw()
+            pre = hw.radio.preamble()
+        elif dev.cfg["transport"] == "serial":
+            sf, bw, pre = None, None, None
+        else:
+            sf, bw = hw.radio.air()
+            pre = 8
+        end = hw.now + (1000.0 * lora.time_on_air_s(on_air_len, sf, bw * 1000, preamble=pre) if sf else 0.0)
+        for f in dev.frames_in(payload):
+            d = codec.decode(f, KEY, self.last)
+            self.last = d["fcnt"]
+            if d["fcnt"] in self.lose:
+                continue
+            self.stored[d["fcnt"]] = d
+            if d["type"] == "reading" and f[10] & downlink.F_LISTENING:
+                self._answer(hw, d["fcnt"], f, end, sf, bw, rylr)
+        return True
+
+    def _answer(self, hw, fcnt, uplink, end, sf, bw, rylr):
+        start = end + self.TURNAROUND_MS
+        if self.make is not None:
+            frame = self.make(fcnt, uplink)
+        else:
+            bits = 0
+            for k in range(32):
+                if fcnt - k in self.stored:
+                    bits |= 1 << k
+            t_ms = int((hw.epoch0 + start / 1000.0) * 1000) if self.time else None  # true time as it goes on air
+            frame = downlink.encode(KEY, DEV, fcnt, ack=bits if self.ack else None, time_ms=t_ms, config=self.config)
+        if frame is None:
+            return
+        self.answers.append((fcnt, frame, start))
+        if rylr:
+            hw.air_packet(frame.hex().upper().encode(), start, sf, bw)
+        elif sf is None:
+            hw.air_packet(framing.frame(frame), start, 0, 0)
+        else:
+            hw.air_packet(framing.frame(frame), start, sf, bw)
+
+
+@pytest.fixture(params=["cpython", "micropython"])
+def make_device(request, vm):
+    clock = [T0]
+
+    def make(seed=1, **kw):
+        kw.setdefault("report_s", 900)
+        d = SimDevice(random.Random(seed), DEV, KEY, lambda: clock[0], vm=vm if request.param == "micropython" else None,
+                      **kw)
+        d.clock_ref = clock
+        return d
+
+    return make
+
+
+def run(dev, cycles):
+    sleeps = []
+    for _ in range(cycles):
+        s = dev.wake()
+        assert dev.hw.halted == "deepsleep"
+        sleeps.append(s)
+        dev.clock_ref[0] += s
+        dev.bin.advance(dev.clock_ref[0])
+    return sleeps
+
+
+def readings_at(gw):
+    """Reading counters the gateway stored, as single readings or inside backlog batches."""
+    out = set()
+    for d in gw.stored.values():
+        if d["type"] == "reading":
+            out.add(d["fcnt"])
+        elif d["type"] == "backlog":
+            out.update(r["fcnt"] for r in d["readings"])
+    return out
+
+
+def sent_readings(dev):
+    return {d["fcnt"] for d in decoded(dev) if d["type"] == "reading"}
+
+
+def rtc(dev):
+    return state.unpack(dev.hw.rtc)
+
+
+def current(dev):
+    """The eight settings as the bin's last hello names them (by hash)."""
+    return [d for d in decoded(dev) if d["type"] == "hello"][-1]["config_hash"]
+
+
+def settings_of(dev, **change):
+    s = {downlink.SETTINGS[i][0]: dev.cfg[downlink.SETTINGS[i][0]] for i in downlink.SETTINGS}
+    s.update(change)
+    return s
+
+
+def test_backlog_is_kept_until_acknowledged_and_a_lost_batch_is_resent(make_device):
+    """Module down for five reports: a backlog. When it is back the bin listens (it holds a
+    backlog), the first batch is lost on air: the ack leaves it out, so those readings stay in the
+    backlog and go again next wake; the acknowledged ones leave the bin. Firmware 1.3 drops every
+    batch it sent: the lost one would be gone for good."""
+    dev = make_device(transport="rylr998")
+    gw = Gateway(dev)
+    run(dev, 1)
+    dev.hw.module_down = True
+    run(dev, 5)
+    assert len(rtc(dev).backlog) == 5
+    dev.hw.module_down = False
+    first_batch = rtc(dev).fcnt  # the counter the first batch will take
+    gw.lose.add(first_batch)
+    run(dev, 1)
+    s = rtc(dev)
+    assert gw.answers and gw.answers[-1][0] == max(gw.stored)
+    lost = [r["fcnt"] for d in decoded(dev) if d["type"] == "backlog" and d["fcnt"] == first_batch for r in d["readings"]]
+    assert lost and [e[0] for e in s.backlog] == lost, (lost, s.backlog)  # only the lost batch's readings are kept
+    assert not s.unconfirmed
+    run(dev, 1)
+    assert not rtc(dev).backlog and not rtc(dev).unconfirmed
+    assert sent_readings(dev) <= readings_at(gw)  # every reading measured reached the gateway
+
+
+def test_a_reading_lost_on_air_between_windows_is_resent(make_device):
+    """E22: no delivery feedback on send. Once a gateway has answered, readings sent between
+    windows wait unconfirmed; the next answer shows one missing and it is resent."""
+    dev = make_device(listen_every=3)
+    gw = Gateway(dev)
+    run(dev, 2)  # cold boot (listens: clock never set) and one more
+    assert gw.answers
+    nxt = rtc(dev).fcnt
+    gw.lose.add(nxt)  # the next reading is lost on air
+    run(dev, 4)
+    assert nxt in sent_readings(dev) and nxt in readings_at(gw), (nxt, sorted(readings_at(gw)))
+    assert sent_readings(dev) <= readings_at(gw)
+
+
+def test_config_applies_survives_reset_and_deep_sleep_and_the_hello_reports_it(make_device):
+    """A gateway sends wake_s 600 (was 900) and fire_c 60: the bin applies them (it sleeps ~600 s),
+    says hello with the hash of the settings it now runs, and keeps them through deep sleep, a
+    watchdog reset and a power loss."""
+    dev = make_device(report_s=1800)
+    want = settings_of(dev, wake_s=600, fire_c=60)
+    old_hash = downlink.settings_hash(settings_of(dev)).hex()
+    gw = Gateway(dev, config=(downlink.settings_hash(want), {"wake_s": 600, "fire_c": 60}))
+    assert 570 <= run(dev, 1)[0] <= 630  # applied in the cold boot's own window
+    hellos = [d for d in decoded(dev) if d["type"] == "hello"]
+    assert hellos[0]["config_hash"] == old_hash  # the cold boot's hello: the settings as provisioned
+    assert len(hellos) == 2 and current(dev) == downlink.settings_hash(want).hex()  # then the new ones
+    gw.config = None
+    sleeps = run(dev, 3)
+    assert all(570 <= s <= 630 for s in sleeps), sleeps  # deep sleep: still 600 s
+    dev.hw.inject_reset(5, "watchdog")
+    sleeps = run(dev, 1)
+    assert 570 <= sleeps[0] <= 630
+    dev.hw.power_loss()
+    sleeps = run(dev, 2)
+    assert all(570 <= s <= 630 for s in sleeps), sleeps
+    hellos = [d for d in decoded(dev) if d["type"] == "hello"]
+    assert hellos[-1]["reset_cause"] == "power_on" and hellos[-1]["config_hash"] == downlink.settings_hash(want).hex()
+
+
+def _forge(fcnt, settings_bytes):
+    """A downlink the codec would never build (a setting out of range), tagged correctly."""
+    head = codec._header(downlink.T_DOWNLINK, DEV, fcnt) + bytes([downlink.C_CONFIG]) + b"\0\0\0\0" + bytes([1]) + settings_bytes
+    return head + downlink._tag(KEY, fcnt, head)
+
+
+@pytest.mark.parametrize("how", ["out_of_range", "report_below_wake"])
+def test_a_refused_config_keeps_the_old_settings_and_the_bin_reports(make_device, how):
+    dev = make_device()
+    old_hash = downlink.settings_hash(settings_of(dev)).hex()
+    gw = Gateway(dev)
+    if how == "out_of_range":
+        gw.make = lambda fcnt, up: _forge(fcnt, bytes([1]) + (30).to_bytes(4, "big"))  # wake_s 30 s: under 60
+    else:  # in range alone, but shorter than the bin's wake_s of 900 s
+        gw.make = lambda fcnt, up: downlink.encode(KEY, DEV, fcnt, config=(b"\1\2\3\4", {"report_s": 300}))
+    n = len(sent_readings(dev))
+    sleeps = run(dev, 3)
+    assert gw.answers
+    assert all(850 <= s <= 950 for s in sleeps), sleeps
+    hellos = [d for d in decoded(dev) if d["type"] == "hello"]
+    assert len(hellos) >= 2 and all(h["config_hash"] == old_hash for h in hellos)  # the refusal reported: old hash
+    assert len(sent_readings(dev)) == n + 3  # still reporting
+    assert dev.hw.esp.nvs.get(("binlink", "settings")) is None  # nothing kept
+
+
+def test_replayed_forged_foreign_and_reflected_downlinks_change_nothing(make_device):
+    """Each window gets one bad answer carrying wake_s 600, time and an ack: the bin keeps its
+    settings, its clock unset and its unconfirmed readings."""
+    dev = make_device(listen_every=1)
+    dev.hw.rtc_error_s = -500.0
+    gw = Gateway(dev)
+    change = {"wake_s": 600}
+    want = downlink.settings_hash(settings_of(dev, **change))
+    recorded = {}
+
+    def good(fcnt):
+        return downlink.encode(KEY, DEV, fcnt, ack=1, time_ms=int(T0 * 1000), config=(want, change))
+
+    def replay(fcnt, up):
+        recorded[fcnt] = good(fcnt)
+        return recorded.get(fcnt - 1)  # recorded in the window of the bin's previous uplink
+
+    def forged(fcnt, up):
+        f = bytearray(good(fcnt))
+        f[-1] ^= 0x01
+        return bytes(f)
+
+    def foreign(fcnt, up):
+        return downlink.encode(KEY, DEV + 1, fcnt, ack=1, config=(want, change))
+
+    def reflected(fcnt, up):
+        return up  # the bin's own uplink played back
+
+    def other_key(fcnt, up):
+        return downlink.encode(bytes(16), DEV, fcnt, ack=1, config=(want, change))
+
+    gw.make = lambda fcnt, up: None
+    run(dev, 1)  # the cold boot: silent window
+    for make in (replay, replay, forged, foreign, reflected, other_key):
+        gw.make = make
+        sleeps = run(dev, 1)
+        assert 850 <= sleeps[0] <= 950
+        s = rtc(dev)
+        assert s.clock_at == 0 and not s.dl & state.DL_HEARD, make.__name__
+    assert len(gw.answers) >= 5
+    assert dev.hw.esp.nvs.get(("binlink", "settings")) is None
+    assert current(dev) == downlink.settings_hash(settings_of(dev)).hex()
+    gw.make = lambda fcnt, up: good(fcnt)  # the genuine answer, for once: applied
+    assert 570 <= run(dev, 1)[0] <= 630
+    assert rtc(dev).clock_at != 0 and current(dev) == want.hex()
+
+
+def wake_charge_uAh(dev, span_ms=5000.0):
+    """One wake's charge from the board's counter, from the wake to span_ms after it (into the deep
+    sleep that follows: an EBYTE finishes its packet on air after the ESP32 sleeps)."""
+    s = dev.wake()
+    hw = dev.hw
+    assert hw.halted == "deepsleep"
+    c = dev.awake_charge_uAh * 3.6
+    c1 = hw.charge_mAs
+    hw.advance(hw.now - hw.awake_ms + span_ms - hw.now)
+    dev.clock_ref[0] += s
+    dev.bin.advance(dev.clock_ref[0])
+    return (c + hw.charge_mAs - c1) / 3.6
+
+
+def test_a_window_with_no_answer_costs_only_the_window_and_ends_in_deep_sleep(make_device):
+    """Same wake twice, listening or not, no gateway answering: the difference is the window (the
+    E22 receiving at ~12 mA, the ESP32 in light sleep) and nothing else; each ends in deep sleep."""
+    dev = make_device(listen_every=2)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    run(dev, 2)  # cold boot (a silent window) then a report that does not listen
+    awake, charge = [], []
+    for _ in range(4):
+        charge.append(wake_charge_uAh(dev))
+        awake.append(dev.hw.awake_ms)
+    frames = [f for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-4:]
+    listened = [bool(f[10] & downlink.F_LISTENING) for f in frames]
+    assert listened == [True, False, True, False], listened
+    w = listen.window_ms(dev.cfg, _transport(dev), frames[0])
+    extra = (awake[0] + awake[2]) / 2 - (awake[1] + awake[3]) / 2
+    assert w <= extra <= w + 50, (extra, w)
+    extra_uAh = (charge[0] + charge[2]) / 2 - (charge[1] + charge[3]) / 2
+    rx_uAh = w / 1000.0 * (dev.hw.radio.RX_MA + 0.8) / 3.6  # the module receiving, the chip in light sleep
+    assert 0.8 * rx_uAh <= extra_uAh <= 1.2 * rx_uAh, (extra_uAh, rx_uAh)
+
+
+def _transport(dev):
+    from binlink.firmware import transports
+
+    return transports.make(None, dev.cfg)
+
+
+@pytest.mark.parametrize("transport", ["e22", "rylr998"])
+def test_the_time_command_sets_the_bins_clock(make_device, transport):
+    """The bin's RTC is 1234.5 s off; one answered window later its wall clock (RTC + offset) is
+    within 50 ms of the truth, and stays so through deep sleep."""
+    dev = make_device(transport=transport)
+    dev.hw.rtc_error_s = -1234.5
+    gw = Gateway(dev)
+    run(dev, 1)
+    assert gw.answers
+    for _ in range(2):
+        s = rtc(dev)
+        assert s.clock_at != 0
+        bin_ms = (dev.hw.epoch() + dev.hw.rtc_error_s) * 1000.0 + s.clock_ms
+        err = bin_ms - dev.hw.epoch() * 1000.0
+        assert abs(err) < 50.0, err
+        gw.time = False
+        run(dev, 1)
