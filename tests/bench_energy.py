@@ -15,7 +15,15 @@ cold cell, faults, and the radio's first frame at the manuals' slowest timings.
 - battery_years_custom_board_frozen_image_central: the same with the firmware frozen into the
   image (glenn20's 70 ms from wake to deep sleep instead of 635 ms plus the imports).
 - radio_first_frame_ok: share of wakes whose first frame went on air whole, E22 at the slow end
-  of every timing range (timing="slow")."""
+  of every timing range (timing="slow").
+- downlink_charge_uAh_per_report (issue 20): the receive windows' charge spread over the reports,
+  from the board's charge counter: 48 reports (E22, SF9, every wake a report, listen_every 6) with
+  a scripted gateway answering each window (ack + time); each wake's charge from its start to 5 s
+  later (the module's packet on air included); (mean listening - mean other) x listening share.
+  _unanswered: the same with no gateway answering (every window runs to its end; a window that
+  stays silent does not bring the next one forward). downlink_charge_pct_of_reporting_wake: the
+  first as a share of a reporting wake's charge (goal <= 10). downlink_window_ms: the E22 window
+  at SF9 (listen.window_ms)."""
 import json
 import random
 
@@ -144,7 +152,30 @@ def first_frames(n=50):
     return ok / n
 
 
+def downlink_charge(answer=True, n=48):
+    from binlink.wire import codec, downlink
+    from tests.test_firmware_downlink import Gateway, wake_charge_uAh
+
+    d = device(report_s=900)
+    d.sensor.p_no_echo = d.sensor.p_spurious = 0.0
+    if answer:
+        Gateway(d)
+    wake(d)  # the cold boot (hello, first window)
+    listening, other = [], []
+    for _ in range(n):
+        c = wake_charge_uAh(d)
+        f = [f for f in d.frames() if f[0] & 0x0F == codec.T_READING][-1]
+        (listening if f[10] & downlink.F_LISTENING else other).append(c)
+    per_window = sum(listening) / len(listening) - sum(other) / len(other)
+    return per_window * len(listening) / n, sum(other) / len(other), d
+
+
 def run():
+    from binlink.firmware import listen, transports
+
+    dl, report_uAh, d = downlink_charge(True)
+    dl_silent, _, _ = downlink_charge(False)
+    window = listen.window_ms(d.cfg, transports.make(None, d.cfg), bytes(16))  # after a reading
     mods = modules_per_wake()
     years, awake, tx_left, sim_ma = battery(mods)
     loops, brownouts, reported = brownout_loops()
@@ -169,4 +200,9 @@ def run():
         "faults_ending_in_deep_sleep_pct": round(pct, 1),
         "faults_injected": injected,
         "radio_first_frame_ok": round(first_frames(), 3),
+        "downlink_charge_uAh_per_report": round(dl, 2),
+        "downlink_charge_uAh_per_report_unanswered": round(dl_silent, 2),
+        "downlink_charge_pct_of_reporting_wake": round(100.0 * dl / report_uAh, 1),
+        "downlink_reporting_wake_uAh": round(report_uAh, 2),
+        "downlink_window_ms": window,
     }
