@@ -14,6 +14,17 @@ Y_MAX = 120.0
 COLOURS = {"truth": "#8a8a8a", "published": "#1f6fd1", "forecast": "#e07b00", "pickup": "#1a9e4b", "full": "#c62828"}
 
 
+# the head both reports share (a str.format template: braces of the style sheet doubled)
+_PAGE_HEAD = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:800px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} .key span{{display:inline-block;margin-right:1.2em}}</style></head>
+<body>
+<h1>{title}</h1>
+"""
+
+
 def _x(t, t0, t1):
     return PAD_L + (W - PAD_L - PAD_R) * (t - t0) / (t1 - t0)
 
@@ -114,14 +125,7 @@ def render(comparison, title="binlink: collections driven by the forecast"):
     routes = ("<p>Routes: the listed bins of each round in the solver's order, %s km in all, against %s km visiting them in "
               "list order: <b>%s %%</b> shorter.</p>" % (fc["route_km"], fc["route_km_list_order"], comparison["route_km_saved_pct"])
               if comparison.get("route_km_saved_pct") is not None else "")
-    return """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:800px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}} .key span{{display:inline-block;margin-right:1.2em}}</style></head>
-<body>
-<h1>{title}</h1>
-<p>{bins} simulated bins over {days} days (after a week of learning), the same bins and waste under both
+    return (_PAGE_HEAD + """<p>{bins} simulated bins over {days} days (after a week of learning), the same bins and waste under both
 policies. Trucks go out Monday to Saturday at 07:00 and visit their bins over six hours.</p>
 <h2>Policies</h2>
 <table class="policies"><tr><th>policy</th><th>collections</th><th>per bin-month</th><th>overflow bin-hours</th></tr>
@@ -140,7 +144,7 @@ after they report full, so every weekday is scored): mean absolute error <b>{mae
 <span style="color:{c[forecast]}">- - forecast to full (each morning)</span><span style="color:{c[pickup]}">| pickup &#9650; emptied event</span></p>
 {charts}
 </body></html>
-""".format(title=html.escape(title), bins=fc["bins"], days=fc["days"], rows=rows, saved=comparison["collections_saved_pct"],
+""").format(title=html.escape(title), bins=fc["bins"], days=fc["days"], rows=rows, saved=comparison["collections_saved_pct"],
            mae=comparison["forecast_full_at_mae_h"], scored=comparison["forecast_scored"], policy_chart=policy_chart(comparison),
            charts=charts, c=COLOURS, routes=routes, hot=hot, quiet=quiet)
 
@@ -202,14 +206,7 @@ def render_site(site, title="binlink: site report"):
                        for b, s in sorted(site["series"].items()))
     hot = _table(site["hot_spots"], (("bin", "bin_id"), ("name", "name"), ("overflows", "overflows"), ("hours over", "overflow_h")))
     quiet = _table(site["quiet"], (("bin", "bin_id"), ("name", "name"), ("last fill %", "last_fill_pct"), ("silent h", "silent_h")))
-    return """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:800px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}} .key span{{display:inline-block;margin-right:1.2em}}</style></head>
-<body>
-<h1>{title}</h1>
-<p>{bins} bins over {days} days, from what the site's gateways published (the planner's history).
+    return (_PAGE_HEAD + """<p>{bins} bins over {days} days, from what the site's gateways published (the planner's history).
 Full is {full} %; an overflow is a reading at or above 100 % until the bin is emptied.</p>
 <table class="site"><tr><th>collections</th><th>per bin-month</th><th>overflow bin-hours</th></tr>
 <tr><td>{collections}</td><td>{per_month}</td><td>{overflow}</td></tr></table>
@@ -224,7 +221,7 @@ Full is {full} %; an overflow is a reading at or above 100 % until the bin is em
 <span style="color:{c[forecast]}">- - forecast to full (each morning)</span><span style="color:{c[pickup]}">&#9650; emptied</span></p>
 {charts}
 </body></html>
-""".format(title=html.escape(title), bins=site["bins"], days=site["days"], full=site["full_pct"], collections=site["collections"],
+""").format(title=html.escape(title), bins=site["bins"], days=site["days"], full=site["full_pct"], collections=site["collections"],
            per_month=site["collections_per_bin_month"], overflow=site["overflow_bin_hours"], hot=hot, quiet=quiet, charts=charts,
            c=COLOURS)
 
