@@ -15,6 +15,7 @@ its checks (gateway/clock.py) as they are. The gateway says at start, at WARNING
 simulated. The file: four little-endian doubles, (simulated time, wall time it was written, speed,
 their sum); a reader that finds the sum wrong (a write in progress) reads again."""
 import logging
+import math
 import os
 import struct
 import time
@@ -63,7 +64,7 @@ class SimClock:
             blob = os.pread(self.fd, _REC.size, 0)
             if len(blob) == _REC.size:
                 sim, wall, speed, total = _REC.unpack(blob)
-                if sim + wall + speed == total and sim > 0:
+                if sim + wall + speed == total and math.isfinite(total) and sim > 0:  # inf/NaN: not a clock
                     return sim, wall, speed
         raise OSError("simulated clock %s: no complete record" % self.path)
 

@@ -293,9 +293,14 @@ class Rylr998:
                 frame = _rcv(line.strip())
                 if frame is not None:
                     yield frame
+            if len(buf) > RCV_LINE_MAX:  # noise without a line end: keep only what a +RCV line can be
+                buf = buf[-RCV_LINE_MAX:]
 
     POLL_MS = 20  # a +RCV line of a longest downlink (~130 characters) fits the UART buffer: no loss
     earliest = None  # ticks_ms before which no answer can arrive (set by the listener)
+
+
+RCV_LINE_MAX = 160  # +RCV=<addr>,<len>,<102 hex>,<rssi>,<snr>: a longest downlink's line, with room
 
 
 def _rcv(line):
