@@ -354,8 +354,9 @@ def mpy_version(path):
     return header[1] if header[:1] == b"M" else None
 
 
-def local_manifest(files):
-    return {remote: sha256_file(local) for local, remote in files}
+def local_manifest(files, dry_run=False):
+    """Board path -> SHA-256 of what is copied there (None in a dry run: nothing was compiled to hash)."""
+    return {remote: None if dry_run else sha256_file(local) for local, remote in files}
 
 
 def check_image(path):
@@ -422,7 +423,7 @@ def flash(args):
             json.dump(board_config(args, device_id, key), f, sort_keys=True)
         files = [(o, ":" + os.path.relpath(o, BUILD)) for o in outputs]
         files.append((cfg_path, ":config.json"))
-        want = {remote[1:] if remote.startswith(":/") else "/" + remote[1:]: h for remote, h in local_manifest(files).items()}
+        want = {remote[1:] if remote.startswith(":/") else "/" + remote[1:]: h for remote, h in local_manifest(files, dry).items()}
         if args.mip:
             say("installing MicroPython packages: %s (needs internet)" % ", ".join(MIP_PACKAGES))
             mpremote(port, ["mip", "install", *MIP_PACKAGES], dry_run=dry)
