@@ -276,6 +276,8 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
     return {
         "fixed": fixed, "forecast": fc, "full_pct": Events().full_pct,
         "collections_saved_pct": round(100.0 * (1 - fc["collections"] / fixed["collections"]), 1) if fixed["collections"] else None,
+        "collections_saved_bound_pct": bound(bins, days, seed, margin_h),
+        "margin_h": margin_h,
         "overflow_bin_hours_fixed": fixed["overflow_bin_hours"],
         "overflow_bin_hours_forecast": fc["overflow_bin_hours"],
         "forecast_full_at_mae_h": round(sum(errors) / len(errors), 2) if errors else None,
@@ -283,6 +285,58 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
         "forecast_unpredicted": scored["forecast_unpredicted"],
         "route_km_saved_pct": round(100.0 * (1 - fc["route_km"] / fc["route_km_list_order"]), 1) if fc["route_km_list_order"] else None,
     }
+
+
+def bound(bins=300, days=30, seed=1, margin_h=6.0, warmup_days=7, t0=START, full_pct=None):
+    """The most a collection list can save on these rounds: the same bins, rounds and truck spread
+    as `compare`, with the forecast replaced by the truth, each bin's own mean filling speed from
+    the physics (no sensor, no firmware: nothing is measured), so a bin is listed exactly when it
+    would reach full before the round after next + margin_h. What the forecast policy falls short
+    of this is what measuring and forecasting cost; what this falls short of 100 % is the grain of
+    the rounds (daily, none on Sundays) and the margin."""
+    full = (Events().full_pct if full_pct is None else full_pct) / 100.0
+    fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
+    fleet.close()
+    rng = random.Random(seed * 31 + 5)
+    field = [d.bin for d in fleet.devices]
+    for b in field:
+        b.on_schedule = False
+        b.next_collection = math.inf
+    patterns = [fixed_pattern(b.days_to_fill) for b in field]
+    start = t0 + warmup_days * DAY
+    end = start + days * DAY
+    counts = {}
+    for policy in ("fixed", "truth"):
+        state = [(b.level, b.t, b.rng.getstate()) for b in field]
+        collections, t = 0, ROUTES.next_after(t0)
+        while t < end:
+            for b in field:
+                b.advance(t)
+            horizon = ROUTES.next_after(t) + margin_h * 3600.0
+            weekday = int(t // DAY + 3) % 7
+            if policy == "fixed" or t < start:
+                chosen = [b for b, p in zip(field, patterns) if weekday in p]
+            else:
+                chosen = [b for b in field if _true_level_at(b, t, horizon) >= full]
+            for b in chosen:
+                b.collect_at(t + TRUCK_SPREAD_S * rng.random())
+            collections += len(chosen) if t >= start else 0
+            t = ROUTES.next_after(t)
+        counts[policy] = collections
+        for b, (level, bt, rs) in zip(field, state):  # the same bins again for the other policy
+            b.level, b.t, b.next_collection = level, bt, math.inf
+            b.rng.setstate(rs)
+    return round(100.0 * (1 - counts["truth"] / counts["fixed"]), 1) if counts["fixed"] else None
+
+
+def _true_level_at(b, t, until):
+    """The bin's level at `until` from its level at t at its mean filling speed (no noise)."""
+    level = b.level
+    while t < until:
+        step = min(600.0, until - t)
+        level += b.rate_per_s(t) * step
+        t += step
+    return level
 
 
 def _simulate(args):

@@ -48,6 +48,16 @@ def test_the_list_driven_trucks_collect_less_than_fixed_rounds(comparison):
     assert fixed["bins"] == fc["bins"] == 12 and fixed["start"] == fc["start"]
 
 
+def test_the_bound_is_what_knowing_each_bins_filling_speed_would_save_and_shrinks_with_the_margin(comparison):
+    """policy.bound: the same bins and rounds listed from the truth. Physics only: fixed rounds
+    collect exactly as in the firmware runs; a larger margin lists bins earlier (saves less); the
+    forecast, which must measure and learn, does not beat the truth on average."""
+    wide, narrow = policy.bound(bins=60, days=14, seed=3, margin_h=6.0), policy.bound(bins=60, days=14, seed=3, margin_h=0.0)
+    assert 0 < wide < narrow < 60
+    assert comparison["collections_saved_bound_pct"] == policy.bound(bins=12, days=10, seed=3, margin_h=6.0)
+    assert comparison["collections_saved_pct"] <= comparison["collections_saved_bound_pct"] + 10
+
+
 def test_the_runs_in_worker_processes_give_the_same_figures():
     """compare(processes=3), as the bench and the report run it: each policy in its own interpreter,
     every figure and series as when the three run one after the other here."""
