@@ -3,7 +3,8 @@
 LoRa time on air per spreading factor; loss rising with distance (log-distance path loss with
 Gaussian fading against the receiver's sensitivity); collisions when two transmissions on the
 same spreading factor overlap at a receiver (the stronger survives by 6 dB: capture effect);
-duplicates (the same packet heard twice, e.g. via a repeater); bit errors. What survives is
+duplicates (the same packet heard twice, e.g. via a repeater); bit errors; half-duplex (a
+receiver's radio transmitting during any part of a packet does not hear it). What survives is
 written to each receiver's pseudo-terminal in its module format."""
 import math
 
@@ -43,11 +44,16 @@ class Channel:
         self._shadow = {}  # (sender, receiver name) -> dB
         self.pending = []  # transmissions not yet delivered (a later one may still collide)
         self._busy = {}  # sender -> time its module is free again
-        self.stats = {"sent": 0, "delivered": 0, "intact": 0, "lost_collision": 0, "lost_range": 0, "lost_random": 0,
-                      "bit_errors": 0, "duplicates": 0}
+        self.sending = {}  # receiver name -> [(start, end)] of the gateway radio's own transmissions
+        self.stats = {"sent": 0, "delivered": 0, "intact": 0, "lost_collision": 0, "lost_half_duplex": 0, "lost_range": 0,
+                      "lost_random": 0, "bit_errors": 0, "duplicates": 0}
 
     def rssi(self, dev_xy, rx):
-        d = max(10.0, math.hypot(dev_xy[0] - rx.x, dev_xy[1] - rx.y))
+        return self.level_between(dev_xy, (rx.x, rx.y))
+
+    def level_between(self, a, b):
+        """Mean level at b of a packet sent at a (positions in metres), before fading."""
+        d = max(10.0, math.hypot(a[0] - b[0], a[1] - b[1]))
         return self.tx_power_dbm - 32.0 - 10 * self.path_loss_exp * math.log10(d)  # 32 dB: loss at 1 m, 868 MHz
 
     def link_level(self, sender, dev_xy, rx):
@@ -64,12 +70,25 @@ class Channel:
     def transmit(self, sender, t, dev_xy, payload, on_air_len, sf):
         """sender's module sends payload at simulated time t (or when its previous packet is out:
         a module sends one packet at a time). Returns True (the module sent it)."""
+        self.pending.append(self.put_on_air(sender, t, dev_xy, payload, on_air_len, sf))
+        return True
+
+    def put_on_air(self, sender, t, dev_xy, payload, on_air_len, sf):
+        """The transmission as it goes on air (its start, end, sender, position, payload)."""
         toa = lora.time_on_air_s(on_air_len or len(payload), sf)
         start = max(t, self._busy.get(sender, t))
         self._busy[sender] = start + toa + 0.01
-        self.pending.append({"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender})
         self.stats["sent"] += 1
-        return True
+        return {"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender}
+
+    def gateway_sends(self, rx, start, end):
+        """rx's radio transmits from start to end: deaf meanwhile (half-duplex)."""
+        self.sending.setdefault(rx.name, []).append((start, end))
+
+    def forget(self, before):
+        """Drops the gateway transmissions that ended before `before` (no packet left to overlap them)."""
+        for name, spans in self.sending.items():
+            self.sending[name] = [s for s in spans if s[1] >= before]
 
     def flush(self, now, force=False):
         """Delivers every transmission that ended long enough before now to know its collisions."""
@@ -84,42 +103,65 @@ class Channel:
         self.pending = keep
         return len(done)
 
-    def _deliver(self, tx, window):
+    def reception(self, tx, rx, window):
+        """What rx makes of tx among the transmissions in window: (outcome, level dBm, payload as
+        received); outcome is "intact", "bit_errors", or why it was lost (lost_range,
+        lost_half_duplex, lost_collision, lost_random)."""
         r = self.rng
+        level = self.link_level(tx["sender"], tx["xy"], rx) + r.gauss(0.0, self.fading_db)
+        if level < SENSITIVITY_DBM[tx["sf"]]:
+            return "lost_range", level, None
+        if any(s < tx["end"] and tx["t"] < e for s, e in self.sending.get(rx.name, ())):
+            return "lost_half_duplex", level, None
+        rivals = [o for o in window if o is not tx and o["sf"] == tx["sf"] and o["t"] < tx["end"] and tx["t"] < o["end"]]
+        if any(self.rssi(o["xy"], rx) + CAPTURE_DB > level for o in rivals):
+            return "lost_collision", level, None
+        if r.random() < self.loss:
+            return "lost_random", level, None
+        if r.random() < self.bit_errors:
+            b = bytearray(tx["payload"])
+            b[r.randrange(len(b))] ^= 1 << r.randrange(8)
+            return "bit_errors", level, bytes(b)
+        return "intact", level, tx["payload"]
+
+    def reaches(self, rx, sender, dev_xy, start, end, sf, window):
+        """Does rx's packet from start to end reach the bin `sender` at dev_xy: the link's loss and
+        fading (the gateway's module sends at the bins' power), and the bins' packets in window
+        overlapping it there, by capture?"""
+        level = self.link_level(sender, dev_xy, rx) + self.rng.gauss(0.0, self.fading_db)
+        if level < SENSITIVITY_DBM[sf]:
+            return False
+        return not any(o["sf"] == sf and o["t"] < end and start < o["end"] and o["sender"] != sender
+                       and self.level_between(o["xy"], dev_xy) + CAPTURE_DB > level for o in window)
+
+    def _deliver(self, tx, window):
         heard = intact = False
         reasons = set()
         for rx in self.receivers:
-            level = self.link_level(tx["sender"], tx["xy"], rx) + r.gauss(0.0, self.fading_db)
-            if level < SENSITIVITY_DBM[tx["sf"]]:
-                reasons.add("lost_range")
+            outcome, level, payload = self.reception(tx, rx, window)
+            if payload is None:
+                reasons.add(outcome)
                 continue
-            rivals = [o for o in window if o is not tx and o["sf"] == tx["sf"] and o["t"] < tx["end"] and tx["t"] < o["end"]]
-            if any(self.rssi(o["xy"], rx) + CAPTURE_DB > level for o in rivals):
-                reasons.add("lost_collision")
-                continue
-            if r.random() < self.loss:
-                reasons.add("lost_random")
-                continue
-            payload = tx["payload"]
-            if r.random() < self.bit_errors:
-                b = bytearray(payload)
-                b[r.randrange(len(b))] ^= 1 << r.randrange(8)
-                payload = bytes(b)
-                reasons.add("bit_errors")
-            else:
+            if outcome == "intact":
                 intact = True
-            copies = 2 if r.random() < self.duplicates else 1
+            else:
+                reasons.add(outcome)
+            copies = 2 if self.rng.random() < self.duplicates else 1
             self.stats["duplicates"] += copies - 1
             snr = round(min(12.0, level - NOISE_FLOOR_DBM), 1)
             for _ in range(copies):
                 rx.link.write(encode_for(rx.fmt, payload, int(level), snr))
             heard = True
+        self.count(heard, intact, reasons)
+
+    def count(self, heard, intact, reasons):
+        """The channel's statistics for one transmission resolved at every receiver."""
         if heard:
             self.stats["delivered"] += 1
         if intact:
             self.stats["intact"] += 1
         else:  # one reason per lost transmission, the one that hit the closest receiver last
-            for reason in ("bit_errors", "lost_collision", "lost_random", "lost_range"):
+            for reason in ("bit_errors", "lost_collision", "lost_half_duplex", "lost_random", "lost_range"):
                 if reason in reasons:
                     self.stats[reason] += 1
                     break
