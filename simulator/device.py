@@ -1,6 +1,7 @@
 """One simulated bin: physics + the board's part models + the real firmware (its own hw.py),
 run on CPython or on the MicroPython VM."""
 import json
+import random
 
 from binlink.wire import codec, framing
 
@@ -45,6 +46,7 @@ class SimDevice:
             raise ValueError("simulated device config: %s" % "; ".join(problems))
         self.hw = Board(self.cfg, self.battery, self._surface, lambda: self.weather.air_c(self.clock()), self.sensor,
                         self._on_air, rng, profile=profile, timing=timing)
+        self.rtc_drift = None  # None: the RTC keeps true time asleep; else (rate, rng) of esp32.slept_s
         self.fuel = []
         self.frames_sent = 0
         self.resets = 0
@@ -91,7 +93,17 @@ class SimDevice:
         hw.awake_ms = hw.now - start  # from the wake (boot included) to deep sleep
         self.awake_charge_uAh = (hw.charge_mAs - charge0 - hw.sleep_charge_mAs) / 3.6
         self.battery.draw(hw.charge_mAs - charge0, 1.0)
-        return max(1, int((hw.sleep_ms or 1000) / 1000))
+        counted = max(1, int((hw.sleep_ms or 1000) / 1000))
+        if self.rtc_drift is None:
+            return counted
+        slept = chip.slept_s(counted, *self.rtc_drift)
+        hw.rtc_error_s += counted - slept  # the RTC wakes the chip once it has counted `counted`: it runs ahead
+        return slept
+
+    def drift_rtc(self, seed):
+        """The RTC counts deep sleep on the chip's RC oscillator (parts/esp32.py), this unit's rate."""
+        rng = random.Random(seed)
+        self.rtc_drift = (chip.rtc_slow_rate(rng), rng)
 
     def _run_firmware(self):
         if self.vm is not None:

@@ -36,6 +36,24 @@ MPY_INIT_MS = 7.8 + 12.5 + 0.8
 FS_BOOT_PY_MS = 350.0
 BOOT_MS = ROM_BOOTLOADER_MS + MPY_INIT_MS + FS_BOOT_PY_MS
 CALL_MS = 0.02  # interpreter time around one hardware call
+# The RTC in deep sleep counts on the internal 150 kHz RC oscillator (RTC_SLOW_CLK's default
+# source): ESP-IDF "System Time" says its frequency stability is affected by temperature, so time
+# drifts in deep and light sleep; calibrated against the crystal at boot, it still runs fast
+# asleep. Measured: 33-38 s gained an hour, each module its own, hour-long sleeps of one module
+# within 5 s of each other (moonlight-systems.co.uk, four Adafruit HUZZAH32); 35 s in 2 h
+# (esp32.com, "RTC clock drift during deep sleep"). docs/hardware.md.
+RTC_SLOW_FAST = (0.0049, 0.0106)  # how much faster than true time a module's RTC counts asleep (per unit)
+RTC_SLOW_JITTER = 0.0007  # from one sleep to the next (5 s in an hour, as two sigma)
+
+
+def rtc_slow_rate(rng):
+    """One module's RTC rate error in deep sleep (a fraction: 0.01 counts 36 s too many an hour)."""
+    return rng.uniform(*RTC_SLOW_FAST)
+
+
+def slept_s(counted_s, rate, rng):
+    """True seconds a deep sleep of counted_s RTC seconds lasts on a module of this rate."""
+    return counted_s / (1.0 + rate + rng.gauss(0.0, RTC_SLOW_JITTER / 2))
 
 
 class Stop(Exception):
