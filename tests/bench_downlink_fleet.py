@@ -1,0 +1,81 @@
+"""Bench `downlink_fleet` (issue 20): 1,000 bins on one channel at SF9, one simulated day on the
+co-simulated channel (simulator/fleet_downlink.py), the gateway answering and, side by side, never
+answering. The bins were installed over the six hours before the day (a fleet does not boot, and
+ask for the time, all at once); a readings' resends get six hours after the day (one listening
+cycle) to arrive. A settings change for every bin is made as the day starts."""
+import time
+
+from binlink.sim.fleet_downlink import DownlinkFleet
+
+BINS = 1000
+WARM_S = 6 * 3600
+DAY_S = 24 * 3600
+RESEND_S = 6 * 3600
+HOUR_S = 3600
+CHANGE = {"fire_c": 65}  # a change that leaves the traffic as it is: the delivery figures stay comparable
+REPORT_S = 3600  # the fleet's report interval (Fleet's default)
+
+
+def max_hour_share(spans, t_from, t_to):
+    """Largest share (0..1) of any hour within [t_from, t_to) that spans (start, end) take."""
+    spans = sorted(s for s in spans if t_from <= s[0] < t_to)
+    best = 0.0
+    j = 0
+    busy = 0.0
+    for span in spans:  # windows starting at each span: the busiest begins at one
+        while j < len(spans) and spans[j][0] < span[0] + HOUR_S:
+            busy += spans[j][1] - spans[j][0]
+            j += 1
+        best = max(best, busy / HOUR_S)
+        busy -= span[1] - span[0]
+    return best
+
+
+def delivered_pct(fleet, t_from, t_to):
+    """Readings measured in [t_from, t_to) that the gateway stored, per cent."""
+    stored = {("%06x" % dev, fcnt) for dev, fcnt in fleet.gateway.readings}
+    measured = [k for k, v in fleet.truth.readings.items() if t_from <= v[2] < t_to]
+    return 100.0 * sum(k in stored for k in measured) / len(measured), len(measured)
+
+
+def converged_pct(fleet):
+    g = fleet.gateway
+    return 100.0 * sum(g.reported.get(d) == g.desired_hash(d) for d in g.keys) / len(g.keys)
+
+
+def one_day(bins, seed, answer):
+    """The fleet after its day (and, answering, the resends' hours); the convergence figures."""
+    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S)
+    fleet.day0 = day0 = fleet.now + WARM_S
+    converged = {}
+    if answer:
+        fleet.at(day0, lambda: fleet.gateway.set_desired(CHANGE))
+        for name, t in (("two_reports", day0 + 2 * REPORT_S), ("end_of_day", day0 + DAY_S)):
+            fleet.at(t, lambda name=name: converged.update({name: converged_pct(fleet)}))
+    fleet.run(WARM_S + DAY_S + (RESEND_S if answer else 60))
+    return fleet, converged
+
+
+def run(bins=BINS, seed=11):
+    out = {}
+    t_wall = time.perf_counter()
+    for answer in (True, False):
+        fleet, converged = one_day(bins, seed, answer)
+        day = (fleet.day0, fleet.day0 + DAY_S)
+        pct, measured = delivered_pct(fleet, *day)
+        errors = sorted(e for t, e in fleet.clock_errors if day[0] <= t < day[1])
+        tail = "" if answer else "_no_downlink"
+        out["delivered_pct_1000_bins" + tail] = round(pct, 2)
+        out["readings_measured_1000_bins" + tail] = measured
+        out["lost_collision_1000_bins" + tail] = fleet.channel.stats["lost_collision"]
+        out["clock_error_s_p99" + tail] = round(errors[int(0.99 * (len(errors) - 1))], 1)
+        if answer:
+            out["config_converged_pct"] = round(converged["two_reports"], 1)
+            out["config_converged_pct_end_of_day"] = round(converged["end_of_day"], 1)
+            out["bin_duty_cycle_max_pct"] = round(100 * max(max_hour_share(s, *day) for s in fleet.bin_tx.values()), 3)
+            out["gateway_duty_cycle_max_pct"] = round(100 * max_hour_share(fleet.gateway.sent, *day), 3)
+            out["downlinks_sent_1000_bins"] = sum(1 for s in fleet.gateway.sent if day[0] <= s[0] < day[1])
+            out["downlinks_skipped_duty_cycle_1000_bins"] = fleet.gateway.skipped["duty_cycle"]
+            out["lost_half_duplex_1000_bins"] = fleet.channel.stats["lost_half_duplex"]
+    out["downlink_fleet_wall_s"] = round(time.perf_counter() - t_wall, 1)
+    return out
