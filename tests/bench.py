@@ -244,6 +244,7 @@ SECTIONS = {"codec": bench_codec, "firmware": bench_firmware, "mqtt": bench_mqtt
 SECTIONS["city"] = bench_city  # issue 21: the simulated report at city scale (long: not in `planner`)
 SECTIONS["planner_page"] = bench_planner_page  # issue 21: the planner's page in a headless browser
 SECTIONS["energy"] = lambda: __import__("tests.bench_energy", fromlist=["run"]).run()  # issue 19: battery range, boot, faults, cold cell
+SECTIONS["downlink_fleet"] = lambda: __import__("tests.bench_downlink_fleet", fromlist=["run"]).run()  # issue 20: 1,000 bins answered
 
 
 def main(names):
