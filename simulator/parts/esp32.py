@@ -40,8 +40,8 @@ CALL_MS = 0.02  # interpreter time around one hardware call
 # source): ESP-IDF "System Time" says its frequency stability is affected by temperature, so time
 # drifts in deep and light sleep; calibrated against the crystal at boot, it still runs fast
 # asleep. Measured: 33-38 s gained an hour, each module its own, hour-long sleeps of one module
-# within 5 s of each other (moonlight-systems.co.uk, four Adafruit HUZZAH32); 35 s in 2 h
-# (esp32.com, "RTC clock drift during deep sleep"). docs/hardware.md.
+# within 5 s of each other (moonlight-systems.co.uk code example 6, four Adafruit HUZZAH32); 35 s
+# in 2 h on the internal RC (esp32.com forum, topic 1175). docs/hardware.md.
 RTC_SLOW_FAST = (0.0049, 0.0106)  # how much faster than true time a module's RTC counts asleep (per unit)
 RTC_SLOW_JITTER = 0.0007  # from one sleep to the next (5 s in an hour, as two sigma)
 
