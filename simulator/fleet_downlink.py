@@ -72,7 +72,7 @@ class Gateway:
         return types.SimpleNamespace(device_id=dev, settings=self.desired.get(dev, ()))
 
     def store(self, dev, frames, tx, rx):
-        """Stores the frames that verify; returns (counter, key) of one that asks for an answer, or None."""
+        """Stores the frames that verify; returns the counter of one that asks for an answer, or None."""
         key = self.keys[dev]
         ask = None
         for f in frames:
@@ -100,8 +100,8 @@ class Gateway:
         return ask
 
     def answer_to(self, dev, fcnt, rx, at):
-        """The answer to uplink fcnt on radio rx at time `at`: (payload on air, its time on air s,
-        preamble), or None when the radio cannot send it (busy sending, budget spent)."""
+        """The answer to uplink fcnt on radio rx at time `at`, booked on the channel: (payload on
+        air, its time on air s), or None when the radio cannot send it (busy sending, budget spent)."""
         if not self.answer:
             return None
         if any(s <= at < e for s, e in self.channel.sending.get(rx.name, ())):

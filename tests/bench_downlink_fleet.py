@@ -14,6 +14,7 @@ RESEND_S = 6 * 3600
 HOUR_S = 3600
 CHANGE = {"fire_c": 65}  # a change that leaves the traffic as it is: the delivery figures stay comparable
 REPORT_S = 3600  # the fleet's report interval (Fleet's default)
+T0 = 1_790_000_000.0  # a fixed start: the physics and the bins' timing follow the clock
 
 
 def max_hour_share(spans, t_from, t_to):
@@ -45,7 +46,7 @@ def converged_pct(fleet):
 
 def one_day(bins, seed, answer):
     """The fleet after its day (and, answering, the resends' hours); the convergence figures."""
-    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S)
+    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S, t0=T0)
     fleet.day0 = day0 = fleet.now + WARM_S
     converged = {}
     if answer:
