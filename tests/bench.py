@@ -174,6 +174,8 @@ def bench_planner():
         "forecast_full_at_mae_h": c["forecast_full_at_mae_h"],
         "forecast_full_at_scored": c["forecast_scored"],
         "collections_saved_pct": c["collections_saved_pct"],
+        # the same rounds and margin with each bin's true filling speed instead of the forecast (policy.bound)
+        "collections_saved_bound_pct": c["collections_saved_bound_pct"],
         "collections_per_bin_month_fixed": c["fixed"]["collections_per_bin_month"],
         "collections_per_bin_month_forecast": c["forecast"]["collections_per_bin_month"],
         "overflow_bin_hours_fixed": c["overflow_bin_hours_fixed"],
