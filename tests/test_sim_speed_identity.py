@@ -31,15 +31,15 @@ T0 = 1_790_000_000.0
 COUNTS = ("brownouts", "resets", "sleep_s", "rx")
 REL = 1e-9
 
-# name -> (SimDevice keywords, wakes, a gateway answering downlink windows, the wake from which
-# the air is at +10 degC or None)
+# name -> (SimDevice keywords, with weather as (mean, swing) degC; wakes; a gateway answering
+# downlink windows; the wake from which the air is at +10 degC, or None)
 CASES = {
     "e22-jsn": (dict(transport="e22", sensor="jsn-sr04t", report_s=900), 96, True, None),
     "rylr998-a02yyuw": (dict(transport="rylr998", sensor="a02yyuw", report_s=900), 96, True, None),
     "e32-hcsr04-slow": (dict(transport="e32", sensor="hc-sr04", timing="slow"), 48, False, None),
-    "e22-cold-aged-cell": (dict(transport="e22", report_s=900, weather=physics.Weather(mean_c=-20.0, swing_c=0.0),
+    "e22-cold-aged-cell": (dict(transport="e22", report_s=900, weather=(-20.0, 0.0),
                                 cell={"used_mah": 0.85 * 17000, "age_years": 8.0}), 40, False, 16),
-    "rylr998-stored-cell": (dict(transport="rylr998", sensor="hc-sr04", weather=physics.Weather(mean_c=-8.0),
+    "rylr998-stored-cell": (dict(transport="rylr998", sensor="hc-sr04", weather=(-8.0, 5.0),
                                  cell={"passivation": 1.0, "used_mah": 0.9 * 17000}), 48, False, None),
     "e22-devboard": (dict(transport="e22", profile="devboard"), 24, False, None),
     "serial-a02yyuw": (dict(transport="serial", sensor="a02yyuw"), 24, False, None),
@@ -72,7 +72,10 @@ def _run(name, dev, clock):
 
 def _device(name):
     clock = [T0]
-    return SimDevice(random.Random(sum(map(ord, name))), 0xA1, KEY, lambda: clock[0], **CASES[name][0]), clock
+    kw = dict(CASES[name][0])
+    if "weather" in kw:  # a new one each time: a case warms its air up
+        kw["weather"] = physics.Weather(*kw["weather"])
+    return SimDevice(random.Random(sum(map(ord, name))), 0xA1, KEY, lambda: clock[0], **kw), clock
 
 
 def record(name):

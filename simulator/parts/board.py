@@ -9,6 +9,7 @@ network, umqtt.simple: the stand-ins in upy/). The firmware's real hw.py runs on
 A simulated clock (milliseconds) drives every timing; `dispatch` advances it by the time a call
 takes. Faults and resets are injected from tests (`inject_reset`, part attributes)."""
 import builtins
+import math
 import os
 import random
 import shutil
@@ -39,17 +40,6 @@ PROFILES = {
 DIVIDER_OHMS = 200_000
 
 
-class _OpNames(dict):
-    """stand-in op -> Board method name ("op_" + op), made once per op."""
-
-    def __missing__(self, op):
-        name = self[op] = "op_" + op
-        return name
-
-
-_OP_NAMES = _OpNames()
-
-
 class Board:
     def __init__(self, cfg, battery, surface_mm, air_c, acoustics, transmit, rng, profile="custom", timing="random"):
         """cfg: the firmware's parsed config (pins, transport, sensor). battery: physics.Battery.
@@ -77,6 +67,7 @@ class Board:
         self.transmit = transmit
         self.wifi = {"ap": True, "broker": "ok", "connect_ms": 1500.0, "associated": False}
         self.mqtt_sent = []
+        self._ops = {}  # stand-in op -> its op_ method
         self.parts = []
         self._peers = {}  # UART id -> the part on its other end
         if timing == "slow":
@@ -114,9 +105,10 @@ class Board:
         self.parts.append(self.thermo)
         self._listened = set(self._listened_pins())
         # the parts are wired for good: what the clock calls at every step is looked up once
-        self._pin_parts = [p for p in self.parts if hasattr(p, "on_pin")]  # parts that watch pins
+        self._pin_parts = [p for p in self.parts if hasattr(p, "on_pin")]  # watch pins: True when what they draw changed
         self._steps = [p.step for p in self.parts if not getattr(p, "IDLE_STEP", False)]  # a part's step() that acts
         self._next_events = [p.next_event for p in self.parts]
+        self._current_untils = [p.current_until for p in self.parts if hasattr(p, "current_until")]  # the others draw steadily
         self._part_ma = [p.current_ma for p in self.parts]
         self._regulator_ma = self.profile["regulator_ma"]
         self._divider_switched = self.profile["divider_switched"]
@@ -124,8 +116,8 @@ class Board:
         self._rail_pin = cfg["sensor_power_pin"] if self.profile["rail_switched"] else None  # switches the sensor rail
         has_aux = self.radio is not None and hasattr(self.radio, "aux_level")
         self._aux_pin = cfg.get("radio_aux_pin") if has_aux else None  # reads the module's AUX line
-        self._ma = 0.0  # current now, kept up to date by whatever changes a part's state
-        self._on_cell = self.profile["supply"] == "cell" and hasattr(battery, "vdd_mv")
+        self._ma, self._ma_until = 0.0, -math.inf  # the current now, and until when it holds (_recount)
+        self._on_cell = self.profile["supply"] == "cell" and hasattr(battery, "holds_up")
         self.bod_mv = cell_model.BOD_MV
         self._rail_on(not self.profile["rail_switched"])
 
@@ -142,7 +134,7 @@ class Board:
         e = self.esp
         ma = chip.DEEP_SLEEP_MA if e.asleep else chip.LIGHT_SLEEP_MA if e.light else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
         static = self._regulator_ma
-        if not self._divider_switched or e.pad(self._battery_en_pin) == 1:
+        if self._divider_on():
             static += self.battery.mv(ma) / DIVIDER_OHMS  # mV / ohm = mA
         ma += static
         now = self.now
@@ -150,47 +142,62 @@ class Board:
             ma += part_ma(now)
         return ma
 
+    def _divider_on(self):
+        return not self._divider_switched or self.esp.pad(self._battery_en_pin) == 1
+
+    def _recount(self):
+        """_ma = current_ma(), and _ma_until: a part's current changes by itself only at its
+        current_until() (a packet leaves the air, an echo ends...), else with its state (a step that
+        acted, a pin, a command: those recount or set -inf); the divider's with the cell, at any time."""
+        self._ma = self.current_ma()
+        ts = [t for t in (until(self.now) for until in self._current_untils) if t is not None]
+        self._ma_until = -math.inf if self._divider_on() else min(ts, default=math.inf)
+
     def advance(self, ms):
         """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
         the watchdog bites when due (chip.Stop)."""
         e = self.esp
         now = self.now
-        if ms <= 0:  # bring the parts up to now (before something observes them)
-            for step in self._steps:
-                step(now)
-            self._ma = self.current_ma()
-            self._supply_check()
-            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
-                raise chip.Stop("watchdog")
-            return
         end = now + ms
         while True:
-            nxt = end
-            for next_event in self._next_events:
-                t = next_event(now)
-                if t is not None and now < t < nxt:
-                    nxt = t
-            due = e.wdt_due
-            if due is not None and not e.asleep and due < nxt:
-                nxt = due
-            if nxt > now:  # the current is constant between events
-                self.charge_mAs += self._ma * (nxt - now) / 1000.0
-                if self._on_cell:
-                    self.battery.load(self._ma, nxt - now)
-                self.now = now = nxt
-            for step in self._steps:
-                step(now)
-            self._ma = self.current_ma()
+            first = now  # ms <= 0: every part brought up to now (before something observes it)
+            if ms > 0:
+                nxt, first = self._next_stop(now, end)
+                wdt = e.wdt_due
+                if wdt is not None and not e.asleep and wdt < nxt:
+                    nxt = wdt
+                if nxt > now:  # the current is constant between events
+                    self.charge_mAs += self._ma * (nxt - now) / 1000.0
+                    if self._on_cell:
+                        self.battery.load(self._ma, nxt - now)
+                    self.now = now = nxt
+            # no part has anything to do before its first event; a list: every part steps
+            acted = first <= now and any([step(now) for step in self._steps])
+            if acted or now >= self._ma_until:
+                self._recount()
             self._supply_check()
             if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             if now >= end:
                 return
 
+    def _next_stop(self, now, end):
+        """(the first part's event after now, or end; the first part's event, due or not)"""
+        nxt = end
+        first = math.inf
+        for next_event in self._next_events:
+            t = next_event(now)
+            if t is not None:
+                if t < first:
+                    first = t
+                if now < t < nxt:
+                    nxt = t
+        return nxt, first
+
     def _supply_check(self):
         """The ESP32's brown-out detector: a load that pulls VDD (the cell's loaded voltage through
         the LDO) under its threshold resets the chip, reported as a power-on with RTC memory intact."""
-        if self._on_cell and not self.esp.asleep and self.battery.vdd_mv(self._ma) < self.bod_mv:
+        if self._on_cell and not self.esp.asleep and not self.battery.holds_up(self._ma, self.bod_mv):
             self.brownouts += 1
             raise chip.Stop("brownout")
 
@@ -246,17 +253,12 @@ class Board:
                 p.on_pin(pin, lvl, self.now)
         if self.profile["rail_switched"]:
             self._rail_on(self.esp.pad(self.cfg["sensor_power_pin"]) == 1)
-        self._ma = self.current_ma()
+        self._recount()
 
     def _listened_pins(self):
         c = self.cfg
-        pins = []
-        if c["transport"] in ("e22", "e32"):
-            pins += [c["radio_m0_pin"], c["radio_m1_pin"]]
-        if c["sensor"] == "a02yyuw":
-            pins.append(c["sensor_uart"][2])
-        else:
-            pins.append(c["trig_pin"])
+        pins = [c["radio_m0_pin"], c["radio_m1_pin"]] if c["transport"] in ("e22", "e32") else []
+        pins.append(c["sensor_uart"][2] if c["sensor"] == "a02yyuw" else c["trig_pin"])
         return [p for p in pins if p >= 0]
 
     def _rail_on(self, on):
@@ -306,13 +308,14 @@ class Board:
             self.wifi["broker"] = "down" if down else "ok"
         else:
             self.radio.dead = down
+            self._ma_until = -math.inf
 
     def _key_up(self, payload, on_air_len, sf, bw, dbm):
         """The radio keys up: its current pulse through the cell's internal resistance may pull the
         supply under the brown-out threshold before the packet is out (the module on the same rail
         drops out with the chip)."""
         if self._on_cell:
-            self._ma = self.current_ma()
+            self._recount()
             self._supply_check()
         return self.transmit(payload, on_air_len, sf, bw, dbm)
 
@@ -333,9 +336,9 @@ class Board:
                 kind = self.reset_at[1]
                 self.reset_at = None
                 raise chip.Stop(kind)
-            if self.error_at == self.ops and _OP_NAMES[op] != "op_deepsleep":  # the chip's own: no part to fail
+            if self.error_at == self.ops and op != "deepsleep":  # the chip's own: no part to fail
                 self.error_at = None
-                return {"oserror": "injected fault at call %d (%s)" % (self.ops, _OP_NAMES[op])}
+                return {"oserror": "injected fault at call %d (op_%s)" % (self.ops, op)}
             # the interpreter's time around the call: no part acts within it (they are stepped
             # before anything observes them), only the charge and the watchdog count
             self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
@@ -343,7 +346,8 @@ class Board:
             due = self.esp.wdt_due
             if due is not None and self.now >= due:
                 self.advance(0.0)
-            return getattr(self, _OP_NAMES[op])(*args)
+            call = self._ops.get(op) or self._ops.setdefault(op, getattr(self, "op_" + op))
+            return call(*args)
         except chip.Stop as s:
             self._halt(s.kind)
             return {"halt": s.kind}
@@ -396,21 +400,16 @@ class Board:
         end = begin + ms
         ext0 = e.wake_ext0
         e.light = True
-        self._ma = self.current_ma()
+        self._recount()
         try:
             while self.now < end:
                 self.advance(0.0)
                 if ext0 is not None and self._level(ext0[0]) == ext0[1]:
                     break
-                nxt = end
-                for next_event in self._next_events:
-                    t = next_event(self.now)
-                    if t is not None and self.now < t < nxt:
-                        nxt = t
-                self.advance(nxt - self.now)
+                self.advance(self._next_stop(self.now, end)[0] - self.now)
         finally:
             e.light = False
-            self._ma = self.current_ma()
+            self._recount()
             for u in e.uarts.values():  # bytes that came meanwhile were never received
                 u.rx = [r for r in u.rx if not begin < r[0] <= self.now]
         self.advance(chip.LIGHT_WAKE_MS)
@@ -435,18 +434,20 @@ class Board:
             self.advance(0.0)  # parts up to now before they see the edge
             lvl = self.esp.pad(pin)
             for p in self._pin_parts:
-                p.on_pin(pin, lvl, self.now)
-        else:  # the sensor rail, the divider switch: what they draw changes
+                if p.on_pin(pin, lvl, self.now):  # what it draws changed: counted at the next step
+                    self._ma_until = -math.inf
+        elif pin == self._rail_pin or pin == self._battery_en_pin:  # the sensor rail, the divider: what they draw changes
             if pin == self._rail_pin:
                 self._rail_on(self.esp.pad(pin) == 1)
-            self._ma = self.current_ma()
+            self._recount()
+        elif self.now >= self._ma_until:  # another pin: only the parts' own currents, as time passed
+            self._recount()
 
     def op_pin_value(self, pin):
         self.advance(0.0)
-        if pin == self._aux_pin:
-            return self.radio.aux_level(self.now)
-        if pin == self.cfg["tilt_pin"]:
-            return 0 if self.tilted else 1
+        level = self._level(pin)
+        if level is not None:
+            return level
         p = self.esp.pins.get(pin)
         if p and p["out"]:
             return p["level"]
@@ -470,7 +471,7 @@ class Board:
     def op_adc_read_uv(self, pin, atten):
         if pin != self.cfg["battery_pin"]:
             return 0
-        if self.profile["divider_switched"] and self.esp.pad(self.cfg["battery_en_pin"]) != 1:
+        if not self._divider_on():
             return 0  # divider switched off: the ADC pin is pulled to ground
         return min(self.battery.mv(self._ma) * 500, 3_100_000)  # the loaded cell, 1:2 divider, 11 dB range ends ~3.1 V
 
@@ -586,7 +587,7 @@ class Board:
         ds = self._ds(pin)
         if ds:
             ds.convert(self.now)
-            self._ma = self.current_ma()
+            self._recount()
 
     def op_ds_read_scratch(self, pin, rom):
         self.advance(6.0)  # select ROM + 9 bytes at ~15 kbit/s
@@ -605,7 +606,7 @@ class Board:
             self.esp.wifi_on = bool(on)
             if not on:
                 self.wifi["associated"] = False
-            self._ma = self.current_ma()
+            self._recount()
         return self.esp.wifi_on
 
     def op_wlan_connect(self, ssid, key):
@@ -695,9 +696,6 @@ class _Wire:
 
     def next_event(self, now):
         return None
-
-    def step(self, now):
-        pass
 
     def current_ma(self, now):
         return 0.0

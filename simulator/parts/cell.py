@@ -45,11 +45,14 @@ class LiSOCl2Cell:
         self.temp_c = temp_c or (lambda: 20.0)
         self.passivation = passivation
         self._held = None  # (cold factor, layer growth time constant ms): hold_temperature()
+        self._fixed = (None,)  # (what it was made from, OCV, resistance without the layer): _plateau()
+        self._held_up = None  # (current, layer, threshold) VDD last held up under: holds_up()
 
     def hold_temperature(self):
         """Takes the temperature now and keeps it until called again (the board calls it at each
         wake and each sleep: the air changes over hours, a wake lasts a second)."""
         t = self.temp_c()
+        self._held_up = None
         self._held = (math.exp(COLD_PER_C * (20.0 - t)), PASSIVE_DAYS_20C * 86400000.0 * 2.0 ** ((20.0 - t) / 10.0))
 
     def _cold_tau(self, temp_c=None):
@@ -61,6 +64,7 @@ class LiSOCl2Cell:
     # capacity (the bench's accounting: SimDevice books each wake's integrated charge) ------------
     def draw(self, ma, seconds):
         self.used_mah += ma * seconds / 3600.0
+        self._held_up = None
 
     def depth(self):
         return min(1.0, max(0.0, self.used_mah / self.capacity_mah))
@@ -73,16 +77,34 @@ class LiSOCl2Cell:
             return OCV_MV - 50.0 * (1.0 - left)  # the plateau sags ~50 mV over the life
         return 2000.0 + (OCV_MV - 50.0 - 2000.0) * left / 0.05
 
-    def resistance_ohm(self, temp_c=None):
-        cold = self._cold_tau(temp_c)[0]
+    def _bulk_ohm(self, cold):
+        """The resistance without the passivation layer."""
         r = R20_OHM * cold * (1.0 + AGE_PER_YEAR * self.age_years)
         d = self.depth()
         if d > 0.8:  # the resistance climbs towards the end of the capacity
             r *= 1.0 + 4.0 * (d - 0.8) / 0.2
-        return r + self.passivation * PASSIVE_OHM * cold
+        return r
+
+    def resistance_ohm(self, temp_c=None):
+        cold = self._cold_tau(temp_c)[0]
+        return self._bulk_ohm(cold) + self.passivation * PASSIVE_OHM * cold
+
+    def _plateau(self):
+        """(OCV, bulk resistance, cold factor): the board asks at every step, and within a wake only
+        the layer changes (the charge is booked after it, the temperature held), so they are kept
+        while what they come from stays the same."""
+        held = self._held
+        if held is None:  # the temperature is read at each call
+            cold = self._cold_tau()[0]
+            return self.ocv_mv(), self._bulk_ohm(cold), cold
+        key = (held, self.used_mah, self.capacity_mah, self.age_years)
+        if self._fixed[0] != key:
+            self._fixed = (key, self.ocv_mv(), self._bulk_ohm(held[0]), held[0])
+        return self._fixed[1:]
 
     def terminal_mv(self, ma):
-        return max(0.0, self.ocv_mv() - ma * self.resistance_ohm())
+        ocv, bulk, cold = self._plateau()
+        return max(0.0, ocv - ma * (bulk + self.passivation * PASSIVE_OHM * cold))
 
     def mv(self, ma=0.0):
         return int(self.terminal_mv(ma))
@@ -93,6 +115,18 @@ class LiSOCl2Cell:
         if not regulator:
             return v
         return min(LDO_MV, v - ma * LDO_DROP_OHM)
+
+    def holds_up(self, ma, mv):
+        """vdd_mv(ma) >= mv (the board asks at every step). With the temperature held, only the
+        current and the layer change between draw()s, and VDD falls with either: with no more of
+        both than it last held up under, it holds up again."""
+        ok = self._held_up
+        if ok is not None and ma <= ok[0] and self.passivation <= ok[1] and mv == ok[2] and self._held is not None:
+            return True
+        if self.vdd_mv(ma) < mv:
+            return False
+        self._held_up = (ma, self.passivation, mv)
+        return True
 
     # passivation over time -----------------------------------------------------------------------
     def load(self, ma, ms):

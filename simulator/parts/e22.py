@@ -141,15 +141,21 @@ class E22:
         for i, b in enumerate(data):
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
 
-    def _events(self):
-        ev = []
+    def _due(self):
+        """(time, kind) of what the module does next — 0 the mode switch takes effect, 1 a byte comes
+        in from the UART, 2 a packet goes on air; the lower kind first at the same time — or (None, None)."""
+        t = kind = None
         if self.pending:
-            ev.append((self.pending[3], 0))
+            t, kind = self.pending[3], 0
         if self.inbound:
-            ev.append((self.inbound[0][0], 1))
+            a = self.inbound[0][0]
+            if t is None or a < t:
+                t, kind = a, 1
         if self.buf and self.mode == NORMAL:
-            ev.append((self._send_due(), 2))
-        return ev
+            a = self._send_due()
+            if t is None or a < t:
+                t, kind = a, 2
+        return t, kind
 
     def _send_due(self):
         """A packet goes on air once the UART has been idle 3 byte-times or a sub-packet is full,
@@ -158,37 +164,29 @@ class E22:
         return max(due, self.tx_until)
 
     def next_event(self, now):
-        # the earliest of _events() and the end of a transmission (no lists: the board asks at every step)
-        t = self.pending[3] if self.pending else None
+        """The earliest of _due(), a packet on air reaching the antenna or leaving it, and the end of
+        a transmission."""
+        t = self._due()[0]
         for p in self.incoming:
             a = p[0] if p[3] is None else p[1]
             if t is None or a < t:
                 t = a
-        if self.inbound:
-            a = self.inbound[0][0]
-            if t is None or a < t:
-                t = a
-        if self.buf and self.mode == NORMAL:
-            due = self._send_due()
-            if t is None or due < t:
-                t = due
         tx = self.tx_until
         if tx > now and (t is None or tx < t):
             t = tx
         return t
 
     def step(self, now):
+        """Acts on what is due by `now`; True when what the module draws may have changed (its mode,
+        its registers, a packet keyed up)."""
         if self.incoming:
             self._air(now)
-        if not self.pending and not self.inbound and not (self.buf and self.mode == NORMAL):
-            return  # nothing due: _events() would be empty
+        acted = False
         while True:
-            ev = self._events()
-            if not ev:
-                return
-            t, kind = min(ev)
-            if t > now:
-                return
+            t, kind = self._due()
+            if t is None or t > now:
+                return acted
+            acted = acted or kind != 1 or self.mode == self.CONFIG_MODE  # a byte in normal mode only fills the buffer
             if kind == 0:
                 self.mode = self.pending[0]
                 self.pending = None
@@ -290,6 +288,10 @@ class E22:
         self.buf = bytearray()
         if self.deliver:
             self.deliver(reply, at + self.draw(REPLY_MS), 9600)
+
+    def current_until(self, now):
+        """When what it draws changes by itself: the packet on air is out."""
+        return self.tx_until if now < self.tx_until else None
 
     def current_ma(self, now):
         if self.dead:

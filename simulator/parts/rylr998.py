@@ -83,12 +83,15 @@ class Rylr998:
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
 
     def next_event(self, now):
-        ev = [p[0] if p[3] is None else p[1] for p in self.incoming]
-        if self.inbound:
-            ev.append(self.inbound[0][0])
-        if self.tx_until > now:
-            ev.append(self.tx_until)
-        return min(ev) if ev else None
+        t = self.inbound[0][0] if self.inbound else None
+        for p in self.incoming:
+            a = p[0] if p[3] is None else p[1]
+            if t is None or a < t:
+                t = a
+        tx = self.tx_until
+        if tx > now and (t is None or tx < t):
+            t = tx
+        return t
 
     def air_rx(self, data, start, sf, bw_khz, freq_mhz=None, netid=None, address=0, preamble=12, **kw):
         """A packet (its data as the sending module's AT+SEND carried them) on air from `start` (ms)
@@ -126,9 +129,13 @@ class Rylr998:
                     self.missed.append((start, data, "put to sleep or sent while receiving"))
 
     def step(self, now):
+        """Acts on what is due by `now`; True when what the module draws may have changed (a
+        command came in: sleep, a packet keyed up, the power setting)."""
         if self.incoming:
             self._air(now)
+        acted = False
         while self.inbound and self.inbound[0][0] <= now:
+            acted = True
             at, b, baud = self.inbound.pop(0)
             if self.dead:
                 continue
@@ -142,6 +149,7 @@ class Rylr998:
                     self.asleep = False  # woken: this command is not executed
                     continue
                 self._reply(self._command(line.decode("latin-1"), at), at)
+        return acted
 
     def _reply(self, text, at):
         if text and self.deliver:
@@ -190,6 +198,10 @@ class Rylr998:
         self.tx_start = start
         self.transmit(data, n + OVERHEAD, sf, bw, self.dbm())
         return "+OK"
+
+    def current_until(self, now):
+        """When what it draws changes by itself: the packet on air is out."""
+        return self.tx_until if now < self.tx_until else None
 
     def current_ma(self, now):
         if self.dead:

@@ -54,8 +54,9 @@ class EchoSensor:
         self.powered_at = now if on else None
 
     def on_pin(self, pin, level, now):
+        """True when what it draws changed: the trigger's fall started a ping (the board recounts)."""
         if pin != self.trig or self.powered_at is None:
-            return
+            return False
         if level:
             self.trig_high_at = now
         elif self.trig_high_at is not None:
@@ -70,6 +71,8 @@ class EchoSensor:
                 width = self.NO_ECHO_MS if us < 0 else us / 1000.0
                 rise = now + self.BURST_MS
                 self.high = (rise, rise + width)
+                return True
+        return False
 
     def pulse(self, now):
         return self.high
@@ -81,6 +84,8 @@ class EchoSensor:
 
     def next_event(self, now):
         return self.high[1] if self.high is not None and now < self.high[1] else None  # back to idle current
+
+    current_until = next_event  # when what it draws changes by itself (the board's _recount)
 
     def step(self, now):
         pass
@@ -193,8 +198,13 @@ class Ds18b20:
         return 1.5 if self.converting and now < self.converting[0] else 0.001
 
     def next_event(self, now):
-        return self.converting[0] if self.converting and now < self.converting[0] else None
+        return self.converting[0] if self.converting else None  # due, or overdue: step() finishes it
+
+    current_until = next_event  # when what it draws changes by itself (the board's _recount)
 
     def step(self, now):
+        """True when a conversion completed (the current falls to standby)."""
         if self.converting and now >= self.converting[0]:
             self._finish(now)
+            return True
+        return False
