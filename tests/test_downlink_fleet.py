@@ -76,3 +76,27 @@ def test_the_schedule_is_the_same_for_a_seed():
 def test_the_busiest_hour_counts_airtime_in_any_hour_not_per_clock_hour():
     spans = [(3500.0, 3536.0), (3700.0, 3736.0)]  # 72 s within one sliding hour, split by the clock hour
     assert max_hour_share(spans, 0, 10 * HOUR) == 72.0 / HOUR
+
+
+def test_a_packet_is_lost_when_another_bins_or_the_gateways_overlaps_it_whichever_began_first():
+    """Two bins side by side (equal levels: no capture), no fading or random loss, switched on
+    within half a second: a packet is stored exactly when neither the other bin's packets nor the
+    gateway's answers overlap it, also when the overlapping one comes from a wake that began later
+    or is an answer decided while the packet was already on air."""
+    overlapped = talked_over = 0
+    for seed in (1, 2, 3):
+        fleet = DownlinkFleet(2, seed=seed, t0=T0, powered_within_s=0.5,
+                              channel={"fading_db": 0.0, "loss": 0.0, "bit_errors": 0.0})
+        for d in fleet.devices:
+            d.xy = (400.0, 0.0)
+        fleet.run(60)
+        stored = {(s, e) for s, e, _ in fleet.gateway.accepted}
+        for dev, spans in fleet.bin_tx.items():
+            others = [span for d, v in fleet.bin_tx.items() if d != dev for span in v]
+            for s, e in spans:
+                hit = any(a < e and s < b for a, b in others)
+                over = any(a < e and s < b for a, b, _ in fleet.gateway.sent)
+                overlapped += hit
+                talked_over += over
+                assert ((s, e) in stored) == (not hit and not over)
+    assert overlapped and talked_over  # both cases happened
