@@ -23,7 +23,6 @@ import sys
 from binlink.sim import physics
 from binlink.sim.device import SimDevice
 from binlink.sim.parts.board import Board
-from tests.test_firmware_downlink import Gateway
 
 VECTOR = pathlib.Path(__file__).resolve().parent / "vectors" / "sim_identity.json.gz"
 KEY = bytes(range(16))  # TEST KEY
@@ -82,6 +81,8 @@ def record(name):
     """The case on the real firmware: its wakes, the board's wiring, every run of the firmware as
     its calls [op, args] and a digest of the answers, and the packets put on air for the bin at each
     of its transmissions [payload hex, start ms, sf, bw kHz]."""
+    from tests.test_firmware_downlink import Gateway  # the replay needs only what it put on air
+
     dev, clock = _device(name)
     runs, downlinks = [], []
     if CASES[name][2]:
