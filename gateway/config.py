@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from binlink.gateway import config_rules
 from binlink.gateway.config_rules import (NUMBER, PORT, VOLATILE, Rule, listen_problems, redis_url_problems,
-                                          sentinel_problems, shared_state_problems)
+                                          sentinel_problems, shared_state_problems, topic_problems)
 from binlink.gateway.module_formats import FORMATS
 
 
@@ -51,6 +51,7 @@ class Mqtt:
     # "device": one retained config per bin (Home Assistant 2024.12 and later); "entity": one per entity
     discovery_mode: str = "device"
     uplink_topic: str = "binlink/uplink"  # frames from Wi-Fi bins (umqtt.simple); "" turns it off
+    downlink_topic: str = "binlink/downlink"  # answers to Wi-Fi bins on <this>/<device hex>; "" = none
     max_inflight: int = 4000  # QoS 1 messages awaiting PUBACK (docs/gateway.md: publisher)
 
 
@@ -145,6 +146,7 @@ _MQTT = {
     "discovery": Rule(bool), "discovery_prefix": Rule(str, nonempty=True),
     "discovery_mode": Rule(str, choices={"device", "entity"}),
     "uplink_topic": Rule(str),  # "" turns it off
+    "downlink_topic": Rule(str, check=topic_problems),  # "" turns it off
     # packet ids are 16-bit (1..65535) and every message in flight holds one: the window stops
     # short of that, leaving ids for the status and discovery messages sent beside it
     "max_inflight": Rule(int, lo=1, hi=60000),

@@ -72,6 +72,13 @@ def listen_problems(text):
     return [] if PORT.lo <= int(port) <= PORT.hi else ["port %s is out of range (%s)" % (port, PORT.allowed())]
 
 
+def topic_problems(topic):
+    """A topic the gateway publishes or subscribes to as is: no wildcards (the Wi-Fi topics)."""
+    if "+" in topic or "#" in topic:
+        return ["a topic name, without the wildcards + and #, not %r" % topic]
+    return []
+
+
 def sentinel_problems(hosts):
     """[redis] sentinels: ["HOST:PORT", ...]."""
     out = []

@@ -33,7 +33,7 @@ import sqlite3
 import time
 
 from binlink.wire import airtime, codec, downlink
-from binlink.gateway import integrate, logs, module_formats, registry_settings
+from binlink.gateway import integrate, logs, module_formats, registry_settings, wifi_input
 from binlink.gateway.outbox import Batch, Kind, Message
 from binlink.gateway.storage import StorageFull
 
@@ -166,13 +166,29 @@ class Radio:
         return True
 
 
+class WifiReplies:
+    """The Wi-Fi bins' answer path: published on the Wi-Fi input's connection (wifi_input.send_downlink).
+    No airtime to book; the bins listen WIFI_TURNAROUND_MS (1 s) after their uplink's PUBACK."""
+
+    answer_within_ms = 800  # the broker's two hops and the bin's poll interval fit in the rest
+
+    def __init__(self, wifi):
+        self.wifi = wifi
+
+    def send(self, device_id, frame):
+        return self.wifi.send_downlink(device_id, frame)
+
+
 class Answerer:
-    def __init__(self, cfg, metrics, sources, state_dir, clock=time.time):
+    def __init__(self, cfg, metrics, sources, state_dir, clock=time.time, wifi=None):
+        """wifi: the Wi-Fi input (wifi_input.WifiInput) whose bins are answered over MQTT, or None."""
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
         # the pipeline's clock: a simulated site's (simclock) books airtime on the time its channel lives in
         self.radios = {s.source.name: Radio(s, clock) for s in sources if s.source.downlink}
+        if wifi is not None and cfg.mqtt.downlink_topic:
+            self.radios[wifi_input.SOURCE] = WifiReplies(wifi)
         self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         self._turn = {}  # device_id -> next config chunk
         self._frames = {}  # device_id -> counters of its batches and hellos committed, the last 32 counters'
@@ -211,7 +227,9 @@ class Answerer:
         if radio is None:
             self.metrics.downlinks_skipped.labels("no_radio").inc()
             return
-        if pipeline.clock() - up.received_at > radio.cfg.answer_within_ms / 1000:  # the bin's window is closing
+        wifi = isinstance(radio, WifiReplies)
+        within_ms = radio.answer_within_ms if wifi else radio.cfg.answer_within_ms
+        if pipeline.clock() - up.received_at > within_ms / 1000:  # the bin's window is closing
             self.metrics.downlinks_skipped.labels("late").inc()
             return
         device = up.device
@@ -221,8 +239,9 @@ class Answerer:
         time_ms = int(time.time() * 1000) if pipeline.time_synced else None
         try:
             frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
-            data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
-            if time_ms is not None:  # the instant it goes on air: after its bytes crossed to the module (8N1)
+            if not wifi:
+                data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
+            if time_ms is not None and not wifi:  # the instant it goes on air: after its bytes crossed to the module (8N1)
                 time_ms += len(data) * 10 * 1000 // radio.cfg.baud
                 frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
                 data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
@@ -230,13 +249,22 @@ class Answerer:
             self.metrics.downlinks_skipped.labels("too_long").inc()
             logs.event(log, logging.ERROR, "downlink not built", bin=device.bin_id, device=device.dev, error=str(e))
             return
+        if wifi:
+            self._sent(up, radio.send(dev, frame), ack, time_ms, config)
+            return
         if not radio.take(radio.time_on_air_ms(on_air, preamble)):
             self.metrics.downlinks_skipped.labels("duty_cycle").inc()
             if self._log_limit.allow("duty", pipeline.clock()):
                 logs.event(log, logging.WARNING, "downlink skipped: the radio's duty-cycle budget is spent",
                            source=up.source, bin=device.bin_id)
             return
-        if not radio.writer.send(data):
+        self._sent(up, radio.writer.send(data), ack, time_ms, config)
+
+    def _sent(self, up, ok, ack, time_ms, config):
+        """Counts an answer written (ok) or not; a configuration sent moves on to its next part."""
+        device = up.device
+        dev = device.device_id
+        if not ok:
             self.metrics.downlink_write_errors.inc()
             return
         self.metrics.downlinks_sent.labels("ack").inc()

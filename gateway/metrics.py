@@ -88,7 +88,7 @@ class Metrics:
                                              "the radio's serial port (closed, failed or timed out)", registry=r)
         self.downlinks_skipped = Counter("binlink_downlinks_skipped", "Uplinks asking for an answer that got none, by "
                                          "reason: duty_cycle (over the radio's airtime budget), late (the bin's window "
-                                         "passed), no_radio (a Wi-Fi uplink, or downlink = false), too_long", ["reason"], registry=r)
+                                         "passed), no_radio (downlink = false, or a Wi-Fi uplink with no mqtt.downlink_topic), too_long", ["reason"], registry=r)
         self.publish_latency = LatencyCounts()
         r.register(_LatencyCollector(self.publish_latency))
 

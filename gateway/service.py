@@ -116,7 +116,7 @@ class Gateway:
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
         self.publisher.firmware = dict(pipeline.firmware)  # sw_version in discovery; a new version republishes
         pipeline.on_new_firmware = self.publisher.set_firmware
-        self.answerer = Answerer(cfg, self.metrics, self.sources, cfg.state_dir, clock=pipeline.clock)
+        self.answerer = Answerer(cfg, self.metrics, self.sources, cfg.state_dir, clock=pipeline.clock, wifi=self.wifi)
         self.answerer.publish_settings(box, pipeline.devices.values())  # desired vs reported, where it changed
         box.written_elsewhere()  # from here on, rows another process commits are counted again
         depth = box.depth()

@@ -117,6 +117,13 @@ class WifiInput:
         else:
             logs.event(log, logging.INFO, "taking Wi-Fi uplinks", topic=self.topic)
 
+    def send_downlink(self, device_id, frame):
+        """An answer to a Wi-Fi bin on <downlink_topic>/<device hex>, QoS 0 and not retained: the
+        bin listens for about a second after its uplink, and a late or kept copy is worth nothing to
+        it. False when the connection is down (the answer is skipped, the bin resends)."""
+        topic = "%s/%06x" % (self.cfg.mqtt.downlink_topic, device_id)
+        return self.client is not None and self.client.publish(topic, frame, qos=0).rc == mqtt.MQTT_ERR_SUCCESS
+
     def _on_message(self, client, userdata, msg):
         payload = msg.payload
         if len(payload) > MAX_PAYLOAD:  # counted as a rejection; the bytes are not kept

@@ -37,7 +37,9 @@ class Gateway:
     def _heard(self, dev, payload, on_air_len):
         hw = dev.hw
         rylr = dev.cfg["transport"] == "rylr998"
-        if rylr:
+        if dev.cfg["transport"] == "wifi":  # the uplink is at the broker when publish returns
+            sf, bw, pre = None, None, None
+        elif rylr:
             sf, bw = hw.radio.sf_bw()
             pre = hw.radio.preamble()
         elif dev.cfg["transport"] == "serial":
@@ -70,7 +72,9 @@ class Gateway:
         if frame is None:
             return
         self.answers.append((fcnt, frame, start))
-        if rylr:
+        if self.dev.cfg["transport"] == "wifi":  # through the broker, on the bin's downlink topic
+            hw.mqtt_deliver("%s/%06x" % (self.dev.cfg["mqtt_downlink_topic"], DEV), frame, start)
+        elif rylr:
             hw.air_packet(frame.hex().upper().encode(), start, sf, bw)
         elif sf is None:
             hw.air_packet(framing.frame(frame), start, 0, 0)
@@ -308,6 +312,52 @@ def _transport(dev):
     from binlink.firmware import transports
 
     return transports.make(None, dev.cfg)
+
+
+WIFI = dict(transport="wifi", wifi_ssid="depot", mqtt_host="10.0.0.2")
+
+
+def test_a_wifi_bin_hears_its_answer_on_its_topic_and_applies_it(make_device):
+    """Wi-Fi: the bin subscribes to <mqtt_downlink_topic>/<device> before its first publish of the
+    wake and reads its socket through the window; the answer's ack, time and settings apply as on
+    air, and a reading the gateway shows missing goes again."""
+    dev = make_device(report_s=1800, listen_every=2, **WIFI)
+    dev.hw.rtc_error_s = -300.0
+    want = settings_of(dev, wake_s=600)
+    gw = Gateway(dev, config=(downlink.settings_hash(want), {"wake_s": 600}))
+    assert 570 <= run(dev, 1)[0] <= 630  # applied in the cold boot's window
+    assert gw.answers and current(dev) == downlink.settings_hash(want).hex()
+    s = rtc(dev)
+    assert s.clock_at and abs((dev.hw.epoch() + dev.hw.rtc_error_s) * 1000.0 + s.clock_ms - dev.hw.epoch() * 1000.0) < 50
+    gw.config = None
+    nxt = rtc(dev).fcnt
+    gw.lose.add(nxt)  # the broker took it, the gateway lost it (a crash before its commit)
+    run(dev, 6)
+    assert nxt in sent_readings(dev) and sent_readings(dev) <= readings_at(gw)
+
+
+def test_a_wifi_window_with_no_answer_ends_in_deep_sleep_and_costs_the_window(make_device):
+    """No gateway answers: the bin reads its socket until the window closes (Wi-Fi on: the cost is
+    the window at the radio's current), then disconnects and sleeps; a broker that drops the
+    connection mid-window ends the window at once."""
+    dev = make_device(listen_every=2, **WIFI)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    Gateway(dev).make = lambda fcnt, up: None
+    run(dev, 2)
+    awake = []
+    for _ in range(4):
+        run(dev, 1)
+        awake.append(dev.hw.awake_ms)
+    w = listen.window_ms(dev.cfg, _transport(dev), b"")
+    extra = (awake[0] + awake[2]) / 2 - (awake[1] + awake[3]) / 2
+    assert w <= extra <= w + 80, (extra, w)
+
+    def drop(fcnt, up):  # the broker drops the connection 50 ms into the window (a restart)
+        dev.hw.mqtt_deliver(None, b"", dev.hw.now + 50.0)
+
+    Gateway(dev).make = drop
+    run(dev, 1)
+    assert dev.hw.halted == "deepsleep" and dev.hw.awake_ms < awake[1] + 150, (dev.hw.awake_ms, awake)
 
 
 @pytest.mark.parametrize("transport", ["e22", "rylr998"])

@@ -15,7 +15,7 @@ from binlink.wire import codec, downlink, framing
 from binlink.gateway import module_formats, registry, registry_settings
 from binlink.gateway.clock import clock_synced
 from binlink.gateway.metrics import Metrics
-from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, wait_for
+from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, decoded, wait_for
 
 DEV_A, DEV_B = 0xA1, 0xB2
 DEVICES = [(DEV_A, "bin-a", KEY, 1200, 200), (DEV_B, "bin-b", KEY2, 1000, 100)]
@@ -362,3 +362,55 @@ def test_an_answer_past_the_window_is_skipped(tmp_path):
     assert metrics.value("binlink_downlinks_skipped_total", reason="late") == 1
     got, _ = answering(tmp_path / "b", device, [1], writer, received_at=time.time() - 0.05)
     assert got[0]["ack"] == 1
+
+
+def test_a_wifi_bin_is_answered_on_its_topic_and_takes_its_settings(gw, broker, subscriber):
+    """The real firmware with its Wi-Fi transport (CPython, part models) through a real Mosquitto to
+    a real gateway: it listens after its cold boot's reading; the gateway answers on
+    binlink/downlink/<device> with the registry's settings; the bin applies them, says so in a
+    hello, and the settings topic shows it in sync."""
+    import random
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from binlink.sim.device import SimDevice
+
+    r = subprocess.run([BINLINK, "registry", "--registry", gw.registry, "set", "bin-b", "report_s=1800"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    gw.proc.send_signal(1)
+    wait_for(lambda: "registry reloaded" in gw.output() and "taking Wi-Fi uplinks" in gw.output(), what="reload, Wi-Fi input")
+    want = registry_settings.desired_hash(registry.load(gw.registry).by_bin("bin-b"))
+    answers, arrived = [], threading.Event()
+    net = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    net.on_message = lambda c, u, m: (answers.append((m.topic, m.payload)), arrived.set())
+    net.connect("127.0.0.1", broker.port)
+    net.subscribe("binlink/downlink/#")
+    net.loop_start()
+    clock = [time.time()]
+
+    def to_broker(dev, payload, n):  # umqtt.simple's publish on the device: the broker has it, then the answer comes
+        arrived.clear()
+        info = net.publish("binlink/uplink", payload, qos=1)
+        info.wait_for_publish(5)
+        if payload[0] & 0x0F == codec.T_READING and payload[10] & LISTEN and arrived.wait(5):
+            topic, frame = answers[-1]
+            dev.hw.mqtt_deliver(topic, frame, dev.hw.now + 60.0)  # the bin's session reads it 60 ms on
+        return info.is_published()
+
+    dev = SimDevice(random.Random(5), DEV_B, KEY2, lambda: clock[0], transmit=to_broker, transport="wifi",
+                    wifi_ssid="depot", mqtt_host="127.0.0.1", depth_mm=1000, full_mm=100)
+    try:
+        clock[0] += dev.wake()
+        assert [t for t, _ in answers] == ["binlink/downlink/0000b2"]
+        (asked,) = [f for f in dev.frames() if f[0] & 0x0F == codec.T_READING and f[10] & LISTEN]
+        got = downlink.parse(answers[0][1], KEY2, DEV_B, codec.verify(asked, KEY2, None))
+        assert got["config"][0].hex() == want and got["ack"] & 1
+        hellos = [d for d in decoded(dev) if d["type"] == "hello"]
+        assert len(hellos) == 2 and hellos[-1]["config_hash"] == want  # applied, and said so
+        synced = wait_for(lambda: (s := settings_state(subscriber, "bin-b")) and s["in_sync"] and s, what="in_sync on MQTT")
+        assert synced["reported_hash"] == want
+        assert gw.metric("binlink_downlinks_sent_total", kind="config") == 1
+    finally:
+        net.loop_stop()

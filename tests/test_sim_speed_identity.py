@@ -10,7 +10,9 @@ charge and the cell's passivation too (to 1e-9: summation order may move the las
 not rerun, so that the firmware may change without the record: the part models are what it pins.
 
 tests/vectors/sim_identity.json.gz was made with the part models of commit 73d8670 (before they were
-made faster) by `python -m tests.test_sim_speed_identity`. Make it again only for a change that is
+made faster) by `python -m tests.test_sim_speed_identity`, and made again when the Wi-Fi model was
+fixed (an association ends with the radio: each wake's connect takes its time again; the bins of
+the other bins replay the old record unchanged). Make it again only for a change that is
 meant to change what the part models compute, and say so in its commit."""
 import gzip
 import hashlib

@@ -65,7 +65,8 @@ class Board:
         self.hot_c = None
         self.air_c = air_c
         self.transmit = transmit
-        self.wifi = {"ap": True, "broker": "ok", "connect_ms": 1500.0, "associated": False}
+        self.wifi = {"ap": True, "broker": "ok", "connect_ms": 1500.0, "associated": False,
+                     "subscribed": None, "inbox": []}  # the session's topic; (at ms, topic, payload) for it
         self.mqtt_sent = []
         self._ops = {}  # stand-in op -> its op_ method
         self.parts = []
@@ -604,8 +605,9 @@ class Board:
     def op_wlan_active(self, on):
         if on is not None:
             self.esp.wifi_on = bool(on)
-            if not on:
+            if not on:  # the association is gone with the radio: the next one takes connect_ms again
                 self.wifi["associated"] = False
+                self.wifi.pop("connect_at", None)
             self._recount()
         return self.esp.wifi_on
 
@@ -631,6 +633,7 @@ class Board:
 
     def op_mqtt_connect(self, server, port, timeout):
         b = self.wifi["broker"]
+        self.wifi["subscribed"] = None  # a clean session: no subscription, nothing kept for it
         if not self.wifi["associated"] or b == "down":
             self.advance(50.0)
             return 113  # ECONNABORTED / host unreachable
@@ -644,8 +647,36 @@ class Board:
             return self._socket_wait(timeout, 40.0 if qos else 1.0)
         return self._socket_wait(timeout, None if qos or b == "silent" else 1.0)
 
+    def op_mqtt_subscribe(self, topic, qos, timeout):
+        """SUBSCRIBE, then its SUBACK: from then on the session gets what is published on topic."""
+        b = self.wifi["broker"]
+        if b == "ok":
+            self.wifi["subscribed"] = topic
+        return self._socket_wait(timeout, 40.0 if b == "ok" else None)
+
+    def mqtt_deliver(self, topic, payload, at_ms):
+        """The broker sends the board's session a message at board time at_ms (a simulated gateway's
+        answer): umqtt reads it at the next check_msg from then on, if the session subscribed to
+        its topic by then (a broker sends nothing else). topic None: the broker closes the
+        connection at at_ms."""
+        self.wifi["inbox"].append((at_ms, topic, bytes(payload)))
+
+    def op_mqtt_check_msg(self):
+        """umqtt's check_msg(): reads what has arrived without waiting: [topic, payload hex], None
+        when nothing has, -1 when the broker closed the connection."""
+        w = self.wifi
+        while w["inbox"] and min(w["inbox"], key=_arrival)[0] <= self.now:
+            m = min(w["inbox"], key=_arrival)
+            w["inbox"].remove(m)
+            if m[1] is None:
+                w["subscribed"] = None
+                return -1
+            if m[1] == w["subscribed"]:
+                return [m[1], m[2].hex()]
+        return None
+
     def op_mqtt_disconnect(self):
-        pass
+        self.wifi["subscribed"] = None
 
     # the firmware on CPython -------------------------------------------------------------------------
     def load_hw(self):
@@ -673,6 +704,10 @@ class Board:
 
     def halt_class(self):
         return self.upy["_host"].Halt
+
+
+def _arrival(message):
+    return message[0]
 
 
 class _Wire:

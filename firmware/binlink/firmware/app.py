@@ -7,11 +7,12 @@ from binlink.wire import codec
 
 from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 4, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+FW_VERSION = (1, 5, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
 # 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full;
-# 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings
+# 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings;
+# 1.5: Wi-Fi bins listen too, on their MQTT downlink topic, one MQTT session per wake
 F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
-CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by seconds a day: reset weekly
+CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by minutes a day (docs/hardware.md)
 DAY_S = 86400
 NEAR_FULL_MM = 100  # an echo this close above the blind zone: the bin is about to fill it
 NEAR_FULL_WAKES = 96  # a no-echo reads as full for at most this many wakes in a row (a day at 15 min), then as a fault
@@ -148,8 +149,8 @@ def _flagged(body, listening):
 def _wants_listen(cfg, s, now):
     """Every listen_every-th report; sooner with a backlog, a clock never set or stale, or settings
     not yet confirmed; not sooner after a window that stayed silent (the link may be down)."""
-    if cfg["transport"] == "wifi":
-        return False  # not built: a Wi-Fi bin would read its MQTT topic (docs/protocol.md)
+    if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
+        return False  # no topic to hear an answer on
     if s.since_listen + 1 >= cfg["listen_every"]:
         return True
     if s.dl & state.DL_MISSED:

@@ -42,6 +42,7 @@ DEFAULTS = {
     "mqtt_user": "",
     "mqtt_password": "",
     "mqtt_topic": "binlink/uplink",
+    "mqtt_downlink_topic": "binlink/downlink",  # answers arrive on <this>/<device id, 6 hex digits>
     "wake_s": 900,  # how often the bin wakes to measure
     "report_s": 3600,  # longest time between reports
     "report_near_full_s": 900,  # ... once the bin is near full

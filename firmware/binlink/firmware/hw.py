@@ -318,12 +318,33 @@ def wifi_off():
 MQTT_TIMEOUT_S = 5  # a silent broker must end in an OSError, not in a watchdog reset
 
 
-def mqtt_publish(client_id, host, port, user, password, topic, payload):
+def mqtt_open(client_id, host, port, user, password):
+    """One MQTT session for the wake (clean: nothing queued for the bin while it sleeps)."""
     from umqtt.simple import MQTTClient
 
     c = MQTTClient(client_id, host, port=port, user=user or None, password=password or None, keepalive=0)
-    c.connect(timeout=MQTT_TIMEOUT_S)  # the socket timeout also bounds the wait for the PUBACK
+    c.connect(timeout=MQTT_TIMEOUT_S)  # the socket timeout also bounds the waits for SUBACK and PUBACK
+    return c
+
+
+def mqtt_subscribe(c, topic, inbox):
+    """Messages on topic are appended to inbox (list) as they are read."""
+    c.set_callback(lambda t, m: inbox.append(m))
+    c.subscribe(topic)
+
+
+def mqtt_publish(c, topic, payload):
+    c.sock.settimeout(MQTT_TIMEOUT_S)  # umqtt's wait_msg leaves the socket blocking with no timeout
+    c.publish(topic, payload, qos=1)
+
+
+def mqtt_poll(c):
+    """Reads what has arrived (into the subscription's inbox) without waiting."""
+    c.check_msg()
+
+
+def mqtt_close(c):
     try:
-        c.publish(topic, payload, qos=1)
-    finally:
         c.disconnect()
+    except OSError:
+        pass  # the broker is gone already: the session ends either way

@@ -15,6 +15,10 @@ _log = log.get("listen")
 # downlink written to its module (a 56-byte framed downlink at 9600 baud: 58 ms, then 3 byte-times
 # of idle before the module keys up) and scheduling slack. A gateway that answers later is not heard.
 TURNAROUND_MS = 200
+# A Wi-Fi bin's answer crosses the broker twice and waits for the gateway's commit (an fsync on
+# an SD card: tens of ms, more when the card is busy); the bin reads it the moment it arrives, so
+# the window's length costs only when no answer comes.
+WIFI_TURNAROUND_MS = 1000
 MARGIN_MS = 20  # the bin's UART polling and interpreter time
 SETTINGS = [downlink.SETTINGS[i][0] for i in sorted(downlink.SETTINGS)]
 
@@ -24,8 +28,9 @@ def window_ms(cfg, t, uplink):
     EBYTE's AUX and the RYLR998's +OK come as the packet starts), the gateway's turnaround, a
     longest downlink on air, and the module handing it over on the UART."""
     longest = t.on_air_len(bytes(downlink.MAX_LEN))
-    ms = TURNAROUND_MS + MARGIN_MS + t.out_ms(longest)
-    if cfg["transport"] in ("e22", "e32", "rylr998"):
+    radio = cfg["transport"] in ("e22", "e32", "rylr998")
+    ms = (TURNAROUND_MS if radio else WIFI_TURNAROUND_MS) + MARGIN_MS + t.out_ms(longest)
+    if radio:
         pre = t.PREAMBLE
         ms += airtime.time_on_air_ms(t.on_air_len(uplink), cfg["sf"], cfg["bandwidth_khz"], preamble=pre)
         ms += airtime.time_on_air_ms(longest, cfg["sf"], cfg["bandwidth_khz"], preamble=pre)

@@ -324,41 +324,87 @@ def _rcv(line):
 
 
 class WifiMqtt:
-    """Bins within Wi-Fi reach: the same frame published with umqtt.simple (QoS 1)."""
+    """Bins within Wi-Fi reach: the same frames published with umqtt.simple (QoS 1), one MQTT
+    session per wake. The session subscribes to the bin's downlink topic before its first
+    publish, so an answer cannot come before the bin can hear it (clean session: nothing is
+    queued for a sleeping bin, an answer is worth only the window it is meant for)."""
 
     CONNECT_TIMEOUT_MS = 8000
+    POLL_MS = 20  # between reads of the socket while listening: how late an answer is taken
+    PREAMBLE = 0  # no air: listen.window_ms adds no time on air
 
     def __init__(self, hw, cfg):
         self.hw = hw
         self.cfg = cfg
         self.up = False
+        self.session = None
+        self.inbox = []
 
     def setup(self):
         return True
 
-    def send(self, frame):
+    def _open(self):
         c = self.cfg
         if not self.up:
             self.up = self.hw.wifi_connect(c["wifi_ssid"], c["wifi_password"], self.CONNECT_TIMEOUT_MS)
             if not self.up:
                 _log.warning("Wi-Fi %s not reachable", c["wifi_ssid"])
                 return False
-        self.hw.wdt_feed()
+        if self.session is None:
+            self.hw.wdt_feed()
+            session = self.hw.mqtt_open("binlink-%06x" % c["device_id"], c["mqtt_host"], c["mqtt_port"],
+                                        c["mqtt_user"], c["mqtt_password"])
+            self.session = session  # closed by sleep() even if the subscription fails
+            if c["mqtt_downlink_topic"]:
+                self.hw.mqtt_subscribe(session, "%s/%06x" % (c["mqtt_downlink_topic"], c["device_id"]), self.inbox)
+        return True
+
+    def send(self, frame):
         try:
-            self.hw.mqtt_publish("binlink-%06x" % c["device_id"], c["mqtt_host"], c["mqtt_port"], c["mqtt_user"],
-                                 c["mqtt_password"], c["mqtt_topic"], frame)
+            if not self._open():
+                return False
+            self.hw.wdt_feed()
+            self.hw.mqtt_publish(self.session, self.cfg["mqtt_topic"], frame)
             return True
         except OSError as e:
             _log.warning("MQTT publish failed: %s", e)
+            self._close()  # a broken session is not used again in this wake
             return False
 
+    def receive(self, until):
+        """Answers on the downlink topic before ticks_ms `until` (a generator)."""
+        hw = self.hw
+        while self.session is not None:
+            while self.inbox:
+                yield self.inbox.pop(0)
+            if hw.ticks_diff(until, hw.ticks_ms()) <= 0:
+                return
+            try:
+                hw.mqtt_poll(self.session)
+            except OSError as e:
+                _log.warning("MQTT read failed: %s", e)
+                self._close()
+                return
+            if not self.inbox:
+                hw.sleep_ms(self.POLL_MS)
+
+    def _close(self):
+        if self.session is not None:
+            self.hw.mqtt_close(self.session)
+            self.session = None
+        del self.inbox[:]
+
     def sleep(self):
+        self._close()
         if self.up:
             self.hw.wifi_off()
             self.up = False
 
     def on_air_len(self, frame):
         return 0  # no duty cycle on Wi-Fi
+
+    def out_ms(self, n):
+        return 0  # an answer is read from the socket as a whole
 
 
 def make(hw, cfg):

@@ -1,11 +1,24 @@
 # `umqtt.simple` on the simulated board: micropython-lib's MQTTClient calls binlink uses, with its
 # blocking behaviour: connect(timeout=None) sets the socket timeout (sock.settimeout), which then
-# also bounds publish()'s wait for the QoS 1 PUBACK; without one a silent broker blocks forever.
+# bounds the waits for SUBACK and PUBACK; without one a silent broker blocks forever. wait_msg()
+# (and so check_msg()) leaves the socket blocking with no timeout (`self.sock.setblocking(True)`
+# after its read), as upstream does.
 from _host import call
 
 
 class MQTTException(Exception):
     pass
+
+
+class _Socket:
+    def __init__(self, client):
+        self.client = client
+
+    def settimeout(self, timeout):
+        self.client.timeout = timeout
+
+    def setblocking(self, flag):
+        self.client.timeout = None if flag else 0
 
 
 class MQTTClient:
@@ -14,6 +27,11 @@ class MQTTClient:
         self.server = server
         self.port = port or 1883
         self.timeout = None
+        self.cb = None
+        self.sock = _Socket(self)
+
+    def set_callback(self, f):
+        self.cb = f
 
     def connect(self, clean_session=True, timeout=None):
         self.timeout = timeout
@@ -26,6 +44,22 @@ class MQTTClient:
         err = call("mqtt_publish", topic, bytes(msg).hex(), qos, self.timeout)
         if err:
             raise OSError(err)
+
+    def subscribe(self, topic, qos=0):
+        assert self.cb is not None, "Subscribe callback is not set"
+        err = call("mqtt_subscribe", topic, qos, self.timeout)
+        if err:
+            raise OSError(err)
+
+    def check_msg(self):
+        got = call("mqtt_check_msg")  # None, or [topic, payload hex]
+        self.timeout = None
+        if got is None:
+            return None
+        if got == -1:
+            raise OSError(-1)  # the broker closed the connection
+        self.cb(got[0].encode(), bytes.fromhex(got[1]))
+        return 0x30
 
     def disconnect(self):
         call("mqtt_disconnect")
