@@ -236,6 +236,7 @@ class DownlinkFleet(Fleet):
         return answer
 
     def _clock_error(self, dev):
-        """The bin's clock (its RTC, plus the offset a downlink set) minus true time, seconds."""
+        """The bin's clock (its RTC, with the offset and rate downlinks set) minus true time, seconds."""
         s = state.unpack(dev.hw.rtc)
-        return dev.hw.rtc_error_s + (s.clock_ms / 1000.0 if s.clock_at else 0.0)
+        rtc_ms = int((dev.hw.epoch() + dev.hw.rtc_error_s) * 1000.0)
+        return (state.wall_ms(s, rtc_ms) - rtc_ms) / 1000.0 + dev.hw.rtc_error_s if s.clock_at else dev.hw.rtc_error_s

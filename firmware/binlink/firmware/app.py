@@ -202,7 +202,9 @@ def _fill_pct(cfg, dist):
 
 
 def _due(cfg, s, now, dist, fill, new_alarm, quiet=False):
-    if new_alarm or not s.last_report or (s.backlog and not quiet):  # quiet: the backlog waits for the cell
+    # a backlog is sent at once, unless the cell is recovering (quiet) or the last window stayed
+    # silent: a congested or lost link is not sent more (the backlog rides with the reports)
+    if new_alarm or not s.last_report or (s.backlog and not quiet and not s.dl & state.DL_MISSED):
         return True
     interval = cfg["report_near_full_s"] if fill is not None and fill >= cfg["near_full_pct"] else cfg["report_s"]
     if now - s.last_report >= interval - cfg["wake_s"] // 10:  # the wake jitter must not skip a report
@@ -261,7 +263,8 @@ def _flush_backlog(hw, cfg, s, radio, now, listening=False):
         chunk = s.backlog[: cfg["backlog_per_frame"]]
         if not chunk:
             return
-        frame = codec.encode_backlog(cfg["key"], cfg["device_id"], fcnt, [(e[0], (now - e[1]) // 60, e[2]) for e in chunk])
+        frame = codec.encode_backlog(cfg["key"], cfg["device_id"], fcnt,
+                                     [(e[0], state.true_s(s, now - e[1]) // 60, e[2]) for e in chunk])
         if not _send(hw, cfg, s, radio, frame, now):
             return
         s.backlog = s.backlog[len(chunk):]

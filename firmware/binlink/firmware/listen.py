@@ -62,16 +62,11 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
             refused = refused or e.reason == "bad_setting"
         except (ValueError, IndexError) as e:  # noqa: B014 - malformed beyond the codec's checks: refused too
             _log.warning("downlink refused: %s", repr(e))
-    heard = s.dl & state.DL_HEARD
     if got is None and refused:
         return {"refused": 1}
     if got is None:
         _log.info("no downlink for %d", fcnt)
-        s.dl |= state.DL_MISSED
-        for e in s.unconfirmed:  # a gateway that answers before and not now: the uplinks may be lost
-            if heard:
-                state.push_backlog(s, e[1], e[2], e[3])
-        s.unconfirmed = []
+        _silent(s, fcnt)
         return {}
     s.dl = (s.dl | state.DL_HEARD) & ~state.DL_MISSED
     if "ack" in got:
@@ -84,6 +79,26 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
         return _configure(hw, cfg, s, got["config"], chash, stored)
     s.dl &= ~state.DL_SETTINGS  # answered with no settings to change: the gateway has what it wants
     return {}
+
+
+def _silent(s, fcnt):
+    """No answer to uplink fcnt: most often that uplink collided, else the answer did or a busy
+    gateway skipped it (its duty cycle). What fcnt carried is sent again; the readings of earlier
+    uplinks wait for the next answer (its 32 counters still reach them). A second silent window in
+    a row means the link may be down: they all go back to the backlog. A bin that never heard a
+    gateway (one that does not answer) takes them as delivered."""
+    heard = s.dl & state.DL_HEARD
+    again = s.dl & state.DL_MISSED or not heard
+    keep = []
+    for e in s.unconfirmed:
+        if again or e[0] == fcnt:
+            if heard:
+                state.push_backlog(s, e[1], e[2], e[3])
+        else:
+            keep.append(e)
+    s.unconfirmed = keep
+    s.backlog.sort(key=lambda e: e[0])  # oldest first: a batch's counter must stay within 255 of each
+    s.dl |= state.DL_MISSED
 
 
 def _ack(s, fcnt, bits):
@@ -103,15 +118,29 @@ def _ack(s, fcnt, bits):
             s.dropped += 1
 
 
+RATE_AFTER_MS = 1800000  # half an hour at least between two settings: the rate is not one setting's error
+RATE_BEFORE_MS = 40 * 86400000  # the RTC ms difference wraps after 49 days
+RATE_MAX_PPM = 50000  # 5 %: beyond, not the RC oscillator's error but a wrong setting
+
+
 def _set_clock(hw, cfg, s, t, frame, gw_ms, at_ms):
     """The gateway stamped the frame as it went to its radio; it reached the bin one time on air
     and one UART hand-over later (RTC time kept as is: backlogged ages stay differences of it)."""
     delay = t.out_ms(t.on_air_len(frame))
     if cfg["transport"] in ("e22", "e32", "rylr998"):
         delay += airtime.time_on_air_ms(t.on_air_len(frame), cfg["sf"], cfg["bandwidth_khz"], preamble=t.PREAMBLE)
-    s.clock_ms = gw_ms + int(delay) - at_ms
+    wall = gw_ms + int(delay)
+    since = state.since_set_ms(s, at_ms)
+    if s.clock_at and RATE_AFTER_MS <= since < RATE_BEFORE_MS:
+        # what the clock gained since its last setting, per RTC ms, corrects the RTC's rate: the
+        # first measurement as it is, later ones a quarter each (one sleep's jitter is ~0.035 %)
+        off = state.wall_ms(s, at_ms) - wall
+        step = off * 1000000 // since
+        s.clock_ppm = max(-RATE_MAX_PPM, min(RATE_MAX_PPM, s.clock_ppm + (step if s.clock_ppm == 0 else step // 4)))
+    s.clock_ms = wall - at_ms
+    s.clock_set_ms = at_ms & 0xFFFFFFFF
     s.clock_at = hw.time_s()
-    _log.info("clock set: %d ms off", s.clock_ms)
+    _log.info("clock set: %d ms off, RTC %d ppm", s.clock_ms, s.clock_ppm)
 
 
 def _configure(hw, cfg, s, want, chash, stored):

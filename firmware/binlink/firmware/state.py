@@ -13,24 +13,26 @@
 #   47 backlog: entries of 14 bytes: fcnt u32, measured at u32 (RTC s), reading body (6 bytes);
 #      then the unconfirmed readings (sent, not yet acknowledged), 18 bytes: the counter of the
 #      frame that carried it u32 (its own, or its backlog batch's), then an entry as above
+# layout 3 (firmware 1.5) puts after 46: 47 clock rate i32 (ppm the RTC runs fast) | 51 RTC ms
+#   (mod 2^32) the clock was last set at; the backlog then starts at 55
 # Layout 1 memory (firmware 1.3) is not trusted: the counter comes from NVS (a re-flash resets the chip anyway).
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
 # the reservation, so no value is ever sent twice.
 import struct
 
 MAGIC = b"BL"
-LAYOUT = 2
+LAYOUT = 3
 HEADER = "<2sBxIHHIHBBIHBBI"
 HEADER_V1_LEN = 32
-EXT = "<qIBBB"
-HEADER_LEN = 47
+EXT = "<qIBBBiI"
+HEADER_LEN = 55
 ENTRY = "<II6s"
 ENTRY_LEN = 14
 SENT = "<III6s"
 SENT_LEN = 18
 RTC_BYTES = 2048
 BACKLOG_CAP = 100  # the oldest is dropped (and counted) beyond
-UNCONFIRMED_CAP = 24  # 47 + 100 * 14 + 24 * 18 = 1879 bytes of RTC memory; beyond, the oldest is taken as delivered
+UNCONFIRMED_CAP = 24  # 55 + 100 * 14 + 24 * 18 = 1887 bytes of RTC memory; beyond, the oldest is taken as delivered
 NO_DISTANCE = 0xFFFF
 DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are worth resending
 DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
@@ -53,6 +55,8 @@ class State:
         self.backlog = []  # [fcnt, measured_at_s, body bytes]
         self.clock_ms = 0  # wall clock minus RTC clock, ms (set by a downlink's time)
         self.clock_at = 0  # RTC time (s) the clock was set at; 0: never
+        self.clock_ppm = 0  # how fast the RTC runs (parts per million), learnt from two settings of the clock
+        self.clock_set_ms = 0  # RTC ms (mod 2^32) of the last setting: the rate applies from there
         self.since_listen = 255  # reports since the bin last listened (255: never: the first report listens)
         self.dl = 0  # DL_* flags
         self.unconfirmed = []  # readings sent, not acknowledged yet: [frame fcnt, fcnt, measured_at_s, body]
@@ -63,7 +67,7 @@ class State:
                            self.last_report, self.last_distance, self.near_full, len(self.backlog),
                            self.budget_at, max(0, self.budget_ms), self.alarm_flags, self.brownouts, self.quiet_until)
         parts = [head, struct.pack(EXT, self.clock_ms, self.clock_at, min(255, self.since_listen), self.dl,
-                                   len(self.unconfirmed))]
+                                   len(self.unconfirmed), self.clock_ppm, self.clock_set_ms)]
         for e in self.backlog:
             parts.append(struct.pack(ENTRY, e[0], e[1], e[2]))
         for e in self.unconfirmed:
@@ -79,7 +83,7 @@ def unpack(data):
         return s
     (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.near_full, n,
      s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_V1_LEN])
-    s.clock_ms, s.clock_at, s.since_listen, s.dl, u = struct.unpack(EXT, data[HEADER_V1_LEN:HEADER_LEN])
+    s.clock_ms, s.clock_at, s.since_listen, s.dl, u, s.clock_ppm, s.clock_set_ms = struct.unpack(EXT, data[HEADER_V1_LEN:HEADER_LEN])
     at = HEADER_LEN
     if at + n * ENTRY_LEN + u * SENT_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)
@@ -101,6 +105,22 @@ def load(hw):
         if reserved is not None:
             s.fcnt = reserved & 0xFFFFFFFF  # skip-ahead: values below were possibly used
     return s
+
+
+def since_set_ms(s, rtc_ms):
+    """RTC ms since the clock was last set (valid for 49 days: the clock is set weekly)."""
+    return (rtc_ms - s.clock_set_ms) & 0xFFFFFFFF
+
+
+def wall_ms(s, rtc_ms):
+    """The bin's wall clock: the RTC plus the offset the last downlink set, less the RTC's own
+    rate (ESP32: its 150 kHz RC runs ~1 % fast in deep sleep) since then."""
+    return rtc_ms + s.clock_ms - since_set_ms(s, rtc_ms) * s.clock_ppm // 1000000
+
+
+def true_s(s, rtc_s):
+    """An RTC interval (s) in true seconds, by the learnt rate: a backlogged reading's age."""
+    return rtc_s - rtc_s * s.clock_ppm // 1000000
 
 
 def save(hw, s):
