@@ -147,15 +147,17 @@ def _flagged(body, listening):
 
 
 def _wants_listen(cfg, s, now):
-    """Every listen_every-th report; sooner with a backlog, a clock never set or stale, or settings
-    not yet confirmed; not sooner after a window that stayed silent (the link may be down)."""
+    """Every listen_every-th report; sooner with a backlog, a clock never set, without its rate or
+    stale, or settings not yet confirmed; not sooner after a window that stayed silent (the link
+    may be down)."""
     if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
         return False  # no topic to hear an answer on
     if s.since_listen + 1 >= cfg["listen_every"]:
         return True
     if s.dl & state.DL_MISSED:
         return False
-    return bool(s.backlog or s.clock_at == 0 or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
+    # the clock: never set, its RTC's rate not learnt yet (a second setting does), or a week old
+    return bool(s.backlog or not s.clock_ppm or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
 
 
 def _blind_zone(cfg, s, dist, valid, flags):
