@@ -166,15 +166,7 @@ class E22:
     def next_event(self, now):
         """The earliest of _due(), a packet on air reaching the antenna or leaving it, and the end of
         a transmission."""
-        t = self._due()[0]
-        for p in self.incoming:
-            a = p[0] if p[3] is None else p[1]
-            if t is None or a < t:
-                t = a
-        tx = self.tx_until
-        if tx > now and (t is None or tx < t):
-            t = tx
-        return t
+        return lora.next_air_event(self._due()[0], self.incoming, self.tx_until, now)
 
     def step(self, now):
         """Acts on what is due by `now`; True when what the module draws may have changed (its mode,

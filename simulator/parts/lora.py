@@ -25,3 +25,16 @@ def time_on_air_s(payload_len, sf, bw_hz=125000, preamble=8, cr=1, crc=True, imp
     bits = 8 * payload_len - 4 * sf + 28 + (16 if crc else 0) - (20 if implicit_header else 0)
     payload_symbols = 8 + max(math.ceil(bits / (4 * (sf - 2 * de))) * (cr + 4), 0)
     return (preamble + 4.25) * t_sym + payload_symbols * t_sym
+
+
+def next_air_event(t, incoming, tx_until, now):
+    """The earliest of t (None: nothing yet), a packet on air reaching the module's antenna (or
+    leaving it, once the module has begun hearing it: [reaches, ends, payload, heard so far or None])
+    and the end of the module's own transmission: the air's side of a module's next_event."""
+    for p in incoming:
+        a = p[0] if p[3] is None else p[1]
+        if t is None or a < t:
+            t = a
+    if tx_until > now and (t is None or tx_until < t):
+        t = tx_until
+    return t

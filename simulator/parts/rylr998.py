@@ -83,15 +83,7 @@ class Rylr998:
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
 
     def next_event(self, now):
-        t = self.inbound[0][0] if self.inbound else None
-        for p in self.incoming:
-            a = p[0] if p[3] is None else p[1]
-            if t is None or a < t:
-                t = a
-        tx = self.tx_until
-        if tx > now and (t is None or tx < t):
-            t = tx
-        return t
+        return lora.next_air_event(self.inbound[0][0] if self.inbound else None, self.incoming, self.tx_until, now)
 
     def air_rx(self, data, start, sf, bw_khz, freq_mhz=None, netid=None, address=0, preamble=12, **kw):
         """A packet (its data as the sending module's AT+SEND carried them) on air from `start` (ms)
