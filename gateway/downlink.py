@@ -236,7 +236,7 @@ class Answerer:
         dev = device.device_id
         ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt, self._frames.get(dev, ()))
         config = self._config(device)
-        time_ms = int(time.time() * 1000) if pipeline.time_synced else None
+        time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
         try:
             frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
             if not wifi:
