@@ -31,6 +31,7 @@ class SimDevice:
         self.weather = weather or physics.Weather()
         self.battery = physics.Battery(temp_c=lambda: self.weather.air_c(self.clock()), **(cell or {}))
         self.sent = []  # (time, payload bytes as the module put them on air)
+        self.tx_eirp_dbm = None  # the last packet's power on air (dBm e.i.r.p.)
         self.counters = []  # frame counter of every protocol frame put on air, in order
         self.truth = {}  # fcnt -> (true fill %, true surface mm) when that reading was measured
         self.last_true = None
@@ -58,6 +59,7 @@ class SimDevice:
         return s
 
     def _on_air(self, data, on_air_len, sf=0, bw=0, dbm=0):
+        self.tx_eirp_dbm = dbm + self.cfg["antenna_dbi"]  # the module's power register, through the bin's antenna
         payload = bytes.fromhex(data.decode()) if self.cfg["transport"] == "rylr998" else bytes(data)
         frames = self.frames_in(payload)
         self.frames_sent += len(frames)

@@ -98,7 +98,7 @@ class Fleet:
         return sum(d.frames_sent for d in self.devices)
 
     def _transmit(self, dev, payload, on_air_len):
-        return self.channel.transmit(dev.device_id, self.now, dev.xy, payload, on_air_len, dev.cfg["sf"])
+        return self.channel.transmit(dev.device_id, self.now, dev.xy, payload, on_air_len, dev.cfg["sf"], dev.tx_eirp_dbm)
 
     def stop(self):
         self._stop.set()

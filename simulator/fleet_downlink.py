@@ -197,7 +197,7 @@ class DownlinkFleet(Fleet):
         if any(f[0] & 0x0F == codec.T_READING for f in dev.frames_in(payload)):
             self.clock_errors.append((hw.epoch(), abs(self._clock_error(dev))))
         sf = dev.cfg["sf"]
-        tx = self.channel.put_on_air(dev.device_id, hw.epoch(), dev.xy, payload, on_air_len, sf)
+        tx = self.channel.put_on_air(dev.device_id, hw.epoch(), dev.xy, payload, on_air_len, sf, dev.tx_eirp_dbm)
         self.bin_tx.setdefault(dev.device_id, []).append((tx["t"], tx["end"]))
         self.air.append(tx)
         self._wait_until(tx["end"] + TURNAROUND_S)

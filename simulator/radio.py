@@ -31,7 +31,10 @@ class Receiver:
 
 class Channel:
     def __init__(self, rng, receivers, loss=0.01, duplicates=0.01, bit_errors=0.002, path_loss_exp=2.9,
-                 fading_db=6.0, tx_power_dbm=22.0, shadowing_db=0.0):
+                 fading_db=6.0, tx_power_dbm=16.15, shadowing_db=0.0):
+        """tx_power_dbm: e.i.r.p. of a packet whose sender names none (a gateway's answer, a coverage
+        estimate): 25 mW e.r.p., the 865-868 MHz sub-band's limit (ERC Rec 70-03 annex 1), is 14 dBm
+        e.r.p. = 16.15 dBm e.i.r.p. A bin's packet carries its module's own power (SimDevice)."""
         self.rng = rng
         self.receivers = receivers
         self.loss = loss  # base loss rate, independent of distance (interference, shadowing)
@@ -48,38 +51,40 @@ class Channel:
         self.stats = {"sent": 0, "delivered": 0, "intact": 0, "lost_collision": 0, "lost_half_duplex": 0, "lost_range": 0,
                       "lost_random": 0, "bit_errors": 0, "duplicates": 0}
 
-    def rssi(self, dev_xy, rx):
-        return self.level_between(dev_xy, (rx.x, rx.y))
+    def rssi(self, dev_xy, rx, dbm=None):
+        return self.level_between(dev_xy, (rx.x, rx.y), dbm)
 
-    def level_between(self, a, b):
-        """Mean level at b of a packet sent at a (positions in metres), before fading."""
+    def level_between(self, a, b, dbm=None):
+        """Mean level at b of a packet sent at a (positions in metres) with e.i.r.p. dbm, before fading."""
         d = max(10.0, math.hypot(a[0] - b[0], a[1] - b[1]))
-        return self.tx_power_dbm - 32.0 - 10 * self.path_loss_exp * math.log10(d)  # 32 dB: loss at 1 m, 868 MHz
+        power = self.tx_power_dbm if dbm is None else dbm
+        return power - 32.0 - 10 * self.path_loss_exp * math.log10(d)  # 32 dB: loss at 1 m, 868 MHz
 
-    def link_level(self, sender, dev_xy, rx):
+    def link_level(self, sender, dev_xy, rx, dbm=None):
         """Mean level of one bin at one receiver: distance, the site's extra loss, the link's shadowing."""
         key = (sender, rx.name)
         if key not in self._shadow:
             self._shadow[key] = self.rng.gauss(0.0, self.shadowing_db) if self.shadowing_db else 0.0
-        return self.rssi(dev_xy, rx) - rx.extra_loss_db - self._shadow[key]
+        return self.rssi(dev_xy, rx, dbm) - rx.extra_loss_db - self._shadow[key]
 
     def heard_by(self, sender, dev_xy, sf):
         """Receivers that hear this bin on a typical day (mean level above sensitivity)."""
         return [rx.name for rx in self.receivers if self.link_level(sender, dev_xy, rx) >= SENSITIVITY_DBM[sf]]
 
-    def transmit(self, sender, t, dev_xy, payload, on_air_len, sf):
+    def transmit(self, sender, t, dev_xy, payload, on_air_len, sf, dbm=None):
         """sender's module sends payload at simulated time t (or when its previous packet is out:
-        a module sends one packet at a time). Returns True (the module sent it)."""
-        self.pending.append(self.put_on_air(sender, t, dev_xy, payload, on_air_len, sf))
+        a module sends one packet at a time) at e.i.r.p. dbm. Returns True (the module sent it)."""
+        self.pending.append(self.put_on_air(sender, t, dev_xy, payload, on_air_len, sf, dbm))
         return True
 
-    def put_on_air(self, sender, t, dev_xy, payload, on_air_len, sf):
-        """The transmission as it goes on air (its start, end, sender, position, payload)."""
+    def put_on_air(self, sender, t, dev_xy, payload, on_air_len, sf, dbm=None):
+        """The transmission as it goes on air (its start, end, sender, position, payload, power)."""
         toa = lora.time_on_air_s(on_air_len or len(payload), sf)
         start = max(t, self._busy.get(sender, t))
         self._busy[sender] = start + toa + 0.01
         self.stats["sent"] += 1
-        return {"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender}
+        return {"t": start, "end": start + toa, "xy": dev_xy, "payload": bytes(payload), "sf": sf, "sender": sender,
+                "dbm": self.tx_power_dbm if dbm is None else dbm}
 
     def gateway_sends(self, rx, start, end):
         """rx's radio transmits from start to end: deaf meanwhile (half-duplex)."""
@@ -108,13 +113,13 @@ class Channel:
         received); outcome is "intact", "bit_errors", or why it was lost (lost_range,
         lost_half_duplex, lost_collision, lost_random)."""
         r = self.rng
-        level = self.link_level(tx["sender"], tx["xy"], rx) + r.gauss(0.0, self.fading_db)
+        level = self.link_level(tx["sender"], tx["xy"], rx, tx["dbm"]) + r.gauss(0.0, self.fading_db)
         if level < SENSITIVITY_DBM[tx["sf"]]:
             return "lost_range", level, None
         if any(s < tx["end"] and tx["t"] < e for s, e in self.sending.get(rx.name, ())):
             return "lost_half_duplex", level, None
         rivals = [o for o in window if o is not tx and o["sf"] == tx["sf"] and o["t"] < tx["end"] and tx["t"] < o["end"]]
-        if any(self.rssi(o["xy"], rx) + CAPTURE_DB > level for o in rivals):
+        if any(self.rssi(o["xy"], rx, o["dbm"]) + CAPTURE_DB > level for o in rivals):
             return "lost_collision", level, None
         if r.random() < self.loss:
             return "lost_random", level, None
@@ -126,13 +131,13 @@ class Channel:
 
     def reaches(self, rx, sender, dev_xy, start, end, sf, window):
         """Does rx's packet from start to end reach the bin `sender` at dev_xy: the link's loss and
-        fading (the gateway's module sends at the bins' power), and the bins' packets in window
+        fading (the gateway's module sends at tx_power_dbm, the sub-band's limit), and the bins' packets in window
         overlapping it there, by capture?"""
         level = self.link_level(sender, dev_xy, rx) + self.rng.gauss(0.0, self.fading_db)
         if level < SENSITIVITY_DBM[sf]:
             return False
         return not any(o["sf"] == sf and o["t"] < end and start < o["end"] and o["sender"] != sender
-                       and self.level_between(o["xy"], dev_xy) + CAPTURE_DB > level for o in window)
+                       and self.level_between(o["xy"], dev_xy, o["dbm"]) + CAPTURE_DB > level for o in window)
 
     def _deliver(self, tx, window):
         heard = intact = False
