@@ -158,7 +158,8 @@ def _configure(hw, cfg, s, want, chash, stored):
         s.dl |= state.DL_SETTINGS  # the hello says which settings the bin runs
         return {"refused": 1}
     if downlink.settings_hash(merged) != want_hash:
-        _log.warning("settings applied; their hash differs from the gateway's (%s)", want_hash)
+        # expected while a change comes in parts (four settings an answer): the rest follows
+        _log.info("settings applied; the gateway's set (%s) has more to come", want_hash)
     changed = {}
     for name in change:
         if cfg[name] != change[name]:
