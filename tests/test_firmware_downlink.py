@@ -429,6 +429,19 @@ def test_two_settings_of_the_clock_teach_the_bin_its_rtcs_rate(make_device):
     assert abs(error_s) < 15.0 < rate * 6 * 3600, (error_s, rate)  # uncorrected: six hours at 0.5-1 %
 
 
+def test_once_its_rate_is_measured_a_bin_listens_every_nth_report_even_at_zero_ppm(make_device):
+    """An RTC that keeps true time asleep measures 0 ppm: a rate all the same. After its first
+    two answers with the time the bin listens every listen_every-th report, not at every one."""
+    dev = make_device(listen_every=6)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    Gateway(dev)
+    run(dev, 16)
+    s = rtc(dev)
+    assert s.dl & state.DL_RATE and abs(s.clock_ppm) < 50
+    flagged = [bool(f[10] & downlink.F_LISTENING) for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-12:]
+    assert sum(flagged) == 2, flagged
+
+
 @pytest.mark.parametrize("transport", ["e22", "rylr998"])
 def test_the_time_command_sets_the_bins_clock(make_device, transport):
     """The bin's RTC is 1234.5 s off; one answered window later its wall clock (RTC + offset) is

@@ -157,7 +157,7 @@ def _wants_listen(cfg, s, now):
     if s.dl & state.DL_MISSED:
         return False
     # the clock: never set, its RTC's rate not learnt yet (a second setting does), or a week old
-    return bool(s.backlog or not s.clock_ppm or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
+    return bool(s.backlog or not s.dl & state.DL_RATE or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
 
 
 def _blind_zone(cfg, s, dist, valid, flags):

@@ -118,7 +118,7 @@ def _ack(s, fcnt, bits):
             s.dropped += 1
 
 
-RATE_AFTER_MS = 1800000  # half an hour at least between two settings: the rate is not one setting's error
+RATE_AFTER_MS = 1200000  # 20 minutes at least between two settings: the rate is not one setting's error
 RATE_BEFORE_MS = 40 * 86400000  # the RTC ms difference wraps after 49 days
 RATE_MAX_PPM = 50000  # 5 %: beyond, not the RC oscillator's error but a wrong setting
 
@@ -131,12 +131,15 @@ def _set_clock(hw, cfg, s, t, frame, gw_ms, at_ms):
         delay += airtime.time_on_air_ms(t.on_air_len(frame), cfg["sf"], cfg["bandwidth_khz"], preamble=t.PREAMBLE)
     wall = gw_ms + int(delay)
     since = state.since_set_ms(s, at_ms)
+    if s.clock_at and since < RATE_AFTER_MS and not s.dl & state.DL_RATE:
+        return  # too soon after the first setting to learn the rate from: that one stays the reference
     if s.clock_at and RATE_AFTER_MS <= since < RATE_BEFORE_MS:
         # what the clock gained since its last setting, per RTC ms, corrects the RTC's rate: the
         # first measurement as it is, later ones a quarter each (one sleep's jitter is ~0.035 %)
         off = state.wall_ms(s, at_ms) - wall
         step = off * 1000000 // since
-        s.clock_ppm = max(-RATE_MAX_PPM, min(RATE_MAX_PPM, s.clock_ppm + (step if s.clock_ppm == 0 else step // 4)))
+        s.clock_ppm = max(-RATE_MAX_PPM, min(RATE_MAX_PPM, s.clock_ppm + (step // 4 if s.dl & state.DL_RATE else step)))
+        s.dl |= state.DL_RATE
     s.clock_ms = wall - at_ms
     s.clock_set_ms = at_ms & 0xFFFFFFFF
     s.clock_at = hw.time_s()
