@@ -80,6 +80,19 @@ def config_chunks(device):
     return [{n: want[n] for n in order[i:i + step]} for i in range(0, len(order), step)]
 
 
+def config_command(device, reported_hash, turn):
+    """The `config` command for a bin: (desired hash, the turn-th part of the desired settings)
+    while the hash it reported differs from the desired one; None when it runs them, or when the
+    registry wants nothing of it (the bin is left as it is)."""
+    if not device.settings:
+        return None
+    want = registry_settings.desired_hash(device)
+    if reported_hash == want:
+        return None
+    chunks = config_chunks(device)
+    return bytes.fromhex(want), chunks[turn % len(chunks)]
+
+
 def settings_payload(device, reported):
     """The retained settings message: desired vs reported. reported: (hash hex, fw, at) or None."""
     want = registry_settings.desired_hash(device)
@@ -278,15 +291,8 @@ class Answerer:
                    source=up.source)
 
     def _config(self, device):
-        """(desired hash, settings to send) when the bin should change something, else None."""
-        if not device.settings:  # no desired settings in the registry: the bin is left as it is
-            return None
-        want = registry_settings.desired_hash(device)
         reported = self.reported.get(device.device_id)
-        if reported is not None and reported[0] == want:
-            return None
-        chunks = config_chunks(device)
-        return bytes.fromhex(want), chunks[self._turn.get(device.device_id, 0) % len(chunks)]
+        return config_command(device, reported and reported[0], self._turn.get(device.device_id, 0))
 
     def publish_settings(self, box, devices):
         """Commits the retained settings message of each device whose message changed; the record

@@ -125,14 +125,7 @@ class Gateway:
 
     def _config(self, dev):
         """As the gateway's Answerer: the desired settings while the bin's reported hash differs."""
-        device = self._device(dev)
-        if not device.settings:
-            return None
-        want = registry_settings.desired_hash(device)
-        if self.reported.get(dev) == want:
-            return None
-        chunks = gw_downlink.config_chunks(device)
-        return bytes.fromhex(want), chunks[self._turn.get(dev, 0) % len(chunks)]
+        return gw_downlink.config_command(self._device(dev), self.reported.get(dev), self._turn.get(dev, 0))
 
 
 class DownlinkFleet(Fleet):
