@@ -53,7 +53,7 @@ AIR_RATE = {0: (12, 125), 1: (10, 125), 2: (9, 125), 3: (8, 125), 4: (7, 125), 5
 UART_BAUD = {0: 1200, 1: 2400, 2: 4800, 3: 9600, 4: 19200, 5: 38400, 6: 57600, 7: 115200}
 
 
-class E22:
+class E22(lora.Receiving):
     NAME = "E22-900T22S"
     CONFIG_MODE = MODE2
     SLEEP_MODE = MODE3
@@ -209,22 +209,12 @@ class E22:
         return (not self.dead and self.mode == NORMAL and not (self.pending and self.pending[1] <= at)
                 and self.tx_until <= at)
 
-    def _air(self, now):
-        for p in list(self.incoming):
-            start, end, payload = p[0], p[1], p[2]
-            if p[3] is None and start <= now:
-                p[3] = self._rx_ready(start)
-                if not p[3]:
-                    self.missed.append((start, payload, "not receiving (asleep, reconfiguring or sending)"))
-            if end <= now:
-                self.incoming.remove(p)
-                if p[3] and self._rx_ready(end) and self.tx_start < start:
-                    self._output(payload, end)
-                elif p[3]:
-                    p[3] = False
-                    self.missed.append((start, payload, "left normal mode or keyed up while receiving"))
+    NOT_RECEIVING = "not receiving (asleep, reconfiguring or sending)"
+    LEFT_RECEIVING = "left normal mode or keyed up while receiving"
 
-    def _output(self, payload, end):
+    def _hand_over(self, packet, end):
+        """The packet to the ESP32's UART, after AUX's lead."""
+        payload = packet[2]
         lead = self.draw(AUX_LEAD_MS)
         data = payload + (bytes([256 - 60]) if self.rssi_byte() else b"")  # -60 dBm: a near gateway
         first = end + lead

@@ -38,3 +38,26 @@ def next_air_event(t, incoming, tx_until, now):
     if tx_until > now and (t is None or tx_until < t):
         t = tx_until
     return t
+
+
+class Receiving:
+    """The receive side both LoRa modules share. A packet reaching the antenna waits in `incoming`
+    as [start, end, payload, heard, ...]: heard is None until it starts, then whether the module
+    was receiving as it began; at its end it is handed over if the module still receives and has
+    not keyed up since it began. The module gives _rx_ready(at), _hand_over(packet, end),
+    tx_start, `missed` and its NOT_RECEIVING and LEFT_RECEIVING reasons."""
+
+    def _air(self, now):
+        for p in list(self.incoming):
+            start, end, payload = p[0], p[1], p[2]
+            if p[3] is None and start <= now:
+                p[3] = self._rx_ready(start)
+                if not p[3]:
+                    self.missed.append((start, payload, self.NOT_RECEIVING))
+            if end <= now:
+                self.incoming.remove(p)
+                if p[3] and self._rx_ready(end) and self.tx_start < start:
+                    self._hand_over(p, end)
+                elif p[3]:
+                    p[3] = False
+                    self.missed.append((start, payload, self.LEFT_RECEIVING))

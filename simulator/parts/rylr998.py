@@ -28,7 +28,7 @@ BW_KHZ = {7: 125, 8: 250, 9: 500}
 MAX_SF = {7: 9, 8: 10, 9: 11}  # highest spreading factor the module takes at each bandwidth code
 
 
-class Rylr998:
+class Rylr998(lora.Receiving):
     RX_MA = 17.0
     SLEEP_MA = 0.008
 
@@ -103,22 +103,15 @@ class Rylr998:
     def _rx_ready(self, at):
         return not self.dead and not self.asleep and self.tx_until <= at
 
-    def _air(self, now):
-        for p in list(self.incoming):
-            start, end, data = p[0], p[1], p[2]
-            if p[3] is None and start <= now:
-                p[3] = self._rx_ready(start)
-                if not p[3]:
-                    self.missed.append((start, data, "not receiving (asleep or sending)"))
-            if end <= now:
-                self.incoming.remove(p)
-                if p[3] and self._rx_ready(end) and self.tx_start < start:
-                    self.received.append((end, data))
-                    line = b"+RCV=%d,%d,%s,-60,10" % (p[4], len(data), data)  # RSSI -60 dBm, SNR 10 dB: a near gateway
-                    self._reply(line.decode("latin-1"), end)
-                elif p[3]:
-                    p[3] = False
-                    self.missed.append((start, data, "put to sleep or sent while receiving"))
+    NOT_RECEIVING = "not receiving (asleep or sending)"
+    LEFT_RECEIVING = "put to sleep or sent while receiving"
+
+    def _hand_over(self, packet, end):
+        """A +RCV line with the sender's address and the data as its AT+SEND carried them."""
+        data = packet[2]
+        self.received.append((end, data))
+        line = b"+RCV=%d,%d,%s,-60,10" % (packet[4], len(data), data)  # RSSI -60 dBm, SNR 10 dB: a near gateway
+        self._reply(line.decode("latin-1"), end)
 
     def step(self, now):
         """Acts on what is due by `now`; True when what the module draws may have changed (a

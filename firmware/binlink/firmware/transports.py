@@ -113,24 +113,20 @@ class UartFramed:
         it hands a packet heard on air to the UART whole, as COBS + CRC framed bytes."""
         from binlink.wire import downlink
 
-        hw = self.hw
         d = framing.Deframer(downlink.MAX_LEN + 8)
-        while True:
-            left = hw.ticks_diff(until, hw.ticks_ms())
-            if left <= 0:
-                return
-            data = hw.uart_read_any(self.port)
-            if not data:
-                if self.aux >= 0 and hw.pin_read(self.aux) == 1:
-                    # nothing coming: light sleep (~0.8 mA) until AUX falls, 2-3 ms before the module
-                    # starts handing a received packet over (the manuals' "wake up the MCU")
-                    hw.light_sleep(left, self.aux, 0)
-                else:
-                    hw.sleep_ms(self.POLL_MS)  # the packet is coming over (AUX low), or no AUX wired
-                continue
+        for data in _arrivals(self.hw, self.port, until, self._idle):
             for kind, body, _ in d.feed(data):
                 if kind == "frame":
                     yield body
+
+    def _idle(self, left):
+        hw = self.hw
+        if self.aux >= 0 and hw.pin_read(self.aux) == 1:
+            # nothing coming: light sleep (~0.8 mA) until AUX falls, 2-3 ms before the module
+            # starts handing a received packet over (the manuals' "wake up the MCU")
+            hw.light_sleep(left, self.aux, 0)
+        else:
+            hw.sleep_ms(self.POLL_MS)  # the packet is coming over (AUX low), or no AUX wired
 
     POLL_MS = 10  # the UART buffer (256 bytes) holds a whole downlink: polling only sets how late it is read
 
@@ -279,14 +275,7 @@ class Rylr998:
             if left > 0:
                 hw.light_sleep(left)
         buf = b""
-        while True:
-            left = hw.ticks_diff(until, hw.ticks_ms())
-            if left <= 0:
-                return
-            data = hw.uart_read_any(self.port)
-            if not data:
-                hw.sleep_ms(self.POLL_MS)
-                continue
+        for data in _arrivals(hw, self.port, until, lambda left: hw.sleep_ms(self.POLL_MS)):
             buf += data
             while b"\n" in buf:
                 line, _, buf = buf.partition(b"\n")
@@ -298,6 +287,20 @@ class Rylr998:
 
     POLL_MS = 20  # a +RCV line of a longest downlink (~130 characters) fits the UART buffer: no loss
     earliest = None  # ticks_ms before which no answer can arrive (set by the listener)
+
+
+def _arrivals(hw, port, until, idle):
+    """What the UART receives before ticks_ms `until`, as it comes; idle(ms left) between reads
+    that found nothing (a module's receive window)."""
+    while True:
+        left = hw.ticks_diff(until, hw.ticks_ms())
+        if left <= 0:
+            return
+        data = hw.uart_read_any(port)
+        if data:
+            yield data
+        else:
+            idle(left)
 
 
 RCV_LINE_MAX = 160  # +RCV=<addr>,<len>,<102 hex>,<rssi>,<snr>: a longest downlink's line, with room
