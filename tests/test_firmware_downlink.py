@@ -386,6 +386,28 @@ def test_a_wifi_bin_hears_its_answer_on_its_topic_and_applies_it(make_device):
     assert nxt in sent_readings(dev) and sent_readings(dev) <= readings_at(gw)
 
 
+def test_a_wifi_broker_refusing_the_subscription_or_the_bin_costs_answers_never_readings(make_device):
+    """The broker's ACL denies the bin its downlink topic (SUBACK 0x80, umqtt raises): the bin
+    still publishes every reading and sleeps, hearing no answer. A broker that refuses the bin's
+    credentials (CONNACK 5): the readings wait in the backlog, every wake ends in deep sleep, and
+    they go once it accepts the bin again."""
+    dev = make_device(listen_every=1, **WIFI)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    gw = Gateway(dev)
+    dev.hw.wifi["denied"] = {"binlink/downlink/%06x" % DEV}
+    run(dev, 3)
+    assert len(sent_readings(dev)) == 3 and sent_readings(dev) <= readings_at(gw)
+    assert rtc(dev).clock_at == 0  # the answers never reached it
+    dev.hw.wifi["denied"] = set()
+    dev.hw.wifi["broker"] = "refuses"
+    run(dev, 2)
+    assert dev.hw.halted == "deepsleep" and len(rtc(dev).backlog) == 2
+    dev.hw.wifi["broker"] = "ok"
+    run(dev, 1)
+    s = rtc(dev)
+    assert not s.backlog and s.clock_at and len(readings_at(gw)) == 6  # 3 + the 2 held back + this wake's
+
+
 def test_a_wifi_window_with_no_answer_ends_in_deep_sleep_and_costs_the_window(make_device):
     """No gateway answers: the bin reads its socket until the window closes (Wi-Fi on: the cost is
     the window at the radio's current), then disconnects and sleeps; a broker that drops the

@@ -2,8 +2,9 @@
 network.WLAN and umqtt.simple (upy/network.py, upy/umqtt/simple.py), a mixin of Board.
 
 Association takes `connect_ms` after WLAN.connect and lasts while the radio is on; the broker is
-"ok", "down" (connections refused) or "silent" (connects, never answers: only the socket
-timeout ends a wait). The session is clean: a message reaches it only on a topic it subscribed
+"ok", "down" (connections refused), "refuses" (CONNACK code 5: not authorised) or "silent"
+(connects, never answers: only the socket timeout ends a wait); wifi["denied"]: topics its ACL
+refuses to subscribe to (SUBACK 0x80). The session is clean: a message reaches it only on a topic it subscribed
 to in this session (Board.mqtt_deliver puts the simulation's messages on its way)."""
 
 
@@ -45,6 +46,9 @@ class WifiOps:
         if not self.wifi["associated"] or b == "down":
             self.advance(50.0)
             return 113  # ECONNABORTED / host unreachable
+        if b == "refuses":  # CONNACK with a refusal (wrong credentials), then the broker closes
+            self.advance(80.0)
+            return "refused"
         return self._socket_wait(timeout, 80.0 if b == "ok" else None)
 
     def op_mqtt_publish(self, topic, hexmsg, qos, timeout):
@@ -58,6 +62,9 @@ class WifiOps:
     def op_mqtt_subscribe(self, topic, qos, timeout):
         """SUBSCRIBE, then its SUBACK: from then on the session gets what is published on topic."""
         b = self.wifi["broker"]
+        if b == "ok" and topic in self.wifi.get("denied", ()):  # the broker's ACL: SUBACK 0x80
+            self.advance(40.0)
+            return "refused"
         if b == "ok":
             self.wifi["subscribed"] = topic
         return self._socket_wait(timeout, 40.0 if b == "ok" else None)

@@ -320,17 +320,27 @@ MQTT_TIMEOUT_S = 5  # a silent broker must end in an OSError, not in a watchdog 
 
 def mqtt_open(client_id, host, port, user, password):
     """One MQTT session for the wake (clean: nothing queued for the bin while it sleeps)."""
-    from umqtt.simple import MQTTClient
+    from umqtt.simple import MQTTClient, MQTTException
 
     c = MQTTClient(client_id, host, port=port, user=user or None, password=password or None, keepalive=0)
-    c.connect(timeout=MQTT_TIMEOUT_S)  # the socket timeout also bounds the waits for SUBACK and PUBACK
+    try:
+        c.connect(timeout=MQTT_TIMEOUT_S)  # the socket timeout also bounds the waits for SUBACK and PUBACK
+    except MQTTException as e:  # CONNACK's refusal (credentials, client id): the link failed like any other
+        raise OSError("broker refused the connection: %s" % e)
     return c
 
 
 def mqtt_subscribe(c, topic, inbox):
-    """Messages on topic are appended to inbox (list) as they are read."""
+    """Messages on topic are appended to inbox (list) as they are read. False when the broker
+    refuses the subscription (SUBACK 0x80: its ACL): the session still publishes."""
+    from umqtt.simple import MQTTException
+
     c.set_callback(lambda t, m: inbox.append(m))
-    c.subscribe(topic)
+    try:
+        c.subscribe(topic)
+    except MQTTException:
+        return False
+    return True
 
 
 def mqtt_publish(c, topic, payload):

@@ -358,8 +358,9 @@ class WifiMqtt:
             session = self.hw.mqtt_open("binlink-%06x" % c["device_id"], c["mqtt_host"], c["mqtt_port"],
                                         c["mqtt_user"], c["mqtt_password"])
             self.session = session  # closed by sleep() even if the subscription fails
-            if c["mqtt_downlink_topic"]:
-                self.hw.mqtt_subscribe(session, "%s/%06x" % (c["mqtt_downlink_topic"], c["device_id"]), self.inbox)
+            topic = "%s/%06x" % (c["mqtt_downlink_topic"], c["device_id"])
+            if c["mqtt_downlink_topic"] and not self.hw.mqtt_subscribe(session, topic, self.inbox):
+                _log.warning("broker refused the subscription to %s: no answers heard", topic)
         return True
 
     def send(self, frame):

@@ -36,6 +36,8 @@ class MQTTClient:
     def connect(self, clean_session=True, timeout=None):
         self.timeout = timeout
         err = call("mqtt_connect", self.server, self.port, timeout)
+        if err == "refused":
+            raise MQTTException(5)  # CONNACK return code 5, not authorised (upstream: MQTTException(resp[3]))
         if err:
             raise OSError(err)
         return False
@@ -48,6 +50,8 @@ class MQTTClient:
     def subscribe(self, topic, qos=0):
         assert self.cb is not None, "Subscribe callback is not set"
         err = call("mqtt_subscribe", topic, qos, self.timeout)
+        if err == "refused":
+            raise MQTTException(0x80)  # SUBACK 0x80, as upstream raises it
         if err:
             raise OSError(err)
 
