@@ -400,7 +400,8 @@ def test_every_failure_ends_in_deep_sleep_with_the_watchdog_running_first(monkey
         app.start(HW(), good, b"\0" * 4)
 
 
-@pytest.mark.parametrize("key, pin", [("tilt_pin", 5), ("tilt_pin", 23), ("radio_m0_pin", 34), ("radio_m1_pin", 18)])
+@pytest.mark.parametrize("key, pin", [("tilt_pin", 5), ("tilt_pin", 23), ("radio_m0_pin", 34), ("radio_m1_pin", 18),
+                                      ("radio_aux_pin", 21)])
 def test_pins_that_cannot_wake_or_hold_through_deep_sleep_are_refused(key, pin):
     cfg, _, problems = config.parse({"device_id": 1, "key": "00" * 16, key: pin}, b"{}")
     assert any(p.startswith("%s %d cannot" % (key, pin)) for p in problems), problems

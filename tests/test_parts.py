@@ -208,6 +208,72 @@ def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, trans
     assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14 and r.air() == (10, 125)
 
 
+def _recording(monkeypatch):
+    """Every hardware call from now on as (op, args, board ms, board charge mAs), on either
+    interpreter (set before the device's first wake: CPython binds the dispatcher then)."""
+    calls = []
+    real = Board.dispatch
+
+    def dispatch(self, op, args):
+        calls.append((op, list(args), self.now, self.charge_mAs))
+        return real(self, op, args)
+
+    monkeypatch.setattr(Board, "dispatch", dispatch)
+    return calls
+
+
+def test_e22_leaving_sleep_light_sleeps_until_aux_rises(make_device, monkeypatch):
+    """On every reporting wake the E22 leaves sleep and reloads its parameters with AUX low (40 ms
+    at the slow end). The chip light-sleeps (0.8 mA) until ext0 sees AUX rise, instead of polling
+    AUX awake (~40 mA, ~20 polls of three hardware calls each); it wakes within LIGHT_WAKE_MS of the
+    rise, writes the frame 2 ms after it (the manual's), and the tilt switch's ext0 is set back."""
+    from binlink.sim.parts import esp32 as chip
+
+    calls = _recording(monkeypatch)
+    dev = make_device(report_s=900, timing="slow", tilt_pin=33)
+    run(dev, 1)  # cold boot
+    del calls[:]
+    run(dev, 1)  # a report
+    hw, c = dev.hw, dev.cfg
+    assert hw.radio.lost_bytes == 0 and [d["type"] for d in decoded(dev)][-1] == "reading"
+    m1 = next(i for i, k in enumerate(calls) if k[0] == "pin_init" and k[1][:1] == [c["radio_m1_pin"]] and k[1][3] == 0)
+    write = next(i for i, k in enumerate(calls) if k[0] == "uart_write")
+    switch = calls[m1 + 1:write]
+    aux_reads = [k for k in switch if k[0] == "pin_value" and k[1] == [c["radio_aux_pin"]]]
+    assert len(aux_reads) <= 6, len(aux_reads)  # the fall (3 ms at the slow end) and one read after the wake
+    assert [k[1] for k in switch if k[0] == "lightsleep"] == [[3000]]
+    assert len(switch) <= 25, [k[0] for k in switch]  # polling AUX awake: ~75
+    rise = calls[m1][2] + chip.CALL_MS + e22_model.DETECT_MS[1] + e22_model.RECONFIG_MS[1]
+    assert rise + 2.0 <= calls[write][2] <= rise + 2.0 + chip.LIGHT_WAKE_MS + 0.5, (calls[write][2] - rise)
+    ms, mAs = calls[write][2] - calls[m1][2], calls[write][3] - calls[m1][3]
+    assert mAs / ms * 1000 < 10.0, mAs / ms * 1000  # mean mA over the switch: ~6 (awake: ~40)
+    assert hw.halted == "deepsleep" and hw.esp.wake_ext0 == (33, 0)
+
+
+def test_a_stuck_aux_ends_the_wait_after_its_timeout_in_light_sleep_and_the_wake_in_deep_sleep(make_device, monkeypatch):
+    """AUX low for good (a module unpowered or broken): the chip light-sleeps AUX_TIMEOUT_MS (3 s)
+    waiting for it, once, at 0.8 mA (polling it awake cost ~40 mA for 3 s), gives the module up for
+    the wake and sleeps; the reading waits in the backlog."""
+    from binlink.firmware.transports import UartFramed
+
+    calls = _recording(monkeypatch)
+    dev = make_device(report_s=900)
+    run(dev, 1)
+    dev.hw.module_down = True
+    del calls[:]
+    run(dev, 1)
+    hw = dev.hw
+    assert hw.halted == "deepsleep" and dev.resets == 0
+    sleeps = [i for i, k in enumerate(calls) if k[0] == "lightsleep"]
+    assert [calls[i][1] for i in sleeps] == [[UartFramed.AUX_TIMEOUT_MS]]  # once: then not waited on again
+    i = sleeps[0]
+    ms, mAs = calls[i + 1][2] - calls[i][2], calls[i + 1][3] - calls[i][3]
+    assert UartFramed.AUX_TIMEOUT_MS <= ms <= UartFramed.AUX_TIMEOUT_MS + 5, ms
+    assert mAs / ms * 1000 < 1.0, mAs / ms * 1000
+    assert hw.awake_ms < 5000, hw.awake_ms
+    assert len(state.unpack(hw.rtc).backlog) == 1
+
+
 # EU868: ERC Recommendation 70-03 annex 1 (ETSI EN 300 220-2), the test's own reading of it:
 # (low MHz, high MHz, max ERP dBm, max duty cycle)
 EU868 = ((865.0, 868.0, 14, 0.01), (868.0, 868.6, 14, 0.01), (868.7, 869.2, 14, 0.001),
@@ -503,6 +569,32 @@ def test_e22_mode_pins_float_to_sleep_and_the_slow_end_of_its_timings():
     assert hw.dispatch("uart_read", [1, -1]) is None  # the reply takes up to ~125 ms
     hw.dispatch("sleep_us", [20_000])
     assert bytes.fromhex(hw.dispatch("uart_read", [1, -1]))[:3] == b"\xc1\x02\x04"
+
+
+def test_esp32_ext0_light_sleep_wakes_on_aux_rising_when_it_rises_and_at_once_when_high():
+    """ext0 is a level wake (ESP-IDF esp_sleep_enable_ext0_wakeup; MicroPython arms it for
+    lightsleep too, modmachine.c machine_sleep_helper): AUX already high wakes the chip at once;
+    AUX low wakes it at its rise (not at the module's next event, the new mode 2 ms later), each
+    ~LIGHT_WAKE_MS back to running code. ext0 watches RTC pads only: modesp32.c refuses others."""
+    from binlink.sim.parts import esp32 as chip
+
+    hw, r = _e22_in_mode(1, 1)
+    hw.dispatch("pin_init", [13, 1, 2, None, None])
+    hw.dispatch("wake_on_ext0", [13, 1])
+    t0 = hw.now
+    hw.dispatch("lightsleep", [3000])
+    assert hw.now - t0 <= chip.CALL_MS + chip.LIGHT_WAKE_MS + 1e-9  # high already: at once
+    hw.dispatch("pin_init", [25, 3, -1, 0, True])
+    hw.dispatch("pin_init", [14, 3, -1, 0, True])  # sleep -> normal
+    rise = r.pending[2]
+    hw.dispatch("sleep_us", [int((r.pending[1] - hw.now) * 1000) + 100])
+    assert hw.dispatch("pin_value", [13]) == 0  # reloading its parameters
+    hw.dispatch("lightsleep", [3000])
+    assert abs(hw.now - (rise + chip.LIGHT_WAKE_MS)) < 1e-6, hw.now - rise
+    assert hw.dispatch("pin_value", [13]) == 1
+    hw_mod = hw.load_hw()
+    with pytest.raises(ValueError):
+        hw_mod.light_sleep(10, 21, 1)  # GPIO 21: no RTC pad
 
 
 def test_non_rtc_pads_lose_their_hold_in_deep_sleep():

@@ -396,11 +396,14 @@ class Board(WifiOps):
 
     def op_lightsleep(self, ms):
         """machine.lightsleep: the chip at its light-sleep current until ms pass or the ext0 pin
-        reaches its level (the UARTs receive nothing meanwhile: their clock stops)."""
+        reaches its level (the UARTs receive nothing meanwhile: their clock stops). ext0 is
+        level-triggered: a pin already at its level wakes the chip at once; an AUX edge wakes it
+        when it happens (the module's aux_next), not at the parts' next event after it."""
         e = self.esp
         begin = self.now
         end = begin + ms
         ext0 = e.wake_ext0
+        edge = self.radio.aux_next if ext0 is not None and ext0[0] == self._aux_pin else None
         e.light = True
         self._recount()
         try:
@@ -408,7 +411,11 @@ class Board(WifiOps):
                 self.advance(0.0)
                 if ext0 is not None and self._level(ext0[0]) == ext0[1]:
                     break
-                self.advance(self._next_stop(self.now, end)[0] - self.now)
+                nxt = self._next_stop(self.now, end)[0]
+                t = edge(self.now) if edge is not None else None
+                if t is not None and t < nxt:
+                    nxt = t
+                self.advance(nxt - self.now)
         finally:
             e.light = False
             self._recount()

@@ -129,6 +129,16 @@ class E22(lora.Receiving):
             return 0
         return 1
 
+    def aux_next(self, now):
+        """When AUX may next change by the module's own timeline after `now` (a mode switch noticed
+        or done, a hand-over beginning or ending), or None; its other changes (bytes in, a packet
+        keyed up) come at next_event(). A light sleep waiting on AUX wakes there (Board.op_lightsleep)."""
+        t = None
+        for edge in (self.pending[1:3] if self.pending else ()) + (self.rx_out or ()):
+            if edge > now and (t is None or edge < t):
+                t = edge
+        return t
+
     # UART ---------------------------------------------------------------------------------------
     def power_on(self):
         """Supply cut: what was in the buffers is gone; settings kept in the module's flash stay."""

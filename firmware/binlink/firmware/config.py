@@ -164,6 +164,7 @@ def parse(given, raw=b"", problems=None):
     if cfg["transport"] in ("e22", "e32"):  # the module's mode pins hold it asleep through deep sleep
         for k in ("radio_m0_pin", "radio_m1_pin"):
             _rtc_pin(cfg, k, "hold the radio asleep through deep sleep", False, problems)
+        _rtc_pin(cfg, "radio_aux_pin", "wake the board from light sleep on AUX", True, problems)  # ext0: RTC pads only
     return cfg, hashlib.sha256(raw).digest()[:4], problems
 
 

@@ -27,7 +27,7 @@ class UartFramed:
     M0/M1 are held through deep sleep (their weak pull-ups would sleep the module too, but a pad
     that floats near a threshold is no state to rely on for years)."""
 
-    AUX_TIMEOUT_MS = 3000  # the longest packet at SF12 is ~2.8 s on air
+    AUX_TIMEOUT_MS = 3000  # the longest packet at SF12 is ~2.8 s on air (the light sleep's bound: far below the watchdog's)
     PREAMBLE = 8  # LoRa's usual; EBYTE publishes none
     AUX_FALL_MS = 10  # a mode change is noticed (AUX falls) within a few ms; no change: AUX never falls
     # EBYTE air-rate codes for the spreading factor the duty-cycle maths uses (125 kHz, CR 4/5):
@@ -62,25 +62,29 @@ class UartFramed:
 
     def _wait_idle(self):
         """AUX low, then high: low while the module reconfigures or holds data not yet handed to
-        its RF chip. Both waits are bounded; a module whose AUX never rises is not waited on again."""
+        its RF chip. Both waits are bounded; a module whose AUX never rises is not waited on again.
+        The fall is polled (1 ms steps); the low phase light-sleeps (0.8 mA, not ~40 mA awake)
+        until ext0 sees AUX high, which wakes the chip at once if it already is. The UART receives
+        nothing in light sleep, and nothing the bin waits for comes then: a module reconfiguring
+        receives nothing, and the answer to an uplink comes after its time on air (listen.py)."""
         if self.aux < 0:
             return True
         if self.stuck:
             return False
         hw = self.hw
         waited = 0
-        while waited < self.AUX_FALL_MS and hw.pin_read(self.aux) == 1:
+        level = hw.pin_read(self.aux)
+        while level == 1 and waited < self.AUX_FALL_MS:
             hw.sleep_ms(1)
             waited += 1
-        waited = 0
-        while hw.pin_read(self.aux) == 0:
-            if waited >= self.AUX_TIMEOUT_MS:
-                _log.warning("radio module busy for %d ms", waited)
-                self.stuck = True
-                return False
-            step = 2 if waited < 60 else 10  # reconfiguring: a few to ~40 ms; data behind a packet on air: up to ~2.8 s
-            hw.sleep_ms(step)
-            waited += step
+            level = hw.pin_read(self.aux)
+        if level == 1:
+            return True
+        hw.light_sleep(self.AUX_TIMEOUT_MS, self.aux, 1)
+        if hw.pin_read(self.aux) == 0:
+            _log.warning("radio module busy for %d ms", self.AUX_TIMEOUT_MS)
+            self.stuck = True
+            return False
         return True
 
     def send(self, frame):

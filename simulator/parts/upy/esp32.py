@@ -5,7 +5,13 @@ WAKEUP_ALL_LOW = False
 WAKEUP_ANY_HIGH = True
 
 
+# RTC_GPIO0-17: the only pads ext0 can watch (modesp32.h RTC_VALID_EXT_PINS)
+_RTC_PINS = (0, 2, 4, 12, 13, 14, 15, 25, 26, 27, 32, 33, 34, 35, 36, 37, 38, 39)
+
+
 def wake_on_ext0(pin, level=WAKEUP_ALL_LOW):
+    if pin is not None and pin.id not in _RTC_PINS:
+        raise ValueError("invalid pin")  # modesp32.c esp32_wake_on_ext0
     call("wake_on_ext0", None if pin is None else pin.id, level)
 
 
