@@ -49,11 +49,21 @@ class History:
         with self._lock:
             self._pending.append(row)
 
+    def take(self):
+        """The rows add() collected and flush() has not written, handed over (a simulated
+        district's history joins its fleet's with put())."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+        return rows
+
+    def put(self, rows):
+        with self._lock:
+            self._pending.extend(rows)
+
     def flush(self, now=None):
         """Writes what add() collected in one transaction; prunes rows older than KEEP_DAYS daily."""
         now = time.time() if now is None else now
-        with self._lock:
-            rows, self._pending = self._pending, []
+        rows = self.take()
         with self.db:
             self.db.execute("BEGIN")
             if rows:

@@ -86,7 +86,7 @@ def cmd_report(args):
             print("binlink sim: %s" % e, file=sys.stderr)
             return 2
     comparison = policy.compare(args.bins, args.days, args.seed, keep_series=min(args.bins, args.chart_bins),
-                                processes=3 if (os.cpu_count() or 1) > 1 else 1, trucks=trucks)  # the three runs at once
+                                processes=os.cpu_count() or 1, trucks=trucks)  # the runs' districts on every core
     report.write(args.report, comparison)
     figures = {k: v for k, v in comparison.items() if k not in ("fixed", "forecast")}
     site = comparison["forecast"].get("site") or {}

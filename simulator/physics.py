@@ -60,12 +60,19 @@ class Bin:
         self.pile_phase = rng.uniform(0.0, 2 * math.pi)
         self.days_to_fill = days_to_fill or rng.uniform(2.0, 6.0)
         self.collect_every_days = collect_every_days or rng.choice((2, 3, 3.5, 7))
-        self.level = rng.uniform(0.0, 0.6)
+        level = rng.uniform(0.0, 0.6)
         self.next_collection = t0 + rng.uniform(0.2, self.collect_every_days) * DAY
         self.t = t0
         self.on_schedule = True  # False: collected only when collect_at() says (a policy drives the trucks)
-        self.overflow_s = 0.0  # time spent at or above full (level >= 1)
         self.full_times = []  # when the level rose through full
+        # the level runs in straight segments: one per STEP_S cell of absolute time (its own speed
+        # and noise), cut again where a truck empties the bin; where it stands is worked out from
+        # the segment, so the world is the same however often anyone looks at it
+        self._cell_end = t0  # the first advance draws the first cell
+        self._slope = 0.0  # level per second in this segment
+        self._seg_t, self._seg_level = t0, level
+        self._overflow_closed = 0.0  # overflow of the segments before this one
+        self._level = level
         self.hot_until = -1.0  # a hot object smouldering inside
         self.tilted_until = -1.0
 
@@ -77,36 +84,67 @@ class Bin:
         weekly = 1.3 if weekday >= 5 else 1.0
         return daily * weekly / (self.days_to_fill * DAY) / 0.83  # 0.83: mean of daily*weekly shape
 
-    def advance(self, t, on_collect=None):
-        """Moves to time t; returns the collections on the way as (time, fill level before)."""
+    STEP_S = 600.0  # how long the filling speed and its noise hold
+
+    @property
+    def level(self):
+        return self._level
+
+    @level.setter
+    def level(self, value):
+        """The bin holds `value` from now on (a test, or waste tipped in by hand)."""
+        self._cut(value)
+
+    @property
+    def overflow_s(self):
+        """Time spent at or above full (level >= 1) until self.t."""
+        return self._overflow_closed + self._segment_overflow(self.t)
+
+    def advance(self, t):
+        """Moves to time t; returns the collections on the way as (time, fill level before).
+
+        Where the bin stands at any time depends only on its seed and its collections, not on
+        the times it was advanced to: a fleet looked at hourly and one looked at only when the
+        trucks come fill alike (tests/test_simulator.py)."""
         collected = []
         while self.t < t:
-            step = min(t - self.t, 600.0)
-            if self.next_collection <= self.t + step:
-                step = max(0.0, self.next_collection - self.t)
-                self._fill(step)
-                self.t += step
-                collected.append((self.t, self.level))
-                self.level = self.rng.uniform(0.0, 0.03)  # some litter stays behind
+            if self.t >= self._cell_end:
+                self._new_cell()
+            end = min(t, self._cell_end)
+            if self.next_collection <= end:
+                self._move(max(self.t, self.next_collection))
+                collected.append((self.t, self._level))
+                self._cut(self.rng.uniform(0.0, 0.03))  # some litter stays behind
                 self.pile_phase = self.rng.uniform(0.0, 2 * math.pi)
                 self.next_collection = (self.t + self.collect_every_days * DAY * self.rng.uniform(0.9, 1.1)
                                         if self.on_schedule else math.inf)
                 continue
-            self._fill(step)
-            self.t += step
+            self._move(end)
         return collected
 
-    def _fill(self, dt):
-        noise = self.rng.uniform(0.5, 1.5)
-        before = self.level
-        self.level = min(1.2, self.level + self.rate_per_s(self.t) * dt * noise)
-        if self.level >= 1.0:
-            if before < 1.0:  # crossed within this step: interpolate
-                frac = (1.0 - before) / (self.level - before)
-                self.full_times.append(self.t + frac * dt)
-                self.overflow_s += (1 - frac) * dt
-            else:
-                self.overflow_s += dt
+    def _new_cell(self):
+        """The next STEP_S of absolute time: its filling speed and a noise of 0.5..1.5 on it."""
+        self._cut(self._level)
+        self._cell_end = (math.floor(self.t / self.STEP_S) + 1) * self.STEP_S
+        self._slope = self.rate_per_s(self.t) * self.rng.uniform(0.5, 1.5)
+
+    def _cut(self, level):
+        """A new segment from self.t at `level`, the current one's overflow kept."""
+        self._overflow_closed += self._segment_overflow(self.t)
+        self._seg_t, self._seg_level, self._level = self.t, level, level
+
+    def _move(self, t):
+        level = min(1.2, self._seg_level + self._slope * (t - self._seg_t))
+        if self._level < 1.0 <= level:
+            self.full_times.append(self._seg_t + (1.0 - self._seg_level) / self._slope)
+        self.t, self._level = t, level
+
+    def _segment_overflow(self, until):
+        if self._seg_level >= 1.0:
+            return until - self._seg_t
+        if self._slope <= 0.0:
+            return 0.0
+        return max(0.0, until - (self._seg_t + (1.0 - self._seg_level) / self._slope))
 
     def collect_now(self):
         self.next_collection = self.t

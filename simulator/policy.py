@@ -18,6 +18,7 @@ import random
 
 from binlink.gateway import calibration, events, forecast, planner, registry
 from binlink.gateway.config import Events
+from binlink.gateway.history import History
 from binlink.sim.fleet import Fleet
 from binlink.wire import codec
 
@@ -67,9 +68,11 @@ class Tracked:
         self.collections = []  # true pickup times
         self.predictions = []  # (measured at, full_at or None)
         self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
+        self.rng = None  # this bin's own randomness (_district)
 
 
-def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None):
+def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None,
+             processes=1):
     """Runs one policy over `days` after `warmup_days` on fixed rounds (the forecasts learn, as
     they would have on a fleet already in service); returns its figures for those days, and
     per-bin series for the first keep_series bins. trucks (routes.Trucks): each counted listed
@@ -77,57 +80,90 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
 
     Every published state goes into a planner history (gateway/history.py), and the site's figures
     (hot spots, quiet sensors, collections seen) come from it by the code `binlink report` runs on a
-    real site's history: the same report from either."""
+    real site's history: the same report from either.
+
+    The fleet is run as districts of up to DISTRICT_BINS bins, each with its own truck going
+    round its listed bins (`districts`); processes > 1 runs them that many at a time, with the
+    same figures as one after the other."""
     if policy not in POLICIES:
         raise ValueError("policy must be one of %s, got %r" % (", ".join(POLICIES), policy))
-    from binlink.gateway.history import History
+    runs = [(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, members) for members in districts(bins, policy)]
+    return _merge(_in_processes(runs, processes), trucks)
 
-    hist = History(":memory:") if policy != "reactive" else None
+
+DISTRICT_BINS = 250
+
+
+def districts(bins, policy="forecast"):
+    """The fleet's bins as districts (index ranges), each run on its own. A fixed round reads no
+    measurement, so the fixed policy is one district whatever the fleet's size (see _district)."""
+    if policy == "fixed":
+        return [range(bins)]
+    n = max(1, math.ceil(bins / DISTRICT_BINS))
+    return [range(bins * k // n, bins * (k + 1) // n) for k in range(n)]
+
+
+def _district(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, members):
+    """One district's bins under `policy`: the raw results _merge adds up.
+
+    Each bin's randomness (when it first wakes, which frames the air loses) is its own, and each
+    district's truck its own, so a bin fares the same whichever district holds it and whatever
+    runs beside it. Under the fixed policy only the charted bins (keep_series) run their firmware:
+    a fixed round reads no measurement, and the physics is the same however often it is looked at
+    (physics.Bin.advance)."""
+    hist = History(":memory:") if policy == "forecast" else None
     fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
-    rng = random.Random(seed * 31 + 5)
+    rng = random.Random((seed * 31 + 5) * 1009 + members.start)  # this district's truck
     rules = Events()
     tracked = []
-    for i, d in enumerate(fleet.devices):
+    for i in members:
+        d = fleet.devices[i]
         d.bin.on_schedule = False
         d.bin.next_collection = math.inf
         lat, lon = fleet.latlon(d)
         device = registry.Device(d.device_id, d.bin_id, d.key, d.bin.nominal_depth_mm, d.bin.full_mm,
                                  "Simulated bin %s" % d.bin_id[4:], lat, lon)
         tr = Tracked(d, device, i < keep_series, scored=policy == "reactive", history=hist)
-        d._transmit = _receiver(tr, rng, loss, rules)
+        tr.rng = random.Random(seed * 1_000_003 + i)
+        d._transmit = _receiver(tr, tr.rng, loss, rules)
         tracked.append(tr)
     patterns = [fixed_pattern(tr.dev.bin.days_to_fill) for tr in tracked]
     start = t0 + warmup_days * DAY  # what is counted starts here
     end = start + days * DAY
-    wakes = [(t0 + rng.uniform(0, 3600), i) for i in range(bins)]
+    wakes = [(t0 + tr.rng.uniform(0, 3600), k) for k, tr in enumerate(tracked) if policy != "fixed" or tr.series is not None]
     heapq.heapify(wakes)
-    next_round = ROUTES.next_after(t0)
+    rounds = ROUTES.next_after(t0)
     collections = 0
-    route_km = [0.0, 0.0]  # solver, list order
+    listed_rounds = []  # the counted rounds' lists, for the routes (over the whole fleet: _merge)
     overflow_before = None
-    while wakes:
-        t, i = wakes[0]
+    while True:
+        t = wakes[0][0] if wakes else end
         if overflow_before is None and t >= start:
             for tr in tracked:  # the physics is continuous: bring every bin to the start and note its overflow
                 tr.collections += [c for c, _ in tr.dev.bin.advance(start)]
             overflow_before = sum(tr.dev.bin.overflow_s for tr in tracked)
-        if next_round <= t and next_round < end and policy != "reactive":
-            fleet.now = next_round
-            counted = next_round >= start
-            chosen = _round(policy if counted else "fixed", next_round, tracked, patterns, rng, margin_h, rules.full_pct,
-                            trucks if counted else None, route_km)
+        if rounds <= t and rounds < end and policy != "reactive":
+            fleet.now = rounds
+            for tr in tracked:  # what the last round planned is done before this one plans
+                tr.collections += [c for c, _ in tr.dev.bin.advance(rounds)]
+            counted = rounds >= start
+            chosen, listed = _round(policy if counted else "fixed", rounds, tracked, patterns, rng, margin_h, rules.full_pct)
             collections += chosen if counted else 0
-            next_round = ROUTES.next_after(next_round)
+            if counted and listed:
+                listed_rounds.append((rounds, listed))
+            rounds = ROUTES.next_after(rounds)
             continue
-        heapq.heappop(wakes)
+        if not wakes:
+            break
+        _, k = heapq.heappop(wakes)
         if t >= end:
             continue
         fleet.now = t
-        tr = tracked[i]
+        tr = tracked[k]
         tr.collections += [c for c, _ in tr.dev.bin.advance(t)]
-        heapq.heappush(wakes, (t + tr.dev.wake(), i))
+        heapq.heappush(wakes, (t + tr.dev.wake(), k))
         if policy == "reactive" and (tr.prev_fill or 0) >= 100.0 and tr.dev.bin.next_collection == math.inf:
-            tr.dev.bin.collect_at(t + rng.uniform(3600, 6 * 3600))
+            tr.dev.bin.collect_at(t + tr.rng.uniform(3600, 6 * 3600))
             collections += t >= start
     for tr in tracked:
         tr.collections += [c for c, _ in tr.dev.bin.advance(end)]
@@ -135,26 +171,58 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
             tr.series["pickups"] = list(tr.collections)
     fleet.close()
     errors, unpredicted = _forecast_errors(tracked, t0)
-    overflow_h = (sum(tr.dev.bin.overflow_s for tr in tracked) - (overflow_before or 0.0)) / 3600.0
-    site = None
-    if hist is not None:
-        from binlink.sim import report
-
-        hist.flush(end)
-        site = report.site_figures(hist, days, rules.full_pct, chart_bins=0, emptied_drop_pct=rules.emptied_drop_pct)
-        hist.close()
     return {
-        "policy": policy, "bins": bins, "days": days,
+        "policy": policy, "bins": bins, "days": days, "t0": t0, "start": start, "end": end,
         "collections": collections,
-        "collections_per_bin_month": round(collections / bins * 30.0 / days, 2),
-        "overflow_bin_hours": round(overflow_h, 1),
+        "overflow_s": sum(tr.dev.bin.overflow_s for tr in tracked) - (overflow_before or 0.0),
         "forecast_errors_h": errors, "forecast_unpredicted": unpredicted,
         "series": {tr.device.bin_id: dict(tr.series, name=tr.device.name) for tr in tracked if tr.series is not None},
-        "t0": t0, "start": start, "end": end, "site": site,
-        "route_km": round(route_km[0], 1), "route_km_list_order": round(route_km[1], 1),
+        "history": hist.take() if hist is not None else None,
+        "listed_rounds": listed_rounds,
     }
 
 
+def _merge(parts, trucks=None):
+    """One policy's districts (_district results) as one fleet's figures. The routes are solved
+    over the whole fleet's list of each round, as the planner publishes it."""
+    first = parts[0]
+    bins, days, end = first["bins"], first["days"], first["end"]
+    collections = sum(p["collections"] for p in parts)
+    route_km = [0.0, 0.0]  # solver, list order
+    if trucks is not None:
+        from binlink.gateway import routes
+
+        by_round = {}
+        for p in parts:
+            for t, listed in p["listed_rounds"]:
+                by_round.setdefault(t, []).extend(listed)
+        for t in sorted(by_round):
+            route_km[0] += routes.solve(by_round[t], trucks)["km"]
+            route_km[1] += routes.list_order_km(by_round[t], trucks)
+    site = None
+    if first["history"] is not None:
+        from binlink.sim import report
+
+        hist = History(":memory:")
+        for p in parts:
+            hist.put(p["history"])
+        hist.flush(end)
+        site = report.site_figures(hist, days, Events().full_pct, chart_bins=0, emptied_drop_pct=Events().emptied_drop_pct)
+        hist.close()
+    series = {}
+    for p in parts:
+        series.update(p["series"])
+    return {
+        "policy": first["policy"], "bins": bins, "days": days,
+        "collections": collections,
+        "collections_per_bin_month": round(collections / bins * 30.0 / days, 2),
+        "overflow_bin_hours": round(sum(p["overflow_s"] for p in parts) / 3600.0, 1),
+        "forecast_errors_h": [e for p in parts for e in p["forecast_errors_h"]],
+        "forecast_unpredicted": sum(p["forecast_unpredicted"] for p in parts),
+        "series": series,
+        "t0": first["t0"], "start": first["start"], "end": end, "site": site,
+        "route_km": round(route_km[0], 1), "route_km_list_order": round(route_km[1], 1),
+    }
 def _receiver(tr, rng, loss, rules):
     """The gateway's half for one bin: verify, decode, calibrate, learn the forecast."""
 
@@ -210,10 +278,12 @@ def dispatch_order(listed, round_end):
     return sorted(now, key=due) + sorted(later, key=due, reverse=True)
 
 
-def _round(policy, t, tracked, patterns, rng, margin_h, full_pct=100.0, trucks=None, route_km=None):
-    """One round of the trucks at t; returns how many bins it empties. A round visits its bins one
-    after another over TRUCK_SPREAD_S: a fixed round in its route's order (unrelated to how full
-    the bins are), a listed round in `dispatch_order`."""
+def _round(policy, t, tracked, patterns, rng, margin_h, full_pct=100.0):
+    """One round of the trucks at t; returns how many bins it empties, and the list it went by
+    (None for a fixed round). A round visits its bins one after another over TRUCK_SPREAD_S: a
+    fixed round in its route's order (unrelated to how full the bins are), a listed round in
+    `dispatch_order`."""
+    listed = None
     if policy == "fixed":
         weekday = int(t // DAY + 3) % 7
         chosen = [tr for tr, p in zip(tracked, patterns) if weekday in p]
@@ -222,16 +292,11 @@ def _round(policy, t, tracked, patterns, rng, margin_h, full_pct=100.0, trucks=N
         by_id = {tr.device.bin_id: tr for tr in tracked}
         # the list as published just before the trucks leave: this round, bins due before the next one
         listed = planner.plan_message({tr.device.bin_id: tr.state for tr in tracked}, t - 1.0, ROUTES, margin_h * 3600.0,
-                                      full_pct=full_pct)
-        chosen = [by_id[b["bin_id"]] for b in dispatch_order(listed["bins"], t + TRUCK_SPREAD_S)]
-        if trucks is not None and listed["bins"]:
-            from binlink.gateway import routes
-
-            route_km[0] += routes.solve(listed["bins"], trucks)["km"]
-            route_km[1] += routes.list_order_km(listed["bins"], trucks)
+                                      full_pct=full_pct)["bins"]
+        chosen = [by_id[b["bin_id"]] for b in dispatch_order(listed, t + TRUCK_SPREAD_S)]
     for k, tr in enumerate(chosen):
         tr.dev.bin.collect_at(t + TRUCK_SPREAD_S * (k + rng.random()) / len(chosen))
-    return len(chosen)
+    return len(chosen), listed
 
 
 def _forecast_errors(tracked, t0):
@@ -262,16 +327,15 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
     reactive run: under the two policies most bins are emptied before they are full, and the few
     that fill are the weekend's fastest, a biased sample). The figures the bench and the report use.
 
-    processes > 1: the three runs (independent, each seeded alike) in that many worker processes
-    at once; the figures are the same as one after the other. Three on two cores: all three share
-    the cores and finish together, in half the time of one after the other."""
-    runs = [(("fixed", bins, days, seed, margin_h), {"keep_series": keep_series}),
-            (("forecast", bins, days, seed, margin_h), {"keep_series": keep_series, "trucks": trucks}),
-            (("reactive", min(bins, SCORED_BINS), days, seed), {"keep_series": 0})]
-    if processes > 1:
-        fixed, fc, scored = _in_processes(runs, processes)
-    else:
-        fixed, fc, scored = [simulate(*a, **kw) for a, kw in runs]
+    processes > 1: the runs' districts (independent, each seeded alike) in that many worker
+    processes at once; the figures are the same as one after the other."""
+    tasks = []
+    for policy, n in (("fixed", bins), ("forecast", bins), ("reactive", min(bins, SCORED_BINS))):
+        charted = keep_series if policy != "reactive" else 0
+        tasks += [(policy, n, days, seed, margin_h, 0.03, charted, 7, START, members) for members in districts(n, policy)]
+    done = _in_processes(tasks, processes)
+    fixed, fc, scored = (_merge([r for task, r in zip(tasks, done) if task[0] == policy], trucks if policy == "forecast" else None)
+                         for policy in POLICIES)
     errors = scored["forecast_errors_h"]
     return {
         "fixed": fixed, "forecast": fc, "full_pct": Events().full_pct,
@@ -295,19 +359,18 @@ def bound(bins=300, days=30, seed=1, margin_h=6.0, warmup_days=7, t0=START, full
     of this is what measuring and forecasting cost; what this falls short of 100 % is the grain of
     the rounds (daily, none on Sundays) and the margin."""
     full = (Events().full_pct if full_pct is None else full_pct) / 100.0
-    fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
-    fleet.close()
-    rng = random.Random(seed * 31 + 5)
-    field = [d.bin for d in fleet.devices]
-    for b in field:
-        b.on_schedule = False
-        b.next_collection = math.inf
-    patterns = [fixed_pattern(b.days_to_fill) for b in field]
     start = t0 + warmup_days * DAY
     end = start + days * DAY
     counts = {}
-    for policy in ("fixed", "truth"):
-        state = [(b.level, b.t, b.rng.getstate()) for b in field]
+    for policy in ("fixed", "truth"):  # the same bins, afresh for each
+        fleet = Fleet(bins, seed=seed, t0=t0, wake_s=3600, report_s=3600, alarm_rate_per_week=0.0)
+        fleet.close()
+        rng = random.Random(seed * 31 + 5)
+        field = [d.bin for d in fleet.devices]
+        for b in field:
+            b.on_schedule = False
+            b.next_collection = math.inf
+        patterns = [fixed_pattern(b.days_to_fill) for b in field]
         collections, t = 0, ROUTES.next_after(t0)
         while t < end:
             for b in field:
@@ -323,9 +386,6 @@ def bound(bins=300, days=30, seed=1, margin_h=6.0, warmup_days=7, t0=START, full
             collections += len(chosen) if t >= start else 0
             t = ROUTES.next_after(t)
         counts[policy] = collections
-        for b, (level, bt, rs) in zip(field, state):  # the same bins again for the other policy
-            b.level, b.t, b.next_collection = level, bt, math.inf
-            b.rng.setstate(rs)
     return round(100.0 * (1 - counts["truth"] / counts["fixed"]), 1) if counts["fixed"] else None
 
 
@@ -339,16 +399,13 @@ def _true_level_at(b, t, until):
     return level
 
 
-def _simulate(args):
-    a, kw = args
-    return simulate(*a, **kw)
-
-
 def _in_processes(runs, processes):
-    """simulate(*a, **kw) for each (a, kw) of runs, `processes` at a time, results in order. Fresh
+    """_district(*args) for each args of runs, `processes` at a time, results in order. Fresh
     interpreters (spawn): forking a caller that runs threads (pytest's, a CLI's) can deadlock."""
+    if processes <= 1 or len(runs) == 1:
+        return [_district(*args) for args in runs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_simulate, runs))
+        return list(pool.map(_district, *zip(*runs)))

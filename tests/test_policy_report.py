@@ -59,10 +59,32 @@ def test_the_bound_is_what_knowing_each_bins_filling_speed_would_save_and_shrink
 
 
 def test_the_runs_in_worker_processes_give_the_same_figures():
-    """compare(processes=3), as the bench and the report run it: each policy in its own interpreter,
-    every figure and series as when the three run one after the other here."""
+    """compare(processes=3), as the bench and the report run it: the districts in worker
+    interpreters, every figure and series as when they run one after the other here."""
     args = dict(bins=6, days=3, seed=4, keep_series=2)
     assert policy.compare(processes=3, **args) == policy.compare(**args)
+
+
+def test_a_fixed_round_fares_the_same_whether_or_not_the_bins_run_their_firmware():
+    """Under fixed rounds only the charted bins run their firmware (a fixed round reads no
+    measurement): with every bin's firmware running, the same collections and overflow."""
+    everyone = policy.simulate("fixed", bins=8, days=4, seed=5, keep_series=8, warmup_days=1)
+    charted = policy.simulate("fixed", bins=8, days=4, seed=5, keep_series=2, warmup_days=1)
+    assert everyone["collections"] == charted["collections"] > 0
+    assert everyone["overflow_bin_hours"] == charted["overflow_bin_hours"]
+    assert set(charted["series"]) == set(list(everyone["series"])[:2])
+    assert charted["series"] == {b: everyone["series"][b] for b in charted["series"]}
+
+
+def test_a_bin_fares_the_same_in_whichever_district_runs_it(monkeypatch):
+    """The fleet runs as districts (one truck each; a city's report in parallel): without rounds
+    (the reactive run), each bin's readings, forecasts and pickups are its own whatever the split."""
+    whole = policy.simulate("reactive", bins=6, days=3, seed=2, keep_series=6, warmup_days=1)
+    monkeypatch.setattr(policy, "DISTRICT_BINS", 2)
+    assert len(policy.districts(6)) == 3
+    split = policy.simulate("reactive", bins=6, days=3, seed=2, keep_series=6, warmup_days=1)
+    assert split["series"] == whole["series"] and split["collections"] == whole["collections"] > 0
+    assert sorted(split["forecast_errors_h"]) == sorted(whole["forecast_errors_h"])
 
 
 class _Collect(HTMLParser):

@@ -12,7 +12,9 @@ not rerun, so that the firmware may change without the record: the part models a
 tests/vectors/sim_identity.json.gz was made with the part models of commit 73d8670 (before they were
 made faster) by `python -m tests.test_sim_speed_identity`, and made again when the Wi-Fi model was
 fixed (an association ends with the radio: each wake's connect takes its time again; the bins of
-the other bins replay the old record unchanged). Make it again only for a change that is
+the other bins replay the old record unchanged), and again when the bin's physics stopped
+depending on when it is looked at (physics.Bin: the echoes the sensors return changed, the part
+models did not: made with the part models of e155b1e). Make it again only for a change that is
 meant to change what the part models compute, and say so in its commit."""
 import gzip
 import hashlib
