@@ -130,7 +130,7 @@ policies. Trucks go out Monday to Saturday at 07:00 and visit their bins over si
 <h2>Policies</h2>
 <table class="policies"><tr><th>policy</th><th>collections</th><th>per bin-month</th><th>overflow bin-hours</th></tr>
 {rows}</table>
-<p>Collections saved: <b>{saved} %</b>{bound}. Forecast of the full time, made 24 h ahead (bins emptied a few hours
+<p>Collections saved: <b>{saved} %</b>{bound}.{every} Forecast of the full time, made 24 h ahead (bins emptied a few hours
 after they report full, so every weekday is scored): mean absolute error <b>{mae} h</b> over {scored} fill cycles.</p>
 {policy_chart}
 {routes}
@@ -149,7 +149,10 @@ after they report full, so every weekday is scored): mean absolute error <b>{mae
            charts=charts, c=COLOURS, routes=routes, hot=hot, quiet=quiet,
            bound="" if comparison.get("collections_saved_bound_pct") is None else
            " (at most %s %% on these rounds and this margin, had the list known each bin's true filling speed)"
-           % comparison["collections_saved_bound_pct"])
+           % comparison["collections_saved_bound_pct"],
+           every="" if comparison.get("overflow_bin_hours_fixed_every_round") is None else
+           " Fixed rounds visiting every bin on every round would take %s collections per bin-month and still overflow for %s"
+           " bin-hours." % (comparison["collections_per_bin_month_fixed_every_round"], comparison["overflow_bin_hours_fixed_every_round"]))
 
 
 def write(path, comparison):

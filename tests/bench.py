@@ -180,6 +180,9 @@ def bench_planner():
         "collections_per_bin_month_forecast": c["forecast"]["collections_per_bin_month"],
         "overflow_bin_hours_fixed": c["overflow_bin_hours_fixed"],
         "overflow_bin_hours_forecast": c["overflow_bin_hours_forecast"],
+        # every bin on every round (Monday to Saturday): the most a fixed schedule can do
+        "collections_per_bin_month_fixed_every_round": c["collections_per_bin_month_fixed_every_round"],
+        "overflow_bin_hours_fixed_every_round": c["overflow_bin_hours_fixed_every_round"],
     }
 
 

@@ -65,6 +65,21 @@ def test_the_runs_in_worker_processes_give_the_same_figures():
     assert policy.compare(processes=3, **args) == policy.compare(**args)
 
 
+def test_fixed_rounds_at_every_round_collect_most_and_are_reported(comparison, tmp_path):
+    """The most a fixed schedule can do (every bin on every round) collects more than the tailored
+    patterns, overflows no more, and the report says both beside the list's figures."""
+    every = comparison["collections_per_bin_month_fixed_every_round"]
+    assert every > comparison["fixed"]["collections_per_bin_month"] > comparison["forecast"]["collections_per_bin_month"]
+    assert comparison["overflow_bin_hours_fixed_every_round"] <= comparison["overflow_bin_hours_fixed"]
+    fc = comparison["forecast"]
+    rounds, t = 0, policy.ROUTES.next_after(fc["start"] - 1)
+    while t < fc["end"]:
+        rounds, t = rounds + 1, policy.ROUTES.next_after(t)
+    assert every == round(rounds * 30.0 / fc["days"], 2)  # each bin emptied at each of the window's rounds
+    text = report.render(comparison)
+    assert "every bin on every round would take %s collections per bin-month" % every in text
+
+
 def test_a_fixed_round_fares_the_same_whether_or_not_the_bins_run_their_firmware():
     """Under fixed rounds only the charted bins run their firmware (a fixed round reads no
     measurement): with every bin's firmware running, the same collections and overflow."""
