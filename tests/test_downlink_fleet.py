@@ -1,6 +1,7 @@
 """The fleet whose gateway answers (simulator/fleet_downlink.py): real firmware on the part models,
 one channel, the gateway's own transmissions on it."""
 import pytest
+from binlink.firmware import state
 from binlink.sim.fleet_downlink import DownlinkFleet
 
 from tests.bench_downlink_fleet import delivered_pct, max_hour_share
@@ -39,19 +40,27 @@ def test_the_gateway_never_transmits_while_receiving_a_packet_it_stores(crowded)
         assert not any(s < end and start < e for s, e, r in sent if r == radio)
 
 
-def test_a_bin_out_of_range_for_days_runs_the_new_settings_when_it_returns():
+def test_a_bin_out_of_range_for_a_week_runs_the_new_settings_when_it_returns():
     fleet = DownlinkFleet(6, seed=5, t0=T0)
     fleet.run(2 * HOUR)
     away = fleet.devices[1].device_id
     fleet.in_range[away] = False  # its antenna buried under a pile of waste, say
     fleet.gateway.set_desired({"report_s": 1800})
-    fleet.run(3 * 24 * HOUR)
+    gone = fleet.now
+    fleet.run(7 * 24 * HOUR)
+    back = fleet.now
     g = fleet.gateway
     assert all(g.reported[d] == g.desired_hash(d) for d in g.keys if d != away)
     assert g.reported[away] != g.desired_hash(away)
     fleet.in_range[away] = True
     fleet.run(14 * HOUR)  # it listens after every 6th report: two chances, one may be lost on air
     assert g.reported[away] == g.desired_hash(away)
+    # and the newest readings of its week away (its backlog holds BACKLOG_CAP; older ones are dropped
+    # and counted on the bin) reach the gateway, acknowledged and resent in batches
+    stored = {("%06x" % dev, fcnt) for dev, fcnt in g.readings}
+    made = sorted((v[2], k) for k, v in fleet.truth.readings.items() if k[0] == "%06x" % away and gone <= v[2] < back)
+    assert len(made) > state.BACKLOG_CAP
+    assert all(k in stored for _, k in made[-state.BACKLOG_CAP:])
 
 
 def test_a_refused_setting_is_never_sent():
