@@ -40,6 +40,25 @@ def test_the_gateway_never_transmits_while_receiving_a_packet_it_stores(crowded)
         assert not any(s < end and start < e for s, e, r in sent if r == radio)
 
 
+def test_rylr998_bins_hear_their_answers_as_rcv_and_resend_what_collided():
+    """The same crowded site with RYLR998 bins: the gateway's answers go out in the module's own
+    AT format, each bin's module hands them over as +RCV, and what collided is resent."""
+    runs = {}
+    for answer in (False, True):
+        runs[answer] = DownlinkFleet(50, answer=answer, seed=3, radius_m=300.0, report_s=900, t0=T0, fmt="rylr998")
+        runs[answer].run(8 * HOUR)
+    without, with_dl = runs[False], runs[True]
+    window = (without.t0 + HOUR, without.t0 + 6 * HOUR)
+    lost_without = 100.0 - delivered_pct(without, *window)[0]
+    lost_with = 100.0 - delivered_pct(with_dl, *window)[0]
+    assert without.channel.stats["lost_collision"] > 10 and lost_without > 1.5
+    assert lost_with < min(0.5, lost_without / 4)
+    assert all(d.hw.radio.received for d in with_dl.devices)  # every bin heard answers (+RCV)
+    sent = with_dl.gateway.sent
+    for start, end, radio in with_dl.gateway.accepted:
+        assert not any(s < end and start < e for s, e, r in sent if r == radio)
+
+
 def test_a_bin_out_of_range_for_a_week_runs_the_new_settings_when_it_returns():
     fleet = DownlinkFleet(6, seed=5, t0=T0)
     fleet.run(2 * HOUR)
