@@ -62,9 +62,14 @@ def test_full_disk_refuses_frames_stays_up_and_resumes_by_itself(tmp_path, small
             assert n < 3000, "the disk never filled"
             _send(pty, [n])
             time.sleep(0.01)
-        last_full = n + 20
-        _send(pty, range(n + 1, last_full + 1))
-        wait_for(lambda: gw.metric("binlink_frames_read_total") == last_full, what="every frame read")
+        # 20 more refused: a small commit may still fit where a refused one had the disk allocate
+        # blocks before it failed (SQLite keeps the WAL's size; a rolled-back batch leaves its room)
+        while gw.metric("binlink_frames_rejected_total", reason="storage_full") < 21:
+            n += 1
+            assert n < 3000, "frames kept fitting on a full disk"
+            _send(pty, [n])
+            wait_for(lambda: gw.metric("binlink_frames_read_total") == n, what="frame %d read" % n)
+        last_full = n
         refused = gw.metric("binlink_frames_rejected_total", reason="storage_full")
         accepted = gw.metric("binlink_frames_accepted_total")
         assert refused >= 21 and accepted + refused == last_full
@@ -74,7 +79,7 @@ def test_full_disk_refuses_frames_stays_up_and_resumes_by_itself(tmp_path, small
         wait_for(lambda: any(s.get("storage_full") == 1 for s in subscriber.json("gateway/gw-test/stats")),
                  what="storage full in the stats topic")
         out = gw.output()
-        assert out.count("storage full: new frames are refused") == 1
+        assert out.count("storage full: new frames are refused") == out.count("storage has room again") + 1  # once a spell
         assert "Traceback" not in out and "cannot rollback" not in out
         os.unlink(filler)
         _send(pty, range(last_full + 1, last_full + 11))
