@@ -19,13 +19,19 @@ KEY2 = bytes.fromhex("5445535420b1e57e57206b65792d3221")  # TEST KEY
 
 
 def wait_for(pred, timeout=20.0, interval=0.05, what="condition"):
+    """pred() until it is true. A predicate that looks up what has not arrived yet (the last
+    message of a topic with none so far: IndexError, KeyError) is asked again, not failed at once."""
     deadline = time.monotonic() + timeout
+    missing = None
     while time.monotonic() < deadline:
-        v = pred()
+        try:
+            v = pred()
+        except LookupError as e:
+            v, missing = None, e
         if v:
             return v
         time.sleep(interval)
-    raise AssertionError("timed out after %.0f s waiting for %s" % (timeout, what))
+    raise AssertionError("timed out after %.0f s waiting for %s%s" % (timeout, what, "" if missing is None else " (last: %r)" % missing))
 
 
 def fill_volume(folder):
