@@ -25,7 +25,9 @@ class SimDevice:
         self.key = key
         self.clock = clock
         self.vm = vm  # a simulator.vm.FirmwareVM, or None for CPython
-        self.bin = physics.Bin(rng, depth_mm=depth_mm, full_mm=full_mm, t0=clock())
+        # the bin's waste has randomness of its own: drawn from the sensor's stream, how it fills
+        # would depend on how often it is measured (policy.py runs fixed rounds without measuring)
+        self.bin = physics.Bin(random.Random(rng.getrandbits(64)), depth_mm=depth_mm, full_mm=full_mm, t0=clock())
         # blind zone: JSN-SR04T 23-25 cm (drawn per unit), A02YYUW 3 cm (DFRobot SEN0311), HC-SR04 2 cm
         self.sensor = physics.UltrasonicSensor(rng, blind_mm={"a02yyuw": 30.0, "hc-sr04": 20.0}.get(sensor))
         self.weather = weather or physics.Weather()

@@ -140,7 +140,7 @@ def _district(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days
     overflow_before = None
     while True:
         t = wakes[0][0] if wakes else end
-        if overflow_before is None and t >= start:
+        if overflow_before is None and t >= start and rounds >= start:  # after the learning week's last round
             for tr in tracked:  # the physics is continuous: bring every bin to the start and note its overflow
                 tr.collections += [c for c, _ in tr.dev.bin.advance(start)]
             overflow_before = sum(tr.dev.bin.overflow_s for tr in tracked)

@@ -14,8 +14,9 @@ made faster) by `python -m tests.test_sim_speed_identity`, and made again when t
 fixed (an association ends with the radio: each wake's connect takes its time again; the bins of
 the other bins replay the old record unchanged), and again when the bin's physics stopped
 depending on when it is looked at (physics.Bin: the echoes the sensors return changed, the part
-models did not: made with the part models of e155b1e). Make it again only for a change that is
-meant to change what the part models compute, and say so in its commit."""
+models did not: made with the part models of e155b1e), and when the bin's waste got a random
+stream of its own, apart from its sensor's (made with the part models of 0830b8a). Make it again
+only for a change that is meant to change what the part models compute, and say so in its commit."""
 import gzip
 import hashlib
 import json
