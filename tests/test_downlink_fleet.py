@@ -112,7 +112,9 @@ def test_a_packet_is_lost_when_another_bins_or_the_gateways_overlaps_it_whicheve
     gateway's answers overlap it, also when the overlapping one comes from a wake that began later
     or is an answer decided while the packet was already on air."""
     overlapped = talked_over = 0
-    for seed in (1, 2, 3):
+    for seed in range(1, 13):  # until both kinds of overlap have happened
+        if overlapped and talked_over:
+            break
         fleet = DownlinkFleet(2, seed=seed, t0=T0, powered_within_s=0.5,
                               channel={"fading_db": 0.0, "loss": 0.0, "bit_errors": 0.0})
         for d in fleet.devices:

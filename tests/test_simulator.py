@@ -70,7 +70,11 @@ def test_fleet_on_the_micropython_vm(tmp_path):
     assert len(uplinks) >= 3 * 6 * 0.9  # hourly reports at least
     for e in uplinks:
         d = next(d for d in fleet.devices if "%06x" % d.device_id == e["device"])
-        assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= error_budget_pct(d.bin)
+        if e["fill_pct"] is None:  # no echo (as on CPython: test_seeded_fleet_through_gateway_matches_ground_truth)
+            assert "sensor_fault" in e["flags"]
+        else:
+            assert abs(e["fill_pct"] - min(100.0, fleet.truth.readings[(e["device"], e["fcnt"])][0])) <= error_budget_pct(d.bin)
+    assert sum(e["fill_pct"] is not None for e in uplinks) >= 0.8 * len(uplinks)
 
 
 def test_sim_command_writes_registry_and_truth(tmp_path):
