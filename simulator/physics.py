@@ -146,9 +146,6 @@ class Bin:
             return 0.0
         return max(0.0, until - (self._seg_t + (1.0 - self._seg_level) / self._slope))
 
-    def collect_now(self):
-        self.next_collection = self.t
-
     def collect_at(self, t):
         """A truck empties the bin at t (the earliest of what is already planned and t)."""
         self.next_collection = min(self.next_collection, t)

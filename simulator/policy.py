@@ -54,8 +54,9 @@ def fixed_pattern(days_to_fill, safety=0.8):
 class Tracked:
     """One bin as the back office sees it: its registry entry, state and forecast."""
 
-    def __init__(self, dev, device, keep_series, scored=False, history=None):
+    def __init__(self, dev, device, keep_series, scored=False, history=None, rng=None):
         self.dev = dev
+        self.rng = rng  # this bin's own randomness: its first wake, which of its frames the air loses
         self.scored = scored  # keep predictions at 100 % for _forecast_errors
         self.history = history  # gateway.history.History: what a real site's planner would keep
         self.device = device
@@ -68,7 +69,6 @@ class Tracked:
         self.collections = []  # true pickup times
         self.predictions = []  # (measured at, full_at or None)
         self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
-        self.rng = None  # this bin's own randomness (_district)
 
 
 def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None,
@@ -88,12 +88,16 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
     bin on every round)."""
     if policy not in POLICIES:
         raise ValueError("policy must be one of %s, got %r" % (", ".join(POLICIES), policy))
-    runs = [(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, members, safety)
-            for members in districts(bins, policy)]
-    return _merge(_in_processes(runs, processes), trucks)
+    return _merge(_in_processes(_runs(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, safety), processes),
+                  trucks)
 
 
 DISTRICT_BINS = 250
+
+
+def _runs(policy, bins, *args):
+    """_district's arguments for each of the policy's districts (args: days to safety)."""
+    return [(policy, bins) + args + (members,) for members in districts(bins, policy)]
 
 
 def districts(bins, policy="forecast"):
@@ -105,7 +109,7 @@ def districts(bins, policy="forecast"):
     return [range(bins * k // n, bins * (k + 1) // n) for k in range(n)]
 
 
-def _district(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, members, safety=0.8):
+def _district(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, safety, members):
     """One district's bins under `policy`: the raw results _merge adds up.
 
     Each bin's randomness (when it first wakes, which frames the air loses) is its own, and each
@@ -125,8 +129,8 @@ def _district(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days
         lat, lon = fleet.latlon(d)
         device = registry.Device(d.device_id, d.bin_id, d.key, d.bin.nominal_depth_mm, d.bin.full_mm,
                                  "Simulated bin %s" % d.bin_id[4:], lat, lon)
-        tr = Tracked(d, device, i < keep_series, scored=policy == "reactive", history=hist)
-        tr.rng = random.Random(seed * 1_000_003 + i)
+        tr = Tracked(d, device, i < keep_series, scored=policy == "reactive", history=hist,
+                     rng=random.Random(seed * 1_000_003 + i))
         d._transmit = _receiver(tr, tr.rng, loss, rules)
         tracked.append(tr)
     patterns = [fixed_pattern(tr.dev.bin.days_to_fill, safety) for tr in tracked]
@@ -205,11 +209,11 @@ def _merge(parts, trucks=None):
     if first["history"] is not None:
         from binlink.sim import report
 
-        hist = History(":memory:")
+        hist, rules = History(":memory:"), Events()
         for p in parts:
             hist.put(p["history"])
         hist.flush(end)
-        site = report.site_figures(hist, days, Events().full_pct, chart_bins=0, emptied_drop_pct=Events().emptied_drop_pct)
+        site = report.site_figures(hist, days, rules.full_pct, chart_bins=0, emptied_drop_pct=rules.emptied_drop_pct)
         hist.close()
     series = {}
     for p in parts:
@@ -225,6 +229,8 @@ def _merge(parts, trucks=None):
         "t0": first["t0"], "start": first["start"], "end": end, "site": site,
         "route_km": round(route_km[0], 1), "route_km_list_order": round(route_km[1], 1),
     }
+
+
 def _receiver(tr, rng, loss, rules):
     """The gateway's half for one bin: verify, decode, calibrate, learn the forecast."""
 
@@ -333,8 +339,7 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
     processes at once; the figures are the same as one after the other."""
     tasks = []
     for policy, n in (("fixed", bins), ("forecast", bins), ("reactive", min(bins, SCORED_BINS))):
-        charted = keep_series if policy != "reactive" else 0
-        tasks += [(policy, n, days, seed, margin_h, 0.03, charted, 7, START, members) for members in districts(n, policy)]
+        tasks += _runs(policy, n, days, seed, margin_h, 0.03, keep_series if policy != "reactive" else 0, 7, START, 0.8)
     done = _in_processes(tasks, processes)
     fixed, fc, scored = (_merge([r for task, r in zip(tasks, done) if task[0] == policy], trucks if policy == "forecast" else None)
                          for policy in POLICIES)
