@@ -39,10 +39,10 @@ class Publisher:
     """The service's handle on the publisher process: starts it, restarts it if it dies,
     applies its reports to the service's metrics."""
 
-    def __init__(self, cfg, outbox_path, devices, metrics, on_acks=lambda: None):
-        """on_acks(): called (monitor thread) when acknowledgements arrive and none were waiting."""
+    def __init__(self, cfg, devices, metrics, on_news=lambda: None):
+        """on_news(): called (monitor thread) when acknowledgements arrive and none were waiting, or
+        the process asks for outbox rows: the service's main loop has something to do."""
         self.cfg = cfg
-        self.outbox_path = outbox_path
         self.bins = homeassistant.bin_infos(devices)
         self.firmware = {}  # device hex -> firmware version from its hello (sw_version in discovery)
         self.metrics = metrics
@@ -52,8 +52,9 @@ class Publisher:
         self._wake_lock = threading.Lock()  # notify() (main thread) never writes to a pipe being swapped
         self._stopping = threading.Event()
         self._acked = []  # outbox ids acknowledged by the broker, for the service to write
+        self._asks = []  # the process's requests for outbox rows, for the service to answer (outbox_feed.py)
         self._last_heard = time.monotonic()
-        self._on_acks = on_acks
+        self._on_news = on_news
         self._lock = threading.Lock()  # sends to the process come from the main and the monitor thread
         self._restart = Backoff(RESTART_MIN_S, RESTART_MAX_S, RESTART_GOOD_S)
         self._monitor = threading.Thread(target=self._watch, name="publisher-monitor", daemon=True)
@@ -63,8 +64,8 @@ class Publisher:
         self._monitor.start()
 
     def start_message(self):
-        """The process's first message: configuration, outbox, bins (no keys), the service's pid."""
-        return ("start", self.cfg, self.outbox_path, self.bins, os.getpid())
+        """The process's first message: configuration, bins (no keys), the service's pid."""
+        return ("start", self.cfg, self.bins, os.getpid())
 
     def _spawn(self):
         ours, theirs = socket.socketpair()
@@ -96,6 +97,11 @@ class Publisher:
                 while True:
                     report = self._conn.recv()
                     self._last_heard = time.monotonic()
+                    if isinstance(report, tuple):  # ("pending", number, after, limit)
+                        with self._lock:
+                            self._asks.append(report[1:])
+                        self._on_news()
+                        continue
                     reached_broker = reached_broker or bool(report.get("connected"))
                     acked = report.pop("acked", None)
                     if acked:
@@ -103,7 +109,7 @@ class Publisher:
                             was_empty = not self._acked
                             self._acked += acked
                         if was_empty:
-                            self._on_acks()
+                            self._on_news()
                     self.metrics.apply_publisher_report(report)
             except (EOFError, OSError):
                 pass
@@ -124,6 +130,13 @@ class Publisher:
         with self._lock:
             acked, self._acked = self._acked, []
         return acked
+
+    def answer_asks(self, answer):
+        """Sends answer(request) for each request for rows the process made since the last call."""
+        with self._lock:
+            asks, self._asks = self._asks, []
+        for request in asks:
+            self._send(answer(request))
 
     def alive(self):
         """The watchdog's question: False when the process is gone and not being restarted, or
@@ -161,14 +174,20 @@ class Publisher:
     def publish_stats(self, stats):
         self._send(("stats", json.dumps(stats, sort_keys=True)))
 
-    def stop(self, drain_timeout_s=10.0):
-        """Waits (bounded) for the outbox to drain, says offline, disconnects."""
+    def stop(self, drain_timeout_s=10.0, serve=lambda: None):
+        """Waits (bounded) for the outbox to drain, says offline, disconnects. serve(): answers the
+        process's requests for rows meanwhile (the caller holds the outbox)."""
         self._stopping.set()
         if time.monotonic() - self._last_heard >= SILENT_LIMIT_S:  # stuck: it would not answer
             self.proc.kill()
         self._send(("stop", drain_timeout_s))
         try:
-            self.proc.wait(drain_timeout_s + 5)
+            deadline = time.monotonic() + drain_timeout_s + 5
+            while self.proc.poll() is None:
+                if time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(self.proc.args, drain_timeout_s + 5)
+                serve()
+                time.sleep(0.005)
         except subprocess.TimeoutExpired:
             logs.event(log, logging.WARNING, "publisher process did not stop in time, killed")
             self.proc.kill()

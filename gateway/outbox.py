@@ -7,6 +7,7 @@ states derived from rows heads.py, SQLite settings and a full disk storage.py. N
 pending rows (each is one more page written per reading and per ack on an SD card).
 
 One Outbox object per thread (SQLite connections are not shared across threads)."""
+import errno
 import os
 import sqlite3
 import time
@@ -69,7 +70,19 @@ class Outbox:
         try:
             self.db = storage.connect(path, durable)
         except sqlite3.OperationalError as e:
-            if is_full(e, path):  # creating the -wal and -shm files of a closed file needs room too
+            if is_full(e, path):  # creating the -wal file of a closed file needs room too
+                raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(path))) from e
+            raise
+        try:
+            self.db.execute("SELECT 1 FROM sqlite_master LIMIT 1")  # the file's lock taken before the marks
+            if free_bytes(path) < storage.ROOM_TO_START:
+                raise StorageFull("no room to start in (free: %d bytes)" % free_bytes(path))
+            storage.mark_open(path)
+            self.mark = storage.CommitMark(path)
+            self.on_rows = lambda: None  # after each commit that stored rows: the service wakes its publisher
+        except BaseException as e:
+            self.db.close()
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(path))) from e
             raise
         try:
@@ -94,7 +107,6 @@ class Outbox:
         self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
         self._saved_at = time.monotonic()
         self._acks, self._deferred = [], set()  # broker acknowledgements not written yet: see defer_acks
-        self._data_version = None  # SQLite's data_version when last looked at (written_elsewhere)
 
     def close(self):
         if self._acks:
@@ -108,6 +120,8 @@ class Outbox:
             except StorageFull:
                 pass  # their rows still hold them
         self.db.close()
+        storage.mark_closed(self.path)
+        self.mark.close(remove=True)
 
     def write(self, work):
         """work(db) in one write transaction; a full disk raises StorageFull."""
@@ -131,9 +145,12 @@ class Outbox:
             pending = _store_messages(db, batch, self._pending_states, written)
             _store_heads(db, batch, counters, bins, written, self._unsaved if save_all else None, lazy)
             db.executemany("INSERT INTO receptions VALUES (?,?,?,?,?,?,?)", batch.receptions)
-            return pending
-        pending = self.write(work)
+            return pending, self.newest_id() if batch.messages or batch.states else None
+        pending, newest = self.write(work)
         # only once committed
+        if newest is not None:
+            self.mark.write(newest)
+            self.on_rows()
         self._acks, self._deferred = [], set()
         self._pending_states.update(written)
         counters.update(batch.counters)
@@ -188,11 +205,14 @@ class Outbox:
     def pending(self, after_id, limit):
         """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at);
         payload None for a row that cannot be read (damaged on disk)."""
-        rows = self.db.execute(
+        return [(i, topic, payloads.readable(p), retain, at) for i, topic, p, retain, at in self.pending_stored(after_id, limit)]
+
+    def pending_stored(self, after_id, limit):
+        """pending() with payloads as stored: the publisher process renders them (outbox_feed.py)."""
+        return self.db.execute(
             "SELECT id, topic, payload, retain, received_at FROM outbox WHERE id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
             (max(after_id, self._floor), limit),
         ).fetchall()
-        return [(i, topic, payloads.readable(payload), retain, at) for i, topic, payload, retain, at in rows]
 
     def defer_acks(self, ids):
         """Broker acknowledgements to be written with the next commit, in its transaction and
@@ -228,22 +248,13 @@ class Outbox:
         self.write_acks(now)
         return pending
 
+    def newest_id(self):
+        """The newest row's id: prune() keeps it, so it only ever grows."""
+        return self.db.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+
     def depth(self):
         """Counted from the table: at start-up; the gauge then follows commit() and ack()."""
         return self.db.execute("SELECT count(*) FROM outbox WHERE acked_at IS NULL").fetchone()[0]
-
-    def gauge_depth(self):
-        """depth() less the acknowledgements deferred (the gauge counted them off as they came):
-        the gauge's value counted again, after another process wrote (written_elsewhere)."""
-        count = "SELECT count(*) FROM outbox WHERE id BETWEEN ? AND ? AND acked_at IS NULL"
-        return self.depth() - sum(self.db.execute(count, run).fetchone()[0] for run in runs(self._acks))
-
-    def written_elsewhere(self):
-        """True when another connection committed to the file since the last call (SQLite's
-        data_version): `binlink registry retire` queues its clearing messages here."""
-        version = self.db.execute("PRAGMA data_version").fetchone()[0]
-        seen, self._data_version = self._data_version, version
-        return seen is not None and version != seen
 
     def prune(self, now=None):
         """Forgets old acknowledged messages; the newest row stays so that its id is never handed

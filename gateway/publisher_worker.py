@@ -14,7 +14,6 @@ import logging
 import os
 import select
 import signal
-import sqlite3
 import ssl
 import sys
 import time
@@ -23,7 +22,7 @@ from multiprocessing.connection import Connection
 from binlink.gateway import config as config_mod, discovery, homeassistant, integrate, logs, mqtt_wire
 from binlink.gateway.latency import LatencyCounts
 from binlink.gateway.memory import Trimmer
-from binlink.gateway.outbox import Outbox
+from binlink.gateway.outbox_feed import OutboxUnavailable, Rows, ServiceGone
 from binlink.gateway.publish_policy import Backoff, DenialFinder
 
 log = logs.get("mqtt")
@@ -33,14 +32,14 @@ HEARTBEAT_S = 5.0  # reports at least this often, news or not (the service's wat
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1.0, 30.0
 GOOD_SESSION_S = 30.0  # a session that lasted this long resets the reconnect back-off
 DENIED_RETRY_S = 600.0  # a denied topic is tried again this often (an ACL may have been fixed)
-LOOK_S = 2.0  # the outbox is also read this often unwoken: rows other writers left (`binlink registry retire`)
 DISCOVERY_WINDOW = 256  # discovery messages in flight at most: each is a device's config (~5 KB), held until acked
 PR_SET_PDEATHSIG = 1
 
 
 class Worker:
-    def __init__(self, conn, wake_fd, cfg, outbox_path, bins):
-        """bins: homeassistant.BinInfo by device id; no keys ever reach this process."""
+    def __init__(self, conn, wake_fd, cfg, bins):
+        """bins: homeassistant.BinInfo by device id; no keys ever reach this process, nor the outbox
+        file: the service owns it (exclusive locking: no -shm on the SD card) and hands rows over."""
         self.conn = conn
         self.wake_fd = wake_fd
         self.cfg = cfg
@@ -51,11 +50,10 @@ class Worker:
         self.announcer = discovery.Announcer(discovery.Discovery(
             os.path.join(cfg.state_dir, "discovery.json"), cfg.mqtt.discovery_prefix, cfg.base_topic, cfg.site,
             cfg.mqtt.discovery_mode, homeassistant.GatewayInfo.of(cfg)))
-        self.box = Outbox(outbox_path, durable=False)
+        self.rows = Rows(conn, self._handle)  # the outbox's, from the service (outbox_feed.py)
         self.status_topic = integrate.status_topic(cfg.base_topic, cfg.gateway_id)
         self.discovery_status = "%s/status" % cfg.mqtt.discovery_prefix
-        self.window = cfg.mqtt.max_inflight
-        m = cfg.mqtt
+        self.window, m = cfg.mqtt.max_inflight, cfg.mqtt
         self.tls = mqtt_wire.tls_context(m.ca_file, m.cert_file, m.key_file) if m.tls else None
         self.password = config_mod.mqtt_password(cfg.mqtt)
         self.session, self.session_started = None, 0.0
@@ -63,7 +61,6 @@ class Worker:
         self.inflight = {}
         self.last_fed = 0  # highest outbox id handed to the broker in this session
         self.maybe_pending = True  # the outbox may hold rows after last_fed
-        self.next_look = 0.0
         self.acked, self.next_connect = [], 0.0  # outbox ids the broker acknowledged, not yet reported to the service
         self.reconnect = Backoff(RECONNECT_MIN_S, RECONNECT_MAX_S, GOOD_SESSION_S)
         self.denials = DenialFinder(DENIED_RETRY_S)
@@ -75,8 +72,7 @@ class Worker:
         self.latency, self.memory = LatencyCounts(), Trimmer()
         self.counts = dict.fromkeys(("connect_failures", "unreadable_rows", "subscriptions_refused", "publishes_denied",
                                      "lost_silent", "lost_protocol", "lost_closed"), 0)
-        self.connected_reported = None
-        self.last_report = self.last_sent = 0.0
+        self.connected_reported, self.last_report, self.last_sent = None, 0.0, 0.0
 
     # connection -------------------------------------------------------------------------------
     def _connect(self, now):
@@ -173,7 +169,7 @@ class Worker:
             for item in self.announcer.take(share, self.denied):
                 self._publish_other(item[0], item[1], item)
             room = window - len(self.inflight)
-        rows = self.box.pending(self.last_fed, room) if self.maybe_pending and room > 0 else []
+        rows = self.rows.pending(self.last_fed, room) if self.maybe_pending and room > 0 else []
         if len(rows) < room:
             self.maybe_pending = False
         topics, inflight, denied = self.topics, self.inflight, self.denied
@@ -225,17 +221,7 @@ class Worker:
         try:
             while self.conn.poll():
                 kind, *args = self.conn.recv()
-                if kind == "stop":
-                    self.stop_deadline = time.monotonic() + args[0]
-                elif kind == "bins":
-                    self.bins = args[0]
-                elif kind == "firmware":
-                    news = {dev: v for dev, v in args[0].items() if self.firmware.get(dev) != v}
-                    self.firmware.update(news)
-                elif kind == "stats" and self.session is not None:
-                    self.session.publish(integrate.stats_topic(self.cfg.base_topic, self.cfg.gateway_id), args[0], qos=0)
-                if (kind == "bins" or kind == "firmware" and news) and self.session is not None and self.cfg.mqtt.discovery:
-                    self._queue_discovery(only=None if kind == "bins" else news)  # a hello: that bin alone
+                self._handle(kind, args)
         except (EOFError, OSError):
             return False
         if self.session is not None:
@@ -244,6 +230,20 @@ class Worker:
             except OSError as e:
                 self._lost(e)
         return True
+
+    def _handle(self, kind, args):
+        news = None
+        if kind == "stop":
+            self.stop_deadline = time.monotonic() + args[0]
+        elif kind == "bins":
+            self.bins = args[0]
+        elif kind == "firmware":
+            news = {dev: v for dev, v in args[0].items() if self.firmware.get(dev) != v}
+            self.firmware.update(news)
+        elif kind == "stats" and self.session is not None:
+            self.session.publish(integrate.stats_topic(self.cfg.base_topic, self.cfg.gateway_id), args[0], qos=0)
+        if (kind == "bins" or news) and self.session is not None and self.cfg.mqtt.discovery:
+            self._queue_discovery(only=None if kind == "bins" else news)  # a hello: that bin alone
 
     def _report(self, now, force=False):
         connected = self.session is not None
@@ -269,8 +269,11 @@ class Worker:
     def _drained(self):
         if self.inflight or self.announcer:
             return False
-        if self.maybe_pending and self.box.pending(self.last_fed, 1):
-            return False
+        try:
+            if self.maybe_pending and self.rows.pending(self.last_fed, 1):
+                return False
+        except OutboxUnavailable:
+            pass  # nothing more can be read: the stop goes on
         self.maybe_pending = False
         return True
 
@@ -292,7 +295,7 @@ class Worker:
                         self._feed()
                     except OSError as e:
                         self._lost(e)
-                    except sqlite3.Error as e:
+                    except OutboxUnavailable as e:
                         self._storage_error(now, e)
                 if not self._wait(now):
                     return 2  # the service is gone
@@ -308,9 +311,10 @@ class Worker:
             self._say_offline()
             self._report(time.monotonic(), force=True)
             return 0
+        except ServiceGone:
+            return 2
         finally:
             self.announcer.record(final=True)
-            self.box.close()
 
     def _storage_error(self, now, e):
         if self._log_limit.allow("pending", now):
@@ -340,13 +344,9 @@ class Worker:
             if self.session is not None:
                 fds.append(self.session)
             ready, _, _ = select.select(fds, [], [], self._timeout(now))
-        if self.wake_fd in ready:
+        if self.wake_fd in ready:  # the service committed: it writes every row, and says so each time
             os.read(self.wake_fd, 65536)
             self.maybe_pending = not self.storage_retry
-        elif time.monotonic() >= self.next_look and not self.storage_retry:
-            self.maybe_pending = True
-        if self.maybe_pending:
-            self.next_look = time.monotonic() + LOOK_S
         if self.conn in ready and not self._from_service():
             return False
         if self.session is not None and self.session in ready:
@@ -383,7 +383,7 @@ def main(argv):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        kind, cfg, outbox_path, bins, parent_pid = conn.recv()
+        kind, cfg, bins, parent_pid = conn.recv()
     except EOFError:
         return 2
     try:
@@ -393,7 +393,7 @@ def main(argv):
     if os.getppid() != parent_pid:  # the service died before prctl took effect
         return 2
     logs.setup(cfg.log_level)
-    return Worker(conn, wake_fd, cfg, outbox_path, bins).run()
+    return Worker(conn, wake_fd, cfg, bins).run()
 
 
 if __name__ == "__main__":

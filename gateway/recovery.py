@@ -2,8 +2,8 @@
 the state file; salvage.py reads a damaged file, retained.py judges the broker's retained states.
 
 1. The state file is checked: missing (though a marker says this gateway had state), empty,
-   unreadable, or failing SQLite's quick_check; its WAL gone while its -shm is still there (SQLite
-   removes both on a clean close, a crash leaves both). Each problem
+   unreadable, or failing SQLite's quick_check; its WAL gone while its open mark is still there
+   (a clean close removes both, a crash leaves both: storage.mark_open). Each problem
    is logged loudly and counted; a WAL cut short or damaged (walcheck.py: committed frames SQLite
    would drop without a word) too (binlink_state_problems_total{problem=...}); nothing here raises on
    a damaged file, so a bad disk never becomes a crash loop.
@@ -133,8 +133,10 @@ def find_problems(db_path, report):
     if os.path.getsize(db_path) == 0:
         _problem(report, "state_file_empty", "the state file is empty", path=db_path)
         return _move_aside(db_path)
-    # SQLite removes both on a clean close; a crash leaves both: an -shm alone means the WAL was lost
-    if os.path.exists(db_path + "-shm") and not os.path.exists(db_path + "-wal"):
+    # a clean close removes the WAL and the open mark (before 0.5: the -shm); a crash leaves both:
+    # either alone means the WAL was lost
+    held = os.path.exists(db_path + ".open") or os.path.exists(db_path + "-shm")
+    if held and not os.path.exists(db_path + "-wal"):
         _problem(report, "wal_missing", "the state file's WAL is gone after an unclean stop: the newest "
                  "readings and counters in it are lost", path=db_path + "-wal")
     wal = walcheck.check(db_path)  # before anything opens the file: SQLite rebuilds the -shm on open
@@ -224,6 +226,8 @@ def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: Non
     for code in report.problems:
         metrics.state_problems.labels(code).inc()
     box = _open(db_path, stop_event, keepalive)
+    if not {"wal_missing", "wal_damaged"} & set(report.problems):
+        _check_commit_mark(box, report, metrics)
     if damaged is not None:
         try:
             carry_over(box, salvage(damaged), report, devices)
@@ -244,6 +248,20 @@ def open_state(cfg, db_path, devices, metrics, stop_event, keepalive=lambda: Non
     except StorageFull:
         logs.event(log, logging.ERROR, "storage full: counters from the broker not stored")
     return box, report
+
+
+def _check_commit_mark(box, report, metrics):
+    """After a crash of the process, the RAM mark (storage.CommitMark) names the newest row that was
+    committed: a file with fewer rows lost committed frames of its WAL, cut at a frame boundary
+    where walcheck.py sees nothing wrong (it needs the -shm, which exclusive locking does away with)."""
+    marked = box.mark.read()
+    newest = box.newest_id()
+    if marked is not None and newest < marked:
+        _problem(report, "wal_damaged", "committed readings are missing after an unclean stop (the WAL lost its "
+                 "newest frames): counters come from the broker's retained states", rows_lost=marked - newest,
+                 highest_row_id=newest)
+        metrics.state_problems.labels("wal_damaged").inc()
+        box.mark.write(newest)
 
 
 def _say_wal_loss(box, report):

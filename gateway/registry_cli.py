@@ -9,7 +9,6 @@ writes the bin's entry with its key (a new file, mode 0600, owned by the user wh
 `make flash KEY_FILE=FILE`."""
 import os
 import sys
-import time
 
 from binlink.gateway import config as config_mod, homeassistant, integrate, registry, registry_file, registry_merge, registry_settings
 
@@ -179,32 +178,26 @@ def cmd_rekey(args):
 
 
 def clear_retained(cfg, device, now=None):
-    """Queues empty retained payloads for the bin's state and Home Assistant discovery topics in
-    the gateway's durable outbox: its publisher sends them like any message."""
-    from binlink.gateway.outbox import Batch, Message, Outbox
+    """Queues empty retained payloads for the bin's state and Home Assistant discovery topics for
+    the gateway (outbox_spool.py: it holds its state file alone); its publisher sends them like
+    any message."""
+    from binlink.gateway import outbox_spool
 
-    now = time.time() if now is None else now
     base = cfg.base_topic
     topics = [integrate.state_topic(base, device.bin_id)]
     topics += homeassistant.discovery_topics(cfg.mqtt.discovery_prefix, base, cfg.site, device)  # either mode
-    batch = Batch()
-    for topic in topics:
-        batch.states[topic] = Message("retire:%s:%s" % (device.message_prefix, topic), topic, "", True, now)
+    messages = [("retire:%s:%s" % (device.message_prefix, topic), topic) for topic in topics]
 
-    def commit():
-        box = Outbox(os.path.join(cfg.state_dir, "gateway.sqlite"))
-        try:
-            box.commit(batch)
-        finally:
-            box.close()
+    def queue():
+        outbox_spool.put(cfg.state_dir, messages, now)
 
     owner = _state_owner(cfg.state_dir)
     if owner is None:
-        commit()
-    else:  # root: the state files (and SQLite's -wal, -shm) must stay the service user's
+        queue()
+    else:  # root: the spool file must be the service user's, which takes it in and deletes it
         from binlink.gateway.config_checks import as_user
 
-        as_user(owner, commit)
+        as_user(owner, queue)
     return topics
 
 
@@ -231,7 +224,8 @@ def cmd_retire(args):
               "(binlink registry --config GATEWAY.toml retire clears them)", file=sys.stderr)
         return 0
     topics = clear_retained(cfg, device)
-    print("queued %d empty retained messages (state, Home Assistant discovery) in %s" % (len(topics), cfg.state_dir))
+    print("queued %d empty retained messages (state, Home Assistant discovery) in %s: the gateway publishes them "
+          "within a second, or when it starts" % (len(topics), os.path.join(cfg.state_dir, "spool")))
     return 0
 
 

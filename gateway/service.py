@@ -16,11 +16,12 @@ import time
 
 import sdnotify
 
-from binlink.gateway import config as config_mod, logs, recovery, registry, simclock
+from binlink.gateway import config as config_mod, logs, outbox_feed, outbox_spool, recovery, registry, simclock
 from binlink.gateway.downlink import Answerer
 from binlink.gateway.memory import Trimmer
 from binlink.gateway.metrics import Metrics
 from binlink.gateway.mqtt_publisher import Publisher
+from binlink.gateway.outbox import Batch, Message
 from binlink.gateway.storage import StorageFull
 from binlink.gateway.pipeline import Pipeline
 from binlink.gateway.serial_input import SerialSource
@@ -34,7 +35,7 @@ ACK_GROUP = 5000  # broker acknowledgements written on their own once this many 
 # own re-dirties a WAL page the last commit's fsync cleaned (4 KB on the SD card), so at a frame
 # every few seconds they wait for the next one
 ACK_IDLE_S = 10.0
-ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write
+ACKS_READY = ("publisher", [])  # queued to wake the main loop: acknowledgements to write, rows asked for
 EXIT_WORKER_DIED = 3
 COUNTER_END = 2**32 - 1  # a counter never wraps: there the key is used up (docs/protocol.md, Edge cases)
 COUNTER_WARN = 2**31  # past half of it, a WARNING once per device: time to re-key
@@ -52,8 +53,7 @@ class Gateway:
         self.stop_event = threading.Event()
         self.sources = [SerialSource(s, self.queue, self.metrics, self.stop_event) for s in cfg.sources]
         self.wifi = WifiInput(cfg, self.queue, self.metrics) if cfg.mqtt.uplink_topic else None
-        self.publisher = Publisher(cfg, self.outbox_path, self.devices, self.metrics,
-                                   on_acks=lambda: self.queue.put(ACKS_READY))
+        self.publisher = Publisher(cfg, self.devices, self.metrics, on_news=lambda: self.queue.put(ACKS_READY))
         self._acks_due = 0.0  # when acknowledgements no group commit took along are written on their own
         self._memory = Trimmer()
         self._log_limit = logs.RateLimit(per_minute=2)
@@ -111,6 +111,7 @@ class Gateway:
                                              keepalive=lambda: self.notifier.notify("EXTEND_TIMEOUT_USEC=30000000"))
         except (OSError, sqlite3.Error) as e:
             raise config_mod.ConfigError(["gateway.state_dir: cannot open %s: %s" % (self.outbox_path, e)]) from None
+        box.on_rows = self.publisher.notify  # every commit that stores rows, whoever makes it, wakes the publisher
         pipeline = Pipeline(cfg, self.devices, box, self.metrics, shared=self.shared, clock=simclock.from_env(log))
         pipeline.clock_check.broker_time = state.newest_synced_time
         pipeline.clock_check.plausible(time.time())  # said at start, not only with the first frame
@@ -118,7 +119,7 @@ class Gateway:
         pipeline.on_new_firmware = self.publisher.set_firmware
         self.answerer = Answerer(cfg, self.metrics, self.sources, cfg.state_dir, clock=pipeline.clock, wifi=self.wifi)
         self.answerer.publish_settings(box, pipeline.devices.values())  # desired vs reported, where it changed
-        box.written_elsewhere()  # from here on, rows another process commits are counted again
+        self._take_spool(box)  # what `registry retire` queued while the gateway was stopped
         depth = box.depth()
         logs.event(log, logging.INFO, "gateway starting", gateway=cfg.gateway_id, site=cfg.site, devices=len(self.devices),
                    sources=len(self.sources), outbox_depth=depth, base_topic=cfg.base_topic)
@@ -130,7 +131,7 @@ class Gateway:
             self.wifi.start()
         self.notifier.notify("READY=1")
         code = 0
-        last_stats = last_prune = last_poll = recount_at = time.monotonic()
+        last_stats = last_prune = last_poll = spool_at = time.monotonic()
         shared_shown = None
         while not self.stop_event.is_set():
             if self.shared is not None and time.monotonic() - last_poll >= cfg.redis.registry_poll_s:
@@ -139,16 +140,16 @@ class Gateway:
             if self._reload:
                 self._reload_registry(pipeline)
             self._process(pipeline, timeout=0.5)
+            self._serve_rows(box)
             if pipeline.standby and self.queue.empty():
                 pipeline.process([])  # peers' pending claims come due even when no radio speaks
             if self.shared is not None and self.shared.up != shared_shown:
                 shared_shown = self.shared.up  # said on MQTT too: retained gateway/<id>/shared_state
                 self.metrics.outbox_depth.inc(box.commit(status_batch(cfg, shared_shown)))
-                self.publisher.notify()
             now = time.monotonic()
-            if now >= recount_at:
-                recount_at = now + 1.0
-                self._recount(box)
+            if now >= spool_at:
+                spool_at = now + 1.0
+                self._take_spool(box)
             self._write_acks(box, pipeline.storage, now)
             dead = self._dead_workers()
             if dead and not self.stop_event.is_set():  # stopping, the readers end by themselves
@@ -172,7 +173,7 @@ class Gateway:
             s.join(2)
         while not self.queue.empty():
             self._process(pipeline, timeout=0)
-        self.publisher.stop()
+        self.publisher.stop(serve=lambda: self._serve_rows(box))
         self._write_acks(box, pipeline.storage, time.monotonic(), force=True)
         remaining = box.depth()
         pipeline.close()
@@ -201,21 +202,41 @@ class Gateway:
             pipeline.process(items)
             if pipeline.listening:  # committed: answered now, in the bin's receive window (downlink.py)
                 self.answerer.after_commit(pipeline)
-            self.publisher.notify()
         self._memory.count(len(items))
         if self.queue.empty():
             self._memory.give_back()
 
-    def _recount(self, box):
-        """binlink_outbox_depth follows this process's commits and acknowledgements; rows another
-        process committed (`registry retire`'s clearing messages) were never counted, and their
-        acknowledgements took the gauge below zero: counted again from the table when SQLite says
-        another connection wrote."""
+    def _serve_rows(self, box):
+        """The publisher's requests for outbox rows, answered between group commits (outbox_feed.py)."""
+        self.publisher.answer_asks(lambda request: outbox_feed.answer(box, request))
+
+    def _take_spool(self, box):
+        """Clearing messages `binlink registry retire` queued (outbox_spool.py), committed and said
+        to the publisher; a bad spool file is set aside, a failed commit tried again next second."""
+        for path in outbox_spool.pending(self.cfg.state_dir):
+            try:
+                at, messages = outbox_spool.read(path)
+            except ValueError as e:
+                logs.event(log, logging.ERROR, "spool file refused and set aside", path=path, problem=str(e))
+                self._spool_done(outbox_spool.reject, path)
+                continue
+            batch = Batch()
+            for key, topic in messages:
+                batch.states[topic] = Message(key, topic, "", True, at)
+            try:
+                self.metrics.outbox_depth.inc(box.commit(batch))
+            except (StorageFull, sqlite3.Error) as e:
+                logs.event(log, logging.ERROR, "cannot take in a spool file, trying again", path=path, error=str(e))
+                return
+            self._spool_done(outbox_spool.done, path)
+            logs.event(log, logging.INFO, "queued messages taken in", path=path, messages=len(messages))
+
+    def _spool_done(self, finish, path):
         try:
-            if box.written_elsewhere():
-                self.metrics.outbox_depth.set(box.gauge_depth())
-        except sqlite3.Error as e:
-            logs.event(log, logging.ERROR, "cannot count the outbox", error=str(e))
+            finish(path)
+        except OSError as e:  # taken in again next time: the same empty retained messages, harmless
+            if self._log_limit.allow("spool", time.monotonic()):
+                logs.event(log, logging.ERROR, "cannot remove a spool file", path=path, error=str(e))
 
     def _write_acks(self, box, guard, now, force=False):
         """The broker's acknowledgements, reported by the publisher process, into the outbox: this
@@ -224,7 +245,6 @@ class Gateway:
         published again, under the same ids."""
         fresh = self.publisher.take_acks()
         if fresh:
-            self._recount(box)  # rows another process wrote are counted before their acknowledgements are
             if not box.acks_waiting:
                 self._acks_due = now + ACK_IDLE_S
             try:

@@ -175,7 +175,9 @@ def test_same_frame_from_two_radios_is_published_once(tmp_path, broker, subscrib
         # each event carries the signal figures of the radio that heard it first, not a mix
         heard = {"r0": (-70, None), "r1": (-95, -3.5)}
         assert all((e["rssi"], e["snr"]) == heard[e["source"]] for e in events), events
-        # and the other radio's reception of the same frame is kept with its own figures
+        # and the other radio's reception of the same frame is kept with its own figures (read once
+        # the gateway stopped: it holds its state file alone while it runs)
+        assert g.terminate() == 0
         db = sqlite3.connect(os.path.join(str(tmp_path), "state", "gateway.sqlite"))
         extra = {fcnt: (src, rssi, snr) for fcnt, src, rssi, snr in
                  db.execute("SELECT fcnt, source, rssi, snr FROM receptions WHERE duplicate = 1")}
@@ -264,6 +266,7 @@ def test_gateway_sigkilled_mid_stream_loses_nothing_accepted(tmp_path, gw, pty, 
 
     wait_for(lambda: "0000a1:0:600" in {e["message_id"] for e in subscriber.events()}, timeout=30, what="last frame published")
     wait_for(lambda: gw.metric("binlink_outbox_depth") == 0, what="outbox drained")
+    assert gw.terminate() == 0  # the state file is read once the gateway, which holds it alone, stopped
     accepted = accepted_ids()
     assert len(accepted) > 300  # some from before the kill, all from after
     # acknowledged by the broker; the subscriber takes them in on its own time

@@ -245,7 +245,8 @@ def test_damaged_or_lost_state_is_reported_and_no_recorded_frame_is_accepted_aga
             pty.write(recorded[n])
         wait_for(lambda: len(subscriber.events()) == 400, timeout=30, what="400 events")
         wait_for(lambda: _last_state_fcnt(subscriber) == 400, what="retained state 400")
-        wait_for(lambda: _acks_written(gw), what="acks written")
+        if damage is not _cut_wal_end:  # its cut must take readings: a lost acknowledgement costs a republish only
+            wait_for(lambda: _acks_written(gw), what="acks written")
         gw.kill()
         damage(_db(tmp_path))
         gw.start()

@@ -121,12 +121,14 @@ def test_registry_commands_on_the_installed_gateway(stage, service_user, tmp_pat
     assert r.returncode == 0 and "ms-1" in r.stdout and dev.dev in r.stdout, r.stderr
     r = installed(stage, "registry", "--config", cfg, "add", "ms-1", "--depth-mm", 1200, "--full-mm", 250)
     assert r.returncode == 2 and "already registered" in r.stderr and one_line_error(r)
-    # retire queues the clears in the service's outbox: as root, the state files stay the service's
+    # retire queues the clears for the service (a spool file it takes in): as root, what it
+    # leaves in the state directory is the service's, which deletes it once taken in
     r = installed(stage, "registry", "--config", cfg, "retire", "ms-1")
     assert r.returncode == 0, r.stderr
     state = stage / "var/lib/binlink"
     assert {(p.name, p.stat().st_uid) for p in state.iterdir()} == {(p.name, service_user.pw_uid) for p in state.iterdir()}
-    assert any(p.name == "gateway.sqlite" for p in state.iterdir())
+    queued = list((state / "spool").iterdir())
+    assert [p.suffix for p in queued] == [".json"] and queued[0].stat().st_uid == service_user.pw_uid
 
 
 def test_check_config_runs_as_the_service_user(stage, service_user):

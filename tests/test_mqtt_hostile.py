@@ -334,29 +334,14 @@ def test_backoff_doubles_with_jitter_and_resets_after_a_good_run():
 
 # the publisher process's loop -----------------------------------------------------------------------
 
-class FakeOutbox:
-    """The outbox as the worker uses it (pending, close), rows added and acknowledged by the test."""
-    rows = []  # (id, topic, payload, retain, received_at)
-    lock = threading.Lock()
-
-    def __init__(self, path, durable=True):
-        pass
-
-    def pending(self, after_id, limit):
-        with self.lock:
-            return [r for r in self.rows if r[0] > after_id][:limit]
-
-    def close(self):
-        pass
-
-
 class WorkerRun:
     """publisher_worker.Worker in a thread of the test, against a broker on port, the service side
-    played by the test: reports collected, acknowledged rows taken off the fake outbox."""
+    played by the test: reports collected, requests for rows answered from `rows`, acknowledged
+    rows taken off them (the service's part, outbox_feed.answer, is tested with a real outbox)."""
 
-    def __init__(self, tmp_path, port, monkeypatch, keepalive=30, discovery=False, bins=None, window=4000):
-        monkeypatch.setattr(FakeOutbox, "rows", [])
-        monkeypatch.setattr(publisher_worker, "Outbox", FakeOutbox)
+    def __init__(self, tmp_path, port, keepalive=30, discovery=False, bins=None, window=4000):
+        self.rows = []  # (id, topic, payload as stored, retain, received_at), unacknowledged
+        self.lock = threading.Lock()
         path = str(tmp_path / "gateway.toml")
         write_config(path, registry_path="devices.toml", state_dir="state", broker_port=port,
                      sources=[("radio0", "/dev/null", "raw")], metrics_port=9, mqtt_extra="keepalive = %d\ndiscovery = %s\nmax_inflight = %d"
@@ -367,7 +352,7 @@ class WorkerRun:
         self.ours, theirs = Pipe()
         wake_r, self.wake_w = os.pipe()
         self.reports, self.acked, self.next_id = [], set(), 1
-        self.worker = publisher_worker.Worker(theirs, wake_r, cfg, str(tmp_path / "outbox"), bins or {})
+        self.worker = publisher_worker.Worker(theirs, wake_r, cfg, bins or {})
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
         threading.Thread(target=self._collect, daemon=True).start()
@@ -376,18 +361,23 @@ class WorkerRun:
         try:
             while True:
                 report = self.ours.recv()
+                if isinstance(report, tuple):  # ("pending", number, after, limit)
+                    _, number, after, limit = report
+                    with self.lock:
+                        self.ours.send(("rows", number, [r for r in self.rows if r[0] > after][:limit], None))
+                    continue
                 self.reports.append(report)
                 acked = set(report.get("acked", ()))
-                with FakeOutbox.lock:
-                    FakeOutbox.rows[:] = [r for r in FakeOutbox.rows if r[0] not in acked]
+                with self.lock:
+                    self.rows[:] = [r for r in self.rows if r[0] not in acked]
                 self.acked |= acked
         except (EOFError, OSError):
             pass
 
     def add(self, topic, n=1):
-        with FakeOutbox.lock:
+        with self.lock:
             ids = list(range(self.next_id, self.next_id + n))
-            FakeOutbox.rows += [(i, topic, b'{"n":%d}' % i, 0, time.time()) for i in ids]
+            self.rows += [(i, topic, b'{"n":%d}' % i, 0, time.time()) for i in ids]
             self.next_id += n
         os.write(self.wake_w, b"\0")
         return ids
@@ -400,7 +390,8 @@ class WorkerRun:
         return states[-1] if states else None
 
     def stop(self):
-        self.ours.send(("stop", 2.0))
+        with self.lock:
+            self.ours.send(("stop", 2.0))
         self.thread.join(10)
         assert not self.thread.is_alive()
 
@@ -419,7 +410,7 @@ def log_lines(caplog):
 
 
 def test_worker_notices_a_silent_broker_says_so_and_reconnects(tmp_path, scripted, monkeypatch, log_lines):
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch, keepalive=2)
+    run = WorkerRun(tmp_path, scripted.port, keepalive=2)
     silent = scripted.accept()  # CONNACK, then nothing
     wait_for(lambda: run.connected() is True, what="connected reported")
     t0 = time.monotonic()
@@ -436,7 +427,7 @@ def test_worker_notices_a_silent_broker_says_so_and_reconnects(tmp_path, scripte
 
 @pytest.mark.parametrize("name", ["1-byte PUBLISH", "inbound QoS 2", "PUBLISH declaring 268 MB", "PUBACK of the wrong length"])
 def test_worker_survives_a_malformed_packet_and_loses_nothing(tmp_path, scripted, monkeypatch, name):
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch)
+    run = WorkerRun(tmp_path, scripted.port)
     first = scripted.accept()
     rows = run.add("binlink/t/bin/a/state", 5)
     assert first.packet()[0] >> 4 == 3  # publishing has begun
@@ -449,7 +440,7 @@ def test_worker_survives_a_malformed_packet_and_loses_nothing(tmp_path, scripted
 
 
 def test_worker_counts_and_logs_a_refused_subscription(tmp_path, scripted, monkeypatch, log_lines):
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch, discovery=True)
+    run = WorkerRun(tmp_path, scripted.port, discovery=True)
     peer = scripted.accept()
 
     def refuse_then_serve():
@@ -472,7 +463,7 @@ def test_worker_counts_and_logs_a_refused_subscription(tmp_path, scripted, monke
 def test_a_denied_topic_is_held_back_logged_once_and_the_rest_flows(tmp_path, scripted, monkeypatch, log_lines):
     """Mosquitto 2.0 with MQTT 3.1.1 PUBACKs a publish its ACL denies, then drops the connection."""
     monkeypatch.setattr(publisher_worker, "RECONNECT_MIN_S", 0.1)
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch)
+    run = WorkerRun(tmp_path, scripted.port)
     denied_topic = "binlink/t/bin/b/state"
 
     def deny(peer, topic, payload, mid):
@@ -489,7 +480,7 @@ def test_a_denied_topic_is_held_back_logged_once_and_the_rest_flows(tmp_path, sc
     wait_for(lambda: set(before + after) <= run.acked, timeout=30, what="the allowed rows published")
     later = run.add("binlink/t/bin/a/state", 3)  # publishing is not wedged behind the denied row
     wait_for(lambda: set(later) <= run.acked, what="later rows published")
-    assert denied not in run.acked and [r[0] for r in FakeOutbox.rows] == [denied]  # still in the outbox
+    assert denied not in run.acked and [r[0] for r in run.rows] == [denied]  # still in the outbox
     (line,) = log_lines("broker denies publishing")
     assert line.fields["topic"] == denied_topic
     assert run.count("publishes_denied") == 1
@@ -499,7 +490,7 @@ def test_a_denied_topic_is_held_back_logged_once_and_the_rest_flows(tmp_path, sc
 def test_a_denied_topic_is_tried_again_and_published_once_the_broker_allows_it(tmp_path, scripted, monkeypatch, log_lines):
     monkeypatch.setattr(publisher_worker, "RECONNECT_MIN_S", 0.1)
     monkeypatch.setattr(publisher_worker, "DENIED_RETRY_S", 2.0)
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch)
+    run = WorkerRun(tmp_path, scripted.port)
     acl = {"denied": True}
 
     def deny(peer, topic, payload, mid):
@@ -524,7 +515,7 @@ def test_ten_thousand_bins_reannounced_while_readings_flow_reuse_no_packet_id(tm
     """An HA restart at 10,000 bins in per-entity mode: 130,000 retained configs through the in-flight
     window, readings still published, no packet id sent again while the broker has not acknowledged it."""
     bins = {i: homeassistant.BinInfo(i, "bin-%d" % i, "", None, None, 3600) for i in range(10000)}
-    run = WorkerRun(tmp_path, scripted.port, monkeypatch, discovery="entity", bins=bins)
+    run = WorkerRun(tmp_path, scripted.port, discovery="entity", bins=bins)
     n = 10000 * len(homeassistant.messages("ha", "b", "s", bins[0])) + len(
         homeassistant.gateway_messages("ha", homeassistant.GatewayInfo.of(run.worker.cfg), "entity"))
     held = []  # (packet id, when to acknowledge it)
@@ -561,17 +552,17 @@ def test_ten_thousand_bins_reannounced_while_readings_flow_reuse_no_packet_id(tm
 def test_the_publisher_process_is_never_sent_a_key(tmp_path):
     devices = {0xA1: Device(0xA1, "bin-a", KEY, 1200, 200, "Park", 52.5, 13.4)}
     cfg = config.Config.__new__(config.Config)  # only carried, never read, by start_message()
-    pub = mqtt_publisher.Publisher(cfg, str(tmp_path / "outbox"), devices, Metrics())
+    pub = mqtt_publisher.Publisher(cfg, devices, Metrics())
     for message in (pub.start_message(), ("bins", pub.bins)):
         data = pickle.dumps(message)
         assert KEY not in data and KEY.hex().encode() not in data
-    bin_a = pub.start_message()[3][0xA1]
+    bin_a = pub.start_message()[2][0xA1]
     assert (bin_a.bin_id, bin_a.dev, bin_a.lat, bin_a.name) == ("bin-a", "0000a1", 52.5, "Park")
     assert homeassistant.messages("ha", "b", "s", bin_a) == homeassistant.messages("ha", "b", "s", devices[0xA1])
 
 
 def test_notify_never_raises_while_the_wake_pipe_is_swapped(tmp_path):
-    pub = mqtt_publisher.Publisher(None, "", {}, Metrics())
+    pub = mqtt_publisher.Publisher(None, {}, Metrics())
     errors, done = [], threading.Event()
 
     def notifier():

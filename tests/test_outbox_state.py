@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from binlink.wire import codec
-from binlink.gateway import config, recovery, retained
+from binlink.gateway import config, recovery, retained, storage
 from binlink.gateway.salvage import salvage
 from binlink.gateway.clock import RELEASED, ClockCheck
 from binlink.gateway.metrics import Metrics
@@ -37,6 +37,13 @@ def _crash_and_reopen(box):
     return Outbox(box.path)
 
 
+def _close_cleanly(box):
+    """Everything in the file, its WAL gone: the file as a clean stop leaves it (damaged after)."""
+    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    box.db.close()
+    storage.mark_closed(box.path)
+
+
 def test_counters_and_bin_states_survive_a_crash_between_saves(tmp_path):
     box = Outbox(str(tmp_path / "o.sqlite"))
     p = Pipeline(CFG, _devices(), box, Metrics())
@@ -46,9 +53,7 @@ def test_counters_and_bin_states_survive_a_crash_between_saves(tmp_path):
     body = codec.pack_reading(650, 20, 3700, 0, 5, 5)
     p.process([("r0", Reception(codec.encode_backlog(KEY_A, 0xA1, 40, [(38, 4, body), (39, 2, body)])))])
     p.process([("r0", _reading(KEY_A, 0xA1, 41, dist=0xFFFF))])  # sensor fault: the bin keeps its level
-    db = sqlite3.connect(box.path)
-    stored = db.execute("SELECT last_fcnt FROM counters WHERE device_id = ?", (0xA1,)).fetchone()[0]
-    db.close()
+    stored = box.db.execute("SELECT last_fcnt FROM counters WHERE device_id = ?", (0xA1,)).fetchone()[0]
     assert stored < 41  # the rows carried it: the counters table was not written for every reading
     reopened = _crash_and_reopen(box)
     # the counters and which readings below them are stored (the backlog's 38 and 39 among them)
@@ -196,9 +201,7 @@ def test_heads_saved_on_schedule_are_the_same_as_carried_by_rows(tmp_path, monke
     p = Pipeline(CFG, _devices(), box, Metrics())
     for n in range(1, 11):
         p.process([("r0", _reading(KEY_A, 0xA1, n, dist=1100 - 50 * n)), ("r0", _reading(KEY_B, 0xB2, n))])
-    db = sqlite3.connect(box.path)
-    assert db.execute("SELECT device_id, last_fcnt FROM counters ORDER BY device_id").fetchall() == [(0xA1, 10), (0xB2, 10)]
-    db.close()
+    assert box.db.execute("SELECT device_id, last_fcnt FROM counters ORDER BY device_id").fetchall() == [(0xA1, 10), (0xB2, 10)]
     assert _crash_and_reopen(box).bins() == p.bins
 
 
@@ -411,8 +414,7 @@ def test_a_state_file_cut_to_half_gives_back_the_pending_rows_of_its_first_half(
     path = str(tmp_path / "o.sqlite")
     box = _pending_file(path, 1000)
     pending = box.depth()
-    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    box.db.close()
+    _close_cleanly(box)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     box, report, m = _open_state(path)
@@ -451,8 +453,7 @@ def test_counters_lost_with_their_table_are_rebuilt_from_the_outbox_rows_and_a_r
     _no_broker(monkeypatch)  # so the broker's retained states cannot stand in for them
     path = str(tmp_path / "o.sqlite")
     box = _pending_file(path, 60)
-    box.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    box.db.close()
+    _close_cleanly(box)
     damage(path)
     box, report, m = _open_state(path)
     assert report.problems == ["state_file_damaged"]
@@ -479,7 +480,7 @@ def test_a_lost_wal_is_said_with_what_is_known(tmp_path, monkeypatch, caplog):
         p.process([("r0", _reading(KEY_A, 0xA1, fcnt))])
     crashed = tmp_path / "crashed"
     crashed.mkdir()
-    for suffix in ("", "-shm"):  # what a crash leaves, less its WAL
+    for suffix in ("", ".open"):  # what a crash leaves, less its WAL
         with open(path + suffix, "rb") as src, open(str(crashed / "o.sqlite") + suffix, "wb") as dst:
             dst.write(src.read())
     box.db.close()
