@@ -75,3 +75,18 @@ def gw(request, tmp_path, broker, pty):
     yield g
     if g.alive():
         g.kill()
+
+
+_MARKS = "/dev/shm/binlink-*.mark"  # storage.CommitMark: a gateway killed by a test leaves its mark
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controlling process: after every worker
+        session.config.marks_before = set(pathlib.Path("/").glob(_MARKS[1:]))
+
+
+def pytest_sessionfinish(session):
+    before = getattr(session.config, "marks_before", None)
+    if before is not None:
+        for mark in set(pathlib.Path("/").glob(_MARKS[1:])) - before:
+            mark.unlink(missing_ok=True)
