@@ -3,14 +3,15 @@ This module is the service's side (Publisher: starts the process, restarts it, a
 reports); the process's loop is publisher_worker.Worker.
 
 Why a process: publishing cost most of the CPU per frame and shared one GIL with ingest; apart,
-ingest commits as before (synchronous=FULL, in the service process) and this process reads what
-was committed. A message leaves the outbox only when the broker's PUBACK for it arrives. After a
+ingest commits as before (synchronous=FULL, in the service process) and this process asks the
+service for what was committed (outbox_feed.py: the service holds the file alone). A message
+leaves the outbox only when the broker's PUBACK for it arrives. After a
 reconnect or a restart, everything not acknowledged is sent again from the outbox, in order, with
 the same message ids in its payloads (consumers deduplicate by them).
 
 The service talks to the process over a socket pair (multiprocessing.connection: start, bins,
-firmware, stats, stop) and wakes it after each group commit through a pipe; the process reports
-back the outbox ids the broker acknowledged and its counts. The service writes those
+firmware, stats, stop, rows asked for) and wakes it after each commit that stored rows through a
+pipe; the process reports back the outbox ids the broker acknowledged and its counts. The service writes those
 acknowledgements into the outbox between its group commits: one writer, so ingest never waits on
 SQLite's lock for the publisher (a busy wait there sleeps 1, 2, 5, 10... ms and stalled both
 sides). The process gets bin metadata (homeassistant.BinInfo), never the registry's devices: they

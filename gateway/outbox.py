@@ -6,7 +6,8 @@ The row layout and its migration are outbox_schema.py, payloads payloads.py, cou
 states derived from rows heads.py, SQLite settings and a full disk storage.py. No indexes on
 pending rows (each is one more page written per reading and per ack on an SD card).
 
-One Outbox object per thread (SQLite connections are not shared across threads)."""
+One Outbox, in the service's main thread: it holds the file alone (exclusive locking); the
+publisher gets rows through outbox_feed.py, other commands queue through outbox_spool.py."""
 import errno
 import os
 import sqlite3
@@ -62,13 +63,12 @@ class Batch:
 
 
 class Outbox:
-    def __init__(self, path, durable=True):
-        """durable=False (the publisher's connection): an ack lost in a power cut only means the
-        message is published again under the same id, so acks skip the fsync."""
+    def __init__(self, path):
+        """Opens (creating or migrating) the state file at path and holds it alone (storage.connect)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         try:
-            self.db = storage.connect(path, durable)
+            self.db = storage.connect(path)
         except sqlite3.OperationalError as e:
             if is_full(e, path):  # creating the -wal file of a closed file needs room too
                 raise StorageFull("%s (free: %d bytes)" % (e, free_bytes(path))) from e
@@ -101,8 +101,6 @@ class Outbox:
         except BaseException:
             self.db.close()
             raise
-        self.durable = durable
-        self.synchronous = "FULL" if durable else "NORMAL"  # FULL: survives a power cut
         self._heads = None  # (counters, bins) as committed; loaded when first needed
         self._unsaved = ({}, {})  # the part of them only their outbox rows hold so far
         self._saved_at = time.monotonic()
@@ -114,7 +112,7 @@ class Outbox:
                 self.write_acks()
             except StorageFull:
                 pass  # published again after the restart, under the same ids
-        if self.durable and any(self._unsaved):
+        if any(self._unsaved):
             try:
                 self.write(lambda db: heads.save(db, *self._unsaved))
             except StorageFull:
@@ -239,7 +237,7 @@ class Outbox:
         try:
             self.write(lambda db: _ack(db, self._acks, time.time() if now is None else now))
         finally:
-            self.db.execute("PRAGMA synchronous=%s" % self.synchronous)
+            self.db.execute("PRAGMA synchronous=FULL")
         self._acks, self._deferred = [], set()
 
     def ack(self, ids, now=None):

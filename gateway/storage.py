@@ -42,7 +42,7 @@ def free_bytes(path):
     return st.f_bavail * st.f_frsize
 
 
-def connect(path, durable=True, timeout=30, exclusive=True):
+def connect(path, timeout=30, exclusive=True):
     """A connection with the outbox's settings; the page size applies to a new file only. It holds
     the file alone (exclusive locking, set before WAL mode is entered): the WAL index stays in this
     process's memory, not in a -shm file the kernel writes back to the card every ~30 s.
@@ -53,7 +53,7 @@ def connect(path, durable=True, timeout=30, exclusive=True):
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
         db.execute("PRAGMA page_size=%d" % PAGE_SIZE)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=%s" % ("FULL" if durable else "NORMAL"))  # FULL: survives a power cut
+        db.execute("PRAGMA synchronous=FULL")  # survives a power cut
         db.execute("PRAGMA wal_autocheckpoint=%d" % CHECKPOINT_PAGES)
         db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT_BYTES)
     except BaseException:
