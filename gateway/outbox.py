@@ -201,12 +201,8 @@ class Outbox:
 
     # messages out -------------------------------------------------------------------------------
     def pending(self, after_id, limit):
-        """Unacknowledged messages after after_id, oldest first: (id, topic, payload, retain, received_at);
-        payload None for a row that cannot be read (damaged on disk)."""
-        return [(i, topic, payloads.readable(p), retain, at) for i, topic, p, retain, at in self.pending_stored(after_id, limit)]
-
-    def pending_stored(self, after_id, limit):
-        """pending() with payloads as stored: the publisher process renders them (outbox_feed.py)."""
+        """Unacknowledged messages after after_id, oldest first: (id, topic, payload as stored, retain,
+        received_at); the publisher process renders the payloads (outbox_feed.rendered)."""
         return self.db.execute(
             "SELECT id, topic, payload, retain, received_at FROM outbox WHERE id > ? AND acked_at IS NULL ORDER BY id LIMIT ?",
             (max(after_id, self._floor), limit),

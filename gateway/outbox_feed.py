@@ -45,16 +45,22 @@ class Rows:
                 elif args[0] == self.asked:
                     if args[2] is not None:
                         raise OutboxUnavailable(args[2])
-                    return [(i, topic, payloads.readable(p), retain, at) for i, topic, p, retain, at in args[1]]
+                    return rendered(args[1])
         except (EOFError, OSError) as e:
             raise ServiceGone() from e
         raise OutboxUnavailable("the service did not answer for %d s" % WAIT_S)
+
+
+def rendered(rows):
+    """Outbox.pending() rows with their payloads as published: JSON, or None for a row that cannot
+    be read (damaged on disk)."""
+    return [(i, topic, payloads.readable(p), retain, at) for i, topic, p, retain, at in rows]
 
 
 def answer(box, request):
     """The service's side: the ("rows", ...) message for a ("pending", ...) request."""
     number, after, limit = request
     try:
-        return ("rows", number, box.pending_stored(after, limit), None)
+        return ("rows", number, box.pending(after, limit), None)
     except sqlite3.Error as e:
         return ("rows", number, [], "cannot read the outbox: %s" % e)

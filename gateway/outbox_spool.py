@@ -10,6 +10,8 @@ import math
 import os
 import time
 
+from binlink.gateway import storage
+
 DIR = "spool"
 MAX_MESSAGES = 1000  # a retired bin's state and discovery topics are a dozen
 MAX_KEY, MAX_TOPIC = 256, 1024
@@ -27,6 +29,7 @@ def put(state_dir, messages, now=None):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    storage.sync_folder(path)  # a retire's clears survive a power cut once it said they are queued
     return path
 
 

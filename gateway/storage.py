@@ -67,6 +67,11 @@ def mark_open(path):
     does its -shm in shared mode (recovery tells a lost WAL by it). Created before any write."""
     with open(path + ".open", "w") as f:
         os.fsync(f.fileno())
+    sync_folder(path)
+
+
+def sync_folder(path):
+    """fsync of the folder holding path: a file created or renamed there survives a power cut."""
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(folder)

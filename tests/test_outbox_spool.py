@@ -73,8 +73,8 @@ def test_the_service_hands_rows_over_as_stored_and_the_publisher_renders_them(tm
     box = _box_with_rows(tmp_path, 5)
     kind, number, rows, error = outbox_feed.answer(box, (7, 2, 2))
     assert (kind, number, error) == ("rows", 7, None)
-    assert [r[0] for r in rows] == [3, 4] and rows == box.pending_stored(2, 2)
-    assert [(r[0], r[2]) for r in box.pending(2, 2)] == [(3, b'{"n":2}'), (4, b'{"n":3}')]
+    assert [r[0] for r in rows] == [3, 4] and rows == box.pending(2, 2)
+    assert [(r[0], r[2]) for r in outbox_feed.rendered(rows)] == [(3, b'{"n":2}'), (4, b'{"n":3}')]
     box.db.close()  # an unreadable file is said in the answer, not raised in the service
     kind, number, rows, error = outbox_feed.answer(box, (8, 0, 10))
     assert (kind, number, rows) == ("rows", 8, []) and error.startswith("cannot read the outbox")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from binlink.wire import codec
-from binlink.gateway import calibration, events
+from binlink.gateway import calibration, events, outbox_feed
 from binlink.gateway.config import Events
 from binlink.gateway.dedup import Dedup
 from binlink.gateway.outbox import Batch, Kind, Message, Outbox
@@ -134,7 +134,7 @@ def test_time_synced_follows_the_clock_as_it_syncs(tmp_path, monkeypatch):
 
     def state_after(fcnt):
         p.process([("r0", Reception(codec.encode_reading(key, 1, fcnt, 700, 20, 3700)))])
-        rows = [r for r in box.pending(0, 100) if r[3]]
+        rows = [r for r in outbox_feed.rendered(box.pending(0, 100)) if r[3]]
         return json.loads(rows[-1][2])["time_synced"]
 
     assert state_after(1) is False
