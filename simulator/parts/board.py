@@ -110,6 +110,20 @@ class Board(WifiOps):
         self._pin_parts = [p for p in self.parts if hasattr(p, "on_pin")]  # watch pins: True when what they draw changed
         self._steps = [p.step for p in self.parts if not getattr(p, "IDLE_STEP", False)]  # a part's step() that acts
         self._next_events = [p.next_event for p in self.parts]
+        # parts whose next_event() the board keeps until they say touched() (_next_stop); the others
+        # are asked at every step of the clock, and stepped whenever the clock is
+        cached = [p for p in self.parts if getattr(p, "EVENTS_CACHED", False)]
+        for p in cached:
+            p.touched = self._touched
+        self._live_events = [p.next_event for p in self.parts if p not in cached]
+        self._live_steps = [p.step for p in self.parts if p not in cached and not getattr(p, "IDLE_STEP", False)]
+        # a radio whose incoming UART bytes the clock may pass over in one go (_quiet_run)
+        quiet = self.radio in cached and hasattr(self.radio, "quiet_bytes") and not self._live_events
+        self._quiet = self.radio.quiet_bytes if quiet else None
+        self._radio_event = self.radio.next_event if quiet else None
+        self._other_events = [p.next_event for p in cached if not (quiet and p is self.radio)]
+        self._due_at = None  # the cached parts' first event as they last answered, or None: ask them
+        self._others_at = math.inf  # of them, the first but the quiet radio's
         self._current_untils = [p.current_until for p in self.parts if hasattr(p, "current_until")]  # the others draw steadily
         self._part_ma = [p.current_ma for p in self.parts]
         self._regulator_ma = self.profile["regulator_ma"]
@@ -151,9 +165,27 @@ class Board(WifiOps):
         """_ma = current_ma(), and _ma_until: a part's current changes by itself only at its
         current_until() (a packet leaves the air, an echo ends...), else with its state (a step that
         acted, a pin, a command: those recount or set -inf); the divider's with the cell, at any time."""
-        self._ma = self.current_ma()
-        ts = [t for t in (until(self.now) for until in self._current_untils) if t is not None]
-        self._ma_until = -math.inf if self._divider_on() else min(ts, default=math.inf)
+        e = self.esp
+        now = self.now
+        # current_ma(), its sums in its order
+        ma = chip.DEEP_SLEEP_MA if e.asleep else chip.LIGHT_SLEEP_MA if e.light else chip.ACTIVE_MA + (chip.WIFI_MA if e.wifi_on else 0.0)
+        static = self._regulator_ma
+        divider = not self._divider_switched or e.pad(self._battery_en_pin) == 1
+        if divider:
+            static += self.battery.mv(ma) / DIVIDER_OHMS
+        ma += static
+        for part_ma in self._part_ma:
+            ma += part_ma(now)
+        self._ma = ma
+        if divider:
+            self._ma_until = -math.inf
+            return
+        until = math.inf
+        for current_until in self._current_untils:
+            t = current_until(now)
+            if t is not None and t < until:
+                until = t
+        self._ma_until = until
 
     def advance(self, ms):
         """Lets ms of simulated time pass: parts act on their own timeline, charge is counted,
@@ -162,8 +194,19 @@ class Board(WifiOps):
         now = self.now
         end = now + ms
         while True:
-            first = now  # ms <= 0: every part brought up to now (before something observes it)
             if ms > 0:
+                if self._quiet is not None:
+                    due = self._due_at
+                    if due is None or due <= now:
+                        due = self._cached_first(now)
+                    if now < due <= end and due < self._others_at and self.radio.inbound \
+                            and self.radio.inbound[0][0] == due:
+                        reached = self._quiet_run(now, end)
+                        if reached > now:
+                            now = reached
+                            if now >= end:
+                                return
+                            continue
                 nxt, first = self._next_stop(now, end)
                 wdt = e.wdt_due
                 if wdt is not None and not e.asleep and wdt < nxt:
@@ -173,21 +216,104 @@ class Board(WifiOps):
                     if self._on_cell:
                         self.battery.load(self._ma, nxt - now)
                     self.now = now = nxt
-            # no part has anything to do before its first event; a list: every part steps
-            acted = first <= now and any([step(now) for step in self._steps])
+                stepping = first <= now  # no part has anything to do before its first event
+            else:
+                stepping = True  # every part brought up to now (before something observes it)
+            acted = False
+            if stepping:
+                due = self._due_at
+                if due is None:
+                    due = self._cached_first(now)
+                if due <= now:  # every part steps (a list: each of them)
+                    acted = any([step(now) for step in self._steps])
+                    self._due_at = None
+                elif self._live_steps:  # the cached parts have nothing due: their step() would do nothing
+                    acted = any([step(now) for step in self._live_steps])
             if acted or now >= self._ma_until:
                 self._recount()
-            self._supply_check()
+            if self._on_cell and not e.asleep and not self.battery.holds_up(self._ma, self.bod_mv):  # _supply_check()
+                self.brownouts += 1
+                raise chip.Stop("brownout")
             if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
                 raise chip.Stop("watchdog")
             if now >= end:
                 return
 
+    def _touched(self):
+        self._due_at = None
+
+    def _cached_first(self, now):
+        """The cached parts' first event (inf: none), asked of them when not kept. A kept answer
+        holds while it lies ahead: their state is the same, and what they drop as time passes (a
+        transmission or an echo that ended) was later than it."""
+        first = math.inf
+        for next_event in self._other_events:
+            t = next_event(now)
+            if t is not None and t < first:
+                first = t
+        self._others_at = first
+        if self._radio_event is not None:
+            t = self._radio_event(now)
+            if t is not None and t < first:
+                first = t
+        self._due_at = first
+        return first
+
+    def _quiet_run(self, now, end):
+        """advance()'s loop over the radio's next bytes from the UART while they only fill its buffer
+        (E22.quiet_bytes) and come before every other event: each is a step of the clock as there
+        (the charge, the cell's load, the current recounted when due, the brown-out detector), only
+        the radio takes them after the last of them, as nothing reads its buffer meanwhile. The
+        first of them is the first event after now; returns the time reached (now: none of them)."""
+        e = self.esp
+        stop = self._others_at
+        wdt = e.wdt_due
+        if wdt is not None and not e.asleep and wdt < stop:
+            stop = wdt
+        times = self._quiet(now, end)
+        if not times or times[0] >= stop:
+            return now
+        battery = self.battery if self._on_cell else None
+        n = 0
+        try:
+            for t in times:
+                if t >= stop:
+                    break
+                self.charge_mAs += self._ma * (t - now) / 1000.0
+                if battery is not None:
+                    battery.load(self._ma, t - now)
+                self.now = now = t
+                n += 1
+                if now >= self._ma_until:
+                    self._recount()
+                self._supply_check()
+        finally:
+            self.radio.take_bytes(n)  # its step() up to now: the other parts' would do nothing
+            self._due_at = None
+        return now
+
     def _next_stop(self, now, end):
         """(the first part's event after now, or end; the first part's event, due or not)"""
+        due = self._due_at
+        if due is None or due <= now:
+            due = self._cached_first(now)
+            if due <= now:  # something due: what comes after it only the parts know
+                return self._scan(now, end)
+        nxt = due if due < end else end
+        first = due
+        for next_event in self._live_events:
+            t = next_event(now)
+            if t is not None:
+                if t < first:
+                    first = t
+                if now < t < nxt:
+                    nxt = t
+        return nxt, first
+
+    def _scan(self, now, end):
         nxt = end
         first = math.inf
-        for next_event in self._next_events:
+        for next_event in self._next_events:  # every part, due or not
             t = next_event(now)
             if t is not None:
                 if t < first:
@@ -641,6 +767,7 @@ class _Wire:
     """A plain serial cable to the gateway: bytes go straight through, both ways."""
 
     IDLE_STEP = True
+    EVENTS_CACHED = True  # no events at all
 
     def __init__(self, transmit):
         self.transmit = transmit

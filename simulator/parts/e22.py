@@ -37,6 +37,8 @@ The air rate has no published spreading factor; the model maps it to the LoRa ra
 Timings the manuals leave open are drawn per event from a range (`timing="slow"`: always the slow
 end, what the tests hold the firmware to): noticing a pin change DETECT_MS, reconfiguring
 RECONFIG_MS (library authors wait up to 40 ms), the configuration reply REPLY_MS."""
+import math
+
 from binlink.sim.parts import lora
 
 NORMAL, MODE1, MODE2, MODE3 = 0, 1, 2, 3
@@ -62,6 +64,10 @@ class E22(lora.Receiving):
     TX_MA = {22: 110.0, 17: 95.0, 13: 80.0, 10: 70.0}  # 22 dBm: datasheet; lower: ASSUMED (PA biased for 22 dBm)
     RX_MA = 12.0
     SLEEP_MA = 0.002
+    EVENTS_CACHED = True  # the board may keep next_event() until touched() (parts/board.py, Board._next_stop)
+
+    def touched(self):
+        """What next_event() answers may have changed (the board sets its own: it keeps the answer)."""
 
     def __init__(self, m0, m1, aux, transmit, draw=slow_end):
         """draw((lo, hi)) -> a duration from that range (the board's: random, or the slow end)."""
@@ -117,6 +123,7 @@ class E22(lora.Receiving):
         start = max(now, self.tx_until) + self.draw(DETECT_MS)
         high = start + self.draw(RECONFIG_MS)
         self.pending = (target, start, high, high + SETTLE_MS)
+        self.touched()
 
     def aux_level(self, now):
         if self.dead:
@@ -146,10 +153,12 @@ class E22(lora.Receiving):
         self.tx_until = -1.0
         self.buf = bytearray()
         self.pending = None
+        self.touched()
 
     def uart_rx(self, data, start, byte_ms, baud):
         for i, b in enumerate(data):
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
+        self.touched()
 
     def _due(self):
         """(time, kind) of what the module does next — 0 the mode switch takes effect, 1 a byte comes
@@ -178,16 +187,68 @@ class E22(lora.Receiving):
         a transmission."""
         return lora.next_air_event(self._due()[0], self.incoming, self.tx_until, now)
 
+    def quiet_bytes(self, now, end):
+        """The arrival times (up to end) of the bytes coming in from the UART, from the first on,
+        that only join the buffer or are lost before anything else the module does: through them it
+        draws the same, sends and answers nothing, and its step() may come after the last of them
+        (the board's Board._quiet_run). Asked while none of its events is due by `now`. step()'s
+        own rules, in its order: the mode switch first at the same time, then a byte, then a packet."""
+        if self.mode == self.CONFIG_MODE:
+            return ()
+        pending = self.pending
+        limit = pending[3] if pending else math.inf
+        for p in self.incoming:
+            a = p[0] if p[3] is None else p[1]
+            if a < limit:
+                limit = a
+        tx_until = self.tx_until
+        if now < tx_until < limit:
+            limit = tx_until
+        normal = self.mode == NORMAL
+        baud = self.baud()
+        joins = normal and not self.dead
+        deaf_from = pending[1] if pending else math.inf  # _listening()
+        n, last = len(self.buf), self.last_rx
+        out = []
+        for at, b, rate in self.inbound:
+            if at >= limit or at > end:
+                break
+            if normal and n and max(last if n >= self.SUBPACKET else last + 3 * 10000.0 / baud, tx_until) < at:
+                break  # a packet goes on air before this byte
+            if joins and at < deaf_from and rate == baud:
+                n, last = n + 1, at
+            if normal and n and max(last if n >= self.SUBPACKET else last + 3 * 10000.0 / baud, tx_until) <= at:
+                break  # ... or right after it, in its step
+            out.append(at)
+        return out
+
+    def take_bytes(self, n):
+        """The first n bytes from the UART as step() takes them, when quiet_bytes() gave them."""
+        pending = self.pending
+        deaf_from = pending[1] if pending else math.inf  # _listening()
+        joins = self.mode == NORMAL and not self.dead
+        baud = self.baud()
+        for at, b, rate in self.inbound[:n]:
+            if joins and at < deaf_from and rate == baud:
+                self.buf.append(b)
+                self.last_rx = at
+            else:
+                self.lost_bytes += 1  # asleep, reconfiguring, wrong mode or wrong baud
+        del self.inbound[:n]
+        self.touched()
+
     def step(self, now):
         """Acts on what is due by `now`; True when what the module draws may have changed (its mode,
         its registers, a packet keyed up)."""
         if self.incoming:
+            self.touched()
             self._air(now)
         acted = False
         while True:
             t, kind = self._due()
             if t is None or t > now:
                 return acted
+            self.touched()
             acted = acted or kind != 1 or self.mode == self.CONFIG_MODE  # a byte in normal mode only fills the buffer
             if kind == 0:
                 self.mode = self.pending[0]
@@ -212,6 +273,7 @@ class E22(lora.Receiving):
         if not ok:
             self.missed.append((start, p[2], "other rate, channel or a collision"))
         self.incoming.append(p)
+        self.touched()
         return end
 
     def _rx_ready(self, at):

@@ -32,6 +32,11 @@ class Rylr998(lora.Receiving):
     RX_MA = 17.0
     SLEEP_MA = 0.008
 
+    EVENTS_CACHED = True  # the board may keep next_event() until touched() (parts/board.py, Board._next_stop)
+
+    def touched(self):
+        """What next_event() answers may have changed (the board sets its own: it keeps the answer)."""
+
     def __init__(self, transmit):
         self.transmit = transmit  # transmit(payload bytes, on-air length, sf, bw, dbm)
         self.baud = 115200
@@ -77,10 +82,12 @@ class Rylr998(lora.Receiving):
         self.tx_until = -1.0
         self.line = b""
         self.asleep = False
+        self.touched()
 
     def uart_rx(self, data, start, byte_ms, baud):
         for i, b in enumerate(data):
             self.inbound.append([start + (i + 1) * byte_ms, b, baud])
+        self.touched()
 
     def next_event(self, now):
         return lora.next_air_event(self.inbound[0][0] if self.inbound else None, self.incoming, self.tx_until, now)
@@ -98,6 +105,7 @@ class Rylr998(lora.Receiving):
         if not ok:
             self.missed.append((start, bytes(data), "other band, network, parameters or a collision"))
         self.incoming.append([start, end, bytes(data), None if ok else False, address])
+        self.touched()
         return end
 
     def _rx_ready(self, at):
@@ -117,9 +125,11 @@ class Rylr998(lora.Receiving):
         """Acts on what is due by `now`; True when what the module draws may have changed (a
         command came in: sleep, a packet keyed up, the power setting)."""
         if self.incoming:
+            self.touched()
             self._air(now)
         acted = False
         while self.inbound and self.inbound[0][0] <= now:
+            self.touched()
             acted = True
             at, b, baud = self.inbound.pop(0)
             if self.dead:

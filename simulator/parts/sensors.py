@@ -39,6 +39,10 @@ class EchoSensor:
     BURST_MS = 0.5  # trigger fall to echo rise: the 40 kHz burst goes out
     POWER_UP_MS = 100.0
     IDLE_MA, ACTIVE_MA = 5.0, 8.0
+    EVENTS_CACHED = True  # the board may keep next_event() until touched() (parts/board.py, Board._next_stop)
+
+    def touched(self):
+        """What next_event() answers may have changed (the board sets its own: it keeps the answer)."""
 
     def __init__(self, acoustics, surface_mm, air_c, trig, echo):
         self.acoustics = acoustics  # physics.UltrasonicSensor
@@ -71,6 +75,7 @@ class EchoSensor:
                 width = self.NO_ECHO_MS if us < 0 else us / 1000.0
                 rise = now + self.BURST_MS
                 self.high = (rise, rise + width)
+                self.touched()
                 return True
         return False
 
@@ -149,6 +154,10 @@ class A02yyuw:
 
 class Ds18b20:
     ROM = bytes([0x28, 0xFF, 0x4C, 0x1D, 0x61, 0x16, 0x04])
+    EVENTS_CACHED = True  # the board may keep next_event() until touched() (parts/board.py, Board._next_stop)
+
+    def touched(self):
+        """What next_event() answers may have changed (the board sets its own: it keeps the answer)."""
 
     def __init__(self, temperature_c):
         self.temperature_c = temperature_c  # () -> °C at the sensor
@@ -161,6 +170,7 @@ class Ds18b20:
     def power_on(self):
         self.scratch = bytearray([0x50, 0x05, 0x4B, 0x46, 0x7F, 0xFF, 0x0C, 0x10, 0])  # +85.0 °C, 12 bits
         self.converting = None  # (done at ms, raw value)
+        self.touched()
 
     def bits(self):
         return 9 + ((self.scratch[4] >> 5) & 3)
@@ -175,6 +185,7 @@ class Ds18b20:
         step = 1 << (12 - self.bits())
         raw = int(round(self.temperature_c() * 16)) // step * step
         self.converting = (now + CONVERSION_MS[self.bits()], raw & 0xFFFF)
+        self.touched()
 
     def read_scratch(self, now):
         self._finish(now)
@@ -193,6 +204,7 @@ class Ds18b20:
             raw = self.converting[1]
             self.scratch[0], self.scratch[1] = raw & 0xFF, raw >> 8
             self.converting = None
+            self.touched()
 
     def current_ma(self, now):
         return 1.5 if self.converting and now < self.converting[0] else 0.001
