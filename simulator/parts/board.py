@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import types
 
 from binlink.sim.parts import cell as cell_model
 from binlink.sim.parts import esp32 as chip
@@ -24,6 +25,7 @@ from binlink.sim.parts.wifi import WifiOps
 
 UPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upy")
 FIRMWARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "firmware")
+HW_PY = os.path.join(FIRMWARE, "binlink", "firmware", "hw.py")
 UPY_MODULES = ("_host", "time", "machine", "esp32", "onewire", "ds18x20", "network", "umqtt", "umqtt.simple")
 
 # Board profiles (docs/energy.md): what draws current besides the parts.
@@ -195,19 +197,31 @@ class Board(WifiOps):
         end = now + ms
         while True:
             if ms > 0:
-                if self._quiet is not None:
-                    due = self._due_at
-                    if due is None or due <= now:
-                        due = self._cached_first(now)
-                    if now < due <= end and due < self._others_at and self.radio.inbound \
-                            and self.radio.inbound[0][0] == due:
-                        reached = self._quiet_run(now, end)
-                        if reached > now:
-                            now = reached
-                            if now >= end:
-                                return
-                            continue
-                nxt, first = self._next_stop(now, end)
+                # _next_stop(now, end)
+                due = self._due_at
+                if due is None or due <= now:
+                    due = self._cached_first(now)
+                if due <= now:
+                    nxt, first = self._scan(now, end)
+                else:
+                    if due <= end and self._quiet is not None and due < self._others_at:
+                        inbound = self.radio.inbound
+                        if inbound and inbound[0][0] == due:
+                            reached = self._quiet_run(now, end)
+                            if reached > now:
+                                now = reached
+                                if now >= end:
+                                    return
+                                continue
+                    nxt = due if due < end else end
+                    first = due
+                    for next_event in self._live_events:
+                        t = next_event(now)
+                        if t is not None:
+                            if t < first:
+                                first = t
+                            if now < t < nxt:
+                                nxt = t
                 wdt = e.wdt_due
                 if wdt is not None and not e.asleep and wdt < nxt:
                     nxt = wdt
@@ -469,12 +483,16 @@ class Board(WifiOps):
                 return {"oserror": "injected fault at call %d (op_%s)" % (self.ops, op)}
             # the interpreter's time around the call: no part acts within it (they are stepped
             # before anything observes them), only the charge and the watchdog count
-            self.charge_mAs += self._ma * chip.CALL_MS / 1000.0
-            self.now += chip.CALL_MS
+            call_ms = chip.CALL_MS
+            self.charge_mAs += self._ma * call_ms / 1000.0
+            self.now = now = self.now + call_ms
             due = self.esp.wdt_due
-            if due is not None and self.now >= due:
+            if due is not None and now >= due:
                 self.advance(0.0)
-            call = self._ops.get(op) or self._ops.setdefault(op, getattr(self, "op_" + op))
+            try:
+                call = self._ops[op]
+            except KeyError:
+                call = self._ops[op] = getattr(self, "op_" + op)
             return call(*args)
         except chip.Stop as s:
             self._halt(s.kind)
@@ -739,6 +757,14 @@ class Board(WifiOps):
     def load_hw(self):
         """A fresh copy of firmware/binlink/firmware/hw.py (as after a reset), importing the
         MicroPython stand-ins bound to this board (stateless: loaded once per board)."""
+        imp = self.__dict__.get("_imp")
+        if imp is None:
+            imp = self._imp = self._importer()
+            self._hw_builtins = _builtins(imp)
+        return _exec_module("binlink.firmware.hw", HW_PY, imp, {}, self._hw_builtins)
+
+    def _importer(self):
+        """The __import__ of the firmware on this board: the stand-ins (loaded once) for MicroPython's."""
         mods = self.__dict__.setdefault("upy", {})
 
         def load(name):
@@ -757,7 +783,7 @@ class Board(WifiOps):
                 return m
             return builtins.__import__(name, globals, locals, fromlist, level)
 
-        return _exec_module("binlink.firmware.hw", os.path.join(FIRMWARE, "binlink", "firmware", "hw.py"), imp, {})
+        return imp
 
     def halt_class(self):
         return self.upy["_host"].Halt
@@ -790,14 +816,17 @@ class _Wire:
         return 0.0
 
 
-def _exec_module(name, path, imp, extra):
-    import types
-
-    m = types.ModuleType(name)
-    m.__file__ = path
+def _builtins(imp):
     b = dict(builtins.__dict__)
     b["__import__"] = imp
-    m.__dict__["__builtins__"] = b
+    return b
+
+
+def _exec_module(name, path, imp, extra, builtins_=None):
+    """builtins_: _builtins(imp) made once (a module's code never changes them), else made here."""
+    m = types.ModuleType(name)
+    m.__file__ = path
+    m.__dict__["__builtins__"] = builtins_ if builtins_ is not None else _builtins(imp)
     m.__dict__.update(extra)
     code = _CODE.get(path)
     if code is None:

@@ -133,7 +133,8 @@ class LiSOCl2Cell:
         """`ms` at a constant `ma`: the layer grows at rest, the load above CLEAR_MIN_MA breaks it."""
         if ms <= 0:
             return
-        tau_ms = self._cold_tau()[1]
+        held = self._held
+        tau_ms = (held if held is not None else self._cold_tau())[1]
         x = ms / tau_ms
         p = 1.0 - (1.0 - self.passivation) * (1.0 - x if x < 1e-4 else math.exp(-x))
         if ma > CLEAR_MIN_MA:

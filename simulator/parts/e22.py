@@ -115,8 +115,11 @@ class E22(lora.Receiving):
         return (1 if m1 is None else m1) * 2 + (1 if m0 is None else m0)  # weak pull-ups: floating = 1
 
     def on_pin(self, pin, level, now):
-        self.levels[pin] = level
-        target = self.mode_from_pins()
+        levels = self.levels
+        levels[pin] = level
+        m0 = levels.get(self.m0)  # mode_from_pins()
+        m1 = levels.get(self.m1)
+        target = (1 if m1 is None else m1) * 2 + (1 if m0 is None else m0)
         current = self.pending[0] if self.pending else self.mode
         if target == current:
             return

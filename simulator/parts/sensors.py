@@ -20,7 +20,7 @@ byte 8 is the Dallas CRC8 of bytes 0-7. Standby ~1 uA, converting ~1.5 mA."""
 CONVERSION_MS = {9: 93.75, 10: 187.5, 11: 375.0, 12: 750.0}
 
 
-def crc8(data):
+def _crc8_bits(data):
     crc = 0
     for b in data:
         for _ in range(8):
@@ -29,6 +29,17 @@ def crc8(data):
             if mix:
                 crc ^= 0x8C
             b >>= 1
+    return crc
+
+
+_CRC8 = bytes(_crc8_bits([i]) for i in range(256))  # the shift register over one byte from each state
+
+
+def crc8(data):
+    """The Dallas/Maxim CRC8 (x^8 + x^5 + x^4 + 1, LSB first), a byte at a time."""
+    crc = 0
+    for b in data:
+        crc = _CRC8[crc ^ b]
     return crc
 
 
