@@ -49,7 +49,7 @@ class SimDevice:
             raise ValueError("simulated device config: %s" % "; ".join(problems))
         self.hw = Board(self.cfg, self.battery, self._surface, lambda: self.weather.air_c(self.clock()), self.sensor,
                         self._on_air, rng, profile=profile, timing=timing)
-        self.rtc_drift = None  # None: the RTC keeps true time asleep; else (rate, rng) of esp32.slept_s
+        self.rtc_drift = None  # None: the RTC keeps true time asleep; else its clock (esp32.RcSlow, esp32.Xtal32k)
         self.fuel = []
         self.frames_sent = 0
         self.resets = 0
@@ -100,14 +100,14 @@ class SimDevice:
         counted = max(1, int((hw.sleep_ms or 1000) / 1000))
         if self.rtc_drift is None:
             return counted
-        slept = chip.slept_s(counted, *self.rtc_drift)
+        slept = self.rtc_drift.slept_s(counted, self.weather.air_c(self.clock()))
         hw.rtc_error_s += counted - slept  # the RTC wakes the chip once it has counted `counted`: it runs ahead
         return slept
 
-    def drift_rtc(self, seed):
-        """The RTC counts deep sleep on the chip's RC oscillator (parts/esp32.py), this unit's rate."""
-        rng = random.Random(seed)
-        self.rtc_drift = (chip.rtc_slow_rate(rng), rng)
+    def drift_rtc(self, seed, clock="rc"):
+        """The RTC counts deep sleep on the chip's RC oscillator, or on a 32.768 kHz crystal
+        (clock="xtal32k"), at this unit's rate (parts/esp32.py)."""
+        self.rtc_drift = chip.RTC_CLOCKS[clock](random.Random(seed))
 
     def _run_firmware(self):
         if self.vm is not None:

@@ -130,9 +130,10 @@ class Gateway:
 
 class DownlinkFleet(Fleet):
     """Fleet on the co-simulated channel; answer=False: the gateway never transmits (bins still
-    listen when their firmware says so). drift: the bins' RTCs drift in deep sleep (parts/esp32.py)."""
+    listen when their firmware says so). rtc: what the bins' RTCs count deep sleep on, "rc" (the
+    ESP32's internal oscillator) or "xtal32k" (a 32.768 kHz crystal), parts/esp32.py; None: true time."""
 
-    def __init__(self, bins, answer=True, drift=True, sites=((0.0, 0.0, 0.0),), powered_within_s=None,
+    def __init__(self, bins, answer=True, rtc="rc", sites=((0.0, 0.0, 0.0),), powered_within_s=None,
                  duty_cycle=Source.duty_cycle, **kw):
         """powered_within_s: the bins' first wakes spread over this long (default: one wake
         interval); a fleet installed over days does not boot, and ask for the time, at once."""
@@ -140,9 +141,9 @@ class DownlinkFleet(Fleet):
         self.channel.receivers = [Receiver("radio%d" % i, None, self.fmt, *site) for i, site in enumerate(sites)]
         self.gateway = Gateway(self.channel, {d.device_id: d.key for d in self.devices}, lambda: self.now, answer,
                                self.fmt, duty_cycle)
-        if drift:
+        if rtc:
             for d in self.devices:
-                d.drift_rtc(d.device_id)
+                d.drift_rtc(d.device_id, rtc)
         self.air = []  # uplinks on air recently (a later one's rivals)
         self.bin_tx = {}  # device_id -> [(start, end)]
         self.clock_errors = []  # (true time, |bin's clock - true time| s) at each reading sent

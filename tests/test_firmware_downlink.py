@@ -444,7 +444,7 @@ def test_two_settings_of_the_clock_teach_the_bin_its_rtcs_rate(make_device):
     ages are corrected by the same rate."""
     dev = make_device(wake_s=3600, report_s=3600, listen_every=1)
     dev.drift_rtc(7)
-    rate = dev.rtc_drift[0]
+    rate = dev.rtc_drift.rate
     gw = Gateway(dev)
     run(dev, 8)  # answered windows an hour apart: the clock set eight times
     assert abs(rtc(dev).clock_ppm - rate * 1e6) < 2000, (rtc(dev).clock_ppm, rate)

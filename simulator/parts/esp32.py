@@ -44,16 +44,43 @@ CALL_MS = 0.02  # interpreter time around one hardware call
 # in 2 h on the internal RC (esp32.com forum, topic 1175). docs/hardware.md.
 RTC_SLOW_FAST = (0.0049, 0.0106)  # how much faster than true time a module's RTC counts asleep (per unit)
 RTC_SLOW_JITTER = 0.0007  # from one sleep to the next (5 s in an hour, as two sigma)
+# A board may put a 32.768 kHz crystal on 32K_XP/32K_XN (GPIO32/33) and build MicroPython with
+# CONFIG_RTC_CLK_SRC_EXT_CRYS: ESP-IDF "System Time" gives it better frequency stability for ~1 uA
+# more in deep sleep. A tuning-fork crystal (TF20 series datasheet): +-20 ppm at 25 degC, and slower
+# on either side of its turnover temperature (25 +- 5 degC) by 0.030 +- 0.01 ppm/degC^2 (a parabola;
+# Microchip's "Temperature Tolerance" note for 32 kHz crystals says the same).
+XTAL32K_TOLERANCE = 20e-6
+XTAL32K_TURNOVER_C = (20.0, 30.0)
+XTAL32K_COEFF = (0.020e-6, 0.040e-6)
 
 
-def rtc_slow_rate(rng):
-    """One module's RTC rate error in deep sleep (a fraction: 0.01 counts 36 s too many an hour)."""
-    return rng.uniform(*RTC_SLOW_FAST)
+class RcSlow:
+    """The RTC on the internal 150 kHz RC oscillator: this unit's rate (a fraction: 0.01 counts 36 s
+    too many an hour), and the jitter from one sleep to the next."""
+
+    def __init__(self, rng):
+        self.rate = rng.uniform(*RTC_SLOW_FAST)
+        self.rng = rng
+
+    def slept_s(self, counted_s, air_c):
+        """True seconds a deep sleep of counted_s RTC seconds lasts (air_c: no effect modelled)."""
+        return counted_s / (1.0 + self.rate + self.rng.gauss(0.0, RTC_SLOW_JITTER / 2))
 
 
-def slept_s(counted_s, rate, rng):
-    """True seconds a deep sleep of counted_s RTC seconds lasts on a module of this rate."""
-    return counted_s / (1.0 + rate + rng.gauss(0.0, RTC_SLOW_JITTER / 2))
+class Xtal32k:
+    """The RTC on an external 32.768 kHz crystal: this unit's rate at its turnover temperature,
+    slower by the parabola away from it (the air the bin sleeps in)."""
+
+    def __init__(self, rng):
+        self.rate = rng.uniform(-XTAL32K_TOLERANCE, XTAL32K_TOLERANCE)
+        self.turnover_c = rng.uniform(*XTAL32K_TURNOVER_C)
+        self.coeff = rng.uniform(*XTAL32K_COEFF)
+
+    def slept_s(self, counted_s, air_c):
+        return counted_s / (1.0 + self.rate - self.coeff * (air_c - self.turnover_c) ** 2)
+
+
+RTC_CLOCKS = {"rc": RcSlow, "xtal32k": Xtal32k}
 
 
 class Stop(Exception):
