@@ -194,45 +194,60 @@ class Board(WifiOps):
         the watchdog bites when due (chip.Stop)."""
         e = self.esp
         now = self.now
+        if ms <= 0:  # every part brought up to now (before something observes it): the loop's one turn
+            due = self._due_at
+            if due is None:
+                due = self._cached_first(now)
+            acted = False
+            if due <= now:  # every part steps (a list: each of them)
+                acted = any([step(now) for step in self._steps])
+                self._due_at = None
+            elif self._live_steps:  # the cached parts have nothing due: their step() would do nothing
+                acted = any([step(now) for step in self._live_steps])
+            if acted or now >= self._ma_until:
+                self._recount()
+            if self._on_cell and not e.asleep and not self.battery.holds_up(self._ma, self.bod_mv):  # _supply_check()
+                self.brownouts += 1
+                raise chip.Stop("brownout")
+            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
+                raise chip.Stop("watchdog")
+            return
         end = now + ms
         while True:
-            if ms > 0:
-                # _next_stop(now, end)
-                due = self._due_at
-                if due is None or due <= now:
-                    due = self._cached_first(now)
-                if due <= now:
-                    nxt, first = self._scan(now, end)
-                else:
-                    if due <= end and self._quiet is not None and due < self._others_at:
-                        inbound = self.radio.inbound
-                        if inbound and inbound[0][0] == due:
-                            reached = self._quiet_run(now, end)
-                            if reached > now:
-                                now = reached
-                                if now >= end:
-                                    return
-                                continue
-                    nxt = due if due < end else end
-                    first = due
-                    for next_event in self._live_events:
-                        t = next_event(now)
-                        if t is not None:
-                            if t < first:
-                                first = t
-                            if now < t < nxt:
-                                nxt = t
-                wdt = e.wdt_due
-                if wdt is not None and not e.asleep and wdt < nxt:
-                    nxt = wdt
-                if nxt > now:  # the current is constant between events
-                    self.charge_mAs += self._ma * (nxt - now) / 1000.0
-                    if self._on_cell:
-                        self.battery.load(self._ma, nxt - now)
-                    self.now = now = nxt
-                stepping = first <= now  # no part has anything to do before its first event
+            # _next_stop(now, end)
+            due = self._due_at
+            if due is None or due <= now:
+                due = self._cached_first(now)
+            if due <= now:
+                nxt, first = self._scan(now, end)
             else:
-                stepping = True  # every part brought up to now (before something observes it)
+                if due <= end and self._quiet is not None and due < self._others_at:
+                    inbound = self.radio.inbound
+                    if inbound and inbound[0][0] == due:
+                        reached = self._quiet_run(now, end)
+                        if reached > now:
+                            now = reached
+                            if now >= end:
+                                return
+                            continue
+                nxt = due if due < end else end
+                first = due
+                for next_event in self._live_events:
+                    t = next_event(now)
+                    if t is not None:
+                        if t < first:
+                            first = t
+                        if now < t < nxt:
+                            nxt = t
+            wdt = e.wdt_due
+            if wdt is not None and not e.asleep and wdt < nxt:
+                nxt = wdt
+            if nxt > now:  # the current is constant between events
+                self.charge_mAs += self._ma * (nxt - now) / 1000.0
+                if self._on_cell:
+                    self.battery.load(self._ma, nxt - now)
+                self.now = now = nxt
+            stepping = first <= now  # no part has anything to do before its first event
             acted = False
             if stepping:
                 due = self._due_at
