@@ -13,7 +13,8 @@ What the answer carries:
   UART), only while clock.py finds it plausible and the kernel says it is synchronised.
 - `config`: when the bin's desired settings (registry_settings.desired) differ from the hash it
   reported in its last hello (or none was heard): up to four settings per answer, the registry's
-  own first, then the firmware defaults the desired set includes, in turns.
+  own first, then the firmware defaults the desired set includes, in turns; only the settings that
+  differ when the reported hash names a set the gateway knows (the defaults, a set it wanted).
 
 Who answers: only uplinks this gateway accepted are collected (pipeline.listening: hellos, backlog
 batches, and readings with the flag); with several
@@ -69,10 +70,14 @@ def reports_settings(fw_version):
         return False
 
 
-def config_chunks(device):
-    """The desired full set, cut in commands of at most MAX_SETTINGS: the registry's own settings
-    first (what the operator asked for), then the defaults the desired set includes."""
+def config_chunks(device, running=None):
+    """The desired settings, cut in commands of at most MAX_SETTINGS: the registry's own settings
+    first (what the operator asked for), then the defaults the desired set includes. running: the
+    full set the bin runs, when the gateway knows it (registry_settings.KnownSets): then only the
+    settings that differ, most often one command."""
     want = registry_settings.desired(device)
+    if running is not None:
+        want = {n: v for n, v in want.items() if running.get(n) != v} or want  # or: two sets, one hash
     by_id = sorted(want, key=lambda n: downlink.SETTING_IDS[n])  # wake_s and report_s, checked together, side by side
     own = [n for n in by_id if n in dict(device.settings)]
     order = own + [n for n in by_id if n not in own]
@@ -80,16 +85,21 @@ def config_chunks(device):
     return [{n: want[n] for n in order[i:i + step]} for i in range(0, len(order), step)]
 
 
-def config_command(device, reported_hash, turn):
+def config_command(device, reported_hash, turn, known=None):
     """The `config` command for a bin: (desired hash, the turn-th part of the desired settings)
     while the hash it reported differs from the desired one; None when it runs them, or when the
-    registry wants nothing of it (the bin is left as it is)."""
+    registry wants nothing of it (the bin is left as it is). known: the KnownSets the reported
+    hash is looked up in (and the desired set added to)."""
     if not device.settings:
         return None
     want = registry_settings.desired_hash(device)
     if reported_hash == want:
         return None
-    chunks = config_chunks(device)
+    running = None
+    if known is not None:
+        running = known.get(reported_hash)
+        known.add(registry_settings.desired(device))
+    chunks = config_chunks(device, running)
     return bytes.fromhex(want), chunks[turn % len(chunks)]
 
 
@@ -204,6 +214,7 @@ class Answerer:
             self.radios[wifi_input.SOURCE] = WifiReplies(wifi)
         self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         self._turn = {}  # device_id -> next config chunk
+        self._known = registry_settings.KnownSets()  # the full sets bins may report: a change sends what differs
         self._frames = {}  # device_id -> counters of its batches and hellos committed, the last 32 counters'
         self._log_limit = logs.RateLimit(per_minute=10)
 
@@ -292,7 +303,7 @@ class Answerer:
 
     def _config(self, device):
         reported = self.reported.get(device.device_id)
-        return config_command(device, reported and reported[0], self._turn.get(device.device_id, 0))
+        return config_command(device, reported and reported[0], self._turn.get(device.device_id, 0), self._known)
 
     def publish_settings(self, box, devices):
         """Commits the retained settings message of each device whose message changed; the record

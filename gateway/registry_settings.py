@@ -58,6 +58,28 @@ def desired_hash(device):
     return downlink.settings_hash(desired(device)).hex()
 
 
+class KnownSets:
+    """Full sets of settings by their hash: the firmware's defaults and every set wanted of a bin
+    since the start (at most LIMIT, the oldest forgotten first). A bin that reports one of these
+    hashes runs exactly that set, so a change to it needs only the settings that differ."""
+
+    LIMIT = 1000
+
+    def __init__(self):
+        self.sets = {}
+        self.add(FIRMWARE_DEFAULTS)
+
+    def add(self, full):
+        h = downlink.settings_hash(full).hex()
+        self.sets.pop(h, None)
+        self.sets[h] = dict(full)
+        while len(self.sets) > self.LIMIT:
+            self.sets.pop(next(iter(self.sets)))
+
+    def get(self, hash_hex):
+        return self.sets.get(hash_hex)
+
+
 def parse_assignments(texts):
     """KEY=VALUE words of the command line as {name: int}; KEY= (nothing after =) unsets KEY, which
     comes back as None. Raises ValueError with one line naming the word."""

@@ -53,6 +53,7 @@ class Gateway:
         self.reported = {}  # device_id -> settings hash of its last hello
         self.desired = {}  # device_id -> the registry's settings table for it
         self._turn = {}  # device_id -> next config chunk
+        self._known = registry_settings.KnownSets()
         self.readings = set()  # (device_id, fcnt) of every reading stored
         self.accepted = []  # (start, end, radio) of every uplink stored
         self.sent = []  # (start, end, radio) of every downlink put on air
@@ -125,7 +126,7 @@ class Gateway:
 
     def _config(self, dev):
         """As the gateway's Answerer: the desired settings while the bin's reported hash differs."""
-        return gw_downlink.config_command(self._device(dev), self.reported.get(dev), self._turn.get(dev, 0))
+        return gw_downlink.config_command(self._device(dev), self.reported.get(dev), self._turn.get(dev, 0), self._known)
 
 
 class DownlinkFleet(Fleet):

@@ -9,7 +9,7 @@ import time
 import types
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 from binlink.wire import codec, downlink, framing
 from binlink.gateway import module_formats, registry, registry_settings
@@ -352,6 +352,49 @@ def test_time_only_from_a_synced_clock_and_a_config_in_turns_until_the_bin_repor
     assert metrics.value("binlink_downlinks_sent_total", kind="config") == 3
     unsynced, _ = answering(tmp_path / "b", device, [1], Capture(), synced=False)
     assert "time_ms" not in unsynced[0]
+
+
+def valid_table(data):
+    """A settings table the bin would take (drawn setting by setting within its range)."""
+    names = data.draw(st.sets(st.sampled_from(sorted(downlink.SETTING_IDS))))
+    table = {n: data.draw(st.integers(*downlink.SETTINGS[downlink.SETTING_IDS[n]][1:])) for n in sorted(names)}
+    assume(not registry_settings.combined_problems(table))
+    return table
+
+
+@given(st.data())
+def test_a_bin_running_a_set_the_gateway_knows_is_sent_only_what_differs(data):
+    """A change to a bin whose reported hash names a set the gateway knows (the firmware's
+    defaults, a set it wanted before) carries only the settings that differ, and lands the bin on
+    the desired set; an unknown hash gets the whole set."""
+    from binlink.gateway import downlink as gw_downlink
+
+    running = registry_settings.desired_from(valid_table(data))
+    table = valid_table(data)
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200, settings=registry_settings.parse(table))
+    want = registry_settings.desired(device)
+    assume(table and want != running)  # an empty table: the registry wants nothing of the bin
+    chunks = gw_downlink.config_chunks(device, running)
+    sent = {n: v for c in chunks for n, v in c.items()}
+    assert {**running, **sent} == want
+    assert sent == {n: v for n, v in want.items() if running[n] != v}
+    assert all(0 < len(c) <= downlink.MAX_SETTINGS for c in chunks)
+    known = registry_settings.KnownSets()
+    known.add(running)
+    reported = downlink.settings_hash(running).hex()
+    turns = [gw_downlink.config_command(device, reported, t, known)[1] for t in range(len(chunks))]
+    assert turns == chunks
+    unknown = gw_downlink.config_chunks(device, None)
+    assert {n: v for c in unknown for n, v in c.items()} == want
+
+
+def test_a_change_to_a_bin_on_the_defaults_is_one_setting_in_one_answer():
+    from binlink.gateway import downlink as gw_downlink
+
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200, settings=(("fire_c", 65),))
+    defaults = downlink.settings_hash(registry_settings.FIRMWARE_DEFAULTS).hex()
+    want_hash, change = gw_downlink.config_command(device, defaults, 0, registry_settings.KnownSets())
+    assert change == {"fire_c": 65} and want_hash.hex() == registry_settings.desired_hash(device)
 
 
 def test_an_answer_past_the_window_is_skipped(tmp_path):
