@@ -302,20 +302,24 @@ class Board(WifiOps):
         times = self._quiet(now, end)
         if not times or times[0] >= stop:
             return now
-        battery = self.battery if self._on_cell else None
+        on_cell = self._on_cell
+        load, holds_up = self.battery.load, self.battery.holds_up
         n = 0
         try:
             for t in times:
                 if t >= stop:
                     break
-                self.charge_mAs += self._ma * (t - now) / 1000.0
-                if battery is not None:
-                    battery.load(self._ma, t - now)
+                ma = self._ma
+                self.charge_mAs += ma * (t - now) / 1000.0
+                if on_cell:
+                    load(ma, t - now)
                 self.now = now = t
                 n += 1
                 if now >= self._ma_until:
                     self._recount()
-                self._supply_check()
+                if on_cell and not e.asleep and not holds_up(self._ma, self.bod_mv):  # _supply_check()
+                    self.brownouts += 1
+                    raise chip.Stop("brownout")
         finally:
             self.radio.take_bytes(n)  # its step() up to now: the other parts' would do nothing
             self._due_at = None
