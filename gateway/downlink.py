@@ -40,6 +40,9 @@ from binlink.gateway.storage import StorageFull
 
 log = logs.get("downlink")
 SETTINGS_FROM = (1, 4, 0)  # firmware from which the hello's config hash is downlink.settings_hash
+PACE_FROM = (1, 6, 0)  # firmware that takes the `pace` command (an older bin refuses the whole answer)
+PACE_SHARE = 0.5  # of a radio's airtime budget for the bins' regular windows: the rest answers resends, settings, clocks
+HEARD_S = 26 * 3600  # a bin heard within this long counts towards its radio's pace (every bin says hello daily)
 
 
 def asks(up):
@@ -64,8 +67,16 @@ def ack_bitmap(head, stored, answered, frames=()):
 
 
 def reports_settings(fw_version):
+    return _at_least(fw_version, SETTINGS_FROM)
+
+
+def takes_pace(fw_version):
+    return _at_least(fw_version, PACE_FROM)
+
+
+def _at_least(fw_version, version):
     try:
-        return tuple(int(x) for x in fw_version.split(".")) >= SETTINGS_FROM
+        return tuple(int(x) for x in fw_version.split(".")) >= version
     except (AttributeError, ValueError):
         return False
 
@@ -166,7 +177,8 @@ class Reported:
 
 
 class Radio:
-    """One serial source's transmit side: its writer, its module format, its airtime budget."""
+    """One serial source's transmit side: its writer, its module format, its airtime budget, and the
+    bins it answers (their pace)."""
 
     def __init__(self, source, clock=time.time):
         self.writer = source
@@ -174,6 +186,12 @@ class Radio:
         self.clock = clock
         self.budget_ms = airtime.budget_cap_ms(self.cfg.duty_cycle)
         self.at = clock()
+        self.heard = {}  # device_id -> when it was last heard asking or saying hello here
+        self._pruned = self.at  # the bins not heard within HEARD_S are forgotten hourly
+        # an answer with ack, time and pace: what a bin's regular window costs this radio
+        _, on_air, preamble = module_formats.transmission(self.cfg.format, downlink.encode(
+            bytes(16), 0, 0, ack=0, time_ms=0, pace_min=downlink.PACE_MIN[0]))
+        self.answer_ms = self.time_on_air_ms(on_air, preamble)
 
     def time_on_air_ms(self, payload_len, preamble):
         return airtime.time_on_air_ms(payload_len, self.cfg.sf, self.cfg.bandwidth_khz, preamble=preamble)
@@ -187,6 +205,16 @@ class Radio:
             return False
         self.budget_ms -= cost_ms
         return True
+
+    def pace_min(self):
+        """Minutes between a bin's regular windows for the bins this radio answers: their regular
+        answers take PACE_SHARE of its duty-cycle budget (1,000 bins at 1 %, SF9: 12.6 h; 100: 76 min)."""
+        now = self.clock()
+        if now - self._pruned >= 3600:
+            self.heard = {dev: t for dev, t in self.heard.items() if now - t < HEARD_S}
+            self._pruned = now
+        per_hour = PACE_SHARE * self.cfg.duty_cycle * 3600000.0 / self.answer_ms
+        return max(downlink.PACE_MIN[0], min(downlink.PACE_MIN[1], int(60.0 * max(1, len(self.heard)) / per_hour + 0.999)))
 
 
 class WifiReplies:
@@ -233,6 +261,9 @@ class Answerer:
             return
         changed = {}
         for up in ups:  # first every frame of the group: an answer names those before it
+            radio = self.radios.get(up.source)
+            if isinstance(radio, Radio):
+                radio.heard[up.device.device_id] = radio.clock()
             if up.frame_type != codec.T_READING:
                 dev = up.device.device_id
                 self._frames[dev] = [f for f in self._frames.get(dev, ()) if up.fcnt - f < 32] + [up.fcnt]
@@ -261,13 +292,15 @@ class Answerer:
         ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt, self._frames.get(dev, ()))
         config = self._config(device)
         time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
+        reported = self.reported.get(dev)
+        pace = radio.pace_min() if not wifi and reported and takes_pace(reported[1]) else None
         try:
-            frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
+            frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace)
             if not wifi:
                 data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
             if time_ms is not None and not wifi:  # the instant it goes on air: after its bytes crossed to the module (8N1)
                 time_ms += len(data) * 10 * 1000 // radio.cfg.baud
-                frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config)
+                frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace)
                 data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
         except ValueError as e:  # a registry entry the bin would refuse never gets here (registry_settings)
             self.metrics.downlinks_skipped.labels("too_long").inc()

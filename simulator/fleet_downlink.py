@@ -51,6 +51,7 @@ class Gateway:
         self.stored = {}  # device_id -> stored-readings window below it (heads.Counter.stored)
         self.frames = {}  # device_id -> counters of its batches and hellos stored (the last 32)
         self.reported = {}  # device_id -> settings hash of its last hello
+        self.fw = {}  # device_id -> firmware version of its last hello
         self.desired = {}  # device_id -> the registry's settings table for it
         self._turn = {}  # device_id -> next config chunk
         self._known = registry_settings.KnownSets()
@@ -88,8 +89,10 @@ class Gateway:
             ftype = f[0] & 0x0F
             if ftype != codec.T_READING:
                 self.frames[dev] = [c for c in self.frames.get(dev, ()) if fcnt - c < 32] + [fcnt]
+            if ftype != codec.T_READING:
+                self.radios[rx.name].heard[dev] = tx["end"]
             if ftype == codec.T_HELLO:
-                self.reported[dev] = codec.hello_fields(f)[2]
+                self.fw[dev], _, self.reported[dev] = codec.hello_fields(f)
                 continue
             for r in codec.readings(f, fcnt):
                 behind = fcnt - r[0]
@@ -98,6 +101,7 @@ class Gateway:
                     self.readings.add((dev, r[0]))
                 if r[5] & downlink.F_LISTENING:
                     ask = fcnt
+                    self.radios[rx.name].heard[dev] = tx["end"]
         return ask
 
     def answer_to(self, dev, fcnt, rx, at):
@@ -110,9 +114,10 @@ class Gateway:
             return None
         ack = gw_downlink.ack_bitmap(self.last[dev], self.stored[dev], fcnt, self.frames.get(dev, ()))
         config = self._config(dev)
-        frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config)
-        data, on_air, preamble = module_formats.transmission(self.fmt, frame)
         radio = self.radios[rx.name]
+        pace = radio.pace_min() if gw_downlink.takes_pace(self.fw.get(dev)) else None
+        frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace)
+        data, on_air, preamble = module_formats.transmission(self.fmt, frame)
         if not radio.take(radio.time_on_air_ms(on_air, preamble)):
             self.skipped["duty_cycle"] += 1
             return None

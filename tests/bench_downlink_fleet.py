@@ -2,7 +2,9 @@
 co-simulated channel (simulator/fleet_downlink.py), the gateway answering and, side by side, never
 answering. The bins were installed over the six hours before the day (a fleet does not boot, and
 ask for the time, all at once); a readings' resends get six hours after the day (one listening
-cycle) to arrive. A settings change for every bin is made as the day starts."""
+cycle) to arrive. A settings change for every bin is made as the day starts. The day is run a
+third time with the bins' RTCs on a 32.768 kHz crystal instead of the ESP32's RC oscillator
+(parts/esp32.py), for the clock alone."""
 import time
 
 from binlink.sim.fleet_downlink import DownlinkFleet
@@ -44,9 +46,9 @@ def converged_pct(fleet):
     return 100.0 * sum(g.reported.get(d) == g.desired_hash(d) for d in g.keys) / len(g.keys)
 
 
-def one_day(bins, seed, answer):
+def one_day(bins, seed, answer, rtc="rc"):
     """The fleet after its day (and, answering, the resends' hours); the convergence figures."""
-    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S, t0=T0)
+    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S, t0=T0, rtc=rtc)
     fleet.day0 = day0 = fleet.now + WARM_S
     converged = {}
     if answer:
@@ -78,5 +80,9 @@ def run(bins=BINS, seed=11):
             out["downlinks_sent_1000_bins"] = sum(1 for s in fleet.gateway.sent if day[0] <= s[0] < day[1])
             out["downlinks_skipped_duty_cycle_1000_bins"] = fleet.gateway.skipped["duty_cycle"]
             out["lost_half_duplex_1000_bins"] = fleet.channel.stats["lost_half_duplex"]
+    fleet, _ = one_day(bins, seed, True, rtc="xtal32k")
+    errors = sorted(e for t, e in fleet.clock_errors if fleet.day0 <= t < fleet.day0 + DAY_S)
+    out["clock_error_s_p99_xtal32k"] = round(errors[int(0.99 * (len(errors) - 1))], 2)
+    out["clock_error_s_p50_xtal32k"] = round(errors[len(errors) // 2], 2)
     out["downlink_fleet_wall_s"] = round(time.perf_counter() - t_wall, 1)
     return out

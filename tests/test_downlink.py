@@ -55,6 +55,7 @@ CONTENT = st.fixed_dictionaries({}, optional={
     "time_ms": st.integers(0, 0xFFFFFFFF * 1000 + 999),
     "config": st.tuples(st.binary(min_size=4, max_size=4), st.lists(SETTING, min_size=1, max_size=d.MAX_SETTINGS,
                                                                      unique_by=lambda s: s[0]).map(dict)),
+    "pace_min": st.integers(*d.PACE_MIN),
 }).filter(bool).filter(lambda c: not d.setting_problems(c.get("config", (b"", {}))[1]))
 
 

@@ -4,6 +4,7 @@ bin asks (F_LISTENING), answers in its window with downlink.encode, on air at th
 import random
 
 import pytest
+from hypothesis import given, strategies as st
 
 from binlink.wire import airtime, codec, downlink, framing
 
@@ -24,9 +25,9 @@ class Gateway:
 
     TURNAROUND_MS = 120.0
 
-    def __init__(self, dev, ack=True, time=True, config=None):
+    def __init__(self, dev, ack=True, time=True, config=None, pace=None):
         self.dev = dev
-        self.ack, self.time, self.config = ack, time, config
+        self.ack, self.time, self.config, self.pace = ack, time, config, pace
         self.stored = {}  # fcnt of every uplink frame stored -> decoded frame
         self.lose = set()  # uplink counters lost on air (not stored, not answered)
         self.answers = []  # (answered fcnt, downlink bytes, start ms)
@@ -68,7 +69,8 @@ class Gateway:
                 if fcnt - k in self.stored:
                     bits |= 1 << k
             t_ms = int((hw.epoch0 + start / 1000.0) * 1000) if self.time else None  # true time as it goes on air
-            frame = downlink.encode(KEY, DEV, fcnt, ack=bits if self.ack else None, time_ms=t_ms, config=self.config)
+            frame = downlink.encode(KEY, DEV, fcnt, ack=bits if self.ack else None, time_ms=t_ms, config=self.config,
+                                    pace_min=self.pace)
         if frame is None:
             return
         self.answers.append((fcnt, frame, start))
@@ -467,6 +469,60 @@ def test_once_its_rate_is_measured_a_bin_listens_every_nth_report_even_at_zero_p
     assert s.dl & state.DL_RATE and abs(s.clock_ppm) < 50
     flagged = [bool(f[10] & downlink.F_LISTENING) for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-12:]
     assert sum(flagged) == 2, flagged
+
+
+def test_the_gateways_pace_spaces_the_bins_regular_windows(make_device):
+    """A gateway with many bins to answer gives each a pace (firmware 1.6.0): told 120 minutes, a
+    bin reporting every 15 minutes opens its regular window every eighth report, not every
+    listen_every-th, and keeps the pace through deep sleep; told nothing, it keeps listen_every."""
+    dev = make_device(listen_every=2)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    Gateway(dev, pace=120)
+    run(dev, 40)
+    assert rtc(dev).pace_min == 120
+    flagged = [bool(f[10] & downlink.F_LISTENING) for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-24:]
+    assert sum(flagged) == 3 and flagged.index(True) < 8, flagged
+    again = make_device(seed=2, listen_every=2)
+    again.sensor.p_no_echo = again.sensor.p_spurious = 0.0
+    Gateway(again)
+    run(again, 40)
+    flagged = [bool(f[10] & downlink.F_LISTENING) for f in again.frames() if f[0] & 0x0F == codec.T_READING][-24:]
+    assert rtc(again).pace_min == 0 and sum(flagged) == 12, flagged
+
+
+def test_a_bin_asks_before_its_unacknowledged_readings_outgrow_an_answer(make_device):
+    """With a pace of a week, a bin still opens a window before readings sent since its last
+    answer would be taken as delivered unjudged (UNCONFIRMED_CAP) or fall out of the ack bitmap's
+    32 counters; every reading lost on air in between (one frame in five) is sent again and stored."""
+    dev = make_device(listen_every=2)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    gw = Gateway(dev, pace=downlink.PACE_MIN[1])
+    run(dev, 6)  # the clock set, its rate learnt: from here only the pace and the reach ask
+    first = max(gw.stored)
+
+    class EveryFifth:
+        def __contains__(self, fcnt):
+            return fcnt > first and fcnt % 5 == 0
+
+    gw.lose = EveryFifth()
+    run(dev, 60)
+    flagged = [d["fcnt"] for f, d in zip(dev.frames(), decoded(dev))
+               if d["type"] == "reading" and d["fcnt"] > first and f[10] & downlink.F_LISTENING]
+    assert len(flagged) >= 2 and all(b - a <= 32 for a, b in zip([first] + flagged, flagged)), flagged
+    made = sorted(r["fcnt"] for r in decoded(dev) if r["type"] == "reading" and r["fcnt"] > first)
+    got = {r["fcnt"] for d in gw.stored.values() for r in ([d] if d["type"] == "reading" else d.get("readings", []))}
+    judged = [c for c in made if c < flagged[-1]]  # readings an answer has judged by now
+    assert any(c % 5 == 0 for c in judged) and not [c for c in judged if c not in got]
+
+
+@given(st.lists(st.integers(0, 10 ** 6), unique=True, max_size=3 * state.BACKLOG_CAP))
+def test_the_backlog_keeps_the_newest_readings_whatever_order_they_come_back_in(counters):
+    s = state.State()
+    for c in counters:
+        state.push_backlog(s, c, 0, bytes(6))
+    kept = [e[0] for e in s.backlog]
+    assert kept == sorted(counters)[-state.BACKLOG_CAP:]
+    assert s.dropped == max(0, len(counters) - state.BACKLOG_CAP)
 
 
 @pytest.mark.parametrize("transport", ["e22", "rylr998"])

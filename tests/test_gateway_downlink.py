@@ -319,12 +319,15 @@ class Capture:
         return True
 
 
-def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None):
-    """Answers one listening reading per counter with a stand-in pipeline; returns the downlinks parsed."""
+def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None, fw=None):
+    """Answers one listening reading per counter with a stand-in pipeline; returns the downlinks
+    parsed. fw: the firmware version the bin's last hello named (None: no hello heard)."""
     from binlink.gateway import downlink as gw_downlink
     from binlink.gateway.uplink import Reading, Uplink
 
     answerer = gw_downlink.Answerer(types.SimpleNamespace(base_topic="binlink/t"), Metrics(), [writer], str(tmp_path))
+    if fw is not None:
+        answerer.reported.rows[device.device_id] = [("00000000", fw, 0.0), None]
     out = []
     for n in fcnts:
         up = Uplink("radio0", module_formats.Reception(b""), received_at or time.time(), device=device, fcnt=n,
@@ -395,6 +398,31 @@ def test_a_change_to_a_bin_on_the_defaults_is_one_setting_in_one_answer():
     defaults = downlink.settings_hash(registry_settings.FIRMWARE_DEFAULTS).hex()
     want_hash, change = gw_downlink.config_command(device, defaults, 0, registry_settings.KnownSets())
     assert change == {"fire_c": 65} and want_hash.hex() == registry_settings.desired_hash(device)
+
+
+def test_the_pace_grows_with_the_bins_a_radio_answers(tmp_path):
+    """Their regular answers take half of the radio's 1 % budget: 1,000 bins listen every ~12.6 h,
+    100 every ~76 min; a bin not heard for 26 h no longer counts; a 1.6.0 bin is told its pace,
+    an older one (which would refuse the answer) or one never heard saying hello is not."""
+    from binlink.gateway import downlink as gw_downlink
+
+    now = [1_790_000_000.0]
+    radio = gw_downlink.Radio(Capture(), clock=lambda: now[0])
+    assert radio.pace_min() == downlink.PACE_MIN[0]
+    paces = {}
+    for n in (100, 1000):
+        radio.heard = {dev: now[0] for dev in range(n)}
+        paces[n] = radio.pace_min()
+        regular_ms_per_h = n * 60.0 / paces[n] * radio.answer_ms
+        assert 0.47 <= regular_ms_per_h / (0.01 * 3600000) <= 0.5, (n, paces[n])
+    assert 70 <= paces[100] <= 80 and 700 <= paces[1000] <= 800, paces
+    now[0] += 27 * 3600
+    radio.heard[5000] = now[0]
+    assert radio.pace_min() == downlink.PACE_MIN[0]
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
+    for fw, told in (("1.6.0", True), ("1.5.0", False), (None, False)):
+        got, _ = answering(tmp_path / str(fw), device, [1], Capture(), fw=fw)
+        assert ("pace_min" in got[0]) == told and got[0]["ack"] & 1, (fw, got)
 
 
 def test_an_answer_past_the_window_is_skipped(tmp_path):

@@ -7,13 +7,15 @@ from binlink.wire import codec
 
 from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 5, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+FW_VERSION = (1, 6, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
 # 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full;
 # 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings;
-# 1.5: Wi-Fi bins listen too, on their MQTT downlink topic, one MQTT session per wake
+# 1.5: Wi-Fi bins listen too, on their MQTT downlink topic, one MQTT session per wake;
+# 1.6: the gateway's pace: regular windows at least that many minutes apart instead of every Nth report
 F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
 CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by minutes a day (docs/hardware.md)
 DAY_S = 86400
+ACK_REACH = 24  # counters: an answer judges the 32 below it; 8 are left for the listening wake's batches and hello
 NEAR_FULL_MM = 100  # an echo this close above the blind zone: the bin is about to fill it
 NEAR_FULL_WAKES = 96  # a no-echo reads as full for at most this many wakes in a row (a day at 15 min), then as a fault
 POWER_ON, DEEPSLEEP = 1, 4  # hw.reset_cause(): codec.RESET_CAUSES
@@ -147,13 +149,20 @@ def _flagged(body, listening):
 
 
 def _wants_listen(cfg, s, now):
-    """Every listen_every-th report; sooner with a backlog, a clock never set, without its rate or
-    stale, or settings not yet confirmed; not sooner after a window that stayed silent (the link
-    may be down)."""
+    """Once the gateway's pace has passed since the last window (before any gateway gave one: every
+    listen_every-th report), or before unacknowledged readings outgrow what an answer can judge;
+    sooner with a backlog, a clock never set, without its rate or stale, or settings not yet
+    confirmed; not sooner after a window that stayed silent (the link may be down)."""
     if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
         return False  # no topic to hear an answer on
-    if s.since_listen + 1 >= cfg["listen_every"]:
+    if s.pace_min:  # the wake jitter must not put a window off by a whole report
+        if now - s.listen_at >= s.pace_min * 60 - cfg["wake_s"] // 10:
+            return True
+    elif s.since_listen + 1 >= cfg["listen_every"]:
         return True
+    u = s.unconfirmed  # an answer before readings would be taken as delivered unjudged (the list is full)
+    if u and (len(u) + cfg["backlog_per_frame"] >= state.UNCONFIRMED_CAP or s.fcnt - u[0][0] >= ACK_REACH):
+        return True  # or the oldest would leave the ack bitmap's reach
     if s.dl & state.DL_MISSED:
         return False
     # the clock: never set, its RTC's rate not learnt yet (a second setting does), or a week old

@@ -41,6 +41,7 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
     """Listens after uplink `fcnt` (just sent); applies what a valid answer carries. Returns the
     settings changed ({} when none): the caller says hello with their hash."""
     s.since_listen = 0
+    s.listen_at = hw.time_s()
     hw.wdt_feed()
     now = hw.ticks_ms()
     until = now + window_ms(cfg, t, uplink)
@@ -73,6 +74,8 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
         _ack(s, fcnt, got["ack"])
     else:
         s.unconfirmed = []  # answered but not acknowledged: the gateway asks for nothing again
+    if "pace_min" in got:  # the gateway's share of its airtime for this bin's windows
+        s.pace_min = got["pace_min"]
     if "time_ms" in got:
         _set_clock(hw, cfg, s, t, frame, got["time_ms"], at_ms)
     if "config" in got:

@@ -15,24 +15,26 @@
 #      frame that carried it u32 (its own, or its backlog batch's), then an entry as above
 # layout 3 (firmware 1.5) puts after 46: 47 clock rate i32 (ppm the RTC runs fast) | 51 RTC ms
 #   (mod 2^32) the clock was last set at; the backlog then starts at 55
+# layout 4 (firmware 1.6) puts after 54: 55 RTC s of the last window u32 | 59 the gateway's pace u16
+#   (minutes between regular windows; 0: none heard); the backlog then starts at 61
 # Layout 1 memory (firmware 1.3) is not trusted: the counter comes from NVS (a re-flash resets the chip anyway).
 # The counter is also reserved ahead in NVS every N frames; after a power loss it resumes from
 # the reservation, so no value is ever sent twice.
 import struct
 
 MAGIC = b"BL"
-LAYOUT = 3
+LAYOUT = 4
 HEADER = "<2sBxIHHIHBBIHBBI"
 HEADER_V1_LEN = 32
-EXT = "<qIBBBiI"
-HEADER_LEN = 55
+EXT = "<qIBBBiIIH"
+HEADER_LEN = 61
 ENTRY = "<II6s"
 ENTRY_LEN = 14
 SENT = "<III6s"
 SENT_LEN = 18
 RTC_BYTES = 2048
 BACKLOG_CAP = 100  # the oldest is dropped (and counted) beyond
-UNCONFIRMED_CAP = 24  # 55 + 100 * 14 + 24 * 18 = 1887 bytes of RTC memory; beyond, the oldest is taken as delivered
+UNCONFIRMED_CAP = 24  # 61 + 100 * 14 + 24 * 18 = 1893 bytes of RTC memory; beyond, the oldest is taken as delivered
 NO_DISTANCE = 0xFFFF
 DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are worth resending
 DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
@@ -59,6 +61,8 @@ class State:
         self.clock_ppm = 0  # how fast the RTC runs (parts per million), learnt from two settings of the clock
         self.clock_set_ms = 0  # RTC ms (mod 2^32) of the last setting: the rate applies from there
         self.since_listen = 255  # reports since the bin last listened (255: never: the first report listens)
+        self.listen_at = 0  # RTC time (s) of the last window
+        self.pace_min = 0  # the gateway's least minutes between regular windows (0: none heard: listen_every)
         self.dl = 0  # DL_* flags
         self.unconfirmed = []  # readings sent, not acknowledged yet: [frame fcnt, fcnt, measured_at_s, body]
         self.restored = False  # True when RTC memory held a valid state
@@ -68,7 +72,8 @@ class State:
                            self.last_report, self.last_distance, self.near_full, len(self.backlog),
                            self.budget_at, max(0, self.budget_ms), self.alarm_flags, self.brownouts, self.quiet_until)
         parts = [head, struct.pack(EXT, self.clock_ms, self.clock_at, min(255, self.since_listen), self.dl,
-                                   len(self.unconfirmed), self.clock_ppm, self.clock_set_ms)]
+                                   len(self.unconfirmed), self.clock_ppm, self.clock_set_ms, self.listen_at,
+                                   self.pace_min)]
         for e in self.backlog:
             parts.append(struct.pack(ENTRY, e[0], e[1], e[2]))
         for e in self.unconfirmed:
@@ -84,7 +89,8 @@ def unpack(data):
         return s
     (_, _, s.fcnt, s.errors, s.dropped, s.last_report, s.last_distance, s.near_full, n,
      s.budget_at, s.budget_ms, s.alarm_flags, s.brownouts, s.quiet_until) = struct.unpack(HEADER, data[:HEADER_V1_LEN])
-    s.clock_ms, s.clock_at, s.since_listen, s.dl, u, s.clock_ppm, s.clock_set_ms = struct.unpack(EXT, data[HEADER_V1_LEN:HEADER_LEN])
+    (s.clock_ms, s.clock_at, s.since_listen, s.dl, u, s.clock_ppm, s.clock_set_ms, s.listen_at,
+     s.pace_min) = struct.unpack(EXT, data[HEADER_V1_LEN:HEADER_LEN])
     at = HEADER_LEN
     if at + n * ENTRY_LEN + u * SENT_LEN > len(data):
         return State()  # corrupt: start clean (the counter comes from NVS)
@@ -150,7 +156,12 @@ def push_unconfirmed(s, frame_fcnt, fcnt, at_s, body):
 
 
 def push_backlog(s, fcnt, now_s, body):
-    s.backlog.append([fcnt, now_s, body])
+    """Kept in counter order, whatever order readings come back in (an unacknowledged one is older
+    than the backlog's newest): beyond BACKLOG_CAP the oldest is dropped, and counted."""
+    i = len(s.backlog)
+    while i and s.backlog[i - 1][0] > fcnt:
+        i -= 1
+    s.backlog.insert(i, [fcnt, now_s, body])
     while len(s.backlog) > BACKLOG_CAP:
         s.backlog.pop(0)
         s.dropped += 1
