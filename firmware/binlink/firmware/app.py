@@ -151,8 +151,8 @@ def _flagged(body, listening):
 def _wants_listen(cfg, s, now):
     """Once the gateway's pace has passed since the last window (before any gateway gave one: every
     listen_every-th report), or before unacknowledged readings outgrow what an answer can judge;
-    sooner with a backlog, a clock never set, without its rate or stale, or settings not yet
-    confirmed; not sooner after a window that stayed silent (the link may be down)."""
+    sooner with a clock never set, without its rate or stale, settings not yet confirmed, or (no
+    pace given) a backlog; not sooner after a window that stayed silent (the link may be down)."""
     if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
         return False  # no topic to hear an answer on
     if s.pace_min:  # the wake jitter must not put a window off by a whole report
@@ -165,8 +165,10 @@ def _wants_listen(cfg, s, now):
         return True  # or the oldest would leave the ack bitmap's reach
     if s.dl & state.DL_MISSED:
         return False
-    # the clock: never set, its RTC's rate not learnt yet (a second setting does), or a week old
-    return bool(s.backlog or not s.dl & state.DL_RATE or now - s.clock_at > CLOCK_STALE_S or s.dl & state.DL_SETTINGS)
+    # a backlog waits for the next window under a pace (the reach above bounds it), the clock:
+    # never set, its RTC's rate not learnt yet (a second setting does), or a week old
+    return bool(s.backlog and not s.pace_min or not s.dl & state.DL_RATE or now - s.clock_at > CLOCK_STALE_S
+                or s.dl & state.DL_SETTINGS)
 
 
 def _blind_zone(cfg, s, dist, valid, flags):
