@@ -14,6 +14,8 @@ cold cell, faults, and the radio's first frame at the manuals' slowest timings.
   of a reporting wake; the share of those wakes that end in deep sleep with no reset.
 - battery_years_custom_board_frozen_image_central: the same with the firmware frozen into the
   image (glenn20's 70 ms from wake to deep sleep instead of 635 ms plus the imports).
+- battery_years_custom_board_xtal32k_central: the custom board with a 32.768 kHz crystal for its
+  RTC (board profile custom_xtal32k: ~1 uA more, all the time), the clock docs/protocol.md needs.
 - radio_first_frame_ok: share of wakes whose first frame went on air whole, E22 at the slow end
   of every timing range (timing="slow").
 - downlink_charge_uAh_per_report (issue 20): the receive windows' charge spread over the reports,
@@ -86,8 +88,8 @@ def modules_per_wake():
     return {"measure": len(found["measure"]), "report": len(found["report"]), "names": found}
 
 
-def battery(mods):
-    d = device()
+def battery(mods, **kw):
+    d = device(**kw)
     wake(d)
     used0, t0 = d.battery.used_mah, d.clock_ref[0]
     wakes, kinds, tx_left = [], {"measure": [], "report": []}, []
@@ -178,6 +180,7 @@ def run():
     window = listen.window_ms(d.cfg, transports.make(None, d.cfg), bytes(16))  # after a reading
     mods = modules_per_wake()
     years, awake, tx_left, sim_ma = battery(mods)
+    years_xtal = battery(mods, profile="custom_xtal32k")[0]
     loops, brownouts, reported = brownout_loops()
     pct, injected = faults()
     central_import = energy.pick("import_ms", "central")
@@ -186,6 +189,7 @@ def run():
         "battery_years_custom_board_central": round(years["central"], 1),
         "battery_years_custom_board_high": round(years["high"], 1),
         "battery_years_custom_board_frozen_image_central": round(years["frozen"], 1),
+        "battery_years_custom_board_xtal32k_central": round(years_xtal["central"], 1),
         "battery_average_uA_custom_board_sim": round(sim_ma * 1000, 1),
         "firmware_boot_ms": round(esp32.BOOT_MS + mods["measure"] * central_import, 1),
         "firmware_modules_imported_measure_only": mods["measure"],

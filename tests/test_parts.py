@@ -777,3 +777,27 @@ def test_rylr998_reports_a_packet_as_rcv_and_loses_one_while_asleep():
     end = hw.air_packet(b"0A0B0C", hw.now + 10.0, sf, bw)
     hw.dispatch("sleep_us", [int((end - hw.now + 10.0) * 1000)])
     assert hw.dispatch("uart_read", [1, -1]) is None and r.missed
+
+
+def test_an_rtc_crystal_costs_its_microamp_and_keeps_the_clock_within_its_ppm():
+    """Board profile custom_xtal32k: the same bin, ~1 uA more in every deep sleep; its RTC on the
+    crystal (esp32.Xtal32k) gains or loses at most its tolerance plus the temperature parabola,
+    where the RC oscillator gains 0.5-1.1 %."""
+    sleep_uA = {}
+    devs = {}
+    for profile in ("custom", "custom_xtal32k"):
+        clock = [T0]
+        d = SimDevice(random.Random(3), 0xA1, KEY, lambda c=clock: c[0], profile=profile)
+        d.drift_rtc(5, "xtal32k" if profile == "custom_xtal32k" else "rc")
+        slept = d.wake()
+        rates = []
+        for _ in range(8):
+            clock[0] += slept
+            slept_before = slept
+            slept = d.wake()  # the sleep before it is counted as it begins
+            rates.append(d.hw.sleep_charge_mAs / slept_before * 1000.0)
+        sleep_uA[profile] = sorted(rates)[len(rates) // 2]
+        devs[profile] = d
+    assert devs["custom"].hw.rtc_error_s > 0.004 * 8 * 900  # the RC runs fast: ~30 s an hour
+    assert abs(devs["custom_xtal32k"].hw.rtc_error_s) < 70e-6 * 9 * 900  # +-20 ppm and the parabola
+    assert 0.9 < sleep_uA["custom_xtal32k"] - sleep_uA["custom"] < 1.1, sleep_uA
