@@ -55,7 +55,7 @@ class Gateway:
         self.desired = {}  # device_id -> the registry's settings table for it
         self._turn = {}  # device_id -> next config chunk
         self._known = registry_settings.KnownSets()
-        self.readings = set()  # (device_id, fcnt) of every reading stored
+        self.readings = {}  # (device_id, fcnt) of every reading stored -> when (its uplink's end)
         self.accepted = []  # (start, end, radio) of every uplink stored
         self.sent = []  # (start, end, radio) of every downlink put on air
         self.skipped = {"duty_cycle": 0, "radio_busy": 0}
@@ -98,7 +98,7 @@ class Gateway:
                 behind = fcnt - r[0]
                 if behind < WINDOW and not self.stored[dev] >> behind & 1:
                     self.stored[dev] |= 1 << behind
-                    self.readings.add((dev, r[0]))
+                    self.readings[(dev, r[0])] = tx["end"]
                 if r[5] & downlink.F_LISTENING:
                     ask = fcnt
                     self.radios[rx.name].heard[dev] = tx["end"]

@@ -4,8 +4,10 @@ answering. The bins were installed over the six hours before the day (a fleet do
 ask for the time, all at once); a reading's resends get 13 hours after the day (one listening
 cycle: the gateway's pace for 1,000 bins is 12.6 h) to arrive. A settings change for every bin is
 made as the day starts. The day is run again a day later (`_in_service`: the bins past their
-first answers, as a fleet is for most of its years), and with the bins' RTCs on a 32.768 kHz
-crystal instead of the ESP32's RC oscillator (parts/esp32.py), for the clock."""
+first answers, as a fleet is for most of its years; its readings also counted within two days,
+and its settings two days on), with four gateways 1.2 km from the centre instead of one
+(`_4_gateways`: each answers what it stored, with its own pace and duty cycle), and with the bins'
+RTCs on a 32.768 kHz crystal instead of the ESP32's RC oscillator (parts/esp32.py), for the clock."""
 import time
 
 from binlink.sim.fleet_downlink import DownlinkFleet
@@ -14,7 +16,10 @@ BINS = 1000
 WARM_S = 6 * 3600
 DAY_S = 24 * 3600
 RESEND_S = 13 * 3600
+LATE_S = 48 * 3600  # in service, the day's readings are also counted as stored within two days
 IN_SERVICE_S = 30 * 3600  # installed over 6 h, a day of service before the day measured
+SITES_1 = ((0.0, 0.0, 0.0),)
+SITES_4 = ((1200.0, 0.0, 0.0), (0.0, 1200.0, 0.0), (-1200.0, 0.0, 0.0), (0.0, -1200.0, 0.0))  # four gateways
 HOUR_S = 3600
 CHANGE = {"fire_c": 65}  # a change that leaves the traffic as it is: the delivery figures stay comparable
 REPORT_S = 3600  # the fleet's report interval (Fleet's default)
@@ -36,9 +41,9 @@ def max_hour_share(spans, t_from, t_to):
     return best
 
 
-def delivered_pct(fleet, t_from, t_to):
-    """Readings measured in [t_from, t_to) that the gateway stored, per cent."""
-    stored = {("%06x" % dev, fcnt) for dev, fcnt in fleet.gateway.readings}
+def delivered_pct(fleet, t_from, t_to, by=None):
+    """Readings measured in [t_from, t_to) that the gateway stored (by time `by`), per cent."""
+    stored = {("%06x" % dev, fcnt) for (dev, fcnt), t in fleet.gateway.readings.items() if by is None or t <= by}
     measured = [k for k, v in fleet.truth.readings.items() if t_from <= v[2] < t_to]
     return 100.0 * sum(k in stored for k in measured) / len(measured), len(measured)
 
@@ -48,17 +53,17 @@ def converged_pct(fleet):
     return 100.0 * sum(g.reported.get(d) == g.desired_hash(d) for d in g.keys) / len(g.keys)
 
 
-def one_day(bins, seed, answer, rtc="rc", before_s=WARM_S):
-    """The fleet after its day (before_s after the first bin was installed) and, answering, the
-    resends' hours; the convergence figures."""
-    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S, t0=T0, rtc=rtc)
+def one_day(bins, seed, answer, rtc="rc", before_s=WARM_S, after_s=RESEND_S, sites=((0.0, 0.0, 0.0),)):
+    """The fleet after its day (before_s after the first bin was installed) and, answering, after_s
+    more for the resends; the convergence figures."""
+    fleet = DownlinkFleet(bins, answer=answer, seed=seed, powered_within_s=WARM_S, t0=T0, rtc=rtc, sites=sites)
     fleet.day0 = day0 = fleet.now + before_s
     converged = {}
     if answer:
         fleet.at(day0, lambda: fleet.gateway.set_desired(CHANGE))
-        for name, t in (("two_reports", day0 + 2 * REPORT_S), ("end_of_day", day0 + DAY_S)):
+        for name, t in (("two_reports", day0 + 2 * REPORT_S), ("end_of_day", day0 + DAY_S), ("two_days", day0 + 2 * DAY_S)):
             fleet.at(t, lambda name=name: converged.update({name: converged_pct(fleet)}))
-    fleet.run(before_s + DAY_S + (RESEND_S if answer else 60))
+    fleet.run(before_s + DAY_S + (after_s if answer else 60))
     return fleet, converged
 
 
@@ -70,10 +75,12 @@ def clock_p(fleet, q):
 def run(bins=BINS, seed=11):
     out = {}
     t_wall = time.perf_counter()
-    for tail, answer, before in (("", True, WARM_S), ("_no_downlink", False, WARM_S), ("_in_service", True, IN_SERVICE_S)):
-        fleet, converged = one_day(bins, seed, answer, before_s=before)
+    runs = (("", True, WARM_S, RESEND_S, SITES_1), ("_no_downlink", False, WARM_S, 0, SITES_1),
+            ("_in_service", True, IN_SERVICE_S, LATE_S, SITES_1), ("_4_gateways", True, WARM_S, RESEND_S, SITES_4))
+    for tail, answer, before, after, sites in runs:
+        fleet, converged = one_day(bins, seed, answer, before_s=before, after_s=after, sites=sites)
         day = (fleet.day0, fleet.day0 + DAY_S)
-        pct, measured = delivered_pct(fleet, *day)
+        pct, measured = delivered_pct(fleet, *day, by=day[1] + RESEND_S)
         out["delivered_pct_1000_bins" + tail] = round(pct, 2)
         out["readings_measured_1000_bins" + tail] = measured
         out["lost_collision_1000_bins" + tail] = fleet.channel.stats["lost_collision"]
@@ -82,9 +89,14 @@ def run(bins=BINS, seed=11):
         if answer:
             out["config_converged_pct" + tail] = round(converged["two_reports"], 1)
             out["config_converged_pct_end_of_day" + tail] = round(converged["end_of_day"], 1)
-            out["gateway_duty_cycle_max_pct" + tail] = round(100 * max_hour_share(fleet.gateway.sent, *day), 3)
+            radios = {r for _, _, r in fleet.gateway.sent}
+            out["gateway_duty_cycle_max_pct" + tail] = round(100 * max(
+                max_hour_share([s for s in fleet.gateway.sent if s[2] == r], *day) for r in radios), 3)
             out["downlinks_sent_1000_bins" + tail] = sum(1 for s in fleet.gateway.sent if day[0] <= s[0] < day[1])
             out["downlinks_skipped_duty_cycle_1000_bins" + tail] = fleet.gateway.skipped["duty_cycle"]
+        if after == LATE_S:  # what a resend saves, given the time: the day's readings stored within two days
+            out["delivered_pct_1000_bins" + tail + "_within_2_days"] = round(delivered_pct(fleet, *day)[0], 3)
+            out["config_converged_pct_two_days" + tail] = round(converged["two_days"], 1)
         if not tail:
             out["bin_duty_cycle_max_pct"] = round(100 * max(max_hour_share(s, *day) for s in fleet.bin_tx.values()), 3)
             out["lost_half_duplex_1000_bins"] = fleet.channel.stats["lost_half_duplex"]
