@@ -156,9 +156,18 @@ class GatewayProcess:
     def start(self, wait_sources=True):
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([BINLINK, "gateway", "--config", self.config], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.metrics_port, timeout=20, proc=self.proc)
-        if wait_sources:
-            wait_for(lambda: self.metric("binlink_serial_connected") >= 1, what="serial port open")
+        try:
+            wait_port(self.metrics_port, timeout=20, proc=self.proc)
+            if wait_sources:
+                wait_for(lambda: self.metric("binlink_serial_connected") >= 1, what="serial port open")
+        except BaseException:  # one that did not come up is not left running: it would hold its pty's lock,
+            self.proc.terminate()  # and a later test's pty of the same number could not be opened
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            raise
         return self
 
     def metrics(self):
