@@ -36,8 +36,9 @@ def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
     finally:
         if sub is not None:
             sub.close()
-        if p.poll() is None:
-            p.kill()
+        if p.poll() is None:  # its whole session: a gateway left behind would hold its pty (and a later test's)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     for r in readers:
         r.join(10)
     out, err = "".join(out), "".join(err)
