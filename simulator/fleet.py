@@ -40,7 +40,8 @@ class Fleet:
         self.speed = speed
         self.t0 = time.time() if t0 is None else t0
         self.now = self.t0
-        self.links = [PtyLink(p) if isinstance(p, str) else p for p in links]
+        # the gateway's answers go on air from its module; this fleet does not deliver them: taken off the line
+        self.links = [PtyLink(p, drain=True) if isinstance(p, str) else p for p in links]
         sites = sites or [(i * 300.0, 0.0, 0.0) for i in range(len(self.links))]
         receivers = [Receiver("radio%d" % i, link, fmt, *site) for i, (link, site) in enumerate(zip(self.links, sites))]
         chan = dict(channel or {})

@@ -4,6 +4,7 @@ A stable symlink at `link` points to the pty's slave (like /dev/serial/by-id/...
 closes the pty and removes the link, `plug()` creates a new pty behind the same link."""
 import fcntl
 import os
+import select
 import struct
 import termios
 import time
@@ -11,8 +12,12 @@ import tty
 
 
 class PtyLink:
-    def __init__(self, link):
+    def __init__(self, link, drain=False):
+        """drain: the module's side takes what the gateway writes (its answers, which a module puts
+        on air) off the line at each write. A fleet that does not deliver answers needs it: a pty
+        nobody reads fills in ~4 KB, and the gateway's writes then block."""
         self.link = link
+        self.drain = drain
         self.master = None
         self._slave = None
         self.plug()
@@ -47,6 +52,8 @@ class PtyLink:
         while view:
             n = os.write(self.master, view)
             view = view[n:]
+        while self.drain and select.select([self.master], [], [], 0)[0]:
+            os.read(self.master, 4096)
         return True
 
     def pending(self):
