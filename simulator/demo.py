@@ -232,6 +232,25 @@ def _metrics_of(ports):
     return out
 
 
+def _prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _with_the_demo():
+    """A gateway's preexec_fn: the kernel sends it SIGTERM if the demo dies first, however it dies
+    (Linux PR_SET_PDEATHSIG), so a demo killed outright leaves no gateway reopening its pty."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
+
+
 def _settle(metrics_ports, view, timeout_s=30):
     """Waits until nothing new is accepted, the outboxes are empty and the view has every frame;
     returns the gateways' metrics added up."""
@@ -311,7 +330,7 @@ def cmd_demo(args):
             log = open(os.path.join(work, "gateway%d.log" % i), "ab")
             # its own session, as the broker's: Ctrl-C reaches the demo only, which then stops them in order
             gateway = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "binlink"), "gateway", "--config", config],
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_with_the_demo,
                                        env=dict(os.environ, BINLINK_SIM_CLOCK=os.path.join(work, "simclock")))
             gateways.append((gateway, metrics_port))
             brokers.wait_port(metrics_port, timeout=30, proc=gateway)

@@ -32,7 +32,10 @@ def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
         wait_for(lambda: len(sub.events()) >= 20 or p.poll() is not None, timeout=90, what="readings published")
         assert p.poll() is None, "".join(out + err)[-2000:]
         os.killpg(p.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the whole foreground group
-        p.wait(timeout=90)
+        try:
+            p.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the demo did not stop within 90 s of Ctrl-C: " + "".join(out + err)[-3000:]) from None
     finally:
         if sub is not None:
             sub.close()
