@@ -109,6 +109,15 @@ class Subscriber:
         self.c.disconnect()
 
 
+def ctrl_c_default():
+    """preexec_fn for a program a test stops with Ctrl-C: SIGINT at its default, as a shell starts a
+    foreground program. A suite started in the background (`make test &`) has SIGINT ignored, and
+    an ignored signal stays ignored across exec: the program would never see the Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_registry(path, devices):
     """devices: list of (device_id, bin_id, key, depth_mm, full_mm)."""
     if os.path.exists(path):

@@ -5,12 +5,12 @@ import signal
 import subprocess
 import threading
 
-from tests.harness import BINLINK, Subscriber, wait_for, wait_port
+from tests.harness import BINLINK, Subscriber, ctrl_c_default, wait_for, wait_port
 
 
 def test_ctrl_c_stops_the_demo_with_a_summary_that_adds_up():
     p = subprocess.Popen([BINLINK, "demo", "--bins", "20", "--seconds", "0"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ctrl_c_default)
     out, err = [], []
 
     def read(f, into):

@@ -7,7 +7,7 @@ import pytest
 
 from binlink.gateway import registry
 from binlink.wire import codec, framing
-from tests.harness import BINLINK, KEY, GatewayProcess, wait_for
+from tests.harness import BINLINK, KEY, GatewayProcess, ctrl_c_default, wait_for
 
 DEV = 0x00002A
 
@@ -50,7 +50,7 @@ def watch(tmp_path, broker, *extra):
         registry.add(str(reg), DEV, "library-corner-1", KEY, 1200, 250)
     return subprocess.Popen([BINLINK, "watch", "library-corner-1", "--registry", str(reg), "--broker",
                              "127.0.0.1:%d" % broker.port, "--site", "testcity", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_default)
 
 
 def send_first_cycle(pty, rssi=0xA9):
@@ -146,7 +146,7 @@ def test_ctrl_c_ends_watch_and_plan_in_one_line_with_130(tmp_path, broker, comma
         subscribed(broker, w)
     else:
         w = subprocess.Popen([BINLINK, "plan", "--port", str(broker.port), "--site", "testcity", "--timeout", "120"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_default)
         wait_for(lambda: w.poll() is not None or _subscribed(broker, "binlink-plan-view-", "binlink/testcity/plan"),
                  timeout=20, what="binlink plan subscribed")
     w.send_signal(signal.SIGINT)
