@@ -199,22 +199,7 @@ class Board(WifiOps):
         e = self.esp
         now = self.now
         if ms <= 0:  # every part brought up to now (before something observes it): the loop's one turn
-            due = self._due_at
-            if due is None:
-                due = self._cached_first(now)
-            acted = False
-            if due <= now:  # every part steps (a list: each of them)
-                acted = any([step(now) for step in self._steps])
-                self._due_at = None
-            elif self._live_steps:  # the cached parts have nothing due: their step() would do nothing
-                acted = any([step(now) for step in self._live_steps])
-            if acted or now >= self._ma_until:
-                self._recount()
-            if self._on_cell and not e.asleep and not self.battery.holds_up(self._ma, self.bod_mv):  # _supply_check()
-                self.brownouts += 1
-                raise chip.Stop("brownout")
-            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
-                raise chip.Stop("watchdog")
+            self._act(now, True)
             return
         end = now + ms
         while True:
@@ -251,26 +236,29 @@ class Board(WifiOps):
                 if self._on_cell:
                     self.battery.load(self._ma, nxt - now)
                 self.now = now = nxt
-            stepping = first <= now  # no part has anything to do before its first event
-            acted = False
-            if stepping:
-                due = self._due_at
-                if due is None:
-                    due = self._cached_first(now)
-                if due <= now:  # every part steps (a list: each of them)
-                    acted = any([step(now) for step in self._steps])
-                    self._due_at = None
-                elif self._live_steps:  # the cached parts have nothing due: their step() would do nothing
-                    acted = any([step(now) for step in self._live_steps])
-            if acted or now >= self._ma_until:
-                self._recount()
-            if self._on_cell and not e.asleep and not self.battery.holds_up(self._ma, self.bod_mv):  # _supply_check()
-                self.brownouts += 1
-                raise chip.Stop("brownout")
-            if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
-                raise chip.Stop("watchdog")
+            self._act(now, first <= now)  # no part has anything to do before its first event
             if now >= end:
                 return
+
+    def _act(self, now, stepping):
+        """At `now`: the parts with something due step (stepping), the current is recounted when it
+        may have changed, then the brown-out detector and the watchdog."""
+        e = self.esp
+        acted = False
+        if stepping:
+            due = self._due_at
+            if due is None:
+                due = self._cached_first(now)
+            if due <= now:  # every part steps (a list: each of them)
+                acted = any([step(now) for step in self._steps])
+                self._due_at = None
+            elif self._live_steps:  # the cached parts have nothing due: their step() would do nothing
+                acted = any([step(now) for step in self._live_steps])
+        if acted or now >= self._ma_until:
+            self._recount()
+        self._supply_check()
+        if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
+            raise chip.Stop("watchdog")
 
     def _touched(self):
         self._due_at = None
@@ -797,7 +785,9 @@ class Board(WifiOps):
                     path = os.path.join(UPY, *name.split("."), "__init__.py")
                 mods[name] = _exec_module(name, path, imp, {"hw_call": self.dispatch} if name == "_host" else {})
                 if name == "_host" and type(self).dispatch is Board.dispatch and "dispatch" not in self.__dict__:
-                    mods[name].call = _direct_call(self.dispatch, mods[name].Halt)
+                    # on CPython the board's own dispatch (not one a test wraps), the arguments as the
+                    # tuple they come in (the VM's JSON wants a list)
+                    mods[name].call = lambda op, *args, d=self.dispatch, a=mods[name].answer: a(d(op, args))
             return mods[name]
 
         def imp(name, globals=None, locals=None, fromlist=(), level=0):
@@ -839,21 +829,6 @@ class _Wire:
 
     def current_ma(self, now):
         return 0.0
-
-
-def _direct_call(dispatch, Halt):
-    """_host.call on CPython with the board's own dispatch (not one a test wraps): the arguments
-    as the tuple they come in (the VM's JSON wants a list), the answers as _host.call takes them."""
-    def call(op, *args):
-        r = dispatch(op, args)
-        if type(r) is dict:
-            if "halt" in r:
-                raise Halt(r["halt"])
-            if "interrupt" in r:  # Ctrl-C on a virtual board's console
-                raise KeyboardInterrupt
-            raise OSError(r["oserror"])
-        return r
-    return call
 
 
 def _builtins(imp):

@@ -15,7 +15,11 @@ class Halt(BaseException):
 
 
 def call(op, *args):
-    r = hw_call(op, list(args))
+    return answer(hw_call(op, list(args)))
+
+
+def answer(r):
+    """The board's answer to a call: its value, or the halt, Ctrl-C or fault it reports, raised."""
     if type(r) is dict:
         if "halt" in r:
             raise Halt(r["halt"])
