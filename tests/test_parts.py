@@ -407,6 +407,35 @@ def test_sleeping_custom_board_draws_microamps(make_device):
         assert r["battery_mv"] > 3300
 
 
+def test_a_wake_sets_each_pad_up_once_and_still_measures(make_device):
+    """Setting a pad up (machine.Pin(id, mode, pull): pad, direction, pull) is time awake: the
+    firmware does it once a wake for each pad it reads or drives (the pings' trigger and echo, the
+    module's AUX, the sensor rail, the divider), not at every read or ping. The module's mode pins
+    are the exception: held through deep sleep, they change only through init (machine_pin.c)."""
+    dev = make_device(report_s=900)
+    inits = []
+    board_dispatch = dev.hw.dispatch
+
+    def dispatch(op, args):
+        if op == "pin_init":
+            inits.append(args[0])
+        return board_dispatch(op, args)
+
+    dev.hw.dispatch = dispatch
+    wakes = 3
+    run(dev, wakes)
+    cfg = dev.cfg
+    held = (cfg["radio_m0_pin"], cfg["radio_m1_pin"])
+    for pad in (cfg["trig_pin"], cfg["echo_pin"], cfg["radio_aux_pin"], cfg["sensor_power_pin"], cfg["battery_en_pin"]):
+        assert 1 <= inits.count(pad) <= wakes, (pad, inits.count(pad))
+    assert all(inits.count(p) >= wakes for p in held)
+    readings = [d for d in decoded(dev) if d["type"] == "reading"]
+    assert len(readings) == wakes
+    for r in readings:  # five pings a wake, each still triggered and timed
+        assert "sensor_fault" not in r["flags"] and r["valid_pings"] >= 4, r
+        assert abs(r["distance_mm"] - dev.truth[r["fcnt"]][1]) <= 60, r
+
+
 # Wi-Fi -----------------------------------------------------------------------------------------
 
 def test_silent_broker_ends_in_a_timeout_not_a_watchdog_reset(make_device):

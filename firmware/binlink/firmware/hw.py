@@ -5,6 +5,7 @@ import machine
 import esp32
 
 _uarts = {}
+_pins = {}  # pad -> (mode, pull, machine.Pin): a pad is set up once a wake, again only for a new role
 _wdt = None
 _nvs = None
 
@@ -53,14 +54,14 @@ _ext0 = None  # (pin, level) the next deep sleep wakes on
 def wake_on_pin(pin, level):
     global _ext0
     _ext0 = (pin, level)
-    esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
+    esp32.wake_on_ext0(_input(pin), level)
 
 
 def light_sleep(ms, pin=-1, level=0):
     """machine.lightsleep(ms) (~0.8 mA, the UART stops receiving), woken early when `pin` is at
     `level` (ext0 serves light sleep too). The deep sleep's own ext0 wake is set back after."""
     if pin >= 0:
-        esp32.wake_on_ext0(machine.Pin(pin, machine.Pin.IN), level)
+        esp32.wake_on_ext0(_input(pin), level)
     try:
         machine.lightsleep(ms)
     finally:
@@ -68,7 +69,7 @@ def light_sleep(ms, pin=-1, level=0):
             if _ext0 is None:
                 esp32.wake_on_ext0(None)
             else:
-                esp32.wake_on_ext0(machine.Pin(_ext0[0], machine.Pin.IN), _ext0[1])
+                esp32.wake_on_ext0(_input(_ext0[0]), _ext0[1])
 
 
 def rtc_read():
@@ -116,26 +117,42 @@ def nvs_set_blob(key, data):
     store.commit()
 
 
+def _pin(pin, mode, pull=-1):
+    """The pad's Pin in this role; configured (machine_pin.c: pad, direction, pull) only when the
+    role is new this wake: reconfiguring a pad for every read or write is wasted time awake."""
+    p = _pins.get(pin)
+    if p is None or p[0] != mode or p[1] != pull:
+        p = _pins[pin] = (mode, pull, machine.Pin(pin, mode, pull))
+    return p[2]
+
+
+def _input(pin):
+    return _pin(pin, machine.Pin.IN, machine.Pin.PULL_UP)
+
+
 def pin_write(pin, value, hold=False):
     """hold=True latches the pad through deep sleep (unheld pads float while the chip sleeps);
     a held pad changes only through init, which machine_pin.c does as: unhold, set, re-hold."""
     if hold:
+        _pins.pop(pin, None)
         machine.Pin(pin, machine.Pin.OUT, value=value, hold=True)
     else:
-        machine.Pin(pin, machine.Pin.OUT).value(value)
+        _pin(pin, machine.Pin.OUT).value(value)
 
 
 def pin_read(pin):
-    return machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP).value()
+    return _input(pin).value()
 
 
 def pulse_us(trig, echo, timeout_us):
     """20 us trigger (the JSN-SR04T's vendor note; the HC-SR04 wants 10), then the echo's high
-    time; -1/-2 are time_pulse_us's timeouts."""
-    t = machine.Pin(trig, machine.Pin.OUT)
-    e = machine.Pin(echo, machine.Pin.IN)
-    t.value(0)
-    time.sleep_us(5)
+    time; -1/-2 are time_pulse_us's timeouts. The trigger is driven low once a wake, a moment
+    before its first edge: between pings it stays low."""
+    if trig not in _pins:
+        _pin(trig, machine.Pin.OUT).value(0)
+        time.sleep_us(5)
+    t = _pin(trig, machine.Pin.OUT)
+    e = _pin(echo, machine.Pin.IN)
     t.value(1)
     time.sleep_us(20)
     t.value(0)
