@@ -43,6 +43,8 @@ SETTINGS_FROM = (1, 4, 0)  # firmware from which the hello's config hash is down
 PACE_FROM = (1, 6, 0)  # firmware that takes the `pace` command (an older bin refuses the whole answer)
 PACE_SHARE = 0.5  # of a radio's airtime budget for the bins' regular windows: the rest answers resends, settings, clocks
 HEARD_S = 26 * 3600  # a bin heard within this long counts towards its radio's pace (every bin says hello daily)
+HEARD_SAVE_S = 3600  # how often the bins each radio heard are written down, for the pace after a restart
+CLOCK_SLACK_S = 300  # a heard time read back this far ahead of the clock is still believed (a clock set back a little)
 
 
 def asks(up):
@@ -127,8 +129,8 @@ def settings_payload(device, reported):
 
 class Reported:
     """Per device: the settings hash of its last hello and what was last published on its settings
-    topic. A small SQLite file beside the state file (not the outbox: one writer each, and a
-    damaged file costs only this: it is started again)."""
+    topic; per radio, when it last heard each bin (its pace). A small SQLite file beside the state
+    file (not the outbox: one writer each, and a damaged file costs only this: it is started again)."""
 
     def __init__(self, path):
         self.path = path
@@ -157,7 +159,41 @@ class Reported:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("CREATE TABLE IF NOT EXISTS reported (device_id INTEGER PRIMARY KEY, hash TEXT, fw TEXT, at REAL, "
                    "published TEXT)")
+        db.execute("CREATE TABLE IF NOT EXISTS heard (source TEXT, device_id INTEGER, at REAL, PRIMARY KEY (source, device_id))")
         return db
+
+    def heard(self, source, now):
+        """The bins `source` heard within HEARD_S before now, as last saved. Read back like any
+        input: a row no writer makes (a device id that is not one, a time that is not a number, or
+        ahead of the clock) is passed over, and counted in the log."""
+        try:
+            rows = self.db.execute("SELECT device_id, at FROM heard WHERE source = ?", (source,)).fetchall()
+        except sqlite3.Error as e:
+            logs.event(log, logging.ERROR, "bins heard not read back: the pace starts from the bins heard from now",
+                       source=source, error=str(e))
+            return {}
+        heard, bad = {}, 0
+        for dev, at in rows:
+            if type(dev) is int and 0 <= dev <= 0xFFFFFF and type(at) in (int, float) and at <= now + CLOCK_SLACK_S:
+                if at > now - HEARD_S:  # (not NaN: it fails the test above)
+                    heard[dev] = at
+            else:
+                bad += 1
+        if bad:
+            logs.event(log, logging.WARNING, "bins heard: rows passed over", source=source, rows=bad)
+        return heard
+
+    def save_heard(self, source, heard):
+        """Replaces what `source` heard (a few thousand rows, hourly: little for an SD card)."""
+        try:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM heard WHERE source = ?", (source,))
+            self.db.executemany("INSERT INTO heard VALUES (?,?,?)", [(source, dev, at) for dev, at in heard.items()])
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            logs.event(log, logging.ERROR, "bins heard not saved", source=source, error=str(e))
 
     def get(self, dev):
         row = self.rows.get(dev)
@@ -180,13 +216,14 @@ class Radio:
     """One serial source's transmit side: its writer, its module format, its airtime budget, and the
     bins it answers (their pace)."""
 
-    def __init__(self, source, clock=time.time):
+    def __init__(self, source, clock=time.time, heard=None):
+        """heard: the bins it heard before a restart (Reported.heard), so their pace holds."""
         self.writer = source
         self.cfg = source.source
         self.clock = clock
         self.budget_ms = airtime.budget_cap_ms(self.cfg.duty_cycle)
         self.at = clock()
-        self.heard = {}  # device_id -> when it was last heard asking or saying hello here
+        self.heard = dict(heard or {})  # device_id -> when it was last heard asking or saying hello here
         self._pruned = self.at  # the bins not heard within HEARD_S are forgotten hourly
         # an answer with ack, time and pace: what a bin's regular window costs this radio
         _, on_air, preamble = module_formats.transmission(self.cfg.format, downlink.encode(
@@ -236,18 +273,28 @@ class Answerer:
         self.cfg = cfg
         self.metrics = metrics
         self.clock = clock
+        self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         # the pipeline's clock: a simulated site's (simclock) books airtime on the time its channel lives in
-        self.radios = {s.source.name: Radio(s, clock) for s in sources if s.source.downlink}
+        now = clock()
+        self.radios = {s.source.name: Radio(s, clock, self.reported.heard(s.source.name, now))
+                       for s in sources if s.source.downlink}
+        self._heard_saved = now
         if wifi is not None and cfg.mqtt.downlink_topic:
             self.radios[wifi_input.SOURCE] = WifiReplies(wifi)
-        self.reported = Reported(os.path.join(state_dir, "downlink.sqlite"))
         self._turn = {}  # device_id -> next config chunk
         self._known = registry_settings.KnownSets()  # the full sets bins may report: a change sends what differs
         self._frames = {}  # device_id -> counters of its batches and hellos committed, the last 32 counters'
         self._log_limit = logs.RateLimit(per_minute=10)
 
     def close(self):
+        self._save_heard()
         self.reported.close()
+
+    def _save_heard(self):
+        for name, radio in self.radios.items():
+            if isinstance(radio, Radio):
+                self.reported.save_heard(name, radio.heard)
+        self._heard_saved = self.clock()
 
     def after_commit(self, pipeline):
         """Answers what pipeline.process just committed and records the hellos' reports. Never raises
@@ -267,6 +314,8 @@ class Answerer:
             if up.frame_type != codec.T_READING:
                 dev = up.device.device_id
                 self._frames[dev] = [f for f in self._frames.get(dev, ()) if up.fcnt - f < 32] + [up.fcnt]
+        if self.clock() - self._heard_saved >= HEARD_SAVE_S:
+            self._save_heard()
         for up in ups:
             if up.hello is not None:
                 fw, _, hash_hex = up.hello

@@ -425,6 +425,53 @@ def test_the_pace_grows_with_the_bins_a_radio_answers(tmp_path):
         assert ("pace_min" in got[0]) == told and got[0]["ack"] & 1, (fw, got)
 
 
+def test_a_restart_keeps_each_radios_pace(tmp_path):
+    """The bins a radio heard are written down hourly (a crash loses at most an hour of them) and at
+    close, and read back at start: after a restart the pace is what it was, not the 10 minutes of a
+    radio that heard no bin, which would have a big fleet listen at every report until a day of
+    hellos came in. Rows no writer makes are passed over; bins silent for 26 h are forgotten."""
+    import sqlite3
+
+    from binlink.gateway import downlink as gw_downlink
+    from binlink.gateway.uplink import Reading, Uplink
+
+    now = [1_790_000_000.0]
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
+
+    def answerer():
+        return gw_downlink.Answerer(types.SimpleNamespace(base_topic="binlink/t"), Metrics(), [Capture()], str(tmp_path),
+                                    clock=lambda: now[0])
+
+    def hear(a, fcnt):  # a listening reading from bin-a, committed
+        up = Uplink("radio0", module_formats.Reception(b""), now[0], device=device, fcnt=fcnt,
+                    frame_type=codec.T_READING, readings=[Reading(fcnt, 0, 700, 20, 3700, LISTEN, 5, 5)])
+        a.after_commit(types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=lambda: now[0],
+                                             counters={DEV_A: fcnt}, stored={DEV_A: 1}, time_synced=False, outbox=None))
+
+    first = answerer()
+    fleet = {dev: now[0] - 3600 for dev in range(0x100, 0x100 + 999)}
+    first.radios["radio0"].heard.update(fleet)
+    hear(first, 1)
+    pace = first.radios["radio0"].pace_min()
+    assert pace > 700
+    now[0] += gw_downlink.HEARD_SAVE_S
+    hear(first, 2)  # an hour on: written down, with no close (the power is cut)
+    saved = {**fleet, DEV_A: now[0]}
+    db = sqlite3.connect(str(tmp_path / "downlink.sqlite"))
+    db.executemany("INSERT INTO heard VALUES (?,?,?)", [
+        ("radio0", "a1", now[0]), ("radio0", 0x2000, "recently"), ("radio0", 0x2001, float("nan")),
+        ("radio0", 0x2002, now[0] + 86400), ("radio0", -1, now[0]), ("radio0", 1 << 30, now[0]), ("radio0", 0x2003, None)])
+    db.commit()
+    db.close()
+
+    second = answerer()
+    assert second.radios["radio0"].heard == saved
+    assert second.radios["radio0"].pace_min() == pace
+    second.close()
+    now[0] += gw_downlink.HEARD_S + 1  # a day and more without a bin heard
+    assert answerer().radios["radio0"].pace_min() == downlink.PACE_MIN[0]
+
+
 def test_an_answer_past_the_window_is_skipped(tmp_path):
     writer = Capture()  # the default deadline: 150 ms after the group began
     device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
