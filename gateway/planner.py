@@ -27,6 +27,9 @@ DAY = 86400.0
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_PCT = 90.0  # config.Events.full_pct's default: the planner without a gateway config
 STALE_S = 12 * 3600.0
+# time added after the round after next: none by default, as full (90 %) already stops a tenth of
+# a bin short of its brim; 6 h was the margin when full meant the brim (docs/planner.md measures both)
+MARGIN_S = 0.0
 HOT_EVERY_S = 600.0
 log = logging.getLogger("binlink.planner")
 
@@ -205,7 +208,7 @@ class Planner:
     every `interval_s`, and at least when a round starts. `settings`: plan_message's keyword
     arguments (unknown_fill_pct, full_pct, stale_s, trucks, matrix)."""
 
-    def __init__(self, mqtt_cfg, base, routes, margin_s=6 * 3600.0, interval_s=60.0, clock=time.time, history=None,
+    def __init__(self, mqtt_cfg, base, routes, margin_s=MARGIN_S, interval_s=60.0, clock=time.time, history=None,
                  **settings):
         self.base = base
         self.history = history  # history.History: every state kept, hot spots named

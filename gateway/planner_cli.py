@@ -17,7 +17,8 @@ def add_parsers(sub):
     p.add_argument("--route-days", default="mon,tue,wed,thu,fri,sat", help="days the trucks go out (default: %(default)s)")
     p.add_argument("--route-hour", type=float, default=7.0, help="local hour the round starts, 0 to below 24 (default: %(default)s)")
     p.add_argument("--tz", default="UTC", help="the site's time zone, an IANA name such as Europe/Berlin (default: %(default)s)")
-    p.add_argument("--margin-h", type=float, default=6.0, help="safety margin after the horizon, hours (default: %(default)s)")
+    p.add_argument("--margin-h", type=float, default=planner.MARGIN_S / 3600,
+                   help="safety margin after the horizon, hours (default: %(default)s: full is short of the brim)")
     p.add_argument("--full-pct", type=float, default=None,
                    help="what full means, in %%%% (default: the gateway config's [events] full_pct, else %g)" % planner.FULL_PCT)
     p.add_argument("--unknown-fill-pct", type=float, default=70.0, help="bins without a forecast yet go on the list from this fill")

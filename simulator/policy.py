@@ -26,6 +26,7 @@ DAY = 86400.0
 ROUTES = planner.Routes((0, 1, 2, 3, 4, 5), 7.0)  # Monday to Saturday, trucks leave at 07:00
 FIXED_PATTERNS = ((0,), (0, 3), (0, 2, 4), (0, 1, 2, 3, 4, 5))  # 1, 2, 3 and 6 rounds a week
 TRUCK_SPREAD_S = 6 * 3600.0
+MARGIN_H = planner.MARGIN_S / 3600  # the planner service's default
 START = 1_790_000_000.0 // (7 * DAY) * (7 * DAY) + 4 * DAY  # a Monday, 00:00 UTC
 FORECAST_LEAD_S = 24 * 3600.0
 WARMUP_S = 3 * DAY
@@ -71,7 +72,7 @@ class Tracked:
         self.series = {"truth": [], "published": [], "forecast": [], "pickups": [], "emptied": []} if keep_series else None
 
 
-def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None,
+def simulate(policy, bins=300, days=30, seed=1, margin_h=MARGIN_H, loss=0.03, keep_series=4, warmup_days=7, t0=START, trucks=None,
              processes=1, safety=0.8):
     """Runs one policy over `days` after `warmup_days` on fixed rounds (the forecasts learn, as
     they would have on a fleet already in service); returns its figures for those days, and
@@ -88,8 +89,8 @@ def simulate(policy, bins=300, days=30, seed=1, margin_h=6.0, loss=0.03, keep_se
     bin on every round)."""
     if policy not in POLICIES:
         raise ValueError("policy must be one of %s, got %r" % (", ".join(POLICIES), policy))
-    return _merge(_in_processes(_runs(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, safety), processes),
-                  trucks)
+    runs = _runs(policy, bins, days, seed, margin_h, loss, keep_series, warmup_days, t0, safety)
+    return _merge(_in_processes([(_district, args) for args in runs], processes), trucks)
 
 
 DISTRICT_BINS = 250
@@ -330,7 +331,7 @@ def _forecast_errors(tracked, t0):
     return errors, unpredicted
 
 
-def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1, trucks=None):
+def compare(bins=300, days=30, seed=1, margin_h=MARGIN_H, keep_series=4, processes=1, trucks=None):
     """Both policies over the same month, and the forecast scored where every bin fills up (the
     reactive run: under the two policies most bins are emptied before they are full, and the few
     that fill are the weekend's fastest, a biased sample). The figures the bench and the report use.
@@ -340,17 +341,19 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
     tasks = []
     for policy, n in (("fixed", bins), ("forecast", bins), ("reactive", min(bins, SCORED_BINS))):
         tasks += _runs(policy, n, days, seed, margin_h, 0.03, keep_series if policy != "reactive" else 0, 7, START, 0.8)
-    done = _in_processes(tasks, processes)
+    # fixed rounds as often as they go (every bin on every round: physics only): the service no
+    # fixed schedule can beat, set against the list's
+    every = _runs("fixed", bins, days, seed, margin_h, 0.03, 0, 7, START, 0.0)
+    calls = [(_district, args) for args in tasks + every] + [(bound, (bins, days, seed, margin_h))]
+    done = _in_processes(calls, processes)
     fixed, fc, scored = (_merge([r for task, r in zip(tasks, done) if task[0] == policy], trucks if policy == "forecast" else None)
                          for policy in POLICIES)
+    every = _merge(done[len(tasks):-1])
     errors = scored["forecast_errors_h"]
-    # fixed rounds as often as they go (every bin on every round: physics only, a few seconds): the
-    # service no fixed schedule can beat, set against the list's
-    every = simulate("fixed", bins, days, seed, keep_series=0, safety=0.0)
     return {
         "fixed": fixed, "forecast": fc, "full_pct": Events().full_pct,
         "collections_saved_pct": round(100.0 * (1 - fc["collections"] / fixed["collections"]), 1) if fixed["collections"] else None,
-        "collections_saved_bound_pct": bound(bins, days, seed, margin_h),
+        "collections_saved_bound_pct": done[-1],
         "margin_h": margin_h,
         "overflow_bin_hours_fixed": fixed["overflow_bin_hours"],
         "overflow_bin_hours_forecast": fc["overflow_bin_hours"],
@@ -363,7 +366,7 @@ def compare(bins=300, days=30, seed=1, margin_h=6.0, keep_series=4, processes=1,
     }
 
 
-def bound(bins=300, days=30, seed=1, margin_h=6.0, warmup_days=7, t0=START, full_pct=None):
+def bound(bins=300, days=30, seed=1, margin_h=MARGIN_H, warmup_days=7, t0=START, full_pct=None):
     """The most a collection list can save on these rounds: the same bins, rounds and truck spread
     as `compare`, with the forecast replaced by the truth, each bin's own mean filling speed from
     the physics (no sensor, no firmware: nothing is measured), so a bin is listed exactly when it
@@ -411,13 +414,20 @@ def _true_level_at(b, t, until):
     return level
 
 
-def _in_processes(runs, processes):
-    """_district(*args) for each args of runs, `processes` at a time, results in order. Fresh
-    interpreters (spawn): forking a caller that runs threads (pytest's, a CLI's) can deadlock."""
-    if processes <= 1 or len(runs) == 1:
-        return [_district(*args) for args in runs]
+def _in_processes(calls, processes):
+    """fn(*args) for each (fn, args) of calls, `processes` at a time, results in order. The calls
+    are handed out longest first (a district's length is its bins' count; the rest are short), so
+    no worker is left with a long one at the end. Fresh interpreters (spawn): forking a caller that
+    runs threads (pytest's, a CLI's) can deadlock."""
+    if processes <= 1 or len(calls) == 1:
+        return [fn(*args) for fn, args in calls]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    def work(k):  # a firmware district's bins (fixed districts and the rest run physics only)
+        fn, args = calls[k]
+        return len(args[-1]) if fn is _district and args[0] != "fixed" else 0
+
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_district, *zip(*runs)))
+        futures = {k: pool.submit(calls[k][0], *calls[k][1]) for k in sorted(range(len(calls)), key=work, reverse=True)}
+        return [futures[k].result() for k in range(len(calls))]

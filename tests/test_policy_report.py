@@ -54,7 +54,7 @@ def test_the_bound_is_what_knowing_each_bins_filling_speed_would_save_and_shrink
     forecast, which must measure and learn, does not beat the truth on average."""
     wide, narrow = policy.bound(bins=60, days=14, seed=3, margin_h=6.0), policy.bound(bins=60, days=14, seed=3, margin_h=0.0)
     assert 0 < wide < narrow < 60
-    assert comparison["collections_saved_bound_pct"] == policy.bound(bins=12, days=10, seed=3, margin_h=6.0)
+    assert comparison["collections_saved_bound_pct"] == policy.bound(bins=12, days=10, seed=3, margin_h=policy.MARGIN_H)
     assert comparison["collections_saved_pct"] <= comparison["collections_saved_bound_pct"] + 10
 
 
