@@ -157,8 +157,7 @@ def rebuilt_heads(messages, local_counters, local_bins, devices):
     nothing); per bin, its newest state row. Only what is ahead of the local heads is returned."""
     tops, readings, states = {}, {}, {}
     for row in messages:
-        row_id, payload, at, kind, device_id, epoch, fcnt, bin_id = (row[0], row[3], row[5], row[8], row[9], row[10],
-                                                                      row[11], row[12])
+        payload, at, kind, device_id, epoch, fcnt, bin_id = row[3], row[5], row[8], row[9], row[10], row[11], row[12]
         if device_id is None or fcnt is None:
             continue
         key = (device_id, 0 if epoch is None else epoch)
