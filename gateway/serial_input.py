@@ -21,6 +21,9 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 10.0
 WATCH_S = 0.1  # how often a missing or unopenable port's path is looked at
 WRITE_TIMEOUT_S = 0.5  # a downlink write blocked longer (flow control, a hung module) fails: the bin's window is short
+# after a write timed out, writes are refused at once for this long: a module that stopped reading its
+# UART costs the pipeline (whose thread writes the answers) one WRITE_TIMEOUT_S, not one per answer
+WEDGED_S = 30.0
 
 
 class SerialSource(threading.Thread):
@@ -33,19 +36,26 @@ class SerialSource(threading.Thread):
         self.connected = threading.Event()
         self._port = None  # the open port, for send(); reads stay on this thread
         self._write_lock = threading.Lock()
+        self._wedged_until = 0.0  # time.monotonic() before which send() refuses at once (WEDGED_S)
 
     def send(self, data):
         """Writes data (a downlink in the module's format) from any thread: True when written. A port
         that is closed, or a write that fails or times out, returns False; the reader carries on (a
-        lost port is its to notice and reopen)."""
+        lost port is its to notice and reopen). A write that timed out makes the next WEDGED_S of
+        writes fail at once."""
         with self._write_lock:
             port = self._port
-            if port is None:
+            if port is None or time.monotonic() < self._wedged_until:
                 return False
             try:
                 port.write(data)  # into the kernel's buffer: no tcdrain, which would hold the caller for the line's time
                 return True
-            except (serial.SerialException, serial.SerialTimeoutException, OSError, ValueError, TypeError) as e:
+            except serial.SerialTimeoutException as e:
+                self._wedged_until = time.monotonic() + WEDGED_S
+                logs.event(log, logging.WARNING, "serial port not taking writes: answers refused for a while",
+                           source=self.source.name, error=_short(e), refused_s=WEDGED_S)
+                return False
+            except (serial.SerialException, OSError, ValueError, TypeError) as e:
                 logs.event(log, logging.WARNING, "cannot write to the serial port", source=self.source.name, error=_short(e))
                 return False
 
@@ -74,6 +84,7 @@ class SerialSource(threading.Thread):
             backoff, failures = BACKOFF_MIN_S, 0
             with self._write_lock:
                 self._port = port
+                self._wedged_until = 0.0  # a port opened again is tried again
             self.connected.set()
             try:
                 self._read(port)

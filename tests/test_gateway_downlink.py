@@ -221,6 +221,42 @@ def test_a_write_error_is_counted_and_never_raises(tmp_path):
     answerer.close()
 
 
+def test_a_module_that_stops_reading_costs_one_write_timeout_not_one_per_answer(monkeypatch):
+    """A real pseudo-terminal through pyserial whose other end (the module) stops reading: the
+    kernel's buffer fills and a write blocks. The first such write fails after WRITE_TIMEOUT_S;
+    the answers after it are refused at once (the pipeline's thread writes them: a wedged module
+    must not slow reception), until WEDGED_S has passed and the module reads again."""
+    import os
+    import queue
+    import threading
+
+    from binlink.gateway import config, serial_input
+
+    monkeypatch.setattr(serial_input, "WEDGED_S", 1.0)
+    master, slave = os.openpty()
+    stop = threading.Event()
+    src = serial_input.SerialSource(config.Source("radio0", os.ttyname(slave)), queue.Queue(), Metrics(), stop)
+    src.start()
+    try:
+        assert src.connected.wait(5)
+        chunk = bytes(range(1, 256))
+        t0 = time.monotonic()
+        while src.send(chunk):  # nobody reads the module's end
+            assert time.monotonic() - t0 < 30, "the pty never filled"
+        blocked_at = time.monotonic()
+        refused = [src.send(chunk) for _ in range(20)]
+        assert refused == [False] * 20 and time.monotonic() - blocked_at < 0.2
+        while select.select([master], [], [], 0.05)[0]:  # the module reads its UART again
+            os.read(master, 65536)
+        time.sleep(1.1)
+        assert src.send(b"\x00answer\x00")
+    finally:
+        stop.set()
+        src.join(5)
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_gateway_knows_the_firmware_defaults():
     from binlink.firmware import config as fw_config
 
