@@ -339,9 +339,9 @@ class Answerer:
         device = up.device
         dev = device.device_id
         ack = ack_bitmap(pipeline.counters[dev], pipeline.stored.get(dev, 0), up.fcnt, self._frames.get(dev, ()))
-        config = self._config(device)
-        time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
         reported = self.reported.get(dev)
+        config = self._config(device, reported)
+        time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
         pace = radio.pace_min() if not wifi and reported and takes_pace(reported[1]) else None
         try:
             frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace)
@@ -383,8 +383,8 @@ class Answerer:
                    ack="%08x" % ack, time=time_ms is not None, config=sorted(config[1]) if config else None,
                    source=up.source)
 
-    def _config(self, device):
-        reported = self.reported.get(device.device_id)
+    def _config(self, device, reported):
+        """reported: the device's Reported.get (its last hello's hash, firmware and time) or None."""
         return config_command(device, reported and reported[0], self._turn.get(device.device_id, 0), self._known)
 
     def publish_settings(self, box, devices):

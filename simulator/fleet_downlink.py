@@ -89,7 +89,6 @@ class Gateway:
             ftype = f[0] & 0x0F
             if ftype != codec.T_READING:
                 self.frames[dev] = [c for c in self.frames.get(dev, ()) if fcnt - c < 32] + [fcnt]
-            if ftype != codec.T_READING:
                 self.radios[rx.name].heard[dev] = tx["end"]
             if ftype == codec.T_HELLO:
                 self.fw[dev], _, self.reported[dev] = codec.hello_fields(f)

@@ -148,10 +148,11 @@ def pulse_us(trig, echo, timeout_us):
     """20 us trigger (the JSN-SR04T's vendor note; the HC-SR04 wants 10), then the echo's high
     time; -1/-2 are time_pulse_us's timeouts. The trigger is driven low once a wake, a moment
     before its first edge: between pings it stays low."""
-    if trig not in _pins:
-        _pin(trig, machine.Pin.OUT).value(0)
-        time.sleep_us(5)
+    fresh = trig not in _pins
     t = _pin(trig, machine.Pin.OUT)
+    if fresh:
+        t.value(0)
+        time.sleep_us(5)
     e = _pin(echo, machine.Pin.IN)
     t.value(1)
     time.sleep_us(20)
