@@ -436,6 +436,34 @@ def test_a_wake_sets_each_pad_up_once_and_still_measures(make_device):
         assert abs(r["distance_mm"] - dev.truth[r["fcnt"]][1]) <= 60, r
 
 
+
+def test_each_wake_starts_from_hw_py_as_its_body_leaves_it():
+    """A reset empties the firmware's RAM: each wake's hw.py holds no pad, UART, watchdog, NVS
+    handle or ext0 from the last run. The board puts hw.py's globals back in place rather than
+    running its body again (board.load_hw); they must equal a fresh run of the body."""
+    import types
+
+    from binlink.sim.parts import board as board_model
+
+    clock = [T0]
+    dev = SimDevice(random.Random(1), 0xA1, KEY, lambda: clock[0], report_s=900)  # CPython: the VM runs hw.py afresh each wake
+    dev.clock_ref = clock
+    run(dev, 2)
+    hw_mod = dev.hw._hw
+
+    def state(g):  # what a run leaves behind: not the functions or the imported modules
+        return {k: v for k, v in g.items() if not isinstance(v, (types.FunctionType, types.ModuleType)) and k != "__builtins__"}
+
+    used = state(hw_mod.__dict__)
+    assert used["_pins"] and used["_uarts"] and used["_wdt"] is not None  # the last wake set them up
+    fresh = board_model._exec_module("binlink.firmware.hw", board_model.HW_PY, dev.hw._imp, {}, board_model._builtins(dev.hw._imp))
+    assert dev.hw.load_hw() is hw_mod
+    assert set(hw_mod.__dict__) == set(fresh.__dict__)
+    assert state(hw_mod.__dict__) == state(fresh.__dict__)
+    run(dev, 1)  # and the firmware runs on it as before
+    assert sum(d["type"] == "reading" for d in decoded(dev)) == 3
+
+
 # Wi-Fi -----------------------------------------------------------------------------------------
 
 def test_silent_broker_ends_in_a_timeout_not_a_watchdog_reset(make_device):

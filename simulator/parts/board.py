@@ -766,13 +766,20 @@ class Board(WifiOps):
 
     # the firmware on CPython -------------------------------------------------------------------------
     def load_hw(self):
-        """A fresh copy of firmware/binlink/firmware/hw.py (as after a reset), importing the
-        MicroPython stand-ins bound to this board (stateless: loaded once per board)."""
-        imp = self.__dict__.get("_imp")
-        if imp is None:
+        """firmware/binlink/firmware/hw.py as after a reset, importing the MicroPython stand-ins
+        bound to this board (stateless: loaded once per board). Its body runs once per board: it
+        only defines and calls nothing on the board, so each later wake gets the same module with
+        its globals put back, in place, to what the body left (fresh containers: no pad, UART or
+        watchdog from the last run), rather than the body run again to make the same functions."""
+        m = self.__dict__.get("_hw")
+        if m is None:
             imp = self._imp = self._importer()
-            self._hw_builtins = _builtins(imp)
-        return _exec_module("binlink.firmware.hw", HW_PY, imp, {}, self._hw_builtins)
+            m = self._hw = _exec_module("binlink.firmware.hw", HW_PY, imp, {}, _builtins(imp))
+            self._hw_fresh = dict(m.__dict__)
+        g = m.__dict__
+        g.clear()
+        g.update({k: v.copy() if type(v) in _MUTABLE else v for k, v in self._hw_fresh.items()})
+        return m
 
     def _importer(self):
         """The __import__ of the firmware on this board: the stand-ins (loaded once) for MicroPython's."""
@@ -852,6 +859,7 @@ def _exec_module(name, path, imp, extra, builtins_=None):
 
 
 _CODE = {}  # path -> compiled module body
+_MUTABLE = (dict, list, set, bytearray)  # a module's containers, new at each load_hw
 
 
 _VM_FOLDER = None
