@@ -464,6 +464,23 @@ def test_each_wake_starts_from_hw_py_as_its_body_leaves_it():
     assert sum(d["type"] == "reading" for d in decoded(dev)) == 3
 
 
+
+_BOARD = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0).hw
+
+
+@given(st.binary(max_size=64))
+def test_the_onewire_stand_in_computes_the_dallas_crc8(data):
+    """onewire.OneWire.crc8 (C on the chip, a nibble table in the stand-in) is the Dallas CRC8 the
+    DS18B20 model signs its scratchpad with (bit by bit from the polynomial): Maxim's app note 27
+    example ROM 02 1C B8 01 00 00 00 gives A2, and a block followed by its CRC checks to 0."""
+    from binlink.sim.parts import sensors as sensor_models
+
+    ow = _BOARD._importer()("onewire").OneWire
+    assert ow.crc8(bytes.fromhex("021CB801000000")) == 0xA2
+    assert ow.crc8(data) == sensor_models._crc8_bits(data)
+    assert ow.crc8(data + bytes([ow.crc8(data)])) == 0
+
+
 # Wi-Fi -----------------------------------------------------------------------------------------
 
 def test_silent_broker_ends_in_a_timeout_not_a_watchdog_reset(make_device):

@@ -21,12 +21,14 @@ class OneWire:
 
     @staticmethod
     def crc8(data):
+        """The Dallas/Maxim CRC8 (x^8 + x^5 + x^4 + 1, LSB first; _onewire.crc8 in C on the chip),
+        a nibble at a time: _NIBBLE[n] is the shift register run over 4 bits from n."""
         crc = 0
         for b in data:
-            for _ in range(8):
-                mix = (crc ^ b) & 1
-                crc >>= 1
-                if mix:
-                    crc ^= 0x8C
-                b >>= 1
+            crc ^= b
+            crc = (crc >> 4) ^ _NIBBLE[crc & 0x0F]
+            crc = (crc >> 4) ^ _NIBBLE[crc & 0x0F]
         return crc
+
+
+_NIBBLE = (0x00, 0x9D, 0x23, 0xBE, 0x46, 0xDB, 0x65, 0xF8, 0x8C, 0x11, 0xAF, 0x32, 0xCA, 0x57, 0xE9, 0x74)
