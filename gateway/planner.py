@@ -39,7 +39,8 @@ def parse_iso(text):
 
 
 def iso(ts):
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """UTC seconds as ISO 8601 to the second, 'Z' for UTC (fractions dropped, as isoformat does)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def zone(name):

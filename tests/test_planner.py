@@ -5,6 +5,8 @@ import subprocess
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from binlink.gateway import planner, planner_cli
 from binlink.wire import codec, framing
@@ -13,6 +15,16 @@ from tests.harness import BINLINK, KEY, KEY2, GatewayProcess, Subscriber, wait_f
 
 def ts(text):
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+@given(st.floats(min_value=0, max_value=4e9))
+def test_times_are_iso_8601_utc_to_the_second(t):
+    """What states and lists carry (full_at, measured_at): 'Z' UTC, whole seconds, read back to
+    the second below (fractions dropped as Python's isoformat drops them)."""
+    text = planner.iso(t)
+    assert text == datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert text.endswith("Z") and len(text) == 20
+    assert planner.parse_iso(text) == float(int(t))
 
 
 def test_next_round_skips_days_without_trucks():

@@ -775,10 +775,14 @@ class Board(WifiOps):
         if m is None:
             imp = self._imp = self._importer()
             m = self._hw = _exec_module("binlink.firmware.hw", HW_PY, imp, {}, _builtins(imp))
-            self._hw_fresh = dict(m.__dict__)
+            self._hw_fresh = fresh = dict(m.__dict__)
+            self._hw_containers = [k for k, v in fresh.items() if type(v) in _MUTABLE]
         g = m.__dict__
+        fresh = self._hw_fresh
         g.clear()
-        g.update({k: v.copy() if type(v) in _MUTABLE else v for k, v in self._hw_fresh.items()})
+        g.update(fresh)
+        for k in self._hw_containers:
+            g[k] = fresh[k].copy()
         return m
 
     def _importer(self):
