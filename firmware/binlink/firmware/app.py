@@ -7,12 +7,13 @@ from binlink.wire import codec
 
 from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 6, 1)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+FW_VERSION = (1, 6, 2)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
 # 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full;
 # 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings;
 # 1.5: Wi-Fi bins listen too, on their MQTT downlink topic, one MQTT session per wake;
 # 1.6: the gateway's pace: regular windows at least that many minutes apart instead of every Nth report;
-# 1.6.1: each pad set up once a wake (hw._pin), not at every read, write or ping
+# 1.6.1: each pad set up once a wake (hw._pin), not at every read, write or ping;
+# 1.6.2: ext0 set only when it changes: the tilt wake when the deep sleep begins, not again after every light sleep
 F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
 CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by minutes a day (docs/hardware.md)
 DAY_S = 86400

@@ -45,31 +45,41 @@ def sleep_ms(ms):
 
 
 def deepsleep(ms):
+    try:
+        _arm(_ext0)
+    except Exception:  # noqa: BLE001 - a wake that failed ends in deep sleep all the same: on the timer alone
+        pass
     machine.deepsleep(ms)
 
 
 _ext0 = None  # (pin, level) the next deep sleep wakes on
+_armed = 0  # what ext0 is set to on the chip: (pin, level), None (off), or 0: not known this wake
 
 
 def wake_on_pin(pin, level):
+    """The deep sleep wakes when `pin` reaches `level` (set on the chip when it goes to sleep)."""
     global _ext0
     _ext0 = (pin, level)
-    esp32.wake_on_ext0(_input(pin), level)
+
+
+def _arm(want):
+    """ext0 set to `want` ((pin, level) or None) unless it already is: the port keeps the setting
+    (machine_rtc_config) for every sleep after, light or deep."""
+    global _armed
+    if want != _armed:
+        if want is None:
+            esp32.wake_on_ext0(None)
+        else:
+            esp32.wake_on_ext0(_input(want[0]), want[1])
+        _armed = want
 
 
 def light_sleep(ms, pin=-1, level=0):
     """machine.lightsleep(ms) (~0.8 mA, the UART stops receiving), woken early when `pin` is at
-    `level` (ext0 serves light sleep too). The deep sleep's own ext0 wake is set back after."""
-    if pin >= 0:
-        esp32.wake_on_ext0(_input(pin), level)
-    try:
-        machine.lightsleep(ms)
-    finally:
-        if pin >= 0:
-            if _ext0 is None:
-                esp32.wake_on_ext0(None)
-            else:
-                esp32.wake_on_ext0(_input(_ext0[0]), _ext0[1])
+    `level` (ext0 serves light sleep too); pin < 0: only by the time. The deep sleep's own ext0
+    wake is set when it begins (deepsleep), not after every light sleep."""
+    _arm((pin, level) if pin >= 0 else None)
+    machine.lightsleep(ms)
 
 
 def rtc_read():
