@@ -776,7 +776,7 @@ class Board(WifiOps):
             imp = self._imp = self._importer()
             m = self._hw = _exec_module("binlink.firmware.hw", HW_PY, imp, {}, _builtins(imp))
             self._hw_fresh = fresh = dict(m.__dict__)
-            self._hw_containers = [k for k, v in fresh.items() if type(v) in _MUTABLE]
+            self._hw_containers = [k for k, v in fresh.items() if type(v) in _MUTABLE and k != "__builtins__"]
         g = m.__dict__
         fresh = self._hw_fresh
         g.clear()
