@@ -111,9 +111,8 @@ class Board(WifiOps):
         self.rail.append(self.sensor)
         self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else air_c())
         self.parts.append(self.thermo)
-        self._listened = set(self._listened_pins())
         # the parts are wired for good: what the clock calls at every step is looked up once
-        self._pin_parts = [p for p in self.parts if hasattr(p, "on_pin")]  # watch pins: True when what they draw changed
+        self._listened = self._pin_watchers()  # pad -> the on_pin() of the parts wired to it
         self._steps = [p.step for p in self.parts if not getattr(p, "IDLE_STEP", False)]  # a part's step() that acts
         self._next_events = [p.next_event for p in self.parts]
         # parts whose next_event() the board keeps until they say touched() (_next_stop); the others
@@ -400,19 +399,26 @@ class Board(WifiOps):
             self._halt(s.kind)
 
     def _pins_changed(self):
-        for pin in self._listened:
+        for pin, watchers in self._listened.items():
             lvl = self.esp.pad(pin)
-            for p in self._pin_parts:
-                p.on_pin(pin, lvl, self.now)
+            for on_pin in watchers:
+                on_pin(pin, lvl, self.now)
         if self.profile["rail_switched"]:
             self._rail_on(self.esp.pad(self.cfg["sensor_power_pin"]) == 1)
         self._recount()
 
-    def _listened_pins(self):
+    def _pin_watchers(self):
+        """{pad: the on_pin() of each part wired to it}: the E22/E32's M0 and M1, the echo sensor's
+        trigger or the A02YYUW's RX. A pad's edges go to its own parts only (on_pin returns True
+        when what the part draws changed)."""
         c = self.cfg
-        pins = [c["radio_m0_pin"], c["radio_m1_pin"]] if c["transport"] in ("e22", "e32") else []
-        pins.append(c["sensor_uart"][2] if c["sensor"] == "a02yyuw" else c["trig_pin"])
-        return [p for p in pins if p >= 0]
+        wired = [(c["radio_m0_pin"], self.radio), (c["radio_m1_pin"], self.radio)] if c["transport"] in ("e22", "e32") else []
+        wired.append((c["sensor_uart"][2] if c["sensor"] == "a02yyuw" else c["trig_pin"], self.sensor))
+        watchers = {}
+        for pin, part in wired:
+            if pin >= 0:
+                watchers.setdefault(pin, []).append(part.on_pin)
+        return watchers
 
     def _rail_on(self, on):
         for p in self.rail:
@@ -594,11 +600,12 @@ class Board(WifiOps):
         self._pin_changed(pin)
 
     def _pin_changed(self, pin):
-        if pin in self._listened:
+        watchers = self._listened.get(pin)
+        if watchers is not None:
             self.advance(0.0)  # parts up to now before they see the edge
             lvl = self.esp.pad(pin)
-            for p in self._pin_parts:
-                if p.on_pin(pin, lvl, self.now):  # what it draws changed: counted at the next step
+            for on_pin in watchers:
+                if on_pin(pin, lvl, self.now):  # what it draws changed: counted at the next step
                     self._ma_until = -math.inf
         elif pin == self._rail_pin or pin == self._battery_en_pin:  # the sensor rail, the divider: what they draw changes
             if pin == self._rail_pin:
