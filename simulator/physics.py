@@ -203,6 +203,7 @@ class UltrasonicSensor:
         self.blind_mm = blind_mm
         self.max_mm = max_mm
         self.broken = False  # a dead or covered sensor: nothing comes back
+        self._sound = (None, None)  # (air degC, speed of sound there): the last one worked out
 
     def echo_us(self, surface_mm, air_c, timeout_us):
         """Echo pulse width (round trip), or -2 (no echo within the timeout) like time_pulse_us."""
@@ -215,7 +216,10 @@ class UltrasonicSensor:
         d += r.gauss(0.0, self.noise_mm)
         if d < self.blind_mm:
             return -2  # the echo returns while the transducer still rings: lost, not clamped
-        c = speed_of_sound(air_c, self.rh)  # m/s = mm/ms
+        sound = self._sound
+        if sound[0] != air_c:  # a wake's pings are in the same air
+            sound = self._sound = (air_c, speed_of_sound(air_c, self.rh))
+        c = sound[1]  # m/s = mm/ms
         us = int(2 * d / c * 1000)
         return us if us <= timeout_us else -2
 

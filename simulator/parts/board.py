@@ -255,7 +255,9 @@ class Board(WifiOps):
                 acted = any([step(now) for step in self._live_steps])
         if acted or now >= self._ma_until:
             self._recount()
-        self._supply_check()
+        if self._on_cell and not e.asleep and not self.battery.holds_up(self._ma, self.bod_mv):  # _supply_check(), inline: at every step
+            self.brownouts += 1
+            raise chip.Stop("brownout")
         if e.wdt_due is not None and not e.asleep and now >= e.wdt_due:
             raise chip.Stop("watchdog")
 
