@@ -340,10 +340,7 @@ def compare(bins=300, days=30, seed=1, margin_h=MARGIN_H, keep_series=4, process
     processes at once; the figures are the same as one after the other."""
     tasks = []
     for policy, n in (("fixed", bins), ("forecast", bins), ("reactive", min(bins, SCORED_BINS))):
-        # the scoring run has no rounds to learn on: it is scored over exactly `days` after the
-        # forecast's WARMUP_S (_forecast_errors), and runs no longer than that
-        warmup_days = WARMUP_S / DAY if policy == "reactive" else 7
-        tasks += _runs(policy, n, days, seed, margin_h, 0.03, keep_series if policy != "reactive" else 0, warmup_days, START, 0.8)
+        tasks += _runs(policy, n, days, seed, margin_h, 0.03, keep_series if policy != "reactive" else 0, 7, START, 0.8)
     # fixed rounds as often as they go (every bin on every round: physics only): the service no
     # fixed schedule can beat, set against the list's
     every = _runs("fixed", bins, days, seed, margin_h, 0.03, 0, 7, START, 0.0)
