@@ -5,8 +5,7 @@ import subprocess
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies
 
 from binlink.gateway import planner, planner_cli
 from binlink.wire import codec, framing
@@ -17,7 +16,7 @@ def ts(text):
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
 
 
-@given(st.floats(min_value=0, max_value=4e9))
+@given(strategies.floats(min_value=0, max_value=4e9))
 def test_times_are_iso_8601_utc_to_the_second(t):
     """What states and lists carry (full_at, measured_at): 'Z' UTC, whole seconds, read back to
     the second below (fractions dropped as Python's isoformat drops them)."""
