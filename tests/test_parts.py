@@ -775,6 +775,25 @@ def test_ds18b20_power_on_value_until_a_conversion_completes():
     assert hw.dispatch("ow_reset", [4]) is False
 
 
+def test_ds18b20_answers_only_its_own_rom():
+    """Match ROM (the datasheet's 55h): only the sensor whose 64-bit code matches responds; with
+    another code nothing drives the bus, its pull-up reads all ones, and micropython-lib's driver
+    raises its CRC error. A write to another code changes nothing."""
+    hw = _board()
+    ds, rom = hw.thermo, hw.thermo.rom.hex()
+    other = bytes([0x28, 1, 2, 3, 4, 5, 6])
+    other = (other + bytes([hw._importer()("onewire").OneWire.crc8(other)])).hex()  # a valid code, not this sensor's
+    assert hw.dispatch("ds_read_scratch", [4, other]) == "ff" * 9
+    hw.dispatch("ds_write_scratch", [4, other, "00001f"])  # 9 bits asked of a sensor that is not there
+    assert ds.bits() == 12
+    hw.dispatch("ds_write_scratch", [4, rom.upper(), "00001f"])  # its own code, as any case of hex
+    assert ds.bits() == 9
+    driver = hw._importer()("ds18x20").DS18X20(hw._importer()("onewire").OneWire(type("Pin", (), {"id": 4})()))
+    with pytest.raises(Exception, match="CRC error"):
+        driver.read_temp(bytes.fromhex(other))
+    assert driver.read_temp(bytes.fromhex(rom)) == 85.0  # the power-on value: no conversion yet
+
+
 @given(st.integers(1, 255), st.sampled_from([(sf, bw) for sf in range(7, 13) for bw in (125, 250, 500)]),
        st.sampled_from([8, 12]))
 def test_the_worlds_time_on_air_is_the_datasheets_and_the_firmware_agrees(payload, sf_bw, preamble):

@@ -743,8 +743,14 @@ class Board(WifiOps):
             e.wdt_due = self.now + e.wdt_timeout
 
     # 1-Wire: DS18B20 ------------------------------------------------------------------------------
-    def _ds(self, pin):
-        return self.thermo if pin == self.cfg["temp_pin"] and self.thermo.present() else None
+    def _ds(self, pin, rom=None):
+        """The DS18B20 on the pin, if it answers: present, and for a Match ROM (rom: hex) its own
+        code (the datasheet: only the slave that matches all 64 bits responds, the others wait for
+        a reset; the pulled-up bus then reads all ones)."""
+        ds = self.thermo if pin == self.cfg["temp_pin"] and self.thermo.present() else None
+        if ds is not None and rom is not None and rom.lower() != ds.rom.hex():
+            return None
+        return ds
 
     def op_ow_reset(self, pin):
         self.advance(1.0)  # 480 us reset + presence
@@ -764,12 +770,12 @@ class Board(WifiOps):
 
     def op_ds_read_scratch(self, pin, rom):
         self.advance(6.0)  # select ROM + 9 bytes at ~15 kbit/s
-        ds = self._ds(pin)
+        ds = self._ds(pin, rom)
         return ds.read_scratch(self.now).hex() if ds else "ff" * 9
 
     def op_ds_write_scratch(self, pin, rom, data):
         self.advance(3.0)
-        ds = self._ds(pin)
+        ds = self._ds(pin, rom)
         if ds:
             ds.write_scratch(bytes.fromhex(data))
 
