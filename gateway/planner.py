@@ -39,7 +39,8 @@ def parse_iso(text):
 
 
 def iso(ts):
-    """UTC seconds as ISO 8601 to the second, 'Z' for UTC (fractions dropped, as isoformat does)."""
+    """UTC seconds as ISO 8601, 'Z' for UTC: the second ts falls in (a fraction is dropped, never
+    rounded up into the next second)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 

@@ -441,7 +441,6 @@ def test_a_wake_sets_each_pad_up_once_and_still_measures(make_device):
         assert abs(r["distance_mm"] - dev.truth[r["fcnt"]][1]) <= 60, r
 
 
-
 def test_each_wake_starts_from_hw_py_as_its_body_leaves_it():
     """A reset empties the firmware's RAM: each wake's hw.py holds no pad, UART, watchdog, NVS
     handle or ext0 from the last run. The board puts hw.py's globals back in place rather than
@@ -469,10 +468,6 @@ def test_each_wake_starts_from_hw_py_as_its_body_leaves_it():
     assert sum(d["type"] == "reading" for d in decoded(dev)) == 3
 
 
-
-_BOARD = SimDevice(random.Random(1), 0xA1, KEY, lambda: T0).hw
-
-
 @given(st.binary(max_size=64))
 def test_the_onewire_stand_in_computes_the_dallas_crc8(data):
     """onewire.OneWire.crc8 (C on the chip, a nibble table in the stand-in) is the Dallas CRC8 the
@@ -480,7 +475,7 @@ def test_the_onewire_stand_in_computes_the_dallas_crc8(data):
     example ROM 02 1C B8 01 00 00 00 gives A2, and a block followed by its CRC checks to 0."""
     from binlink.sim.parts import sensors as sensor_models
 
-    ow = _BOARD._importer()("onewire").OneWire
+    ow = _board()._importer()("onewire").OneWire
     assert ow.crc8(bytes.fromhex("021CB801000000")) == 0xA2
     assert ow.crc8(data) == sensor_models._crc8_bits(data)
     assert ow.crc8(data + bytes([ow.crc8(data)])) == 0

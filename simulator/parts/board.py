@@ -112,7 +112,7 @@ class Board(WifiOps):
         self.thermo = Ds18b20(lambda: self.hot_c if self.hot_c is not None else air_c())
         self.parts.append(self.thermo)
         # the parts are wired for good: what the clock calls at every step is looked up once
-        self._listened = self._pin_watchers()  # pad -> the on_pin() of the parts wired to it
+        self._watchers = self._pin_watchers()  # pad -> the on_pin() of the parts wired to it
         self._steps = [p.step for p in self.parts if not getattr(p, "IDLE_STEP", False)]  # a part's step() that acts
         self._next_events = [p.next_event for p in self.parts]
         # parts whose next_event() the board keeps until they say touched() (_next_stop); the others
@@ -401,7 +401,7 @@ class Board(WifiOps):
             self._halt(s.kind)
 
     def _pins_changed(self):
-        for pin, watchers in self._listened.items():
+        for pin, watchers in self._watchers.items():
             lvl = self.esp.pad(pin)
             for on_pin in watchers:
                 on_pin(pin, lvl, self.now)
@@ -602,7 +602,7 @@ class Board(WifiOps):
         self._pin_changed(pin)
 
     def _pin_changed(self, pin):
-        watchers = self._listened.get(pin)
+        watchers = self._watchers.get(pin)
         if watchers is not None:
             self.advance(0.0)  # parts up to now before they see the edge
             lvl = self.esp.pad(pin)
@@ -790,8 +790,8 @@ class Board(WifiOps):
         if m is None:
             imp = self._imp = self._importer()
             m = self._hw = _exec_module("binlink.firmware.hw", HW_PY, imp, {}, _builtins(imp))
-            self._hw_fresh = fresh = dict(m.__dict__)
-            self._hw_containers = [k for k, v in fresh.items() if type(v) in _MUTABLE and k != "__builtins__"]
+            self._hw_fresh = dict(m.__dict__)
+            self._hw_containers = [k for k, v in self._hw_fresh.items() if type(v) in _MUTABLE and k != "__builtins__"]
         g = m.__dict__
         fresh = self._hw_fresh
         g.clear()
