@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: help setup system-deps test bench demo firmware flash install-gateway clean vectors
+.PHONY: help setup compiled system-deps test bench demo firmware flash install-gateway clean vectors
 
 help:
 	@echo "make demo   - simulated fleet -> gateway -> embedded MQTT broker, live view"
@@ -23,19 +23,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the simulator's part models compiled by Cython from their unchanged source (simulator/compiled.py):
+# once per change of their source; where it cannot build, everything runs as source, only slower
+compiled: $(STAMP)
+	@$(VENV)/bin/binlink sim --compile
+
 # Mosquitto, Redis and OpenSSL for the tests: installed as root, else one line naming the command
 system-deps:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" sh tools/system-deps.sh
 
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) compiled
 	@echo "==> running the test suite (two workers: most tests wait on brokers, ptys and processes)"
 	@$(PY) -m pytest -q -n 2 --dist loadgroup
 
-bench: $(STAMP)
+bench: $(STAMP) compiled
 	@echo "==> running benchmarks (results in build/bench.json)"
 	@$(PY) -m tests.bench
 
-demo: $(STAMP)
+demo: $(STAMP) compiled
 	@echo "==> starting the demo: embedded broker, simulated fleet, gateway"
 	@$(VENV)/bin/binlink demo $(DEMO_ARGS)
 

@@ -23,6 +23,8 @@ def add_parser(sub):
                    help="with --report: route each listed round for this many trucks (VROOM) and compare with list order")
     p.add_argument("--truck-capacity", type=float, default=40.0, help="with --report --trucks: full bins' worth a truck carries")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="instead: compile the part models with Cython (from their source, unchanged; ~12 %% less CPU) and exit")
     p.add_argument("--vm", default="cpython", choices=["cpython", "micropython"], help="interpreter for the firmware")
     p.add_argument("--clock-file", help="write the simulated clock here: a gateway started with BINLINK_SIM_CLOCK=<file> "
                                         "and `binlink planner --sim-clock <file>` then live on simulated time (forecasts, rounds)")
@@ -35,6 +37,10 @@ def add_parser(sub):
 
 
 def cmd_sim(args):
+    if args.compile:
+        from binlink.sim import compiled
+
+        return compiled.main()
     if args.report:
         return cmd_report(args)
     if not args.link or not args.registry:
@@ -71,11 +77,12 @@ def cmd_sim(args):
 
 
 def cmd_report(args):
-    from binlink.sim import policy, report
+    from binlink.sim import compiled, policy, report
 
     logging.getLogger("binlink.fw").setLevel(logging.WARNING)
     print("sim: %d bins, %g days per policy, seed %d: fixed rounds, collection list, forecast scoring" % (
         args.bins, args.days, args.seed), flush=True)
+    print("sim: %s" % compiled.status(), flush=True)
     trucks = None
     if args.trucks:
         from binlink.gateway import routes

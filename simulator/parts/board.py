@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import types
 
+from binlink.sim import parts as parts_package
 from binlink.sim.parts import cell as cell_model
 from binlink.sim.parts import esp32 as chip
 from binlink.sim.parts.e22 import E22, E32
@@ -23,8 +24,10 @@ from binlink.sim.parts.rylr998 import Rylr998
 from binlink.sim.parts.sensors import A02yyuw, Ds18b20, EchoSensor, HcSr04
 from binlink.sim.parts.wifi import WifiOps
 
-UPY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "upy")
-FIRMWARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "firmware")
+# from the package's directory, not this module's: a compiled build of it lies elsewhere (compiled.py)
+PARTS = os.path.dirname(os.path.abspath(parts_package.__file__))
+UPY = os.path.join(PARTS, "upy")
+FIRMWARE = os.path.join(os.path.dirname(os.path.dirname(PARTS)), "firmware")
 HW_PY = os.path.join(FIRMWARE, "binlink", "firmware", "hw.py")
 UPY_MODULES = ("_host", "time", "machine", "esp32", "onewire", "ds18x20", "network", "umqtt", "umqtt.simple")
 
@@ -813,7 +816,7 @@ class Board(WifiOps):
                 if name == "_host" and type(self).dispatch is Board.dispatch and "dispatch" not in self.__dict__:
                     # on CPython the board's own dispatch (not one a test wraps), the arguments as the
                     # tuple they come in (the VM's JSON wants a list)
-                    mods[name].call = lambda op, *args, d=self.dispatch, a=mods[name].answer: a(d(op, args))
+                    mods[name].call = _direct_call(self.dispatch, mods[name].answer)
             return mods[name]
 
         def imp(name, globals=None, locals=None, fromlist=(), level=0):
@@ -855,6 +858,16 @@ class _Wire:
 
     def current_ma(self, now):
         return 0.0
+
+
+def _direct_call(dispatch, answer):
+    """_host.call on CPython: answer() only for what it has to raise (its other answers are the value)."""
+
+    def call(op, *args):
+        r = dispatch(op, args)
+        return answer(r) if type(r) is dict else r
+
+    return call
 
 
 def _builtins(imp):
