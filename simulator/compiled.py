@@ -73,8 +73,8 @@ def missing():
 
 
 def build(log=print):
-    """Builds the missing MODULES (Cython, in a scratch tree that mirrors the package's names, two at
-    a time); returns how many are compiled, or None when they cannot be (said in log)."""
+    """Builds the missing MODULES (Cython, in a scratch tree that mirrors the package's names, on
+    every core); returns how many are compiled, or None when they cannot be (said in log)."""
     todo = missing()
     if not todo:
         return len(MODULES)
@@ -82,6 +82,11 @@ def build(log=print):
         import Cython  # noqa: F401
     except ImportError:
         log("compiled part models: Cython is not installed (pip install 'binlink[sim]'); running as source")
+        return None
+    try:
+        os.makedirs(BUILD_DIR, exist_ok=True)
+    except OSError as e:
+        log("compiled part models: cannot keep builds in %s (%s); running as source" % (BUILD_DIR, e.strerror or e))
         return None
     with tempfile.TemporaryDirectory() as tmp:
         files = []
@@ -100,14 +105,17 @@ def build(log=print):
             log("compiled part models: the build failed (a C compiler and Python's headers are needed: "
                 "apt-get install gcc python3-dev); running as source. %s" % (lines[-1] if lines else ""))
             return None
-        os.makedirs(BUILD_DIR, exist_ok=True)
-        for (name, source), f in zip(todo, files):
-            built = os.path.join(tmp, f[:-3] + _SUFFIX)
-            for old in os.listdir(BUILD_DIR):  # the builds of an earlier source
-                if old.startswith(name + "-"):
-                    os.remove(os.path.join(BUILD_DIR, old))
-            shutil.copyfile(built, build_path(name, source) + ".part")
-            os.replace(build_path(name, source) + ".part", build_path(name, source))
+        try:
+            for (name, _), f in zip(todo, files):
+                dest = build_path(name, os.path.join(tmp, f))  # the digest of the very bytes compiled
+                for old in os.listdir(BUILD_DIR):  # the builds of an earlier source
+                    if old.startswith(name + "-"):
+                        os.remove(os.path.join(BUILD_DIR, old))
+                shutil.copyfile(os.path.join(tmp, f[:-3] + _SUFFIX), dest + ".part")
+                os.replace(dest + ".part", dest)
+        except OSError as e:
+            log("compiled part models: cannot keep builds in %s (%s); running as source" % (BUILD_DIR, e.strerror or e))
+            return None
     return len(MODULES) - len(missing())
 
 

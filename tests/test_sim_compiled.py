@@ -72,3 +72,16 @@ def test_a_build_of_another_source_is_never_loaded(tmp_path):
     assert _run(where, BINLINK_SIM_BUILD_DIR=str(tmp_path)) == source
     shutil.copyfile(current, os.path.join(tmp_path, os.path.basename(current)))
     assert _run(where, BINLINK_SIM_BUILD_DIR=str(tmp_path)) == os.path.join(str(tmp_path), os.path.basename(current))
+
+
+def test_where_builds_cannot_be_kept_the_simulator_says_so_and_runs_as_source(tmp_path):
+    env = dict(os.environ, BINLINK_SIM_BUILD_DIR="/dev/null/builds")
+    binlink = os.path.join(os.path.dirname(sys.executable), "binlink")
+    r = subprocess.run([binlink, "sim", "--compile"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "cannot keep builds in /dev/null/builds (Not a directory); running as source" in r.stdout
+    r = subprocess.run([binlink, "sim", "--report", str(tmp_path / "r.html"), "--bins", "2", "--days", "1", "--chart-bins", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "sim: part models run as source (0 of %d compiled; `binlink sim --compile` builds them" % len(compiled.MODULES) in r.stdout
+    assert (tmp_path / "r.html").stat().st_size > 0
