@@ -1,10 +1,12 @@
 """The simulator's hot modules (the part models, the bin's physics, the simulated device) compiled by
-Cython from their own, unchanged source: the same code, ~12 % less CPU for a city-sized
-`binlink sim --report` (docs/simulator.md). The firmware, the MicroPython stand-ins and the gateway
-always run as source.
+Cython from their own source, the same code: ~25 % less CPU for a city-sized `binlink sim --report`
+(docs/simulator.md). Beside the source, declaration files (board.pxd, wifi.pxd) give the Board's
+hottest attributes fixed slots; Python never reads them. The firmware, the MicroPython stand-ins
+and the gateway always run as source.
 
-A build is kept under the module's name and its source's digest, so a module runs compiled only
-from a build of exactly the source beside it: edit it and it runs as source until built again.
+A build is kept under the module's name and the digest of its source and the declarations beside
+it, so a module runs compiled only from a build of exactly what is beside it: edit either and it
+runs as source until built again.
 `binlink sim --compile` builds what is missing (`make` runs it before the tests, the benches
 and the demo); without Cython or a C compiler everything runs as source, as it does with
 BINLINK_SIM_SOURCE=1 in the environment (tests/test_sim_compiled.py runs a district both ways and
@@ -34,10 +36,21 @@ def _source(name, path):
     return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
+def _declarations(source):
+    """The Cython declaration files beside a source (board.pxd, wifi.pxd: a module's .pxd and the
+    ones it cimports shape its build as much as its source does)."""
+    folder = os.path.dirname(source)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".pxd"))
+
+
 def build_path(name, source):
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    return os.path.join(BUILD_DIR, "%s-%s%s" % (name, digest, _SUFFIX))
+    """Where the build of `source` as it is now is kept: its name and the digest of the source and
+    the declarations beside it."""
+    h = hashlib.sha256()
+    for path in [source] + _declarations(source):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return os.path.join(BUILD_DIR, "%s-%s%s" % (name, h.hexdigest()[:16], _SUFFIX))
 
 
 class _Finder:
@@ -98,6 +111,8 @@ def build(log=print):
                 open(os.path.join(pkg, "__init__.py"), "a").close()
             files.append(os.path.join(*parts) + ".py")
             shutil.copyfile(source, os.path.join(tmp, files[-1]))
+            for pxd in _declarations(source):
+                shutil.copyfile(pxd, os.path.join(tmp, *parts[:-1], os.path.basename(pxd)))
         r = subprocess.run([sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", "-q", "-j", str(os.cpu_count() or 1)] + files,
                            cwd=tmp, capture_output=True, text=True)
         if r.returncode != 0:

@@ -208,29 +208,30 @@ def test_module_configured_legally_and_rechecked_at_cold_boot(make_device, trans
     assert r.tx_dbm() + dev.cfg["antenna_dbi"] - 2.15 <= 14 and r.air() == (10, 125)
 
 
-def _recording(monkeypatch):
+def _recording(dev):
     """Every hardware call from now on as (op, args, board ms, board charge mAs), on either
     interpreter (set before the device's first wake: CPython binds the dispatcher then)."""
     calls = []
-    real = Board.dispatch
+    board = dev.hw
+    real = board.dispatch
 
-    def dispatch(self, op, args):
-        calls.append((op, list(args), self.now, self.charge_mAs))
-        return real(self, op, args)
+    def dispatch(op, args):
+        calls.append((op, list(args), board.now, board.charge_mAs))
+        return real(op, args)
 
-    monkeypatch.setattr(Board, "dispatch", dispatch)
+    board.dispatch = dispatch
     return calls
 
 
-def test_e22_leaving_sleep_light_sleeps_until_aux_rises(make_device, monkeypatch):
+def test_e22_leaving_sleep_light_sleeps_until_aux_rises(make_device):
     """On every reporting wake the E22 leaves sleep and reloads its parameters with AUX low (40 ms
     at the slow end). The chip light-sleeps (0.8 mA) until ext0 sees AUX rise, instead of polling
     AUX awake (~40 mA, ~20 polls of three hardware calls each); it wakes within LIGHT_WAKE_MS of the
     rise, writes the frame 2 ms after it (the manual's), and the tilt switch's ext0 is set for the deep sleep."""
     from binlink.sim.parts import esp32 as chip
 
-    calls = _recording(monkeypatch)
     dev = make_device(report_s=900, timing="slow", tilt_pin=33)
+    calls = _recording(dev)
     run(dev, 1)  # cold boot
     del calls[:]
     run(dev, 1)  # a report
@@ -255,14 +256,14 @@ def test_e22_leaving_sleep_light_sleeps_until_aux_rises(make_device, monkeypatch
     assert ext0[-1] == [33, 0] and len(ext0) <= light + 1, (ext0, light)
 
 
-def test_a_stuck_aux_ends_the_wait_after_its_timeout_in_light_sleep_and_the_wake_in_deep_sleep(make_device, monkeypatch):
+def test_a_stuck_aux_ends_the_wait_after_its_timeout_in_light_sleep_and_the_wake_in_deep_sleep(make_device):
     """AUX low for good (a module unpowered or broken): the chip light-sleeps AUX_TIMEOUT_MS (3 s)
     waiting for it, once, at 0.8 mA (polling it awake cost ~40 mA for 3 s), gives the module up for
     the wake and sleeps; the reading waits in the backlog."""
     from binlink.firmware.transports import UartFramed
 
-    calls = _recording(monkeypatch)
     dev = make_device(report_s=900)
+    calls = _recording(dev)
     run(dev, 1)
     dev.hw.module_down = True
     del calls[:]

@@ -85,3 +85,19 @@ def test_where_builds_cannot_be_kept_the_simulator_says_so_and_runs_as_source(tm
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sim: part models run as source (0 of %d compiled; `binlink sim --compile` builds them" % len(compiled.MODULES) in r.stdout
     assert (tmp_path / "r.html").stat().st_size > 0
+
+
+def test_a_changed_declaration_file_names_another_build(tmp_path):
+    """board.pxd shapes the compiled Board (its slots) as much as board.py does: a build is named by
+    both, so a changed declaration is never served an old build."""
+    import binlink.sim.parts
+
+    source = compiled._source("binlink.sim.parts.board", binlink.sim.parts.__path__)
+    for f in [source] + compiled._declarations(source):
+        shutil.copyfile(f, tmp_path / os.path.basename(f))
+    copy = str(tmp_path / "board.py")
+    before = compiled.build_path("binlink.sim.parts.board", copy)
+    assert before == compiled.build_path("binlink.sim.parts.board", source)  # the same files, the same build
+    with open(tmp_path / "board.pxd", "a") as f:
+        f.write("\n")
+    assert compiled.build_path("binlink.sim.parts.board", copy) != before

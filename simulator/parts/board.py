@@ -789,7 +789,7 @@ class Board(WifiOps):
         only defines and calls nothing on the board, so each later wake gets the same module with
         its globals put back, in place, to what the body left (fresh containers: no pad, UART or
         watchdog from the last run), rather than the body run again to make the same functions."""
-        m = self.__dict__.get("_hw")
+        m = vars(self).get("_hw")
         if m is None:
             imp = self._imp = self._importer()
             m = self._hw = _exec_module("binlink.firmware.hw", HW_PY, imp, {}, _builtins(imp))
@@ -805,7 +805,7 @@ class Board(WifiOps):
 
     def _importer(self):
         """The __import__ of the firmware on this board: the stand-ins (loaded once) for MicroPython's."""
-        mods = self.__dict__.setdefault("upy", {})
+        mods = vars(self).setdefault("upy", {})
 
         def load(name):
             if name not in mods:
@@ -813,7 +813,7 @@ class Board(WifiOps):
                 if not os.path.exists(path):
                     path = os.path.join(UPY, *name.split("."), "__init__.py")
                 mods[name] = _exec_module(name, path, imp, {"hw_call": self.dispatch} if name == "_host" else {})
-                if name == "_host" and type(self).dispatch is Board.dispatch and "dispatch" not in self.__dict__:
+                if name == "_host" and type(self).dispatch is Board.dispatch and "dispatch" not in vars(self):
                     # on CPython the board's own dispatch (not one a test wraps), the arguments as the
                     # tuple they come in (the VM's JSON wants a list)
                     mods[name].call = _direct_call(self.dispatch, mods[name].answer)
