@@ -117,8 +117,8 @@ def build(log=print):
                            cwd=tmp, capture_output=True, text=True)
         if r.returncode != 0:
             lines = (r.stderr or r.stdout).strip().splitlines()
-            log("compiled part models: the build failed (a C compiler and Python's headers are needed: "
-                "apt-get install gcc python3-dev); running as source. %s" % (lines[-1] if lines else ""))
+            log("compiled part models: the build failed, running as source: %s (it needs a C compiler and "
+                "Python's headers: apt-get install gcc python3-dev)" % (lines[-1] if lines else "no output"))
             return None
         try:
             for (name, _), f in zip(todo, files):
