@@ -1,16 +1,16 @@
 """The simulator's hot modules (the part models, the bin's physics, the simulated device) compiled by
-Cython from their own source, the same code: ~25 % less CPU for a city-sized `binlink sim --report`
-(docs/simulator.md). Beside the source, declaration files (board.pxd, wifi.pxd) give the Board's
-hottest attributes fixed slots; Python never reads them. The firmware, the MicroPython stand-ins
-and the gateway always run as source.
+Cython from their own source, the same code: ~25-30 % less CPU for a city-sized
+`binlink sim --report` (docs/simulator.md). Beside the source, declaration files (board.pxd,
+esp32.pxd, cell.pxd, wifi.pxd) give the Board's, the chip's and the cell's hottest attributes fixed
+slots; Python never reads them. The firmware, the MicroPython stand-ins and the gateway always run
+as source.
 
 A build is kept under the module's name and the digest of its source and the declarations beside
 it, so a module runs compiled only from a build of exactly what is beside it: edit either and it
-runs as source until built again.
-`binlink sim --compile` builds what is missing (`make` runs it before the tests, the benches
-and the demo); without Cython or a C compiler everything runs as source, as it does with
-BINLINK_SIM_SOURCE=1 in the environment (tests/test_sim_compiled.py runs a district both ways and
-compares every figure)."""
+runs as source until built again. `binlink sim --compile` builds what is missing (`make` runs it
+before the tests, the benches and the demo); without Cython or a C compiler everything runs as
+source, as it does with BINLINK_SIM_SOURCE=1 in the environment (tests/test_sim_compiled.py runs a
+district both ways and compares every frame and figure)."""
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -141,7 +141,7 @@ def status():
         return "part models run as source (%s is set)" % SOURCE_ONLY_ENV
     if n == len(MODULES):
         return "part models compiled (Cython)"
-    return "part models run as source (%d of %d compiled; `binlink sim --compile` builds them: ~12 %% less CPU)" % (n, len(MODULES))
+    return "part models run as source (%d of %d compiled; `binlink sim --compile` builds them: ~25 %% less CPU)" % (n, len(MODULES))
 
 
 def main():
