@@ -99,8 +99,7 @@ def build(log=print):
     try:
         os.makedirs(BUILD_DIR, exist_ok=True)
     except OSError as e:
-        log("compiled part models: cannot keep builds in %s (%s); running as source" % (BUILD_DIR, e.strerror or e))
-        return None
+        return _cannot_keep(log, e)
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for name, source in todo:
@@ -129,9 +128,12 @@ def build(log=print):
                 shutil.copyfile(os.path.join(tmp, f[:-3] + _SUFFIX), dest + ".part")
                 os.replace(dest + ".part", dest)
         except OSError as e:
-            log("compiled part models: cannot keep builds in %s (%s); running as source" % (BUILD_DIR, e.strerror or e))
-            return None
+            return _cannot_keep(log, e)
     return len(MODULES) - len(missing())
+
+
+def _cannot_keep(log, e):
+    log("compiled part models: cannot keep builds in %s (%s); running as source" % (BUILD_DIR, e.strerror or e))
 
 
 def status():
