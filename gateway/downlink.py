@@ -41,6 +41,8 @@ from binlink.gateway.storage import StorageFull
 log = logs.get("downlink")
 SETTINGS_FROM = (1, 4, 0)  # firmware from which the hello's config hash is downlink.settings_hash
 PACE_FROM = (1, 6, 0)  # firmware that takes the `pace` command (an older bin refuses the whole answer)
+ECHO_FROM = (1, 7, 0)  # firmware that takes the `echo` command
+_READING_V1 = bytes([(codec.VERSION << 4) | codec.T_READING])  # a reading frame without an echo
 PACE_SHARE = 0.5  # of a radio's airtime budget for the bins' regular windows: the rest answers resends, settings, clocks
 HEARD_S = 26 * 3600  # a bin heard within this long counts towards its radio's pace (every bin says hello daily)
 HEARD_SAVE_S = 3600  # how often the bins each radio heard are written down, for the pace after a restart
@@ -74,6 +76,14 @@ def reports_settings(fw_version):
 
 def takes_pace(fw_version):
     return _at_least(fw_version, PACE_FROM)
+
+
+def echo_command(fw_version, answered, config):
+    """1 to a bin that can echo (docs/protocol.md, Echo) and answered with a reading frame without
+    one; None when it echoes already, cannot, or the answer is full (four settings: a later one says it)."""
+    if bytes(answered[:1]) != _READING_V1 or not _at_least(fw_version, ECHO_FROM):
+        return None
+    return None if config is not None and len(config[1]) >= downlink.MAX_SETTINGS else 1
 
 
 def _at_least(fw_version, version):
@@ -343,13 +353,16 @@ class Answerer:
         config = self._config(device, reported)
         time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
         pace = radio.pace_min() if not wifi and reported and takes_pace(reported[1]) else None
+        echo = echo_command(reported[1], up.frame, config) if not wifi and reported else None
         try:
-            frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace)
+            frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace,
+                                    echo=echo)
             if not wifi:
                 data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
             if time_ms is not None and not wifi:  # the instant it goes on air: after its bytes crossed to the module (8N1)
                 time_ms += len(data) * 10 * 1000 // radio.cfg.baud
-                frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace)
+                frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace,
+                                        echo=echo)
                 data, on_air, preamble = module_formats.transmission(radio.cfg.format, frame, up.reception.addr)
         except ValueError as e:  # a registry entry the bin would refuse never gets here (registry_settings)
             self.metrics.downlinks_skipped.labels("too_long").inc()

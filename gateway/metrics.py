@@ -41,6 +41,8 @@ class Metrics:
         self.readings = Counter("binlink_readings_accepted", "Readings committed (backlog entries count one each)", registry=r)
         self.rejected = Counter("binlink_frames_rejected", "Frames rejected, by reason code", ["reason"], registry=r)
         self.duplicates = Counter("binlink_duplicates", "Same frame heard again (another radio or a repeat)", registry=r)
+        self.echo_saved = Counter("binlink_echo_saved", "Readings stored from a later frame's echo: their own frame was not heard",
+                                  registry=r)
         self.module_status = Counter("binlink_module_status_lines", "Status lines from radio modules (+OK, +READY)", registry=r)
         self.serial_connected = Gauge("binlink_serial_connected", "1 while the serial port is open", ["source"], registry=r)
         self.serial_reopens = Counter("binlink_serial_reopens", "Serial port reopened after it was lost (the first open is not counted)",

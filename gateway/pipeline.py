@@ -267,10 +267,13 @@ class Pipeline:
             self._hello(up, batch)
         tail = self.addresses.tail(device, up.source, len(self.devices))
         for reading in up.readings:  # none in a hello
+            late = reading.fcnt != up.fcnt  # a backlog entry, or a reading frame's echo
             if self._store_once(device, reading.fcnt):
-                self._reading(up, reading, tail, up.frame_type == codec.T_BACKLOG, batch)
+                self._reading(up, reading, tail, late, batch)
                 n += 1
-            else:  # a backlog entry repeating a reading stored before: the bin thought it lost
+                if late and up.frame_type == codec.T_READING:
+                    self.metrics.echo_saved.inc()
+            elif up.frame_type == codec.T_BACKLOG:  # a backlog entry repeating a reading stored before: the bin thought it lost
                 self.metrics.duplicates.inc()
         if moved or n:  # one booking of the counter and its window per frame
             self._book(device, batch)

@@ -79,6 +79,20 @@ def test_backlog_round_trip(key, dev, fcnt, es):
         assert c.flag_bits(r["flags"]) == e[5]
 
 
+@given(keys, device_ids, st.integers(255, c.MAX_FCNT), entries.map(lambda es: es[0]), distances, temps, batteries, flags)
+def test_echo_round_trip(key, dev, fcnt, e, dist, temp, batt, fl):
+    """A version 2 reading: its predecessor, then itself (oldest first, as a batch's readings)."""
+    f = c.encode_reading_body(key, dev, fcnt, c.pack_reading(dist, temp, batt, fl, 5, 5),
+                              (fcnt - e[0], e[1], c.pack_reading(*e[2:])))
+    assert len(f) == 25
+    d = c.decode(f, key, fcnt - 1)
+    assert (d["type"], d["version"], d["fcnt"], d["distance_mm"], d["temperature_c"]) == ("reading", 2, fcnt, dist, temp)
+    echo = d["echo"]
+    assert (echo["fcnt"], echo["age_min"], echo["distance_mm"], echo["temperature_c"], echo["battery_mv"]) == (fcnt - e[0],) + e[1:5]
+    assert c.flag_bits(echo["flags"]) == e[5]
+    assert [r[0] for r in c.readings(f, fcnt)] == [fcnt - e[0], fcnt]
+
+
 @given(keys, device_ids, fcnts, st.tuples(nibbles, nibbles, nibbles), st.integers(0, 6), st.binary(min_size=4, max_size=4))
 def test_hello_round_trip(key, dev, fcnt, ver, cause, chash):
     d = c.decode(c.encode_hello(key, dev, fcnt, ver, cause, chash), key, fcnt - 1 if fcnt else None)
@@ -90,10 +104,13 @@ def test_hello_round_trip(key, dev, fcnt, ver, cause, chash):
 @st.composite
 def any_frame(draw):
     key = draw(keys)
-    kind = draw(st.sampled_from(["reading", "backlog", "hello"]))
+    kind = draw(st.sampled_from(["reading", "echo", "backlog", "hello"]))
     dev, fcnt = draw(device_ids), draw(st.integers(255, c.MAX_FCNT))
     if kind == "reading":
         f = c.encode_reading(key, dev, fcnt, draw(distances), draw(temps), 3600, draw(flags), 5, 5)
+    elif kind == "echo":
+        f = c.encode_reading_body(key, dev, fcnt, c.pack_reading(draw(distances), 20, 3600), (fcnt - draw(st.integers(1, 255)),
+                                  draw(st.integers(0, 0xFFFF)), c.pack_reading(draw(distances), draw(temps), 3600, draw(flags))))
     elif kind == "backlog":
         f = c.encode_backlog(key, dev, fcnt, [(fcnt - 2, 9, c.pack_reading(900, 11, 3600)), (fcnt - 1, 5, c.pack_reading(1000, 10, 3600))])
     else:

@@ -109,6 +109,28 @@ def test_a_listening_uplink_is_answered_with_what_was_stored_and_others_are_not(
     assert KEY.hex() not in gw.output() and KEY2.hex() not in gw.output()
 
 
+def test_a_170_bin_is_asked_to_echo_and_a_reading_its_frame_lost_arrives_with_the_next(gw, pty, subscriber):
+    """Through the gateway process and its pty: a bin whose hello names 1.7.0 is told `echo 1`; its
+    next frame carries the reading lost on air before it, which is published (as late) and
+    acknowledged, and counted in binlink_echo_saved; an echo of a reading stored already is not a
+    duplicate."""
+    radio = Radio(pty)
+    pty.write(framing.frame(codec.encode_hello(KEY, DEV_A, 1, (1, 7, 0), 1, b"\x00\x00\x00\x01")))
+    pty.write(framing.frame(reading(2, flags=LISTEN)))
+    assert expect_answer(radio, 2)["echo"] == 1
+    body = lambda dist, flags=0: codec.pack_reading(dist, 20, 3700, flags, 5, 5)  # noqa: E731
+    # 3 is lost on air; 4 repeats it, and asks for an answer
+    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 4, body(640, LISTEN), (3, 15, body(660)))))
+    got = expect_answer(radio, 4, index=1)
+    assert got["ack"] & 0b111 == 0b111 and "echo" not in got  # 4, 3 (by its echo) and 2; it echoes already
+    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 5, body(620), (4, 15, body(640)))))
+    published = wait_for(lambda: (m := subscriber.events()) and len(m) == 4 and m, what="4 readings published")
+    assert [(m["fcnt"], m["distance_mm"], m["backlog"]) for m in published] == [(2, 700, False), (3, 660, True), (4, 640, False),
+                                                                             (5, 620, False)]
+    wait_for(lambda: gw.metric("binlink_echo_saved_total") == 1, what="the echo counted")
+    assert gw.metric("binlink_duplicates_total") == 0
+
+
 def test_registry_set_reaches_the_bin_and_its_report_shows_in_sync(gw, pty, subscriber, tmp_path):
     radio = Radio(pty)
     r = subprocess.run([BINLINK, "registry", "--registry", gw.registry, "set", "bin-a", "report_s=1800", "fire_c=60"],
@@ -355,9 +377,10 @@ class Capture:
         return True
 
 
-def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None, fw=None):
+def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None, fw=None, frame=b""):
     """Answers one listening reading per counter with a stand-in pipeline; returns the downlinks
-    parsed. fw: the firmware version the bin's last hello named (None: no hello heard)."""
+    parsed. fw: the firmware version the bin's last hello named (None: no hello heard); frame: the
+    uplink's bytes as heard."""
     from binlink.gateway import downlink as gw_downlink
     from binlink.gateway.uplink import Reading, Uplink
 
@@ -366,7 +389,7 @@ def answering(tmp_path, device, fcnts, writer, synced=True, received_at=None, fw
         answerer.reported.rows[device.device_id] = [("00000000", fw, 0.0), None]
     out = []
     for n in fcnts:
-        up = Uplink("radio0", module_formats.Reception(b""), received_at or time.time(), device=device, fcnt=n,
+        up = Uplink("radio0", module_formats.Reception(frame), received_at or time.time(), device=device, fcnt=n,
                     frame_type=codec.T_READING, readings=[Reading(n, 0, 700, 20, 3700, LISTEN, 5, 5)])
         pipeline = types.SimpleNamespace(listening=[up], storage=types.SimpleNamespace(full=False), clock=time.time,
                                          counters={device.device_id: n}, stored={device.device_id: 1},
@@ -459,6 +482,23 @@ def test_the_pace_grows_with_the_bins_a_radio_answers(tmp_path):
     for fw, told in (("1.6.0", True), ("1.5.0", False), (None, False)):
         got, _ = answering(tmp_path / str(fw), device, [1], Capture(), fw=fw)
         assert ("pace_min" in got[0]) == told and got[0]["ack"] & 1, (fw, got)
+
+
+def test_a_bin_that_can_echo_is_asked_to_until_its_readings_carry_one(tmp_path):
+    """`echo 1` goes to a 1.7.0 bin answered on a reading frame without an echo; not to an older bin
+    (which would refuse the whole answer), a bin never heard saying hello, or one whose readings
+    echo already; nor in an answer full with four settings (the next one says it)."""
+    from binlink.gateway import downlink as gw_downlink
+
+    device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
+    body = codec.pack_reading(700, 20, 3700, 0, 5, 5)
+    plain, echoing = codec.encode_reading_body(KEY, DEV_A, 1, body), codec.encode_reading_body(KEY, DEV_A, 2, body, (1, 15, body))
+    for fw, frame, told in (("1.7.0", plain, True), ("1.6.2", plain, False), (None, plain, False), ("1.7.0", echoing, False)):
+        got, _ = answering(tmp_path / ("%s-%d" % (fw, len(frame))), device, [1], Capture(), fw=fw, frame=frame)
+        assert got[0].get("echo") == (1 if told else None) and got[0]["ack"] & 1, (fw, len(frame), got)
+    four = (b"abcd", {"wake_s": 600, "report_s": 1800, "near_full_pct": 80, "fire_c": 60})
+    assert gw_downlink.echo_command("1.7.0", plain, four) is None
+    assert gw_downlink.echo_command("1.7.0", plain, (b"abcd", {"fire_c": 60})) == 1
 
 
 def test_a_restart_keeps_each_radios_pace(tmp_path):

@@ -42,6 +42,8 @@ def test_micropython_encodes_byte_identical_frames(mpy_session):
         "k = bytes(range(16))\n"
         "print(codec.encode_reading(k, 0xA1, 42, 812, 21, 3712, 0, 5, 5).hex())\n"
         "print(codec.encode_hello(k, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex('c0ffee01')).hex())\n"
+        "print(codec.encode_reading_body(k, 0xA1, 62, codec.pack_reading(1080, 16, 3690, 0, 5, 5),"
+        " (61, 60, codec.pack_reading(1100, 16, 3690, codec.F_BACKLOG, 5, 5))).hex())\n"
         "print(framing.frame(b'\\x00\\x11\\x00').hex())\n"
         "print(framing.crc16(b'123456789'))\n"
     )
@@ -49,10 +51,11 @@ def test_micropython_encodes_byte_identical_frames(mpy_session):
     by_name = {v["name"]: v["frame_hex"] for v in VECTORS}
     assert lines[0] == by_name["reading_normal"]
     assert lines[1] == by_name["hello_power_on"]
+    assert lines[2] == by_name["reading_echo"]
     from binlink.wire import framing
 
-    assert lines[2] == framing.frame(b"\x00\x11\x00").hex()
-    assert int(lines[3]) == 0x29B1
+    assert lines[3] == framing.frame(b"\x00\x11\x00").hex()
+    assert int(lines[4]) == 0x29B1
 
 
 @pytest.mark.parametrize("path", FIRMWARE_FILES, ids=[str(p.relative_to(FIRMWARE)) for p in FIRMWARE_FILES])

@@ -378,6 +378,32 @@ def test_a_backlog_entry_repeating_a_stored_reading_is_stored_once_through_a_pow
     assert p2.metrics.value("binlink_duplicates_total") == 2
 
 
+def test_an_echo_stores_the_reading_its_own_frame_lost_once_and_as_late(tmp_path):
+    """Firmware 1.7.0's reading frame repeats its predecessor. Reading 2 is lost on air: frame 3's
+    echo brings it (published as late, before 3, counted in binlink_echo_saved); frame 4's echo of
+    the stored 3 is dropped without a word (the common case: not a duplicate); through a power cut
+    too. The ack window names 2 stored, so the bin will not send it again."""
+    box = Outbox(str(tmp_path / "o.sqlite"))
+    p = Pipeline(CFG, _devices(), box, Metrics())
+    body = lambda dist: codec.pack_reading(dist, 20, 3700, 0, 5, 5)  # noqa: E731
+    echoing = lambda fcnt, dist, prev: Reception(codec.encode_reading_body(KEY_A, 0xA1, fcnt, body(dist), (fcnt - 1, 15, body(prev))))  # noqa: E731
+    assert p.process([("r0", _reading(KEY_A, 0xA1, 1, dist=900))]) == 1
+    assert p.process([("r0", echoing(3, 860, 880))]) == 2  # 2 was lost on air
+    assert p.stored[0xA1] & 0b111 == 0b111  # 3, 2 and 1 stored: the next answer acknowledges 2
+    reopened = _crash_and_reopen(box)
+    p2 = Pipeline(CFG, _devices(), reopened, Metrics())
+    assert p2.process([("r0", echoing(4, 840, 860))]) == 1
+    from binlink.gateway.payloads import unpack
+
+    rows = [(k, json.loads(unpack(v))) for k, v in reopened.db.execute("SELECT message_key, payload FROM outbox WHERE kind = %d ORDER BY id"
+                                                                % Kind.UPLINK)]
+    assert [k for k, _ in rows] == ["0000a1:0:1", "0000a1:0:2", "0000a1:0:3", "0000a1:0:4"]
+    assert [r["distance_mm"] for _, r in rows] == [900, 880, 860, 840] and [r["backlog"] for _, r in rows] == [False, True, False, False]
+    assert p.metrics.value("binlink_echo_saved_total") == 1 and p.metrics.value("binlink_duplicates_total") == 0
+    assert p2.metrics.value("binlink_echo_saved_total") == 0 and p2.metrics.value("binlink_duplicates_total") == 0
+    assert reopened.bins()["bin-a"][:2] == (0, 4)
+
+
 def test_a_state_file_of_a_newer_release_is_refused_not_guessed_at(tmp_path):
     path = str(tmp_path / "o.sqlite")
     Outbox(path).close()

@@ -31,6 +31,10 @@ def build():
     head = codec._header(d.T_DOWNLINK, DEV, ANSWERED)
     twice = head + bytes([d.C_ACK, 0, 0, 0, 1, d.C_ACK, 0, 0, 0, 1])
     bad_setting = head + bytes([d.C_CONFIG, 1, 2, 3, 4, 1, 6]) + (200).to_bytes(4, "big")
+    paced = codec._header(d.T_DOWNLINK, DEV, ANSWERED + 1)
+    pace_5 = paced + bytes([d.C_PACE, 0, 5])
+    pace_short = paced + bytes([d.C_PACE, 0])
+    echo_2 = head + bytes([d.C_ACK, 0, 0, 0, 1, d.C_ECHO, 2])
     return [
         vector("ack_time_config", full),
         vector("ack_only", ack),
@@ -41,6 +45,11 @@ def build():
         vector("truncated", ack[:8]),
         vector("command_twice", twice + d._tag(KEY, ANSWERED, twice)),
         vector("fire_at_200_c", bad_setting + d._tag(KEY, ANSWERED, bad_setting)),
+        vector("ack_pace", d.encode(KEY, DEV, ANSWERED + 1, ack=1, pace_min=720), answered=ANSWERED + 1),
+        vector("pace_below_ten_minutes", pace_5 + d._tag(KEY, ANSWERED + 1, pace_5), answered=ANSWERED + 1),
+        vector("pace_cut_short", pace_short + d._tag(KEY, ANSWERED + 1, pace_short), answered=ANSWERED + 1),
+        vector("ack_time_pace_echo", d.encode(KEY, DEV, ANSWERED, ack=3, time_ms=1764900000123, pace_min=755, echo=1)),
+        vector("echo_of_2", echo_2 + d._tag(KEY, ANSWERED, echo_2)),
     ]
 
 

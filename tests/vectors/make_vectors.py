@@ -44,6 +44,8 @@ def build():
         (57, 180, c.pack_reading(1350, 14, 3690, 0, 4, 5)),
         (59, 60, c.pack_reading(1200, 15, 3690, c.F_LOW_BATTERY, 5, 5)),
     ])
+    echo = c.encode_reading_body(KEY, 0xA1, 62, c.pack_reading(1080, 16, 3690, 0, 5, 5),
+                                 (61, 60, c.pack_reading(1100, 16, 3690, c.F_BACKLOG, 5, 5)))
     v = [
         valid("reading_normal", r),
         valid("reading_sensor_fault", c.encode_reading(KEY, 0xA1, 43, None, 18, 3700, c.F_SENSOR_FAULT, 0, 5)),
@@ -56,6 +58,9 @@ def build():
         valid("reading_counter_rollover", c.encode_reading(KEY, 0xA1, 0x10002, 1000, 20, 3600, 0, 5, 5), last=0xFFFE),
         valid("reading_counter_high_epoch", c.encode_reading(KEY, 0xA1, 0x30005, 1000, 20, 3600, 0, 5, 5), last=0x30001),
         valid("reading_max_device_id", c.encode_reading(KEY2, 0xFFFFFF, 1, 4000, 25, 4200, 0, 7, 7), key=KEY2),
+        valid("reading_echo", echo),  # firmware 1.7.0: the reading, then its predecessor still unacknowledged
+        valid("reading_echo_behind_a_batch", c.encode_reading_body(KEY, 0xA1, 70, c.pack_reading(900, 16, 3680, 0, 5, 5),
+                                                                    (66, 45, c.pack_reading(950, 16, 3680, c.F_ALARM_WAKE, 5, 5)))),
         valid("backlog_one", c.encode_backlog(KEY, 0xA1, 50, [(49, 15, c.pack_reading(1800, 10, 3700, 0, 5, 5))])),
         valid("backlog_three", backlog3),
         valid("hello_power_on", c.encode_hello(KEY, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex("c0ffee01"))),
@@ -77,7 +82,11 @@ def build():
         reject("truncated_empty", b"", "truncated"),
         reject("truncated_backlog", backlog3[:-10], "truncated"),
         reject("bad_length_extra_byte", r + b"\x00", "bad_length"),
-        reject("bad_version_2", bytes([0x21]) + r[1:], "bad_version"),
+        reject("bad_version_3", bytes([0x31]) + r[1:], "bad_version"),
+        reject("echo_as_version_1", bytes([0x11]) + echo[1:], "bad_length"),
+        reject("version_2_reading_without_echo", bytes([0x21]) + r[1:], "truncated"),
+        reject("echo_offset_0", c._sign(KEY, 62, echo[:12] + b"\x00" + echo[13:-4]), "bad_field"),
+        reject("echo_flipped_age_bit", flip(echo, 14, 0), "bad_tag"),
         reject("bad_version_2_backlog", bytes([0x22]) + backlog3[1:], "bad_version"),
         reject("bad_version_0", bytes([0x01]) + r[1:], "bad_version"),
         reject("bad_type_7", bytes([0x17]) + r[1:], "bad_type"),

@@ -7,6 +7,7 @@ _COPY = hasattr(hashlib.sha256(), "copy")  # CPython: a hash state can be copied
 
 VERSION = 1  # layout of reading and backlog frames, and of the hello old firmware sends
 HELLO_VERSION = 2  # the hello that carries the full 32-bit counter (docs/protocol.md, Counter)
+ECHO_VERSION = 2  # the reading that repeats its predecessor (firmware 1.7.0, docs/protocol.md, Echo)
 T_READING = 1
 T_BACKLOG = 2
 T_HELLO = 3
@@ -130,8 +131,20 @@ def encode_reading(key, device_id, fcnt, distance_mm, temperature_c, battery_mv,
     )
 
 
-def encode_reading_body(key, device_id, fcnt, body):
-    return _sign(key, fcnt, _header(T_READING, device_id, fcnt) + body)
+def encode_reading_body(key, device_id, fcnt, body, echo=None):
+    """echo: (fcnt, age_minutes, body) of an earlier reading not yet acknowledged, repeated after
+    this one (a version 2 reading frame); None: a version 1 reading frame."""
+    if echo is None:
+        return _sign(key, fcnt, _header(T_READING, device_id, fcnt) + body)
+    return _sign(key, fcnt, _header(T_READING, device_id, fcnt, ECHO_VERSION) + body + _entry(fcnt, echo))
+
+
+def _entry(fcnt, e):
+    """A backlog entry: (fcnt, age_minutes, body) as its counter's offset below fcnt, age, body."""
+    back = fcnt - e[0]
+    if not 1 <= back <= 255:
+        raise ValueError("an earlier reading's counter must be 1..255 below the frame's")
+    return struct.pack(">BH", back, _clamp(int(e[1]), 0, 0xFFFF)) + e[2]
 
 
 def encode_backlog(key, device_id, fcnt, entries):
@@ -140,11 +153,7 @@ def encode_backlog(key, device_id, fcnt, entries):
         raise ValueError("a backlog batch holds 1..255 readings")
     parts = [_header(T_BACKLOG, device_id, fcnt), bytes([len(entries)])]
     for e in entries:
-        back = fcnt - e[0]
-        if not 1 <= back <= 255:
-            raise ValueError("backlog reading counter must be 1..255 below the batch counter")
-        parts.append(struct.pack(">BH", back, _clamp(int(e[1]), 0, 0xFFFF)))
-        parts.append(e[2])
+        parts.append(_entry(fcnt, e))
     return _sign(key, fcnt, b"".join(parts))
 
 
@@ -176,7 +185,7 @@ def explicit_fcnt(frame):
 
 def expected_length(ftype, frame):
     if ftype == T_READING:
-        return HEADER_LEN + READING_LEN + TAG_LEN
+        return HEADER_LEN + READING_LEN + (ENTRY_LEN if frame[0] >> 4 == ECHO_VERSION else 0) + TAG_LEN
     if ftype == T_HELLO:
         return HEADER_LEN + (HELLO2_LEN if frame[0] >> 4 == HELLO_VERSION else HELLO_LEN) + TAG_LEN
     if len(frame) < HEADER_LEN + 1:
@@ -190,9 +199,9 @@ def parse_header(frame):
         raise ProtocolError("truncated", "%d bytes" % len(frame))
     version = frame[0] >> 4
     ftype = frame[0] & 0x0F
-    if version != VERSION and not (version == HELLO_VERSION and ftype == T_HELLO):
-        raise ProtocolError("bad_version", "version %d %s, this side speaks %d (and %d for hello)"
-                            % (version, TYPE_NAMES.get(ftype, "type %d" % ftype), VERSION, HELLO_VERSION))
+    if version != VERSION and not (version == 2 and ftype in (T_HELLO, T_READING)):
+        raise ProtocolError("bad_version", "version %d %s, this side speaks %d (and 2 for hello and reading)"
+                            % (version, TYPE_NAMES.get(ftype, "type %d" % ftype), VERSION))
     if ftype not in TYPE_NAMES:
         raise ProtocolError("bad_type", "type %d" % ftype)
     if ftype == T_BACKLOG and len(frame) > HEADER_LEN and frame[HEADER_LEN] == 0:
@@ -282,23 +291,31 @@ def _reading_fields(frame, i):
     return (None if d == NO_DISTANCE else d, None if t == NO_TEMPERATURE else t, 2000 + 10 * b, flags, q >> 4, q & 0x0F)
 
 
+def _entries(frame, fcnt, p, n):
+    out = []
+    for _ in range(n):
+        back, age = struct.unpack_from(">BH", frame, p)
+        if back == 0 or back > fcnt:
+            raise ProtocolError("bad_field", "backlog entry counter offset %d" % back)
+        out.append((fcnt - back, age) + _reading_fields(frame, p + 3))
+        p += ENTRY_LEN
+    return out
+
+
 def readings(frame, fcnt):
-    """The readings of a verified reading or backlog frame, as tuples: (fcnt, age in minutes,
-    distance_mm, temperature_c, battery_mv, flag bits, valid_pings, pings). Flags stay bits here:
-    the gateway names them only when it renders a message."""
+    """The readings of a verified reading or backlog frame, oldest first, as tuples: (fcnt, age in
+    minutes, distance_mm, temperature_c, battery_mv, flag bits, valid_pings, pings). Flags stay
+    bits here: the gateway names them only when it renders a message. A version 2 reading frame
+    gives its echo, then its own reading."""
     ftype = frame[0] & 0x0F
     if ftype == T_READING:
-        return [(fcnt, 0) + _reading_fields(frame, HEADER_LEN)]
-    out = []
+        own = [(fcnt, 0) + _reading_fields(frame, HEADER_LEN)]
+        if frame[0] >> 4 == ECHO_VERSION:
+            return _entries(frame, fcnt, HEADER_LEN + READING_LEN, 1) + own
+        return own
     if ftype == T_BACKLOG:
-        p = HEADER_LEN + 1
-        for _ in range(frame[HEADER_LEN]):
-            back, age = struct.unpack_from(">BH", frame, p)
-            if back == 0 or back > fcnt:
-                raise ProtocolError("bad_field", "backlog entry counter offset %d" % back)
-            out.append((fcnt - back, age) + _reading_fields(frame, p + 3))
-            p += ENTRY_LEN
-    return out
+        return _entries(frame, fcnt, HEADER_LEN + 1, frame[HEADER_LEN])
+    return []
 
 
 def hello_fields(frame):
@@ -338,15 +355,19 @@ def decode_body(frame, fcnt):
     if ftype == T_HELLO:
         out["fw_version"], out["reset_cause"], out["config_hash"] = hello_fields(frame)
     elif ftype == T_READING:
-        out.update(_reading_dict(readings(frame, fcnt)[0][2:]))
+        got = readings(frame, fcnt)
+        out.update(_reading_dict(got[-1][2:]))
+        if len(got) > 1:
+            out["echo"] = _entry_dict(got[0])
     else:
-        entries = []
-        for r in readings(frame, fcnt):
-            entry = {"fcnt": r[0], "age_min": r[1]}
-            entry.update(_reading_dict(r[2:]))
-            entries.append(entry)
-        out["readings"] = entries
+        out["readings"] = [_entry_dict(r) for r in readings(frame, fcnt)]
     return out
+
+
+def _entry_dict(r):
+    entry = {"fcnt": r[0], "age_min": r[1]}
+    entry.update(_reading_dict(r[2:]))
+    return entry
 
 
 def decode(frame, key, last_fcnt=None):

@@ -19,7 +19,8 @@ C_ACK = 1  # u32: bit k set = uplink (answered - k) is stored at the gateway
 C_TIME = 2  # u32 unix seconds, u16 milliseconds: the gateway's clock as the frame went to its radio
 C_CONFIG = 3  # u32 hash of the desired settings, u8 n, n x (u8 setting id, u32 value)
 C_PACE = 4  # u16 minutes: ask for an answer at least this far apart (firmware 1.6.0 on)
-COMMAND_NAMES = {C_ACK: "ack", C_TIME: "time", C_CONFIG: "config", C_PACE: "pace"}
+C_ECHO = 5  # u8 0 or 1: whether each reading frame repeats the last reading not yet acknowledged (1.7.0 on)
+COMMAND_NAMES = {C_ACK: "ack", C_TIME: "time", C_CONFIG: "config", C_PACE: "pace", C_ECHO: "echo"}
 PACE_MIN = (10, 10080)  # 10 minutes to a week
 MAX_SETTINGS = 4  # with ack and time, four settings fill MAX_LEN; more go in the next window
 
@@ -70,10 +71,11 @@ def settings_hash(settings):
     return codec._sha256(data)[:4]
 
 
-def encode(key, device_id, answered_fcnt, ack=None, time_ms=None, config=None, pace_min=None):
+def encode(key, device_id, answered_fcnt, ack=None, time_ms=None, config=None, pace_min=None, echo=None):
     """A downlink answering uplink answered_fcnt. ack: the u32 bitmap or None; time_ms: unix time in
     ms or None; config: (desired settings hash, {name: value} to change) or None; pace_min: the
-    least minutes between the bin's regular windows (PACE_MIN) or None."""
+    least minutes between the bin's regular windows (PACE_MIN) or None; echo: 0 or 1 (its reading
+    frames repeat their predecessor while unacknowledged) or None."""
     codec._check_key(key)
     body = b""
     if ack is not None:
@@ -92,6 +94,10 @@ def encode(key, device_id, answered_fcnt, ack=None, time_ms=None, config=None, p
         if not PACE_MIN[0] <= pace_min <= PACE_MIN[1]:
             raise ValueError("pace of %r minutes, not %d..%d" % (pace_min, PACE_MIN[0], PACE_MIN[1]))
         body += struct.pack(">BH", C_PACE, pace_min)
+    if echo is not None:
+        if echo not in (0, 1):
+            raise ValueError("echo of %r, not 0 or 1" % (echo,))
+        body += struct.pack(">BB", C_ECHO, echo)
     if not body:
         raise ValueError("a downlink carries at least one command")
     head = codec._header(T_DOWNLINK, device_id, answered_fcnt) + body
@@ -107,8 +113,8 @@ def _tag(key, answered_fcnt, head):
 
 def parse(frame, key, device_id, answered_fcnt):
     """What a bin does with a frame heard in the window after its uplink answered_fcnt: returns
-    {"ack": int, "time_ms": int, "config": (hash, {name: value}), "pace_min": int} with the commands
-    present.
+    {"ack": int, "time_ms": int, "config": (hash, {name: value}), "pace_min": int, "echo": int} with
+    the commands present.
     Raises codec.ProtocolError (truncated, bad_version, bad_type, not_mine, bad_tag, bad_command,
     bad_length, bad_setting): nothing of a refused frame is used."""
     if len(frame) < codec.HEADER_LEN + 1 + codec.TAG_LEN or len(frame) > MAX_LEN:
@@ -155,6 +161,11 @@ def _commands(frame, i, end):
             if not PACE_MIN[0] <= pace <= PACE_MIN[1]:
                 raise codec.ProtocolError("bad_command", "pace of %d minutes" % pace)
             out["pace_min"] = pace
+        elif c == C_ECHO:
+            i = _need(i, 2, end, c)
+            if frame[i - 1] > 1:
+                raise codec.ProtocolError("bad_command", "echo of %d" % frame[i - 1])
+            out["echo"] = frame[i - 1]
         else:
             i = _need(i, 6, end, c)
             want_hash, n = bytes(frame[i - 5:i - 1]), frame[i - 1]
