@@ -39,10 +39,11 @@ class Gateway:
     """The gateway's side of the air: what verifies is stored once (counter window), listening
     uplinks are answered on the radio that heard them, within that radio's duty-cycle budget."""
 
-    def __init__(self, channel, keys, clock, answer=True, fmt="raw", duty_cycle=Source.duty_cycle):
+    def __init__(self, channel, keys, clock, answer=True, fmt="raw", duty_cycle=Source.duty_cycle, echo=True):
         self.channel = channel
         self.keys = keys  # device_id -> key
         self.answer = answer
+        self.echo = echo  # asks the bins for echoes (gateway/downlink.echo_command)
         self.fmt = fmt
         self.radios = {rx.name: gw_downlink.Radio(types.SimpleNamespace(source=Source(rx.name, "", format=fmt,
                                                                                       duty_cycle=duty_cycle)), clock)
@@ -54,6 +55,7 @@ class Gateway:
         self.fw = {}  # device_id -> firmware version of its last hello
         self.desired = {}  # device_id -> the registry's settings table for it
         self._turn = {}  # device_id -> next config chunk
+        self._asking = {}  # device_id -> the last frame that asked for an answer
         self._known = registry_settings.KnownSets()
         self.readings = {}  # (device_id, fcnt) of every reading stored -> when (its uplink's end)
         self.accepted = []  # (start, end, radio) of every uplink stored
@@ -100,6 +102,7 @@ class Gateway:
                     self.readings[(dev, r[0])] = tx["end"]
                 if r[5] & downlink.F_LISTENING:
                     ask = fcnt
+                    self._asking[dev] = f
                     self.radios[rx.name].heard[dev] = tx["end"]
         return ask
 
@@ -115,7 +118,9 @@ class Gateway:
         config = self._config(dev)
         radio = self.radios[rx.name]
         pace = radio.pace_min() if gw_downlink.takes_pace(self.fw.get(dev)) else None
-        frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace)
+        echo = gw_downlink.echo_command(self.fw.get(dev), self._asking[dev], config) if self.echo else None
+        frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace,
+                                echo=echo)
         data, on_air, preamble = module_formats.transmission(self.fmt, frame)
         if not radio.take(radio.time_on_air_ms(on_air, preamble)):
             self.skipped["duty_cycle"] += 1
@@ -139,13 +144,13 @@ class DownlinkFleet(Fleet):
     ESP32's internal oscillator) or "xtal32k" (a 32.768 kHz crystal), parts/esp32.py; None: true time."""
 
     def __init__(self, bins, answer=True, rtc="rc", sites=((0.0, 0.0, 0.0),), powered_within_s=None,
-                 duty_cycle=Source.duty_cycle, **kw):
+                 duty_cycle=Source.duty_cycle, echo=True, **kw):
         """powered_within_s: the bins' first wakes spread over this long (default: one wake
         interval); a fleet installed over days does not boot, and ask for the time, at once."""
         super().__init__(bins, **kw)
         self.channel.receivers = [Receiver("radio%d" % i, None, self.fmt, *site) for i, site in enumerate(sites)]
         self.gateway = Gateway(self.channel, {d.device_id: d.key for d in self.devices}, lambda: self.now, answer,
-                               self.fmt, duty_cycle)
+                               self.fmt, duty_cycle, echo)
         if rtc:
             for d in self.devices:
                 d.drift_rtc(d.device_id, rtc)

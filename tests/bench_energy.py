@@ -25,7 +25,10 @@ cold cell, faults, and the radio's first frame at the manuals' slowest timings.
   _unanswered: the same with no gateway answering (every window runs to its end; a window that
   stays silent does not bring the next one forward). downlink_charge_pct_of_reporting_wake: the
   first as a share of a reporting wake's charge (goal <= 10). downlink_window_ms: the E22 window
-  at SF9 (listen.window_ms)."""
+  at SF9 (listen.window_ms).
+- echo_charge_uAh_per_report (firmware 1.7.0): a reporting wake that does not listen, its reading
+  frame carrying an echo (25 bytes, the gateway asked for it) less the same without (16 bytes);
+  _pct_of_reporting_wake: as a share of the latter."""
 import json
 import random
 
@@ -154,14 +157,14 @@ def first_frames(n=50):
     return ok / n
 
 
-def downlink_charge(answer=True, n=48):
+def downlink_charge(answer=True, n=48, echo=None):
     from binlink.wire import codec, downlink
     from tests.test_firmware_downlink import Gateway, wake_charge_uAh
 
     d = device(report_s=900)
     d.sensor.p_no_echo = d.sensor.p_spurious = 0.0
     if answer:
-        Gateway(d)
+        Gateway(d, echo=echo)
     wake(d)  # the cold boot (hello, first window)
     listening, other = [], []
     for _ in range(n):
@@ -177,6 +180,8 @@ def run():
 
     dl, report_uAh, d = downlink_charge(True)
     dl_silent, _, _ = downlink_charge(False)
+    _, echo_report_uAh, echoing = downlink_charge(True, echo=1)
+    assert all(len(f) == 25 for f in echoing.frames()[-8:] if f[0] & 0x0F == 1), "the echo was not sent"
     window = listen.window_ms(d.cfg, transports.make(None, d.cfg), bytes(16))  # after a reading
     mods = modules_per_wake()
     years, awake, tx_left, sim_ma = battery(mods)
@@ -209,4 +214,6 @@ def run():
         "downlink_charge_pct_of_reporting_wake": round(100.0 * dl / report_uAh, 1),
         "downlink_reporting_wake_uAh": round(report_uAh, 2),
         "downlink_window_ms": window,
+        "echo_charge_uAh_per_report": round(echo_report_uAh - report_uAh, 2),
+        "echo_charge_pct_of_reporting_wake": round(100.0 * (echo_report_uAh - report_uAh) / report_uAh, 1),
     }

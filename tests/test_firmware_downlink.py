@@ -25,9 +25,9 @@ class Gateway:
 
     TURNAROUND_MS = 120.0
 
-    def __init__(self, dev, ack=True, time=True, config=None, pace=None):
+    def __init__(self, dev, ack=True, time=True, config=None, pace=None, echo=None):
         self.dev = dev
-        self.ack, self.time, self.config, self.pace = ack, time, config, pace
+        self.ack, self.time, self.config, self.pace, self.echo = ack, time, config, pace, echo
         self.stored = {}  # fcnt of every uplink frame stored -> decoded frame
         self.lose = set()  # uplink counters lost on air (not stored, not answered)
         self.answers = []  # (answered fcnt, downlink bytes, start ms)
@@ -70,7 +70,7 @@ class Gateway:
                     bits |= 1 << k
             t_ms = int((hw.epoch0 + start / 1000.0) * 1000) if self.time else None  # true time as it goes on air
             frame = downlink.encode(KEY, DEV, fcnt, ack=bits if self.ack else None, time_ms=t_ms, config=self.config,
-                                    pace_min=self.pace)
+                                    pace_min=self.pace, echo=self.echo)
         if frame is None:
             return
         self.answers.append((fcnt, frame, start))
@@ -115,6 +115,8 @@ def readings_at(gw):
     for d in gw.stored.values():
         if d["type"] == "reading":
             out.add(d["fcnt"])
+            if "echo" in d:
+                out.add(d["echo"]["fcnt"])
         elif d["type"] == "backlog":
             out.update(r["fcnt"] for r in d["readings"])
     return out
@@ -179,7 +181,8 @@ def test_a_reading_lost_on_air_between_windows_is_resent(make_device):
 
 
 def test_one_silent_window_resends_only_its_own_reading_and_two_in_a_row_send_all_again(make_device):
-    """No answer: most often the flagged uplink itself collided, so its reading goes again; the
+    """No answer: most often the flagged uplink itself collided, so its reading goes again, with
+    the next report (firmware 1.7.0; before, it waited for the next window, hours under a pace); the
     earlier readings wait for the next answer, which finds them stored, and are not sent twice (at
     a thousand bins, resending everything after every silent window, skipped answers included,
     tripled the traffic). Two silent windows in a row: the link may be down, all go again."""
@@ -192,8 +195,10 @@ def test_one_silent_window_resends_only_its_own_reading_and_two_in_a_row_send_al
     flagged = [codec.verify(f, KEY, None) for f in dev.frames()  # the uplink the silent window followed
                if f[0] & 0x0F == codec.T_READING and f[10] & downlink.F_LISTENING][-1]
     s = rtc(dev)
-    assert [e[0] for e in s.backlog] == [flagged] and s.unconfirmed and s.dl & state.DL_MISSED
-    waiting = [e[1] for e in s.unconfirmed]
+    resent = [r["fcnt"] for d in decoded(dev) if d["type"] == "backlog" for r in d["readings"]]
+    assert resent == [flagged] and not s.backlog and s.dl & state.DL_MISSED
+    waiting = [e[1] for e in s.unconfirmed if e[1] != flagged]
+    assert waiting
     gw.make = None
     run(dev, 2)
     s = rtc(dev)  # the answer judged everything before it; what waits now was sent after it
@@ -203,9 +208,11 @@ def test_one_silent_window_resends_only_its_own_reading_and_two_in_a_row_send_al
     assert sent_readings(dev) <= readings_at(gw)
     gw.make = silent
     run(dev, 4)  # two silent windows in a row
-    s = rtc(dev)  # everything sent since the last answer goes again, oldest first, but what followed the last window
-    unjudged = {f for f in sent_readings(dev) if f > gw.answers[-1][0]} - {e[1] for e in s.unconfirmed}
-    assert [e[0] for e in s.backlog] == sorted(unjudged) and len(s.unconfirmed) == 1
+    # everything sent since the last answer goes again, oldest first, one batch a report
+    second = [codec.verify(f, KEY, None) for f in dev.frames() if f[0] & 0x0F == codec.T_READING and f[10] & downlink.F_LISTENING][-1]
+    unjudged = {f for f in sent_readings(dev) if gw.answers[-1][0] < f <= second}
+    again = [r["fcnt"] for d in decoded(dev) if d["type"] == "backlog" and d["fcnt"] > second for r in d["readings"]]
+    assert again + [e[0] for e in rtc(dev).backlog] == sorted(unjudged), (again, unjudged)
 
 
 def test_after_silent_windows_a_backlog_waits_for_the_next_report(make_device):
@@ -513,6 +520,60 @@ def test_a_bin_asks_before_its_unacknowledged_readings_outgrow_an_answer(make_de
     got = {r["fcnt"] for d in gw.stored.values() for r in ([d] if d["type"] == "reading" else d.get("readings", []))}
     judged = [c for c in made if c < flagged[-1]]  # readings an answer has judged by now
     assert any(c % 5 == 0 for c in judged) and not [c for c in judged if c not in got]
+
+
+def test_told_to_echo_a_bin_repeats_its_last_unacknowledged_reading_so_a_lost_frame_costs_no_answer(make_device):
+    """Firmware 1.7.0: after an answer with `echo 1` each reading frame repeats the newest reading
+    not yet acknowledged, with its age. Every third frame lost on air between windows a week apart:
+    told to echo, every lost reading is stored by the next report, long before an answer could show
+    it missing; not told (a gateway that cannot read echoes), they wait for that answer."""
+    stored = {}
+    for echo in (1, None):
+        dev = make_device(listen_every=2)
+        dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+        gw = Gateway(dev, pace=downlink.PACE_MIN[1], echo=echo)
+        run(dev, 6)  # the clock set, its rate learnt: from here only the pace and the reach ask
+        first = max(gw.stored)
+        gw.lose = {c for c in range(first + 1, first + 20) if c % 3 == 0}
+        run(dev, 12)
+        made = sorted(d["fcnt"] for d in decoded(dev) if d["type"] == "reading" and d["fcnt"] > first)
+        assert len(made) == 12 and all(b - a == 1 for a, b in zip(made, made[1:])), made  # no window, no hello between
+        lost = [c for c in made[:-1] if c in gw.lose]
+        stored[echo] = (lost, [c for c in lost if c in readings_at(gw)])
+        if echo:
+            frames = [f for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-12:]
+            assert all(len(f) == 25 and f[0] >> 4 == codec.ECHO_VERSION for f in frames)
+            later = [d for d in gw.stored.values() if d["fcnt"] > first + 1]
+            assert later and all(d["echo"]["fcnt"] == d["fcnt"] - 1 and 14 <= d["echo"]["age_min"] <= 16
+                                 for d in later), later
+        assert len(lost) >= 3
+    assert stored[1][1] == stored[1][0] and stored[None][1] == [], stored
+
+
+def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that_never_answers_costs_no_window(make_device):
+    """Firmware 1.7.0: a bin no gateway has answered yet keeps what it sent for its first answer to
+    judge (before, a silent window made it take them as delivered: as a fleet is installed a busy
+    gateway answers the new bins over hours, and one reading in fifty was lost for good). To a
+    gateway that never answers it listens no more often than before, every listen_every-th report,
+    and keeps at most UNCONFIRMED_CAP."""
+    dev = make_device(listen_every=3)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    gw = Gateway(dev)
+    gw.make = lambda fcnt, up: None  # a busy gateway: no answer yet
+    gw.lose = {2, 5, 6}
+    run(dev, 8)
+    assert not rtc(dev).dl & state.DL_HEARD and {2, 5, 6} <= {e[1] for e in rtc(dev).unconfirmed}
+    gw.make = None
+    run(dev, 6)  # the first answer shows them missing; they go again
+    assert sent_readings(dev) - {f for f in sent_readings(dev) if f > gw.answers[-1][0]} <= readings_at(gw)
+    assert {2, 5, 6} <= readings_at(gw)
+    never = make_device(seed=3, listen_every=3)
+    never.sensor.p_no_echo = never.sensor.p_spurious = 0.0
+    Gateway(never).make = lambda fcnt, up: None
+    run(never, 60)
+    flagged = [bool(f[10] & downlink.F_LISTENING) for f in never.frames() if f[0] & 0x0F == codec.T_READING]
+    assert len(flagged) == 60 and sum(flagged[3:]) == 19, flagged  # every third report, as before
+    assert len(rtc(never).unconfirmed) == state.UNCONFIRMED_CAP and not rtc(never).backlog
 
 
 @given(st.lists(st.integers(0, 10 ** 6), unique=True, max_size=3 * state.BACKLOG_CAP))

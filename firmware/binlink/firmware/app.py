@@ -7,13 +7,14 @@ from binlink.wire import codec
 
 from binlink.firmware import config, log, measure, sensors, state
 
-FW_VERSION = (1, 6, 2)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
+FW_VERSION = (1, 7, 0)  # 1.1: the hello carries the full counter, sent daily too; 1.2: brown-out back-off;
 # 1.3: EBYTE AUX low-then-high and fast sleep, 20 us trigger, a no-echo after near-full read as full;
 # 1.4: the downlink (listen.py): acknowledged delivery, settings and time; the hello's hash names the settings;
 # 1.5: Wi-Fi bins listen too, on their MQTT downlink topic, one MQTT session per wake;
 # 1.6: the gateway's pace: regular windows at least that many minutes apart instead of every Nth report;
 # 1.6.1: each pad set up once a wake (hw._pin), not at every read, write or ping;
 # 1.6.2: ext0 set only when it changes: the tilt wake when the deep sleep begins, not again after every light sleep
+# 1.7: the echo: once a gateway asks, a reading frame repeats the last reading not yet acknowledged
 F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
 CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by minutes a day (docs/hardware.md)
 DAY_S = 86400
@@ -112,20 +113,19 @@ def _cycle(hw, cfg, chash, s, radio):
         # this bin (or lost track of it) take up its counter (docs/protocol.md, Counter)
         _hello(hw, cfg, chash, s, radio, now, cause)
     listening = _wants_listen(cfg, s, now)
-    if listening or s.dl & (state.DL_HEARD | state.DL_MISSED) != state.DL_HEARD | state.DL_MISSED:
-        _flush_backlog(hw, cfg, s, radio, now, listening)  # a link that went silent: the backlog waits for a window
+    _flush_backlog(hw, cfg, s, radio, now, listening)  # a link that went silent: one batch a report
     if s.backlog:
         flags |= codec.F_BACKLOG
     body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
     fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
-    frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening))
+    echo = _echo(s, fcnt, now) if s.dl & state.DL_ECHO else None
+    frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening), echo)
     if not _send(hw, cfg, s, radio, frame, now):
         state.push_backlog(s, fcnt, now, body)
         state.save(hw, s)  # a reset before the end of the cycle must not lose the reading
     else:
         s.since_listen = min(255, s.since_listen + 1)
-        if listening or s.dl & state.DL_HEARD:  # kept until acknowledged, resent if shown missing
-            state.push_unconfirmed(s, fcnt, fcnt, now, body)
+        state.push_unconfirmed(s, fcnt, fcnt, now, body)  # kept until acknowledged, resent if shown missing
         if listening:
             from binlink.firmware import listen
 
@@ -150,6 +150,16 @@ def _flagged(body, listening):
     return bytes(b)
 
 
+def _echo(s, fcnt, now):
+    """The newest reading not acknowledged yet that went in its own frame, as (fcnt, age in minutes,
+    body): repeated after this one, a collision costs it only if this frame collides too, and no
+    answer has to show it missing first (docs/protocol.md, Echo)."""
+    for e in reversed(s.unconfirmed):
+        if e[0] == e[1]:
+            return (e[1], state.true_s(s, now - e[2]) // 60, e[3]) if fcnt - e[1] <= 255 else None
+    return None
+
+
 def _wants_listen(cfg, s, now):
     """Once the gateway's pace has passed since the last window (before any gateway gave one: every
     listen_every-th report), or before unacknowledged readings outgrow what an answer can judge;
@@ -163,8 +173,9 @@ def _wants_listen(cfg, s, now):
     elif s.since_listen + 1 >= cfg["listen_every"]:
         return True
     u = s.unconfirmed  # an answer before readings would be taken as delivered unjudged (the list is full)
-    if u and (len(u) + cfg["backlog_per_frame"] >= state.UNCONFIRMED_CAP or s.fcnt - u[0][0] >= ACK_REACH):
-        return True  # or the oldest would leave the ack bitmap's reach
+    if u and s.dl & state.DL_HEARD and (len(u) + cfg["backlog_per_frame"] >= state.UNCONFIRMED_CAP
+                                        or s.fcnt - u[0][0] >= ACK_REACH):
+        return True  # or the oldest would leave the ack bitmap's reach (a gateway that never answered: no use)
     if s.dl & state.DL_MISSED:
         return False
     # a backlog waits for the next window under a pace (the reach above bounds it), the clock:

@@ -76,6 +76,8 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
         s.unconfirmed = []  # answered but not acknowledged: the gateway asks for nothing again
     if "pace_min" in got:  # the gateway's share of its airtime for this bin's windows
         s.pace_min = got["pace_min"]
+    if "echo" in got:  # a gateway that reads echoes asks for them (docs/protocol.md, Echo)
+        s.dl = s.dl | state.DL_ECHO if got["echo"] else s.dl & ~state.DL_ECHO
     if "time_ms" in got:
         _set_clock(hw, cfg, s, t, frame, got["time_ms"], at_ms)
     if "config" in got:
@@ -89,14 +91,14 @@ def _silent(s, fcnt):
     gateway skipped it (its duty cycle). What fcnt carried is sent again; the readings of earlier
     uplinks wait for the next answer (its 32 counters still reach them). A second silent window in
     a row means the link may be down: they all go back to the backlog. A bin that never heard a
-    gateway (one that does not answer) takes them as delivered."""
+    gateway keeps them for its first answer to judge (a gateway that never answers: the oldest
+    beyond UNCONFIRMED_CAP are taken as delivered)."""
     heard = s.dl & state.DL_HEARD
-    again = s.dl & state.DL_MISSED or not heard
+    again = s.dl & state.DL_MISSED
     keep = []
     for e in s.unconfirmed:
-        if again or e[0] == fcnt:
-            if heard:
-                state.push_backlog(s, e[1], e[2], e[3])
+        if heard and (again or e[0] == fcnt):
+            state.push_backlog(s, e[1], e[2], e[3])
         else:
             keep.append(e)
     s.unconfirmed = keep

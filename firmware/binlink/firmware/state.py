@@ -40,6 +40,7 @@ DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are wor
 DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
 DL_SETTINGS = 4  # settings changed by a downlink, not yet seen confirmed by the gateway
 DL_RATE = 8  # the RTC's rate has been measured (clock_ppm: 0 is a rate too)
+DL_ECHO = 16  # the gateway reads echoes: each reading frame repeats the last reading not yet acknowledged
 
 
 class State:
