@@ -170,18 +170,20 @@ def downlink_charge(answer=True, n=48, echo=None):
     for _ in range(n):
         c = wake_charge_uAh(d)
         f = [f for f in d.frames() if f[0] & 0x0F == codec.T_READING][-1]
-        (listening if f[10] & downlink.F_LISTENING else other).append(c)
-    per_window = sum(listening) / len(listening) - sum(other) / len(other)
-    return per_window * len(listening) / n, sum(other) / len(other), d
+        (listening if f[10] & downlink.F_LISTENING else other).append((c, len(f)))
+    mean = lambda wakes: sum(c for c, _ in wakes) / len(wakes)  # noqa: E731
+    per_window = mean(listening) - mean(other)
+    by_length = {size: mean([w for w in other if w[1] == size]) for size in {w[1] for w in other}}
+    return per_window * len(listening) / n, mean(other), by_length
 
 
 def run():
     from binlink.firmware import listen, transports
 
-    dl, report_uAh, d = downlink_charge(True)
+    dl, report_uAh, _ = downlink_charge(True)
     dl_silent, _, _ = downlink_charge(False)
-    _, echo_report_uAh, echoing = downlink_charge(True, echo=1)
-    assert all(len(f) == 25 for f in echoing.frames()[-8:] if f[0] & 0x0F == 1), "the echo was not sent"
+    echo_report_uAh = downlink_charge(True, echo=1)[2][25]  # the wakes whose reading frame carried an echo
+    d = device()
     window = listen.window_ms(d.cfg, transports.make(None, d.cfg), bytes(16))  # after a reading
     mods = modules_per_wake()
     years, awake, tx_left, sim_ma = battery(mods)
