@@ -39,11 +39,11 @@ class Gateway:
     """The gateway's side of the air: what verifies is stored once (counter window), listening
     uplinks are answered on the radio that heard them, within that radio's duty-cycle budget."""
 
-    def __init__(self, channel, keys, clock, answer=True, fmt="raw", duty_cycle=Source.duty_cycle, echo=True):
+    def __init__(self, channel, keys, clock, answer=True, fmt="raw", duty_cycle=Source.duty_cycle, echo="adaptive"):
         self.channel = channel
         self.keys = keys  # device_id -> key
         self.answer = answer
-        self.echo = echo  # asks the bins for echoes (gateway/downlink.echo_command)
+        self.echo = echo  # the echoes it asks the bins' reading frames to carry: as the gateway does ("adaptive"), or 0..2
         self.fmt = fmt
         self.radios = {rx.name: gw_downlink.Radio(types.SimpleNamespace(source=Source(rx.name, "", format=fmt,
                                                                                       duty_cycle=duty_cycle)), clock)
@@ -117,8 +117,10 @@ class Gateway:
         ack = gw_downlink.ack_bitmap(self.last[dev], self.stored[dev], fcnt, self.frames.get(dev, ()))
         config = self._config(dev)
         radio = self.radios[rx.name]
-        pace = radio.pace_min() if gw_downlink.takes_pace(self.fw.get(dev)) else None
-        echo = gw_downlink.echo_command(self.fw.get(dev), self._asking[dev], config) if self.echo else None
+        pace = radio.pace_min(gw_downlink.lossy(ack, fcnt)) if gw_downlink.takes_pace(self.fw.get(dev)) else None
+        asking = self._asking[dev]
+        want = gw_downlink.echoes_wanted(ack, fcnt, asking) if self.echo == "adaptive" else self.echo
+        echo = gw_downlink.echo_command(self.fw.get(dev), asking, config, want) if want else None
         frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace,
                                 echo=echo)
         data, on_air, preamble = module_formats.transmission(self.fmt, frame)
@@ -144,7 +146,7 @@ class DownlinkFleet(Fleet):
     ESP32's internal oscillator) or "xtal32k" (a 32.768 kHz crystal), parts/esp32.py; None: true time."""
 
     def __init__(self, bins, answer=True, rtc="rc", sites=((0.0, 0.0, 0.0),), powered_within_s=None,
-                 duty_cycle=Source.duty_cycle, echo=True, **kw):
+                 duty_cycle=Source.duty_cycle, echo="adaptive", **kw):
         """powered_within_s: the bins' first wakes spread over this long (default: one wake
         interval); a fleet installed over days does not boot, and ask for the time, at once."""
         super().__init__(bins, **kw)

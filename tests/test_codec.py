@@ -79,18 +79,25 @@ def test_backlog_round_trip(key, dev, fcnt, es):
         assert c.flag_bits(r["flags"]) == e[5]
 
 
-@given(keys, device_ids, st.integers(255, c.MAX_FCNT), entries.map(lambda es: es[0]), distances, temps, batteries, flags)
-def test_echo_round_trip(key, dev, fcnt, e, dist, temp, batt, fl):
-    """A version 2 reading: its predecessor, then itself (oldest first, as a batch's readings)."""
+@given(keys, device_ids, st.integers(255, c.MAX_FCNT), entries.map(lambda es: sorted(es[:c.ECHO_MAX], reverse=True)),
+       distances, temps, batteries, flags)
+def test_echo_round_trip(key, dev, fcnt, es, dist, temp, batt, fl):
+    """A reading of version 1 + n: its n echoes, then itself (oldest first, as a batch's readings)."""
     f = c.encode_reading_body(key, dev, fcnt, c.pack_reading(dist, temp, batt, fl, 5, 5),
-                              (fcnt - e[0], e[1], c.pack_reading(*e[2:])))
-    assert len(f) == 25
+                              [(fcnt - e[0], e[1], c.pack_reading(*e[2:])) for e in es])
+    assert len(f) == 16 + 9 * len(es)
     d = c.decode(f, key, fcnt - 1)
-    assert (d["type"], d["version"], d["fcnt"], d["distance_mm"], d["temperature_c"]) == ("reading", 2, fcnt, dist, temp)
-    echo = d["echo"]
-    assert (echo["fcnt"], echo["age_min"], echo["distance_mm"], echo["temperature_c"], echo["battery_mv"]) == (fcnt - e[0],) + e[1:5]
-    assert c.flag_bits(echo["flags"]) == e[5]
-    assert [r[0] for r in c.readings(f, fcnt)] == [fcnt - e[0], fcnt]
+    assert (d["type"], d["version"], d["fcnt"], d["distance_mm"], d["temperature_c"]) == ("reading", 1 + len(es), fcnt, dist, temp)
+    for echo, e in zip(d["echoes"], es):
+        assert (echo["fcnt"], echo["age_min"], echo["distance_mm"], echo["temperature_c"], echo["battery_mv"]) == (fcnt - e[0],) + e[1:5]
+        assert c.flag_bits(echo["flags"]) == e[5]
+    assert [r[0] for r in c.readings(f, fcnt)] == [fcnt - e[0] for e in es] + [fcnt]
+
+
+def test_a_reading_frame_repeats_at_most_echo_max_readings():
+    body = c.pack_reading(700, 20, 3700)
+    with pytest.raises(ValueError):
+        c.encode_reading_body(KEY, 1, 500, body, [(500 - k, k, body) for k in range(1, c.ECHO_MAX + 2)])
 
 
 @given(keys, device_ids, fcnts, st.tuples(nibbles, nibbles, nibbles), st.integers(0, 6), st.binary(min_size=4, max_size=4))
@@ -109,8 +116,9 @@ def any_frame(draw):
     if kind == "reading":
         f = c.encode_reading(key, dev, fcnt, draw(distances), draw(temps), 3600, draw(flags), 5, 5)
     elif kind == "echo":
-        f = c.encode_reading_body(key, dev, fcnt, c.pack_reading(draw(distances), 20, 3600), (fcnt - draw(st.integers(1, 255)),
-                                  draw(st.integers(0, 0xFFFF)), c.pack_reading(draw(distances), draw(temps), 3600, draw(flags))))
+        f = c.encode_reading_body(key, dev, fcnt, c.pack_reading(draw(distances), 20, 3600), [(fcnt - draw(st.integers(1, 255)),
+                                  draw(st.integers(0, 0xFFFF)), c.pack_reading(draw(distances), draw(temps), 3600, draw(flags)))
+                                  for _ in range(draw(st.integers(1, c.ECHO_MAX)))])
     elif kind == "backlog":
         f = c.encode_backlog(key, dev, fcnt, [(fcnt - 2, 9, c.pack_reading(900, 11, 3600)), (fcnt - 1, 5, c.pack_reading(1000, 10, 3600))])
     else:

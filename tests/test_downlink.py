@@ -63,7 +63,7 @@ CONTENT = st.fixed_dictionaries({}, optional={
     "config": st.tuples(st.binary(min_size=4, max_size=4), st.lists(SETTING, min_size=1, max_size=d.MAX_SETTINGS,
                                                                      unique_by=lambda s: s[0]).map(dict)),
     "pace_min": st.integers(*d.PACE_MIN),
-    "echo": st.integers(0, 1),
+    "echo": st.integers(0, codec.ECHO_MAX),
 }).filter(bool).filter(lambda c: not d.setting_problems(c.get("config", (b"", {}))[1])).filter(
     lambda c: 10 + 5 * ("ack" in c) + 7 * ("time_ms" in c) + 3 * ("pace_min" in c) + 2 * ("echo" in c)
     + (6 + 5 * len(c["config"][1]) if "config" in c else 0) <= d.MAX_LEN)  # what fits one answer

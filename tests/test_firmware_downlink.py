@@ -115,8 +115,7 @@ def readings_at(gw):
     for d in gw.stored.values():
         if d["type"] == "reading":
             out.add(d["fcnt"])
-            if "echo" in d:
-                out.add(d["echo"]["fcnt"])
+            out.update(e["fcnt"] for e in d.get("echoes", ()))
         elif d["type"] == "backlog":
             out.update(r["fcnt"] for r in d["readings"])
     return out
@@ -542,20 +541,40 @@ def test_told_to_echo_a_bin_repeats_its_last_unacknowledged_reading_so_a_lost_fr
         stored[echo] = (lost, [c for c in lost if c in readings_at(gw)])
         if echo:
             frames = [f for f in dev.frames() if f[0] & 0x0F == codec.T_READING][-12:]
-            assert all(len(f) == 25 and f[0] >> 4 == codec.ECHO_VERSION for f in frames)
+            assert all(len(f) == 25 and f[0] >> 4 == 2 for f in frames)
             later = [d for d in gw.stored.values() if d["fcnt"] > first + 1]
-            assert later and all(d["echo"]["fcnt"] == d["fcnt"] - 1 and 14 <= d["echo"]["age_min"] <= 16
+            assert later and all(d["echoes"][0]["fcnt"] == d["fcnt"] - 1 and 14 <= d["echoes"][0]["age_min"] <= 16
                                  for d in later), later
         assert len(lost) >= 3
     assert stored[1][1] == stored[1][0] and stored[None][1] == [], stored
+
+
+def test_told_two_echoes_a_bin_loses_no_reading_to_two_lost_frames_in_a_row(make_device):
+    """`echo 2` (a gateway that saw readings go missing in spite of their echo): each reading frame
+    repeats the two newest unacknowledged readings, oldest first (34 bytes), so two frames lost in
+    a row cost nothing either."""
+    dev = make_device(listen_every=2)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    gw = Gateway(dev, pace=downlink.PACE_MIN[1], echo=2)
+    run(dev, 6)
+    first = max(gw.stored)
+    gw.lose = {c for c in range(first + 1, first + 12) if c % 4 in (0, 1)}  # pairs in a row
+    run(dev, 12)
+    made = sorted(d["fcnt"] for d in decoded(dev) if d["type"] == "reading" and d["fcnt"] > first)
+    lost = [c for c in made[:-2] if c in gw.lose]
+    assert len(lost) >= 4 and set(lost) <= readings_at(gw), (lost, sorted(readings_at(gw)))
+    later = [d for d in gw.stored.values() if d["fcnt"] > first + 2]
+    assert later and all(len(d["echoes"]) == 2 and [e["fcnt"] for e in d["echoes"]] == [d["fcnt"] - 2, d["fcnt"] - 1]
+                         for d in later), later
+    assert all(len(f) == 34 for f in dev.frames()[-6:] if f[0] & 0x0F == codec.T_READING)
 
 
 def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that_never_answers_costs_no_window(make_device):
     """Firmware 1.7.0: a bin no gateway has answered yet keeps what it sent for its first answer to
     judge (before, a silent window made it take them as delivered: as a fleet is installed a busy
     gateway answers the new bins over hours, and one reading in fifty was lost for good). To a
-    gateway that never answers it listens no more often than before, every listen_every-th report,
-    and keeps at most UNCONFIRMED_CAP."""
+    gateway that never answers it listens no more often than before, every listen_every-th report;
+    it keeps UNCONFIRMED_CAP readings, and one that leaves the list is sent once more, in a batch."""
     dev = make_device(listen_every=3)
     dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
     gw = Gateway(dev)
@@ -573,7 +592,10 @@ def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that
     run(never, 60)
     flagged = [bool(f[10] & downlink.F_LISTENING) for f in never.frames() if f[0] & 0x0F == codec.T_READING]
     assert len(flagged) == 60 and sum(flagged[3:]) == 19, flagged  # every third report, as before
-    assert len(rtc(never).unconfirmed) == state.UNCONFIRMED_CAP and not rtc(never).backlog
+    assert len(rtc(never).unconfirmed) == state.UNCONFIRMED_CAP
+    again = [r["fcnt"] for d in decoded(never) if d["type"] == "backlog" for r in d["readings"]]
+    left = sorted(sent_readings(never) - {e[1] for e in rtc(never).unconfirmed})  # out of the list, oldest first
+    assert again + [e[0] for e in rtc(never).backlog] == left and len(left) == 60 - state.UNCONFIRMED_CAP
 
 
 @given(st.lists(st.integers(0, 10 ** 6), unique=True, max_size=3 * state.BACKLOG_CAP))

@@ -135,7 +135,7 @@ def test_bad_input_is_counted_and_the_service_keeps_running(gw, pty, subscriber)
         (framing.frame(codec.encode_reading(KEY2, DEV_A, 7, 500, 20, 3700)), "bad_tag"),  # wrong key
         (framing.frame(good[:-3]), "truncated"),
         (framing.frame(reading(8, dev=0x777777)), "unknown_device"),
-        (framing.frame(bytes([0x31]) + good[1:]), "bad_version"),
+        (framing.frame(bytes([0x41]) + good[1:]), "bad_version"),
         (b"\x13\x37 line noise \xff\xfe\x00", "crc"),
     ]
     pty.write(framing.frame(good))

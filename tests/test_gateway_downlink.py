@@ -120,10 +120,10 @@ def test_a_170_bin_is_asked_to_echo_and_a_reading_its_frame_lost_arrives_with_th
     assert expect_answer(radio, 2)["echo"] == 1
     body = lambda dist, flags=0: codec.pack_reading(dist, 20, 3700, flags, 5, 5)  # noqa: E731
     # 3 is lost on air; 4 repeats it, and asks for an answer
-    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 4, body(640, LISTEN), (3, 15, body(660)))))
+    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 4, body(640, LISTEN), [(3, 15, body(660))])))
     got = expect_answer(radio, 4, index=1)
     assert got["ack"] & 0b111 == 0b111 and "echo" not in got  # 4, 3 (by its echo) and 2; it echoes already
-    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 5, body(620), (4, 15, body(640)))))
+    pty.write(framing.frame(codec.encode_reading_body(KEY, DEV_A, 5, body(620), [(4, 15, body(640))])))
     published = wait_for(lambda: (m := subscriber.events()) and len(m) == 4 and m, what="4 readings published")
     assert [(m["fcnt"], m["distance_mm"], m["backlog"]) for m in published] == [(2, 700, False), (3, 660, True), (4, 640, False),
                                                                              (5, 620, False)]
@@ -492,7 +492,7 @@ def test_a_bin_that_can_echo_is_asked_to_until_its_readings_carry_one(tmp_path):
 
     device = registry.Device(DEV_A, "bin-a", KEY, 1200, 200)
     body = codec.pack_reading(700, 20, 3700, 0, 5, 5)
-    plain, echoing = codec.encode_reading_body(KEY, DEV_A, 1, body), codec.encode_reading_body(KEY, DEV_A, 2, body, (1, 15, body))
+    plain, echoing = codec.encode_reading_body(KEY, DEV_A, 1, body), codec.encode_reading_body(KEY, DEV_A, 2, body, [(1, 15, body)])
     for fw, frame, told in (("1.7.0", plain, True), ("1.6.2", plain, False), (None, plain, False), ("1.7.0", echoing, False)):
         got, _ = answering(tmp_path / ("%s-%d" % (fw, len(frame))), device, [1], Capture(), fw=fw, frame=frame)
         assert got[0].get("echo") == (1 if told else None) and got[0]["ack"] & 1, (fw, len(frame), got)

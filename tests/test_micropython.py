@@ -43,7 +43,7 @@ def test_micropython_encodes_byte_identical_frames(mpy_session):
         "print(codec.encode_reading(k, 0xA1, 42, 812, 21, 3712, 0, 5, 5).hex())\n"
         "print(codec.encode_hello(k, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex('c0ffee01')).hex())\n"
         "print(codec.encode_reading_body(k, 0xA1, 62, codec.pack_reading(1080, 16, 3690, 0, 5, 5),"
-        " (61, 60, codec.pack_reading(1100, 16, 3690, codec.F_BACKLOG, 5, 5))).hex())\n"
+        " [(61, 60, codec.pack_reading(1100, 16, 3690, codec.F_BACKLOG, 5, 5))]).hex())\n"
         "print(framing.frame(b'\\x00\\x11\\x00').hex())\n"
         "print(framing.crc16(b'123456789'))\n"
     )

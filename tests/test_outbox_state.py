@@ -386,7 +386,7 @@ def test_an_echo_stores_the_reading_its_own_frame_lost_once_and_as_late(tmp_path
     box = Outbox(str(tmp_path / "o.sqlite"))
     p = Pipeline(CFG, _devices(), box, Metrics())
     body = lambda dist: codec.pack_reading(dist, 20, 3700, 0, 5, 5)  # noqa: E731
-    echoing = lambda fcnt, dist, prev: Reception(codec.encode_reading_body(KEY_A, 0xA1, fcnt, body(dist), (fcnt - 1, 15, body(prev))))  # noqa: E731
+    echoing = lambda fcnt, dist, prev: Reception(codec.encode_reading_body(KEY_A, 0xA1, fcnt, body(dist), [(fcnt - 1, 15, body(prev))]))  # noqa: E731
     assert p.process([("r0", _reading(KEY_A, 0xA1, 1, dist=900))]) == 1
     assert p.process([("r0", echoing(3, 860, 880))]) == 2  # 2 was lost on air
     assert p.stored[0xA1] & 0b111 == 0b111  # 3, 2 and 1 stored: the next answer acknowledges 2

@@ -34,7 +34,7 @@ def build():
     paced = codec._header(d.T_DOWNLINK, DEV, ANSWERED + 1)
     pace_5 = paced + bytes([d.C_PACE, 0, 5])
     pace_short = paced + bytes([d.C_PACE, 0])
-    echo_2 = head + bytes([d.C_ACK, 0, 0, 0, 1, d.C_ECHO, 2])
+    echo_3 = head + bytes([d.C_ACK, 0, 0, 0, 1, d.C_ECHO, 3])
     return [
         vector("ack_time_config", full),
         vector("ack_only", ack),
@@ -49,7 +49,7 @@ def build():
         vector("pace_below_ten_minutes", pace_5 + d._tag(KEY, ANSWERED + 1, pace_5), answered=ANSWERED + 1),
         vector("pace_cut_short", pace_short + d._tag(KEY, ANSWERED + 1, pace_short), answered=ANSWERED + 1),
         vector("ack_time_pace_echo", d.encode(KEY, DEV, ANSWERED, ack=3, time_ms=1764900000123, pace_min=755, echo=1)),
-        vector("echo_of_2", echo_2 + d._tag(KEY, ANSWERED, echo_2)),
+        vector("echo_of_3", echo_3 + d._tag(KEY, ANSWERED, echo_3)),
     ]
 
 

@@ -45,7 +45,7 @@ def build():
         (59, 60, c.pack_reading(1200, 15, 3690, c.F_LOW_BATTERY, 5, 5)),
     ])
     echo = c.encode_reading_body(KEY, 0xA1, 62, c.pack_reading(1080, 16, 3690, 0, 5, 5),
-                                 (61, 60, c.pack_reading(1100, 16, 3690, c.F_BACKLOG, 5, 5)))
+                                 [(61, 60, c.pack_reading(1100, 16, 3690, c.F_BACKLOG, 5, 5))])
     v = [
         valid("reading_normal", r),
         valid("reading_sensor_fault", c.encode_reading(KEY, 0xA1, 43, None, 18, 3700, c.F_SENSOR_FAULT, 0, 5)),
@@ -60,7 +60,10 @@ def build():
         valid("reading_max_device_id", c.encode_reading(KEY2, 0xFFFFFF, 1, 4000, 25, 4200, 0, 7, 7), key=KEY2),
         valid("reading_echo", echo),  # firmware 1.7.0: the reading, then its predecessor still unacknowledged
         valid("reading_echo_behind_a_batch", c.encode_reading_body(KEY, 0xA1, 70, c.pack_reading(900, 16, 3680, 0, 5, 5),
-                                                                    (66, 45, c.pack_reading(950, 16, 3680, c.F_ALARM_WAKE, 5, 5)))),
+                                                                    [(66, 45, c.pack_reading(950, 16, 3680, c.F_ALARM_WAKE, 5, 5))])),
+        valid("reading_two_echoes", c.encode_reading_body(KEY, 0xA1, 90, c.pack_reading(700, 12, 3660, 0, 5, 5),  # a lossy link
+                                                           [(88, 120, c.pack_reading(760, 12, 3660, 0, 5, 5)),
+                                                            (89, 60, c.pack_reading(730, 12, 3660, 0, 5, 5))])),
         valid("backlog_one", c.encode_backlog(KEY, 0xA1, 50, [(49, 15, c.pack_reading(1800, 10, 3700, 0, 5, 5))])),
         valid("backlog_three", backlog3),
         valid("hello_power_on", c.encode_hello(KEY, 0xA1, 0, (1, 0, 0), 1, bytes.fromhex("c0ffee01"))),
@@ -82,7 +85,8 @@ def build():
         reject("truncated_empty", b"", "truncated"),
         reject("truncated_backlog", backlog3[:-10], "truncated"),
         reject("bad_length_extra_byte", r + b"\x00", "bad_length"),
-        reject("bad_version_3", bytes([0x31]) + r[1:], "bad_version"),
+        reject("bad_version_4", bytes([0x41]) + r[1:], "bad_version"),
+        reject("version_3_reading_with_one_echo", bytes([0x31]) + echo[1:], "truncated"),
         reject("echo_as_version_1", bytes([0x11]) + echo[1:], "bad_length"),
         reject("version_2_reading_without_echo", bytes([0x21]) + r[1:], "truncated"),
         reject("echo_offset_0", c._sign(KEY, 62, echo[:12] + b"\x00" + echo[13:-4]), "bad_field"),

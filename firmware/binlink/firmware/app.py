@@ -14,7 +14,7 @@ FW_VERSION = (1, 7, 0)  # 1.1: the hello carries the full counter, sent daily to
 # 1.6: the gateway's pace: regular windows at least that many minutes apart instead of every Nth report;
 # 1.6.1: each pad set up once a wake (hw._pin), not at every read, write or ping;
 # 1.6.2: ext0 set only when it changes: the tilt wake when the deep sleep begins, not again after every light sleep
-# 1.7: the echo: once a gateway asks, a reading frame repeats the last reading not yet acknowledged
+# 1.7: the echo: once a gateway asks, a reading frame repeats the last readings not yet acknowledged
 F_LISTENING = 0x80  # downlink.F_LISTENING, without importing it on wakes that only measure
 CLOCK_STALE_S = 7 * 86400  # the RTC on the ESP32's internal oscillator drifts by minutes a day (docs/hardware.md)
 DAY_S = 86400
@@ -118,8 +118,8 @@ def _cycle(hw, cfg, chash, s, radio):
         flags |= codec.F_BACKLOG
     body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
     fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
-    echo = _echo(s, fcnt, now) if s.dl & state.DL_ECHO else None
-    frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening), echo)
+    echoes = _echoes(s, fcnt, now, (s.dl & state.DL_ECHO) >> state.DL_ECHO_SHIFT)
+    frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening), echoes)
     if not _send(hw, cfg, s, radio, frame, now):
         state.push_backlog(s, fcnt, now, body)
         state.save(hw, s)  # a reset before the end of the cycle must not lose the reading
@@ -150,14 +150,17 @@ def _flagged(body, listening):
     return bytes(b)
 
 
-def _echo(s, fcnt, now):
-    """The newest reading not acknowledged yet that went in its own frame, as (fcnt, age in minutes,
-    body): repeated after this one, a collision costs it only if this frame collides too, and no
-    answer has to show it missing first (docs/protocol.md, Echo)."""
+def _echoes(s, fcnt, now, n):
+    """The n newest readings not acknowledged yet that went in frames of their own, oldest first, as
+    (fcnt, age in minutes, body): repeated after this one, a collision costs one only if these
+    frames collide too, and no answer has to show it missing first (docs/protocol.md, Echo)."""
+    out = []
     for e in reversed(s.unconfirmed):
+        if len(out) >= n or fcnt - e[1] > 255:
+            break
         if e[0] == e[1]:
-            return (e[1], state.true_s(s, now - e[2]) // 60, e[3]) if fcnt - e[1] <= 255 else None
-    return None
+            out.insert(0, (e[1], state.true_s(s, now - e[2]) // 60, e[3]))
+    return out
 
 
 def _wants_listen(cfg, s, now):

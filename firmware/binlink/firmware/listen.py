@@ -77,7 +77,7 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
     if "pace_min" in got:  # the gateway's share of its airtime for this bin's windows
         s.pace_min = got["pace_min"]
     if "echo" in got:  # a gateway that reads echoes asks for them (docs/protocol.md, Echo)
-        s.dl = s.dl | state.DL_ECHO if got["echo"] else s.dl & ~state.DL_ECHO
+        s.dl = s.dl & ~state.DL_ECHO | got["echo"] << state.DL_ECHO_SHIFT
     if "time_ms" in got:
         _set_clock(hw, cfg, s, t, frame, got["time_ms"], at_ms)
     if "config" in got:

@@ -40,7 +40,8 @@ DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are wor
 DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
 DL_SETTINGS = 4  # settings changed by a downlink, not yet seen confirmed by the gateway
 DL_RATE = 8  # the RTC's rate has been measured (clock_ppm: 0 is a rate too)
-DL_ECHO = 16  # the gateway reads echoes: each reading frame repeats the last reading not yet acknowledged
+DL_ECHO = 48  # two bits: how many unacknowledged readings each reading frame repeats (the gateway asked)
+DL_ECHO_SHIFT = 4
 
 
 class State:
@@ -150,10 +151,12 @@ def next_fcnt(hw, s, nvs_every):
 
 def push_unconfirmed(s, frame_fcnt, fcnt, at_s, body):
     """A reading sent in frame frame_fcnt, kept until a downlink acknowledges that frame (or shows
-    it missing: back to the backlog)."""
+    it missing: back to the backlog). Beyond UNCONFIRMED_CAP the oldest goes back to the backlog:
+    an answer could no longer judge it (a bin no gateway has answered yet sends it once more)."""
     s.unconfirmed.append([frame_fcnt, fcnt, at_s, body])
     while len(s.unconfirmed) > UNCONFIRMED_CAP:
-        s.unconfirmed.pop(0)  # too old to be in an acknowledgement's 32 counters: taken as delivered
+        e = s.unconfirmed.pop(0)
+        push_backlog(s, e[1], e[2], e[3])
 
 
 def push_backlog(s, fcnt, now_s, body):

@@ -7,7 +7,7 @@ _COPY = hasattr(hashlib.sha256(), "copy")  # CPython: a hash state can be copied
 
 VERSION = 1  # layout of reading and backlog frames, and of the hello old firmware sends
 HELLO_VERSION = 2  # the hello that carries the full 32-bit counter (docs/protocol.md, Counter)
-ECHO_VERSION = 2  # the reading that repeats its predecessor (firmware 1.7.0, docs/protocol.md, Echo)
+ECHO_MAX = 2  # a reading frame of version 1 + n repeats n earlier readings (firmware 1.7.0, docs/protocol.md, Echo)
 T_READING = 1
 T_BACKLOG = 2
 T_HELLO = 3
@@ -131,12 +131,13 @@ def encode_reading(key, device_id, fcnt, distance_mm, temperature_c, battery_mv,
     )
 
 
-def encode_reading_body(key, device_id, fcnt, body, echo=None):
-    """echo: (fcnt, age_minutes, body) of an earlier reading not yet acknowledged, repeated after
-    this one (a version 2 reading frame); None: a version 1 reading frame."""
-    if echo is None:
-        return _sign(key, fcnt, _header(T_READING, device_id, fcnt) + body)
-    return _sign(key, fcnt, _header(T_READING, device_id, fcnt, ECHO_VERSION) + body + _entry(fcnt, echo))
+def encode_reading_body(key, device_id, fcnt, body, echoes=()):
+    """echoes: up to ECHO_MAX (fcnt, age_minutes, body) of earlier readings not yet acknowledged,
+    oldest first, repeated after this one: a reading frame of version 1 + len(echoes)."""
+    if len(echoes) > ECHO_MAX:
+        raise ValueError("a reading frame repeats at most %d readings" % ECHO_MAX)
+    return _sign(key, fcnt, _header(T_READING, device_id, fcnt, VERSION + len(echoes)) + body
+                 + b"".join(_entry(fcnt, e) for e in echoes))
 
 
 def _entry(fcnt, e):
@@ -185,7 +186,7 @@ def explicit_fcnt(frame):
 
 def expected_length(ftype, frame):
     if ftype == T_READING:
-        return HEADER_LEN + READING_LEN + (ENTRY_LEN if frame[0] >> 4 == ECHO_VERSION else 0) + TAG_LEN
+        return HEADER_LEN + READING_LEN + ENTRY_LEN * ((frame[0] >> 4) - VERSION) + TAG_LEN
     if ftype == T_HELLO:
         return HEADER_LEN + (HELLO2_LEN if frame[0] >> 4 == HELLO_VERSION else HELLO_LEN) + TAG_LEN
     if len(frame) < HEADER_LEN + 1:
@@ -199,9 +200,10 @@ def parse_header(frame):
         raise ProtocolError("truncated", "%d bytes" % len(frame))
     version = frame[0] >> 4
     ftype = frame[0] & 0x0F
-    if version != VERSION and not (version == 2 and ftype in (T_HELLO, T_READING)):
-        raise ProtocolError("bad_version", "version %d %s, this side speaks %d (and 2 for hello and reading)"
-                            % (version, TYPE_NAMES.get(ftype, "type %d" % ftype), VERSION))
+    if version != VERSION and not (version == HELLO_VERSION and ftype == T_HELLO) and not (
+            ftype == T_READING and VERSION < version <= VERSION + ECHO_MAX):
+        raise ProtocolError("bad_version", "version %d %s, this side speaks %d (2 for hello, up to %d for reading)"
+                            % (version, TYPE_NAMES.get(ftype, "type %d" % ftype), VERSION, VERSION + ECHO_MAX))
     if ftype not in TYPE_NAMES:
         raise ProtocolError("bad_type", "type %d" % ftype)
     if ftype == T_BACKLOG and len(frame) > HEADER_LEN and frame[HEADER_LEN] == 0:
@@ -306,13 +308,11 @@ def readings(frame, fcnt):
     """The readings of a verified reading or backlog frame, oldest first, as tuples: (fcnt, age in
     minutes, distance_mm, temperature_c, battery_mv, flag bits, valid_pings, pings). Flags stay
     bits here: the gateway names them only when it renders a message. A version 2 reading frame
-    gives its echo, then its own reading."""
+    gives its echoes, then its own reading."""
     ftype = frame[0] & 0x0F
     if ftype == T_READING:
-        own = [(fcnt, 0) + _reading_fields(frame, HEADER_LEN)]
-        if frame[0] >> 4 == ECHO_VERSION:
-            return _entries(frame, fcnt, HEADER_LEN + READING_LEN, 1) + own
-        return own
+        return (_entries(frame, fcnt, HEADER_LEN + READING_LEN, (frame[0] >> 4) - VERSION)
+                + [(fcnt, 0) + _reading_fields(frame, HEADER_LEN)])
     if ftype == T_BACKLOG:
         return _entries(frame, fcnt, HEADER_LEN + 1, frame[HEADER_LEN])
     return []
@@ -358,7 +358,7 @@ def decode_body(frame, fcnt):
         got = readings(frame, fcnt)
         out.update(_reading_dict(got[-1][2:]))
         if len(got) > 1:
-            out["echo"] = _entry_dict(got[0])
+            out["echoes"] = [_entry_dict(r) for r in got[:-1]]
     else:
         out["readings"] = [_entry_dict(r) for r in readings(frame, fcnt)]
     return out

@@ -19,7 +19,7 @@ C_ACK = 1  # u32: bit k set = uplink (answered - k) is stored at the gateway
 C_TIME = 2  # u32 unix seconds, u16 milliseconds: the gateway's clock as the frame went to its radio
 C_CONFIG = 3  # u32 hash of the desired settings, u8 n, n x (u8 setting id, u32 value)
 C_PACE = 4  # u16 minutes: ask for an answer at least this far apart (firmware 1.6.0 on)
-C_ECHO = 5  # u8 0 or 1: whether each reading frame repeats the last reading not yet acknowledged (1.7.0 on)
+C_ECHO = 5  # u8 0 .. codec.ECHO_MAX: readings not yet acknowledged each reading frame repeats (1.7.0 on)
 COMMAND_NAMES = {C_ACK: "ack", C_TIME: "time", C_CONFIG: "config", C_PACE: "pace", C_ECHO: "echo"}
 PACE_MIN = (10, 10080)  # 10 minutes to a week
 MAX_SETTINGS = 4  # with ack and time, four settings fill MAX_LEN; more go in the next window
@@ -74,8 +74,8 @@ def settings_hash(settings):
 def encode(key, device_id, answered_fcnt, ack=None, time_ms=None, config=None, pace_min=None, echo=None):
     """A downlink answering uplink answered_fcnt. ack: the u32 bitmap or None; time_ms: unix time in
     ms or None; config: (desired settings hash, {name: value} to change) or None; pace_min: the
-    least minutes between the bin's regular windows (PACE_MIN) or None; echo: 0 or 1 (its reading
-    frames repeat their predecessor while unacknowledged) or None."""
+    least minutes between the bin's regular windows (PACE_MIN) or None; echo: how many unacknowledged
+    readings each of its reading frames repeats (0 .. codec.ECHO_MAX) or None."""
     codec._check_key(key)
     body = b""
     if ack is not None:
@@ -95,8 +95,8 @@ def encode(key, device_id, answered_fcnt, ack=None, time_ms=None, config=None, p
             raise ValueError("pace of %r minutes, not %d..%d" % (pace_min, PACE_MIN[0], PACE_MIN[1]))
         body += struct.pack(">BH", C_PACE, pace_min)
     if echo is not None:
-        if echo not in (0, 1):
-            raise ValueError("echo of %r, not 0 or 1" % (echo,))
+        if not (isinstance(echo, int) and 0 <= echo <= codec.ECHO_MAX):
+            raise ValueError("echo of %r, not 0..%d" % (echo, codec.ECHO_MAX))
         body += struct.pack(">BB", C_ECHO, echo)
     if not body:
         raise ValueError("a downlink carries at least one command")
@@ -163,7 +163,7 @@ def _commands(frame, i, end):
             out["pace_min"] = pace
         elif c == C_ECHO:
             i = _need(i, 2, end, c)
-            if frame[i - 1] > 1:
+            if frame[i - 1] > codec.ECHO_MAX:
                 raise codec.ProtocolError("bad_command", "echo of %d" % frame[i - 1])
             out["echo"] = frame[i - 1]
         else:
