@@ -265,12 +265,14 @@ class Radio:
     def time_on_air_ms(self, payload_len, preamble):
         return airtime.time_on_air_ms(payload_len, self.cfg.sf, self.cfg.bandwidth_khz, preamble=preamble)
 
-    def take(self, cost_ms):
-        """Books cost_ms of airtime when the budget holds it (token bucket, wire.airtime)."""
+    def take(self, cost_ms, new=False):
+        """Books cost_ms of airtime when the budget holds it (token bucket, wire.airtime). Unless the
+        bin is `new` here (answered fewer than twice: no time, rate or pace yet), one answer's worth
+        must be left over: a busy radio serves the bins waiting for their first answers first."""
         now = self.clock()
         self.budget_ms = airtime.refill_ms(self.budget_ms, now - self.at, self.cfg.duty_cycle)
         self.at = now
-        if cost_ms > self.budget_ms:
+        if cost_ms + (0 if new else self.answer_ms) > self.budget_ms:
             return False
         self.budget_ms -= cost_ms
         return True
@@ -316,6 +318,7 @@ class Answerer:
         if wifi is not None and cfg.mqtt.downlink_topic:
             self.radios[wifi_input.SOURCE] = WifiReplies(wifi)
         self._turn = {}  # device_id -> next config chunk
+        self._answered = {}  # device_id -> answers written (in memory: after a restart a bin is new again for two)
         self._known = registry_settings.KnownSets()  # the full sets bins may report: a change sends what differs
         self._frames = {}  # device_id -> counters of its batches and hellos committed, the last 32 counters'
         self._log_limit = logs.RateLimit(per_minute=10)
@@ -395,7 +398,7 @@ class Answerer:
         if wifi:
             self._sent(up, radio.send(dev, frame), ack, time_ms, config)
             return
-        if not radio.take(radio.time_on_air_ms(on_air, preamble)):
+        if not radio.take(radio.time_on_air_ms(on_air, preamble), self._answered.get(dev, 0) < 2):
             self.metrics.downlinks_skipped.labels("duty_cycle").inc()
             if self._log_limit.allow("duty", pipeline.clock()):
                 logs.event(log, logging.WARNING, "downlink skipped: the radio's duty-cycle budget is spent",
@@ -410,6 +413,7 @@ class Answerer:
         if not ok:
             self.metrics.downlink_write_errors.inc()
             return
+        self._answered[dev] = self._answered.get(dev, 0) + 1
         self.metrics.downlinks_sent.labels("ack").inc()
         if time_ms is not None:
             self.metrics.downlinks_sent.labels("time").inc()

@@ -56,6 +56,7 @@ class Gateway:
         self.desired = {}  # device_id -> the registry's settings table for it
         self._turn = {}  # device_id -> next config chunk
         self._asking = {}  # device_id -> the last frame that asked for an answer
+        self._answered = {}  # device_id -> answers sent to it
         self._known = registry_settings.KnownSets()
         self.readings = {}  # (device_id, fcnt) of every reading stored -> when (its uplink's end)
         self.accepted = []  # (start, end, radio) of every uplink stored
@@ -124,9 +125,10 @@ class Gateway:
         frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace,
                                 echo=echo)
         data, on_air, preamble = module_formats.transmission(self.fmt, frame)
-        if not radio.take(radio.time_on_air_ms(on_air, preamble)):
+        if not radio.take(radio.time_on_air_ms(on_air, preamble), self._answered.get(dev, 0) < 2):
             self.skipped["duty_cycle"] += 1
             return None
+        self._answered[dev] = self._answered.get(dev, 0) + 1
         if config is not None:
             self._turn[dev] = self._turn.get(dev, 0) + 1
         payload = data if self.fmt.startswith("raw") else frame.hex().upper().encode()
