@@ -28,7 +28,8 @@ cold cell, faults, and the radio's first frame at the manuals' slowest timings.
   at SF9 (listen.window_ms).
 - echo_charge_uAh_per_report (firmware 1.7.0): a reporting wake that does not listen, its reading
   frame carrying an echo (25 bytes, the gateway asked for it) less the same without (16 bytes);
-  _pct_of_reporting_wake: as a share of the latter."""
+  _pct_of_reporting_wake: as a share of the latter. echo2_charge_uAh_per_report: the same with
+  two echoes (34 bytes), what a bin on a lossy link is asked for."""
 import json
 import random
 
@@ -183,6 +184,7 @@ def run():
     dl, report_uAh, _ = downlink_charge(True)
     dl_silent, _, _ = downlink_charge(False)
     echo_report_uAh = downlink_charge(True, echo=1)[2][25]  # the wakes whose reading frame carried an echo
+    echo2_report_uAh = downlink_charge(True, echo=2)[2][34]  # two echoes (a lossy link)
     d = device()
     window = listen.window_ms(d.cfg, transports.make(None, d.cfg), bytes(16))  # after a reading
     mods = modules_per_wake()
@@ -218,4 +220,5 @@ def run():
         "downlink_window_ms": window,
         "echo_charge_uAh_per_report": round(echo_report_uAh - report_uAh, 2),
         "echo_charge_pct_of_reporting_wake": round(100.0 * (echo_report_uAh - report_uAh) / report_uAh, 1),
+        "echo2_charge_uAh_per_report": round(echo2_report_uAh - report_uAh, 2),
     }
