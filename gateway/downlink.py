@@ -79,9 +79,8 @@ def takes_pace(fw_version):
 
 
 def echoes_wanted(ack, answered_fcnt, answered):
-    """Echoes to ask of a bin: two once a reading went missing in spite of its echo (a bit of the
-    answer's ack clear; counters below the bin's first not counted), else as many as its frame
-    carries, at least one. Never fewer than it has: an answer that asks again costs 2 bytes on air."""
+    """Echoes to ask of a bin: two once it is `lossy`, else as many as its frame carries, at least
+    one. Never fewer than it sends: an answer that asks again costs 2 bytes on air."""
     if lossy(ack, answered_fcnt):
         return codec.ECHO_MAX
     head = bytes(answered[:1])
@@ -97,9 +96,9 @@ def lossy(ack, answered_fcnt):
 
 
 def echo_command(fw_version, answered, config, want=1):
-    """`want` to a bin that can echo (docs/protocol.md, Echo) and answered with a reading frame that
-    carries another number of echoes; None when it carries that many already, the bin cannot echo,
-    or the answer is full (four settings: a later one says it)."""
+    """`want` to a bin that can echo (docs/protocol.md, "Reading frame with echoes") and answered
+    with a reading frame that carries another number of echoes; None when it carries that many
+    already, the bin cannot echo, or the answer is full (four settings: a later one says it)."""
     head = bytes(answered[:1])
     if not head or head[0] & 0x0F != codec.T_READING or head[0] >> 4 == codec.VERSION + want:
         return None

@@ -37,7 +37,10 @@ KEPT_S = 10.0  # uplinks ended longer ago than this overlap nothing still to be 
 
 class Gateway:
     """The gateway's side of the air: what verifies is stored once (counter window), listening
-    uplinks are answered on the radio that heard them, within that radio's duty-cycle budget."""
+    uplinks are answered on the radio that heard them, within that radio's duty-cycle budget, with
+    the gateway's own choices (gateway/downlink.py): the ack, settings in turns, the pace (half of
+    it for a lossy bin), the echoes asked for, one answer's airtime kept for bins answered fewer
+    than twice."""
 
     def __init__(self, channel, keys, clock, answer=True, fmt="raw", duty_cycle=Source.duty_cycle, echo="adaptive"):
         self.channel = channel

@@ -113,7 +113,7 @@ def _cycle(hw, cfg, chash, s, radio):
         # this bin (or lost track of it) take up its counter (docs/protocol.md, Counter)
         _hello(hw, cfg, chash, s, radio, now, cause)
     listening = _wants_listen(cfg, s, now)
-    _flush_backlog(hw, cfg, s, radio, now, listening)  # a link that went silent: one batch a report
+    _flush_backlog(hw, cfg, s, radio, now, listening)  # after a silent window: one batch a report
     if s.backlog:
         flags |= codec.F_BACKLOG
     body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
@@ -153,7 +153,8 @@ def _flagged(body, listening):
 def _echoes(s, fcnt, now, n):
     """The n newest readings not acknowledged yet that went in frames of their own, oldest first, as
     (fcnt, age in minutes, body): repeated after this one, a collision costs one only if these
-    frames collide too, and no answer has to show it missing first (docs/protocol.md, Echo)."""
+    frames collide too, and no answer has to show it missing first (docs/protocol.md, "Reading
+    frame with echoes")."""
     out = []
     for e in reversed(s.unconfirmed):
         if len(out) >= n or fcnt - e[1] > 255:

@@ -76,7 +76,7 @@ def run(hw, cfg, s, t, uplink, fcnt, chash, stored):
         s.unconfirmed = []  # answered but not acknowledged: the gateway asks for nothing again
     if "pace_min" in got:  # the gateway's share of its airtime for this bin's windows
         s.pace_min = got["pace_min"]
-    if "echo" in got:  # a gateway that reads echoes asks for them (docs/protocol.md, Echo)
+    if "echo" in got:  # a gateway that reads echoes asks for them (docs/protocol.md, "Reading frame with echoes")
         s.dl = s.dl & ~state.DL_ECHO | got["echo"] << state.DL_ECHO_SHIFT
     if "time_ms" in got:
         _set_clock(hw, cfg, s, t, frame, got["time_ms"], at_ms)
@@ -91,8 +91,8 @@ def _silent(s, fcnt):
     gateway skipped it (its duty cycle). What fcnt carried is sent again; the readings of earlier
     uplinks wait for the next answer (its 32 counters still reach them). A second silent window in
     a row means the link may be down: they all go back to the backlog. A bin that never heard a
-    gateway keeps them for its first answer to judge (a gateway that never answers: the oldest
-    beyond UNCONFIRMED_CAP are taken as delivered)."""
+    gateway keeps them for its first answer to judge (to a gateway that never answers, each is sent
+    once more as it leaves the full list: state.push_unconfirmed)."""
     heard = s.dl & state.DL_HEARD
     again = s.dl & state.DL_MISSED
     keep = []

@@ -7,7 +7,7 @@ _COPY = hasattr(hashlib.sha256(), "copy")  # CPython: a hash state can be copied
 
 VERSION = 1  # layout of reading and backlog frames, and of the hello old firmware sends
 HELLO_VERSION = 2  # the hello that carries the full 32-bit counter (docs/protocol.md, Counter)
-ECHO_MAX = 2  # a reading frame of version 1 + n repeats n earlier readings (firmware 1.7.0, docs/protocol.md, Echo)
+ECHO_MAX = 2  # a reading frame of version 1 + n repeats n earlier readings (firmware 1.7.0; docs/protocol.md)
 T_READING = 1
 T_BACKLOG = 2
 T_HELLO = 3
@@ -307,8 +307,8 @@ def _entries(frame, fcnt, p, n):
 def readings(frame, fcnt):
     """The readings of a verified reading or backlog frame, oldest first, as tuples: (fcnt, age in
     minutes, distance_mm, temperature_c, battery_mv, flag bits, valid_pings, pings). Flags stay
-    bits here: the gateway names them only when it renders a message. A version 2 reading frame
-    gives its echoes, then its own reading."""
+    bits here: the gateway names them only when it renders a message. A reading frame of version
+    2 or 3 gives its echoes, then its own reading."""
     ftype = frame[0] & 0x0F
     if ftype == T_READING:
         return (_entries(frame, fcnt, HEADER_LEN + READING_LEN, (frame[0] >> 4) - VERSION)
