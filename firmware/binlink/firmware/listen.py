@@ -91,8 +91,8 @@ def _silent(s, fcnt):
     gateway skipped it (its duty cycle). What fcnt carried is sent again; the readings of earlier
     uplinks wait for the next answer (its 32 counters still reach them). A second silent window in
     a row means the link may be down: they all go back to the backlog. A bin that never heard a
-    gateway keeps them for its first answer to judge (to a gateway that never answers, each is sent
-    once more as it leaves the full list: state.push_unconfirmed)."""
+    gateway keeps them for its first answer to judge (to a gateway that never answers they are
+    taken as delivered as they leave the full list: state.push_unconfirmed)."""
     heard = s.dl & state.DL_HEARD
     again = s.dl & state.DL_MISSED
     keep = []

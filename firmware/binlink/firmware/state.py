@@ -34,7 +34,7 @@ SENT = "<III6s"
 SENT_LEN = 18
 RTC_BYTES = 2048
 BACKLOG_CAP = 100  # the oldest is dropped (and counted) beyond
-UNCONFIRMED_CAP = 24  # 61 + 100 * 14 + 24 * 18 = 1893 bytes of RTC memory; beyond, the oldest is taken as delivered
+UNCONFIRMED_CAP = 24  # 61 + 100 * 14 + 24 * 18 = 1893 bytes of RTC memory
 NO_DISTANCE = 0xFFFF
 DL_HEARD = 1  # a gateway has answered this bin: unacknowledged readings are worth resending
 DL_MISSED = 2  # the last window stayed silent: the link may be down (no extra listening, one batch per wake)
@@ -151,12 +151,14 @@ def next_fcnt(hw, s, nvs_every):
 
 def push_unconfirmed(s, frame_fcnt, fcnt, at_s, body):
     """A reading sent in frame frame_fcnt, kept until a downlink acknowledges that frame (or shows
-    it missing: back to the backlog). Beyond UNCONFIRMED_CAP the oldest goes back to the backlog:
-    an answer could no longer judge it (a bin no gateway has answered yet sends it once more)."""
+    it missing: back to the backlog). Beyond UNCONFIRMED_CAP the oldest goes back to the backlog
+    (an answer could no longer judge it), or, for a bin no gateway has answered yet, is taken as
+    delivered: a gateway that never answers (a receive-only radio) must not have every reading twice."""
     s.unconfirmed.append([frame_fcnt, fcnt, at_s, body])
     while len(s.unconfirmed) > UNCONFIRMED_CAP:
         e = s.unconfirmed.pop(0)
-        push_backlog(s, e[1], e[2], e[3])
+        if s.dl & DL_HEARD:
+            push_backlog(s, e[1], e[2], e[3])
 
 
 def push_backlog(s, fcnt, now_s, body):
