@@ -347,8 +347,9 @@ def wake_charge_uAh(dev, span_ms=5000.0):
 
 def test_a_window_with_no_answer_costs_only_the_window_and_ends_in_deep_sleep(make_device):
     """Same wake twice, listening or not, no gateway answering: the difference is the window (the
-    E22 receiving at ~12 mA, the ESP32 in light sleep) and nothing else; each ends in deep sleep."""
-    dev = make_device(listen_every=2)
+    E22 receiving at ~12 mA, the ESP32 in light sleep) and nothing else; each ends in deep sleep.
+    (listen_every 4: a bin no gateway has answered listens every second report.)"""
+    dev = make_device(listen_every=4)
     dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
     run(dev, 2)  # cold boot (a silent window) then a report that does not listen
     awake, charge = [], []
@@ -424,8 +425,9 @@ def test_a_wifi_broker_refusing_the_subscription_or_the_bin_costs_answers_never_
 def test_a_wifi_window_with_no_answer_ends_in_deep_sleep_and_costs_the_window(make_device):
     """No gateway answers: the bin reads its socket until the window closes (Wi-Fi on: the cost is
     the window at the radio's current), then disconnects and sleeps; a broker that drops the
-    connection mid-window ends the window at once."""
-    dev = make_device(listen_every=2, **WIFI)
+    connection mid-window ends the window at once. (listen_every 4: a bin no gateway has answered
+    listens every second report.)"""
+    dev = make_device(listen_every=4, **WIFI)
     dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
     Gateway(dev).make = lambda fcnt, up: None
     run(dev, 2)
@@ -573,9 +575,11 @@ def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that
     """Firmware 1.7.0: a bin no gateway has answered yet keeps what it sent for its first answer to
     judge (before, a silent window made it take them as delivered: as a fleet is installed a busy
     gateway answers the new bins over hours, and one reading in fifty was lost for good). To a
-    gateway that never answers (a receive-only radio) it listens no more often than before, every
-    listen_every-th report, keeps UNCONFIRMED_CAP readings and sends each once, whereas a bin that
-    has heard a gateway sends a reading that leaves its full list again."""
+    gateway that never answers (a receive-only radio) it listens every (listen_every + 1) // 2-th
+    report after a silent window (a gateway that has answered once: every listen_every-th; sooner
+    helps a bin that a busy gateway has not answered yet: its list of 24 would overflow), keeps
+    UNCONFIRMED_CAP readings and sends each once, whereas a bin that has heard a gateway sends a
+    reading that leaves its full list again."""
     dev = make_device(listen_every=3)
     dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
     gw = Gateway(dev)
@@ -592,7 +596,7 @@ def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that
     Gateway(never).make = lambda fcnt, up: None
     run(never, 60)
     flagged = [bool(f[10] & downlink.F_LISTENING) for f in never.frames() if f[0] & 0x0F == codec.T_READING]
-    assert len(flagged) == 60 and sum(flagged[3:]) == 19, flagged  # every third report, as before
+    assert len(flagged) == 60 and sum(flagged[4:]) == 28, flagged  # every second report
     assert len(rtc(never).unconfirmed) == state.UNCONFIRMED_CAP and not rtc(never).backlog
     assert not [d for d in decoded(never) if d["type"] == "backlog"]  # every reading sent once
     s = rtc(never)

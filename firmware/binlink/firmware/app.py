@@ -166,7 +166,8 @@ def _echoes(s, fcnt, now, n):
 
 def _wants_listen(cfg, s, now):
     """Once the gateway's pace has passed since the last window (before any gateway gave one: every
-    listen_every-th report), or before unacknowledged readings outgrow what an answer can judge;
+    listen_every-th report; before any answered at all, twice as often: a busy gateway answers the
+    bins of a new fleet over hours), or before unacknowledged readings outgrow what an answer can judge;
     sooner with a clock never set, without its rate or stale, settings not yet confirmed, or (no
     pace given) a backlog; not sooner after a window that stayed silent (the link may be down)."""
     if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
@@ -174,7 +175,7 @@ def _wants_listen(cfg, s, now):
     if s.pace_min:  # the wake jitter must not put a window off by a whole report
         if now - s.listen_at >= s.pace_min * 60 - cfg["wake_s"] // 10:
             return True
-    elif s.since_listen + 1 >= cfg["listen_every"]:
+    elif s.since_listen + 1 >= (cfg["listen_every"] if s.dl & state.DL_HEARD else (cfg["listen_every"] + 1) // 2):
         return True
     u = s.unconfirmed  # an answer before readings would be taken as delivered unjudged (the list is full)
     if u and s.dl & state.DL_HEARD and (len(u) + cfg["backlog_per_frame"] >= state.UNCONFIRMED_CAP
