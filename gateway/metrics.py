@@ -41,6 +41,8 @@ class Metrics:
         self.readings = Counter("binlink_readings_accepted", "Readings committed (backlog entries count one each)", registry=r)
         self.rejected = Counter("binlink_frames_rejected", "Frames rejected, by reason code", ["reason"], registry=r)
         self.duplicates = Counter("binlink_duplicates", "Same frame heard again (another radio or a repeat)", registry=r)
+        self.repeated = Counter("binlink_frames_repeated", "Frames accepted whose readings were all stored before "
+                                "(a batch sent again: the bin's answer was lost)", registry=r)
         self.echo_saved = Counter("binlink_echo_saved", "Readings stored from a later frame's echo: their own frame was not heard",
                                   registry=r)
         self.module_status = Counter("binlink_module_status_lines", "Status lines from radio modules (+OK, +READY)", registry=r)

@@ -275,6 +275,8 @@ class Pipeline:
                     self.metrics.echo_saved.inc()
             elif up.frame_type == codec.T_BACKLOG:  # a backlog entry repeating a reading stored before: the bin thought it lost
                 self.metrics.duplicates.inc()
+        if up.readings and not n:
+            self.metrics.repeated.inc()
         if moved or n:  # one booking of the counter and its window per frame
             self._book(device, batch)
         return n

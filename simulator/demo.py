@@ -15,10 +15,11 @@ import threading
 import time
 import urllib.request
 
-# in frames: sent = published + hellos + lost_on_air + rejected; lost_after_gateway is what the
-# gateway accepted that never reached the subscriber (0)
-LAST_LINE = ("bins={bins} sent={sent} published={published} hellos={hellos} lost_on_air={lost_on_air} rejected={rejected} "
-             "lost_after_gateway={lost_after_gateway}")
+# in frames: sent = published + hellos + repeated + lost_on_air + rejected (repeated: a batch of
+# readings stored before, sent again after a lost answer); lost_after_gateway is what the gateway
+# accepted that never reached the subscriber (0)
+LAST_LINE = ("bins={bins} sent={sent} published={published} hellos={hellos} repeated={repeated} lost_on_air={lost_on_air} "
+             "rejected={rejected} lost_after_gateway={lost_after_gateway}")
 EVENT_LINES = 8
 
 
@@ -88,8 +89,7 @@ class View:
         self.sim_clock = sim_clock
         self.states = {}  # bin_id -> (state, simulated time it arrived)
         self.events = []  # (simulated time, event)
-        self.uplink_frames = set()  # readings sent on their own: message ids
-        self.backlog_frames = set()  # a backlog frame's readings share (device, received_at)
+        self.frames = set()  # (device, received_at): a frame's readings share it (a batch's, an echo and its frame's own)
         self.hellos = set()
         self.lock = threading.Lock()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="binlink-demo-view-%d" % os.getpid())
@@ -109,10 +109,7 @@ class View:
             if msg.topic.endswith("/state"):
                 self.states[data["bin_id"]] = (data, now)
             elif data.get("event") == "uplink":
-                if data.get("backlog"):
-                    self.backlog_frames.add((data["device"], data["received_at"]))
-                else:
-                    self.uplink_frames.add(data["message_id"])
+                self.frames.add((data["device"], data["received_at"]))
             else:
                 if data.get("event") == "hello":
                     self.hellos.add(data["message_id"])
@@ -121,7 +118,7 @@ class View:
 
     def published_frames(self):
         with self.lock:
-            return len(self.uplink_frames) + len(self.backlog_frames)
+            return len(self.frames)
 
     def render(self, fleet, height):
         """Fits height lines: a summary of every bin, then the fullest bins, then recent events."""
@@ -259,7 +256,7 @@ def _settle(metrics_ports, view, timeout_s=30):
     while time.monotonic() < end:
         metrics = _metrics_of(metrics_ports)
         now_accepted = _total(metrics, "binlink_frames_accepted_total")
-        seen = view.published_frames() + len(view.hellos)
+        seen = view.published_frames() + len(view.hellos) + _total(metrics, "binlink_frames_repeated_total")
         # unchanged over three looks (1.5 s), not one: a gateway starved of CPU on a loaded host may
         # still hold frames it read from the line and has not committed yet
         still = still + 1 if now_accepted == accepted else 0
@@ -362,11 +359,12 @@ def cmd_demo(args):
         time.sleep(0.3)
         accepted = _total(metrics, "binlink_frames_accepted_total")
         published, hellos = view.published_frames(), len(view.hellos)
-        print(LAST_LINE.format(bins=args.bins, sent=fleet.frames_sent, published=published, hellos=hellos,
+        repeated = _total(metrics, "binlink_frames_repeated_total")
+        print(LAST_LINE.format(bins=args.bins, sent=fleet.frames_sent, published=published, hellos=hellos, repeated=repeated,
                                lost_on_air=fleet.lost_on_air,
                                # intact frames the gateway refused; corrupted ones (crc) are lost on air
                                rejected=_total(metrics, "binlink_frames_rejected_total", exclude_reasons=("crc",)),
-                               lost_after_gateway=max(0, accepted - published - hellos)), flush=True)
+                               lost_after_gateway=max(0, accepted - published - hellos - repeated)), flush=True)
         return 0
     except KeyboardInterrupt:  # before the live view was up: nothing to summarise
         console.print("==> interrupted while starting; stopped")

@@ -402,6 +402,9 @@ def test_an_echo_stores_the_reading_its_own_frame_lost_once_and_as_late(tmp_path
     assert p.metrics.value("binlink_echo_saved_total") == 1 and p.metrics.value("binlink_duplicates_total") == 0
     assert p2.metrics.value("binlink_echo_saved_total") == 0 and p2.metrics.value("binlink_duplicates_total") == 0
     assert reopened.bins()["bin-a"][:2] == (0, 4)
+    # a batch of readings stored already (the bin's answer was lost): accepted, nothing published, counted
+    assert p2.process([("r0", Reception(codec.encode_backlog(KEY_A, 0xA1, 6, [(2, 60, body(880)), (3, 45, body(860))])))]) == 0
+    assert p2.metrics.value("binlink_frames_repeated_total") == 1 and p2.metrics.value("binlink_duplicates_total") == 2
 
 
 def test_a_state_file_of_a_newer_release_is_refused_not_guessed_at(tmp_path):

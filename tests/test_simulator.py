@@ -97,10 +97,11 @@ def test_demo_runs_and_ends_with_its_summary_line(embedded):
     assert r.returncode == 0, r.stderr[-2000:]
     last = r.stdout.strip().splitlines()[-1]
     fields = {k: int(v) for k, v in (kv.split("=") for kv in last.split())}
-    assert list(fields) == ["bins", "sent", "published", "hellos", "lost_on_air", "rejected", "lost_after_gateway"]
+    assert list(fields) == ["bins", "sent", "published", "hellos", "repeated", "lost_on_air", "rejected", "lost_after_gateway"]
     assert fields["bins"] == 5 and fields["published"] > 0
     # every frame sent is accounted for, in frames: the channel's losses are counted independently
-    assert fields["sent"] == fields["published"] + fields["hellos"] + fields["lost_on_air"] + fields["rejected"]
+    assert fields["sent"] == (fields["published"] + fields["hellos"] + fields["repeated"] + fields["lost_on_air"]
+                              + fields["rejected"])
     assert fields["lost_after_gateway"] == 0
 
 
