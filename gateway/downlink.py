@@ -107,6 +107,14 @@ def echo_command(fw_version, answered, config, want=1):
     return None if config is not None and len(config[1]) >= downlink.MAX_SETTINGS else want
 
 
+def radio_commands(radio, fw_version, ack, answered_fcnt, answered, config, echoes=None):
+    """The `pace` and `echo` of an answer on `radio` (each None when left out): half the pace and two
+    echoes for a lossy bin. echoes: asked for instead of echoes_wanted (0: none)."""
+    pace = radio.pace_min(lossy(ack, answered_fcnt)) if takes_pace(fw_version) else None
+    want = echoes_wanted(ack, answered_fcnt, answered) if echoes is None else echoes
+    return pace, echo_command(fw_version, answered, config, want) if want else None
+
+
 def _at_least(fw_version, version):
     try:
         return tuple(int(x) for x in fw_version.split(".")) >= version
@@ -378,8 +386,8 @@ class Answerer:
         reported = self.reported.get(dev)
         config = self._config(device, reported)
         time_ms = int(self.clock() * 1000) if pipeline.time_synced else None  # the pipeline's clock (simclock: not synced)
-        pace = radio.pace_min(lossy(ack, up.fcnt)) if not wifi and reported and takes_pace(reported[1]) else None
-        echo = echo_command(reported[1], up.frame, config, echoes_wanted(ack, up.fcnt, up.frame)) if not wifi and reported else None
+        fw = reported[1] if reported else None
+        pace, echo = (None, None) if wifi else radio_commands(radio, fw, ack, up.fcnt, up.frame, config)
         try:
             frame = downlink.encode(device.key, dev, up.fcnt, ack=ack, time_ms=time_ms, config=config, pace_min=pace,
                                     echo=echo)

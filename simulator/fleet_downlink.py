@@ -121,10 +121,8 @@ class Gateway:
         ack = gw_downlink.ack_bitmap(self.last[dev], self.stored[dev], fcnt, self.frames.get(dev, ()))
         config = self._config(dev)
         radio = self.radios[rx.name]
-        pace = radio.pace_min(gw_downlink.lossy(ack, fcnt)) if gw_downlink.takes_pace(self.fw.get(dev)) else None
-        asking = self._asking[dev]
-        want = gw_downlink.echoes_wanted(ack, fcnt, asking) if self.echo == "adaptive" else self.echo
-        echo = gw_downlink.echo_command(self.fw.get(dev), asking, config, want) if want else None
+        pace, echo = gw_downlink.radio_commands(radio, self.fw.get(dev), ack, fcnt, self._asking[dev], config,
+                                                None if self.echo == "adaptive" else int(self.echo))
         frame = downlink.encode(self.keys[dev], dev, fcnt, ack=ack, time_ms=int(at * 1000), config=config, pace_min=pace,
                                 echo=echo)
         data, on_air, preamble = module_formats.transmission(self.fmt, frame)

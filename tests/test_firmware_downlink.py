@@ -571,6 +571,22 @@ def test_told_two_echoes_a_bin_loses_no_reading_to_two_lost_frames_in_a_row(make
     assert all(len(f) == 34 for f in dev.frames()[-6:] if f[0] & 0x0F == codec.T_READING)
 
 
+def test_a_flipped_bit_in_rtc_memory_asking_for_three_echoes_costs_no_reading(make_device):
+    """The echo count lives in RTC memory, which is read back, not trusted: a bit flipped there to
+    ask for three (a frame holds two at most) still sends the reading, with two."""
+    dev = make_device(listen_every=2)
+    dev.sensor.p_no_echo = dev.sensor.p_spurious = 0.0
+    gw = Gateway(dev, pace=downlink.PACE_MIN[1], echo=2)
+    run(dev, 6)
+    s = rtc(dev)
+    s.dl |= state.DL_ECHO  # both bits: three
+    dev.hw.esp.rtc = s.pack()
+    before = max(gw.stored)
+    run(dev, 1)
+    sent = [d for d in decoded(dev) if d["type"] == "reading" and d["fcnt"] > before]
+    assert len(sent) == 1 and len(sent[0]["echoes"]) == 2 and sent[0]["fcnt"] in gw.stored, sent
+
+
 def test_readings_lost_before_a_bins_first_answer_wait_for_it_and_a_gateway_that_never_answers_costs_no_window(make_device):
     """Firmware 1.7.0: a bin no gateway has answered yet keeps what it sent for its first answer to
     judge (before, a silent window made it take them as delivered: as a fleet is installed a busy

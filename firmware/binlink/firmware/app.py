@@ -118,14 +118,16 @@ def _cycle(hw, cfg, chash, s, radio):
         flags |= codec.F_BACKLOG
     body = codec.pack_reading(dist, temp, battery, flags, valid, cfg["pings"])
     fcnt = state.next_fcnt(hw, s, cfg["nvs_every"])
-    echoes = _echoes(s, fcnt, now, (s.dl & state.DL_ECHO) >> state.DL_ECHO_SHIFT)
+    # RTC memory is read back, not trusted: a flipped bit must not ask for more echoes than a frame holds
+    echoes = _echoes(s, fcnt, now, min(codec.ECHO_MAX, (s.dl & state.DL_ECHO) >> state.DL_ECHO_SHIFT))
     frame = codec.encode_reading_body(cfg["key"], cfg["device_id"], fcnt, _flagged(body, listening), echoes)
     if not _send(hw, cfg, s, radio, frame, now):
         state.push_backlog(s, fcnt, now, body)
         state.save(hw, s)  # a reset before the end of the cycle must not lose the reading
     else:
         s.since_listen = min(255, s.since_listen + 1)
-        state.push_unconfirmed(s, fcnt, fcnt, now, body)  # kept until acknowledged, resent if shown missing
+        if _can_hear(cfg):  # kept until acknowledged, resent if shown missing
+            state.push_unconfirmed(s, fcnt, fcnt, now, body)
         if listening:
             from binlink.firmware import listen
 
@@ -164,14 +166,19 @@ def _echoes(s, fcnt, now, n):
     return out
 
 
+def _can_hear(cfg):
+    """False for a Wi-Fi bin with no downlink topic: no answer can reach it."""
+    return cfg["transport"] != "wifi" or bool(cfg["mqtt_downlink_topic"])
+
+
 def _wants_listen(cfg, s, now):
     """Once the gateway's pace has passed since the last window (before any gateway gave one: every
     listen_every-th report; before any answered at all, twice as often: a busy gateway answers the
     bins of a new fleet over hours), or before unacknowledged readings outgrow what an answer can judge;
     sooner with a clock never set, without its rate or stale, settings not yet confirmed, or (no
     pace given) a backlog; not sooner after a window that stayed silent (the link may be down)."""
-    if cfg["transport"] == "wifi" and not cfg["mqtt_downlink_topic"]:
-        return False  # no topic to hear an answer on
+    if not _can_hear(cfg):
+        return False
     if s.pace_min:  # the wake jitter must not put a window off by a whole report
         if now - s.listen_at >= s.pace_min * 60 - cfg["wake_s"] // 10:
             return True
